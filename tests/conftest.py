@@ -1,0 +1,84 @@
+"""Shared fixtures: offline tiny checkpoints, one local Ray instance on loopback, sample images.
+
+Environment is pinned before anything imports Ray or transformers: no hub access (offline
+flags), Ray token auth disabled consistently for the driver, workers and any subprocess the
+tests start, and the node IP on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.setdefault("RAY_NODE_IP_ADDRESS", "127.0.0.2")
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ.pop("RAY_ADDRESS", None)
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+NODE_IP = os.environ["RAY_NODE_IP_ADDRESS"]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A random-weight CLIP checkpoint folder (32x32 input, 16-d embeddings)."""
+    from zslabel.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_clip"), "clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip(tmp_path_factory) -> Path:
+    """A random-weight SigLIP checkpoint folder (32x32 input, sigmoid scores)."""
+    from zslabel.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_siglip"), "siglip")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (4 logical CPUs, node IP on loopback).
+
+    Yields the GCS address so CLI subprocesses can join it through ``RAY_ADDRESS``.
+    """
+    import ray
+
+    ray.init(num_cpus=4, _node_ip_address=NODE_IP, include_dashboard=False,
+             log_to_driver=False, ignore_reinit_error=True)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A smooth, textured RGB picture (gradients + noise), deterministic per seed."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x / max(w - 1, 1) * 255, y / max(h - 1, 1) * 255,
+                    128 + 100 * np.sin(x / (7.0 + seed)) * np.cos(y / 11.0)], -1)
+    img = img + rng.normal(0, 10, (h, w, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """A folder of 12 small images of mixed sizes, formats and modes, in nested folders."""
+    d = tmp_path / "images"
+    (d / "sub").mkdir(parents=True)
+    for i in range(12):
+        img = photo(40 + 7 * i, 30 + 5 * (i % 4), seed=i)
+        if i % 3 == 0:
+            img.save(d / f"img_{i:02d}.jpg", quality=90)
+        elif i % 3 == 1:
+            img.convert("L").save(d / "sub" / f"img_{i:02d}.png")
+        else:
+            img.convert("RGBA").save(d / f"img_{i:02d}.PNG")
+    return d

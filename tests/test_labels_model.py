@@ -1,0 +1,83 @@
+"""Label sets, prompt ensembling, score maths and config validation (no Ray)."""
+
+import numpy as np
+import pytest
+import torch
+
+from zslabel.config import JobConfig, parse_concurrency
+from zslabel.errors import ConfigError
+from zslabel.labels import build_label_set, ensemble, validate_template
+from zslabel.model import ZeroShotModel
+from zslabel.ranking import scores_from_logits, top_k, zero_shot_logits
+
+
+@pytest.mark.parametrize("template", ["no field", "{} and {}", "{0}", "{name}", "a {"])
+def test_template_needs_exactly_one_empty_field(template):
+    with pytest.raises(ConfigError):
+        validate_template(template)
+
+
+def test_label_validation_messages():
+    for labels, words in (([], "no labels"), (["cat", "dog", "cat"], "'cat'"), (["cat", ""], "empty")):
+        cfg = JobConfig(input="x", output="y", labels=labels)
+        with pytest.raises(ConfigError, match=words):
+            cfg.validate()
+
+
+def test_config_from_dict_rejects_unknown_keys_and_parses():
+    with pytest.raises(ConfigError, match="unknown config keys: topk"):
+        JobConfig.from_dict({"topk": 3})
+    cfg = JobConfig.from_dict({"labels": "a, b", "concurrency": "2,4", "templates": "x {}"})
+    assert cfg.labels == ["a", "b"] and cfg.concurrency == (2, 4) and cfg.templates == ["x {}"]
+    assert parse_concurrency(3) == (3, 3)
+    with pytest.raises(ConfigError):
+        parse_concurrency("4,2")
+
+
+def test_public_dict_redacts_storage_secrets():
+    cfg = JobConfig(storage_options={"key": "AKIASECRET", "secret": "hunter2"})
+    assert "hunter2" not in str(cfg.public_dict()) and "AKIASECRET" not in str(cfg.public_dict())
+
+
+def test_ensemble_is_mean_of_normalised_then_renormalised():
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(3, 4, 8)).astype(np.float32)
+    e /= np.linalg.norm(e, axis=-1, keepdims=True)
+    out = ensemble(e)
+    expected = e.mean(1) / np.linalg.norm(e.mean(1), axis=-1, keepdims=True)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1, rtol=1e-6)
+
+
+def test_top_k_order_ties_and_clipping():
+    s = np.array([[0.1, 0.5, 0.5, 0.2]], np.float32)
+    idx, val = top_k(s, 10)
+    assert idx.tolist() == [[1, 2, 3, 0]] and val[0].tolist() == pytest.approx([0.5, 0.5, 0.2, 0.1])
+
+
+def test_softmax_and_sigmoid_scores():
+    logits = zero_shot_logits(torch.eye(2), torch.eye(2), logit_scale=10.0, logit_bias=-5.0)
+    assert torch.allclose(logits, torch.tensor([[5.0, -5.0], [-5.0, 5.0]]))
+    assert torch.allclose(scores_from_logits(logits, "softmax").sum(1), torch.ones(2))
+    assert torch.allclose(scores_from_logits(logits, "sigmoid")[0, 0], torch.sigmoid(torch.tensor(5.0)))
+    with pytest.raises(ValueError):
+        scores_from_logits(logits, "argmax")
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_label_embeddings_match_transformers_text_features(family, tiny_clip, tiny_siglip):
+    path = tiny_clip if family == "clip" else tiny_siglip
+    model = ZeroShotModel(path)
+    ls = build_label_set(["cat", "dog"], ["a {}.", "the {} photo"], model)
+    assert ls.embeddings.shape == (2, model.model.config.projection_dim if family == "clip" else 32)
+    np.testing.assert_allclose(np.linalg.norm(ls.embeddings, axis=1), 1, rtol=1e-5)
+    single = build_label_set(["cat"], ["a {}."], model).embeddings[0]
+    direct = model.encode_texts(["a cat."])[0]
+    np.testing.assert_allclose(single, direct, atol=1e-6)
+
+
+def test_prompt_longer_than_text_tower_names_the_label(tiny_clip):
+    model = ZeroShotModel(tiny_clip)
+    long_label = "x" * 200
+    with pytest.raises(ConfigError, match="x{20}.*longer than the text tower"):
+        build_label_set(["cat", long_label], ["a {}."], model)

@@ -1,0 +1,141 @@
+"""Command line: ``zslabel label INPUT --labels ... --output OUT`` (also ``python -m zslabel``).
+
+Flags override keys of ``--config job.yaml`` (same names, dashes for underscores). Exit codes:
+0 success, 1 error budget exceeded (output written), 2 bad configuration/input/model/output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import DEFAULT_MODEL, JobConfig, parse_concurrency, parse_storage_options, resolve_templates
+from .errors import ErrorBudgetExceeded, ZslabelError
+from .labels import DEFAULT_TEMPLATE, TEMPLATE_SETS, parse_label_list
+
+log = logging.getLogger("zslabel")
+
+EPILOG = """examples:
+  zslabel label ./photos --labels "cat,dog,bird" --output ./labels
+  zslabel label s3://bucket/images/ --labels-file labels.txt --output s3://bucket/labels/ \\
+      --model openai/clip-vit-large-patch14 --num-gpus-per-actor 1 --concurrency 1,8
+  zslabel label ./photos --config job.yaml --top-k 3
+
+output: Parquet files with columns path, input_index, labels (top-k, best first), scores,
+error, width, height, plus _run_manifest.json. Scores are softmax over all labels for CLIP
+checkpoints and independent sigmoids for SigLIP checkpoints.
+"""
+
+
+def _label_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("label", help="label images with a zero-shot classifier",
+                       description="Label every image under INPUT with the top-k of the candidate labels.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", nargs="?", help="folder, glob, manifest (.txt/.csv/.parquet), WebDataset tars "
+                   "or Parquet with image bytes; local path or fsspec URI (s3://, gs://, az://)")
+    g = p.add_argument_group("labels and model")
+    g.add_argument("--labels", help="comma-separated candidate labels, e.g. 'cat,dog,bird'")
+    g.add_argument("--labels-file", help="file with one label per line ('#' comments allowed)")
+    g.add_argument("--template", help=f"prompt template with one {{}} (default: {DEFAULT_TEMPLATE!r})")
+    g.add_argument("--templates", help="prompt ensemble: a file of templates, one per line, or a named set: "
+                   + ", ".join(TEMPLATE_SETS))
+    g.add_argument("--model", help=f"hub id, local checkpoint folder or fsspec URI (default: {DEFAULT_MODEL})")
+    g.add_argument("--revision", help="hub revision (branch, tag or commit) of --model")
+    g.add_argument("--top-k", type=int, help="labels kept per image (default 5; capped at the number of labels)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", "-o", help="output folder or fsspec URI for Parquet + run manifest")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_const", const="resume", dest="mode",
+                      help="continue an interrupted run into the same output")
+    mode.add_argument("--overwrite", action="store_const", const="overwrite", dest="mode",
+                      help="replace existing output")
+    g.add_argument("--store-embeddings", action="store_true", default=None,
+                   help="add an L2-normalised image 'embedding' column")
+    g.add_argument("--embedding-dtype", choices=["float16", "float32"])
+    g.add_argument("--max-error-fraction", type=float,
+                   help="fail (exit 1, output still written) when more than this fraction of images fail")
+    g = p.add_argument_group("inputs and storage")
+    g.add_argument("--input-format", choices=["auto", "folder", "glob", "manifest", "webdataset", "parquet"])
+    g.add_argument("--storage-options", help="fsspec options as JSON/YAML text or file, e.g. "
+                   "'{\"client_kwargs\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'")
+    g.add_argument("--path-column", help="manifest column holding URIs (default: path, url or uri)")
+    g.add_argument("--id-column", help="manifest column carried into the output")
+    g.add_argument("--image-column", help="Parquet column holding image bytes (default: jpg/png/image/bytes)")
+    g.add_argument("--dedupe", action="store_true", default=None, help="label each distinct URI once")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-pixels", type=int, help="images with more pixels get too_many_pixels (default 89478485)")
+    g.add_argument("--min-side", type=int, help="images with a shorter side get image_too_small (default 1)")
+    g.add_argument("--fast-decode", action="store_true", default=None,
+                   help="let libjpeg downscale large JPEGs while decoding (faster; pixels differ slightly)")
+    g = p.add_argument_group("Ray")
+    g.add_argument("--config", help="YAML file with the same keys (underscores); flags override it")
+    g.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start Ray locally)")
+    g.add_argument("--batch-size", type=int, help="images per model batch (default 64)")
+    g.add_argument("--concurrency", help="labeler actors: N or MIN,MAX (default: 1..what the cluster holds)")
+    g.add_argument("--num-gpus-per-actor", type=float, help="GPUs per labeler actor, fractions allowed (default 0)")
+    g.add_argument("--num-cpus-per-actor", type=float, help="CPUs per labeler actor (default 1)")
+    g.add_argument("--decode-cpus-per-task", type=float, help="CPUs per decode task (default 1)")
+    g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="model precision (auto: float16 on CUDA, float32 on CPU)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zslabel", description="Zero-shot image labeling at scale "
+                                     "(Ray Data + CLIP-family models -> ranked labels in Parquet).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _label_parser(sub)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    """Merge ``--config`` YAML (if any) with the flags that were given; flags win."""
+    config = JobConfig.from_yaml(args.config) if args.config else JobConfig()
+    simple = ["input", "output", "labels_file", "model", "revision", "top_k", "address", "batch_size",
+              "num_gpus_per_actor", "num_cpus_per_actor", "decode_cpus_per_task", "input_format",
+              "path_column", "id_column", "image_column", "dedupe", "max_pixels", "min_side", "fast_decode",
+              "dtype", "mode", "store_embeddings", "embedding_dtype", "max_error_fraction"]
+    for name in simple:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(config, name, value)
+    if args.labels is not None:
+        config.labels = parse_label_list(args.labels)
+    if args.template is not None and args.templates is not None:
+        raise ZslabelError("give --template or --templates, not both")
+    if args.template is not None:
+        config.templates = [args.template]
+    if args.templates is not None:
+        config.templates = resolve_templates(args.templates)
+    if args.concurrency is not None:
+        config.concurrency = parse_concurrency(args.concurrency)
+    if args.storage_options is not None:
+        config.storage_options = parse_storage_options(args.storage_options)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (0 ok, 1 error budget exceeded, 2 usage/config error)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "label":
+            from .pipeline import run_label_job
+
+            summary = run_label_job(config_from_args(args))
+            print(summary.line())
+            return 0
+    except ErrorBudgetExceeded as exc:
+        print(f"zslabel: error: {exc}", file=sys.stderr)
+        return 1
+    except ZslabelError as exc:
+        print(f"zslabel: error: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The one job configuration: a dataclass built from YAML and/or CLI flags, validated up front.
+
+Everything here is checked before any image is read. ``fingerprint_fields`` lists what changes
+results, for the run manifest and resume checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .labels import DEFAULT_TEMPLATE, TEMPLATE_SETS, parse_label_list, read_lines, validate_labels, validate_template
+
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+OUTPUT_MODES = ("error", "resume", "overwrite")
+INPUT_FORMATS = ("auto", "folder", "glob", "manifest", "webdataset", "parquet")
+
+
+@dataclass
+class JobConfig:
+    """Configuration of one labeling job (YAML keys and CLI flags share these names).
+
+    Units: pixels for ``max_pixels``/``min_side``; fractions in [0, 1] for
+    ``max_error_fraction``; CPU/GPU counts are Ray logical resources per actor or task.
+    """
+
+    input: str = ""
+    output: str = ""
+    labels: list[str] = field(default_factory=list)
+    labels_file: str | None = None
+    templates: list[str] = field(default_factory=lambda: [DEFAULT_TEMPLATE])
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    top_k: int = 5
+    # Ray Data
+    address: str | None = None
+    batch_size: int = 64
+    concurrency: tuple[int, int] | None = None     # actor pool (min, max); None = from cluster size
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 1.0
+    decode_cpus_per_task: float = 1.0
+    # input / storage
+    input_format: str = "auto"
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    path_column: str | None = None
+    id_column: str | None = None
+    image_column: str | None = None
+    dedupe: bool = False
+    # decoding
+    max_pixels: int = 89_478_485
+    min_side: int = 1
+    fast_decode: bool = False
+    # model execution
+    dtype: str = "auto"                             # auto = float16 on CUDA, float32 on CPU
+    # output
+    mode: str = "error"
+    store_embeddings: bool = False
+    embedding_dtype: str = "float16"
+    max_error_fraction: float | None = None
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobConfig":
+        """Build from a dict (YAML), rejecting unknown keys with the list of known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        data = dict(data)
+        if isinstance(data.get("labels"), str):
+            data["labels"] = parse_label_list(data["labels"])
+        if isinstance(data.get("templates"), str):
+            data["templates"] = [data["templates"]]
+        if data.get("concurrency") is not None:
+            data["concurrency"] = parse_concurrency(data["concurrency"])
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "JobConfig":
+        """Read a YAML config file; raises ConfigError if missing, invalid, or not a mapping."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must be a mapping of keys to values")
+        return cls.from_dict(data)
+
+    # ---- validation ---------------------------------------------------------------------
+    def resolve_labels(self) -> None:
+        """Merge ``labels_file`` into ``labels`` (file lines after any --labels entries)."""
+        if self.labels_file:
+            try:
+                text = Path(self.labels_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"cannot read labels file {self.labels_file}: {exc}") from exc
+            self.labels = list(self.labels) + read_lines(text)
+            self.labels_file = None
+
+    def validate(self) -> None:
+        """Check every setting that can be checked without the model or storage.
+
+        Raises:
+            ConfigError: naming the first bad setting and how to fix it.
+        """
+        self.resolve_labels()
+        if not self.input:
+            raise ConfigError("no input given")
+        if not self.output:
+            raise ConfigError("no output given: pass --output DIR_OR_URI")
+        validate_labels(self.labels)
+        if not self.templates:
+            raise ConfigError("no prompt templates given")
+        for t in self.templates:
+            validate_template(t)
+        if self.top_k < 1:
+            raise ConfigError(f"--top-k must be >= 1 (got {self.top_k})")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        if self.num_gpus_per_actor < 0 or self.num_cpus_per_actor < 0 or self.decode_cpus_per_task <= 0:
+            raise ConfigError("resources per actor/task must be positive")
+        if self.num_gpus_per_actor == 0 and self.num_cpus_per_actor == 0:
+            raise ConfigError("a CPU actor needs --num-cpus-per-actor > 0")
+        if self.concurrency is not None:
+            self.concurrency = parse_concurrency(self.concurrency)
+        if self.mode not in OUTPUT_MODES:
+            raise ConfigError(f"mode must be one of {OUTPUT_MODES} (got {self.mode!r})")
+        if self.input_format not in INPUT_FORMATS:
+            raise ConfigError(f"--input-format must be one of {INPUT_FORMATS} (got {self.input_format!r})")
+        if self.max_pixels < 1 or self.min_side < 1:
+            raise ConfigError("--max-pixels and --min-side must be >= 1")
+        if self.max_error_fraction is not None and not 0 <= self.max_error_fraction <= 1:
+            raise ConfigError(f"--max-error-fraction must be in [0, 1] (got {self.max_error_fraction})")
+        if self.embedding_dtype not in ("float16", "float32"):
+            raise ConfigError("--embedding-dtype must be float16 or float32")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ConfigError("--dtype must be auto, float32, float16 or bfloat16")
+        if not isinstance(self.storage_options, dict):
+            raise ConfigError("storage_options must be a mapping")
+
+    # ---- reporting ----------------------------------------------------------------------
+    def public_dict(self) -> dict[str, Any]:
+        """The config as JSON-able dict with storage option values redacted (never secrets)."""
+        d = dataclasses.asdict(self)
+        d["storage_options"] = {k: "<redacted>" for k in self.storage_options}
+        if d["concurrency"] is not None:
+            d["concurrency"] = list(d["concurrency"])
+        return d
+
+
+def parse_concurrency(value: Any) -> tuple[int, int]:
+    """``"2,8"``, ``"4"``, ``[2, 8]`` or ``4`` -> ``(min, max)`` actors; ConfigError when invalid."""
+    try:
+        if isinstance(value, str):
+            parts = [int(p) for p in value.split(",")]
+        elif isinstance(value, (list, tuple)):
+            parts = [int(p) for p in value]
+        else:
+            parts = [int(value)]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--concurrency must be N or MIN,MAX (got {value!r})") from exc
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+        raise ConfigError(f"--concurrency must be N or MIN,MAX with 1 <= MIN <= MAX (got {value!r})")
+    return parts[0], parts[1]
+
+
+def parse_storage_options(text: str) -> dict[str, Any]:
+    """JSON or YAML text (or a path to a file holding it) -> dict; ConfigError otherwise."""
+    import yaml
+
+    if Path(text).is_file():
+        text = Path(text).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--storage-options is neither JSON nor YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError("--storage-options must be a JSON/YAML mapping")
+    return data
+
+
+def resolve_templates(value: str) -> list[str]:
+    """``--templates`` argument: a named set (see ``labels.TEMPLATE_SETS``) or a file of lines."""
+    if value in TEMPLATE_SETS:
+        return list(TEMPLATE_SETS[value])
+    try:
+        return read_lines(Path(value).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"--templates {value!r} is neither a named set ({', '.join(TEMPLATE_SETS)}) "
+                          f"nor a readable file: {exc}") from exc

@@ -1,0 +1,627 @@
+"""Image bytes -> uint8 RGB pixels at model resolution, or a per-image error code.
+
+Pure Pillow/numpy (no Ray, no torch, no transformers), so CPU decode tasks stay light and the
+code is testable on its own. ``decode_image`` never raises: every failure becomes
+``DecodedImage.error = "<code>: <detail>"`` (codes from ``zslabel.errors``).
+
+Pipeline for one image (each step is one helper below):
+
+1. ``_open``: decide the format from the bytes (never the file name), read the header only.
+   Containers with no decoder here (HEIF/HEIC, JPEG XL, JPEG XR, SVG; AVIF only when Pillow
+   lacks libavif) fail fast as ``unsupported_format``.
+2. Pixel limit: ``width * height`` from the header above ``PreprocessSpec.max_pixels`` is
+   ``too_many_pixels``, decided before any pixel buffer is allocated. Pillow's own
+   decompression-bomb check is handled locally (its warning silenced for this call, its error
+   mapped, and bypassed when ``max_pixels`` is above Pillow's limit); ``Image.MAX_IMAGE_PIXELS``
+   and ``ImageFile.LOAD_TRUNCATED_IMAGES`` are never changed.
+3. ``_load``: decode the first frame only (animated GIF/PNG/WebP: frame 0). Data that ends early
+   is ``truncated``; anything else Pillow cannot read (empty, text, bad CRC, corrupt) is
+   ``unidentified_image``.
+4. ``_orient``: apply the EXIF Orientation tag (all 8 values, via ``ImageOps.exif_transpose``);
+   missing, invalid or unreadable EXIF means upright.
+5. ``image_too_small``: the shorter side (after orientation) below ``PreprocessSpec.min_side``.
+6. ``_to_rgb``: any Pillow mode -> RGB (or L, expanded to RGB after resizing, which is
+   bit-identical and 3x cheaper). Transparency (alpha band, ``transparency`` info, RGBA palette)
+   is composited onto ``PreprocessSpec.background`` (white by default, as transformers'
+   ``convert_to_rgb``), so colours under alpha 0 never change a result. 16-bit and 32-bit
+   integer greys keep their tonal range (65535 -> 255), float greys are read as 0..1 when their
+   maximum is <= 1 and as 0..255 otherwise.
+7. ``_resize_crop``: exactly the transformers PIL image processor (``CLIPImageProcessorPil``,
+   ``SiglipImageProcessorPil``): shortest-edge resize with the long side ``int(S * long /
+   short)`` or an exact (H, W) resize, with the checkpoint's resampling filter, then a centre
+   crop that zero-pads when the image is smaller than the crop. For an opaque image the
+   output is bit-identical to that processor's output before rescale/normalise.
+
+``PreprocessSpec.fast`` allows JPEG DCT-domain downscaling (``Image.draft``) and Pillow's
+``reducing_gap`` pre-reduction for images much larger than the model input: much faster and
+lighter, no longer bit-identical (tests bound the mean absolute difference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
+
+from zslabel.errors import (IMAGE_TOO_SMALL, TOO_MANY_PIXELS, TRUNCATED, UNIDENTIFIED_IMAGE,
+                            UNSUPPORTED_FORMAT, error_string)
+
+__all__ = ["PreprocessSpec", "DecodedImage", "decode_image", "sniff_format"]
+
+logger = logging.getLogger(__name__)
+
+# Bump when a change here can change pixels for the same bytes and spec (part of the fingerprint).
+DECODE_VERSION = 1
+
+# Pillow raises DecompressionBombError above twice MAX_IMAGE_PIXELS; that is our default too,
+# so a 10000 x 10000 photo decodes and a 30000 x 30000 header does not.
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+
+# Above this many pixels in the full-size resize, only the centre crop is resampled (through
+# Pillow's ``box``), so a 1000 x 1 banner does not become a 224000 x 224 intermediate.
+_MAX_FULL_RESIZE_PIXELS = 1 << 23
+
+# JPEG fast path: DCT-scale only down to this multiple of the resize target, then let Pillow
+# box-reduce to within this gap before the final filter.
+_FAST_DRAFT_MARGIN = 2
+_FAST_REDUCING_GAP = 3.0
+
+_RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
+class _DecodeFailure(Exception):
+    """Internal: carries an error code and detail out of the helpers to ``decode_image``."""
+
+    def __init__(self, code: str, detail: str, size: tuple[int, int] | None = None):
+        super().__init__(f"{code}: {detail}")
+        self.code, self.detail, self.size = code, detail, size
+
+
+# --------------------------------------------------------------------------------------------
+# Spec
+
+
+def _field(obj, key):
+    """``obj[key]`` for dicts, ``obj.key`` for transformers' SizeDict; None when absent."""
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
+def _resample_value(resample) -> int:
+    """A PIL resampling filter as its int, from an int, a PIL enum, or a torchvision mode."""
+    if resample is None:
+        return int(Image.Resampling.BILINEAR)  # transformers' own default when unset
+    if isinstance(resample, (int, np.integer)):
+        return int(resample)
+    value = getattr(resample, "value", None)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    name = str(getattr(resample, "name", value if value is not None else resample)).lower()
+    for key, code in _RESAMPLE_NAMES.items():
+        if key in name:
+            return code
+    raise ValueError(f"unsupported resample {resample!r}")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a decoded image is brought to model resolution; mirrors the checkpoint's image processor.
+
+    Attributes:
+        resize_mode: ``"shortest_edge"`` (CLIP: shorter side to ``shortest_edge``, aspect kept,
+            long side ``int(shortest_edge * long / short)``) or ``"exact"`` (SigLIP: to
+            ``size_hw``).
+        shortest_edge: target of the shorter side in pixels, for ``"shortest_edge"``.
+        size_hw: (height, width) in pixels, for ``"exact"``.
+        crop_hw: centre crop (height, width) after the resize, zero-padded if larger than the
+            resized image (as transformers), or None. Required for ``"shortest_edge"``, since
+            every output must have the fixed size ``output_hw``.
+        resample: ``PIL.Image.Resampling`` value (NEAREST=0, LANCZOS=1, BILINEAR=2, BICUBIC=3,
+            BOX=4, HAMMING=5).
+        max_pixels: header ``width * height`` above this is ``too_many_pixels``.
+        min_side: shorter side (pixels) below this is ``image_too_small``.
+        background: RGB that transparent pixels are composited onto.
+        fast: allow JPEG draft + box pre-reduction (not bit-identical; see module docstring).
+
+    Raises:
+        ValueError: on construction, for an inconsistent or out-of-range field.
+    """
+
+    resize_mode: str
+    shortest_edge: int | None = None
+    size_hw: tuple[int, int] | None = None
+    crop_hw: tuple[int, int] | None = None
+    resample: int = int(Image.Resampling.BICUBIC)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = 1
+    background: tuple[int, int, int] = (255, 255, 255)
+    fast: bool = False
+
+    def __post_init__(self):
+        # Normalise sequences (e.g. lists from YAML/JSON) so the spec stays hashable.
+        for name in ("size_hw", "crop_hw", "background"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(int(v) for v in value))
+        object.__setattr__(self, "resample", _resample_value(self.resample))
+        if self.resize_mode == "shortest_edge":
+            if not self.shortest_edge or self.shortest_edge < 1:
+                raise ValueError("resize_mode 'shortest_edge' needs shortest_edge >= 1")
+            if self.crop_hw is None:
+                raise ValueError("resize_mode 'shortest_edge' needs crop_hw: outputs must have one fixed size")
+        elif self.resize_mode == "exact":
+            if self.size_hw is None or len(self.size_hw) != 2 or min(self.size_hw) < 1:
+                raise ValueError("resize_mode 'exact' needs size_hw=(height, width) >= 1")
+        else:
+            raise ValueError(f"resize_mode must be 'shortest_edge' or 'exact', got {self.resize_mode!r}")
+        if self.crop_hw is not None and (len(self.crop_hw) != 2 or min(self.crop_hw) < 1):
+            raise ValueError(f"crop_hw must be (height, width) >= 1, got {self.crop_hw}")
+        if self.resample not in _RESAMPLE_NAMES.values():
+            raise ValueError(f"resample must be a PIL.Image.Resampling value 0..5, got {self.resample}")
+        if len(self.background) != 3 or not all(0 <= v <= 255 for v in self.background):
+            raise ValueError(f"background must be three ints 0..255, got {self.background}")
+        if self.max_pixels < 1 or self.min_side < 1:
+            raise ValueError("max_pixels and min_side must be >= 1")
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        """The fixed (height, width) of every decoded image's pixels."""
+        if self.crop_hw is not None:
+            return self.crop_hw
+        return self.size_hw
+
+    @classmethod
+    def from_image_processor(cls, proc, **overrides) -> "PreprocessSpec":
+        """Read a transformers image processor (PIL or torchvision backend) into a spec.
+
+        Reads ``proc.size`` (``{"shortest_edge": S}`` or ``{"height": H, "width": W}``, dict or
+        SizeDict), ``proc.do_resize``, ``proc.do_center_crop``, ``proc.crop_size`` and
+        ``proc.resample``. ``overrides`` replace fields afterwards (e.g. ``max_pixels``, ``fast``).
+
+        Raises:
+            ValueError: for processors whose output size is not fixed or not supported here
+                (``do_resize`` false, ``longest_edge`` / ``max_height`` sizes, shortest-edge
+                resize without centre crop).
+        """
+        if getattr(proc, "do_resize", True) is False:
+            raise ValueError("image processors with do_resize=False are not supported: "
+                             "outputs must have one fixed size")
+        size = getattr(proc, "size", None)
+        if isinstance(size, int):
+            size = ({"height": size, "width": size} if getattr(proc, "default_to_square", True)
+                    else {"shortest_edge": size})
+        unsupported = [k for k in ("longest_edge", "max_height", "max_width", "min_pixels", "max_pixels")
+                       if _field(size, k)]
+        if unsupported:
+            raise ValueError(f"unsupported image-processor size {size!r} (keys {unsupported}); "
+                             "only {'shortest_edge': S} or {'height': H, 'width': W} are supported")
+        crop = None
+        if getattr(proc, "do_center_crop", False):
+            crop_size = getattr(proc, "crop_size", None)
+            ch, cw = _field(crop_size, "height"), _field(crop_size, "width")
+            if not ch or not cw:
+                raise ValueError(f"unsupported crop_size {crop_size!r}: need height and width")
+            crop = (int(ch), int(cw))
+        resample = _resample_value(getattr(proc, "resample", None))
+        if _field(size, "shortest_edge"):
+            if crop is None:
+                raise ValueError("a shortest_edge resize without centre crop has no fixed output size")
+            spec = dict(resize_mode="shortest_edge", shortest_edge=int(_field(size, "shortest_edge")))
+        elif _field(size, "height") and _field(size, "width"):
+            spec = dict(resize_mode="exact", size_hw=(int(_field(size, "height")), int(_field(size, "width"))))
+        else:
+            raise ValueError(f"unsupported image-processor size {size!r}; "
+                             "need {'shortest_edge': S} or {'height': H, 'width': W}")
+        spec.update(crop_hw=crop, resample=resample)
+        spec.update(overrides)
+        return cls(**spec)
+
+    def fingerprint_dict(self) -> dict:
+        """JSON-able dict of everything that can change a decoded result (pixels or error)."""
+        d = dataclasses.asdict(self)
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+        d["decode_version"] = DECODE_VERSION
+        d["pillow"] = Image.__version__
+        return d
+
+
+@dataclass
+class DecodedImage:
+    """One decode result.
+
+    Attributes:
+        pixels: (H, W, 3) uint8 RGB at ``spec.output_hw``, C-contiguous; None when ``error``.
+        width, height: image size in pixels after EXIF orientation; None if never decoded.
+        error: None, or ``"<code>: <detail>"`` (``zslabel.errors.error_string``).
+    """
+
+    pixels: np.ndarray | None
+    width: int | None
+    height: int | None
+    error: str | None
+
+
+# --------------------------------------------------------------------------------------------
+# Open / sniff
+
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs",
+                b"mif1", b"msf1", b"mif2", b"miaf"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+
+
+def _ftyp_brands(data: bytes) -> list[bytes] | None:
+    """Major + compatible brands of an ISO-BMFF ``ftyp`` box at the start, or None."""
+    if len(data) < 12 or data[4:8] != b"ftyp":
+        return None
+    size = struct.unpack(">I", data[:4])[0]
+    end = min(len(data), size if size >= 16 else 16)
+    brands = [data[8:12]] + [data[i:i + 4] for i in range(16, end - 3, 4)]
+    return brands
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format named by the leading magic bytes, or None if not recognised.
+
+    Returns one of ``"jpeg", "png", "gif", "webp", "bmp", "tiff", "heif", "avif", "jxl",
+    "jxr", "jp2", "psd", "qoi", "ico", "pnm", "dds", "svg"``. Only the bytes count, never a
+    file name. ISO-BMFF files are ``"avif"`` when an ``avif``/``avis`` brand is present,
+    else ``"heif"`` for any HEIF brand (``heic``, ``heix``, ``mif1``, ...).
+    """
+    head = bytes(data[:64])
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:2] == b"BM" and len(head) >= 14:
+        return "bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    brands = _ftyp_brands(bytes(data[:256]))
+    if brands is not None:
+        if _AVIF_BRANDS.intersection(brands):
+            return "avif"
+        if _HEIF_BRANDS.intersection(brands):
+            return "heif"
+        return None
+    if head.startswith(b"\xff\x0a") or head.startswith(b"\x00\x00\x00\x0cJXL \r\n\x87\n"):
+        return "jxl"
+    if head.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n") or head.startswith(b"\xff\x4f\xff\x51"):
+        return "jp2"
+    if head[:3] == b"II\xbc":
+        return "jxr"
+    if head[:4] == b"8BPS":
+        return "psd"
+    if head[:4] == b"qoif":
+        return "qoi"
+    if head[:4] in (b"\x00\x00\x01\x00", b"\x00\x00\x02\x00") and len(head) >= 6 and head[4:6] != b"\x00\x00":
+        return "ico"
+    if len(head) >= 3 and head[0:1] == b"P" and head[1:2] in b"1234567" and head[2:3] in b" \t\r\n":
+        return "pnm"
+    if head[:4] == b"DDS ":
+        return "dds"
+    text = bytes(data[:1024]).lstrip().lower()
+    if text.startswith((b"<svg", b"<?xml")) and b"<svg" in text:
+        return "svg"
+    return None
+
+
+def _has_decoder(fmt: str | None) -> bool:
+    """Whether this process can decode ``fmt`` (only asked for formats Pillow may lack)."""
+    Image.init()
+    if fmt == "avif":
+        return "AVIF" in Image.OPEN and bool(features.check("avif"))
+    if fmt == "heif":
+        return "HEIF" in Image.OPEN  # registered by pillow-heif when installed
+    if fmt == "jxl":
+        return "JXL" in Image.OPEN  # registered by a JPEG XL plugin when installed
+    if fmt in ("jxr", "svg"):
+        return False
+    return True
+
+
+def _looks_truncated(data: bytes, fmt: str | None) -> bool:
+    """Whether a recognised container visibly ends early (missing end marker or short box)."""
+    tail = bytes(data[-64:]).rstrip(b"\x00\r\n ")
+    if fmt == "jpeg":
+        return not tail.endswith(b"\xff\xd9")
+    if fmt == "png":
+        return b"IEND" not in tail
+    if fmt == "gif":
+        return not tail.endswith(b";")
+    if fmt == "webp":
+        return len(data) < 12 or len(data) < 8 + struct.unpack("<I", bytes(data[4:8]))[0]
+    if fmt in ("heif", "avif"):
+        pos = 0
+        while pos + 8 <= len(data):
+            size = struct.unpack(">I", bytes(data[pos:pos + 4]))[0]
+            if size == 1:
+                if pos + 16 > len(data):
+                    return True
+                size = struct.unpack(">Q", bytes(data[pos + 8:pos + 16]))[0]
+            elif size == 0:
+                return False  # box runs to the end of the file
+            if size < 8:
+                return False
+            pos += size
+        return pos != len(data)
+    return False
+
+
+def _is_truncation_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, EOFError) or "truncat" in text or "premature end" in text
+
+
+def _open(data: bytes, spec: PreprocessSpec) -> Image.Image:
+    """Open ``data`` lazily (header only) and enforce the pixel limit.
+
+    Raises:
+        _DecodeFailure: unidentified_image, truncated, unsupported_format or too_many_pixels.
+    """
+    fmt = sniff_format(data)
+    if fmt is not None and not _has_decoder(fmt):
+        raise _DecodeFailure(UNSUPPORTED_FORMAT, f"{fmt} (no decoder installed)")
+    try:
+        with warnings.catch_warnings():
+            # Our own limit (below) replaces Pillow's warning; keep it out of the logs.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                im = Image.open(io.BytesIO(data))
+            except Image.DecompressionBombError as exc:
+                im = _open_without_bomb_check(data, spec, exc)
+    except _DecodeFailure:
+        raise
+    except UnidentifiedImageError as exc:
+        if fmt is not None and _looks_truncated(data, fmt):
+            raise _DecodeFailure(TRUNCATED, f"{fmt} data ends early ({len(data)} bytes)") from exc
+        what = f"{fmt} data Pillow cannot read" if fmt else "not a recognised image"
+        raise _DecodeFailure(UNIDENTIFIED_IMAGE, f"{what} ({len(data)} bytes)") from exc
+    except Exception as exc:  # noqa: BLE001 - plugins raise OSError/SyntaxError/ValueError/struct.error
+        if _is_truncation_error(exc) or (fmt is not None and _looks_truncated(data, fmt)):
+            raise _DecodeFailure(TRUNCATED, f"{fmt or 'image'}: {exc}") from exc
+        raise _DecodeFailure(UNIDENTIFIED_IMAGE, f"{type(exc).__name__}: {exc}") from exc
+    w, h = im.size
+    if w * h > spec.max_pixels:
+        raise _DecodeFailure(TOO_MANY_PIXELS, f"{w}x{h} = {w * h} pixels > limit {spec.max_pixels}")
+    return im
+
+
+def _open_without_bomb_check(data: bytes, spec: PreprocessSpec, exc: Exception) -> Image.Image:
+    """Open an image Pillow refused as a decompression bomb, when our own limit allows it.
+
+    ``Image.open`` checks the module-wide ``MAX_IMAGE_PIXELS`` after the plugin parsed the
+    header; calling the plugins the same way ``Image.open`` does skips only that check.
+    """
+    Image.init()
+    prefix = bytes(data[:16])
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        if accept and not accept(prefix):
+            continue
+        try:
+            im = factory(io.BytesIO(data), None)
+        except (SyntaxError, IndexError, TypeError, struct.error, OSError):
+            continue
+        w, h = im.size
+        if w * h > spec.max_pixels:
+            raise _DecodeFailure(TOO_MANY_PIXELS, f"{w}x{h} = {w * h} pixels > limit {spec.max_pixels}")
+        return im
+    raise _DecodeFailure(TOO_MANY_PIXELS, f"{exc} (limit {spec.max_pixels})")
+
+
+# --------------------------------------------------------------------------------------------
+# Load, orientation, colour
+
+
+def _load(im: Image.Image, data: bytes, spec: PreprocessSpec) -> None:
+    """Decode the current (first) frame's pixels, with the JPEG draft in fast mode.
+
+    Raises:
+        _DecodeFailure: truncated or unidentified_image.
+    """
+    if spec.fast and im.format == "JPEG":
+        target = _draft_target(im.size, spec)
+        if target is not None:
+            im.draft("RGB", target)
+    try:
+        im.load()
+    except Exception as exc:  # noqa: BLE001 - decoders raise OSError/ValueError/SyntaxError/...
+        fmt = sniff_format(data)
+        if _is_truncation_error(exc) or (fmt is not None and _looks_truncated(data, fmt)):
+            raise _DecodeFailure(TRUNCATED, f"{im.format or fmt}: {exc}") from exc
+        raise _DecodeFailure(UNIDENTIFIED_IMAGE, f"{im.format} data is corrupt: {type(exc).__name__}: {exc}") from exc
+
+
+def _draft_target(size: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int] | None:
+    """Smallest (width, height) the JPEG may be DCT-scaled to; None when not worth it."""
+    w, h = size
+    if spec.resize_mode == "exact":
+        side = max(spec.size_hw)  # orientation may swap the axes later
+        tw = th = side
+    else:
+        tw, th = _resize_dims(w, h, spec)
+    tw, th = tw * _FAST_DRAFT_MARGIN, th * _FAST_DRAFT_MARGIN
+    if w < 2 * tw or h < 2 * th:
+        return None
+    return tw, th
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(0x0112, 1)
+        return int(value) if int(value) in range(1, 9) else 1
+    except Exception:  # noqa: BLE001 - malformed EXIF means upright
+        return 1
+
+
+def _orient(im: Image.Image) -> tuple[Image.Image, bool]:
+    """The upright image per its EXIF Orientation (1..8), and whether width/height swapped.
+
+    Missing, invalid or unreadable EXIF means upright (the image unchanged).
+    """
+    orientation = _orientation(im)
+    if orientation == 1:
+        return im, False
+    try:
+        return ImageOps.exif_transpose(im), orientation >= 5
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
+        logger.debug("exif_transpose failed; using the image as stored", exc_info=True)
+        return im, False
+
+
+def _composite(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Alpha-composite onto an opaque background, as transformers' ``convert_to_rgb`` does."""
+    rgba = im.convert("RGBA")
+    bg = Image.new("RGBA", rgba.size, tuple(background) + (255,))
+    return Image.alpha_composite(bg, rgba).convert("RGB")
+
+
+def _gray_to_l(arr: np.ndarray, scale_max: float) -> Image.Image:
+    """Linear map of greys 0..scale_max to 0..255 (rounded, clipped), as an L image."""
+    out = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=scale_max, neginf=0.0)
+    out = np.clip(np.rint(out * (255.0 / scale_max)), 0, 255).astype(np.uint8)
+    return Image.fromarray(out, "L")
+
+
+def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Any Pillow mode -> an "RGB" or "L" image (L is expanded to RGB after resizing).
+
+    Transparency is composited onto ``background``; "I;16*" divides by 65535/255; "I" uses
+    the depth its values need (<=255: 8-bit, <=65535: 16-bit, else its own maximum), negatives
+    clip to 0; "F" is 0..1 when its maximum is <= 1, else 0..255 (NaN -> 0).
+    """
+    mode = im.mode
+    if mode == "RGB" and not im.has_transparency_data:
+        return im
+    if mode == "L" and not im.has_transparency_data:
+        return im
+    if mode == "1":
+        return im.convert("L")
+    if im.has_transparency_data:
+        return _composite(im, background)
+    if mode.startswith("I;16"):
+        return _gray_to_l(np.asarray(im), 65535.0)
+    if mode == "I":
+        arr = np.asarray(im)
+        top = float(arr.max()) if arr.size else 0.0
+        return _gray_to_l(arr, 255.0 if top <= 255 else 65535.0 if top <= 65535 else top)
+    if mode == "F":
+        arr = np.asarray(im)
+        finite = arr[np.isfinite(arr)]
+        top = float(finite.max()) if finite.size else 0.0
+        return _gray_to_l(arr, 1.0 if top <= 1.0 else 255.0)
+    return im.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV, RGBX, ...
+
+
+# --------------------------------------------------------------------------------------------
+# Resize / crop
+
+
+def _resize_dims(w: int, h: int, spec: PreprocessSpec) -> tuple[int, int]:
+    """(width, height) after the processor's resize of a w x h image.
+
+    Formula from transformers ``image_transforms.get_resize_output_image_size`` with
+    ``default_to_square=False``: short side -> S, long side -> ``int(S * long / short)``.
+    """
+    if spec.resize_mode == "exact":
+        return spec.size_hw[1], spec.size_hw[0]
+    s = spec.shortest_edge
+    if w <= h:
+        return s, int(s * h / w)
+    return int(s * w / h), s
+
+
+def _center_crop(arr: np.ndarray, crop_hw: tuple[int, int]) -> np.ndarray:
+    """transformers ``image_transforms.center_crop`` on an (H, W, C) array, zero padding included."""
+    h, w = arr.shape[:2]
+    ch, cw = crop_hw
+    top, left = (h - ch) // 2, (w - cw) // 2
+    if top >= 0 and left >= 0:
+        return arr[top:top + ch, left:left + cw]
+    nh, nw = max(ch, h), max(cw, w)
+    top_pad, left_pad = math.ceil((nh - h) / 2), math.ceil((nw - w) / 2)
+    padded = np.zeros((nh, nw) + arr.shape[2:], dtype=arr.dtype)
+    padded[top_pad:top_pad + h, left_pad:left_pad + w] = arr
+    top, left = top + top_pad, left + left_pad
+    return padded[max(0, top):min(nh, top + ch), max(0, left):min(nw, left + cw)]
+
+
+def _resize_crop(im: Image.Image, spec: PreprocessSpec, orig_size: tuple[int, int]) -> np.ndarray:
+    """Resize + centre crop an "RGB"/"L" image to (H, W, 3) uint8 at ``spec.output_hw``.
+
+    ``orig_size`` is the upright (width, height) before any fast-path draft, so the geometry
+    is always that of the full image.
+    """
+    rw, rh = _resize_dims(*orig_size, spec)
+    reducing_gap = _FAST_REDUCING_GAP if spec.fast else None
+    crop = spec.crop_hw
+    if crop is not None and rw * rh > _MAX_FULL_RESIZE_PIXELS and crop[0] <= rh and crop[1] <= rw:
+        # Resample only the crop window: Pillow's box keeps each output pixel's source
+        # position, so this is the processor's result without the huge intermediate.
+        ch, cw = crop
+        top, left = (rh - ch) // 2, (rw - cw) // 2
+        w, h = im.size
+        box = (left * w / rw, top * h / rh, (left + cw) * w / rw, (top + ch) * h / rh)
+        out = im.resize((cw, ch), spec.resample, box=box, reducing_gap=reducing_gap)
+        arr = np.asarray(out)
+    else:
+        if (rw, rh) != im.size:
+            im = im.resize((rw, rh), spec.resample, reducing_gap=reducing_gap)
+        arr = np.asarray(im)
+        if crop is not None:
+            arr = _center_crop(arr, crop)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+def decode_image(data: bytes, spec: PreprocessSpec) -> DecodedImage:
+    """Decode image bytes into model-resolution RGB pixels; never raises.
+
+    Args:
+        data: the file's bytes (any format Pillow reads; the format is sniffed from content).
+        spec: target geometry, filter, limits and background.
+
+    Returns:
+        ``DecodedImage`` with ``pixels`` (H, W, 3) uint8 at ``spec.output_hw`` and the upright
+        ``width``/``height``; or ``pixels=None`` and ``error="<code>: <detail>"`` with code in
+        unidentified_image, truncated, unsupported_format, too_many_pixels, image_too_small.
+        Unexpected exceptions become unidentified_image with the exception text.
+    """
+    width = height = None
+    try:
+        im = _open(data, spec)
+        header_w, header_h = im.size  # a fast-path draft may shrink im.size; geometry uses this
+        _load(im, data, spec)
+        im, swapped = _orient(im)
+        width, height = (header_h, header_w) if swapped else (header_w, header_h)
+        if min(width, height) < spec.min_side:
+            raise _DecodeFailure(IMAGE_TOO_SMALL, f"{width}x{height}, shorter side below {spec.min_side}")
+        rgb = _to_rgb(im, spec.background)
+        pixels = _resize_crop(rgb, spec, (width, height))
+        return DecodedImage(pixels, width, height, None)
+    except _DecodeFailure as f:
+        return DecodedImage(None, width, height, error_string(f.code, f.detail))
+    except MemoryError as exc:
+        return DecodedImage(None, width, height, error_string(UNIDENTIFIED_IMAGE, f"out of memory: {exc}"))
+    except Exception as exc:  # noqa: BLE001 - per-image errors never escape
+        logger.debug("unexpected decode failure", exc_info=True)
+        return DecodedImage(None, width, height, error_string(UNIDENTIFIED_IMAGE, f"{type(exc).__name__}: {exc}"))

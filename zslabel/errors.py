@@ -1,0 +1,54 @@
+"""Error types and the stable per-image error codes of the output contract.
+
+Job-level problems (bad labels, unreachable model, occupied output) raise ``ZslabelError``
+subclasses before any image is read. Per-image problems never raise out of a stage: they become
+an ``error`` string ``"<code>: <detail>"`` on that image's row, with ``<code>`` one of ``CODES``.
+"""
+
+from __future__ import annotations
+
+READ_ERROR = "read_error"                  # storage I/O failed (missing, permission, network)
+UNIDENTIFIED_IMAGE = "unidentified_image"  # bytes are not an image Pillow can identify
+TRUNCATED = "truncated"                    # image data ends early
+TOO_MANY_PIXELS = "too_many_pixels"        # header claims more pixels than --max-pixels
+UNSUPPORTED_FORMAT = "unsupported_format"  # a known image container with no decoder here (HEIF/AVIF, ...)
+IMAGE_TOO_SMALL = "image_too_small"        # a side below --min-side
+NON_FINITE_SCORES = "non_finite_scores"    # the model produced NaN/inf for this image
+
+CODES = (READ_ERROR, UNIDENTIFIED_IMAGE, TRUNCATED, TOO_MANY_PIXELS, UNSUPPORTED_FORMAT,
+         IMAGE_TOO_SMALL, NON_FINITE_SCORES)
+
+
+def error_string(code: str, detail: str) -> str:
+    """Format a row's ``error`` value as ``"<code>: <detail>"`` (detail shortened to 300 chars)."""
+    detail = " ".join(str(detail).split())
+    return f"{code}: {detail[:300]}"
+
+
+def error_code(error: str | None) -> str | None:
+    """The stable code of an ``error`` value (the part before the first colon), or None."""
+    return None if error is None else error.split(":", 1)[0]
+
+
+class ZslabelError(Exception):
+    """A job-level error with a message meant for the user; the CLI prints it and exits 2."""
+
+
+class ConfigError(ZslabelError):
+    """Invalid configuration: labels, templates, flags, or a YAML config file."""
+
+
+class InputError(ZslabelError):
+    """The input cannot be planned: nothing found, unreadable manifest, unknown format."""
+
+
+class ModelLoadError(ZslabelError):
+    """The checkpoint cannot be found or loaded."""
+
+
+class OutputError(ZslabelError):
+    """The output location is unusable (occupied without --resume/--overwrite, not writable)."""
+
+
+class ErrorBudgetExceeded(ZslabelError):
+    """More images failed than ``--max-error-fraction`` allows; the output is still written."""

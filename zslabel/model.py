@@ -1,0 +1,216 @@
+"""Load a CLIP-family checkpoint and run its towers: label (text) and image embeddings.
+
+No Ray here. A checkpoint is a Hugging Face hub id, a local folder, or an fsspec URI of a folder
+(``s3://bucket/models/clip``); remote folders are copied once per machine into a local cache
+under a file lock, and hub downloads go through ``huggingface_hub``'s per-machine cache (which
+locks too), so N actors on one node fetch a checkpoint once, not N times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .decode import PreprocessSpec
+from .errors import ModelLoadError
+from .ranking import SIGMOID, SOFTMAX, l2_normalise
+
+log = logging.getLogger(__name__)
+
+# Files a zero-shot checkpoint needs; skips TF/Flax/ONNX duplicates in hub repos.
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.bin"]
+# transformers' pipeline pads SigLIP prompts to this length (zero_shot_image_classification.py).
+SIGLIP_TEXT_LENGTH = 64
+
+
+def cache_root() -> Path:
+    """Local folder for checkpoints copied from fsspec URIs (``$ZSLABEL_CACHE`` or ~/.cache/zslabel)."""
+    return Path(os.environ.get("ZSLABEL_CACHE", Path.home() / ".cache" / "zslabel"))
+
+
+def _is_remote_uri(model: str) -> bool:
+    return "://" in model and not model.startswith("file://")
+
+
+def resolve_checkpoint(model: str, revision: str | None = None,
+                       storage_options: dict | None = None) -> Path:
+    """Return a local folder holding the checkpoint ``model``.
+
+    Args:
+        model: local folder, ``file://`` URI, fsspec URI of a folder, or hub id.
+        revision: hub revision (branch, tag or commit); ignored for folders.
+        storage_options: fsspec options for remote URIs (endpoint, credentials chain settings).
+
+    Raises:
+        ModelLoadError: the folder does not exist, the URI cannot be read, or the hub id
+            cannot be downloaded (e.g. offline); the message says which and how to fix it.
+    """
+    if model.startswith("file://"):
+        model = model[len("file://"):]
+    if _is_remote_uri(model):
+        return _copy_remote_checkpoint(model, storage_options or {})
+    local = Path(model).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"model folder {local} has no config.json; is it a Hugging Face checkpoint?")
+        return local
+    if local.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelLoadError(f"model {model!r} is not a checkpoint folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, revision=revision, allow_patterns=CHECKPOINT_PATTERNS))
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "cannot load"
+        raise ModelLoadError(
+            f"cannot download model {model!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+            "Pass a local checkpoint folder or an fsspec URI with --model, or check network/HF_HUB_OFFLINE."
+        ) from exc
+
+
+def _copy_remote_checkpoint(uri: str, storage_options: dict) -> Path:
+    """Copy a remote checkpoint folder once per machine; concurrent callers wait on a file lock."""
+    import fsspec
+    from filelock import FileLock
+
+    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    dest = cache_root() / "checkpoints" / key
+    done = dest / ".zslabel-complete"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        if done.exists():
+            return dest
+        try:
+            fs, root = fsspec.core.url_to_fs(uri, **storage_options)
+            files = [f for f in fs.find(root) if not f.endswith("/")]
+            if not any(f.rsplit("/", 1)[-1] == "config.json" for f in files):
+                raise ModelLoadError(f"model URI {uri} holds no config.json")
+            for f in files:
+                target = dest / os.path.relpath(f, root.rstrip("/"))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f, str(target))
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any storage failure means the model is unreachable
+            raise ModelLoadError(f"cannot copy model from {uri}: {type(exc).__name__}: {exc}") from exc
+        done.write_text(uri)
+    log.info("checkpoint %s cached at %s", uri, dest)
+    return dest
+
+
+def checkpoint_digest(path: Path) -> str:
+    """sha256 over the checkpoint's config and weight files (names and bytes), first 16 hex digits.
+
+    Identifies the weights for run fingerprints even when no hub revision is known.
+    """
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if f.suffix in (".json", ".safetensors", ".bin", ".txt", ".model"):
+            h.update(str(f.relative_to(path)).encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+class ZeroShotModel:
+    """A CLIP-family checkpoint ready for zero-shot classification.
+
+    Holds the model (both towers), tokenizer and the preprocessing facts of its image
+    processor. ``score_kind`` is ``"sigmoid"`` for SigLIP-family checkpoints (model_type contains
+    "siglip") and ``"softmax"`` otherwise, as in transformers' zero-shot pipeline.
+
+    Raises:
+        ModelLoadError: the folder cannot be loaded by transformers' Auto classes, or the model
+            has no ``get_image_features``/``get_text_features`` (not a dual encoder).
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 **spec_overrides):
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        self.path = Path(path)
+        try:
+            self.model = AutoModel.from_pretrained(self.path, dtype=dtype).to(device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            processor = AutoImageProcessor.from_pretrained(self.path)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"cannot load checkpoint at {self.path}: {type(exc).__name__}: {exc}") from exc
+        if not (hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")):
+            raise ModelLoadError(f"{self.path} ({type(self.model).__name__}) is not a CLIP-family dual encoder")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model_type: str = self.model.config.model_type
+        self.score_kind = SIGMOID if "siglip" in self.model_type else SOFTMAX
+        try:
+            self.preprocess = PreprocessSpec.from_image_processor(processor, **spec_overrides)
+        except ValueError as exc:
+            raise ModelLoadError(f"unsupported image processor in {self.path}: {exc}") from exc
+        # Rescale + normalise run on the device, so only uint8 pixels travel between stages.
+        mean = np.asarray(processor.image_mean if processor.do_normalize else [0.0, 0.0, 0.0], np.float32)
+        std = np.asarray(processor.image_std if processor.do_normalize else [1.0, 1.0, 1.0], np.float32)
+        rescale = float(processor.rescale_factor) if processor.do_rescale else 1.0
+        self._scale = torch.tensor(rescale / std, device=self.device).view(1, 3, 1, 1)
+        self._shift = torch.tensor(mean / std, device=self.device).view(1, 3, 1, 1)
+
+    @property
+    def logit_scale(self) -> float:
+        """``exp(model.logit_scale)``, the multiplier of cosine similarities (CLIP: <= 100)."""
+        return float(self.model.logit_scale.detach().float().exp())
+
+    @property
+    def logit_bias(self) -> float:
+        """SigLIP's ``logit_bias``; 0.0 for checkpoints without one."""
+        bias = getattr(self.model, "logit_bias", None)
+        return 0.0 if bias is None else float(bias.detach().float())
+
+    @property
+    def max_text_length(self) -> int:
+        """Longest prompt in tokens the text tower accepts (its position embeddings)."""
+        text_cfg = getattr(self.model.config, "text_config", self.model.config)
+        limit = int(getattr(text_cfg, "max_position_embeddings", 77))
+        if self.score_kind == SIGMOID:
+            limit = min(limit, SIGLIP_TEXT_LENGTH)
+        return limit
+
+    def prompt_lengths(self, prompts: list[str]) -> list[int]:
+        """Token count of each prompt (special tokens included, no truncation)."""
+        return [len(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
+
+    def _tokenize(self, prompts: list[str]):
+        # Same tokenizer arguments as transformers' zero-shot pipeline, so embeddings match it.
+        if self.score_kind == SIGMOID:
+            kw = {"padding": "max_length", "max_length": SIGLIP_TEXT_LENGTH, "truncation": True}
+        else:
+            kw = {"padding": True}
+        return self.tokenizer(prompts, return_tensors="pt", **kw).to(self.device)
+
+    @torch.inference_mode()
+    def encode_texts(self, prompts: list[str], batch_size: int = 256) -> np.ndarray:
+        """Text-tower embeddings of ``prompts``: (T, D) float32, L2-normalised (numpy)."""
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            feats = self.model.get_text_features(**self._tokenize(prompts[i:i + batch_size]))
+            feats = getattr(feats, "pooler_output", feats)  # transformers 5 returns a ModelOutput
+            out.append(l2_normalise(feats.float()).cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
+
+    def pixel_values(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W, 3) pixels -> (N, 3, H, W) model-dtype tensor on the device, rescaled
+        and normalised with the checkpoint's ``image_mean``/``image_std``."""
+        x = torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float()
+        return (x * self._scale - self._shift).to(self.dtype)
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: np.ndarray) -> torch.Tensor:
+        """Image embeddings of uint8 (N, H, W, 3) pixels: (N, D) float32, L2-normalised, on the device."""
+        feats = self.model.get_image_features(pixel_values=self.pixel_values(pixels))
+        feats = getattr(feats, "pooler_output", feats)
+        return l2_normalise(feats.float())

@@ -1,0 +1,142 @@
+"""The Ray Data stages: a decode task function and the labeler actor class.
+
+Both take and return whole batches and never raise for one bad image: a per-image problem
+becomes that row's ``error``. Only uint8 pixels at model resolution leave the decode stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .decode import PreprocessSpec, decode_image
+from .errors import NON_FINITE_SCORES, error_string
+from .output import result_table
+from .sources import fetch_bytes
+
+log = logging.getLogger(__name__)
+
+# Columns produced by the decode stage besides the carried ones.
+DECODED_COLUMNS = ("path", "input_index", "pixels", "error", "width", "height")
+
+
+def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
+                 storage_options: dict | None = None) -> dict[str, np.ndarray]:
+    """Fetch (when ``data`` is null) and decode each row of a batch.
+
+    Args:
+        batch: ``path`` (N,) str, ``input_index`` (N,) int64, optional ``data`` (N,) bytes or
+            None, and carried string columns.
+        spec: target geometry; every output image is ``spec.output_hw``.
+        storage_options: fsspec options for fetching paths.
+
+    Returns:
+        The carried columns plus ``pixels`` (N, H, W, 3) uint8 (zeros on error rows), ``error``
+        (N,) object (None or ``"code: detail"``), ``width``/``height`` (N,) int32 (-1 when
+        never decoded). The raw bytes are dropped here so they never reach the actors.
+    """
+    n = len(batch["path"])
+    h, w = spec.output_hw
+    pixels = np.zeros((n, h, w, 3), np.uint8)
+    errors = np.empty(n, object)
+    widths = np.full(n, -1, np.int32)
+    heights = np.full(n, -1, np.int32)
+    data_col = batch.get("data")
+    for i in range(n):
+        data = None if data_col is None else data_col[i]
+        if data is None:
+            data, err = fetch_bytes(str(batch["path"][i]), storage_options)
+            if err is not None:
+                errors[i] = err
+                continue
+        result = decode_image(bytes(data), spec)
+        errors[i] = result.error
+        if result.width is not None:
+            widths[i], heights[i] = result.width, result.height
+        if result.pixels is not None:
+            pixels[i] = result.pixels
+    out = {k: v for k, v in batch.items() if k != "data"}
+    out.update(pixels=pixels, error=errors, width=widths, height=heights)
+    return out
+
+
+@dataclass
+class LabelerSettings:
+    """What a labeler actor needs besides the label embeddings (all picklable, no secrets logged).
+
+    ``dtype`` "auto" means float16 on CUDA and float32 on CPU; ``num_threads`` is the torch
+    intra-op thread count (the CPUs the actor holds, so actors and decode tasks do not
+    oversubscribe cores).
+    """
+
+    model: str
+    revision: str | None
+    storage_options: dict[str, Any]
+    schema: pa.Schema
+    top_k: int
+    dtype: str = "auto"
+    num_threads: int = 1
+    store_embeddings: bool = False
+    spec_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+class Labeler:
+    """Ray Data callable class: holds the image tower and the (C, D) label embeddings.
+
+    Constructed once per actor: resolves the checkpoint (cached once per node), loads it on the
+    device the actor landed on (CUDA when Ray assigned it a GPU, else CPU), and fetches the
+    label embeddings from the object store by reference. Each call labels one batch.
+    """
+
+    def __init__(self, settings: LabelerSettings, label_refs: list, label_names: list[str]):
+        import ray
+        import torch
+
+        from .model import ZeroShotModel, resolve_checkpoint
+
+        self.settings = settings
+        use_cuda = torch.cuda.is_available() and len(ray.get_gpu_ids()) > 0
+        device = "cuda" if use_cuda else "cpu"
+        dtype = {"auto": torch.float16 if use_cuda else torch.float32, "float32": torch.float32,
+                 "float16": torch.float16, "bfloat16": torch.bfloat16}[settings.dtype]
+        if not use_cuda:
+            torch.set_num_threads(max(1, settings.num_threads))
+        path = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
+        self.model = ZeroShotModel(path, device=device, dtype=dtype, **settings.spec_overrides)
+        self.label_embeddings = torch.from_numpy(np.array(ray.get(label_refs[0]))).to(device)
+        self.label_names = np.asarray(label_names, dtype=object)
+        self.logit_scale, self.logit_bias = self.model.logit_scale, self.model.logit_bias
+        log.info("labeler ready on %s (%s), %d labels", device, dtype, len(label_names))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """Label the decoded rows of ``batch`` (see ``decode_batch``); returns output rows."""
+        import torch
+
+        from .ranking import scores_from_logits, top_k, zero_shot_logits
+
+        errors = np.array(batch["error"], dtype=object)
+        ok = np.array([e is None for e in errors], dtype=bool)
+        rows = np.flatnonzero(ok)
+        top_idx = top_val = emb_out = None
+        if len(rows):
+            emb = self.model.encode_images(batch["pixels"][rows])
+            logits = zero_shot_logits(emb, self.label_embeddings, self.logit_scale, self.logit_bias)
+            scores = scores_from_logits(logits, self.model.score_kind).cpu().numpy()
+            finite = np.isfinite(scores).all(axis=1)
+            if not finite.all():
+                for r in rows[~finite]:
+                    errors[r] = error_string(NON_FINITE_SCORES, "model output has NaN or infinite scores")
+                ok[rows[~finite]] = False
+                scores, emb = scores[finite], emb[torch.from_numpy(finite).to(emb.device)]
+            top_idx, top_val = top_k(scores, self.settings.top_k)
+            if self.settings.store_embeddings:
+                emb_out = emb.float().cpu().numpy()
+        columns = dict(batch)
+        columns["error"] = errors
+        columns["width"] = np.where(batch["width"] < 0, None, batch["width"]).astype(object)
+        columns["height"] = np.where(batch["height"] < 0, None, batch["height"]).astype(object)
+        return result_table(self.settings.schema, columns, self.label_names, top_idx, top_val, ok, emb_out)
