@@ -207,7 +207,7 @@ def test_txt_manifest_relative_comments_duplicates(ray_local, tmp_path):
     write(base / "imgs" / "a.jpg", jpeg(3))
     other = write(tmp_path / "other" / "b.jpg", jpeg(4))
     manifest = write(base / "list.txt", "\n".join([
-        "# a comment", "", "imgs/a.jpg", "  ../other/b.jpg  ", str(other), "imgs/a.jpg",
+        "# a comment", "", "   ", "imgs/a.jpg", "  ../other/b.jpg  ", str(other), "imgs/a.jpg",
         "s3://bucket/key with space.jpg", "./imgs/a.jpg", ""]).encode())
     plan = plan_inputs(str(manifest))
     a, b = str(base / "imgs" / "a.jpg"), str(other)

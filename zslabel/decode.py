@@ -64,16 +64,17 @@ DECODE_VERSION = 1
 # so a 10000 x 10000 photo decodes and a 30000 x 30000 header does not.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
 
-# Above this many pixels in the full-size resize, only the centre crop is resampled (through
-# Pillow's ``box``), so a 1000 x 1 banner does not become a 224000 x 224 intermediate.
-_MAX_FULL_RESIZE_PIXELS = 1 << 23
+# An upscaling shortest-edge resize larger than this many crops is computed for the crop window
+# only (exactly), so a 1000 x 1 banner never becomes a 224000 x 224 intermediate.
+_WINDOWED_MIN_RATIO = 4
 
 # JPEG fast path: DCT-scale only down to this multiple of the resize target, then let Pillow
 # box-reduce to within this gap before the final filter.
 _FAST_DRAFT_MARGIN = 2
 _FAST_REDUCING_GAP = 3.0
 
-_RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+_RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5,
+                   "mks2013": 6, "mks2021": 7}
 
 
 class _DecodeFailure(Exception):
@@ -166,8 +167,8 @@ class PreprocessSpec:
             raise ValueError(f"resize_mode must be 'shortest_edge' or 'exact', got {self.resize_mode!r}")
         if self.crop_hw is not None and (len(self.crop_hw) != 2 or min(self.crop_hw) < 1):
             raise ValueError(f"crop_hw must be (height, width) >= 1, got {self.crop_hw}")
-        if self.resample not in _RESAMPLE_NAMES.values():
-            raise ValueError(f"resample must be a PIL.Image.Resampling value 0..5, got {self.resample}")
+        if self.resample not in {int(r) for r in Image.Resampling}:
+            raise ValueError(f"resample must be a PIL.Image.Resampling value, got {self.resample}")
         if len(self.background) != 3 or not all(0 <= v <= 255 for v in self.background):
             raise ValueError(f"background must be three ints 0..255, got {self.background}")
         if self.max_pixels < 1 or self.min_side < 1:
@@ -560,6 +561,146 @@ def _center_crop(arr: np.ndarray, crop_hw: tuple[int, int]) -> np.ndarray:
     return padded[max(0, top):min(nh, top + ch), max(0, left):min(nw, left + cw)]
 
 
+# Pillow's separable filters (src/libImaging/Resample.c): (function, support). Written with the
+# same double-precision operations in the same order, so the coefficients are bit-identical.
+_F054, _F046 = float(np.float32(0.54)), float(np.float32(0.46))  # C float literals 0.54f, 0.46f
+
+
+def _f_box(x: float) -> float:
+    return 1.0 if -0.5 < x <= 0.5 else 0.0
+
+
+def _f_bilinear(x: float) -> float:
+    x = -x if x < 0.0 else x
+    return 1.0 - x if x < 1.0 else 0.0
+
+
+def _f_hamming(x: float) -> float:
+    x = -x if x < 0.0 else x
+    if x == 0.0:
+        return 1.0
+    if x >= 1.0:
+        return 0.0
+    x = x * math.pi
+    return math.sin(x) / x * (_F054 + _F046 * math.cos(x))
+
+
+def _f_bicubic(x: float) -> float:
+    a = -0.5
+    x = -x if x < 0.0 else x
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    if x < 2.0:
+        return (((x - 5) * x + 8) * x - 4) * a
+    return 0.0
+
+
+def _sinc(x: float) -> float:
+    if x == 0.0:
+        return 1.0
+    x = x * math.pi
+    return math.sin(x) / x
+
+
+def _f_lanczos(x: float) -> float:
+    return _sinc(x) * _sinc(x / 3) if -3.0 <= x < 3.0 else 0.0
+
+
+_FILTERS = {4: (_f_box, 0.5), 2: (_f_bilinear, 1.0), 5: (_f_hamming, 1.0),
+            3: (_f_bicubic, 2.0), 1: (_f_lanczos, 3.0)}
+_PRECISION_BITS = 32 - 8 - 2
+
+
+def _window_coeffs(in_size: int, out_size: int, start: int, count: int, resample: int):
+    """Pillow's 8-bit resampling coefficients for output pixels [start, start + count).
+
+    Mirrors ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` of Pillow's Resample.c for the
+    full-image box (in0 = 0, in1 = in_size as a C float). Returns ``(xmin, k)``: (count,) int64
+    first source index and (count, ksize) int64 fixed-point weights (zero past each window).
+    """
+    func, support = _FILTERS[resample]
+    scale = filterscale = float(np.float32(in_size)) / out_size
+    if filterscale < 1.0:
+        filterscale = 1.0
+    support = support * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    inv = 1.0 / filterscale
+    xmins = np.zeros(count, dtype=np.int64)
+    kk = np.zeros((count, ksize), dtype=np.int64)
+    one = 1 << _PRECISION_BITS
+    for i in range(count):
+        center = 0.0 + (start + i + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size) - xmin
+        ws = [func((x + xmin - center + 0.5) * inv) for x in range(xmax)]
+        ww = 0.0
+        for w in ws:
+            ww += w
+        if ww != 0.0:
+            ws = [w / ww for w in ws]
+        xmins[i] = xmin
+        kk[i, :xmax] = [int(-0.5 + w * one) if w < 0 else int(0.5 + w * one) for w in ws]
+    return xmins, kk
+
+
+def _window_pass(arr: np.ndarray, axis: int, in_size: int, out_size: int, start: int,
+                 count: int, resample: int, offset: int = 0) -> np.ndarray:
+    """One Pillow 8-bit resampling pass along ``axis``, computing only outputs [start, start+count).
+
+    ``arr``: (H, W) or (H, W, C) uint8 holding source indices [offset, offset + arr.shape[axis])
+    of a source axis of length ``in_size`` being resized to ``out_size``. Returns the same
+    layout with ``count`` along ``axis``; bit-identical to that slice of Pillow's full pass
+    (same coefficients, int32 accumulation from 1 << 21, ``clip8``).
+    """
+    xmins, kk = _window_coeffs(in_size, out_size, start, count, resample)
+    ksize = kk.shape[1]
+    idx = xmins[:, None] - offset + np.arange(ksize)[None, :]
+    used = kk != 0
+    if np.any(used & ((idx < 0) | (idx >= arr.shape[axis]))):
+        raise ValueError("source window does not cover the filter support")
+    idx = np.where(used, idx, 0).clip(0, arr.shape[axis] - 1)
+    taken = np.take(arr, idx, axis=axis).astype(np.int64)  # axis -> (count, ksize)
+    shape = [1] * taken.ndim
+    shape[axis], shape[axis + 1] = count, ksize
+    acc = (taken * kk.reshape(shape)).sum(axis=axis + 1) + (1 << (_PRECISION_BITS - 1))
+    return np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
+
+
+def _source_span(in_size: int, out_size: int, start: int, count: int, resample: int) -> tuple[int, int]:
+    """Source index range [first, last) that outputs [start, start + count) read."""
+    xmins, kk = _window_coeffs(in_size, out_size, start, count, resample)
+    lens = kk.shape[1] - np.argmax(kk[:, ::-1] != 0, axis=1)
+    return int(xmins.min()), int((xmins + lens).max())
+
+
+def _windowed_resize_crop(im: Image.Image, spec: PreprocessSpec, rw: int, rh: int) -> np.ndarray:
+    """Centre crop of the shortest-edge resize to (rw, rh), without the full-size intermediate.
+
+    Only for upscaling (shorter side < ``shortest_edge``), where every Pillow version runs the
+    horizontal pass first and then the vertical one; the long-axis pass is computed for the
+    crop window only (``_window_pass``), the other pass by Pillow itself on a slice whose
+    rows/columns are independent. Result is bit-identical to ``im.resize((rw, rh))`` + crop.
+    """
+    ch, cw = spec.crop_hw
+    top, left = (rh - ch) // 2, (rw - cw) // 2
+    w, h = im.size
+    r = spec.resample
+    if rw > rh:
+        # Wide: horizontal pass (long axis) on the crop's columns only, then Pillow's vertical
+        # pass, which treats every column independently.
+        cols = _window_pass(np.asarray(im), 1, w, rw, left, cw, r)
+        tall = Image.fromarray(cols, im.mode)
+        out = np.asarray(tall.resize((cw, rh), r) if rh != h else tall)
+        return out[top:top + ch]
+    # Tall: Pillow's horizontal pass on the source rows the crop needs (rows are independent),
+    # then the vertical pass (long axis) for the crop's rows only.
+    first, last = _source_span(h, rh, top, ch, r)
+    band = im.crop((0, first, w, last))
+    band = band.resize((rw, last - first), r) if rw != w else band
+    rows = _window_pass(np.asarray(band), 0, h, rh, top, ch, r, offset=first)
+    return rows[:, left:left + cw]
+
+
 def _resize_crop(im: Image.Image, spec: PreprocessSpec, orig_size: tuple[int, int]) -> np.ndarray:
     """Resize + centre crop an "RGB"/"L" image to (H, W, 3) uint8 at ``spec.output_hw``.
 
@@ -567,20 +708,16 @@ def _resize_crop(im: Image.Image, spec: PreprocessSpec, orig_size: tuple[int, in
     is always that of the full image.
     """
     rw, rh = _resize_dims(*orig_size, spec)
-    reducing_gap = _FAST_REDUCING_GAP if spec.fast else None
     crop = spec.crop_hw
-    if crop is not None and rw * rh > _MAX_FULL_RESIZE_PIXELS and crop[0] <= rh and crop[1] <= rw:
-        # Resample only the crop window: Pillow's box keeps each output pixel's source
-        # position, so this is the processor's result without the huge intermediate.
-        ch, cw = crop
-        top, left = (rh - ch) // 2, (rw - cw) // 2
-        w, h = im.size
-        box = (left * w / rw, top * h / rh, (left + cw) * w / rw, (top + ch) * h / rh)
-        out = im.resize((cw, ch), spec.resample, box=box, reducing_gap=reducing_gap)
-        arr = np.asarray(out)
+    if (not spec.fast and crop is not None and spec.resize_mode == "shortest_edge"
+            and min(orig_size) < spec.shortest_edge and im.size == orig_size
+            and crop[0] <= rh and crop[1] <= rw and rw * rh > _WINDOWED_MIN_RATIO * crop[0] * crop[1]
+            and spec.resample in _FILTERS):
+        arr = _windowed_resize_crop(im, spec, rw, rh)
     else:
         if (rw, rh) != im.size:
-            im = im.resize((rw, rh), spec.resample, reducing_gap=reducing_gap)
+            im = im.resize((rw, rh), spec.resample,
+                           reducing_gap=_FAST_REDUCING_GAP if spec.fast else None)
         arr = np.asarray(im)
         if crop is not None:
             arr = _center_crop(arr, crop)

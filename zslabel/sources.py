@@ -421,8 +421,8 @@ def _plan_manifest(uri: str, storage_options: dict, path_column: str | None,
         carried[id_col] = table.column(id_col).combine_chunks().cast(pa.string())
     paths = table.column(path_col).combine_chunks().cast(pa.string())
     paths = pc.utf8_trim_whitespace(paths)
-    if name.endswith(".txt"):  # comment lines are not entries (blank ones never reach here)
-        entry = pc.invert(pc.starts_with(paths, "#"))
+    if name.endswith(".txt"):  # comment and blank lines are not entries
+        entry = pc.and_(pc.invert(pc.starts_with(paths, "#")), pc.not_equal(paths, ""))
         paths = paths.filter(entry)
         listed = len(paths)
     # Kleene logic: a null path must give False (dropped), not null (which pc.all ignores).

@@ -36,13 +36,15 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
 
     Returns:
         The carried columns plus ``pixels`` (N, H, W, 3) uint8 (zeros on error rows), ``error``
-        (N,) object (None or ``"code: detail"``), ``width``/``height`` (N,) int32 (-1 when
+        (N,) str (``""`` or ``"code: detail"``), ``width``/``height`` (N,) int32 (-1 when
         never decoded). The raw bytes are dropped here so they never reach the actors.
     """
     n = len(batch["path"])
     h, w = spec.output_hw
     pixels = np.zeros((n, h, w, 3), np.uint8)
-    errors = np.empty(n, object)
+    # "" (not None) marks success between stages: an all-None column would become Arrow's null
+    # type and come back as NaN, indistinguishable from a missing value.
+    errors = np.full(n, "", object)
     widths = np.full(n, -1, np.int32)
     heights = np.full(n, -1, np.int32)
     data_col = batch.get("data")
@@ -54,7 +56,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
                 errors[i] = err
                 continue
         result = decode_image(bytes(data), spec)
-        errors[i] = result.error
+        errors[i] = result.error or ""
         if result.width is not None:
             widths[i], heights[i] = result.width, result.height
         if result.pixels is not None:
@@ -118,7 +120,7 @@ class Labeler:
 
         from .ranking import scores_from_logits, top_k, zero_shot_logits
 
-        errors = np.array(batch["error"], dtype=object)
+        errors = np.array([e if isinstance(e, str) and e else None for e in batch["error"]], dtype=object)
         ok = np.array([e is None for e in errors], dtype=bool)
         rows = np.flatnonzero(ok)
         top_idx = top_val = emb_out = None

@@ -1,0 +1,140 @@
+"""The labeling job end to end on local Ray: parity with transformers, contract, CLI, validation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import photo
+from zslabel import JobConfig, run_label_job
+from zslabel.errors import ConfigError, InputError, OutputError
+from zslabel.output import MANIFEST_NAME
+
+LABELS = ["cat", "dog", "bird", "a red car", "tree"]
+
+
+def read_rows(out):
+    return {r["path"]: r for r in pq.read_table(str(out)).to_pylist()}
+
+
+def mixed_images(d):
+    """Images of different sizes and modes (all opaque, so the reference sees the same picture)."""
+    d.mkdir(parents=True, exist_ok=True)
+    photo(97, 61, 1).save(d / "landscape.jpg", quality=92)
+    photo(40, 90, 2).convert("L").save(d / "portrait_gray.png")
+    photo(20, 20, 3).save(d / "smaller_than_input.png")
+    photo(64, 64, 4).convert("RGBA").save(d / "rgba_opaque.png")
+    photo(50, 70, 5).convert("P", palette=Image.Palette.ADAPTIVE).save(d / "palette.png")
+    photo(300, 200, 6).save(d / "large.webp", quality=90)
+    return sorted(d.iterdir())
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_scores_match_transformers_pipeline(family, tiny_clip, tiny_siglip, ray_local, tmp_path):
+    from transformers import pipeline
+
+    ckpt = tiny_clip if family == "clip" else tiny_siglip
+    files = mixed_images(tmp_path / "in")
+    cfg = JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), labels=LABELS,
+                    model=str(ckpt), top_k=len(LABELS), batch_size=4)
+    summary = run_label_job(cfg)
+    assert summary.rows == len(files) == summary.labeled
+    rows = read_rows(tmp_path / "out")
+    reference = pipeline("zero-shot-image-classification", model=str(ckpt))
+    for f in files:
+        expected = reference(str(f), candidate_labels=LABELS)
+        got = rows[str(f)]
+        assert got["labels"] == [e["label"] for e in expected], f.name
+        assert got["scores"] == pytest.approx([e["score"] for e in expected], abs=1e-4), f.name
+    if family == "clip":
+        assert all(sum(r["scores"]) == pytest.approx(1, abs=1e-4) for r in rows.values())
+
+
+def test_contract_errors_schema_and_manifest(tiny_clip, ray_local, tmp_path, image_folder):
+    (image_folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (image_folder / "empty.png").write_bytes(b"")
+    (image_folder / "text.png").write_text("hello")
+    (image_folder / "notes.txt").write_text("not an image")
+    trunc = (image_folder / "img_00.jpg").read_bytes()
+    (image_folder / "truncated.jpg").write_bytes(trunc[: len(trunc) // 2])
+    out = tmp_path / "out"
+    summary = run_label_job(JobConfig(input=str(image_folder), output=str(out), labels=["a", "b", "c"],
+                                      model=str(tiny_clip), top_k=5, batch_size=3))
+    rows = read_rows(out)
+    assert len(rows) == 16 == summary.rows and summary.skipped == 1
+    errors = {os.path.basename(p): r["error"] for p, r in rows.items() if r["error"]}
+    assert set(errors) == {"broken.jpg", "empty.png", "text.png", "truncated.jpg"}
+    assert errors["truncated.jpg"].startswith("truncated:")
+    assert errors["empty.png"].startswith("unidentified_image:")
+    for r in rows.values():
+        if r["error"]:
+            assert r["labels"] is None and r["scores"] is None
+        else:
+            assert len(r["labels"]) == 3 and r["width"] > 0 and r["height"] > 0  # top-k capped at C
+            assert r["scores"] == sorted(r["scores"], reverse=True)
+    schemas = {str(pq.read_schema(f)) for f in out.glob("*.parquet")}
+    assert len(schemas) == 1
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    by_code = manifest["counts"]["errors_by_code"]
+    assert manifest["counts"]["rows"] == 16 and sum(by_code.values()) == 4 and by_code["unidentified_image"] >= 2
+    assert manifest["labels"] == ["a", "b", "c"] and manifest["model"]["score_kind"] == "softmax"
+    assert manifest["templates"] == ["This is a photo of {}."] and "transformers" in manifest["versions"]
+
+
+def test_refuses_occupied_output_and_validates_before_reading(tiny_clip, ray_local, tmp_path, image_folder):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.parquet").write_bytes(b"keep me")
+    with pytest.raises(OutputError, match="already holds data"):
+        run_label_job(JobConfig(input=str(image_folder), output=str(out), labels=["a"], model=str(tiny_clip)))
+    assert (out / "old.parquet").read_bytes() == b"keep me"
+    with pytest.raises(ConfigError, match="duplicate labels"):
+        run_label_job(JobConfig(input=str(image_folder), output=str(tmp_path / "o2"), labels=["a", "a"],
+                                model=str(tiny_clip)))
+    with pytest.raises(InputError):
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        run_label_job(JobConfig(input=str(empty), output=str(tmp_path / "o3"), labels=["a"], model=str(tiny_clip)))
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def run_cli(args, ray_address, **kw):
+    env = dict(os.environ, RAY_ADDRESS=ray_address)
+    return subprocess.run([sys.executable, "-m", "zslabel", *args], capture_output=True, text=True,
+                          env=env, timeout=300, **kw)
+
+
+def test_cli_end_to_end_with_yaml_config(tiny_clip, ray_local, tmp_path, image_folder):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"labels: [red, green, blue]\nmodel: {tiny_clip}\ntop_k: 1\nbatch_size: 5\n")
+    out = tmp_path / "out"
+    proc = run_cli(["label", str(image_folder), "--config", str(cfg), "--output", str(out), "--top-k", "2"],
+                   ray_local)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "labeled 12 of 12 images" in proc.stdout
+    rows = read_rows(out)
+    assert len(rows) == 12 and all(len(r["labels"]) == 2 for r in rows.values())  # flag beats YAML
+    assert all(set(r["labels"]) <= {"red", "green", "blue"} for r in rows.values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--labels", "a,b,a"], "duplicate labels: 'a'"),
+    (["--labels", "a", "--template", "no field here"], "exactly one"),
+    (["--labels", ""], "empty label"),
+    (["--labels", "a", "--model", "/nonexistent/ckpt"], "not a checkpoint folder"),
+])
+def test_cli_validation_errors_exit_2_and_write_nothing(args, message, tiny_clip, ray_local, tmp_path, image_folder):
+    out = tmp_path / "out"
+    model = [] if "--model" in args else ["--model", str(tiny_clip)]
+    proc = run_cli(["label", str(image_folder), "--output", str(out), *model, *args], ray_local)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_cli_help_explains():
+    proc = subprocess.run([sys.executable, "-m", "zslabel", "label", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--labels" in proc.stdout and "softmax" in proc.stdout
