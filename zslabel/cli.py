@@ -29,7 +29,7 @@ checkpoints and independent sigmoids for SigLIP checkpoints.
 
 
 def _label_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("label", help="label images with a zero-shot classifier",
+    p = sub.add_parser("label", help="label images with a zero-shot classifier", allow_abbrev=False,
                        description="Label every image under INPUT with the top-k of the candidate labels.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", nargs="?", help="folder, glob, manifest (.txt/.csv/.parquet), WebDataset tars "
@@ -64,7 +64,7 @@ def _label_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--image-column", help="Parquet column holding image bytes (default: jpg/png/image/bytes)")
     g.add_argument("--dedupe", action="store_true", default=None, help="label each distinct URI once")
     g = p.add_argument_group("decoding")
-    g.add_argument("--max-pixels", type=int, help="images with more pixels get too_many_pixels (default 89478485)")
+    g.add_argument("--max-pixels", type=int, help="images with more pixels get too_many_pixels (default 178956970)")
     g.add_argument("--min-side", type=int, help="images with a shorter side get image_too_small (default 1)")
     g.add_argument("--fast-decode", action="store_true", default=None,
                    help="let libjpeg downscale large JPEGs while decoding (faster; pixels differ slightly)")
@@ -83,7 +83,7 @@ def _label_parser(sub) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zslabel", description="Zero-shot image labeling at scale "
+    parser = argparse.ArgumentParser(prog="zslabel", allow_abbrev=False, description="Zero-shot image labeling at scale "
                                      "(Ray Data + CLIP-family models -> ranked labels in Parquet).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _label_parser(sub)

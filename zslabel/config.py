@@ -51,7 +51,9 @@ class JobConfig:
     image_column: str | None = None
     dedupe: bool = False
     # decoding
-    max_pixels: int = 89_478_485
+    # Pillow's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS): a real
+    # 10000x10000 photo is labeled, a header claiming 30000x30000 is refused before allocation.
+    max_pixels: int = 178_956_970
     min_side: int = 1
     fast_decode: bool = False
     # model execution
@@ -61,6 +63,10 @@ class JobConfig:
     store_embeddings: bool = False
     embedding_dtype: str = "float16"
     max_error_fraction: float | None = None
+    # ranking (see ranking.RankingRule): abstain below min_score; multi-label for sigmoid models
+    min_score: float | None = None
+    multi_label: bool = False
+    threshold: float | None = None
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -119,8 +125,7 @@ class JobConfig:
             raise ConfigError("no prompt templates given")
         for t in self.templates:
             validate_template(t)
-        if self.top_k < 1:
-            raise ConfigError(f"--top-k must be >= 1 (got {self.top_k})")
+        self.ranking_rule().validate()
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
         if self.num_gpus_per_actor < 0 or self.num_cpus_per_actor < 0 or self.decode_cpus_per_task <= 0:
@@ -143,6 +148,13 @@ class JobConfig:
             raise ConfigError("--dtype must be auto, float32, float16 or bfloat16")
         if not isinstance(self.storage_options, dict):
             raise ConfigError("storage_options must be a mapping")
+
+    def ranking_rule(self):
+        """The ``ranking.RankingRule`` of this job (top-k, abstention, multi-label)."""
+        from .ranking import RankingRule
+
+        return RankingRule(top_k=self.top_k, min_score=self.min_score, multi_label=bool(self.multi_label),
+                           threshold=self.threshold)
 
     # ---- reporting ----------------------------------------------------------------------
     def public_dict(self) -> dict[str, Any]:

@@ -28,13 +28,19 @@ BASE_FIELDS = [
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
 ]
+# Present only when the run was given --min-score, so runs without it keep the base schema.
+ABSTAINED_FIELD = pa.field("abstained", pa.bool_())
 
 
 def output_schema(carried_columns: list[str] = (), embedding_dim: int | None = None,
-                  embedding_dtype: str = "float16") -> pa.Schema:
-    """The fixed output schema: base columns, carried string columns, optional ``embedding``
+                  embedding_dtype: str = "float16", abstained: bool = False) -> pa.Schema:
+    """The fixed output schema: base columns, optional ``abstained`` (bool: best score below
+    ``--min-score``; null on error rows), carried string columns, optional ``embedding``
     (fixed-size list of ``embedding_dim`` float16/float32, L2-normalised)."""
-    fields = list(BASE_FIELDS) + [pa.field(c, pa.string()) for c in carried_columns]
+    fields = list(BASE_FIELDS)
+    if abstained:
+        fields.append(ABSTAINED_FIELD)
+    fields += [pa.field(c, pa.string()) for c in carried_columns]
     if embedding_dim:
         value = pa.float16() if embedding_dtype == "float16" else pa.float32()
         fields.append(pa.field("embedding", pa.list_(value, embedding_dim)))
@@ -43,7 +49,8 @@ def output_schema(carried_columns: list[str] = (), embedding_dim: int | None = N
 
 def result_table(schema: pa.Schema, columns: dict[str, Any], label_names: np.ndarray,
                  top_indices: np.ndarray | None, top_scores: np.ndarray | None,
-                 ok: np.ndarray, embeddings: np.ndarray | None = None) -> pa.Table:
+                 ok: np.ndarray, embeddings: np.ndarray | None = None, *,
+                 counts: np.ndarray | None = None, abstained: np.ndarray | None = None) -> pa.Table:
     """Assemble one batch of output rows.
 
     Args:
@@ -55,23 +62,36 @@ def result_table(schema: pa.Schema, columns: dict[str, Any], label_names: np.nda
         top_scores: (M, k) float32 matching scores.
         ok: (N,) bool, rows that were labeled.
         embeddings: (M, D) float32 image embeddings of the ok rows, or None.
+        counts: (M,) int64 entries per ok row when rows differ in length (multi-label, see
+            ``ranking.rank``); ``top_indices``/``top_scores`` are then flat (E,) arrays.
+        abstained: (M,) bool per ok row; written when ``schema`` has ``abstained``.
 
     Returns:
         A ``pa.Table`` with exactly ``schema``; rows where ``ok`` is False have null labels/scores.
     """
     n = len(ok)
     ok_rows = np.flatnonzero(ok)
-    k = 0 if top_indices is None else top_indices.shape[1]
+    per_row = np.zeros(n, np.int64)
+    if counts is not None:
+        per_row[ok_rows] = counts
+    elif top_indices is not None:
+        per_row[ok_rows] = top_indices.shape[1]
     valid = pa.array(ok, pa.bool_())
     offsets = np.zeros(n + 1, np.int32)
-    offsets[1:] = np.cumsum(np.where(ok, k, 0))
+    offsets[1:] = np.cumsum(per_row)
     offsets_arr = pa.array(offsets, pa.int32())
-    flat_labels = label_names[top_indices.ravel()] if k else np.array([], object)
-    flat_scores = top_scores.ravel() if k else np.array([], np.float32)
+    has_values = top_indices is not None and top_indices.size > 0
+    flat_labels = label_names[top_indices.ravel()] if has_values else np.array([], object)
+    flat_scores = top_scores.ravel() if has_values else np.array([], np.float32)
     null_mask = pa.compute.invert(valid)
     labels = pa.ListArray.from_arrays(offsets_arr, pa.array(flat_labels, pa.string()), mask=null_mask)
     scores = pa.ListArray.from_arrays(offsets_arr, pa.array(flat_scores, pa.float32()), mask=null_mask)
     arrays = {"labels": labels, "scores": scores}
+    if "abstained" in schema.names:
+        flags = np.zeros(n, bool)
+        if abstained is not None and len(ok_rows):
+            flags[ok_rows] = abstained
+        arrays["abstained"] = pa.array(flags, pa.bool_(), mask=~ok)
     if "embedding" in schema.names:
         field = schema.field("embedding").type
         dim = field.list_size

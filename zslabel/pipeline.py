@@ -114,6 +114,7 @@ def run_label_job(config: JobConfig) -> RunSummary:
     spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode}
     path = resolve_checkpoint(config.model, config.revision, config.storage_options)
     text_model = ZeroShotModel(path, **spec_overrides)
+    config.ranking_rule().check_score_kind(text_model.score_kind, config.model)  # before any image is read
     label_set = build_label_set(config.labels, config.templates, text_model)
     spec, score_kind, model_type = text_model.preprocess, text_model.score_kind, text_model.model_type
     embed_dim = label_set.embeddings.shape[1]
@@ -129,12 +130,12 @@ def run_label_job(config: JobConfig) -> RunSummary:
     timings["planning_s"] = plan.planning_seconds
 
     schema = output_schema(plan.carried_columns, embed_dim if config.store_embeddings else None,
-                           config.embedding_dtype)
+                           config.embedding_dtype, abstained=config.min_score is not None)
     settings = LabelerSettings(
         model=config.model, revision=config.revision, storage_options=config.storage_options,
         schema=schema, top_k=config.top_k, dtype=config.dtype,
         num_threads=max(1, int(config.num_cpus_per_actor)), store_embeddings=config.store_embeddings,
-        spec_overrides=spec_overrides)
+        spec_overrides=spec_overrides, ranking=config.ranking_rule())
     # One copy of the (C, D) label embeddings in the object store, shared by every actor.
     label_ref = ray.put(label_set.embeddings)
 

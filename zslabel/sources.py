@@ -37,6 +37,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import posixpath
 import re
 import tarfile
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -83,6 +85,7 @@ MAX_EXAMPLES = 10
 MIN_ROWS_PER_BLOCK = 64
 MAX_ROWS_PER_BLOCK = 65_536
 TARGET_BLOCKS = 2_000
+MAX_CHUNKS = 64
 
 # Inline-bytes kinds emit a batch at this many rows or bytes, whichever first, so a shard's
 # images flow downstream while the rest of the shard is still being read.
@@ -332,12 +335,79 @@ def _core_table(paths: pa.Array, carried: dict[str, pa.Array] | None = None) -> 
 
 
 def _dataset_from_table(table: pa.Table):
-    """Split a driver-built table into blocks and hand it to Ray Data (stays lazy downstream)."""
+    """A lazy Ray Dataset over a driver-built table, in blocks of ``_rows_per_block`` rows.
+
+    The table goes to the object store in at most ``MAX_CHUNKS`` pieces (a few ``ray.put``), and
+    the blocks are cut from them by tasks when the dataset executes: ``ray.data.from_arrow``
+    with one table per block costs ~3 ms of driver time per block (6 s for 2,000 blocks), while
+    one block per table would leave a single task to decode everything. The slicing task fuses
+    with the next map stage, and a worker fetches only the piece its block lies in.
+    """
+    import ray
     import ray.data
 
-    step = _rows_per_block(table.num_rows)
-    blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
-    return ray.data.from_arrow(blocks)
+    n = table.num_rows
+    step = _rows_per_block(n)
+    n_blocks = max(1, -(-n // step))
+    blocks_per_chunk = -(-n_blocks // MAX_CHUNKS)
+    chunk_rows = blocks_per_chunk * step
+    chunks = [ray.put(table.slice(i, chunk_rows)) for i in range(0, max(n, 1), chunk_rows)]
+    return ray.data.range(n_blocks, override_num_blocks=n_blocks).map_batches(
+        _cut_blocks, batch_size=None, batch_format="pyarrow",
+        # Refs nested in a list are not resolved by Ray: each task ray.get()s only its piece.
+        fn_kwargs={"chunks": chunks, "blocks_per_chunk": blocks_per_chunk, "rows": step})
+
+
+def _cut_blocks(batch: pa.Table, chunks: list, blocks_per_chunk: int, rows: int) -> pa.Table:
+    """Ray UDF: block numbers in (column ``id``), those blocks of the planned table out."""
+    import ray
+
+    parts = []
+    for b in batch.column("id").to_pylist():
+        piece = ray.get(chunks[b // blocks_per_chunk])
+        parts.append(piece.slice((b % blocks_per_chunk) * rows, rows))
+    return pa.concat_tables(parts)
+
+
+def _local_find(root: str) -> tuple[list[str], list[str]]:
+    """All files below a local folder: (files, unreadable_dirs).
+
+    ``os.scandir`` walk: file types come from the directory entries, so no per-file ``stat``
+    (fsspec's local ``find`` stats every entry: 5.9 s vs 0.3 s for 200,000 files). Symlinked
+    folders are followed once (cycles cut by real path), as fsspec does.
+    """
+    if os.path.isfile(root):
+        return [root], []
+    files: list[str] = []
+    bad: list[str] = []
+    seen: set[str] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    try:
+                        is_dir = entry.is_dir()
+                    except OSError:
+                        is_dir = False
+                    if not is_dir:
+                        files.append(entry.path)
+                    elif not entry.is_symlink():
+                        stack.append(entry.path)
+                    else:
+                        real = os.path.realpath(entry.path)
+                        if real not in seen:
+                            seen.add(real)
+                            stack.append(entry.path)
+        except OSError as exc:
+            if folder == root:
+                if isinstance(exc, FileNotFoundError):
+                    return [], []
+                raise InputError(f"cannot list {root}: {exc}") from exc
+            logger.warning("cannot list %s: %s", folder, exc)
+            bad.append(folder)
+    return files, bad
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,6 +418,7 @@ def _plan_listing(uri: str, kind: str, storage_options: dict, *, auto: bool,
                   image_column: str | None) -> InputPlan:
     fs, fs_path = _url_to_fs(uri, storage_options)
     to_uri = _uri_maker(uri, fs)
+    unreadable: list[str] = []
     if kind == "glob":
         root = fs_path[: _GLOB_CHARS.search(fs_path).start()].rsplit("/", 1)[0]
         try:
@@ -356,8 +427,12 @@ def _plan_listing(uri: str, kind: str, storage_options: dict, *, auto: bool,
             raise InputError(f"invalid glob pattern {uri}: {exc}") from exc
         files = sorted(p for p, info in found.items() if info.get("type") != "directory")
     else:
-        root = fs_path.rstrip("/")
-        files = sorted(fs.find(root, detail=False))
+        root = fs_path.rstrip("/") or fs_path
+        if _is_local(fs) and type(fs).find is LocalFileSystem.find:
+            found_files, unreadable = _local_find(root)
+        else:
+            found_files = fs.find(root, detail=False)
+        files = sorted(found_files)
     images: list[str] = []
     skipped: list[str] = []
     for p in files:
@@ -366,6 +441,7 @@ def _plan_listing(uri: str, kind: str, storage_options: dict, *, auto: bool,
             images.append(p)
         else:
             skipped.append(p)
+    skipped.extend(unreadable)  # a sub-folder that cannot be listed is counted, never dropped
     if not images and auto:
         # img2dataset / WebDataset output folders hold shards, not loose images.
         tars = [p for p in skipped if p.lower().endswith(TAR_SUFFIXES) and not

@@ -84,6 +84,8 @@ class LabelerSettings:
     num_threads: int = 1
     store_embeddings: bool = False
     spec_overrides: dict[str, Any] = field(default_factory=dict)
+    # Multi-label / abstention rule (``ranking.RankingRule``); None keeps plain top-k.
+    ranking: Any = None
 
 
 class Labeler:
@@ -118,12 +120,12 @@ class Labeler:
         """Label the decoded rows of ``batch`` (see ``decode_batch``); returns output rows."""
         import torch
 
-        from .ranking import scores_from_logits, top_k, zero_shot_logits
+        from .ranking import RankingRule, rank, scores_from_logits, zero_shot_logits
 
         errors = np.array([e if isinstance(e, str) and e else None for e in batch["error"]], dtype=object)
         ok = np.array([e is None for e in errors], dtype=bool)
         rows = np.flatnonzero(ok)
-        top_idx = top_val = emb_out = None
+        top_idx = top_val = emb_out = ranked = None
         if len(rows):
             emb = self.model.encode_images(batch["pixels"][rows])
             logits = zero_shot_logits(emb, self.label_embeddings, self.logit_scale, self.logit_bias)
@@ -134,11 +136,14 @@ class Labeler:
                     errors[r] = error_string(NON_FINITE_SCORES, "model output has NaN or infinite scores")
                 ok[rows[~finite]] = False
                 scores, emb = scores[finite], emb[torch.from_numpy(finite).to(emb.device)]
-            top_idx, top_val = top_k(scores, self.settings.top_k)
+            ranked = rank(scores, self.settings.ranking or RankingRule(top_k=self.settings.top_k))
+            top_idx, top_val = ranked.indices, ranked.scores
             if self.settings.store_embeddings:
                 emb_out = emb.float().cpu().numpy()
         columns = dict(batch)
         columns["error"] = errors
         columns["width"] = np.where(batch["width"] < 0, None, batch["width"]).astype(object)
         columns["height"] = np.where(batch["height"] < 0, None, batch["height"]).astype(object)
-        return result_table(self.settings.schema, columns, self.label_names, top_idx, top_val, ok, emb_out)
+        return result_table(self.settings.schema, columns, self.label_names, top_idx, top_val, ok, emb_out,
+                            counts=None if ranked is None else ranked.counts,
+                            abstained=None if ranked is None else ranked.abstained)
