@@ -145,35 +145,55 @@ def test_parity_through_file_formats_and_modes(processors):
 
 def test_windowed_resize_is_bit_identical_to_pillow():
     """The crop-window shortcut for extreme upscaled aspect ratios equals resize-then-crop."""
+    from transformers.image_transforms import center_crop
+
     rng = np.random.default_rng(7)
     n = 0
-    while n < 300:
+    while n < 150:
         s = int(rng.choice([8, 20, 32, 64, 224]))
         short = int(rng.integers(1, s))
         long_ = int(rng.integers(short, short * int(rng.choice([3, 20, 300])) + 2))
         w, h = (long_, short) if rng.random() < 0.5 else (short, long_)
+        # crops up to 1.5x the short side: larger ones are zero-padded, as transformers does
         spec = PreprocessSpec("shortest_edge", shortest_edge=s, resample=int(rng.choice([1, 2, 3, 4, 5])),
-                              crop_hw=(int(rng.integers(1, s + 1)), int(rng.integers(1, s + 1))))
+                              crop_hw=(int(rng.integers(1, s * 1.5)), int(rng.integers(1, s * 1.5))))
         rw, rh = D._resize_dims(w, h, spec)
-        if rw * rh > 2e7:
+        if rw * rh > 4e6:
             continue
         img = noise(w, h, seed=n, mode=str(rng.choice(["RGB", "L"])))
-        ch, cw = spec.crop_hw
         full = np.asarray(img.resize((rw, rh), spec.resample))
-        top, left = (rh - ch) // 2, (rw - cw) // 2
+        expect = center_crop(full, spec.crop_hw, input_data_format="channels_last") if full.ndim == 3 else \
+            center_crop(full[:, :, None], spec.crop_hw, input_data_format="channels_last")[:, :, 0]
         out = D._windowed_resize_crop(img, spec, rw, rh)
-        assert np.array_equal(out, full[top:top + ch, left:left + cw]), (w, h, spec)
+        assert out.shape == expect.shape and np.array_equal(out, expect), (w, h, spec)
         n += 1
 
 
-def test_extreme_aspect_ratio_is_cheap_and_exact_at_small_scale():
-    # 100000 x 1 at shortest_edge 224 would be a 22.4-gigapixel intermediate done naively.
-    for w, h in ((100_000, 1), (1, 100_000), (20_000, 3)):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        res = ok(encode(noise(w, h)), CLIP224)
-        grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-        assert grown_mib < 200, (w, h, grown_mib)
-        assert (res.width, res.height) == (w, h)
+def test_extreme_aspect_ratios_decode_in_bounded_memory():
+    """100000 x 1 at shortest_edge 224 would be a 22.4-gigapixel intermediate if done naively.
+
+    Measured in a fresh interpreter so the peak RSS belongs to these decodes alone.
+    """
+    script = """
+import io, resource, sys, numpy as np
+from PIL import Image
+from zslabel.decode import PreprocessSpec, decode_image
+spec = PreprocessSpec("shortest_edge", shortest_edge=224, crop_hw=(224, 224), resample=3)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for w, h in ((100_000, 1), (1, 100_000), (20_000, 3), (4, 30_000)):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    res = decode_image(buf.getvalue(), spec)
+    assert res.error is None and res.pixels.shape == (224, 224, 3) and (res.width, res.height) == (w, h), res
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    grown_mib = int(out.stdout.split()[-1])
+    assert grown_mib < 200, grown_mib  # measured ~25 MiB; without the crop window: > 3 GiB
 
 
 # ------------------------------------------------------------------------------------------
@@ -202,6 +222,15 @@ def test_from_image_processor_accepts_plain_dicts_and_enums():
 
     spec = PreprocessSpec.from_image_processor(Proc())
     assert (spec.shortest_edge, spec.crop_hw, spec.resample) == (256, (224, 224), 3)
+
+    import enum
+
+    class InterpolationMode(enum.Enum):  # torchvision's shape: string values
+        BILINEAR = "bilinear"
+        BICUBIC = "bicubic"
+
+    Proc.resample = InterpolationMode.BILINEAR
+    assert PreprocessSpec.from_image_processor(Proc()).resample == 2
 
 
 def test_from_image_processor_rejects_unsupported_shapes():
@@ -273,11 +302,13 @@ def test_hidden_colour_under_alpha_zero_never_changes_the_result(mode):
         elif mode == "LA":
             img = img.convert("L").convert("LA")
         else:
-            img = img.convert("P", palette=Image.Palette.ADAPTIVE, colors=200).convert("PA")
+            img = img.convert("P", dither=Image.Dither.NONE).convert("PA")  # fixed web palette
         img.putalpha(Image.fromarray(mask))
-        if mode == "PA":
+        if mode == "PA":  # no file format stores PA; test the conversion step directly
             assert img.mode == "PA"
-        results.append(ok(encode(img)).pixels)
+            results.append(D._resize_crop(D._to_rgb(img, CLIP32.background), CLIP32, img.size))
+        else:
+            results.append(ok(encode(img)).pixels)
     assert np.array_equal(results[0], results[1])
 
 
@@ -324,7 +355,7 @@ def test_16_bit_gray_keeps_tonal_range():
     assert np.all(ok(encode(full)).pixels == 255)
     mid = Image.fromarray(np.full((40, 40), 32768, np.uint16))
     assert np.all(ok(encode(mid, "TIFF")).pixels == 128)
-    big_endian = Image.fromarray(np.full((40, 40), 65535, np.uint16)).convert("I;16B")
+    big_endian = Image.frombytes("I;16B", (40, 40), np.full((40, 40), 65535, ">u2").tobytes())
     assert np.all(np.asarray(D._to_rgb(big_endian, (255, 255, 255))) == 255)
 
 
@@ -467,12 +498,14 @@ def test_limit_above_pillows_own_bomb_check_is_honoured():
 
 
 def test_no_decompression_bomb_warning_escapes():
-    data = encode(Image.new("L", (9500, 9500), 90))  # between Pillow's warning and error limits
+    data = png_header_only(9500, 9500)  # between Pillow's warning and error limits
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = ok(data, CLIP32)
+        Image.open(io.BytesIO(data))
+        assert [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+        caught.clear()
+        assert code(data, CLIP32) == "truncated"
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
-    assert np.all(res.pixels == 90)
 
 
 def test_min_side():
@@ -525,10 +558,10 @@ def test_sniff_format():
 
 
 def test_large_image_decodes_exactly():
-    img = photo(5000, 4000, seed=9)
+    img = noise(500, 400, seed=9).resize((3500, 2800), Image.Resampling.BILINEAR)
     data = encode(img, "JPEG", quality=85)
     res = ok(data, CLIP224)
-    assert (res.width, res.height) == (5000, 4000)
+    assert (res.width, res.height) == (3500, 2800)
     from transformers import CLIPImageProcessorPil
 
     proc = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
@@ -537,8 +570,12 @@ def test_large_image_decodes_exactly():
 
 def test_fast_path_stays_close_to_exact():
     """Measured: mean abs diff ~0.2 grey levels, max 2-3 (JPEG draft at >= 2x target + reduce)."""
-    for w, h in ((4000, 3000), (2400, 3200)):
-        data = encode(photo(w, h, seed=3), "JPEG", quality=90)
+    for w, h in ((3200, 2400), (1800, 2400)):
+        # smooth content with fine texture, like a photo
+        img = Image.fromarray(np.clip(np.asarray(photo(w // 8, h // 8, seed=3).resize((w, h), Image.Resampling.BICUBIC),
+                                                 dtype=np.int16) + np.random.default_rng(0).integers(-8, 9, (h, w, 1)),
+                                      0, 255).astype(np.uint8))
+        data = encode(img, "JPEG", quality=90)
         for spec in (CLIP224, PreprocessSpec("exact", size_hw=(224, 224), resample=2)):
             exact = ok(data, spec)
             fast = ok(data, dataclasses.replace(spec, fast=True))
@@ -563,3 +600,25 @@ def test_fast_path_orientation_and_small_images():
     assert np.abs(fast.pixels.astype(int) - ref.pixels).mean() < 2
     small = encode(photo(100, 80), "JPEG")
     assert np.array_equal(ok(small, dataclasses.replace(CLIP224, fast=True)).pixels, ok(small, CLIP224).pixels)
+
+
+def test_deep_gray_colour_key_and_premultiplied_modes():
+    arr = np.full((40, 40), 30000, np.uint16)
+    arr[:, 20:] = 1000  # the transparent key
+    data = encode(Image.fromarray(arr), "PNG", transparency=1000)
+    assert Image.open(io.BytesIO(data)).info.get("transparency") == 1000
+    px = D._to_rgb(Image.open(io.BytesIO(data)), (0, 0, 0))
+    got = np.asarray(px)
+    assert np.all(got[:, 20:] == 0) and np.all(got[:, :20] == round(30000 / 257))
+    la = Image.merge("LA", (Image.new("L", (8, 8), 100), Image.new("L", (8, 8), 255))).convert("La")
+    assert np.all(np.asarray(D._to_rgb(la, (255, 255, 255))) == 100)
+
+
+def test_threads_give_the_same_pixels():
+    from concurrent.futures import ThreadPoolExecutor
+
+    datas = [encode(photo(90 + 13 * i, 70 + 7 * i, seed=i), "JPEG") for i in range(8)]
+    serial = [decode_image(d, CLIP32).pixels for d in datas]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = [r.pixels for r in pool.map(lambda d: decode_image(d, CLIP32), datas)]
+    assert all(np.array_equal(a, b) for a, b in zip(serial, threaded))
