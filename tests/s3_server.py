@@ -12,9 +12,9 @@ import contextlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -84,7 +84,7 @@ def s3_endpoint(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     from moto.moto_api import recorder
     from moto.server import ThreadedMotoServer
 
-    recorder._location = str(recording)  # noqa: SLF001 - see comment above
+    recorder._location = str(recording)  # private: see comment above
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

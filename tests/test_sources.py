@@ -17,15 +17,22 @@ import tempfile
 from pathlib import Path
 
 import pyarrow as pa
-import ray
 import pyarrow.parquet as pq
 import pytest
+import ray
 from conftest import photo
-from s3_server import s3, s3_endpoint  # noqa: F401 - fixtures used by the S3 tests
 
 from zslabel.errors import InputError, error_code
-from zslabel.sources import (FILE_INDEX_STRIDE, IMAGE_EXTENSIONS, detect_kind, expand_braces,
-                             fetch_bytes, plan_inputs)
+from zslabel.sources import (
+    FILE_INDEX_STRIDE,
+    IMAGE_EXTENSIONS,
+    detect_kind,
+    expand_braces,
+    fetch_bytes,
+    plan_inputs,
+)
+
+pytest_plugins = ["s3_server"]  # the `s3` fixture: moto S3 server on 127.0.0.1
 
 def jpeg(seed: int = 0, size=(12, 10)) -> bytes:
     buf = io.BytesIO()
@@ -227,8 +234,8 @@ def test_txt_manifest_relative_comments_duplicates(ray_local, tmp_path):
 
 def test_csv_manifest_path_and_id_columns(ray_local, tmp_path):
     manifest = write(tmp_path / "list.csv", (
-        'id,URL,caption\n007,a.jpg,"a cat, sitting"\n008,s3://b/c.jpg,x\n009,,empty\n'
-        '007,a.jpg,again\n').encode())
+        b'id,URL,caption\n007,a.jpg,"a cat, sitting"\n008,s3://b/c.jpg,x\n009,,empty\n'
+        b'007,a.jpg,again\n'))
     plan = plan_inputs(str(manifest), id_column="id")
     rows = rows_of(plan)
     assert [r["path"] for r in rows] == [str(tmp_path / "a.jpg"), "s3://b/c.jpg",
@@ -292,12 +299,13 @@ def test_webdataset_brace_range_sidecars_and_skips(ray_local, tmp_path):
         members = []
         for k in range(2):
             key = f"sample{s}{k}"
-            if k == 0:  # sidecars before and after the image; an unknown member; junk
+            if k == 0:  # sidecars before and after the image, an unknown member, and
+                # macOS "._" junk between members of the sample (must not split it)
                 members.append((f"{key}.json", json.dumps({"s": s}).encode()))
+                members.append((f"._{key}.jpg", b"mac junk"))
             members.append((f"{key}.jpg", imgs[f"{s}-{k}"]))
             if k == 0:
                 members += [(f"{key}.txt", f"caption {s}".encode()), (f"{key}.cls", b"3")]
-        members.append((f"._sample{s}0.jpg", b"mac junk"))
         make_tar(tmp_path / f"shards-{s:03d}.tar", members)
     plan = plan_inputs(str(tmp_path / "shards-{000..002}.tar"))
     assert plan.kind == "webdataset" and plan.listed is None
@@ -332,6 +340,19 @@ def test_corrupt_and_missing_tars_give_one_error_row_each(ray_local, tmp_path):
     for r in errors.values():
         assert r["data"] is None and error_code(r["read_error"]) == "read_error"
     assert "FileNotFoundError" in errors[str(tmp_path / "p-3.tar")]["read_error"]
+
+
+def test_folder_of_tars_is_read_as_webdataset(ray_local, tmp_path):
+    make_tar(tmp_path / "b.tar", [("k1.jpg", jpeg(1))])
+    make_tar(tmp_path / "a.tar", [("k0.png", jpeg(0)), ("k0.json", b"{}")])
+    write(tmp_path / "_stats.json", b"{}")
+    for fmt in ("auto", "webdataset"):
+        plan = plan_inputs(str(tmp_path), input_format=fmt)
+        assert plan.kind == "webdataset"
+        assert [r["path"] for r in rows_of(plan)] == [f"{tmp_path / 'a.tar'}#k0.png",
+                                                    f"{tmp_path / 'b.tar'}#k1.jpg"]
+    with pytest.raises(InputError, match="no images found"):
+        plan_inputs(str(tmp_path), input_format="folder")
 
 
 # ------------------------------------------------------------------------------------------

@@ -42,14 +42,15 @@ import posixpath
 import re
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from fsspec.implementations.local import LocalFileSystem
 
 from zslabel.errors import READ_ERROR, InputError, error_string
 
@@ -119,7 +120,7 @@ class InputPlan:
     carried_columns: list[str]
     _tally: Any = field(default=None, repr=False)
 
-    def finalize(self) -> "InputPlan":
+    def finalize(self) -> InputPlan:
         """Fill ``listed``/``skipped``/``skipped_examples`` from the read tasks (tars, Parquet).
 
         Call once the dataset has been fully consumed. Counts are kept per shard, so a shard read
@@ -420,7 +421,8 @@ def _plan_listing(uri: str, kind: str, storage_options: dict, *, auto: bool,
     to_uri = _uri_maker(uri, fs)
     unreadable: list[str] = []
     if kind == "glob":
-        root = fs_path[: _GLOB_CHARS.search(fs_path).start()].rsplit("/", 1)[0]
+        magic = _GLOB_CHARS.search(fs_path)
+        root = (fs_path[: magic.start()] if magic else fs_path).rsplit("/", 1)[0]
         try:
             found = fs.glob(fs_path, detail=True)
         except ValueError as exc:  # fsspec rejects malformed patterns ("a**b")
@@ -480,11 +482,12 @@ def _plan_manifest(uri: str, storage_options: dict, path_column: str | None,
             table = _read_manifest(fs, fs_path, name)
     except InputError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any parse/IO failure is a job-level input error
+    except Exception as exc:
         raise InputError(f"cannot read manifest {uri}: {type(exc).__name__}: {exc}") from exc
     listed = table.num_rows
     columns = table.column_names
-    if name.endswith(".txt"):
+    is_txt = _manifest_format(name) == "txt"
+    if is_txt:
         path_col = columns[0]
     else:
         path_col = _pick_column(columns, path_column, PATH_COLUMN_CANDIDATES, uri, "path")
@@ -497,7 +500,7 @@ def _plan_manifest(uri: str, storage_options: dict, path_column: str | None,
         carried[id_col] = table.column(id_col).combine_chunks().cast(pa.string())
     paths = table.column(path_col).combine_chunks().cast(pa.string())
     paths = pc.utf8_trim_whitespace(paths)
-    if name.endswith(".txt"):  # comment and blank lines are not entries
+    if is_txt:  # comment and blank lines are not entries
         entry = pc.and_(pc.invert(pc.starts_with(paths, "#")), pc.not_equal(paths, ""))
         paths = paths.filter(entry)
         listed = len(paths)
@@ -530,14 +533,23 @@ def _plan_manifest(uri: str, storage_options: dict, path_column: str | None,
                      carried_columns=list(carried))
 
 
+def _manifest_format(name: str) -> str:
+    """The manifest format from its name: parquet, csv, tsv, else txt (one URI per line)."""
+    for fmt in ("parquet", "csv", "tsv"):
+        if name.endswith("." + fmt):
+            return fmt
+    return "txt"
+
+
 def _read_manifest(fs, fs_path: str, name: str) -> pa.Table:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    fmt = _manifest_format(name)
     with fs.open(fs_path, "rb", compression="infer") as f:
-        if name.endswith(".parquet"):
+        if fmt == "parquet":
             return pq.read_table(f)
-        if name.endswith(".txt"):
+        if fmt == "txt":
             # One value per line: no delimiter, no quoting; pyarrow keeps it columnar and fast.
             return pacsv.read_csv(
                 f, read_options=pacsv.ReadOptions(column_names=["path"]),
@@ -546,7 +558,7 @@ def _read_manifest(fs, fs_path: str, name: str) -> pa.Table:
                 convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()},
                                                      strings_can_be_null=False,
                                                      quoted_strings_can_be_null=False))
-        delimiter = "\t" if name.endswith(".tsv") else ","
+        delimiter = "\t" if fmt == "tsv" else ","
         raw = f.read()
     # All columns as strings: ids like "00042" must not become integers. The header is parsed
     # with the csv module (handles quoting) to name the columns before pyarrow reads the rest.
@@ -609,8 +621,14 @@ def _expand_shards(uri: str, storage_options: dict) -> list[str]:
             fs, fs_path = _url_to_fs(pattern, storage_options)
             to_uri = _uri_maker(pattern, fs)
             shards.extend(to_uri(p) for p in sorted(fs.glob(fs_path)))
-        else:
-            shards.append(pattern)
+        elif pattern.lower().endswith(TAR_SUFFIXES):
+            shards.append(pattern)  # named explicitly: a missing one becomes a read_error row
+        else:  # a folder of shards
+            fs, fs_path = _url_to_fs(pattern, storage_options)
+            to_uri = _uri_maker(pattern, fs)
+            root = fs_path.rstrip("/")
+            shards.extend(to_uri(p) for p in sorted(fs.find(root))
+                          if p.lower().endswith(TAR_SUFFIXES) and not _is_hidden(p[len(root):]))
     if not shards:
         raise InputError(f"no tar shards match {uri}")
     return shards
@@ -629,6 +647,17 @@ class _Tally:
         return self.per_file
 
 
+def _per_file_dataset(files: list[str]):
+    """A lazy dataset of file numbers 0..len(files)-1, one per block, so one task reads one file.
+
+    ``ray.data.range`` instead of ``from_items``: no driver-side ``ray.put`` per file (10,000
+    shards would be 10,000 puts); the URIs travel once, in the reading UDF's arguments.
+    """
+    import ray.data
+
+    return ray.data.range(len(files), override_num_blocks=len(files))
+
+
 def _new_tally():
     import ray
 
@@ -636,13 +665,10 @@ def _new_tally():
 
 
 def _plan_webdataset(shards: list[str], storage_options: dict) -> InputPlan:
-    import ray.data
-
     tally = _new_tally()
-    files = ray.data.from_items([{"uri": s, "file_index": i} for i, s in enumerate(shards)],
-                                override_num_blocks=len(shards))
-    dataset = files.map_batches(_read_tar_batch, batch_size=1, batch_format="pyarrow",
-                                fn_kwargs={"storage_options": storage_options, "tally": tally})
+    dataset = _per_file_dataset(shards).map_batches(
+        _read_tar_batch, batch_size=1, batch_format="pyarrow",
+        fn_kwargs={"shards": shards, "storage_options": storage_options, "tally": tally})
     return InputPlan(dataset=dataset, kind="webdataset", listed=None, skipped=0,
                      skipped_examples=[], duplicates_removed=0, planning_seconds=0.0,
                      carried_columns=["key", *SIDECARS], _tally=tally)
@@ -653,12 +679,13 @@ _TAR_SCHEMA = pa.schema([("path", pa.string()), ("input_index", pa.int64()),
                          ("key", pa.string()), ("json", pa.string()), ("txt", pa.string())])
 
 
-def _read_tar_batch(batch: pa.Table, storage_options: dict, tally) -> Iterator[pa.Table]:
-    """Ray UDF: one shard in, batches of its image members out (streaming)."""
+def _read_tar_batch(batch: pa.Table, shards: list[str], storage_options: dict, tally
+                    ) -> Iterator[pa.Table]:
+    """Ray UDF: shard numbers in (column ``id``), batches of their image members out."""
     import ray
 
-    for uri, file_index in zip(batch.column("uri").to_pylist(),
-                               batch.column("file_index").to_pylist()):
+    for file_index in batch.column("id").to_pylist():
+        uri = shards[file_index]
         counts = {"listed": 0, "skipped": 0, "examples": []}
         yield from _stream_tar(uri, file_index, storage_options, counts)
         ray.get(tally.put.remote(uri, counts["listed"], counts["skipped"], counts["examples"]))
@@ -673,7 +700,6 @@ def _split_key(member: str) -> tuple[str, str]:
 
 def _stream_tar(uri: str, file_index: int, storage_options: dict, counts: dict
                 ) -> Iterator[pa.Table]:
-    rows: list[dict] = []
     pending: list[dict] = []
     size = 0
     ordinal = 0
@@ -709,15 +735,17 @@ def _stream_tar(uri: str, file_index: int, storage_options: dict, counts: dict
                     continue
                 counts["listed"] += 1
                 key, ext = _split_key(info.name)
-                if key != sample_key:
-                    flush_sample()
-                    sample_key = key
+                # Skips first: macOS "._x.jpg" members sit between a sample's members and
+                # must not split the sample.
                 if _is_hidden(info.name) or not (f".{ext}" in IMAGE_EXTENSIONS or
                                                  ext in SIDECARS):
                     counts["skipped"] += 1
                     if len(counts["examples"]) < MAX_EXAMPLES:
                         counts["examples"].append(f"{uri}#{info.name}")
                     continue
+                if key != sample_key:
+                    flush_sample()
+                    sample_key = key
                 data = tar.extractfile(info).read()
                 if ext in SIDECARS:
                     sidecars.setdefault(ext, data.decode("utf-8", errors="replace"))
@@ -774,7 +802,7 @@ def _parquet_schema(uri: str, storage_options: dict) -> pa.Schema:
             return pq.read_schema(f)
     except InputError:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise InputError(f"cannot read Parquet file {uri}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -799,30 +827,26 @@ def _find_image_column(schema: pa.Schema, wanted: str | None, uri: str, *, requi
 
 def _plan_parquet_files(files: list[str], storage_options: dict, image_column: str | None
                         ) -> InputPlan:
-    import ray.data
-
     schema = _parquet_schema(files[0], storage_options)
     image_col = _find_image_column(schema, image_column, files[0])
     carried = [c for c in PARQUET_CARRIED if c in schema.names]
     tally = _new_tally()
-    items = ray.data.from_items([{"uri": s, "file_index": i} for i, s in enumerate(files)],
-                                override_num_blocks=len(files))
-    dataset = items.map_batches(
+    dataset = _per_file_dataset(files).map_batches(
         _read_parquet_batch, batch_size=1, batch_format="pyarrow",
-        fn_kwargs={"storage_options": storage_options, "image_column": image_col,
+        fn_kwargs={"files": files, "storage_options": storage_options, "image_column": image_col,
                    "carried": carried, "tally": tally})
     return InputPlan(dataset=dataset, kind="parquet", listed=None, skipped=0,
                      skipped_examples=[], duplicates_removed=0, planning_seconds=0.0,
                      carried_columns=carried, _tally=tally)
 
 
-def _read_parquet_batch(batch: pa.Table, storage_options: dict, image_column: str,
-                        carried: list[str], tally) -> Iterator[pa.Table]:
-    """Ray UDF: one Parquet file in, batches of its rows out (streaming by record batch)."""
+def _read_parquet_batch(batch: pa.Table, files: list[str], storage_options: dict,
+                        image_column: str, carried: list[str], tally) -> Iterator[pa.Table]:
+    """Ray UDF: file numbers in (column ``id``), batches of their rows out (by record batch)."""
     import ray
 
-    for uri, file_index in zip(batch.column("uri").to_pylist(),
-                               batch.column("file_index").to_pylist()):
+    for file_index in batch.column("id").to_pylist():
+        uri = files[file_index]
         counts = {"listed": 0}
         yield from _stream_parquet(uri, file_index, storage_options, image_column, carried,
                                    counts)

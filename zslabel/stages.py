@@ -30,7 +30,8 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
 
     Args:
         batch: ``path`` (N,) str, ``input_index`` (N,) int64, optional ``data`` (N,) bytes or
-            None, and carried string columns.
+            None, optional ``read_error`` (N,) str or None (set by the source), and carried
+            string columns.
         spec: target geometry; every output image is ``spec.output_hw``.
         storage_options: fsspec options for fetching paths.
 
@@ -48,7 +49,11 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
     widths = np.full(n, -1, np.int32)
     heights = np.full(n, -1, np.int32)
     data_col = batch.get("data")
+    read_errors = batch.get("read_error")
     for i in range(n):
+        if read_errors is not None and isinstance(read_errors[i], str) and read_errors[i]:
+            errors[i] = read_errors[i]  # the source could not read this input (e.g. a corrupt tar)
+            continue
         data = None if data_col is None else data_col[i]
         if data is None:
             data, err = fetch_bytes(str(batch["path"][i]), storage_options)
@@ -61,7 +66,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
             widths[i], heights[i] = result.width, result.height
         if result.pixels is not None:
             pixels[i] = result.pixels
-    out = {k: v for k, v in batch.items() if k != "data"}
+    out = {k: v for k, v in batch.items() if k not in ("data", "read_error")}
     out.update(pixels=pixels, error=errors, width=widths, height=heights)
     return out
 
