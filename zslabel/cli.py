@@ -49,7 +49,10 @@ def _label_parser(sub) -> argparse.ArgumentParser:
     mode.add_argument("--resume", action="store_const", const="resume", dest="mode",
                       help="continue an interrupted run into the same output")
     mode.add_argument("--overwrite", action="store_const", const="overwrite", dest="mode",
-                      help="replace existing output")
+                      help="replace existing output (atomically: the old output stays readable until "
+                      "the new run commits)")
+    g.add_argument("--retry-errors", action="store_true", default=None,
+                   help="with --resume: recompute the rows that failed in earlier runs (kept otherwise)")
     g.add_argument("--store-embeddings", action="store_true", default=None,
                    help="add an L2-normalised image 'embedding' column")
     g.add_argument("--embedding-dtype", choices=["float16", "float32"])
@@ -82,11 +85,152 @@ def _label_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _add_ranking_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("abstention and multi-label")
+    g.add_argument("--min-score", type=float, help="mark rows whose best score is below this as abstained "
+                   "(adds a bool 'abstained' column; labels are still written)")
+    g.add_argument("--multi-label", action="store_true", default=None,
+                   help="SigLIP-family (sigmoid) models only: keep every label with score >= --threshold, "
+                   "best first (possibly none), instead of the top k")
+    g.add_argument("--threshold", type=float, help="score cut for --multi-label, in [0, 1]")
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--ground-truth", help="after the run, evaluate against this CSV/Parquet (path,label) "
+                   "or folder-per-class root and print the report (see `zslabel eval --help`)")
+    g.add_argument("--eval-json", help="also write the evaluation report as JSON here")
+
+
+RELABEL_EPILOG = """examples:
+  zslabel label ./photos --labels "cat,dog" --store-embeddings --output ./run1
+  zslabel relabel ./run1 --labels "tabby cat,puppy,kitten" --output ./run2 --top-k 3
+
+The source must hold an 'embedding' column (zslabel label --store-embeddings). Only the text
+tower runs: no image is read. Scores equal a full run's up to the stored embedding's rounding:
+float32 ~1e-7; float16 up to ~1e-3 for real checkpoints (logit scale ~100), so store float32
+when relabeled scores must match a full run more closely. The model defaults to the one in the source's run manifest;
+another checkpoint (different digest) is refused. Output: the same schema and run manifest as
+`zslabel label` with the same options; error rows stay error rows.
+"""
+
+EVAL_EPILOG = """ground truth:
+  a CSV/TSV/Parquet table with a header naming a path column (path, uri, url, file, filename,
+  image) and a label column (label, class, category); relative paths are relative to the
+  table's folder. Or a folder-per-class root: each image's parent folder name is its label.
+  Predictions match by full path; entries left unmatched then match by file name when that
+  name is unique on both sides.
+
+definitions (labeled = matched rows without an error):
+  top-1 accuracy          first label == truth, over labeled rows
+  top-5 accuracy          truth among the first 5 labels, over labeled rows
+  top-1 including errors  first label == truth, over all matched rows (errored rows are wrong)
+  precision(L), recall(L) of the first label, over labeled rows
+"""
+
+
+def _relabel_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("relabel", help="relabel stored embeddings with new labels (no image read)",
+                       allow_abbrev=False,
+                       description="Score the 'embedding' column of an earlier run against new labels/templates.",
+                       epilog=RELABEL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="output folder (or Parquet file) of a `zslabel label --store-embeddings` run")
+    g = p.add_argument_group("labels and model")
+    g.add_argument("--labels", help="comma-separated candidate labels")
+    g.add_argument("--labels-file", help="file with one label per line ('#' comments allowed)")
+    g.add_argument("--template", help=f"prompt template with one {{}} (default: {DEFAULT_TEMPLATE!r})")
+    g.add_argument("--templates", help="prompt ensemble: a file of templates or a named set: "
+                   + ", ".join(TEMPLATE_SETS))
+    g.add_argument("--model", help="checkpoint for the text tower (default: the model recorded in the "
+                   "source's run manifest; must be the same checkpoint)")
+    g.add_argument("--revision", help="hub revision of --model")
+    g.add_argument("--top-k", type=int, help="labels kept per image (default 5)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", "-o", required=True, help="new output folder or fsspec URI")
+    g.add_argument("--overwrite", action="store_const", const="overwrite", dest="mode", help="replace existing output")
+    g.add_argument("--drop-embeddings", action="store_true",
+                   help="do not copy the 'embedding' column into the new output (kept by default)")
+    g.add_argument("--batch-size", type=int, help="source rows per batch (default 8192)")
+    g.add_argument("--storage-options", help="fsspec options as JSON/YAML text or file")
+    _add_ranking_flags(p)
+    _add_eval_flags(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _eval_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="measure an output against ground truth", allow_abbrev=False,
+                       description="Top-1/top-5 accuracy, per-label precision and recall, confusions.",
+                       epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("predictions", help="output folder (or Parquet file) of `zslabel label` or `relabel`")
+    p.add_argument("--ground-truth", required=True, help="CSV/TSV/Parquet (path,label) or folder-per-class root")
+    p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--top-confusions", type=int, default=10, help="confused pairs to list (default 10)")
+    p.add_argument("--storage-options", help="fsspec options as JSON/YAML text or file")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def relabel_config_from_args(args: argparse.Namespace):
+    """``zslabel relabel`` flags -> ``relabel.RelabelConfig``."""
+    from .relabel import RelabelConfig
+
+    config = RelabelConfig(source=args.source, output=args.output)
+    for name in ("labels_file", "model", "revision", "top_k", "min_score", "multi_label", "threshold",
+                 "batch_size", "mode"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(config, name, value)
+    config.store_embeddings = not args.drop_embeddings
+    if args.labels is not None:
+        config.labels = parse_label_list(args.labels)
+    if args.template is not None and args.templates is not None:
+        raise ZslabelError("give --template or --templates, not both")
+    if args.template is not None:
+        config.templates = [args.template]
+    if args.templates is not None:
+        config.templates = resolve_templates(args.templates)
+    if args.storage_options is not None:
+        config.storage_options = parse_storage_options(args.storage_options)
+    return config
+
+
+def _print_evaluation(args, output: str, ground_truth, storage_options: dict, json_path: str | None) -> None:
+    from .evaluate import evaluate
+
+    report = evaluate(output, ground_truth, storage_options=storage_options,
+                      top_confusions=getattr(args, "top_confusions", 10))
+    print(report.text())
+    if json_path:
+        report.write_json(json_path, storage_options)
+
+
+def _run_and_evaluate(args, run, config) -> int:
+    """Run a label/relabel job; with --ground-truth (read before the run, so a bad file fails
+    fast) evaluate the output afterwards, also when the error budget was exceeded."""
+    from .evaluate import load_ground_truth
+
+    gt = load_ground_truth(args.ground_truth, config.storage_options) if args.ground_truth else None
+    try:
+        print(run(config).line())
+    except ErrorBudgetExceeded:
+        if gt is not None:
+            _print_evaluation(args, config.output, gt, config.storage_options, args.eval_json)
+        raise
+    if gt is not None:
+        _print_evaluation(args, config.output, gt, config.storage_options, args.eval_json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zslabel", allow_abbrev=False, description="Zero-shot image labeling at scale "
                                      "(Ray Data + CLIP-family models -> ranked labels in Parquet).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _label_parser(sub)
+    label = _label_parser(sub)
+    _add_ranking_flags(label)
+    _add_eval_flags(label)
+    _relabel_parser(sub)
+    _eval_parser(sub)
     return parser
 
 
@@ -96,7 +240,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     simple = ["input", "output", "labels_file", "model", "revision", "top_k", "address", "batch_size",
               "num_gpus_per_actor", "num_cpus_per_actor", "decode_cpus_per_task", "input_format",
               "path_column", "id_column", "image_column", "dedupe", "max_pixels", "min_side", "fast_decode",
-              "dtype", "mode", "store_embeddings", "embedding_dtype", "max_error_fraction"]
+              "dtype", "mode", "retry_errors", "store_embeddings", "embedding_dtype", "max_error_fraction",
+              "min_score", "multi_label", "threshold"]
     for name in simple:
         value = getattr(args, name, None)
         if value is not None:
@@ -125,8 +270,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "label":
             from .pipeline import run_label_job
 
-            summary = run_label_job(config_from_args(args))
-            print(summary.line())
+            return _run_and_evaluate(args, run_label_job, config_from_args(args))
+        if args.command == "relabel":
+            from .relabel import run_relabel_job
+
+            return _run_and_evaluate(args, run_relabel_job, relabel_config_from_args(args))
+        if args.command == "eval":
+            _print_evaluation(args, args.predictions, args.ground_truth,
+                              parse_storage_options(args.storage_options) if args.storage_options else {}, args.json)
             return 0
     except ErrorBudgetExceeded as exc:
         print(f"zslabel: error: {exc}", file=sys.stderr)

@@ -60,6 +60,7 @@ class JobConfig:
     dtype: str = "auto"                             # auto = float16 on CUDA, float32 on CPU
     # output
     mode: str = "error"
+    retry_errors: bool = False                      # with mode "resume": recompute earlier error rows
     store_embeddings: bool = False
     embedding_dtype: str = "float16"
     max_error_fraction: float | None = None
@@ -136,6 +137,8 @@ class JobConfig:
             self.concurrency = parse_concurrency(self.concurrency)
         if self.mode not in OUTPUT_MODES:
             raise ConfigError(f"mode must be one of {OUTPUT_MODES} (got {self.mode!r})")
+        if self.retry_errors and self.mode != "resume":
+            raise ConfigError("--retry-errors only applies with --resume")
         if self.input_format not in INPUT_FORMATS:
             raise ConfigError(f"--input-format must be one of {INPUT_FORMATS} (got {self.input_format!r})")
         if self.max_pixels < 1 or self.min_side < 1:

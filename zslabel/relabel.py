@@ -15,12 +15,16 @@ new label embeddings; the source's run manifest records its checkpoint digest, a
 model is refused.
 
 Scores match a full run to float rounding: exactly the same formula and label embeddings, with
-the image embedding rounded to the stored dtype (float16 rounding changes scores by ~1e-4 on
-the test models; float32 by ~1e-7).
+the image embedding rounded to the stored dtype. float32 storage: ~1e-7. float16 storage
+(relative rounding 2^-11 per component) moves a logit by up to about logit_scale x 5e-5, so a
+score by up to ~1e-3 at real logit scales (CLIP ~100, SigLIP ~117; a sigmoid moves by at most a
+quarter of its logit's change); measured on the tiny test checkpoints (scale e^2): 1.6e-5 CLIP,
+1.2e-4 SigLIP. Store float32 embeddings when relabeled scores must match more closely.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -240,7 +244,9 @@ def run_relabel_job(config: RelabelConfig):
             an embedding.
         ModelLoadError: the checkpoint cannot be loaded.
         OutputError: the output holds data (without ``mode="overwrite"``) or cannot be written.
-        All before the first output file is written.
+        All before the first output file is written, except the source checks made per file
+        (another dimension, a labeled row without an embedding): those stop the job with the
+        finished files in place and no run manifest.
     """
     from .labels import build_label_set
     from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint
@@ -253,7 +259,8 @@ def run_relabel_job(config: RelabelConfig):
     if existing_output_files(config.output, so) and config.mode != "overwrite":
         raise OutputError(f"output {config.output} already holds data; choose an empty location or pass --overwrite")
     fs, files, source_root = source_files(config.source, so)
-    source_schema = pq.read_schema(fs.open(files[0], "rb"))
+    with fs.open(files[0], "rb") as fh:
+        source_schema = pq.read_schema(fh)
     dim = _embedding_dim(source_schema, config.source)
     manifest = read_manifest(source_root, so)
     if manifest is None:
@@ -282,8 +289,11 @@ def run_relabel_job(config: RelabelConfig):
     dim = label_set.embeddings.shape[1]
     timings["model_and_labels_s"] = time.perf_counter() - t0
 
-    carried = [n for n in source_schema.names if n not in OWNED_COLUMNS
-               and (pa.types.is_string(source_schema.field(n).type) or pa.types.is_large_string(source_schema.field(n).type))]
+    carried = [f.name for f in source_schema if f.name not in OWNED_COLUMNS
+               and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))]
+    dropped = [n for n in source_schema.names if n not in OWNED_COLUMNS and n not in carried]
+    if dropped:
+        log.warning("source columns %s are not strings and are not carried into the relabeled output", dropped)
     emb_type = source_schema.field("embedding").type
     emb_dtype = "float32" if pa.types.is_float32(emb_type.value_type) else "float16"
     schema = output_schema(carried, dim if config.store_embeddings else None, emb_dtype,
@@ -302,23 +312,34 @@ def run_relabel_job(config: RelabelConfig):
     for f in files:
         # One output file per source file, same relative name: row order and layout carry over.
         target = posixpath.join(out_root, posixpath.relpath(f, source_root))
+        # Streamed to a hidden name, then renamed: an interrupted relabel leaves no torn file
+        # that Parquet readers would pick up (they skip names starting with ".").
+        hidden = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.tmp")
         out_fs.makedirs(posixpath.dirname(target), exist_ok=True)
-        with fs.open(f, "rb") as src, out_fs.open(target, "wb") as dst:
-            reader = pq.ParquetFile(src)
-            file_dim = _embedding_dim(reader.schema_arrow, f)
-            if file_dim is not None and file_dim != dim:
-                raise InputError(f"{f} holds {file_dim}-dimensional embeddings, other files {dim}")
-            with pq.ParquetWriter(dst, schema) as writer:
-                for batch in reader.iter_batches(batch_size=config.batch_size):
-                    table, codes = scorer(batch, next_index)
-                    next_index += batch.num_rows
-                    writer.write_table(table)
-                    totals["rows"] += batch.num_rows
-                    for c in codes:
-                        if c is None:
-                            totals["labeled"] += 1
-                        else:
-                            errors_by_code[c] = errors_by_code.get(c, 0) + 1
+        try:
+            with fs.open(f, "rb") as src, out_fs.open(hidden, "wb") as dst:
+                reader = pq.ParquetFile(src)
+                file_dim = _embedding_dim(reader.schema_arrow, f)
+                if file_dim is not None and file_dim != dim:
+                    raise InputError(f"{f} holds {file_dim}-dimensional embeddings, other files {dim}")
+                with pq.ParquetWriter(dst, schema) as writer:
+                    # Only what the output needs: the source's labels/scores are never read.
+                    wanted = [n for n in reader.schema_arrow.names if n in schema.names or n in ("error", "embedding")]
+                    for batch in reader.iter_batches(batch_size=config.batch_size, columns=wanted):
+                        table, codes = scorer(batch, next_index)
+                        next_index += batch.num_rows
+                        writer.write_table(table)
+                        totals["rows"] += batch.num_rows
+                        for c in codes:
+                            if c is None:
+                                totals["labeled"] += 1
+                            else:
+                                errors_by_code[c] = errors_by_code.get(c, 0) + 1
+            out_fs.mv(hidden, target)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                out_fs.rm(hidden)
+            raise
     timings["labeling_s"] = time.perf_counter() - t_run
     wall = time.perf_counter() - t0
     timings["wall_s"] = wall

@@ -65,7 +65,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({
 INPUT_FORMATS = ("auto", "folder", "glob", "manifest", "webdataset", "parquet")
 
 # Names the output writer owns; a carried column may not shadow them.
-RESERVED_COLUMNS = frozenset({"path", "input_index", "data", "read_error", "labels", "scores",
+RESERVED_COLUMNS = frozenset({"path", "input_index", "data", "read_error", "labels", "scores", "abstained",
                               "error", "width", "height", "embedding"})
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
