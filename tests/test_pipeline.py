@@ -119,6 +119,11 @@ def test_cli_end_to_end_with_yaml_config(tiny_clip, ray_local, tmp_path, image_f
     rows = read_rows(out)
     assert len(rows) == 12 and all(len(r["labels"]) == 2 for r in rows.values())  # flag beats YAML
     assert all(set(r["labels"]) <= {"red", "green", "blue"} for r in rows.values())
+    shown = run_cli(["show", str(out), "-n", "3"], ray_local)
+    lines = shown.stdout.splitlines()
+    assert shown.returncode == 0 and len(lines) == 3
+    first = min(rows.values(), key=lambda r: r["input_index"])
+    assert lines[0].split()[:2] == [first["path"].rsplit("/", 1)[-1], first["labels"][0]]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -223,15 +223,45 @@ def _run_and_evaluate(args, run, config) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zslabel", allow_abbrev=False, description="Zero-shot image labeling at scale "
-                                     "(Ray Data + CLIP-family models -> ranked labels in Parquet).")
+    parser = argparse.ArgumentParser(
+        prog="zslabel", allow_abbrev=False,
+        description="Zero-shot image labeling at scale (Ray Data + CLIP-family models -> ranked labels in Parquet).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     label = _label_parser(sub)
     _add_ranking_flags(label)
     _add_eval_flags(label)
     _relabel_parser(sub)
     _eval_parser(sub)
+    show = sub.add_parser("show", help="print the first rows of an output, best labels first",
+                          description="Print rows of a zslabel output (labels with scores, or the error).")
+    show.add_argument("output", help="output folder or fsspec URI of a label/relabel run")
+    show.add_argument("-n", "--rows", type=int, default=20, help="rows to print (default 20)")
+    show.add_argument("--storage-options", help="fsspec options as JSON/YAML text or file")
     return parser
+
+
+def show_output(uri: str, rows: int, storage_options: dict) -> str:
+    """A plain-text table of the first ``rows`` rows of an output, in input order.
+
+    Raises:
+        ZslabelError: ``uri`` holds no readable zslabel output.
+    """
+    import pyarrow.dataset as pads
+
+    from .output import output_filesystem
+
+    fs, root = output_filesystem(uri, storage_options)
+    try:
+        table = pads.dataset(root, filesystem=fs, format="parquet").to_table(
+            columns=["path", "input_index", "labels", "scores", "error"])
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not an output"
+        raise ZslabelError(f"cannot read output {uri}: {exc}") from exc
+    table = table.sort_by("input_index").slice(0, rows)
+    lines = []
+    for r in table.to_pylist():
+        result = r["error"] or "  ".join(f"{lab} {sc:.3f}" for lab, sc in zip(r["labels"], r["scores"]))
+        lines.append(f"{r['path'].rsplit('/', 1)[-1]:<32} {result}")
+    return "\n".join(lines)
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
@@ -275,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
             from .relabel import run_relabel_job
 
             return _run_and_evaluate(args, run_relabel_job, relabel_config_from_args(args))
+        if args.command == "show":
+            options = parse_storage_options(args.storage_options) if args.storage_options else {}
+            print(show_output(args.output, args.rows, options))
+            return 0
         if args.command == "eval":
             _print_evaluation(args, args.predictions, args.ground_truth,
                               parse_storage_options(args.storage_options) if args.storage_options else {}, args.json)
