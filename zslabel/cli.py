@@ -56,6 +56,9 @@ def _label_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--store-embeddings", action="store_true", default=None,
                    help="add an L2-normalised image 'embedding' column")
     g.add_argument("--embedding-dtype", choices=["float16", "float32"])
+    g.add_argument("--rows-per-file", type=int,
+                   help="rows per committed Parquet file, at most (default 1024); a crash loses at most "
+                   "the files in flight")
     g.add_argument("--max-error-fraction", type=float,
                    help="fail (exit 1, output still written) when more than this fraction of images fail")
     g = p.add_argument_group("inputs and storage")
@@ -270,7 +273,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     simple = ["input", "output", "labels_file", "model", "revision", "top_k", "address", "batch_size",
               "num_gpus_per_actor", "num_cpus_per_actor", "decode_cpus_per_task", "input_format",
               "path_column", "id_column", "image_column", "dedupe", "max_pixels", "min_side", "fast_decode",
-              "dtype", "mode", "retry_errors", "store_embeddings", "embedding_dtype", "max_error_fraction",
+              "dtype", "mode", "retry_errors", "rows_per_file", "store_embeddings", "embedding_dtype", "max_error_fraction",
               "min_score", "multi_label", "threshold"]
     for name in simple:
         value = getattr(args, name, None)

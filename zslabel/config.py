@@ -61,6 +61,7 @@ class JobConfig:
     # output
     mode: str = "error"
     retry_errors: bool = False                      # with mode "resume": recompute earlier error rows
+    rows_per_file: int = 1024                       # rows per committed Parquet file (at most)
     store_embeddings: bool = False
     embedding_dtype: str = "float16"
     max_error_fraction: float | None = None
@@ -127,6 +128,8 @@ class JobConfig:
         for t in self.templates:
             validate_template(t)
         self.ranking_rule().validate()
+        if self.rows_per_file < 1:
+            raise ConfigError(f"--rows-per-file must be >= 1 (got {self.rows_per_file})")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
         if self.num_gpus_per_actor < 0 or self.num_cpus_per_actor < 0 or self.decode_cpus_per_task <= 0:

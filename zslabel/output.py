@@ -8,8 +8,11 @@ leading underscore makes Parquet readers skip it) and is written last.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import posixpath
+import uuid
 from typing import Any
 
 import fsspec
@@ -141,12 +144,41 @@ def existing_output_files(uri: str, storage_options: dict | None = None) -> list
         raise OutputError(f"cannot inspect output location {uri}: {type(exc).__name__}: {exc}") from exc
 
 
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never part.
+
+    Local (and network-mounted) filesystems: a hidden ``.<name>.<uuid>.tmp`` beside ``path``
+    (Parquet readers skip dot files), fsync, then ``os.replace`` (atomic on POSIX). Other
+    fsspec filesystems (s3, gs, az, memory): one upload; an object becomes visible only when
+    its upload completes. A crash can leave a hidden ``.tmp`` file, never a torn ``path``.
+    """
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        parent, name = posixpath.split(fs._strip_protocol(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, posixpath.join(parent, name))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+    else:
+        with fs.open(path, "wb") as fh:
+            fh.write(data)
+
+
 def write_manifest(uri: str, manifest: dict, storage_options: dict | None = None) -> str:
-    """Write the run manifest JSON beside the data; returns its path. Called last (commit marker)."""
+    """Write the run manifest JSON beside the data, atomically; returns its path. Called last
+    (commit marker)."""
     fs, root = output_filesystem(uri, storage_options)
     path = posixpath.join(root, MANIFEST_NAME)
-    with fs.open(path, "w") as fh:
-        json.dump(manifest, fh, indent=2, sort_keys=True, default=str)
+    write_bytes_atomic(fs, path, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
     return path
 
 

@@ -1,7 +1,9 @@
 """The one place that composes the Ray Data pipeline for a labeling job.
 
     validate config -> check output -> load checkpoint on the driver, build label embeddings
-    -> plan inputs -> [decode tasks] -> [labeler actors] -> Parquet -> counts -> run manifest
+    -> plan inputs -> prepare output (mode, fingerprint, resume set; ``runstate``)
+    -> [drop committed inputs] -> [decode tasks] -> [labeler actors] -> [commit one Parquet file
+    per block] -> counts -> run manifest (commit marker)
 
 Everything that can fail for the whole job fails before the first image is read.
 """
@@ -14,10 +16,25 @@ import time
 from dataclasses import dataclass, field
 
 from .config import JobConfig
-from .errors import ConfigError, ErrorBudgetExceeded, OutputError, error_code
-from .output import existing_output_files, output_filesystem, output_schema, write_manifest
+from . import runstate
+from .errors import ConfigError, ErrorBudgetExceeded
+from .output import output_schema
 
 log = logging.getLogger(__name__)
+
+# Fault tolerance (see the map_batches calls and init_ray): retries for system failures only
+# (lost node, killed worker), bounded so that one input that kills its worker every time fails
+# the job after a few attempts instead of looping forever.
+DECODE_MAX_RETRIES = 4
+ACTOR_MAX_TASK_RETRIES = 4
+# Labeler actors that may die while loading the model (e.g. their node is lost) before the
+# job fails; Ray Data's default of 0 fails the whole job on the first such death.
+ACTOR_INIT_DEATHS_TOLERATED = 3
+# An autoscaler node type without a maximum count, when sizing the labeler actor pool.
+UNLIMITED_NODES = 64
+# Labeler actors busy at least this fraction of their lifetime mark a run as model-bound; in a
+# decode-bound run they idle between batches (1 - decode rate / model rate of the time).
+MODEL_BOUND_UTILISATION = 0.7
 
 
 @dataclass
@@ -34,19 +51,32 @@ class RunSummary:
     images_per_second: float
     manifest_path: str
     timings: dict[str, float] = field(default_factory=dict)
+    model_images: int = 0      # rows this run sent to the model (resume: fewer than ``rows``)
+    carried_over: int = 0      # rows kept from earlier runs of this output (``--resume``)
 
     def line(self) -> str:
         """One human line for the end of a run."""
         errs = ", ".join(f"{c}={n}" for c, n in sorted(self.errors_by_code.items())) or "none"
         return (f"labeled {self.labeled} of {self.rows} images; errors: {errs}; skipped {self.skipped} "
                 f"non-image files; {self.wall_seconds:.1f} s, {self.images_per_second:.1f} images/s; "
-                f"output: {self.output}")
+                f"output: {self.output}"
+                + (f" ({self.carried_over} rows kept from earlier runs; the model ran on {self.model_images})"
+                   if self.carried_over else ""))
 
 
 def init_ray(address: str | None) -> None:
-    """Join ``address`` (or ``$RAY_ADDRESS``), or start an embedded local Ray when neither is set."""
-    import ray
+    """Join ``address`` (or ``$RAY_ADDRESS``), or start an embedded local Ray when neither is set.
 
+    Also sets this driver's Ray Data failure policy (``DataContext``): a few labeler actors may
+    die during start-up before the job fails, and no failed block is ever dropped.
+    """
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS_TOLERATED
+    # Never drop a block that failed (rows out == inputs in); a failure fails the job.
+    ctx.max_errored_blocks = 0
     if ray.is_initialized():
         return
     kwargs = {"log_to_driver": True}
@@ -56,33 +86,91 @@ def init_ray(address: str | None) -> None:
 
 
 def actor_pool_size(config: JobConfig) -> tuple[int, int]:
-    """``(min, max)`` labeler actors: the configured bounds, else what the cluster can hold.
+    """``(min, max)`` labeler actors for this cluster; see ``plan_actor_pool``.
 
-    Decided from the cluster's resources (``ray.nodes()``), never from the driver's hardware.
-    CPU actors leave ``decode_cpus_per_task`` CPUs for decoding so a small machine cannot
-    deadlock with every CPU held by actors.
+    Reads the live nodes (``ray.nodes()``) and the node types the cluster autoscaler may still
+    start (its cluster config in the GCS; none on a fixed cluster), never the driver's hardware,
+    so a GPU cluster whose GPU workers scale from zero is not mistaken for a CPU-only one.
 
     Raises:
-        ConfigError: no node has the GPUs or CPUs one actor asks for (fails now, instead of
-            waiting forever for resources that never come).
+        ConfigError: as ``plan_actor_pool``.
     """
     import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    node_gpus = [n["Resources"].get("GPU", 0.0) for n in nodes]
-    node_cpus = [n["Resources"].get("CPU", 0.0) for n in nodes]
-    g, c = config.num_gpus_per_actor, config.num_cpus_per_actor
-    if g > 0 and max(node_gpus, default=0) < g:
-        raise ConfigError(f"--num-gpus-per-actor {g} but no node of this Ray cluster has that many GPUs "
-                          f"(GPUs per node: {node_gpus or [0]}); use a GPU cluster or --num-gpus-per-actor 0")
-    if max(node_cpus, default=0) < c:
-        raise ConfigError(f"--num-cpus-per-actor {c} but the largest node has {max(node_cpus, default=0):g} CPUs")
+    live = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    return plan_actor_pool(config, live, _autoscaler_node_types())
+
+
+def _autoscaler_node_types() -> list[tuple[dict[str, float], int]]:
+    """(resources of one node, most nodes of that type; -1 = unlimited) per autoscaler node type."""
+    try:
+        import ray._private.state
+
+        cluster_config = ray._private.state.state.get_cluster_config()
+    except Exception as exc:  # noqa: BLE001 - a private API: without it, plan from live nodes only
+        log.debug("no autoscaler cluster config: %s", exc)
+        return []
+    if cluster_config is None:
+        return []
+    return [({k: float(v) for k, v in g.resources.items()}, int(g.max_count))
+            for g in cluster_config.node_group_configs if g.max_count != 0 and g.resources]
+
+
+def _per_node(shapes: list[dict[str, float]], key: str) -> str:
+    return ", ".join(f"{x:g}" for x in sorted({r.get(key, 0.0) for r in shapes})) or "none"
+
+
+def plan_actor_pool(config: JobConfig, nodes: list[dict[str, float]],
+                    node_types: list[tuple[dict[str, float], int]] = ()) -> tuple[int, int]:
+    """``(min, max)`` labeler actors: the configured bounds, else what the cluster can hold.
+
+    Args:
+        nodes: logical resources of each live node (``{"CPU": 8.0, "GPU": 1.0, ...}``).
+        node_types: autoscaler node types as (resources of one node, most nodes; -1 unlimited).
+
+    The largest pool is what the live nodes hold, or what the autoscaler's node types hold
+    at their maximum counts (an unlimited type counts as ``UNLIMITED_NODES`` nodes), whichever
+    is more. CPU actors leave ``decode_cpus_per_task`` CPUs for decoding, so a small cluster
+    cannot deadlock with every CPU held by an actor.
+
+    Raises:
+        ConfigError: no node, live or startable, has the GPUs and CPUs one actor asks for, or
+            the CPUs one decode task asks for (fails now, instead of waiting forever for
+            resources that never come).
+    """
+    g, c, d = config.num_gpus_per_actor, config.num_cpus_per_actor, config.decode_cpus_per_task
+    shapes = list(nodes) + [r for r, _ in node_types]
+
+    def fits(r: dict[str, float]) -> bool:
+        return r.get("GPU", 0.0) >= g and r.get("CPU", 0.0) >= c
+
+    if not any(fits(r) for r in shapes):
+        where = "no node of this Ray cluster" + (" (nor any node type its autoscaler can start)" if node_types else "")
+        if g > 0 and not any(r.get("GPU", 0.0) >= g for r in shapes):
+            raise ConfigError(f"--num-gpus-per-actor {g:g} but {where} has {g:g} GPU(s) (GPUs per node: "
+                              f"{_per_node(shapes, 'GPU')}); use a cluster with GPU nodes or "
+                              "--num-gpus-per-actor 0")
+        raise ConfigError(f"one labeler actor asks for {c:g} CPUs" + (f" and {g:g} GPUs" if g else "")
+                          + f" but {where} has that much (CPUs per node: {_per_node(shapes, 'CPU')}); "
+                          "lower --num-cpus-per-actor")
+    if not any(r.get("CPU", 0.0) >= d for r in shapes):
+        raise ConfigError(f"--decode-cpus-per-task {d:g} but no node of this Ray cluster has that many CPUs "
+                          f"(CPUs per node: {_per_node(shapes, 'CPU')})")
     if config.concurrency:
         return config.concurrency
-    if g > 0:
-        most = sum(math.floor(x / g) for x in node_gpus)
-    else:
-        most = math.floor((sum(node_cpus) - config.decode_cpus_per_task) / c) if c else 1
+
+    def capacity(rs: list[dict[str, float]], counts: list[int]) -> int:
+        if g > 0:  # GPU actors: per node, as many as its GPUs (and CPUs) allow
+            per_node = [math.floor(r.get("GPU", 0.0) / g) for r in rs]
+            if c:
+                per_node = [min(k, math.floor(r.get("CPU", 0.0) / c)) for k, r in zip(per_node, rs)]
+            return sum(n * k for n, k in zip(counts, per_node))
+        return math.floor((sum(n * r.get("CPU", 0.0) for r, n in zip(rs, counts)) - d) / c)
+
+    most = capacity(nodes, [1] * len(nodes))
+    if node_types:
+        most = max(most, capacity([r for r, _ in node_types],
+                                  [UNLIMITED_NODES if n < 0 else n for _, n in node_types]))
     return 1, max(1, most)
 
 
@@ -107,9 +195,7 @@ def run_label_job(config: JobConfig) -> RunSummary:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     config.validate()
-    if existing_output_files(config.output, config.storage_options) and config.mode == "error":
-        raise OutputError(f"output {config.output} already holds data; choose an empty location, "
-                          "or pass --resume to continue it or --overwrite to replace it")
+    runstate.check_mode(config, runstate.inspect_output(config.output, config.storage_options))
 
     spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode}
     path = resolve_checkpoint(config.model, config.revision, config.storage_options)
@@ -118,6 +204,7 @@ def run_label_job(config: JobConfig) -> RunSummary:
     label_set = build_label_set(config.labels, config.templates, text_model)
     spec, score_kind, model_type = text_model.preprocess, text_model.score_kind, text_model.model_type
     embed_dim = label_set.embeddings.shape[1]
+    digest = checkpoint_digest(path)
     del text_model
     timings["model_and_labels_s"] = time.perf_counter() - t0
 
@@ -131,6 +218,11 @@ def run_label_job(config: JobConfig) -> RunSummary:
 
     schema = output_schema(plan.carried_columns, embed_dim if config.store_embeddings else None,
                            config.embedding_dtype, abstained=config.min_score is not None)
+    fields = runstate.fingerprint_fields(
+        config, checkpoint_digest=digest, model_type=model_type, score_kind=score_kind,
+        labels=list(label_set.names), templates=list(label_set.templates),
+        preprocess=spec.fingerprint_dict(), schema=schema)
+    run = runstate.begin_run(config, fields)
     settings = LabelerSettings(
         model=config.model, revision=config.revision, storage_options=config.storage_options,
         schema=schema, top_k=config.top_k, dtype=config.dtype,
@@ -139,52 +231,81 @@ def run_label_job(config: JobConfig) -> RunSummary:
     # One copy of the (C, D) label embeddings in the object store, shared by every actor.
     label_ref = ray.put(label_set.embeddings)
 
-    ds = plan.dataset.map_batches(
+    ds = plan.dataset
+    if len(run.done):
+        # Same resources, strategy and retries as decoding so Ray Data fuses the two (plan:
+        # "MapBatches(drop_committed)->MapBatches(decode_batch)"): committed inputs are dropped
+        # in the decode task before any byte is fetched or decoded.
+        ds = ds.map_batches(runstate.drop_committed, fn_kwargs={"done": run.done}, batch_size=None,
+                            batch_format="pyarrow", num_cpus=config.decode_cpus_per_task,
+                            scheduling_strategy="SPREAD", max_retries=DECODE_MAX_RETRIES)
+    ds = ds.map_batches(
         decode_batch, fn_kwargs={"spec": spec, "storage_options": config.storage_options},
         batch_size=config.batch_size, num_cpus=config.decode_cpus_per_task, batch_format="numpy",
         # Decode tasks spread over the cluster (near the data, off the GPU nodes' hot CPUs) and
         # actors pack; the differing strategies also keep Ray Data from fusing decoding into
         # the actors, where it would run serially in front of the model.
-        scheduling_strategy="SPREAD")
+        scheduling_strategy="SPREAD",
+        # Retried only for system failures (node lost, worker killed; Ray Data adds
+        # RaySystemError to retry_exceptions): a decode never raises for a bad image. Ray
+        # Data's default is -1 (forever), which turns a block that crashes its worker
+        # every time into an endless loop; several node losses in a row hitting the
+        # same block is that, not bad luck. Lost outputs are rebuilt by lineage
+        # re-execution, which counts against this too.
+        max_retries=DECODE_MAX_RETRIES)
     ds = ds.map_batches(
         Labeler, fn_constructor_kwargs={"settings": settings, "label_refs": [label_ref],
                                         "label_names": list(label_set.names)},
         batch_size=config.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]),
         num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor or None,
-        scheduling_strategy="DEFAULT")
+        scheduling_strategy="DEFAULT",
+        # An actor lost with its node is recreated wherever resources are (model reloaded
+        # from the node cache), as often as that happens over a long spot-instance run;
+        # the batch it held is resubmitted. A batch that kills its actor every time
+        # (e.g. a driver crash on one input) fails the job after a few tries instead
+        # of looping forever (Ray Data's default for both is -1).
+        max_restarts=-1, max_task_retries=ACTOR_MAX_TASK_RETRIES)
 
-    fs, root = output_filesystem(config.output, config.storage_options)
-    if config.mode == "overwrite" and fs.exists(root):
-        fs.rm(root, recursive=True)
-    t_run = time.perf_counter()
-    ds.write_parquet(config.output, filesystem=_arrow_fs(fs))
+    # One committed Parquet file per ``rows_per_file`` labeled rows (runstate: hidden temp file +
+    # rename, fenced by the run record); the rows that come back only name the files. Larger
+    # files read faster downstream; smaller ones lose less work to a crash.
+    ds = ds.map_batches(runstate.write_block, fn_kwargs={"target": run.target},
+                        batch_size=config.rows_per_file, batch_format="pyarrow")
+    t_run, t_run_epoch = time.perf_counter(), time.time()
+    written = ds.take_all()
+    plan.finalize()  # tars / Parquet inputs: listed and skipped counts are known only now
     timings["labeling_s"] = time.perf_counter() - t_run
+    timings.update(stage_timings(ds, since_epoch_s=t_run_epoch))
 
-    counts = _count_rows(config.output, config.storage_options)
-    rows = counts.pop("__rows__")
-    labeled = counts.pop("__labeled__")
+    counts = runstate.collect_counts(run)
+    rows, labeled = counts.rows, counts.labeled
     wall = time.perf_counter() - t0
     timings["wall_s"] = wall
     manifest = {
         "zslabel_run": 1,
         "config": config.public_dict(),
         "model": {"id": config.model, "revision": config.revision, "local_path": str(path),
-                  "digest": checkpoint_digest(path), "model_type": model_type, "score_kind": score_kind},
+                  "digest": digest, "model_type": model_type, "score_kind": score_kind},
         "labels": list(label_set.names),
         "templates": list(label_set.templates),
         "preprocess": spec.fingerprint_dict(),
-        "counts": {"rows": rows, "labeled": labeled, "errors_by_code": counts, "skipped": plan.skipped,
-                   "listed": plan.listed, "duplicates_removed": plan.duplicates_removed},
+        "counts": {"rows": rows, "labeled": labeled, "errors_by_code": counts.errors_by_code,
+                   "skipped": plan.skipped, "listed": plan.listed, "duplicates_removed": plan.duplicates_removed,
+                   "model_images": counts.model_images, "written_this_run": counts.written,
+                   "carried_over": counts.carried_over, "retried_errors": run.retried_rows,
+                   "files": counts.files, "files_this_run": len(written)},
+        "mode": config.mode,
         "actor_pool": list(pool),
         "timings": timings,
         "versions": package_versions(),
     }
-    manifest_path = write_manifest(config.output, manifest, config.storage_options)
-    summary = RunSummary(output=config.output, rows=rows, labeled=labeled, errors_by_code=counts,
+    manifest_path = runstate.commit_run(run, manifest)
+    summary = RunSummary(output=config.output, rows=rows, labeled=labeled, errors_by_code=counts.errors_by_code,
                          skipped=plan.skipped, listed=plan.listed, wall_seconds=wall,
                          images_per_second=rows / wall if wall else 0.0, manifest_path=manifest_path,
-                         timings=timings)
+                         timings=timings, model_images=counts.model_images,
+                         carried_over=counts.carried_over)
     failed = rows - labeled
     if config.max_error_fraction is not None and rows and failed / rows > config.max_error_fraction:
         raise ErrorBudgetExceeded(
@@ -193,31 +314,59 @@ def run_label_job(config: JobConfig) -> RunSummary:
     return summary
 
 
-def _arrow_fs(fs):
-    """An fsspec filesystem as a pyarrow filesystem (local stays native for speed)."""
-    import pyarrow.fs as pafs
-    from fsspec.implementations.local import LocalFileSystem
+def stage_timings(ds, since_epoch_s: float) -> dict[str, float | str]:
+    """Where the labeling time went, and whether the run was decode-bound or model-bound.
 
-    if isinstance(fs, LocalFileSystem):
-        return pafs.LocalFileSystem()
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    From Ray Data's per-operator stats of the executed ``ds`` (busy time = the sum of the
+    stage's task times) and the GCS actor table (how long this run's labeler actors were up,
+    counted from when each finished loading the model). Returns, all seconds unless named:
 
+    - ``decode_busy_s``, ``model_busy_s``: CPU-task time in decoding, actor time in labeling;
+      ``decode_ms_per_image``, ``model_ms_per_image``: the same per image, per task or actor.
+    - ``model_actor_s``: labeler actor lifetime; ``model_utilisation`` = model_busy_s /
+      model_actor_s, in [0, 1].
+    - ``bound``: ``"model"`` when the actors were busy at least ``MODEL_BOUND_UTILISATION`` of
+      their lifetime (more decode CPUs would not help), else ``"decode"`` (the actors waited
+      for images: reading + decoding was the limit; add decode CPUs or nodes).
 
-def _count_rows(uri: str, storage_options: dict) -> dict[str, int]:
-    """Counts per error code over the written output, reading only the ``error`` column."""
-    import pyarrow.dataset as pads
+    Empty when the stats are unavailable (nothing labeled); never raises.
+    """
+    try:
+        import ray._private.state
 
-    fs, root = output_filesystem(uri, storage_options)
-    table = pads.dataset(root, filesystem=_arrow_fs(fs), format="parquet").to_table(columns=["error"])
-    errors = table.column("error").to_pylist()
-    counts: dict[str, int] = {}
-    for e in errors:
-        if e is not None:
-            code = error_code(e)
-            counts[code] = counts.get(code, 0) + 1
-    counts["__rows__"] = len(errors)
-    counts["__labeled__"] = sum(e is None for e in errors)
-    return counts
+        ops = []
+        todo = [ds.get_stats_summary()]
+        while todo:
+            summary = todo.pop()
+            ops += summary.operators_stats
+            todo += summary.parents
+        busy = {"decode": 0.0, "model": 0.0}
+        images = 0
+        for op in ops:
+            stage = "decode" if "decode_batch" in op.operator_name else "model" if "Labeler" in op.operator_name else None
+            if stage and op.wall_time is not None:
+                busy[stage] += op.wall_time.sum
+                if stage == "model" and op.output_num_rows is not None:
+                    images += op.output_num_rows.sum
+        if not images:
+            return {}
+        now_ms = time.time() * 1000
+        # Private but dependency-free (the public ray.util.state needs the dashboard): the GCS
+        # actor table, with each actor's ALIVE time (after its constructor) and death time.
+        actor_ms = sum((a["EndTime"] or now_ms) - a["StartTime"]
+                       for a in ray._private.state.actors().values()
+                       if "Labeler" in a.get("ActorClassName", "") and a.get("StartTime")
+                       and a["StartTime"] >= since_epoch_s * 1000)
+    except Exception as exc:  # noqa: BLE001 - reporting only; a Ray upgrade must not fail the job
+        log.debug("no stage timings: %s", exc)
+        return {}
+    actor_s = actor_ms / 1000
+    utilisation = min(1.0, busy["model"] / actor_s) if actor_s > 0 else 0.0
+    return {"decode_busy_s": round(busy["decode"], 3), "model_busy_s": round(busy["model"], 3),
+            "decode_ms_per_image": round(1000 * busy["decode"] / images, 3),
+            "model_ms_per_image": round(1000 * busy["model"] / images, 3),
+            "model_actor_s": round(actor_s, 3), "model_utilisation": round(utilisation, 3),
+            "bound": "model" if utilisation >= MODEL_BOUND_UTILISATION else "decode"}
 
 
 def package_versions() -> dict[str, str]:

@@ -1,0 +1,296 @@
+"""Resumable, exactly-once runs on the real pipeline: output modes, fingerprint refusals,
+SIGKILL + --resume, an --overwrite killed mid-run, --retry-errors."""
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import photo
+from s3_server import s3, s3_endpoint  # noqa: F401  (fixtures)
+from zslabel import JobConfig, run_label_job
+from zslabel.errors import ConfigError, OutputError
+from zslabel.output import MANIFEST_NAME, output_schema
+from zslabel.runstate import (FINGERPRINT_KEY, STATE_DIR, RunPlan, WriteTarget, begin_run, collect_counts,
+                              describe_changes, fingerprint_digest, fingerprint_fields, inspect_output)
+
+N_MANY = 240
+LABELS = ["cat", "dog", "bird"]
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory):
+    """240 tiny PNGs (enough small batches that a run can be killed part-way)."""
+    d = tmp_path_factory.mktemp("many")
+    for i in range(N_MANY):
+        photo(20 + i % 9, 18 + i % 5, seed=i).save(d / f"im_{i:04d}.png")
+    return d
+
+
+def snapshot(folder):
+    """{relative path: sha256} of every file below ``folder`` (hidden and state files too)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def indices(out):
+    return sorted(pq.read_table(str(out), columns=["input_index"]).column(0).to_pylist())
+
+
+def manifest_of(out):
+    return json.loads((out / MANIFEST_NAME).read_text())
+
+
+def start_cli(args, ray_address, log_path):
+    env = dict(os.environ, RAY_ADDRESS=ray_address)
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, "-m", "zslabel", "label", *args], stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+
+
+def kill_when(proc, folder, pattern, at_least, log_path, timeout=240):
+    """SIGKILL ``proc`` as soon as ``at_least`` files match ``folder/pattern``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before it could be killed:\n"
+                        + log_path.read_text()[-3000:])
+        if len(list(folder.glob(pattern))) >= at_least:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail("no committed file appeared in time:\n" + log_path.read_text()[-3000:])
+
+
+def cli_args(images, out, model, labels, *extra):
+    return [str(images), "--labels", ",".join(labels), "--model", str(model), "--output", str(out),
+            "--batch-size", "4", "--rows-per-file", "4", "--concurrency", "1", *extra]
+
+
+def test_killed_run_resumes_exactly_once_without_recomputing(tiny_clip, ray_local, many_images, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "killed.log"
+    proc = start_cli(cli_args(many_images, out, tiny_clip, LABELS), ray_local, log)
+    kill_when(proc, out, "part-*.parquet", 3, log)
+    assert not (out / MANIFEST_NAME).exists(), "killed too late: the run had committed"
+    # Whatever is visible after a SIGKILL is whole: the folder reads as Parquet.
+    before = indices(out)
+    assert 0 < len(before) < N_MANY and len(set(before)) == len(before)
+
+    base = dict(input=str(many_images), output=str(out), labels=LABELS, model=str(tiny_clip),
+                batch_size=4, concurrency=(1, 1))
+    with pytest.raises(OutputError, match="already holds data .an unfinished run.*--resume"):
+        run_label_job(JobConfig(**base))
+    summary = run_label_job(JobConfig(**base, mode="resume"))
+
+    assert indices(out) == list(range(N_MANY))  # every input exactly once
+    table = pq.read_table(str(out))
+    paths = dict(zip(table.column("input_index").to_pylist(), table.column("path").to_pylist()))
+    assert [paths[i] for i in range(N_MANY)] == sorted(str(p) for p in many_images.iterdir())
+    counts = manifest_of(out)["counts"]
+    assert summary.carried_over >= len(before) and summary.rows == N_MANY == counts["rows"]
+    assert counts["model_images"] == summary.model_images == N_MANY - summary.carried_over < N_MANY
+    assert counts["carried_over"] == summary.carried_over and counts["written_this_run"] == summary.model_images
+    leftovers = [p for p in out.rglob("*") if p.name != MANIFEST_NAME and not p.name.startswith("part-")]
+    assert leftovers == []  # state folder and hidden temp files are gone after the commit
+
+
+def test_refusals_touch_nothing_resume_keeps_errors_and_retry_errors_recomputes_them(
+        tiny_clip, ray_local, image_folder, tmp_path):
+    broken = [image_folder / "broken_a.jpg", image_folder / "sub" / "broken_b.png", image_folder / "zz.png"]
+    for b in broken:
+        b.write_bytes(b"not an image at all")
+    out = tmp_path / "out"
+    base = dict(input=str(image_folder), output=str(out), labels=LABELS, model=str(tiny_clip), top_k=2,
+                batch_size=4, concurrency=(1, 1))
+    first = run_label_job(JobConfig(**base))
+    assert (first.rows, first.labeled, first.model_images) == (15, 12, 12)
+    before = snapshot(out)
+    manifest = manifest_of(out)
+    assert manifest["fingerprint"] == fingerprint_digest(manifest["fingerprint_fields"])
+    for f in out.glob("*.parquet"):
+        assert pq.read_schema(f).metadata[FINGERPRINT_KEY] == manifest["fingerprint"].encode()
+
+    with pytest.raises(OutputError, match="already holds data .a finished run."):
+        run_label_job(JobConfig(**base))
+    with pytest.raises(OutputError, match="labels differ: added 'fox', removed 'bird'"):
+        run_label_job(JobConfig(**dict(base, labels=["cat", "dog", "fox"]), mode="resume"))
+    with pytest.raises(OutputError, match=r"templates differ: added 'a photo of a \{\}\.'; top_k: 2 -> 3"):
+        run_label_job(JobConfig(**dict(base, top_k=3, templates=["This is a photo of {}.", "a photo of a {}."]),
+                                mode="resume"))
+    with pytest.raises(ConfigError, match="--retry-errors only applies with --resume"):
+        run_label_job(JobConfig(**base, mode="overwrite", retry_errors=True))
+    assert snapshot(out) == before  # byte-identical: refusals touch nothing
+
+    rows_before = {r["input_index"]: r for r in pq.read_table(str(out)).to_pylist()}
+    for i, b in enumerate(broken):  # the storage problem is fixed
+        photo(30, 26, seed=50 + i).save(b, format="PNG")
+    # Resume of a finished run (other execution settings are fine): error rows are kept, nothing
+    # is recomputed, the rows are the same.
+    kept = run_label_job(JobConfig(**dict(base, batch_size=5), mode="resume"))
+    assert (kept.rows, kept.labeled, kept.model_images, kept.carried_over) == (15, 12, 0, 15)
+    assert kept.errors_by_code == {"unidentified_image": 3}
+    assert {r["input_index"]: r for r in pq.read_table(str(out)).to_pylist()} == rows_before
+
+    retried = run_label_job(JobConfig(**base, mode="resume", retry_errors=True))
+    assert (retried.rows, retried.labeled, retried.model_images, retried.carried_over) == (15, 15, 3, 12)
+    assert manifest_of(out)["counts"]["retried_errors"] == 3
+    rows_after = {r["input_index"]: r for r in pq.read_table(str(out)).to_pylist()}
+    assert sorted(rows_after) == list(range(15))
+    for idx, row in rows_before.items():
+        if row["error"] is None:
+            assert rows_after[idx] == row  # labeled rows are carried over untouched
+        else:
+            assert rows_after[idx]["error"] is None and len(rows_after[idx]["labels"]) == 2
+
+
+def test_overwrite_killed_mid_run_keeps_previous_output(tiny_clip, ray_local, many_images, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "overwrite.log"
+    run_label_job(JobConfig(input=str(many_images), output=str(out), labels=LABELS, model=str(tiny_clip),
+                            batch_size=64, concurrency=(1, 1)))
+    old_table = pq.read_table(str(out)).sort_by("input_index")
+    old_files = snapshot(out)
+
+    new_labels = ["red", "green", "blue"]
+    proc = start_cli(cli_args(many_images, out, tiny_clip, new_labels, "--overwrite"), ray_local, log)
+    kill_when(proc, out / STATE_DIR / "staging", "*/part-*.parquet", 3, log)
+    assert pq.read_table(str(out)).sort_by("input_index").equals(old_table)  # same rows, whole
+    assert {k: v for k, v in snapshot(out).items() if not k.startswith(STATE_DIR)} == old_files
+
+    # --resume with the overwrite's settings continues its staged run, then swaps it in.
+    summary = run_label_job(JobConfig(input=str(many_images), output=str(out), labels=new_labels,
+                                      model=str(tiny_clip), batch_size=4, concurrency=(1, 1), mode="resume"))
+    new_table = pq.read_table(str(out))
+    assert indices(out) == list(range(N_MANY))
+    assert all(set(r) <= set(new_labels) for r in new_table.column("labels").to_pylist())
+    assert 0 < summary.carried_over and summary.model_images == N_MANY - summary.carried_over
+    assert manifest_of(out)["labels"] == new_labels and not (out / STATE_DIR).exists()
+    assert not set(old_files) & {str(p.relative_to(out)) for p in out.glob("*.parquet")}
+
+
+def test_overwrite_and_refusal_on_s3(s3, tiny_clip, ray_local):
+    """Object stores: files are published by single uploads, the swap is per-object renames."""
+    import fsspec
+
+    for i in range(6):
+        buf = io.BytesIO()
+        photo(30, 20, seed=i).save(buf, "PNG")
+        s3.put(f"images/img_{i}.png", buf.getvalue())
+    base = dict(input=s3.uri("images/"), output=s3.uri("out/"), model=str(tiny_clip), labels=LABELS,
+                storage_options=s3.storage_options, batch_size=2, concurrency=(1, 1))
+    run_label_job(JobConfig(**base))
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    root = f"{s3.bucket}/out"
+    old = sorted(fs.find(root))
+    with pytest.raises(OutputError, match="already holds data"):
+        run_label_job(JobConfig(**base))
+    assert sorted(fs.find(root)) == old
+
+    summary = run_label_job(JobConfig(**dict(base, labels=["red", "green"]), mode="overwrite"))
+    table = pq.read_table(root, filesystem=fs)
+    assert sorted(table.column("input_index").to_pylist()) == list(range(6)) and summary.model_images == 6
+    assert all(set(r) <= {"red", "green"} for r in table.column("labels").to_pylist())
+    now = sorted(fs.find(root))
+    old_parts = [f for f in old if "/part-" in f]
+    assert old_parts and not set(now) & set(old_parts) and not [f for f in now if "/_zslabel" in f or "/." in f]
+    assert json.loads(fs.cat_file(f"{root}/{MANIFEST_NAME}"))["labels"] == ["red", "green"]
+
+
+def write_part(path, idx, fingerprint, errors=None):
+    table = pa.table({"input_index": pa.array(idx, pa.int64()),
+                      "error": pa.array(errors or [None] * len(idx), pa.string())})
+    pq.write_table(table.replace_schema_metadata({FINGERPRINT_KEY: fingerprint.encode()}), path)
+
+
+def test_duplicates_from_re_executed_writers_are_removed_before_the_commit(tmp_path):
+    """Rows of earlier runs win, then this run's files in name order; no input is lost."""
+    out = tmp_path / "out"
+    out.mkdir()
+    write_part(out / "part-R0-c.parquet", [0, 1], "fp")          # committed by an earlier run
+    write_part(out / "part-R1-a.parquet", [1, 2], "fp")          # this run, 1 is a duplicate
+    write_part(out / "part-R1-b.parquet", [2, 3], "fp", [None, "truncated: x"])
+    write_part(out / "part-R1-z.parquet", [1], "fp")             # only duplicates: deleted
+    carried_before = (out / "part-R0-c.parquet").read_bytes()
+    plan = RunPlan(inspect_output(str(out)), WriteTarget(str(out), {}, "", "R1", "fp"), {}, done=None)
+    counts = collect_counts(plan)
+    assert indices(out) == [0, 1, 2, 3] and not (out / "part-R1-z.parquet").exists()
+    assert (out / "part-R0-c.parquet").read_bytes() == carried_before
+    assert pq.read_table(out / "part-R1-a.parquet").column("input_index").to_pylist() == [2]
+    assert pq.read_table(out / "part-R1-b.parquet").column("input_index").to_pylist() == [3]
+    assert (counts.rows, counts.written, counts.carried_over, counts.model_images) == (4, 2, 2, 1)
+    assert counts.errors_by_code == {"truncated": 1}
+
+    write_part(out / "part-R0-d.parquet", [0], "fp")  # earlier runs disagree: not repairable here
+    with pytest.raises(OutputError, match="holds 1 inputs more than once"):
+        collect_counts(plan)
+
+
+def test_swap_cut_short_is_finished_by_the_next_run(tmp_path):
+    """A crash inside an overwrite's swap (some old files deleted, some staged files moved) is
+    rolled forward by the next --resume/--overwrite; the default mode refuses and touches nothing."""
+    out = tmp_path / "out"
+    staging = out / STATE_DIR / "staging" / "R2"
+    staging.mkdir(parents=True)
+    fields = {"labels": ["new"]}
+    fp = fingerprint_digest(fields)
+
+    write_part(out / "part-R1-a.parquet", [0, 1], "old")   # old output: part-R1-b and its manifest already deleted
+    write_part(out / "part-R2-x.parquet", [0, 1], fp)      # staged file already moved in
+    write_part(staging / "part-R2-y.parquet", [2, 3], fp)  # staged file not yet moved
+    manifest = {"run_id": "R2", "fingerprint": fp, "fingerprint_fields": fields}
+    record = {"run_id": "R2", "data_dir": "_zslabel/staging/R2", "fingerprint": fp, "fingerprint_fields": fields}
+    (out / STATE_DIR / "run.json").write_text(json.dumps(record))
+    (out / STATE_DIR / "swap.json").write_text(json.dumps(dict(record, files=["part-R2-x.parquet", "part-R2-y.parquet"],
+                                                               manifest=manifest)))
+    before = snapshot(out)
+    with pytest.raises(OutputError, match="unfinished run"):
+        begin_run(JobConfig(input="in", output=str(out)), fields)
+    assert snapshot(out) == before
+
+    plan = begin_run(JobConfig(input="in", output=str(out), mode="resume"), fields)
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["part-R2-x.parquet", "part-R2-y.parquet"]
+    assert indices(out) == [0, 1, 2, 3] and plan.done.tolist() == [0, 1, 2, 3] and not plan.staged
+    assert not staging.exists()
+
+
+def test_fingerprint_covers_results_not_execution():
+    schema = output_schema()
+
+    def fields(**kw):
+        cfg = JobConfig(**{"input": "in", "output": "out", "labels": LABELS, **kw})
+        return fingerprint_fields(cfg, checkpoint_digest="abc", model_type="clip", score_kind="softmax",
+                                  labels=cfg.labels, templates=cfg.templates, preprocess={"size": 224},
+                                  schema=schema)
+
+    base = fields()
+    same = fields(batch_size=7, concurrency=(1, 2), address="x", mode="resume", storage_options={"key": "s3cr3t"})
+    assert fingerprint_digest(same) == fingerprint_digest(base) and "s3cr3t" not in json.dumps(same)
+    assert describe_changes(base, fields(top_k=3, store_embeddings=True)) == [
+        "store_embeddings: False -> True", "top_k: 5 -> 3"]
+    assert describe_changes(base, fields(labels=["dog", "cat", "fox", "cow"])) == [
+        "labels differ: added 'fox', 'cow', removed 'bird'"]
+    assert describe_changes(base, fields(labels=["dog", "cat", "bird"])) == [
+        "labels differ: same entries, other order: ['cat', 'dog', 'bird'] -> ['dog', 'cat', 'bird']"]
+    assert describe_changes({"model": {"digest": "a"}}, {"model": {"digest": "b"}}) == ["model.digest: 'a' -> 'b'"]
+
+
+def test_cli_flags_map_to_modes():
+    from zslabel.cli import build_parser, config_from_args
+
+    def parse(*flags):
+        return config_from_args(build_parser().parse_args(["label", "in", "-o", "out", "--labels", "a", *flags]))
+
+    cfg = parse("--resume", "--retry-errors")
+    assert (cfg.mode, cfg.retry_errors) == ("resume", True)
+    assert (parse().mode, parse().retry_errors, parse("--overwrite").mode) == ("error", False, "overwrite")
+    with pytest.raises(ConfigError, match="only applies with --resume"):
+        parse("--retry-errors").validate()
