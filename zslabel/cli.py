@@ -185,6 +185,11 @@ def relabel_config_from_args(args: argparse.Namespace):
         if value is not None:
             setattr(config, name, value)
     config.store_embeddings = not args.drop_embeddings
+    return _apply_prompt_and_storage_flags(config, args)
+
+
+def _apply_prompt_and_storage_flags(config, args: argparse.Namespace):
+    """Set labels, templates and storage options from the flags shared by label and relabel."""
     if args.labels is not None:
         config.labels = parse_label_list(args.labels)
     if args.template is not None and args.templates is not None:
@@ -279,19 +284,9 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         value = getattr(args, name, None)
         if value is not None:
             setattr(config, name, value)
-    if args.labels is not None:
-        config.labels = parse_label_list(args.labels)
-    if args.template is not None and args.templates is not None:
-        raise ZslabelError("give --template or --templates, not both")
-    if args.template is not None:
-        config.templates = [args.template]
-    if args.templates is not None:
-        config.templates = resolve_templates(args.templates)
     if args.concurrency is not None:
         config.concurrency = parse_concurrency(args.concurrency)
-    if args.storage_options is not None:
-        config.storage_options = parse_storage_options(args.storage_options)
-    return config
+    return _apply_prompt_and_storage_flags(config, args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .labels import DEFAULT_TEMPLATE, TEMPLATE_SETS, parse_label_list, read_lines, validate_labels, validate_template
+from .labels import (DEFAULT_TEMPLATE, TEMPLATE_SETS, merge_labels_file, parse_label_list, read_lines,
+                     validate_prompts)
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 OUTPUT_MODES = ("error", "resume", "overwrite")
@@ -103,13 +104,8 @@ class JobConfig:
     # ---- validation ---------------------------------------------------------------------
     def resolve_labels(self) -> None:
         """Merge ``labels_file`` into ``labels`` (file lines after any --labels entries)."""
-        if self.labels_file:
-            try:
-                text = Path(self.labels_file).read_text(encoding="utf-8")
-            except OSError as exc:
-                raise ConfigError(f"cannot read labels file {self.labels_file}: {exc}") from exc
-            self.labels = list(self.labels) + read_lines(text)
-            self.labels_file = None
+        self.labels = merge_labels_file(self.labels, self.labels_file)
+        self.labels_file = None
 
     def validate(self) -> None:
         """Check every setting that can be checked without the model or storage.
@@ -122,11 +118,7 @@ class JobConfig:
             raise ConfigError("no input given")
         if not self.output:
             raise ConfigError("no output given: pass --output DIR_OR_URI")
-        validate_labels(self.labels)
-        if not self.templates:
-            raise ConfigError("no prompt templates given")
-        for t in self.templates:
-            validate_template(t)
+        validate_prompts(self.labels, self.templates)
         self.ranking_rule().validate()
         if self.rows_per_file < 1:
             raise ConfigError(f"--rows-per-file must be >= 1 (got {self.rows_per_file})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -69,6 +70,26 @@ def validate_template(template: str) -> None:
         raise ConfigError(f"template {template!r} must contain exactly one '{{}}' field (found {len(fields)})")
 
 
+def merge_labels_file(labels: list[str], labels_file: str | None) -> list[str]:
+    """``labels`` followed by the lines of ``labels_file`` (if given); ConfigError if unreadable."""
+    if not labels_file:
+        return list(labels)
+    try:
+        text = Path(labels_file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read labels file {labels_file}: {exc}") from exc
+    return list(labels) + read_lines(text)
+
+
+def validate_prompts(names: list[str], templates: list[str]) -> None:
+    """Labels (non-empty, unique) and templates (at least one, one ``{}`` each); ConfigError."""
+    validate_labels(names)
+    if not templates:
+        raise ConfigError("no prompt templates given")
+    for t in templates:
+        validate_template(t)
+
+
 @dataclass(frozen=True)
 class LabelSet:
     """The zero-shot classifier: label names, templates and label embeddings.
@@ -102,11 +123,7 @@ def build_label_set(names: list[str], templates: list[str], model) -> LabelSet:
         ConfigError: invalid labels/templates, or a prompt longer than the text tower's maximum
             length (the message names the label and template).
     """
-    validate_labels(names)
-    if not templates:
-        raise ConfigError("no prompt templates given")
-    for t in templates:
-        validate_template(t)
+    validate_prompts(names, templates)
     prompts = [t.format(n) for n in names for t in templates]
     limit = model.max_text_length
     for prompt, length in zip(prompts, model.prompt_lengths(prompts)):

@@ -27,11 +27,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import posixpath
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import NON_FINITE_SCORES, ConfigError, InputError, OutputError, error_code, error_string
-from .labels import DEFAULT_TEMPLATE, read_lines, validate_labels, validate_template
+from .evaluate import normalise_path
+from .labels import DEFAULT_TEMPLATE, merge_labels_file, validate_prompts
 from .output import (MANIFEST_NAME, existing_output_files, output_filesystem, output_schema, read_manifest,
                      result_table, write_manifest)
 
@@ -95,29 +94,20 @@ class RelabelConfig:
 
     def validate(self) -> None:
         """Check everything that needs neither the model nor storage; ConfigError on the first problem."""
-        if self.labels_file:
-            try:
-                text = Path(self.labels_file).read_text(encoding="utf-8")
-            except OSError as exc:
-                raise ConfigError(f"cannot read labels file {self.labels_file}: {exc}") from exc
-            self.labels = list(self.labels) + read_lines(text)
-            self.labels_file = None
+        self.labels = merge_labels_file(self.labels, self.labels_file)
+        self.labels_file = None
         if not self.source:
             raise ConfigError("no source given: pass an earlier run's output (made with --store-embeddings)")
         if not self.output:
             raise ConfigError("no output given: pass --output DIR_OR_URI")
-        validate_labels(self.labels)
-        if not self.templates:
-            raise ConfigError("no prompt templates given")
-        for t in self.templates:
-            validate_template(t)
+        validate_prompts(self.labels, self.templates)
         self.ranking_rule().validate()
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
         if self.mode not in RELABEL_MODES:
             raise ConfigError(f"relabel mode must be one of {RELABEL_MODES} (got {self.mode!r})")
-        if _normalise_uri(self.output) == _normalise_uri(self.source) or \
-                _normalise_uri(self.output).startswith(_normalise_uri(self.source).rstrip("/") + "/"):
+        if normalise_path(self.output) == normalise_path(self.source) or \
+                normalise_path(self.output).startswith(normalise_path(self.source).rstrip("/") + "/"):
             raise ConfigError(f"--output {self.output} is the source (or inside it); choose another location")
 
     def public_dict(self) -> dict[str, Any]:
@@ -125,15 +115,6 @@ class RelabelConfig:
         d = dataclasses.asdict(self)
         d["storage_options"] = {k: "<redacted>" for k in self.storage_options}
         return d
-
-
-def _normalise_uri(uri: str) -> str:
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
-    if "://" in uri:
-        proto, rest = uri.split("://", 1)
-        return f"{proto}://{posixpath.normpath(rest)}"
-    return os.path.normpath(os.path.abspath(uri))
 
 
 def source_files(source: str, storage_options: dict | None = None) -> tuple[Any, list[str], str]:
