@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config import JobConfig
 from . import runstate
@@ -32,9 +33,6 @@ ACTOR_MAX_TASK_RETRIES = 4
 ACTOR_INIT_DEATHS_TOLERATED = 3
 # An autoscaler node type without a maximum count, when sizing the labeler actor pool.
 UNLIMITED_NODES = 64
-# Labeler actors busy at least this fraction of their lifetime mark a run as model-bound; in a
-# decode-bound run they idle between batches (1 - decode rate / model rate of the time).
-MODEL_BOUND_UTILISATION = 0.7
 
 
 @dataclass
@@ -50,7 +48,7 @@ class RunSummary:
     wall_seconds: float
     images_per_second: float
     manifest_path: str
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)   # seconds, plus stage_timings' facts
     model_images: int = 0      # rows this run sent to the model (resume: fewer than ``rows``)
     carried_over: int = 0      # rows kept from earlier runs of this output (``--resume``)
 
@@ -193,9 +191,12 @@ def run_label_job(config: JobConfig) -> RunSummary:
     from .stages import Labeler, LabelerSettings, decode_batch
 
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
+    timings: dict[str, Any] = {}
     config.validate()
     runstate.check_mode(config, runstate.inspect_output(config.output, config.storage_options))
+    # Resources first: an impossible request fails before a multi-GB checkpoint download.
+    init_ray(config.address)
+    pool = actor_pool_size(config)
 
     spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode}
     path = resolve_checkpoint(config.model, config.revision, config.storage_options)
@@ -208,8 +209,6 @@ def run_label_job(config: JobConfig) -> RunSummary:
     del text_model
     timings["model_and_labels_s"] = time.perf_counter() - t0
 
-    init_ray(config.address)
-    pool = actor_pool_size(config)
     plan = sources.plan_inputs(
         config.input, input_format=config.input_format, storage_options=config.storage_options,
         path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,
@@ -241,6 +240,10 @@ def run_label_job(config: JobConfig) -> RunSummary:
                             scheduling_strategy="SPREAD", max_retries=DECODE_MAX_RETRIES)
     ds = ds.map_batches(
         decode_batch, fn_kwargs={"spec": spec, "storage_options": config.storage_options},
+        # The CPU:GPU split is not configured: every CPU the actors leave free can run a decode
+        # task (decode_cpus_per_task each; 1 suits single-threaded Pillow, < 1 overlaps remote
+        # reads), and Ray Data's backpressure (the actors' input queue budget) stops decoding
+        # from running ahead of the model. The manifest's timings say which side was the limit.
         batch_size=config.batch_size, num_cpus=config.decode_cpus_per_task, batch_format="numpy",
         # Decode tasks spread over the cluster (near the data, off the GPU nodes' hot CPUs) and
         # actors pack; the differing strategies also keep Ray Data from fusing decoding into
@@ -276,7 +279,7 @@ def run_label_job(config: JobConfig) -> RunSummary:
     written = ds.take_all()
     plan.finalize()  # tars / Parquet inputs: listed and skipped counts are known only now
     timings["labeling_s"] = time.perf_counter() - t_run
-    timings.update(stage_timings(ds, since_epoch_s=t_run_epoch))
+    timings.update(stage_timings(ds, since_epoch_s=t_run_epoch, config=config))
 
     counts = runstate.collect_counts(run)
     rows, labeled = counts.rows, counts.labeled
@@ -314,24 +317,31 @@ def run_label_job(config: JobConfig) -> RunSummary:
     return summary
 
 
-def stage_timings(ds, since_epoch_s: float) -> dict[str, float | str]:
+def stage_timings(ds, since_epoch_s: float, config: JobConfig) -> dict[str, float | str]:
     """Where the labeling time went, and whether the run was decode-bound or model-bound.
 
-    From Ray Data's per-operator stats of the executed ``ds`` (busy time = the sum of the
-    stage's task times) and the GCS actor table (how long this run's labeler actors were up,
-    counted from when each finished loading the model). Returns, all seconds unless named:
+    Measured: each stage's busy time, the sum of its task times (Ray Data's per-operator stats
+    of the executed ``ds``), and this run's labeler actors with their lifetimes, counted from
+    when each had loaded the model (the GCS actor table). Returns (seconds unless named):
 
-    - ``decode_busy_s``, ``model_busy_s``: CPU-task time in decoding, actor time in labeling;
-      ``decode_ms_per_image``, ``model_ms_per_image``: the same per image, per task or actor.
-    - ``model_actor_s``: labeler actor lifetime; ``model_utilisation`` = model_busy_s /
-      model_actor_s, in [0, 1].
-    - ``bound``: ``"model"`` when the actors were busy at least ``MODEL_BOUND_UTILISATION`` of
-      their lifetime (more decode CPUs would not help), else ``"decode"`` (the actors waited
-      for images: reading + decoding was the limit; add decode CPUs or nodes).
+    - ``decode_busy_s``, ``model_busy_s``, and per image ``decode_ms_per_image``,
+      ``model_ms_per_image`` (per decode task or per actor).
+    - ``model_actors``: labeler actors that came up; ``decode_slots``: decode tasks the CPUs
+      they left free could run at once, (cluster CPUs - actors x ``num_cpus_per_actor``) /
+      ``decode_cpus_per_task``, at least 1.
+    - ``decode_need_s`` = decode_busy_s / decode_slots and ``model_need_s`` = model_busy_s /
+      model_actors: the wall time each stage needs with all its slots busy.
+    - ``bound``: the stage with the larger need, ``"decode"`` (reading + decoding; more decode
+      CPUs or nodes would speed the run up) or ``"model"`` (more or faster actors would). A
+      capacity comparison, so it holds for short runs too, where actors start after decoding
+      has already run ahead.
+    - ``model_actor_s``, ``model_utilisation`` = model_busy_s / model_actor_s in [0, 1]: the
+      observed busy share of the actors' lifetime (low: they waited for images).
 
     Empty when the stats are unavailable (nothing labeled); never raises.
     """
     try:
+        import ray
         import ray._private.state
 
         ops = []
@@ -353,20 +363,27 @@ def stage_timings(ds, since_epoch_s: float) -> dict[str, float | str]:
         now_ms = time.time() * 1000
         # Private but dependency-free (the public ray.util.state needs the dashboard): the GCS
         # actor table, with each actor's ALIVE time (after its constructor) and death time.
-        actor_ms = sum((a["EndTime"] or now_ms) - a["StartTime"]
-                       for a in ray._private.state.actors().values()
-                       if "Labeler" in a.get("ActorClassName", "") and a.get("StartTime")
-                       and a["StartTime"] >= since_epoch_s * 1000)
+        job_id = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+        lifetimes_ms = [(a["EndTime"] or now_ms) - a["StartTime"]
+                        for a in ray._private.state.actors(job_id=job_id).values()
+                        if "Labeler" in a.get("ActorClassName", "") and a.get("StartTime")
+                        and a["StartTime"] >= since_epoch_s * 1000]
+        cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
     except Exception as exc:  # noqa: BLE001 - reporting only; a Ray upgrade must not fail the job
         log.debug("no stage timings: %s", exc)
         return {}
-    actor_s = actor_ms / 1000
-    utilisation = min(1.0, busy["model"] / actor_s) if actor_s > 0 else 0.0
+    actors = max(1, len(lifetimes_ms))
+    actor_s = sum(lifetimes_ms) / 1000
+    slots = max(1.0, (cluster_cpus - actors * config.num_cpus_per_actor) / config.decode_cpus_per_task)
+    decode_need, model_need = busy["decode"] / slots, busy["model"] / actors
     return {"decode_busy_s": round(busy["decode"], 3), "model_busy_s": round(busy["model"], 3),
             "decode_ms_per_image": round(1000 * busy["decode"] / images, 3),
             "model_ms_per_image": round(1000 * busy["model"] / images, 3),
-            "model_actor_s": round(actor_s, 3), "model_utilisation": round(utilisation, 3),
-            "bound": "model" if utilisation >= MODEL_BOUND_UTILISATION else "decode"}
+            "model_actors": actors, "decode_slots": round(slots, 2),
+            "decode_need_s": round(decode_need, 3), "model_need_s": round(model_need, 3),
+            "model_actor_s": round(actor_s, 3),
+            "model_utilisation": round(min(1.0, busy["model"] / actor_s) if actor_s > 0 else 0.0, 3),
+            "bound": "model" if model_need >= decode_need else "decode"}
 
 
 def package_versions() -> dict[str, str]:

@@ -7,6 +7,7 @@ becomes that row's ``error``. Only uint8 pixels at model resolution leave the de
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,25 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
     return out
 
 
+def actor_threads(fallback: int) -> int:
+    """torch intra-op threads for a CPU labeler actor: the CPUs Ray assigned to it, rounded up.
+
+    Rounded up so that an actor holding 1.5 CPUs (a 2-core machine leaving 0.5 for decoding)
+    runs 2 threads: decoding is a small share of the work and fills the gaps, while 1 thread
+    would leave a core idle (benchmarks/README.md). ``fallback`` when Ray reports no CPUs.
+    """
+    import ray
+
+    try:
+        cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+    except Exception:  # noqa: BLE001 - outside an actor (tests calling the class directly)
+        cpus = 0.0
+    import os  # TEMP-EXPERIMENT
+    if os.environ.get("ZSLABEL_EXPERIMENT_THREADS"):  # TEMP-EXPERIMENT
+        return int(os.environ["ZSLABEL_EXPERIMENT_THREADS"])  # TEMP-EXPERIMENT
+    return max(1, math.ceil(cpus - 1e-6) if cpus > 0 else int(fallback))
+
+
 @dataclass
 class LabelerSettings:
     """What a labeler actor needs besides the label embeddings (all picklable, no secrets logged).
@@ -105,21 +125,30 @@ class Labeler:
         import ray
         import torch
 
+        from .errors import ModelLoadError
         from .model import ZeroShotModel, resolve_checkpoint
 
         self.settings = settings
-        use_cuda = torch.cuda.is_available() and len(ray.get_gpu_ids()) > 0
+        gpu_ids = ray.get_gpu_ids()
+        if gpu_ids and not torch.cuda.is_available():
+            # Ray gave this actor a GPU the installed torch cannot use (a CPU-only build, or a
+            # driver mismatch): labeling on the CPU instead would be silently 10-100x slower.
+            raise ModelLoadError(f"this labeler actor holds GPU(s) {gpu_ids} but torch {torch.__version__} "
+                                 "cannot use CUDA on node " + ray.get_runtime_context().get_node_id()
+                                 + "; install a CUDA build of torch there, or run with --num-gpus-per-actor 0")
+        use_cuda = torch.cuda.is_available() and len(gpu_ids) > 0
         device = "cuda" if use_cuda else "cpu"
         dtype = {"auto": torch.float16 if use_cuda else torch.float32, "float32": torch.float32,
                  "float16": torch.float16, "bfloat16": torch.bfloat16}[settings.dtype]
         if not use_cuda:
-            torch.set_num_threads(max(1, settings.num_threads))
+            torch.set_num_threads(actor_threads(settings.num_threads))
         path = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
         self.model = ZeroShotModel(path, device=device, dtype=dtype, **settings.spec_overrides)
         self.label_embeddings = torch.from_numpy(np.array(ray.get(label_refs[0]))).to(device)
         self.label_names = np.asarray(label_names, dtype=object)
         self.logit_scale, self.logit_bias = self.model.logit_scale, self.model.logit_bias
-        log.info("labeler ready on %s (%s), %d labels", device, dtype, len(label_names))
+        log.info("labeler ready on %s (%s, %d torch threads), %d labels", device, dtype,
+                 torch.get_num_threads(), len(label_names))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Label the decoded rows of ``batch`` (see ``decode_batch``); returns output rows."""
