@@ -50,7 +50,8 @@ def ray_local():
     """
     import ray
 
-    ray.init(num_cpus=4, _node_ip_address=NODE_IP, include_dashboard=False,
+    # address="local": always a fresh instance, never one a `ray start` left on this machine.
+    ray.init(address="local", num_cpus=4, _node_ip_address=NODE_IP, include_dashboard=False,
              log_to_driver=False, ignore_reinit_error=True)
     try:
         yield ray.get_runtime_context().gcs_address

@@ -81,3 +81,21 @@ def test_prompt_longer_than_text_tower_names_the_label(tiny_clip):
     long_label = "x" * 200
     with pytest.raises(ConfigError, match="x{20}.*longer than the text tower"):
         build_label_set(["cat", long_label], ["a {}."], model)
+
+
+@pytest.mark.parametrize("data, key", [({"top_k": "three"}, "top_k"), ({"labels": 5}, "labels"),
+                                       ({"store_embeddings": "no"}, "store_embeddings"),
+                                       ({"threshold": "abc"}, "threshold")])
+def test_yaml_values_of_the_wrong_type_are_config_errors(data, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}' must be"):
+        JobConfig.from_dict(data)
+
+
+def test_checkpoint_without_tokenizer_files_is_refused(tiny_clip, tmp_path):
+    import shutil
+
+    broken = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny_clip, broken, ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt",
+                                                                      "special_tokens_map.json"))
+    with pytest.raises(ConfigError, match="tokenizer"):
+        build_label_set(["cat", "dog"], ["a {}."], ZeroShotModel(broken))

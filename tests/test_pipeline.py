@@ -92,6 +92,12 @@ def test_refuses_occupied_output_and_validates_before_reading(tiny_clip, ray_loc
     with pytest.raises(OutputError, match="already holds data"):
         run_label_job(JobConfig(input=str(image_folder), output=str(out), labels=["a"], model=str(tiny_clip)))
     assert (out / "old.parquet").read_bytes() == b"keep me"
+    # --overwrite/--resume never touch a folder that is not a zslabel output (e.g. the input).
+    for mode in ("overwrite", "resume"):
+        with pytest.raises(OutputError, match="not a zslabel output"):
+            run_label_job(JobConfig(input=str(image_folder), output=str(image_folder), labels=["a"],
+                                    model=str(tiny_clip), mode=mode))
+    assert len(list(image_folder.rglob("*.*"))) == 12
     with pytest.raises(ConfigError, match="duplicate labels"):
         run_label_job(JobConfig(input=str(image_folder), output=str(tmp_path / "o2"), labels=["a", "a"],
                                 model=str(tiny_clip)))

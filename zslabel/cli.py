@@ -311,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
             _print_evaluation(args, args.predictions, args.ground_truth,
                               parse_storage_options(args.storage_options) if args.storage_options else {}, args.json)
             return 0
+    except KeyboardInterrupt:
+        print("zslabel: interrupted; committed files are kept: rerun with --resume to continue",
+              file=sys.stderr)
+        return 130
     except ErrorBudgetExceeded as exc:
         print(f"zslabel: error: {exc}", file=sys.stderr)
         return 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,10 @@ class JobConfig:
             data["templates"] = [data["templates"]]
         if data.get("concurrency") is not None:
             data["concurrency"] = parse_concurrency(data["concurrency"])
+        hints = typing.get_type_hints(cls)
+        for key, value in data.items():
+            if key != "concurrency" and not _matches(value, hints[key]):
+                raise ConfigError(f"config key {key!r} must be {_describe(hints[key])} (got {value!r})")
         return cls(**data)
 
     @classmethod
@@ -162,6 +168,34 @@ class JobConfig:
         if d["concurrency"] is not None:
             d["concurrency"] = list(d["concurrency"])
         return d
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a field's type hint (bool is not an int; ints are floats)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("NoneType", "None")
 
 
 def parse_concurrency(value: Any) -> tuple[int, int]:

@@ -125,8 +125,12 @@ def build_label_set(names: list[str], templates: list[str], model) -> LabelSet:
     """
     validate_prompts(names, templates)
     prompts = [t.format(n) for n in names for t in templates]
+    token_ids = model.prompt_token_ids(prompts)
+    if len(set(prompts)) > 1 and len(set(map(tuple, token_ids))) == 1:
+        raise ConfigError(f"the checkpoint's tokenizer maps every prompt to the same tokens {token_ids[0]}; "
+                          "is the tokenizer missing from the checkpoint folder (tokenizer.json / vocab.json)?")
     limit = model.max_text_length
-    for prompt, length in zip(prompts, model.prompt_lengths(prompts)):
+    for prompt, length in zip(prompts, map(len, token_ids)):
         if length > limit:
             raise ConfigError(f"prompt {prompt!r} is {length} tokens, longer than the text tower's "
                               f"maximum of {limit}; shorten that label or template")

@@ -177,9 +177,9 @@ class ZeroShotModel:
             limit = min(limit, SIGLIP_TEXT_LENGTH)
         return limit
 
-    def prompt_lengths(self, prompts: list[str]) -> list[int]:
-        """Token count of each prompt (special tokens included, no truncation)."""
-        return [len(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
+    def prompt_token_ids(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of each prompt (special tokens included, no truncation, no padding)."""
+        return [list(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
 
     def _tokenize(self, prompts: list[str]):
         # Same tokenizer arguments as transformers' zero-shot pipeline, so embeddings match it.

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .config import JobConfig
@@ -80,7 +81,26 @@ def init_ray(address: str | None) -> None:
     kwargs = {"log_to_driver": True}
     if address:
         kwargs["address"] = address
+        _check_reachable(address)
     ray.init(**kwargs)
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast on a ``host:port`` GCS address nothing listens on (``ray.init`` retries for
+    minutes). Other forms (``auto``, ``ray://``, ``http://``) are left to Ray.
+
+    Raises:
+        ConfigError: the TCP connection is refused or times out.
+    """
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or "/" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"cannot reach a Ray cluster at {address}: {exc}") from exc
 
 
 def actor_pool_size(config: JobConfig) -> tuple[int, int]:
@@ -288,7 +308,8 @@ def run_label_job(config: JobConfig) -> RunSummary:
     manifest = {
         "zslabel_run": 1,
         "config": config.public_dict(),
-        "model": {"id": config.model, "revision": config.revision, "local_path": str(path),
+        # A local checkpoint is recorded absolute, so relabel finds it from any folder.
+        "model": {"id": model_id(config.model), "revision": config.revision, "local_path": str(path),
                   "digest": digest, "model_type": model_type, "score_kind": score_kind},
         "labels": list(label_set.names),
         "templates": list(label_set.templates),
@@ -384,6 +405,12 @@ def stage_timings(ds, since_epoch_s: float, config: JobConfig) -> dict[str, floa
             "model_actor_s": round(actor_s, 3),
             "model_utilisation": round(min(1.0, busy["model"] / actor_s) if actor_s > 0 else 0.0, 3),
             "bound": "model" if model_need >= decode_need else "decode"}
+
+
+def model_id(model: str) -> str:
+    """``model`` as given, or its absolute path when it names a local folder."""
+    local = Path(model).expanduser()
+    return str(local.resolve()) if local.is_dir() else model
 
 
 def package_versions() -> dict[str, str]:

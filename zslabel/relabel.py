@@ -237,8 +237,13 @@ def run_relabel_job(config: RelabelConfig):
     timings: dict[str, float] = {}
     config.validate()
     so = config.storage_options
-    if existing_output_files(config.output, so) and config.mode != "overwrite":
+    existing = existing_output_files(config.output, so)
+    if existing and config.mode != "overwrite":
         raise OutputError(f"output {config.output} already holds data; choose an empty location or pass --overwrite")
+    if existing and read_manifest(config.output, so) is None:
+        # --overwrite replaces an earlier output, never a folder of other files (e.g. images).
+        raise OutputError(f"output {config.output} holds files that are not a zslabel output; "
+                          "refusing to --overwrite it")
     fs, files, source_root = source_files(config.source, so)
     with fs.open(files[0], "rb") as fh:
         source_schema = pq.read_schema(fh)

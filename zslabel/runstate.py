@@ -215,12 +215,22 @@ def inspect_output(uri: str, storage_options: dict | None = None) -> OutputState
 
 
 def check_mode(config: JobConfig, state: OutputState) -> None:
-    """The default mode's check, before the model is loaded: refuse an occupied output.
+    """Checks before the model is loaded: refuse an occupied output, and never let --resume or
+    --overwrite touch a folder that holds something other than a zslabel output (an input
+    folder given as output by mistake must not be deleted).
 
     Raises:
-        OutputError: ``config.mode == "error"`` and ``state`` is not empty (nothing is touched).
+        OutputError: ``config.mode == "error"`` and ``state`` is not empty, or another mode and
+            ``state`` holds files but no zslabel run (nothing is touched).
     """
-    if config.mode != "error" or state.is_empty:
+    if state.is_empty:
+        return
+    if config.mode != "error":
+        if not (state.manifest or state.run_record or state.swap_record):
+            examples = ", ".join(state.files[:3])
+            raise OutputError(f"output {config.output} holds files that are not a zslabel output "
+                              f"({examples}{', ...' if len(state.files) > 3 else ''}); refusing to "
+                              f"--{config.mode} it. Choose an empty or a zslabel output location")
         return
     unfinished = state.run_record or state.swap_record or (state.data_files() and not state.manifest)
     what = "an unfinished run" if unfinished else "a finished run"
