@@ -111,7 +111,34 @@ def build_model(tok: CLIPTokenizer, seed: int) -> CLIPModel:
                        "num_hidden_layers": 4, "image_size": IMAGE_SIZE, "patch_size": PATCH},
         projection_dim=64,
     )
-    return CLIPModel(cfg)
+    model = CLIPModel(cfg)
+    _init_sincos_positions(model)
+    return model
+
+
+def _init_sincos_positions(model: CLIPModel) -> None:
+    """Initialise the vision position embeddings to fixed 2-D sine-cosine values (still trained).
+
+    Random position embeddings leave a from-scratch ViT blind to patch layout for many steps,
+    and shape recognition is all layout; sin-cos initialisation (MAE, He et al. 2021,
+    ``get_2d_sincos_pos_embed``) gives it from step one. The class token's row is zero.
+    """
+    emb = model.vision_model.embeddings.position_embedding.weight  # (1 + g*g, width)
+    width = emb.shape[1]
+    g = int(round((emb.shape[0] - 1) ** 0.5))
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(g, dtype=torch.float64), torch.arange(g, dtype=torch.float64),
+                            indexing="ij")
+    parts = []
+    for pos in (ys.reshape(-1), xs.reshape(-1)):
+        ang = pos[:, None] * omega[None, :]
+        parts += [torch.sin(ang), torch.cos(ang)]
+    grid = torch.cat(parts, dim=1)  # (g*g, 4*quarter)
+    table = torch.zeros_like(emb, dtype=torch.float64)
+    table[1:, : grid.shape[1]] = grid
+    with torch.no_grad():
+        emb.copy_(table.to(emb.dtype))
 
 
 def build_processor() -> CLIPImageProcessorPil:
@@ -162,11 +189,55 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.rot90(x, k, (-2, -1)) if k else x
 
 
-def train(model, tok, pixels, labels, captions, *, steps, batch, lr, seed, max_seconds, log_every=100):
-    """Contrastive training; returns the number of steps actually run (stops at ``max_seconds``)."""
-    label_ids = torch.tensor([shapes.all_labels().index(lab) for lab in labels])
-    enc = tok(captions, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+def caption_bank() -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Every training caption with the colour and shape it names.
+
+    Returns:
+        ``(texts, colour_ids, shape_ids)``: full captions (each :data:`shapes.TRAIN_TEMPLATES`
+        with each seen label), colour-only captions and shape-only captions; ``colour_ids`` and
+        ``shape_ids`` are ``(len(texts),)`` int64 indices into ``COLOURS`` / ``SHAPES``, -1 where
+        the caption does not name one.
+    """
+    colours, shape_names = list(shapes.COLOURS), list(shapes.SHAPES)
+    texts, cid, sid = [], [], []
+    for label in shapes.seen_labels():
+        c, s = label.split(" ")
+        for t in shapes.TRAIN_TEMPLATES:
+            texts.append(t.format(label)), cid.append(colours.index(c)), sid.append(shape_names.index(s))
+    for c in colours:
+        for t in shapes.COLOUR_TEMPLATES:
+            texts.append(t.format(c)), cid.append(colours.index(c)), sid.append(-1)
+    for s in shape_names:
+        for t in shapes.SHAPE_TEMPLATES:
+            texts.append(t.format(s)), cid.append(-1), sid.append(shape_names.index(s))
+    return texts, torch.tensor(cid), torch.tensor(sid)
+
+
+def train(model, tok, pixels, labels, *, steps, batch, lr, seed, max_seconds, partial=0.4,
+          log_every=100, eval_fn=None):
+    """Contrastive training; returns the number of steps actually run (stops at ``max_seconds``).
+
+    Each image in a batch gets a random caption from :func:`caption_bank` that is true of it:
+    with probability ``partial`` one naming only its colour or only its shape (half each),
+    else a full one. Targets of the symmetric CLIP cross-entropy are spread uniformly over every
+    batch pair whose caption is true of the image (a caption is true of an image when each
+    attribute it names matches), so repeated labels and partial captions are never negatives.
+    Partial captions teach the towers colour and shape as separate directions, which is what
+    lets held-out combinations compose.
+
+    ``eval_fn(model)``, when given, is called every ``log_every`` steps and its result logged.
+    """
+    colours, shape_names = list(shapes.COLOURS), list(shapes.SHAPES)
+    img_c = torch.tensor([colours.index(lab.split(" ")[0]) for lab in labels])
+    img_s = torch.tensor([shape_names.index(lab.split(" ")[1]) for lab in labels])
+    texts, cap_c, cap_s = caption_bank()
+    enc = tok(texts, padding=True, return_tensors="pt")  # pads to the longest caption
     ids, mask = enc["input_ids"], enc["attention_mask"]
+    # Candidate caption indices per (colour, shape) and kind, for fast sampling.
+    full = {(c, s): torch.nonzero((cap_c == c) & (cap_s == s)).flatten()
+            for c in range(len(colours)) for s in range(len(shape_names))}
+    by_colour = [torch.nonzero((cap_c == c) & (cap_s == -1)).flatten() for c in range(len(colours))]
+    by_shape = [torch.nonzero((cap_s == s) & (cap_c == -1)).flatten() for s in range(len(shape_names))]
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
@@ -181,12 +252,24 @@ def train(model, tok, pixels, labels, captions, *, steps, batch, lr, seed, max_s
     for step in range(1, steps + 1):
         idx = torch.randint(len(pixels), (batch,), generator=gen)
         x = augment(pixels[idx], gen)
-        out = model(pixel_values=x, input_ids=ids[idx], attention_mask=mask[idx])
-        same = (label_ids[idx][:, None] == label_ids[idx][None, :]).float()
-        target = same / same.sum(-1, keepdim=True)
-        logits = out.logits_per_image
-        loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, -1), -1).mean()
-                      + torch.sum(-target * F.log_softmax(logits.T, -1), -1).mean())
+        kind = torch.rand(batch, generator=gen)
+        pick = torch.randint(1 << 30, (batch,), generator=gen)
+        cap = []
+        for k, u, r in zip(idx.tolist(), kind.tolist(), pick.tolist()):
+            c, s = int(img_c[k]), int(img_s[k])
+            pool = by_colour[c] if u < partial / 2 else by_shape[s] if u < partial else full[(c, s)]
+            cap.append(int(pool[r % len(pool)]))
+        cap = torch.tensor(cap)
+        bc, bs = img_c[idx], img_s[idx]
+        tc, ts = cap_c[cap], cap_s[cap]
+        same = (((tc[None, :] == -1) | (tc[None, :] == bc[:, None]))
+                & ((ts[None, :] == -1) | (ts[None, :] == bs[:, None]))).float()  # (image, caption)
+        out = model(pixel_values=x, input_ids=ids[cap], attention_mask=mask[cap])
+        logits = out.logits_per_image  # (image, caption)
+        t_img = same / same.sum(1, keepdim=True)
+        t_txt = (same / same.sum(0, keepdim=True)).T
+        loss = 0.5 * (torch.sum(-t_img * F.log_softmax(logits, -1), -1).mean()
+                      + torch.sum(-t_txt * F.log_softmax(logits.T, -1), -1).mean())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -195,8 +278,12 @@ def train(model, tok, pixels, labels, captions, *, steps, batch, lr, seed, max_s
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # CLIP paper: temperature capped at 100
         if step % log_every == 0 or step == 1:
+            extra = ""
+            if eval_fn is not None and step > 1:
+                extra = f" eval {eval_fn(model)}"
+                model.train()
             print(f"step {step}/{steps} loss {loss.item():.3f} scale {model.logit_scale.exp().item():.1f} "
-                  f"{time.time() - t0:.0f}s", flush=True)
+                  f"{time.time() - t0:.0f}s{extra}", flush=True)
         if time.time() - t0 > max_seconds:
             print(f"time budget reached at step {step}", flush=True)
             break
@@ -306,12 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     train_set = shapes.generate(args.n_train, args.seed, "seen", IMAGE_SIZE)
     pixels = preprocess(proc, [s.image for s in train_set])
     labels = [s.label for s in train_set]
-    captions = [s.caption for s in train_set]
     del train_set
     print(f"data: {len(pixels)} images {tuple(pixels.shape)} in {time.time() - t_start:.0f}s", flush=True)
 
     t_train = time.time()
-    steps = train(model, tok, pixels, labels, captions, steps=args.steps, batch=args.batch,
+    steps = train(model, tok, pixels, labels, steps=args.steps, batch=args.batch,
                   lr=args.lr, seed=args.seed, max_seconds=args.max_train_seconds)
     train_s = time.time() - t_train
 

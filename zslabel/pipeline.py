@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,10 @@ def init_ray(address: str | None) -> None:
     if address:
         kwargs["address"] = address
         _check_reachable(address)
+    elif not os.environ.get("RAY_ADDRESS"):
+        # Embedded: a fresh local instance, never a (possibly stale) `ray start` cluster that
+        # plain ray.init() would try to join.
+        kwargs["address"] = "local"
     ray.init(**kwargs)
 
 
