@@ -85,9 +85,6 @@ def actor_threads(fallback: int) -> int:
         cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
     except Exception:  # noqa: BLE001 - outside an actor (tests calling the class directly)
         cpus = 0.0
-    import os  # TEMP-EXPERIMENT
-    if os.environ.get("ZSLABEL_EXPERIMENT_THREADS"):  # TEMP-EXPERIMENT
-        return int(os.environ["ZSLABEL_EXPERIMENT_THREADS"])  # TEMP-EXPERIMENT
     return max(1, math.ceil(cpus - 1e-6) if cpus > 0 else int(fallback))
 
 
