@@ -219,10 +219,6 @@ def run_label_job(config: JobConfig) -> RunSummary:
     timings: dict[str, Any] = {}
     config.validate()
     runstate.check_mode(config, runstate.inspect_output(config.output, config.storage_options))
-    # Resources first: an impossible request fails before a multi-GB checkpoint download.
-    init_ray(config.address)
-    pool = actor_pool_size(config)
-
     spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode}
     path = resolve_checkpoint(config.model, config.revision, config.storage_options)
     text_model = ZeroShotModel(path, **spec_overrides)
@@ -234,6 +230,11 @@ def run_label_job(config: JobConfig) -> RunSummary:
     del text_model
     timings["model_and_labels_s"] = time.perf_counter() - t0
 
+    # After the model: in a `ray job submit` driver, joining the cluster can replace the job's
+    # unpacked working_dir under the process (its cwd then no longer exists), which breaks
+    # libraries that resolve relative paths at import time (transformers does).
+    init_ray(config.address)
+    pool = actor_pool_size(config)
     plan = sources.plan_inputs(
         config.input, input_format=config.input_format, storage_options=config.storage_options,
         path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,
