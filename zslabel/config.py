@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .labels import (DEFAULT_TEMPLATE, TEMPLATE_SETS, merge_labels_file, parse_label_list, read_lines,
+from .textfiles import read_lines, read_text
+from .labels import (DEFAULT_TEMPLATE, TEMPLATE_SETS, merge_labels_file, parse_label_list,
                      validate_prompts)
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
@@ -99,9 +100,10 @@ class JobConfig:
         """Read a YAML config file; raises ConfigError if missing, invalid, or not a mapping."""
         import yaml
 
+        text = read_text(path, what="config")
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a mapping of keys to values")
@@ -221,7 +223,7 @@ def parse_storage_options(text: str) -> dict[str, Any]:
     import yaml
 
     if Path(text).is_file():
-        text = Path(text).read_text()
+        text = read_text(text, what="--storage-options file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -238,8 +240,7 @@ def resolve_templates(value: str) -> list[str]:
     """``--templates`` argument: a named set (see ``labels.TEMPLATE_SETS``) or a file of lines."""
     if value in TEMPLATE_SETS:
         return list(TEMPLATE_SETS[value])
-    try:
-        return read_lines(Path(value).read_text(encoding="utf-8"))
-    except OSError as exc:
+    if not Path(value).is_file() and "://" not in value:
         raise ConfigError(f"--templates {value!r} is neither a named set ({', '.join(TEMPLATE_SETS)}) "
-                          f"nor a readable file: {exc}") from exc
+                          "nor a file")
+    return read_lines(read_text(value, what="templates file"))

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ import pyarrow.parquet as pq
 
 from .errors import InputError, error_code
 from .output import output_filesystem, read_manifest
+from .textfiles import decode_text
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +155,9 @@ def _read_table(uri: str, fs, root: str) -> pa.Table:
             with fs.open(root, "rb") as fh:
                 return pq.read_table(fh)
         # The csv module keeps every cell as text: labels like "1" or "007" stay labels.
-        with fs.open(root, "r", encoding="utf-8", newline="") as fh:
-            rows = list(csv.reader(fh, delimiter="\t" if name.endswith(".tsv") else ","))
+        with fs.open(root, "rb") as fh:
+            text = decode_text(fh.read(), uri)
+        rows = list(csv.reader(io.StringIO(text), delimiter="\t" if name.endswith(".tsv") else ","))
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"cannot read ground truth {uri}: {exc}") from exc
     if not rows:

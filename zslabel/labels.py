@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .errors import ConfigError
+from .textfiles import read_lines, read_text
 
 DEFAULT_TEMPLATE = "This is a photo of {}."
 
@@ -38,11 +38,6 @@ TEMPLATE_SETS: dict[str, list[str]] = {
 def parse_label_list(text: str) -> list[str]:
     """Split a comma-separated label string (``"cat, dog,bird"``) into stripped names."""
     return [part.strip() for part in text.split(",")]
-
-
-def read_lines(text: str) -> list[str]:
-    """Non-empty, non-comment (``#``) lines of a labels or templates file, stripped."""
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
 def validate_labels(names: list[str]) -> None:
@@ -71,14 +66,14 @@ def validate_template(template: str) -> None:
 
 
 def merge_labels_file(labels: list[str], labels_file: str | None) -> list[str]:
-    """``labels`` followed by the lines of ``labels_file`` (if given); ConfigError if unreadable."""
+    """``labels`` followed by the lines of ``labels_file`` (if given).
+
+    Raises:
+        ConfigError: the file cannot be read, or is not UTF-8 (see ``textfiles.decode_text``).
+    """
     if not labels_file:
         return list(labels)
-    try:
-        text = Path(labels_file).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read labels file {labels_file}: {exc}") from exc
-    return list(labels) + read_lines(text)
+    return list(labels) + read_lines(read_text(labels_file, what="labels file"))
 
 
 def validate_prompts(names: list[str], templates: list[str]) -> None:

@@ -1,0 +1,63 @@
+"""User text files: UTF-8 with/without BOM, UTF-16 with BOM, CRLF; other encodings refused (exit 2)."""
+
+from __future__ import annotations
+
+import codecs
+import subprocess
+import sys
+
+import pytest
+
+from zslabel.config import JobConfig, resolve_templates
+from zslabel.errors import ConfigError
+from zslabel.labels import merge_labels_file
+from zslabel.textfiles import TextDecodeError, decode_text
+
+
+@pytest.mark.parametrize("data", [
+    b"red circle\nblue square\n",
+    codecs.BOM_UTF8 + b"red circle\r\nblue square\r\n",
+    b"red circle\rblue square",
+    codecs.BOM_UTF16_LE + "red circle\r\nblue square\r\n".encode("utf-16-le"),
+    codecs.BOM_UTF16_BE + "red circle\nblue square\n".encode("utf-16-be"),
+])
+def test_labels_file_encodings_read_the_same(tmp_path, data):
+    f = tmp_path / "labels.txt"
+    f.write_bytes(data)
+    assert merge_labels_file([], str(f)) == ["red circle", "blue square"]
+
+
+def test_cp1252_labels_file_names_file_and_offset(tmp_path):
+    f = tmp_path / "labels.txt"
+    f.write_bytes("tea\ncafé au lait\n".encode("cp1252"))
+    with pytest.raises(TextDecodeError) as info:
+        merge_labels_file([], str(f))
+    assert info.value.offset == 7  # "tea\ncaf" is 7 bytes, then 0xe9
+    assert str(f) in str(info.value) and "byte offset 7" in str(info.value)
+    assert isinstance(info.value, ConfigError)
+
+
+def test_decode_offset_counts_the_bom():
+    with pytest.raises(TextDecodeError) as info:
+        decode_text(codecs.BOM_UTF8 + b"ab\xff", "x.txt")
+    assert info.value.offset == 5
+
+
+def test_templates_and_yaml_config_with_bom_and_crlf(tmp_path):
+    t = tmp_path / "templates.txt"
+    t.write_bytes(codecs.BOM_UTF8 + b"a photo of a {}.\r\nart of the {}.\r\n")
+    assert resolve_templates(str(t)) == ["a photo of a {}.", "art of the {}."]
+    y = tmp_path / "job.yaml"
+    y.write_bytes(codecs.BOM_UTF8 + b"top_k: 3\r\nlabels: [cat, dog]\r\n")
+    cfg = JobConfig.from_yaml(str(y))
+    assert cfg.top_k == 3 and cfg.labels == ["cat", "dog"]
+
+
+def test_cli_refuses_cp1252_labels_file_with_exit_2(tmp_path):
+    f = tmp_path / "labels.txt"
+    f.write_bytes("café au lait\n".encode("cp1252"))
+    (tmp_path / "in").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "zslabel", "label", str(tmp_path / "in"), "--labels-file", str(f),
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "byte offset 3" in proc.stderr and "Traceback" not in proc.stderr

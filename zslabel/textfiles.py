@@ -1,0 +1,89 @@
+"""Reading the text files a user hands us: labels, templates, manifests, ground truth, YAML config.
+
+One rule for all of them, so a file saved by any common editor reads the same: UTF-8 with or
+without a byte-order mark (Windows Notepad's "UTF-8 with BOM"), UTF-16 when it starts with a
+UTF-16 BOM (Notepad's "Unicode"), and LF, CRLF or CR line ends. Anything else (e.g. a cp1252 or
+Latin-1 file) is refused with the file's name, the byte offset of the first byte that is not
+UTF-8 and the bytes around it, rather than guessed: a guessed encoding silently changes label
+names, and label names are the output.
+"""
+
+from __future__ import annotations
+
+import codecs
+from typing import Any
+
+import fsspec
+
+from .errors import ConfigError, ZslabelError
+
+_BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+
+
+class TextDecodeError(ConfigError):
+    """A user's text file is not UTF-8 (or BOM-marked UTF-16); names the file and byte offset.
+
+    Attributes:
+        source: the file as the user named it.
+        offset: byte offset (0-based, counted from the start of the file, BOM included) of the
+            first byte that cannot be decoded.
+    """
+
+    def __init__(self, source: str, offset: int, data: bytes, encoding: str):
+        self.source, self.offset = source, offset
+        near = data[max(0, offset - 12):offset + 12]
+        super().__init__(
+            f"{source}: not valid {encoding} text at byte offset {offset} (bytes near it: {near!r}); "
+            "save the file as UTF-8 (e.g. `iconv -f cp1252 -t utf-8 FILE > FILE.utf8`)")
+
+
+def decode_text(data: bytes, source: str) -> str:
+    """Decode a user's text file: UTF-8 (BOM optional) or UTF-16 with a BOM; newlines -> ``\\n``.
+
+    Args:
+        data: the file's bytes.
+        source: the name to put in errors (path or URI as the user gave it).
+
+    Returns:
+        The text without a BOM, every CRLF and lone CR turned into LF.
+
+    Raises:
+        TextDecodeError: the bytes are not valid in the detected encoding (offset in bytes).
+    """
+    encoding, skip = "utf-8", 0
+    for bom, name in _BOMS:
+        if data.startswith(bom):
+            encoding, skip = name, len(bom)
+            break
+    try:
+        text = data[skip:].decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise TextDecodeError(source, skip + exc.start, data, encoding) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_text(uri: str, storage_options: dict[str, Any] | None = None, *, what: str = "file",
+              error: type[ZslabelError] = ConfigError) -> str:
+    """Read and decode a text file from a local path or fsspec URI (see ``decode_text``).
+
+    Args:
+        uri: local path or fsspec URI; compression is inferred from the suffix (``.gz`` ...).
+        storage_options: fsspec options for remote filesystems.
+        what: what the file is, for the error message ("labels file", "manifest", ...).
+        error: the ZslabelError subclass raised when the file cannot be read.
+
+    Raises:
+        ``error``: the file does not exist or cannot be read (message names ``what`` and ``uri``).
+        TextDecodeError: the file is not UTF-8 / BOM-marked UTF-16.
+    """
+    try:
+        with fsspec.open(uri, "rb", compression="infer", **(storage_options or {})) as fh:
+            data = fh.read()
+    except (OSError, ValueError) as exc:
+        raise error(f"cannot read {what} {uri}: {exc}") from exc
+    return decode_text(data, uri)
+
+
+def read_lines(text: str) -> list[str]:
+    """Non-empty, non-comment (``#``) lines of a labels or templates file, stripped."""
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
