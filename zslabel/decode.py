@@ -55,12 +55,13 @@ import math
 import struct
 import threading
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
-from zslabel.errors import (IMAGE_TOO_SMALL, TOO_MANY_PIXELS, TRUNCATED, UNIDENTIFIED_IMAGE,
+from zslabel.errors import (IMAGE_TOO_SMALL, INTERNAL_ERROR, TOO_MANY_PIXELS, TRUNCATED, UNIDENTIFIED_IMAGE,
                             UNSUPPORTED_FORMAT, error_string)
 
 __all__ = ["PreprocessSpec", "DecodedImage", "decode_image", "sniff_format"]
@@ -501,39 +502,84 @@ def _composite(im: Image.Image, background: tuple[int, int, int]) -> Image.Image
     return Image.alpha_composite(bg, rgba).convert("RGB")
 
 
-def _gray_to_l(arr: np.ndarray, scale_max: float) -> Image.Image:
-    """Linear map of greys 0..scale_max to 0..255 (rounded, clipped), as an L image."""
-    out = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=scale_max, neginf=0.0)
-    out = np.clip(np.rint(out * (255.0 / scale_max)), 0, 255).astype(np.uint8)
-    return Image.fromarray(out, "L")
+def _gray_to_l(arr: np.ndarray, lo: float, hi: float) -> Image.Image:
+    """Linear map of greys lo..hi to 0..255 (rounded, clipped; NaN and -inf -> 0, +inf -> 255)."""
+    out = np.asarray(arr, dtype=np.float64)
+    scale = 255.0 / (hi - lo) if hi > lo else 1.0
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = np.rint((out - (lo if hi > lo else 0.0)) * scale)
+    out = np.nan_to_num(out, nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), "L")
 
 
 _DEEP_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_GDAL_NODATA_TAG = 42113  # TIFF tag GDAL writes for the "no data" sample value (ASCII)
+
+
+def _nodata_value(im: Image.Image) -> float | None:
+    """The GDAL_NODATA value of a TIFF (elevation/scientific exports), or None."""
+    tags = getattr(im, "tag_v2", None)
+    if tags is None:
+        return None
+    try:
+        value = tags.get(_GDAL_NODATA_TAG)
+        return None if value is None else float(str(value).strip("\x00 "))
+    except (ValueError, TypeError):
+        return None
 
 
 def _deep_gray_to_l(im: Image.Image) -> Image.Image:
-    """16/32-bit integer or float grey -> 8-bit L, keeping the tonal range (see ``_to_rgb``)."""
+    """16/32-bit integer or float grey -> 8-bit L, keeping the tonal range (rules in ``_to_rgb``)."""
     arr = np.asarray(im)
-    if im.mode.startswith("I;16"):
-        return _gray_to_l(arr, 65535.0)
-    finite = arr[np.isfinite(arr)] if im.mode == "F" else arr
-    top = float(finite.max()) if finite.size else 0.0
-    if im.mode == "F":
-        return _gray_to_l(arr, 1.0 if top <= 1.0 else 255.0)
-    return _gray_to_l(arr, 255.0 if top <= 255 else 65535.0 if top <= 65535 else top)
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PPM"):
+        return _gray_to_l(arr, 0.0, 65535.0)  # the file declares 16 bits (PPM: scaled to 16 bits)
+    valid = np.isfinite(arr) if im.mode == "F" else np.ones(arr.shape, bool)
+    nodata = _nodata_value(im)
+    if nodata is not None:
+        valid &= arr != nodata
+    values = arr[valid]
+    if values.size == 0:
+        return Image.new("L", im.size, 0)
+    lo, hi = float(values.min()), float(values.max())
+    if im.mode == "F" and 0.0 <= lo and hi <= 1.0:
+        out = _gray_to_l(arr, 0.0, 1.0)  # normalised float
+    elif 0.0 <= lo and hi <= 255.0 and (im.mode != "F" or np.array_equal(values, np.rint(values))):
+        out = _gray_to_l(arr, 0.0, 255.0)  # 8-bit data in a deep container: as Pillow converts it
+    else:
+        out = _gray_to_l(arr, lo, hi)  # measurements (elevation, counts): min-max over valid values
+    if nodata is not None and not valid.all():
+        held = np.asarray(out).copy()
+        held[arr == nodata] = 0  # NaN/inf were mapped by _gray_to_l
+        out = Image.fromarray(held, "L")
+    return out
 
 
-def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+_ALPHA_OFTEN_UNUSED = ("BMP", "DIB", "ICO", "CUR", "TGA")
+
+
+def _to_rgb(im: Image.Image, background: tuple[int, int, int], fmt: str | None = None) -> Image.Image:
     """Any Pillow mode -> an "RGB" or "L" image (L is expanded to RGB after resizing).
 
     Transparency (alpha band, ``transparency`` info, RGBA palette) is composited onto
-    ``background``. Deep greys keep their tonal range: "I;16*" maps 0..65535 to 0..255; "I"
-    is read as 8-bit when its maximum is <= 255, as 16-bit when <= 65535, else scaled by its
-    maximum (negatives clip to 0); "F" is read as 0..1 when its maximum is <= 1, else as
-    0..255 (NaN -> 0). Everything else uses Pillow's conversion (P, CMYK incl. Adobe JPEGs,
-    YCbCr, ...), which is also what ``transformers.image_utils.load_image`` does.
+    ``background``. Deep greys keep their tonal range:
+
+    - "I;16*" (16-bit PNG/TIFF/PGM): the declared range, 0..65535 -> 0..255 (x / 257).
+    - "I" (32-bit integer) and "F" (float), over the valid samples (finite, and not the TIFF's
+      GDAL_NODATA value): "F" within [0, 1] is x * 255; whole numbers within [0, 255] are kept
+      (8-bit data in a deep container, as Pillow converts it); anything else (elevation in
+      metres, counts, negatives) is min-max scaled, min -> 0 and max -> 255 (a constant image
+      keeps its value, clipped). NaN, -inf and no-data samples -> 0, +inf -> 255.
+
+    An RGBA image from a container whose alpha is often unused padding (BMP/DIB, ICO/CUR,
+    TGA) and whose alpha bytes are all 0 is opaque, as Windows viewers and
+    ``transformers.image_utils.load_image`` (plain ``convert("RGB")``) show it; ``fmt`` is the
+    container (``Image.format`` before orientation). Everything else uses Pillow's conversion
+    (P, CMYK incl. Adobe JPEGs, YCbCr, ...), which is also what
+    ``transformers.image_utils.load_image`` does.
     """
     mode = im.mode
+    if mode == "RGBA" and fmt in _ALPHA_OFTEN_UNUSED and im.getextrema()[3] == (0, 0):
+        return im.convert("RGB")
     if mode in _DEEP_GRAY_MODES:
         gray = _deep_gray_to_l(im)
         key = im.info.get("transparency")
@@ -787,16 +833,15 @@ def _decode(data: bytes, spec: PreprocessSpec) -> DecodedImage:
     """``decode_image`` without the warnings handling."""
     width = height = None
     try:
-        im = _open(data, spec)
-        header_size = im.size
-        _load(im, data, spec)
+        im, header_size = _open_and_load(data, spec)
+        fmt = im.format
         # A fast-path JPEG draft shrinks im.size; geometry always follows the full image.
         full_w, full_h = header_size if im.size != header_size and im.format == "JPEG" else im.size
         im, swapped = _orient(im)
         width, height = (full_h, full_w) if swapped else (full_w, full_h)
         if min(width, height) < spec.min_side:
             raise _DecodeFailure(IMAGE_TOO_SMALL, f"{width}x{height}, shorter side below {spec.min_side}")
-        rgb = _to_rgb(im, spec.background)
+        rgb = _to_rgb(im, spec.background, fmt)
         pixels = _resize_crop(rgb, spec, (width, height))
         return DecodedImage(pixels, width, height, None)
     except _DecodeFailure as f:
@@ -804,5 +849,74 @@ def _decode(data: bytes, spec: PreprocessSpec) -> DecodedImage:
     except MemoryError as exc:
         return DecodedImage(None, width, height, error_string(UNIDENTIFIED_IMAGE, f"out of memory: {exc}"))
     except Exception as exc:  # noqa: BLE001 - per-image errors never escape
-        logger.debug("unexpected decode failure", exc_info=True)
-        return DecodedImage(None, width, height, error_string(UNIDENTIFIED_IMAGE, f"{type(exc).__name__}: {exc}"))
+        # Pillow's own failures on bad bytes were classified in _open/_load; what arrives here
+        # is a bug in this module (or an unforeseen Pillow path): the row says so, the log
+        # keeps the traceback.
+        logger.warning("internal error while decoding an image (%d bytes)", len(data), exc_info=True)
+        return DecodedImage(None, width, height, error_string(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
+
+
+def _open_and_load(data: bytes, spec: PreprocessSpec) -> tuple[Image.Image, tuple[int, int]]:
+    """``_open`` + ``_load`` -> (loaded image, header size); a PNG that fails is retried once without its droppable chunks.
+
+    Metadata must not cost the pixels: a PNG whose text or ICC chunks exceed Pillow's
+    ``MAX_TEXT_CHUNK`` / ``MAX_TEXT_MEMORY`` (a 1.2 MB print ICC profile), are malformed
+    (unknown compression method), or whose ancillary chunks have a bad CRC (libpng and
+    browsers drop those with a warning) is decoded from a copy without them
+    (``_png_without_droppable_chunks``). Pillow's limits are never changed; the dropped
+    chunks are never inflated. The first failure is reported when the copy fails too.
+    """
+    try:
+        return _open_load_once(data, spec)
+    except _DecodeFailure as first:
+        if first.code not in (UNIDENTIFIED_IMAGE, TRUNCATED) or sniff_format(data) != "png":
+            raise
+        stripped = _png_without_droppable_chunks(data)
+        if stripped is None:
+            raise
+        try:
+            result = _open_load_once(stripped, spec)
+        except _DecodeFailure:
+            raise first from None
+        logger.debug("PNG decoded without its metadata chunks after: %s", first)
+        return result
+
+
+def _open_load_once(data: bytes, spec: PreprocessSpec) -> tuple[Image.Image, tuple[int, int]]:
+    im = _open(data, spec)
+    header_size = im.size  # before a fast-path JPEG draft shrinks im.size
+    _load(im, data, spec)
+    return im, header_size
+
+
+# PNG chunks that only carry metadata: dropped on retry even with a good CRC. Every other
+# ancillary chunk (tRNS, eXIf, APNG's acTL/fcTL/fdAT, ...) is kept unless its CRC is bad.
+_PNG_METADATA_CHUNKS = (b"tEXt", b"zTXt", b"iTXt", b"iCCP")
+
+
+def _png_without_droppable_chunks(data: bytes) -> bytes | None:
+    """A copy of a PNG without metadata chunks and without ancillary chunks with a bad CRC.
+
+    Critical chunks (upper-case first letter: IHDR, PLTE, IDAT, IEND) are always kept, bad CRC
+    or not, so a damaged critical chunk still fails. Bytes after the last whole chunk (a
+    truncated file) are kept as they are. Returns None when nothing would be dropped.
+    """
+    data = bytes(data)
+    out, pos, dropped = [data[:8]], 8, False
+    while pos + 12 <= len(data):
+        length = struct.unpack(">I", data[pos:pos + 4])[0]
+        kind = data[pos + 4:pos + 8]
+        end = pos + 12 + length
+        if end > len(data):
+            break
+        ancillary = bool(kind[0] & 0x20)
+        crc_ok = zlib.crc32(data[pos + 4:end - 4]) & 0xFFFFFFFF == struct.unpack(">I", data[end - 4:end])[0]
+        if ancillary and (kind in _PNG_METADATA_CHUNKS or not crc_ok):
+            dropped = True
+        else:
+            out.append(data[pos:end])
+        pos = end
+        if kind == b"IEND":
+            break
+    out.append(data[pos:])
+    return b"".join(out) if dropped else None

@@ -14,9 +14,10 @@ TOO_MANY_PIXELS = "too_many_pixels"        # header claims more pixels than --ma
 UNSUPPORTED_FORMAT = "unsupported_format"  # a known image container with no decoder here (HEIF/AVIF, ...)
 IMAGE_TOO_SMALL = "image_too_small"        # a side below --min-side
 NON_FINITE_SCORES = "non_finite_scores"    # the model produced NaN/inf for this image
+INTERNAL_ERROR = "internal_error"          # a bug in zslabel while handling this one input (traceback logged)
 
 CODES = (READ_ERROR, UNIDENTIFIED_IMAGE, TRUNCATED, TOO_MANY_PIXELS, UNSUPPORTED_FORMAT,
-         IMAGE_TOO_SMALL, NON_FINITE_SCORES)
+         IMAGE_TOO_SMALL, NON_FINITE_SCORES, INTERNAL_ERROR)
 
 
 def error_string(code: str, detail: str) -> str:
