@@ -14,6 +14,7 @@ import json
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,7 @@ def test_shared_cases(shared_cases):
 # Extra cases, one group per kind
 
 
-def _enc(img: Image.Image, fmt: str, **kw) -> bytes:
+def _enc(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)
     return buf.getvalue()
@@ -100,6 +101,165 @@ def _composite_white(rgba: np.ndarray) -> Image.Image:
     img = Image.fromarray(rgba, "RGBA")
     bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
     return Image.alpha_composite(bg, img).convert("RGB")
+
+
+def _png_chunk(kind: bytes, data: bytes, crc: int | None = None) -> bytes:
+    """One PNG chunk (length, type, data, CRC); ``crc`` overrides the correct one."""
+    c = zlib.crc32(kind + data) & 0xFFFFFFFF if crc is None else crc
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", c)
+
+
+def _png_insert(png: bytes, chunk: bytes, after: bytes = b"IHDR") -> bytes:
+    """Insert a chunk after the first chunk of type `after` (IHDR: before any IDAT)."""
+    i = png.index(after) - 4
+    n = struct.unpack(">I", png[i:i + 4])[0]
+    j = i + 12 + n
+    return png[:j] + chunk + png[j:]
+
+
+def _tiff_ifd_le(entries) -> bytes:
+    """Little-endian TIFF/EXIF block: 'II*\\0', one IFD of (tag, type, count, value bytes)."""
+    n = len(entries)
+    data_off = 8 + 2 + 12 * n + 4
+    ifd, extra = struct.pack("<H", n), b""
+    for tag, typ, count, value in entries:
+        if len(value) <= 4:
+            ifd += struct.pack("<HHI", tag, typ, count) + value.ljust(4, b"\0")
+        else:
+            ifd += struct.pack("<HHII", tag, typ, count, data_off + len(extra))
+            extra += value
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + extra
+
+
+def _jpeg_with_app1(jpeg: bytes, payload: bytes) -> bytes:
+    """The JPEG with an APP1 segment (EXIF) holding ``payload`` right after SOI."""
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+def _bmp_v5(rgba: np.ndarray) -> bytes:
+    """A 32-bit BI_BITFIELDS BMP with a BITMAPV5HEADER and an alpha mask (GIMP/Windows layout)."""
+    h, w = rgba.shape[:2]
+    pixels = rgba[::-1][..., [2, 1, 0, 3]].tobytes()
+    header = struct.pack("<IiiHHIIiiII", 124, w, h, 1, 32, 3, len(pixels), 2835, 2835, 0, 0)
+    header += struct.pack("<IIII", 0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000)
+    header += b"BGRs" + b"\0" * 48 + struct.pack("<IIII", 4, 0, 0, 0)
+    off = 14 + len(header)
+    return b"BM" + struct.pack("<IHHI", off + len(pixels), 0, 0, off) + header + pixels
+
+
+def _report_cases(put) -> None:
+    """Cases from public bug reports (Pillow, torchvision, libgd issues; zslabel issue 11), one
+    per kind: metadata that must not cost the pixels, deep greys, unused alpha, broken EXIF,
+    odd containers. The comment above each names its report."""
+    photo = _photo
+    base = photo(96, 72, 11)
+    png = _enc(base)
+    put("reports/base.png", png, "ok")
+    # Pillow #8363, #2445; KatherLab/STAMP#76: an iCCP chunk inflating past MAX_TEXT_CHUNK (1 MB)
+    icc = b"\0" * 1_200_000
+    put("reports/iccp_1200k.png", _png_insert(png, _png_chunk(b"iCCP", b"print\0\0" + zlib.compress(icc, 9))),
+        "ok", same_as="reports/base.png")
+    # zTXt inflating to 2 MB (XMP/ComfyUI-style metadata)
+    put("reports/ztxt_2m.png", _png_insert(png, _png_chunk(b"zTXt", b"comment\0\0" + zlib.compress(b"x" * 2_000_000, 9))),
+        "ok", same_as="reports/base.png")
+    # 70 zTXt chunks of 1 MB each: Pillow's MAX_TEXT_MEMORY (64 MB) over the whole file
+    many = b"".join(_png_chunk(b"zTXt", b"k%d\0\0" % i + zlib.compress(b"y" * 1_000_000, 9)) for i in range(70))
+    put("reports/ztxt_70x1m.png", _png_insert(png, many), "ok", same_as="reports/base.png")
+    # iCCP with an unknown compression method (broken profile must not fail the image)
+    put("reports/iccp_bad_method.png", _png_insert(png, _png_chunk(b"iCCP", b"p\0\x07garbage")), "ok",
+        same_as="reports/base.png")
+    # Pillow #6430: an empty sRGB chunk after IDAT -> IndexError
+    put("reports/srgb_empty_after_idat.png", _png_insert(png, _png_chunk(b"sRGB", b""), after=b"IDAT"), "ok",
+        same_as="reports/base.png")
+    # libpng drops an ancillary chunk with a bad CRC with a warning; Pillow refuses the file
+    put("reports/text_bad_crc.png", _png_insert(png, _png_chunk(b"tEXt", b"Title\0hello", crc=1)), "ok",
+        same_as="reports/base.png")
+    # damaged critical chunks stay errors after the retry: IHDR CRC, corrupt IDAT stream
+    bad = bytearray(png)
+    bad[29] ^= 0xFF
+    put("reports/ihdr_bad_crc_with_text.png", _png_insert(bytes(bad), _png_chunk(b"tEXt", b"a\0b", crc=1)),
+        "unidentified_image")
+    bad = bytearray(png)
+    k = bad.index(b"IDAT")
+    bad[k + 6:k + 14] = b"\xff" * 8
+    put("reports/idat_corrupt.png", bytes(bad), "unidentified_image")
+    # Pillow #6252: a second (empty) IHDR after IDAT -> struct.error
+    put("reports/ihdr_after_idat.png", _png_insert(png, _png_chunk(b"IHDR", b""), after=b"IDAT"),
+        "ok|unidentified_image")
+    # torchvision #2218: 16-bit grey PNG loads all white through convert("RGB")
+    ramp = np.linspace(0, 65535, 72 * 96).reshape(72, 96).astype(np.uint16)
+    put("reports/gray16.png", _enc(Image.fromarray(ramp)), "ok", same_as="reports/gray16_as_8bit.png")
+    put("reports/gray16_as_8bit.png", _enc(Image.fromarray(np.rint(ramp / 257.0).astype(np.uint8), "L")), "ok")
+    # issue 11: float32 elevation 0..4000 (min-max)
+    elev = (np.linspace(0, 1, 72 * 96).reshape(72, 96) ** 2 * 4000).astype(np.float32)
+    put("reports/float_elevation.tif", _enc(Image.fromarray(elev, "F"), "TIFF"), "ok",
+        same_as="reports/float_elevation_as_l.png")
+    put("reports/float_elevation_as_l.png",
+        _enc(Image.fromarray(np.rint(elev.astype(np.float64) * 255 / float(elev.max())).astype(np.uint8), "L")), "ok")
+    # 32-bit integer TIFF holding counts 0..100000 (min-max)
+    counts = np.linspace(0, 100000, 72 * 96).reshape(72, 96).astype(np.int32)
+    put("reports/int32_counts.tif", _enc(Image.fromarray(counts, "I"), "TIFF"), "ok",
+        same_as="reports/int32_counts_as_l.png")
+    put("reports/int32_counts_as_l.png",
+        _enc(Image.fromarray(np.rint(counts * 255 / 100000.0).astype(np.uint8), "L")), "ok")
+    # issue 11: 32-bit BMP (BITMAPV5, alpha mask) whose alpha bytes are all 0 -> opaque
+    rgba0 = np.dstack([np.asarray(base), np.zeros((72, 96), np.uint8)])
+    put("reports/bmp32_alpha0.bmp", _bmp_v5(rgba0), "ok", same_as="reports/base.png")
+    put("reports/tga32_alpha0.tga", _enc(Image.fromarray(rgba0, "RGBA"), "TGA"), "ok", same_as="reports/base.png")
+    # ... while a BMP with real alpha is still composited
+    rgba_half = rgba0.copy(); rgba_half[:, 48:, 3] = 255
+    put("reports/bmp32_alpha_half.bmp", _bmp_v5(rgba_half), "ok", same_as="reports/alpha_half_on_white.png")
+    half = np.asarray(base).copy(); half[:, :48] = 255
+    put("reports/alpha_half_on_white.png", _enc(Image.fromarray(half)), "ok")
+    # Pillow PR #2667: EXIF XResolution 0/0 -> ZeroDivisionError while opening
+    jpeg = _enc(base, "JPEG", quality=95)
+    put("reports/base.jpg", jpeg, "ok")
+    exif = _tiff_ifd_le([(0x011A, 5, 1, struct.pack("<II", 0, 0)), (0x011B, 5, 1, struct.pack("<II", 0, 0)),
+                        (0x0128, 3, 1, struct.pack("<H", 2))])
+    put("reports/exif_dpi_zero.jpg", _jpeg_with_app1(jpeg, b"Exif\0\0" + exif), "ok", same_as="reports/base.jpg")
+    # Pillow #8348: EXIF with a doubled 'Exif\0\0' header: Pillow reads it; orientation 6 applies
+    exif6 = _tiff_ifd_le([(0x0112, 3, 1, struct.pack("<H", 6))])
+    doubled = _jpeg_with_app1(jpeg, b"Exif\0\0Exif\0\0" + exif6)
+    put("reports/exif_double_header.jpg", doubled, "ok", same_as="reports/exif_double_header_upright.png")
+    put("reports/exif_double_header_upright.png",
+        Image.open(io.BytesIO(doubled)).transpose(Image.Transpose.ROTATE_270), "ok")
+    # EXIF whose IFD claims more entries than the segment holds; and an empty EXIF segment
+    put("reports/exif_short_ifd.jpg", _jpeg_with_app1(jpeg, b"Exif\0\0" + exif6[:14]), "ok", same_as="reports/base.jpg")
+    put("reports/exif_empty.jpg", _jpeg_with_app1(jpeg, b"Exif\0\0"), "ok", same_as="reports/base.jpg")
+    # Pillow #6240: PGM with maxval 0 -> ZeroDivisionError in older Pillow
+    put("reports/pgm_maxval0.pgm", b"P5\n4 4\n0\n" + b"\0" * 16, "unidentified_image")
+    # 16-bit PGM (maxval 65535) -> declared range
+    put("reports/gray16.pgm", b"P5\n96 72\n65535\n" + ramp.astype(">u2").tobytes(), "ok",
+        same_as="reports/gray16_as_8bit.png")
+    # Pillow #8921, libgd #494: a GIF with neither a global nor a local colour table
+    put("reports/gif_no_palette.gif",
+        b"GIF89a\x01\x00\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;", "ok")
+    # MPO (stereo cameras): the first image
+    put("reports/two_images.mpo", _enc(base, "MPO", save_all=True, append_images=[photo(96, 72, 12)], quality=95),
+        "ok", same_as="reports/base_q95.jpg")
+    put("reports/base_q95.jpg", jpeg, "ok")
+    # multi-page TIFF: page 0
+    put("reports/multipage.tif", _enc(base, "TIFF", save_all=True, append_images=[photo(96, 72, 13)]), "ok",
+        same_as="reports/base.png")
+    # 16-bit RGBA PNG -> Pillow keeps the high byte of each sample
+    rgba16 = np.dstack([np.asarray(base).astype(np.uint16) * 257, np.full((72, 96), 65535, np.uint16)])
+    ihdr = struct.pack(">IIBBBBB", 96, 72, 16, 6, 0, 0, 0)
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in rgba16)
+    put("reports/rgba16.png", b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw))
+        + _png_chunk(b"IEND", b""), "ok", same_as="reports/base.png")
+    # ICC profiles are not applied: oversized (2 MB) or broken ones change nothing in JPEG/WebP/TIFF
+    big_icc, junk_icc = b"\0" * 2_000_000, b"not an icc profile"
+    for fmt, ext, kw in (("JPEG", "jpg", {"quality": 95}), ("WEBP", "webp", {"lossless": True}), ("TIFF", "tif", {})):
+        ref = f"reports/base_{ext}.{ext}"
+        put(ref, _enc(base, fmt, **kw), "ok")
+        put(f"reports/icc_2m.{ext}", _enc(base, fmt, icc_profile=big_icc, **kw), "ok", same_as=ref)
+        put(f"reports/icc_junk.{ext}", _enc(base, fmt, icc_profile=junk_icc, **kw), "ok", same_as=ref)
+    # progressive JPEG cut short
+    prog = _enc(photo(640, 480, 14), "JPEG", progressive=True, quality=90)
+    put("reports/progressive_truncated.jpg", prog[: len(prog) // 2], "truncated")
+    # extreme aspect ratio
+    put("reports/size_1x50000.png", _enc(photo(1, 50000, 15)), "ok")
+    put("reports/size_50000x1.png", _enc(photo(50000, 1, 15)), "ok")
 
 
 def make_extra_cases(out: Path) -> None:
@@ -217,6 +377,7 @@ def make_extra_cases(out: Path) -> None:
     put("animation/anim.webp", _enc(f0, "WEBP", save_all=True, append_images=[f1], lossless=True), "ok",
         same_as="animation/first.png")
 
+    _report_cases(put)
     (out / "expected.json").write_text(json.dumps(exp, indent=1, sort_keys=True))
 
 
@@ -229,5 +390,5 @@ def extra_cases(tmp_path_factory) -> Path:
 
 def test_extra_cases(extra_cases):
     checked, failures = judge(extra_cases)
-    assert checked >= 85
+    assert checked >= 125
     assert not failures, "\n".join(failures)

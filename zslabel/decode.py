@@ -375,7 +375,17 @@ def _looks_truncated(data: bytes, fmt: str | None) -> bool:
     return False
 
 
-def _is_truncation_error(exc: BaseException) -> bool:
+# Containers whose end is checkable (``_looks_truncated``): for these a complete ending
+# overrules an exception's wording ("Truncated IHDR chunk" is a broken chunk, not a cut file).
+_END_CHECKED = ("jpeg", "png", "gif", "webp", "heif", "avif")
+
+
+def _is_truncated(exc: BaseException, data: bytes, fmt: str | None) -> bool:
+    """Whether a failure means the data ends early: from the container, else the exception."""
+    if fmt is not None and _looks_truncated(data, fmt):
+        return True
+    if fmt in _END_CHECKED:
+        return False
     text = str(exc).lower()
     return isinstance(exc, EOFError) or "truncat" in text or "premature end" in text
 
@@ -403,7 +413,7 @@ def _open(data: bytes, spec: PreprocessSpec) -> Image.Image:
         what = f"{fmt} data Pillow cannot read" if fmt else "not a recognised image"
         raise _DecodeFailure(UNIDENTIFIED_IMAGE, f"{what} ({len(data)} bytes)") from exc
     except Exception as exc:  # noqa: BLE001 - plugins raise OSError/SyntaxError/ValueError/struct.error
-        if _is_truncation_error(exc) or (fmt is not None and _looks_truncated(data, fmt)):
+        if _is_truncated(exc, data, fmt):
             raise _DecodeFailure(TRUNCATED, f"{fmt or 'image'}: {exc}") from exc
         raise _DecodeFailure(UNIDENTIFIED_IMAGE, f"{type(exc).__name__}: {exc}") from exc
     w, h = im.size
@@ -453,7 +463,7 @@ def _load(im: Image.Image, data: bytes, spec: PreprocessSpec) -> None:
         im.load()
     except Exception as exc:  # noqa: BLE001 - decoders raise OSError/ValueError/SyntaxError/...
         fmt = sniff_format(data)
-        if _is_truncation_error(exc) or (fmt is not None and _looks_truncated(data, fmt)):
+        if _is_truncated(exc, data, fmt):
             raise _DecodeFailure(TRUNCATED, f"{im.format or fmt}: {exc}") from exc
         raise _DecodeFailure(UNIDENTIFIED_IMAGE, f"{im.format} data is corrupt: {type(exc).__name__}: {exc}") from exc
 
@@ -860,10 +870,10 @@ def _open_and_load(data: bytes, spec: PreprocessSpec) -> tuple[Image.Image, tupl
     """``_open`` + ``_load`` -> (loaded image, header size); a PNG that fails is retried once without its droppable chunks.
 
     Metadata must not cost the pixels: a PNG whose text or ICC chunks exceed Pillow's
-    ``MAX_TEXT_CHUNK`` / ``MAX_TEXT_MEMORY`` (a 1.2 MB print ICC profile), are malformed
-    (unknown compression method), or whose ancillary chunks have a bad CRC (libpng and
-    browsers drop those with a warning) is decoded from a copy without them
-    (``_png_without_droppable_chunks``). Pillow's limits are never changed; the dropped
+    ``MAX_TEXT_CHUNK`` / ``MAX_TEXT_MEMORY`` (a 1.2 MB print ICC profile), whose metadata
+    chunks are malformed (unknown compression method, an empty sRGB chunk), or whose
+    ancillary chunks have a bad CRC (libpng and browsers drop those with a warning) is
+    decoded from a copy without them (``_png_without_droppable_chunks``). Pillow's limits are never changed; the dropped
     chunks are never inflated. The first failure is reported when the copy fails too.
     """
     try:
@@ -889,16 +899,19 @@ def _open_load_once(data: bytes, spec: PreprocessSpec) -> tuple[Image.Image, tup
     return im, header_size
 
 
-# PNG chunks that only carry metadata: dropped on retry even with a good CRC. Every other
-# ancillary chunk (tRNS, eXIf, APNG's acTL/fcTL/fdAT, ...) is kept unless its CRC is bad.
-_PNG_METADATA_CHUNKS = (b"tEXt", b"zTXt", b"iTXt", b"iCCP")
+# The ancillary PNG chunks that change what is labeled (transparency, EXIF orientation, APNG
+# frames): kept on retry when their CRC is good. Every other ancillary chunk (text, iCCP, sRGB,
+# gAMA, cHRM, pHYs, sBIT, bKGD, tIME, private ones) is metadata Pillow does not apply to the
+# pixels, and is dropped on retry.
+_PNG_PIXEL_CHUNKS = (b"tRNS", b"eXIf", b"acTL", b"fcTL", b"fdAT")
 
 
 def _png_without_droppable_chunks(data: bytes) -> bytes | None:
-    """A copy of a PNG without metadata chunks and without ancillary chunks with a bad CRC.
+    """A copy of a PNG with only its critical chunks and the good ``_PNG_PIXEL_CHUNKS``.
 
-    Critical chunks (upper-case first letter: IHDR, PLTE, IDAT, IEND) are always kept, bad CRC
-    or not, so a damaged critical chunk still fails. Bytes after the last whole chunk (a
+    Critical chunks (upper-case first letter: IHDR, PLTE, IDAT, IEND) are kept, bad CRC or
+    not, so a damaged critical chunk still fails; only an IHDR that is not the first chunk
+    (the spec allows exactly one, first) is dropped. Bytes after the last whole chunk (a
     truncated file) are kept as they are. Returns None when nothing would be dropped.
     """
     data = bytes(data)
@@ -911,7 +924,7 @@ def _png_without_droppable_chunks(data: bytes) -> bytes | None:
             break
         ancillary = bool(kind[0] & 0x20)
         crc_ok = zlib.crc32(data[pos + 4:end - 4]) & 0xFFFFFFFF == struct.unpack(">I", data[end - 4:end])[0]
-        if ancillary and (kind in _PNG_METADATA_CHUNKS or not crc_ok):
+        if (ancillary and (kind not in _PNG_PIXEL_CHUNKS or not crc_ok)) or (kind == b"IHDR" and pos != 8):
             dropped = True
         else:
             out.append(data[pos:end])
