@@ -16,6 +16,9 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_NODE_IP_ADDRESS", "127.0.0.2")
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.pop("RAY_ADDRESS", None)
+# Fault injection for the safety-net tests (zslabel.stages.FAIL_DECODE_ENV): inputs whose path
+# holds this marker raise inside the decode stage. Set before Ray starts so workers inherit it.
+os.environ["ZSLABEL_TEST_FAIL_DECODE"] = "zslabel-injected-failure"
 
 from pathlib import Path  # noqa: E402
 

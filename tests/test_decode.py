@@ -374,6 +374,73 @@ def test_32_bit_int_and_float_modes():
     assert px[0, 0] == 0 and px[1, 1] == 64
 
 
+def test_float_and_int32_measurements_are_min_max_scaled():
+    """Issue 11: a float32 TIFF of elevations 0..4000 was 92% white. Values outside [0, 1] (float)
+    or [0, 255] (whole numbers) are min-max scaled over the finite, non-no-data samples."""
+    elev = np.linspace(0, 4000, 64 * 64, dtype=np.float32).reshape(64, 64)
+    px = np.asarray(D._to_rgb(Image.open(io.BytesIO(encode(Image.fromarray(elev, "F"), "TIFF"))), (255, 255, 255)))
+    assert px.min() == 0 and px.max() == 255 and len(np.unique(px)) == 256
+    np.testing.assert_array_equal(px, np.rint(elev.astype(np.float64) * 255 / 4000))
+    # negative values (depths), fractional values just above 1 (HDR radiance), NaN / inf
+    depth = np.linspace(-50.5, 10.25, 64 * 64, dtype=np.float32).reshape(64, 64)
+    px = np.asarray(D._to_rgb(Image.fromarray(depth, "F"), (0, 0, 0)))
+    assert px[0, 0] == 0 and px[-1, -1] == 255
+    hdr = np.full((8, 8), 1.5, np.float32)
+    hdr[0, :] = [0.0, np.nan, np.inf, -np.inf, 0.75, 1.5, 1.5, 1.5]
+    px = np.asarray(D._to_rgb(Image.fromarray(hdr, "F"), (0, 0, 0)))
+    assert list(px[0, :5]) == [0, 0, 255, 0, 128] and px[5, 5] == 255
+    # whole numbers 0..255 stored as float or int32 are 8-bit data: kept as Pillow converts them
+    eight = np.arange(64, dtype=np.float32).reshape(8, 8) * 3
+    assert np.array_equal(np.asarray(D._to_rgb(Image.fromarray(eight, "F"), (0, 0, 0))), eight.astype(np.uint8))
+    # int32 counts and signed elevations
+    counts = np.linspace(-1000, 99000, 64 * 64).astype(np.int32).reshape(64, 64)
+    px = np.asarray(D._to_rgb(Image.fromarray(counts, "I"), (0, 0, 0)))
+    np.testing.assert_array_equal(px, np.rint((counts + 1000.0) * 255 / 100000))
+    # all samples invalid: black, not an error
+    assert not np.asarray(D._to_rgb(Image.fromarray(np.full((4, 4), np.nan, np.float32), "F"), (0, 0, 0))).any()
+
+
+def test_gdal_nodata_is_excluded_and_black():
+    from PIL import TiffImagePlugin
+
+    elev = np.linspace(100, 500, 32 * 32, dtype=np.float32).reshape(32, 32)
+    elev[:4] = -9999
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    info[42113] = "-9999"
+    info.tagtype[42113] = 2  # ASCII, as GDAL writes it
+    data = encode(Image.fromarray(elev, "F"), "TIFF", tiffinfo=info)
+    im = Image.open(io.BytesIO(data))
+    assert D._nodata_value(im) == -9999.0
+    px = np.asarray(D._to_rgb(im, (0, 0, 0)))
+    assert not px[:4].any() and px[4, 0] == 0 and px[-1, -1] == 255
+
+
+def test_all_zero_alpha_is_opaque_only_where_alpha_is_often_unused():
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., :3] = (10, 200, 30)
+    img = Image.fromarray(rgba, "RGBA")
+    assert tuple(ok(encode(img, "TGA")).pixels[5, 5]) == (10, 200, 30)
+    assert np.all(ok(encode(img, "PNG")).pixels == 255)  # PNG alpha 0 means transparent
+    assert np.all(ok(encode(img, "WEBP", lossless=True)).pixels == 255)
+
+
+def test_png_metadata_never_costs_pixels_but_pixel_bombs_stay_refused():
+    from PIL import PngImagePlugin
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+
+    base = encode(photo(40, 30))
+    icc = chunk(b"iCCP", b"big\0\0" + zlib.compress(b"\0" * 3_000_000, 9))  # inflates past MAX_TEXT_CHUNK
+    with_icc = base[:33] + icc + base[33:]
+    assert np.array_equal(ok(with_icc).pixels, ok(base).pixels)
+    assert PngImagePlugin.MAX_TEXT_CHUNK == ImageFile.SAFEBLOCK  # Pillow's limits are left alone
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0))
+    bomb = b"\x89PNG\r\n\x1a\n" + header + icc + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    assert code(bomb) == "too_many_pixels"
+
+
 def test_cmyk_jpeg_is_not_inverted():
     base = photo(64, 64, seed=2)
     data = encode(base.convert("CMYK"), "JPEG", quality=95)
@@ -622,3 +689,35 @@ def test_threads_give_the_same_pixels():
     with ThreadPoolExecutor(4) as pool:
         threaded = [r.pixels for r in pool.map(lambda d: decode_image(d, CLIP32), datas)]
     assert all(np.array_equal(a, b) for a, b in zip(serial, threaded))
+
+
+# ------------------------------------------------------------------------------------------
+# Safety net
+
+
+def test_unexpected_exception_is_internal_error_with_traceback_logged(monkeypatch, caplog):
+    """A bug past Pillow's own failures (fault injected into the colour step) costs this image
+    only: ``internal_error`` with the exception text, and the traceback in the log."""
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("injected")
+
+    monkeypatch.setattr(D, "_to_rgb", broken)
+    with caplog.at_level("WARNING", logger="zslabel.decode"):
+        res = D.decode_image(encode(photo(40, 30)), CLIP32)
+    assert res.pixels is None and res.error == "internal_error: ZeroDivisionError: injected"
+    assert (res.width, res.height) == (40, 30)
+    assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)
+
+
+def test_decode_batch_guard_turns_an_exception_into_one_row_error(monkeypatch, caplog):
+    from zslabel.stages import FAIL_DECODE_ENV, decode_batch
+
+    monkeypatch.setenv(FAIL_DECODE_ENV, "boom")
+    batch = {"path": np.array(["a.png", "boom.png", "c.png"], dtype=object),
+             "input_index": np.arange(3, dtype=np.int64),
+             "data": np.array([encode(photo(20, 20, i)) for i in range(3)], dtype=object)}
+    with caplog.at_level("ERROR", logger="zslabel.stages"):
+        out = decode_batch(batch, CLIP32)
+    assert list(out["error"][[0, 2]]) == ["", ""] and out["error"][1].startswith("internal_error: RuntimeError")
+    assert out["width"][1] == -1 and not out["pixels"][1].any() and out["pixels"][0].any()
+    assert any("boom.png" in r.getMessage() and r.exc_info for r in caplog.records)

@@ -134,3 +134,21 @@ def test_file_vanishing_after_listing_is_a_read_error_row(tiny_clip, ray_local, 
     out = tmp_path / "out"
     summary = run_label_job(JobConfig(input=str(manifest), output=str(out), labels=LABELS, model=str(tiny_clip)))
     assert summary.rows == 5 and summary.errors_by_code == {"read_error": 1}
+
+
+def test_a_bug_while_decoding_one_input_costs_that_row_only(tiny_clip, ray_local, tmp_path, caplog):
+    """Safety net: an exception escaping the decoder (injected through ZSLABEL_TEST_FAIL_DECODE,
+    set in conftest before Ray starts) gives that row ``internal_error``; the job completes."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(4):
+        photo(30, 20, i).save(d / f"{i}.png")
+    photo(30, 20, 9).save(d / "x_zslabel-injected-failure.png")
+    out = tmp_path / "out"
+    summary = run_label_job(JobConfig(input=str(d), output=str(out), labels=LABELS, model=str(tiny_clip)))
+    assert summary.rows == 5 and summary.labeled == 4 and summary.errors_by_code == {"internal_error": 1}
+    rows = {Path(r["path"]).name: r for r in pq.read_table(str(out)).to_pylist()}
+    bad = rows["x_zslabel-injected-failure.png"]
+    assert bad["error"].startswith("internal_error: RuntimeError: failure injected")
+    assert bad["labels"] is None and bad["width"] is None
+    assert all(rows[f"{i}.png"]["error"] is None for i in range(4))

@@ -52,6 +52,7 @@ import dataclasses
 import io
 import logging
 import math
+import re
 import struct
 import threading
 import warnings
@@ -375,18 +376,15 @@ def _looks_truncated(data: bytes, fmt: str | None) -> bool:
     return False
 
 
-# Containers whose end is checkable (``_looks_truncated``): for these a complete ending
-# overrules an exception's wording ("Truncated IHDR chunk" is a broken chunk, not a cut file).
-_END_CHECKED = ("jpeg", "png", "gif", "webp", "heif", "avif")
-
-
 def _is_truncated(exc: BaseException, data: bytes, fmt: str | None) -> bool:
-    """Whether a failure means the data ends early: from the container, else the exception."""
+    """Whether a failure means the data ends early: a visibly cut container, or a decoder
+    that ran out of data. Pillow's "Truncated <X> chunk" (a malformed PNG chunk) in a
+    container that ends properly is a broken chunk, not a cut file."""
     if fmt is not None and _looks_truncated(data, fmt):
         return True
-    if fmt in _END_CHECKED:
-        return False
     text = str(exc).lower()
+    if re.search(r"truncated \w+ chunk", text):
+        return False
     return isinstance(exc, EOFError) or "truncat" in text or "premature end" in text
 
 
@@ -874,7 +872,8 @@ def _open_and_load(data: bytes, spec: PreprocessSpec) -> tuple[Image.Image, tupl
     chunks are malformed (unknown compression method, an empty sRGB chunk), or whose
     ancillary chunks have a bad CRC (libpng and browsers drop those with a warning) is
     decoded from a copy without them (``_png_without_droppable_chunks``). Pillow's limits are never changed; the dropped
-    chunks are never inflated. The first failure is reported when the copy fails too.
+    chunks are never inflated. When the copy fails too, the first failure is reported
+    (or the copy's ``too_many_pixels``: pixel limits stay).
     """
     try:
         return _open_load_once(data, spec)
@@ -886,8 +885,9 @@ def _open_and_load(data: bytes, spec: PreprocessSpec) -> tuple[Image.Image, tupl
             raise
         try:
             result = _open_load_once(stripped, spec)
-        except _DecodeFailure:
-            raise first from None
+        except _DecodeFailure as second:
+            # A pixel limit found once the metadata is out of the way is the real answer.
+            raise (second if second.code == TOO_MANY_PIXELS else first) from None
         logger.debug("PNG decoded without its metadata chunks after: %s", first)
         return result
 

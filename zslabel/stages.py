@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from .decode import PreprocessSpec, decode_image
-from .errors import NON_FINITE_SCORES, error_string
+from .errors import INTERNAL_ERROR, NON_FINITE_SCORES, error_string
 from .output import result_table
 from .sources import fetch_bytes
 
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 
 # Columns produced by the decode stage besides the carried ones.
 DECODED_COLUMNS = ("path", "input_index", "pixels", "error", "width", "height")
+
+# Test-only: rows whose path contains this value raise inside the per-row guard, so the tests
+# can prove that a bug costs one row (``internal_error``), not the job. Unset in production.
+FAIL_DECODE_ENV = "ZSLABEL_TEST_FAIL_DECODE"
 
 
 def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
@@ -40,6 +45,8 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
         The carried columns plus ``pixels`` (N, H, W, 3) uint8 (zeros on error rows), ``error``
         (N,) str (``""`` or ``"code: detail"``), ``width``/``height`` (N,) int32 (-1 when
         never decoded). The raw bytes are dropped here so they never reach the actors.
+        Never raises for one row: an unexpected exception while fetching or decoding a row
+        (a bug) becomes that row's ``internal_error``, with the traceback in the worker log.
     """
     n = len(batch["path"])
     h, w = spec.output_hw
@@ -51,22 +58,32 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
     heights = np.full(n, -1, np.int32)
     data_col = batch.get("data")
     read_errors = batch.get("read_error")
+    fail_on = os.environ.get(FAIL_DECODE_ENV) or None
     for i in range(n):
         if read_errors is not None and isinstance(read_errors[i], str) and read_errors[i]:
             errors[i] = read_errors[i]  # the source could not read this input (e.g. a corrupt tar)
             continue
-        data = None if data_col is None else data_col[i]
-        if data is None:
-            data, err = fetch_bytes(str(batch["path"][i]), storage_options)
-            if err is not None:
-                errors[i] = err
-                continue
-        result = decode_image(bytes(data), spec)
-        errors[i] = result.error or ""
-        if result.width is not None:
-            widths[i], heights[i] = result.width, result.height
-        if result.pixels is not None:
-            pixels[i] = result.pixels
+        path = str(batch["path"][i])
+        try:
+            if fail_on is not None and fail_on in path:
+                raise RuntimeError(f"failure injected by {FAIL_DECODE_ENV}")
+            data = None if data_col is None else data_col[i]
+            if data is None:
+                data, err = fetch_bytes(path, storage_options)
+                if err is not None:
+                    errors[i] = err
+                    continue
+            result = decode_image(bytes(data), spec)
+            errors[i] = result.error or ""
+            if result.width is not None:
+                widths[i], heights[i] = result.width, result.height
+            if result.pixels is not None:
+                pixels[i] = result.pixels
+        except Exception as exc:  # noqa: BLE001 - a bug costs this input, not the job
+            log.exception("internal error on input %s", path)
+            errors[i] = error_string(INTERNAL_ERROR, f"{type(exc).__name__}: {exc} (traceback in the worker log)")
+            widths[i] = heights[i] = -1
+            pixels[i] = 0
     out = {k: v for k, v in batch.items() if k not in ("data", "read_error")}
     out.update(pixels=pixels, error=errors, width=widths, height=heights)
     return out
