@@ -201,3 +201,20 @@ def test_label_with_ground_truth_in_one_run(tiny_clip, ray_local, tmp_path, imag
     assert got["abstained"] == sum(bool(r["abstained"]) for r in rows)
     assert f"top-1 accuracy {hits / 12:.3f} ({hits}/12)" in proc.stdout
     assert f"top-1 including errors {hits / 13:.3f} ({hits}/13)" in proc.stdout
+
+
+def test_nothing_matched_is_an_error_showing_both_sides(tmp_path):
+    """A new user's trial: ground truth written for other paths than the run saw. ``matched 0``
+    with exit 0 hid the mistake; now exit 2, naming what was compared with examples."""
+    pred = write_predictions(tmp_path / "pred", [(f"/data/run/img_{i}.jpg", ["cat"], None, False)
+                                                 for i in range(3)], files=1)
+    gt = tmp_path / "gt.csv"
+    gt.write_text("path,label\n" + "".join(f"/elsewhere/photo_{i}.jpg,cat\n" for i in range(3)))
+    with pytest.raises(InputError, match="no prediction matches the ground truth") as info:
+        evaluate(str(pred), str(gt))
+    msg = str(info.value)
+    assert "'path' column (3 rows, e.g. '/data/run/img_0.jpg'" in msg
+    assert "path column" in msg and "(3 images, e.g. '/elsewhere/photo_0.jpg'" in msg
+    proc = subprocess.run([sys.executable, "-m", "zslabel", "eval", str(pred), "--ground-truth", str(gt)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "no prediction matches" in proc.stderr and "matched 0" not in proc.stdout

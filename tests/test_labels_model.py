@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from zslabel.config import JobConfig, parse_concurrency
-from zslabel.errors import ConfigError
+from zslabel.errors import ConfigError, ModelLoadError
 from zslabel.labels import build_label_set, ensemble, validate_template
-from zslabel.model import ZeroShotModel
+from zslabel.model import ZeroShotModel, resolve_checkpoint
 from zslabel.ranking import scores_from_logits, top_k, zero_shot_logits
 
 
@@ -99,3 +99,26 @@ def test_checkpoint_without_tokenizer_files_is_refused(tiny_clip, tmp_path):
                                                                       "special_tokens_map.json"))
     with pytest.raises(ConfigError, match="tokenizer"):
         build_label_set(["cat", "dog"], ["a {}."], ZeroShotModel(broken))
+
+
+@pytest.mark.parametrize("value", ["./ckpt", "../ckpt", "/no/such/ckpt", "~/no-such-ckpt", "C:\\models\\clip",
+                                   "models\\clip", "a/b/c", "models/nonexistent"])
+def test_a_missing_local_path_is_never_sent_to_the_hub(value, monkeypatch, tmp_path):
+    """``--model models/nonexistent`` (a typo of a local folder) said it could not download from
+    the hub; a value that looks like a path says "no such checkpoint folder" instead."""
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # "models/nonexistent": its parent folder exists here
+    with pytest.raises(ModelLoadError, match="no such checkpoint folder"):
+        resolve_checkpoint(value)
+
+
+def test_a_hub_id_still_goes_to_the_hub():
+    # HF_HUB_OFFLINE=1 (conftest): the hub is asked and refuses, with the hub message.
+    with pytest.raises(ModelLoadError, match="cannot download model 'openai-nonexistent/clip'"):
+        resolve_checkpoint("openai-nonexistent/clip")

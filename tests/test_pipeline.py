@@ -128,6 +128,8 @@ def test_cli_end_to_end_with_yaml_config(tiny_clip, ray_local, tmp_path, image_f
     shown = run_cli(["show", str(out), "-n", "3"], ray_local)
     lines = shown.stdout.splitlines()
     assert shown.returncode == 0 and len(lines) == 3
+    assert "(showing 3 of 12 rows; --rows N for more)" in shown.stderr
+    assert "showing" not in run_cli(["show", str(out), "--rows", "12"], ray_local).stderr
     first = min(rows.values(), key=lambda r: r["input_index"])
     assert lines[0].split()[:2] == [first["path"].rsplit("/", 1)[-1], first["labels"][0]]
 
@@ -136,7 +138,8 @@ def test_cli_end_to_end_with_yaml_config(tiny_clip, ray_local, tmp_path, image_f
     (["--labels", "a,b,a"], "duplicate labels: 'a'"),
     (["--labels", "a", "--template", "no field here"], "exactly one"),
     (["--labels", ""], "empty label"),
-    (["--labels", "a", "--model", "/nonexistent/ckpt"], "not a checkpoint folder"),
+    (["--labels", "a", "--model", "/nonexistent/ckpt"], "no such checkpoint folder: /nonexistent/ckpt"),
+    (["--labels", "a", "--model", "tests/nonexistent"], "no such checkpoint folder: tests/nonexistent"),
 ])
 def test_cli_validation_errors_exit_2_and_write_nothing(args, message, tiny_clip, ray_local, tmp_path, image_folder):
     out = tmp_path / "out"

@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def show_output(uri: str, rows: int, storage_options: dict) -> str:
-    """A plain-text table of the first ``rows`` rows of an output, in input order.
+    """A plain-text table of the first ``rows`` rows of an output, in input order; when rows are
+    left out, says so on stderr ("showing R of N rows").
 
     Raises:
         ZslabelError: ``uri`` holds no readable zslabel output.
@@ -264,7 +265,11 @@ def show_output(uri: str, rows: int, storage_options: dict) -> str:
             columns=["path", "input_index", "labels", "scores", "error"])
     except Exception as exc:  # noqa: BLE001 - any failure here means "not an output"
         raise ZslabelError(f"cannot read output {uri}: {exc}") from exc
+    total = table.num_rows
     table = table.sort_by("input_index").slice(0, rows)
+    if total > table.num_rows:
+        # On stderr, so that piped stdout stays one line per row.
+        print(f"(showing {table.num_rows} of {total} rows; --rows N for more)", file=sys.stderr)
     lines = []
     for r in table.to_pylist():
         result = r["error"] or "  ".join(f"{lab} {sc:.3f}" for lab, sc in zip(r["labels"], r["scores"]))

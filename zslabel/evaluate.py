@@ -346,7 +346,8 @@ def evaluate(predictions: str, ground_truth: GroundTruth | str, *, storage_optio
         top_confusions: how many confused pairs to report.
 
     Raises:
-        InputError: unreadable predictions or ground truth.
+        InputError: unreadable predictions or ground truth, or no prediction matches any
+            ground-truth image (the message shows what was compared, with examples).
     """
     gt = ground_truth if isinstance(ground_truth, GroundTruth) else load_ground_truth(ground_truth, storage_options)
     preds, duplicates, has_abstained, manifest = read_predictions(predictions, storage_options)
@@ -372,6 +373,9 @@ def evaluate(predictions: str, ground_truth: GroundTruth | str, *, storage_optio
             by_basename += 1
         else:
             still_unmatched.append(i)
+
+    if not matches:
+        raise InputError(_no_match_message(gt, list(preds)))
 
     errors_by_code: Counter = Counter()
     top1 = top5 = labeled = no_pred = max_k = 0
@@ -437,6 +441,19 @@ def evaluate(predictions: str, ground_truth: GroundTruth | str, *, storage_optio
         ground_truth_skipped=gt.skipped,
         examples={"unmatched_ground_truth": [gt.paths[i] for i in still_unmatched[:EXAMPLES]],
                   "unmatched_predictions": [p for p in preds if p not in used][:EXAMPLES]})
+
+
+def _no_match_message(gt: GroundTruth, pred_paths: list[str]) -> str:
+    """Why evaluating would be meaningless: what was compared, with examples from each side."""
+    def some(paths) -> str:
+        return ", ".join(repr(p) for p in list(paths)[:2]) or "none"
+
+    side = ("paths of its path column (relative ones taken from the table's folder)" if gt.kind == "table"
+            else "image files under its class folders")
+    return (f"no prediction matches the ground truth: compared the predictions' 'path' column "
+            f"({len(pred_paths)} rows, e.g. {some(pred_paths)}) with the ground truth's {side} "
+            f"({len(gt.paths)} images, e.g. {some(gt.paths)}), as normalised full paths and then as "
+            "unique file names. Check that both describe the same images (same folder or URI prefix).")
 
 
 def _ratio(num: int, den: int) -> float | None:

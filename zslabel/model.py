@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,11 @@ def resolve_checkpoint(model: str, revision: str | None = None,
         if not (local / "config.json").is_file():
             raise ModelLoadError(f"model folder {local} has no config.json; is it a Hugging Face checkpoint?")
         return local
-    if local.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ModelLoadError(f"model {model!r} is not a checkpoint folder")
+    if local.exists():
+        raise ModelLoadError(f"model {model!r} is not a checkpoint folder (it is a file)")
+    if _looks_like_path(model):
+        raise ModelLoadError(f"no such checkpoint folder: {local} (--model {model!r} looks like a local path, "
+                             "so the Hugging Face hub was not asked; a hub id is 'org/name')")
     try:
         from huggingface_hub import snapshot_download
 
@@ -70,6 +74,21 @@ def resolve_checkpoint(model: str, revision: str | None = None,
             f"cannot download model {model!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
             "Pass a local checkpoint folder or an fsspec URI with --model, or check network/HF_HUB_OFFLINE."
         ) from exc
+
+
+def _looks_like_path(model: str) -> bool:
+    """Whether a ``--model`` value that does not exist was meant as a local folder, not a hub id.
+
+    Hub ids are ``name`` or ``org/name`` (letters, digits, ``-_.``). A local path: starts with
+    ``./ ../ / ~`` or ``.``, has a Windows drive (``C:``) or a backslash, has more than one
+    ``/``, or its parent folder exists here (``models/nonexistent`` next to ``models/``).
+    """
+    if model.startswith((".", "/", "~")) or "\\" in model or re.match(r"^[A-Za-z]:", model):
+        return True
+    if model.count("/") > 1:
+        return True
+    parent = Path(model).expanduser().parent
+    return model.count("/") == 1 and parent.is_dir()
 
 
 def _copy_remote_checkpoint(uri: str, storage_options: dict) -> Path:
