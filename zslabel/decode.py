@@ -5,7 +5,9 @@ code is testable on its own. ``decode_image`` never raises: every failure become
 ``DecodedImage.error = "<code>: <detail>"`` (codes from ``zslabel.errors``):
 
 - ``unidentified_image``: not an image Pillow can read (empty, text, bad header CRC, corrupt
-  data), and any unexpected exception (with its text).
+  data; any exception Pillow raises while opening or loading).
+- ``internal_error``: an exception past Pillow's opening and loading (a bug here); the
+  traceback is logged at WARNING.
 - ``truncated``: a recognised image whose data ends early (decoder ran out of data, or the
   container's end marker / declared size is missing: JPEG EOI, PNG IEND, GIF trailer, RIFF and
   ISO-BMFF box sizes).
@@ -23,14 +25,17 @@ code is testable on its own. ``decode_image`` never raises: every failure become
 Steps for one image, one helper each:
 
 1. ``_open``: format from the bytes (never the file name), header only, pixel limit.
-2. ``_load``: first frame only (animated GIF/APNG/WebP, multi-page TIFF: frame 0).
+2. ``_load``: first frame only (animated GIF/APNG/WebP, multi-page TIFF, MPO: frame 0). A PNG
+   that fails either step is retried once without its metadata chunks
+   (``_open_and_load``): metadata never costs the pixels; ICC profiles are never applied.
 3. ``_orient``: EXIF Orientation, all 8 values (``ImageOps.exif_transpose``); missing, invalid
    or unreadable EXIF means upright.
 4. ``_to_rgb``: any Pillow mode -> RGB (or L, expanded to RGB after resizing: bit-identical and
    3x cheaper). Transparency (alpha band, ``transparency`` info, RGBA palette) is composited
    onto ``PreprocessSpec.background`` (white by default, as transformers' ``convert_to_rgb``),
-   so colours under alpha 0 never change a result. 16/32-bit greys keep their tonal range
-   (65535 -> 255); float greys are 0..1 when their maximum is <= 1, else 0..255.
+   so colours under alpha 0 never change a result; an all-zero alpha in BMP/ICO/TGA is unused
+   padding (opaque). Deep greys keep their tonal range: 16-bit by their declared range,
+   32-bit integer and float by their values (unit, 8-bit or min-max; rules in ``_to_rgb``).
 5. ``_resize_crop``: exactly the transformers PIL image processor (``CLIPImageProcessorPil``,
    ``SiglipImageProcessorPil``): shortest-edge resize with the long side ``int(S * long /
    short)`` or an exact (H, W) resize with the checkpoint's filter, then a centre crop that
@@ -70,7 +75,7 @@ __all__ = ["PreprocessSpec", "DecodedImage", "decode_image", "sniff_format"]
 logger = logging.getLogger(__name__)
 
 # Bump when a change here can change pixels for the same bytes and spec (part of the fingerprint).
-DECODE_VERSION = 1
+DECODE_VERSION = 2  # 2: deep-grey mapping, unused BMP/ICO/TGA alpha, PNG metadata retry
 
 # Pillow raises DecompressionBombError above twice MAX_IMAGE_PIXELS; that is our default too,
 # so a 10000 x 10000 photo decodes and a 30000 x 30000 header does not.
@@ -820,8 +825,8 @@ def decode_image(data: bytes, spec: PreprocessSpec) -> DecodedImage:
     Returns:
         ``DecodedImage`` with ``pixels`` (H, W, 3) uint8 at ``spec.output_hw`` and the upright
         ``width``/``height``; or ``pixels=None`` and ``error="<code>: <detail>"`` with code in
-        unidentified_image, truncated, unsupported_format, too_many_pixels, image_too_small.
-        Unexpected exceptions become unidentified_image with the exception text.
+        unidentified_image, truncated, unsupported_format, too_many_pixels, image_too_small,
+        internal_error (an exception outside Pillow's open/load: a bug, traceback logged).
     """
     if threading.current_thread() is not threading.main_thread():
         # warnings.catch_warnings swaps process-wide state (not thread-safe before Python
