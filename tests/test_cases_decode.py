@@ -147,6 +147,29 @@ def _bmp_v5(rgba: np.ndarray) -> bytes:
     return b"BM" + struct.pack("<IHHI", off + len(pixels), 0, 0, off) + header + pixels
 
 
+def _tiff_gray(arr: np.ndarray, sample_format: int, nodata: str | None = None) -> bytes:
+    """A one-strip little-endian greyscale TIFF of ``arr`` (SampleFormat 1 uint, 2 int, 3 float),
+    with a GDAL_NODATA tag when given: what GDAL writes for elevation models."""
+    h, w = arr.shape
+    data = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+    text = None if nodata is None else nodata.encode() + b"\0"
+    entries = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 1, arr.dtype.itemsize * 8), (259, 3, 1, 1),
+               (262, 3, 1, 1), (273, 4, 1, None), (277, 3, 1, 1), (278, 4, 1, h), (279, 4, 1, len(data)),
+               (339, 3, 1, sample_format)] + ([(42113, 2, len(text), None)] if text else [])
+    data_at = 8 + 2 + 12 * len(entries) + 4
+    ifd = struct.pack("<H", len(entries))
+    for tag, typ, count, value in entries:
+        if tag == 273:
+            value = data_at
+        if tag == 42113:
+            ifd += struct.pack("<HHII", tag, typ, count, data_at + len(data))
+        elif typ == 3:
+            ifd += struct.pack("<HHIHH", tag, typ, count, value, 0)
+        else:
+            ifd += struct.pack("<HHII", tag, typ, count, value)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + data + (text or b"")
+
+
 def _report_cases(put) -> None:
     """Cases from public bug reports (Pillow, torchvision, libgd issues; zslabel issue 11), one
     per kind: metadata that must not cost the pixels, deep greys, unused alpha, broken EXIF,
@@ -202,6 +225,25 @@ def _report_cases(put) -> None:
         same_as="reports/int32_counts_as_l.png")
     put("reports/int32_counts_as_l.png",
         _enc(Image.fromarray(np.rint(counts * 255 / 100000.0).astype(np.uint8), "L")), "ok")
+    # SRTM-style signed 16-bit elevation with GDAL_NODATA -32768 (voids): min-max over the rest,
+    # voids black
+    dem = np.linspace(-100, 3000, 72 * 96).reshape(72, 96).astype(np.int16)
+    dem[:6] = -32768
+    put("reports/dem_int16_nodata.tif", _tiff_gray(dem, 2, "-32768"), "ok", same_as="reports/dem_as_l.png")
+    lo, hi = float(dem[6:].min()), float(dem.max())
+    dem_l = np.where(dem == -32768, 0, np.rint((dem.astype(np.float64) - lo) * 255 / (hi - lo))).astype(np.uint8)
+    put("reports/dem_as_l.png", _enc(Image.fromarray(dem_l, "L")), "ok")
+    # unsigned 32-bit counts (photon counts, 0..4e9)
+    u32 = np.linspace(0, 4e9, 72 * 96).reshape(72, 96).astype(np.uint32)
+    put("reports/uint32_counts.tif", _tiff_gray(u32, 1), "ok", same_as="reports/uint32_as_l.png")
+    put("reports/uint32_as_l.png", _enc(Image.fromarray(np.rint(u32 * 255.0 / float(u32.max())).astype(np.uint8), "L")),
+        "ok")
+    # 16-bit grey + alpha PNG (Pillow keeps the high byte)
+    la16 = np.dstack([np.asarray(base.convert("L")).astype(np.uint16) * 257, np.full((72, 96), 65535, np.uint16)])
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in la16)
+    put("reports/la16.png", b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 96, 72, 16, 4, 0, 0, 0))
+        + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b""), "ok", same_as="reports/base_l.png")
+    put("reports/base_l.png", _enc(base.convert("L")), "ok")
     # issue 11: 32-bit BMP (BITMAPV5, alpha mask) whose alpha bytes are all 0 -> opaque
     rgba0 = np.dstack([np.asarray(base), np.zeros((72, 96), np.uint8)])
     put("reports/bmp32_alpha0.bmp", _bmp_v5(rgba0), "ok", same_as="reports/base.png")

@@ -541,11 +541,26 @@ def _nodata_value(im: Image.Image) -> float | None:
         return None
 
 
+def _is_uint32_tiff(im: Image.Image) -> bool:
+    """Whether a TIFF declares unsigned 32-bit samples (BitsPerSample 32, SampleFormat 1/absent)."""
+    tags = getattr(im, "tag_v2", None)
+    if tags is None:
+        return False
+
+    def first(tag, default):
+        value = tags.get(tag, default)
+        return value[0] if isinstance(value, tuple) and value else value
+
+    return first(258, None) == 32 and first(339, 1) == 1
+
+
 def _deep_gray_to_l(im: Image.Image) -> Image.Image:
     """16/32-bit integer or float grey -> 8-bit L, keeping the tonal range (rules in ``_to_rgb``)."""
     arr = np.asarray(im)
     if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PPM"):
         return _gray_to_l(arr, 0.0, 65535.0)  # the file declares 16 bits (PPM: scaled to 16 bits)
+    if im.mode == "I" and _is_uint32_tiff(im):
+        arr = arr.view(np.uint32)  # Pillow reads unsigned 32-bit samples into signed int32
     valid = np.isfinite(arr) if im.mode == "F" else np.ones(arr.shape, bool)
     nodata = _nodata_value(im)
     if nodata is not None:
