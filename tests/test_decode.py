@@ -413,6 +413,11 @@ def test_gdal_nodata_is_excluded_and_black():
     assert D._nodata_value(im) == -9999.0
     px = np.asarray(D._to_rgb(im, (0, 0, 0)))
     assert not px[:4].any() and px[4, 0] == 0 and px[-1, -1] == 255
+    # The TIFF's own tags still count when it is stored rotated (Orientation 6: top rows -> right).
+    info[274] = 6
+    info.tagtype[274] = 3
+    rotated = ok(encode(Image.fromarray(elev, "F"), "TIFF", tiffinfo=info), SIGLIP32).pixels[..., 0]
+    assert not rotated[:, 28:].any() and rotated[:, 27].any() and rotated.max() == 255
 
 
 def test_all_zero_alpha_is_opaque_only_where_alpha_is_often_unused():

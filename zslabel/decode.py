@@ -28,8 +28,8 @@ Steps for one image, one helper each:
 2. ``_load``: first frame only (animated GIF/APNG/WebP, multi-page TIFF, MPO: frame 0). A PNG
    that fails either step is retried once without its metadata chunks
    (``_open_and_load``): metadata never costs the pixels; ICC profiles are never applied.
-3. ``_orient``: EXIF Orientation, all 8 values (``ImageOps.exif_transpose``); missing, invalid
-   or unreadable EXIF means upright.
+3. ``_orientation``: EXIF Orientation, all 8 values (applied by ``_orient`` after step 4, with
+   ``ImageOps.exif_transpose``'s transposes); missing, invalid or unreadable EXIF means upright.
 4. ``_to_rgb``: any Pillow mode -> RGB (or L, expanded to RGB after resizing: bit-identical and
    3x cheaper). Transparency (alpha band, ``transparency`` info, RGBA palette) is composited
    onto ``PreprocessSpec.background`` (white by default, as transformers' ``convert_to_rgb``),
@@ -65,7 +65,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError, features
+from PIL import Image, UnidentifiedImageError, features
 
 from zslabel.errors import (IMAGE_TOO_SMALL, INTERNAL_ERROR, TOO_MANY_PIXELS, TRUNCATED, UNIDENTIFIED_IMAGE,
                             UNSUPPORTED_FORMAT, error_string)
@@ -493,19 +493,19 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
-def _orient(im: Image.Image) -> tuple[Image.Image, bool]:
-    """The upright image per its EXIF Orientation (1..8), and whether width/height swapped.
+# EXIF Orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
-    Missing, invalid or unreadable EXIF means upright (the image unchanged).
+
+def _orient(im: Image.Image, orientation: int) -> Image.Image:
+    """The upright image for an EXIF Orientation (1..8) read from the source (``_orientation``).
+
+    Applied after ``_to_rgb`` (colour conversion is per pixel, so the order does not change a
+    pixel), which therefore still sees the source's container tags (TIFF no-data, sample format).
     """
-    orientation = _orientation(im)
-    if orientation == 1:
-        return im, False
-    try:
-        return ImageOps.exif_transpose(im), orientation >= 5
-    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
-        logger.debug("exif_transpose failed; using the image as stored", exc_info=True)
-        return im, False
+    return im if orientation == 1 else im.transpose(_UPRIGHT[orientation])
 
 
 def _composite(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -865,11 +865,11 @@ def _decode(data: bytes, spec: PreprocessSpec) -> DecodedImage:
         fmt = im.format
         # A fast-path JPEG draft shrinks im.size; geometry always follows the full image.
         full_w, full_h = header_size if im.size != header_size and im.format == "JPEG" else im.size
-        im, swapped = _orient(im)
-        width, height = (full_h, full_w) if swapped else (full_w, full_h)
+        orientation = _orientation(im)
+        width, height = (full_h, full_w) if orientation >= 5 else (full_w, full_h)
         if min(width, height) < spec.min_side:
             raise _DecodeFailure(IMAGE_TOO_SMALL, f"{width}x{height}, shorter side below {spec.min_side}")
-        rgb = _to_rgb(im, spec.background, fmt)
+        rgb = _orient(_to_rgb(im, spec.background, fmt), orientation)
         pixels = _resize_crop(rgb, spec, (width, height))
         return DecodedImage(pixels, width, height, None)
     except _DecodeFailure as f:
