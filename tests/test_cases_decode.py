@@ -233,6 +233,11 @@ def _report_cases(put) -> None:
     lo, hi = float(dem[6:].min()), float(dem.max())
     dem_l = np.where(dem == -32768, 0, np.rint((dem.astype(np.float64) - lo) * 255 / (hi - lo))).astype(np.uint8)
     put("reports/dem_as_l.png", _enc(Image.fromarray(dem_l, "L")), "ok")
+    # 64-bit float elevation (GDAL/numpy exports): Pillow lacks the TIFF layout, zslabel adds it
+    elev64 = np.linspace(0, 1, 72 * 96).reshape(72, 96) ** 2 * 4000
+    put("reports/float64_elevation.tif", _tiff_gray(elev64, 3), "ok", same_as="reports/float64_as_l.png")
+    put("reports/float64_as_l.png", _enc(Image.fromarray(np.rint(elev64 * 255 / elev64.max()).astype(np.uint8), "L")),
+        "ok")
     # unsigned 32-bit counts (photon counts, 0..4e9)
     u32 = np.linspace(0, 4e9, 72 * 96).reshape(72, 96).astype(np.uint32)
     put("reports/uint32_counts.tif", _tiff_gray(u32, 1), "ok", same_as="reports/uint32_as_l.png")

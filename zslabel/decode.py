@@ -90,6 +90,21 @@ _WINDOWED_MIN_RATIO = 4
 _FAST_DRAFT_MARGIN = 2
 _FAST_REDUCING_GAP = 3.0
 
+def _register_float64_tiff() -> None:
+    """Let Pillow open 64-bit float greyscale TIFFs (GDAL/numpy exports of elevation, science).
+
+    Pillow has the unpackers (``F;64F``, ``F;64BF``: float64 -> its 32-bit "F" mode) but no
+    TIFF layout entry for them, so such files were ``cannot identify``. Adds the two layouts
+    (MinIsBlack, little and big endian) only where Pillow has none; changes nothing else.
+    """
+    from PIL import TiffImagePlugin
+
+    for prefix, rawmode in ((TiffImagePlugin.II, "F;64F"), (TiffImagePlugin.MM, "F;64BF")):
+        TiffImagePlugin.OPEN_INFO.setdefault((prefix, 1, (3,), 1, (64,), ()), ("F", rawmode))
+
+
+_register_float64_tiff()
+
 _RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5,
                    "mks2013": 6, "mks2021": 7}
 
