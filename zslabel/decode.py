@@ -19,6 +19,8 @@ code is testable on its own. ``decode_image`` never raises: every failure become
   the header before any pixel buffer exists. Pillow's DecompressionBombError is mapped, and
   bypassed when ``max_pixels`` is higher; its warning is kept out of the logs (main thread).
   ``Image.MAX_IMAGE_PIXELS`` and ``ImageFile.LOAD_TRUNCATED_IMAGES`` are never changed.
+  (The one change to Pillow's state: two TIFF layouts for 64-bit float greys,
+  ``_register_float64_tiff``.)
 - ``image_too_small``: shorter side (after EXIF orientation) below ``PreprocessSpec.min_side``
   (default 1, so 1x1 and 1000x1 images are labeled).
 
