@@ -493,3 +493,33 @@ def fit_calibration(logits: np.ndarray, y: np.ndarray, score_kind: str, *, label
                  **(fit_info or {})}
     calib.id = calib.compute_id()
     return calib
+
+
+def load_for_run(path: str | None, storage_options: dict | None, *, checkpoint_digest: str, labels: list[str],
+                 templates: list[str], score_kind: str) -> Calibration | None:
+    """``--calibration FILE`` of a label/relabel run: loaded, validated and checked against the
+    run's checkpoint digest, labels, templates and score kind; None without a file.
+
+    Raises:
+        ConfigError: as ``load_calibration`` and ``Calibration.check_compatible``.
+    """
+    if not path:
+        return None
+    calib = load_calibration(path, storage_options)
+    calib.check_compatible(checkpoint_digest=checkpoint_digest, labels=labels, templates=templates,
+                           score_kind=score_kind, source=f"calibration file {path}")
+    return calib
+
+
+def manifest_entry(calib: Calibration | None, path: str | None) -> dict[str, Any] | None:
+    """What a run manifest records of its calibration: id, file, kind, parameters (temperature,
+    or how many labels have their own Platt fit) and the held-out ECE before/after."""
+    if calib is None:
+        return None
+    entry: dict[str, Any] = {"id": calib.id, "file": path, "kind": calib.kind}
+    if calib.kind == TEMPERATURE:
+        entry["temperature"] = calib.params["temperature"]
+    else:
+        entry["labels_with_own_fit"] = int(sum(calib.params.get("per_label_fit", [])))
+    entry["held_out_ece"] = {k: (calib.metrics.get(k) or {}).get("ece") for k in ("before", "after")}
+    return entry

@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .textfiles import read_lines, read_text
+from .hierarchy import check_options as check_hierarchy_options
 from .labels import (DEFAULT_TEMPLATE, TEMPLATE_SETS, merge_labels_file, parse_label_list,
                      validate_prompts)
 
@@ -73,6 +74,9 @@ class JobConfig:
     min_score: float | None = None
     multi_label: bool = False
     threshold: float | None = None
+    # calibration file (``zslabel calibrate``) and label-path roll-up (``hierarchy.py``)
+    calibration: str | None = None
+    hierarchy: bool = False
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -128,6 +132,7 @@ class JobConfig:
             raise ConfigError("no output given: pass --output DIR_OR_URI")
         validate_prompts(self.labels, self.templates)
         self.ranking_rule().validate()
+        check_hierarchy_options(self.hierarchy, self.min_score)
         if self.rows_per_file < 1:
             raise ConfigError(f"--rows-per-file must be >= 1 (got {self.rows_per_file})")
         if self.batch_size < 1:

@@ -335,6 +335,41 @@ def read_predictions(uri: str, storage_options: dict | None = None
     return preds, duplicates, has_abstained, read_manifest(root, storage_options)
 
 
+def match_ground_truth(gt: GroundTruth, keys) -> tuple[list[tuple[int, str]], list[int], int]:
+    """Match ground-truth entries to prediction keys (normalised paths), as the module docstring
+    says: by full path, then by a file name unique on both sides among the unmatched.
+
+    Args:
+        gt: the ground truth. keys: collection of normalised prediction paths (unique).
+
+    Returns:
+        ``([(ground-truth index, prediction key)], [unmatched ground-truth indices], number
+        matched by file name)``.
+    """
+    matches: list[tuple[int, str]] = []        # (gt index, prediction key)
+    unmatched_gt = []
+    for i, p in enumerate(gt.paths):
+        if p in keys:
+            matches.append((i, p))
+        else:
+            unmatched_gt.append(i)
+    used = {p for _, p in matches}
+    left_preds = [p for p in keys if p not in used]
+    pred_names = Counter(_basename(p) for p in left_preds)
+    gt_names = Counter(_basename(gt.paths[i]) for i in unmatched_gt)
+    by_name = {_basename(p): p for p in left_preds}
+    still_unmatched, by_basename = [], 0
+    for i in unmatched_gt:
+        name = _basename(gt.paths[i])
+        if pred_names[name] == 1 and gt_names[name] == 1:
+            matches.append((i, by_name[name]))
+            used.add(by_name[name])
+            by_basename += 1
+        else:
+            still_unmatched.append(i)
+    return matches, still_unmatched, by_basename
+
+
 def evaluate(predictions: str, ground_truth: GroundTruth | str, *, storage_options: dict | None = None,
              top_confusions: int = 10) -> EvalReport:
     """Compare a run's output (folder or Parquet file) with ground truth; see the module docstring.
@@ -352,27 +387,8 @@ def evaluate(predictions: str, ground_truth: GroundTruth | str, *, storage_optio
     gt = ground_truth if isinstance(ground_truth, GroundTruth) else load_ground_truth(ground_truth, storage_options)
     preds, duplicates, has_abstained, manifest = read_predictions(predictions, storage_options)
 
-    matches: list[tuple[int, str]] = []        # (gt index, prediction key)
-    unmatched_gt = []
-    for i, p in enumerate(gt.paths):
-        if p in preds:
-            matches.append((i, p))
-        else:
-            unmatched_gt.append(i)
+    matches, still_unmatched, by_basename = match_ground_truth(gt, preds)
     used = {p for _, p in matches}
-    left_preds = [p for p in preds if p not in used]
-    pred_names = Counter(_basename(p) for p in left_preds)
-    gt_names = Counter(_basename(gt.paths[i]) for i in unmatched_gt)
-    by_name = {_basename(p): p for p in left_preds}
-    still_unmatched, by_basename = [], 0
-    for i in unmatched_gt:
-        name = _basename(gt.paths[i])
-        if pred_names[name] == 1 and gt_names[name] == 1:
-            matches.append((i, by_name[name]))
-            used.add(by_name[name])
-            by_basename += 1
-        else:
-            still_unmatched.append(i)
 
     if not matches:
         raise InputError(_no_match_message(gt, list(preds)))

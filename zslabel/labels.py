@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .textfiles import read_lines, read_text
+from .hierarchy import SEPARATOR, prompt_name
 
 DEFAULT_TEMPLATE = "This is a photo of {}."
 
@@ -46,6 +47,10 @@ def validate_labels(names: list[str]) -> None:
         raise ConfigError("no labels given: pass --labels 'cat,dog' or --labels-file FILE")
     if any(not n for n in names):
         raise ConfigError(f"empty label name in {names!r} (check for a stray comma)")
+    bad_paths = [n for n in names if SEPARATOR in n and any(not p.strip() for p in n.split(SEPARATOR))]
+    if bad_paths:
+        raise ConfigError(f"label paths with an empty component: {', '.join(map(repr, bad_paths))} "
+                          "(write a hierarchy as 'animal/mammal/dog')")
     seen, dups = set(), []
     for n in names:
         if n in seen and n not in dups:
@@ -100,7 +105,7 @@ class LabelSet:
     embeddings: np.ndarray
 
     def prompts(self) -> list[str]:
-        return [t.format(n) for n in self.names for t in self.templates]
+        return [t.format(prompt_name(n)) for n in self.names for t in self.templates]
 
 
 def build_label_set(names: list[str], templates: list[str], model) -> LabelSet:
@@ -119,7 +124,8 @@ def build_label_set(names: list[str], templates: list[str], model) -> LabelSet:
             length (the message names the label and template).
     """
     validate_prompts(names, templates)
-    prompts = [t.format(n) for n in names for t in templates]
+    # A path label ("animal/mammal/dog") is prompted by its leaf name (hierarchy.prompt_name).
+    prompts = [t.format(prompt_name(n)) for n in names for t in templates]
     token_ids = model.prompt_token_ids(prompts)
     if len(set(prompts)) > 1 and len(set(map(tuple, token_ids))) == 1:
         raise ConfigError(f"the checkpoint's tokenizer maps every prompt to the same tokens {token_ids[0]}; "

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .calibration import load_for_run, manifest_entry as calibration_manifest_entry
 from .config import JobConfig
+from .hierarchy import Hierarchy, with_hierarchy_fields
 from . import runstate
 from .errors import ConfigError, ErrorBudgetExceeded
 from .output import output_schema
@@ -228,6 +230,9 @@ def run_label_job(config: JobConfig) -> RunSummary:
     embed_dim = label_set.embeddings.shape[1]
     digest = checkpoint_digest(path)
     del text_model
+    calib = load_for_run(config.calibration, config.storage_options, checkpoint_digest=digest,
+                         labels=list(label_set.names), templates=list(label_set.templates), score_kind=score_kind)
+    hier = Hierarchy.from_labels(list(label_set.names)) if config.hierarchy else None
     timings["model_and_labels_s"] = time.perf_counter() - t0
 
     # After the model: in a `ray job submit` driver, joining the cluster can replace the job's
@@ -243,16 +248,19 @@ def run_label_job(config: JobConfig) -> RunSummary:
 
     schema = output_schema(plan.carried_columns, embed_dim if config.store_embeddings else None,
                            config.embedding_dtype, abstained=config.min_score is not None)
+    if hier is not None:
+        schema = with_hierarchy_fields(schema)
     fields = runstate.fingerprint_fields(
         config, checkpoint_digest=digest, model_type=model_type, score_kind=score_kind,
         labels=list(label_set.names), templates=list(label_set.templates),
         preprocess=spec.fingerprint_dict(), schema=schema)
+    fields["calibration"] = calib.id if calib else None  # its content, not the file's path
     run = runstate.begin_run(config, fields)
     settings = LabelerSettings(
         model=config.model, revision=config.revision, storage_options=config.storage_options,
         schema=schema, top_k=config.top_k, dtype=config.dtype,
         num_threads=max(1, int(config.num_cpus_per_actor)), store_embeddings=config.store_embeddings,
-        spec_overrides=spec_overrides, ranking=config.ranking_rule())
+        spec_overrides=spec_overrides, ranking=config.ranking_rule(), calibration=calib, hierarchy=hier)
     # One copy of the (C, D) label embeddings in the object store, shared by every actor.
     label_ref = ray.put(label_set.embeddings)
 
@@ -319,6 +327,7 @@ def run_label_job(config: JobConfig) -> RunSummary:
                   "digest": digest, "model_type": model_type, "score_kind": score_kind},
         "labels": list(label_set.names),
         "templates": list(label_set.templates),
+        "calibration": calibration_manifest_entry(calib, config.calibration),
         "preprocess": spec.fingerprint_dict(),
         "counts": {"rows": rows, "labeled": labeled, "errors_by_code": counts.errors_by_code,
                    "skipped": plan.skipped, "listed": plan.listed, "duplicates_removed": plan.duplicates_removed,

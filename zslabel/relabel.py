@@ -37,7 +37,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import NON_FINITE_SCORES, ConfigError, InputError, OutputError, error_code, error_string
+from .calibration import load_for_run, manifest_entry as calibration_manifest_entry
 from .evaluate import normalise_path
+from .hierarchy import Hierarchy, with_hierarchy_fields
+from .hierarchy import check_options as check_hierarchy_options
 from .labels import DEFAULT_TEMPLATE, merge_labels_file, validate_prompts
 from .output import (MANIFEST_NAME, existing_output_files, output_filesystem, output_schema, read_manifest,
                      result_table, write_manifest)
@@ -67,6 +70,9 @@ class RelabelConfig:
         store_embeddings: copy the source ``embedding`` column (same dtype) into the output, so
             the output can itself be relabeled.
         storage_options: fsspec options for source, output and a remote model folder.
+        calibration: a ``zslabel calibrate`` file fitted for this model, labels and templates;
+            scores are then calibrated (``calibration.py``).
+        hierarchy: add the ``hier_*`` columns (``hierarchy.py``; needs ``min_score``).
     """
 
     source: str = ""
@@ -84,6 +90,8 @@ class RelabelConfig:
     mode: str = "error"
     store_embeddings: bool = True
     storage_options: dict[str, Any] = field(default_factory=dict)
+    calibration: str | None = None
+    hierarchy: bool = False
 
     def ranking_rule(self):
         """The ``ranking.RankingRule`` (top-k, abstention, multi-label) of this job."""
@@ -102,6 +110,7 @@ class RelabelConfig:
             raise ConfigError("no output given: pass --output DIR_OR_URI")
         validate_prompts(self.labels, self.templates)
         self.ranking_rule().validate()
+        check_hierarchy_options(self.hierarchy, self.min_score)
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
         if self.mode not in RELABEL_MODES:
@@ -269,6 +278,9 @@ def run_relabel_job(config: RelabelConfig):
     score_kind, model_type = text_model.score_kind, text_model.model_type
     scale, bias = text_model.logit_scale, text_model.logit_bias
     del text_model
+    calib = load_for_run(config.calibration, so, checkpoint_digest=digest, labels=list(label_set.names),
+                         templates=list(label_set.templates), score_kind=score_kind)
+    hier = Hierarchy.from_labels(list(label_set.names)) if config.hierarchy else None
     if dim is not None and dim != label_set.embeddings.shape[1]:
         raise ConfigError(f"the source embeddings have {dim} dimensions but {model_id} embeds labels in "
                           f"{label_set.embeddings.shape[1]}; they come from another model")
@@ -284,13 +296,15 @@ def run_relabel_job(config: RelabelConfig):
     emb_dtype = "float32" if pa.types.is_float32(emb_type.value_type) else "float16"
     schema = output_schema(carried, dim if config.store_embeddings else None, emb_dtype,
                            abstained=config.min_score is not None)
+    if hier is not None:
+        schema = with_hierarchy_fields(schema)
 
     out_fs, out_root = output_filesystem(config.output, so)
     if config.mode == "overwrite" and out_fs.exists(out_root):
         out_fs.rm(out_root, recursive=True)
     out_fs.makedirs(out_root, exist_ok=True)
     scorer = _Scorer(label_set.embeddings, np.asarray(label_set.names, dtype=object), scale, bias,
-                     score_kind, rule, schema)
+                     score_kind, rule, schema, calibration=calib, hierarchy=hier)
     t_run = time.perf_counter()
     totals = {"rows": 0, "labeled": 0}
     errors_by_code: dict[str, int] = {}
@@ -336,7 +350,7 @@ def run_relabel_job(config: RelabelConfig):
                       templates=list(label_set.templates), model=model_id, revision=revision,
                       top_k=config.top_k, min_score=config.min_score, multi_label=bool(config.multi_label),
                       threshold=config.threshold, mode=config.mode, store_embeddings=config.store_embeddings,
-                      embedding_dtype=emb_dtype)
+                      embedding_dtype=emb_dtype, calibration=config.calibration, hierarchy=config.hierarchy)
     new_manifest = {
         "zslabel_run": 1,
         "kind": "relabel",
@@ -347,6 +361,7 @@ def run_relabel_job(config: RelabelConfig):
                   "model_type": model_type, "score_kind": score_kind},
         "labels": list(label_set.names),
         "templates": list(label_set.templates),
+        "calibration": calibration_manifest_entry(calib, config.calibration),
         "preprocess": (manifest or {}).get("preprocess"),
         "counts": {"rows": totals["rows"], "labeled": totals["labeled"], "errors_by_code": errors_by_code,
                    "skipped": source_counts.get("skipped", 0), "listed": source_counts.get("listed"),
@@ -366,12 +381,14 @@ class _Scorer:
     """Scores one source batch with the new label embeddings and builds its output rows."""
 
     def __init__(self, label_embeddings: np.ndarray, label_names: np.ndarray, logit_scale: float,
-                 logit_bias: float, score_kind: str, rule, schema: pa.Schema):
+                 logit_bias: float, score_kind: str, rule, schema: pa.Schema, *, calibration=None,
+                 hierarchy=None):
         import torch
 
         self.labels = torch.from_numpy(label_embeddings)
         self.names, self.scale, self.bias, self.kind = label_names, logit_scale, logit_bias, score_kind
         self.rule, self.schema = rule, schema
+        self.calibration, self.hierarchy = calibration, hierarchy
         self.ranked_schema = pa.schema([schema.field(n) for n in ("labels", "scores", "abstained")
                                         if n in schema.names])
 
@@ -397,6 +414,8 @@ class _Scorer:
         new_errors = False
         if len(rows):
             logits = zero_shot_logits(torch.from_numpy(emb[rows]), self.labels, self.scale, self.bias)
+            if self.calibration is not None:
+                logits = self.calibration.adjust_logits(logits)
             scores = scores_from_logits(logits, self.kind).numpy()
             finite = np.isfinite(scores).all(axis=1)
             if not finite.all():
@@ -406,6 +425,9 @@ class _Scorer:
                 scores = scores[finite]
                 new_errors = True
             ranked = rank(scores, self.rule)
+        hier_cols = {} if self.hierarchy is None else self.hierarchy.columns(
+            scores if ranked is not None else np.zeros((0, len(self.names)), np.float32), ok, self.kind,
+            self.rule.min_score)
         part = result_table(self.ranked_schema, {}, self.names, None if ranked is None else ranked.indices,
                             None if ranked is None else ranked.scores, ok,
                             counts=None if ranked is None else ranked.counts,
@@ -414,6 +436,8 @@ class _Scorer:
         for f in self.schema:
             if f.name in part.schema.names:
                 arrays.append(part.column(f.name).combine_chunks())
+            elif f.name in hier_cols:
+                arrays.append(pa.array(hier_cols[f.name], f.type))
             elif f.name == "error":
                 arrays.append(pa.array(errors, pa.string()))
             elif f.name == "embedding":

@@ -125,6 +125,10 @@ class LabelerSettings:
     spec_overrides: dict[str, Any] = field(default_factory=dict)
     # Multi-label / abstention rule (``ranking.RankingRule``); None keeps plain top-k.
     ranking: Any = None
+    # ``calibration.Calibration`` applied to the logits, and ``hierarchy.Hierarchy`` for the
+    # hier_* columns (needs ``ranking.min_score``); None for neither.
+    calibration: Any = None
+    hierarchy: Any = None
 
 
 class Labeler:
@@ -177,6 +181,8 @@ class Labeler:
         if len(rows):
             emb = self.model.encode_images(batch["pixels"][rows])
             logits = zero_shot_logits(emb, self.label_embeddings, self.logit_scale, self.logit_bias)
+            if self.settings.calibration is not None:
+                logits = self.settings.calibration.adjust_logits(logits)
             scores = scores_from_logits(logits, self.model.score_kind).cpu().numpy()
             finite = np.isfinite(scores).all(axis=1)
             if not finite.all():
@@ -192,6 +198,10 @@ class Labeler:
         columns["error"] = errors
         columns["width"] = np.where(batch["width"] < 0, None, batch["width"]).astype(object)
         columns["height"] = np.where(batch["height"] < 0, None, batch["height"]).astype(object)
+        if self.settings.hierarchy is not None:
+            columns.update(self.settings.hierarchy.columns(
+                scores if len(rows) else np.zeros((0, len(self.label_names)), np.float32), ok,
+                self.model.score_kind, self.settings.ranking.min_score))
         return result_table(self.settings.schema, columns, self.label_names, top_idx, top_val, ok, emb_out,
                             counts=None if ranked is None else ranked.counts,
                             abstained=None if ranked is None else ranked.abstained)
