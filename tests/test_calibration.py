@@ -189,3 +189,53 @@ def test_logits_from_scores_exact_when_complete():
     logits, complete = logits_from_scores([["b"]], [[0.6]], ["a", "b", "c"], "softmax")
     assert not complete
     np.testing.assert_allclose(np.exp(logits[0]), [0.2, 0.6, 0.2], atol=1e-6)
+
+
+def test_platt_file_from_a_sigmoid_run_applied_by_relabel(tiny_siglip, tmp_path):
+    """calibrate (from stored embeddings, exact logits) and relabel --calibration on a SigLIP
+    checkpoint, without Ray: the run output is written by hand as `label --store-embeddings` would."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from zslabel.calibrate import run_calibrate
+    from zslabel.labels import build_label_set
+    from zslabel.model import ZeroShotModel, checkpoint_digest
+    from zslabel.ranking import zero_shot_logits
+    from zslabel.relabel import RelabelConfig, run_relabel_job
+
+    rng = np.random.default_rng(5)
+    n, labels = 150, ["cat", "dog", "bird"]
+    model = ZeroShotModel(tiny_siglip)
+    label_set = build_label_set(labels, ["a photo of a {}."], model)
+    y = rng.integers(0, 3, n)
+    # Image embeddings near their label's embedding, so the logits carry signal.
+    emb = label_set.embeddings[y] + rng.normal(0, 0.6, (n, label_set.embeddings.shape[1]))
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    run = tmp_path / "run"
+    run.mkdir()
+    paths = [str(tmp_path / f"img_{i:03d}.png") for i in range(n)]
+    pq.write_table(pa.table({"path": paths, "input_index": np.arange(n), "error": [None] * n,
+                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1])}),
+                   run / "part-0.parquet")
+    (run / "_run_manifest.json").write_text(json.dumps({
+        "labels": labels, "templates": ["a photo of a {}."],
+        "model": {"id": str(tiny_siglip), "revision": None, "digest": checkpoint_digest(tiny_siglip),
+                  "score_kind": "sigmoid"}}))
+    gt = tmp_path / "gt.csv"
+    gt.write_text("path,label\n" + "".join(f"img_{i:03d}.png,{labels[y[i]]}\n" for i in range(n)))
+    calib = run_calibrate(str(run), str(gt), calibration_path=str(tmp_path / "c.json"))
+    assert calib.kind == "platt" and calib.fit["used"] == n and calib.fit["source"] == "embeddings"
+    assert calib.metrics["after"]["ece"] < calib.metrics["before"]["ece"]
+
+    out = tmp_path / "relabeled"
+    run_relabel_job(RelabelConfig(source=str(run), output=str(out), labels=labels,
+                                  templates=["a photo of a {}."], top_k=3, calibration=str(tmp_path / "c.json")))
+    rows = pq.read_table(out).sort_by("input_index").to_pylist()
+    z = zero_shot_logits(torch.from_numpy(emb), torch.from_numpy(label_set.embeddings), model.logit_scale,
+                         model.logit_bias).numpy()
+    expected = calib.scores(z)
+    for i, r in enumerate(rows):
+        got = dict(zip(r["labels"], r["scores"]))
+        np.testing.assert_allclose([got[x] for x in labels], expected[i], atol=1e-5)
+    manifest = json.loads((out / "_run_manifest.json").read_text())
+    assert manifest["calibration"]["id"] == calib.id and manifest["calibration"]["kind"] == "platt"

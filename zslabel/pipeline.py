@@ -254,7 +254,14 @@ def run_label_job(config: JobConfig) -> RunSummary:
         config, checkpoint_digest=digest, model_type=model_type, score_kind=score_kind,
         labels=list(label_set.names), templates=list(label_set.templates),
         preprocess=spec.fingerprint_dict(), schema=schema)
-    fields["calibration"] = calib.id if calib else None  # its content, not the file's path
+    # The calibration by content (its id), not by file path; both keys only when used, so outputs
+    # of earlier versions still resume.
+    fields.pop("calibration", None)
+    fields.pop("hierarchy", None)
+    if calib is not None:
+        fields["calibration"] = calib.id
+    if hier is not None:
+        fields["hierarchy"] = True
     run = runstate.begin_run(config, fields)
     settings = LabelerSettings(
         model=config.model, revision=config.revision, storage_options=config.storage_options,
