@@ -239,3 +239,42 @@ def test_platt_file_from_a_sigmoid_run_applied_by_relabel(tiny_siglip, tmp_path)
         np.testing.assert_allclose([got[x] for x in labels], expected[i], atol=1e-5)
     manifest = json.loads((out / "_run_manifest.json").read_text())
     assert manifest["calibration"]["id"] == calib.id and manifest["calibration"]["kind"] == "platt"
+
+
+def test_calibrate_from_written_scores_and_clear_errors(tmp_path):
+    """An output without embeddings: logits come from the written scores (exact for softmax when
+    every label was written), and the fitted T equals a fit on the true logits. Ground truth
+    that matches nothing exits 2."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from zslabel.calibrate import run_calibrate
+    from zslabel.cli import main
+
+    rng = np.random.default_rng(6)
+    n, labels = 200, ["a", "b", "c", "d"]
+    z = rng.normal(0, 3, (n, 4))
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    y = np.array([rng.choice(4, p=row) for row in np.exp(z / 2) / np.exp(z / 2).sum(1, keepdims=True)])
+    order = np.argsort(-p, axis=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    pq.write_table(pa.table({
+        "path": [str(tmp_path / f"{i}.jpg") for i in range(n)], "error": [None] * n,
+        "labels": [[labels[j] for j in o] for o in order],
+        "scores": pa.array([p[i, o].tolist() for i, o in enumerate(order)], pa.list_(pa.float32()))}),
+        run / "part.parquet")
+    (run / "_run_manifest.json").write_text(json.dumps({
+        "labels": labels, "templates": ["{}"], "model": {"id": "m", "digest": "abc", "score_kind": "softmax"}}))
+    gt = tmp_path / "gt.csv"
+    gt.write_text("path,label\n" + "".join(f"{i}.jpg,{labels[y[i]]}\n" for i in range(n)))
+    calib = run_calibrate(str(run), str(gt), calibration_path=str(tmp_path / "c.json"))
+    assert calib.fit["source"] == "scores" and calib.fit["scores_complete"] and calib.fit["used"] == n
+    fit_idx, _ = split_indices(n, 0.3, 0)
+    assert calib.params["temperature"] == pytest.approx(fit_temperature(z[fit_idx], y[fit_idx]), rel=1e-3)
+    assert calib.params["temperature"] == pytest.approx(2.0, rel=0.3)
+
+    other = tmp_path / "other.csv"
+    other.write_text("path,label\nelsewhere/x.jpg,a\n")
+    assert main(["calibrate", str(run), "--ground-truth", str(other), "--output", str(tmp_path / "x.json")]) == 2
+    assert not (tmp_path / "x.json").exists()
