@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .calibration import Calibration, fit_calibration
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .evaluate import _basename, load_ground_truth, match_ground_truth, normalise_path
 from .hierarchy import prompt_name
 from .output import read_manifest
@@ -217,6 +217,9 @@ def run_calibrate(output: str, ground_truth: str, *, calibration_path: str = "ca
         zs = ZeroShotModel(path)
         label_set = build_label_set(labels, templates, zs)
         score_kind = zs.score_kind
+        if sample.embeddings.shape[1] != label_set.embeddings.shape[1]:
+            raise ConfigError(f"the stored embeddings have {sample.embeddings.shape[1]} dimensions but "
+                              f"{model['id']} embeds labels in {label_set.embeddings.shape[1]}")
         logits = zero_shot_logits(torch.from_numpy(sample.embeddings), torch.from_numpy(label_set.embeddings),
                                   zs.logit_scale, zs.logit_bias).numpy()
         info.update(source="embeddings", scores_complete=True)
