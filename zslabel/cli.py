@@ -91,7 +91,8 @@ def _label_parser(sub) -> argparse.ArgumentParser:
 def _add_ranking_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("abstention and multi-label")
     g.add_argument("--min-score", type=float, help="mark rows whose best score is below this as abstained "
-                   "(adds a bool 'abstained' column; labels are still written)")
+                   "(adds a bool 'abstained' column; labels are still written); with --calibration the scores are "
+                   "estimated probabilities of being right")
     g.add_argument("--multi-label", action="store_true", default=None,
                    help="SigLIP-family (sigmoid) models only: keep every label with score >= --threshold, "
                    "best first (possibly none), instead of the top k")
