@@ -95,6 +95,7 @@ def read_sample(output: str, ground_truth: str, storage_options: dict | None = N
     wanted_paths, wanted_names = set(gt.paths), {_basename(p) for p in gt.paths}
 
     rows: dict[str, tuple] = {}
+    examples: list[str] = []
     use_embeddings = None
     for f in files:
         with fs.open(f, "rb") as fh:
@@ -111,6 +112,7 @@ def read_sample(output: str, ground_truth: str, storage_options: dict | None = N
                 raise InputError(f"{f} lacks column(s) {', '.join(missing)}")
             for batch in reader.iter_batches(columns=cols):
                 paths = [normalise_path(p) for p in batch.column(0).to_pylist()]
+                examples += paths[:2 - len(examples)]
                 keep = [i for i, p in enumerate(paths)
                         if (p in wanted_paths or _basename(p) in wanted_names) and p not in rows]
                 if not keep:
@@ -145,8 +147,9 @@ def read_sample(output: str, ground_truth: str, storage_options: dict | None = N
               "unmatched_ground_truth": len(unmatched), "errored": errored,
               "truth_not_a_label": sorted(not_candidate), "used": len(keep_paths)}
     if not matches:
-        raise InputError(f"no row of {output} matches ground truth {ground_truth} (by path or unique file name); "
-                         "are they the same images?")
+        raise InputError(f"no row of {output} matches ground truth {ground_truth} (compared as normalised full "
+                         f"paths, then unique file names; output paths e.g. {examples}, ground truth e.g. "
+                         f"{list(gt.paths[:2])}); are they the same images?")
     if not keep_paths:
         raise InputError(f"{len(matches)} rows of {output} match {ground_truth} but none is usable: {errored} "
                          f"errored, ground-truth labels not among the run's labels: {sorted(not_candidate)[:10]}")
