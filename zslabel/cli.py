@@ -1,7 +1,7 @@
 """Command line: ``zslabel label INPUT --labels ... --output OUT`` (also ``python -m zslabel``).
 
 Flags override keys of ``--config job.yaml`` (same names, dashes for underscores). Exit codes:
-0 success, 1 error budget exceeded (output written), 2 bad configuration/input/model/output.
+see ``EXIT_CODES``.
 """
 
 from __future__ import annotations
@@ -11,10 +11,18 @@ import logging
 import sys
 
 from .config import DEFAULT_MODEL, JobConfig, parse_concurrency, parse_storage_options, resolve_templates
-from .errors import ErrorBudgetExceeded, ZslabelError
+from .errors import ErrorBudgetExceeded, RayStartError, ZslabelError
 from .labels import DEFAULT_TEMPLATE, TEMPLATE_SETS, parse_label_list
 
 log = logging.getLogger("zslabel")
+
+EXIT_CODES = """exit codes:
+  0    success
+  1    error budget exceeded (--max-error-fraction): the output is written
+  2    bad configuration, input, model or output (nothing written)
+  3    Ray could not be started or joined (unreachable --address, node start timed out)
+  130  interrupted (committed files are kept: rerun with --resume)
+"""
 
 EPILOG = """examples:
   zslabel label ./photos --labels "cat,dog,bird" --output ./labels
@@ -25,7 +33,11 @@ EPILOG = """examples:
 output: Parquet files with columns path, input_index, labels (top-k, best first), scores,
 error, width, height, plus _run_manifest.json. Scores are softmax over all labels for CLIP
 checkpoints and independent sigmoids for SigLIP checkpoints.
-"""
+
+progress: images done / total, images/s, errors so far and ETA go to stderr: one bar on a
+terminal, else a line every 15 s and one at the end (--quiet: none).
+
+""" + EXIT_CODES
 
 
 def _label_parser(sub) -> argparse.ArgumentParser:
@@ -85,6 +97,8 @@ def _label_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
                    help="model precision (auto: float16 on CUDA, float32 on CPU)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress display (the summary line and errors still print)")
     return p
 
 
@@ -278,10 +292,22 @@ def _run_and_evaluate(args, run, config) -> int:
     return 0
 
 
+def _version() -> str:
+    """The installed zslabel version (pyproject.toml's when run from a checkout on PYTHONPATH)."""
+    import importlib.metadata as md
+
+    try:
+        return md.version("zslabel")
+    except md.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zslabel", allow_abbrev=False,
-        description="Zero-shot image labeling at scale (Ray Data + CLIP-family models -> ranked labels in Parquet).")
+        description="Zero-shot image labeling at scale (Ray Data + CLIP-family models -> ranked labels in Parquet).",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     label = _label_parser(sub)
     _add_ranking_flags(label)
@@ -344,15 +370,19 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit code (0 ok, 1 error budget exceeded, 2 usage/config error)."""
+    """CLI entry point; returns the exit code (``EXIT_CODES``: 0 ok, 1 error budget exceeded,
+    2 usage/config error, 3 Ray did not start, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "label":
+            import functools
+
             from .pipeline import run_label_job
 
-            return _run_and_evaluate(args, run_label_job, config_from_args(args))
+            return _run_and_evaluate(args, functools.partial(run_label_job, progress=not args.quiet),
+                                     config_from_args(args))
         if args.command == "relabel":
             from .relabel import run_relabel_job
 
@@ -374,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     except ErrorBudgetExceeded as exc:
         print(f"zslabel: error: {exc}", file=sys.stderr)
         return 1
+    except RayStartError as exc:
+        print(f"zslabel: error: {exc}", file=sys.stderr)
+        return 3
     except ZslabelError as exc:
         print(f"zslabel: error: {exc}", file=sys.stderr)
         return 2

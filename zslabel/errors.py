@@ -53,3 +53,8 @@ class OutputError(ZslabelError):
 
 class ErrorBudgetExceeded(ZslabelError):
     """More images failed than ``--max-error-fraction`` allows; the output is still written."""
+
+
+class RayStartError(ZslabelError):
+    """Ray could not be started or joined (no cluster at ``--address``, a local node that timed
+    out starting under load); the CLI prints it and exits 3. Nothing was written."""

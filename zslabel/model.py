@@ -152,11 +152,14 @@ class ZeroShotModel:
                  **spec_overrides):
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
+        from .quiet import no_transformers_progress
+
         self.path = Path(path)
         try:
-            self.model = AutoModel.from_pretrained(self.path, dtype=dtype).to(device).eval()
-            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-            processor = AutoImageProcessor.from_pretrained(self.path)
+            with no_transformers_progress():  # a local folder: nothing to watch, one bar per actor
+                self.model = AutoModel.from_pretrained(self.path, dtype=dtype).to(device).eval()
+                self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+                processor = AutoImageProcessor.from_pretrained(self.path)
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(f"cannot load checkpoint at {self.path}: {type(exc).__name__}: {exc}") from exc
         if not (hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")):

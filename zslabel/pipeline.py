@@ -22,8 +22,10 @@ from .calibration import load_for_run, manifest_entry as calibration_manifest_en
 from .config import JobConfig
 from .hierarchy import Hierarchy, with_hierarchy_fields
 from . import runstate
-from .errors import ConfigError, ErrorBudgetExceeded
+from .errors import ConfigError, ErrorBudgetExceeded, RayStartError
 from .output import output_schema
+from .progress import Progress
+from .quiet import quiet_ray_logs
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +71,16 @@ class RunSummary:
 def init_ray(address: str | None) -> None:
     """Join ``address`` (or ``$RAY_ADDRESS``), or start an embedded local Ray when neither is set.
 
+    Raises:
+        RayStartError: Ray did not start or could not be joined (exit code 3 in the CLI).
+
     Also sets this driver's Ray Data failure policy (``DataContext``): a few labeler actors may
     die during start-up before the job fails, and no failed block is ever dropped.
     """
     import ray
     import ray.data
 
+    quiet_ray_logs()
     ctx = ray.data.DataContext.get_current()
     ctx.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS_TOLERATED
     # Never drop a block that failed (rows out == inputs in); a failure fails the job.
@@ -89,7 +95,18 @@ def init_ray(address: str | None) -> None:
         # Embedded: a fresh local instance, never a (possibly stale) `ray start` cluster that
         # plain ray.init() would try to join.
         kwargs["address"] = "local"
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - Ray raises bare Exception/ConnectionError/TimeoutError here
+        try:  # a half-started local node (GCS, raylet) must not outlive this process
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - best effort; the start error is what the user needs
+            pass
+        target = kwargs.get("address") or os.environ.get("RAY_ADDRESS")
+        where = "start a local Ray instance" if target == "local" else f"join the Ray cluster at {target}"
+        raise RayStartError(
+            f"could not {where}: {type(exc).__name__}: {exc} (a busy machine can make Ray's node start "
+            "time out: retry, or start Ray once with `ray start --head` and pass --address)") from exc
 
 
 def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
@@ -97,7 +114,7 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
     minutes). Other forms (``auto``, ``ray://``, ``http://``) are left to Ray.
 
     Raises:
-        ConfigError: the TCP connection is refused or times out.
+        RayStartError: the TCP connection is refused or times out.
     """
     import socket
 
@@ -107,7 +124,7 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as exc:
-        raise ConfigError(f"cannot reach a Ray cluster at {address}: {exc}") from exc
+        raise RayStartError(f"cannot reach a Ray cluster at {address}: {exc}") from exc
 
 
 def actor_pool_size(config: JobConfig) -> tuple[int, int]:
@@ -199,8 +216,10 @@ def plan_actor_pool(config: JobConfig, nodes: list[dict[str, float]],
     return 1, max(1, most)
 
 
-def run_label_job(config: JobConfig) -> RunSummary:
+def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     """Label every image of ``config.input`` and write the output contract to ``config.output``.
+
+    ``progress``: show images done / total, rate, errors and ETA on stderr (``zslabel.progress``).
 
     Returns:
         RunSummary with counts per error code and timings.
@@ -317,7 +336,7 @@ def run_label_job(config: JobConfig) -> RunSummary:
     ds = ds.map_batches(runstate.write_block, fn_kwargs={"target": run.target},
                         batch_size=config.rows_per_file, batch_format="pyarrow")
     t_run, t_run_epoch = time.perf_counter(), time.time()
-    written = ds.take_all()
+    written = _consume_with_progress(ds, Progress(planned_rows(plan, run), enabled=progress))
     plan.finalize()  # tars / Parquet inputs: listed and skipped counts are known only now
     timings["labeling_s"] = time.perf_counter() - t_run
     timings.update(stage_timings(ds, since_epoch_s=t_run_epoch, config=config))
@@ -358,6 +377,29 @@ def run_label_job(config: JobConfig) -> RunSummary:
             f"{failed} of {rows} images failed ({failed / rows:.1%}), more than --max-error-fraction "
             f"{config.max_error_fraction:.1%}; the {rows} rows are written to {config.output}")
     return summary
+
+
+def planned_rows(plan, run) -> int | None:
+    """Images this run will write: planned inputs minus those committed earlier (``--resume``);
+    None when the inputs are counted only while they are read (tars, Parquet with image bytes)."""
+    if plan.listed is None or plan.kind in ("webdataset", "parquet"):
+        return None
+    return max(0, plan.listed - plan.skipped - plan.duplicates_removed - len(run.done))
+
+
+def _consume_with_progress(ds, progress: Progress) -> list[dict]:
+    """Run ``ds`` (the pipeline ending in ``write_block``) to the end, feeding ``progress`` as
+    each committed file's row comes back; returns those rows (``runstate.WRITE_RESULT_SCHEMA``)."""
+    import ray.data
+
+    # Ours replaces Ray Data's bars ("Total Progress: 0/?"), also with --quiet.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    written = []
+    with progress:
+        for row in ds.iter_rows():
+            written.append(row)
+            progress.update(row["rows"], row["errors"])
+    return written
 
 
 def stage_timings(ds, since_epoch_s: float, config: JobConfig) -> dict[str, float | str]:

@@ -413,7 +413,9 @@ def drop_committed(batch: pa.Table, done: np.ndarray) -> pa.Table:
     return batch.filter(pa.array(done[pos] != idx))
 
 
-WRITE_RESULT_SCHEMA = pa.schema([pa.field("file", pa.string()), pa.field("rows", pa.int64())])
+# One row per committed file; ``errors``: its rows with an error code (for the progress display).
+WRITE_RESULT_SCHEMA = pa.schema([pa.field("file", pa.string()), pa.field("rows", pa.int64()),
+                                 pa.field("errors", pa.int64())])
 
 
 def write_block(table: pa.Table, target: WriteTarget) -> pa.Table:
@@ -424,7 +426,7 @@ def write_block(table: pa.Table, target: WriteTarget) -> pa.Table:
         target: from :class:`RunPlan`.
 
     Returns:
-        One row ``(file, rows)`` naming the committed file (none for an empty block).
+        One row ``(file, rows, errors)`` naming the committed file (none for an empty block).
 
     Raises:
         OutputError: the run record no longer names this run (a newer run took over the output);
@@ -445,7 +447,9 @@ def write_block(table: pa.Table, target: WriteTarget) -> pa.Table:
                           f"{target.run_id}; this run's file {name} is not published")
     write_bytes_atomic(fs, posixpath.join(root, target.data_dir, name) if target.data_dir
                        else posixpath.join(root, name), data)
-    return pa.Table.from_pylist([{"file": name, "rows": table.num_rows}], schema=WRITE_RESULT_SCHEMA)
+    errors = table.num_rows - table.column("error").null_count
+    return pa.Table.from_pylist([{"file": name, "rows": table.num_rows, "errors": errors}],
+                                schema=WRITE_RESULT_SCHEMA)
 
 
 # --------------------------------------------------------------------------------------------
