@@ -85,6 +85,9 @@ def init_ray(address: str | None) -> None:
     ctx.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS_TOLERATED
     # Never drop a block that failed (rows out == inputs in); a failure fails the job.
     ctx.max_errored_blocks = 0
+    # zslabel.progress replaces Ray Data's bars and "Total Progress: 0/?" log lines (also with
+    # --quiet). Set before any dataset is built: each dataset copies the context it was made in.
+    ctx.enable_progress_bars = False
     if ray.is_initialized():
         return
     kwargs = {"log_to_driver": True}
@@ -390,10 +393,6 @@ def planned_rows(plan, run) -> int | None:
 def _consume_with_progress(ds, progress: Progress) -> list[dict]:
     """Run ``ds`` (the pipeline ending in ``write_block``) to the end, feeding ``progress`` as
     each committed file's row comes back; returns those rows (``runstate.WRITE_RESULT_SCHEMA``)."""
-    import ray.data
-
-    # Ours replaces Ray Data's bars ("Total Progress: 0/?"), also with --quiet.
-    ray.data.DataContext.get_current().enable_progress_bars = False
     written = []
     with progress:
         for row in ds.iter_rows():

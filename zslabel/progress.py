@@ -63,7 +63,7 @@ class Progress:
             self._bar.update(rows)
             return
         now = time.monotonic()
-        if now - self._last_log >= self.interval_s:
+        if now - self._last_log >= self.interval_s and (self.total is None or self.done < self.total):
             self._last_log = now
             self._print(self.line())
 

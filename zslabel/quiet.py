@@ -33,12 +33,20 @@ def quiet_ray_logs() -> None:
       ``scheduling_strategy``, ``max_retries``, ``max_restarts`` and ``max_task_retries`` to
       ``map_batches``; Ray 2.50-2.63 (the pinned range, ``ray<2.64`` in pyproject.toml) has no
       named parameter for them, so there is no non-deprecated call to make yet.
+    - "Progress bars disabled. To enable, set ...": Ray Data's note that its bars are off, which
+      zslabel does on purpose (``zslabel.progress`` shows images done, rate, errors and ETA).
     Idempotent.
     """
-    token_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    if not any(isinstance(f, _DropMessages) for f in token_logger.filters):
-        token_logger.addFilter(_DropMessages("Token authentication is enabled for this Ray cluster"))
+    _drop("ray._private.authentication.authentication_token_setup",
+          "Token authentication is enabled for this Ray cluster")
+    _drop("ray.data._internal.progress", "Progress bars disabled")
     warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated", module=r"zslabel\.")
+
+
+def _drop(logger_name: str, needle: str) -> None:
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _DropMessages) and needle in f.needles for f in logger.filters):
+        logger.addFilter(_DropMessages(needle))
 
 
 @contextlib.contextmanager
