@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from test_cluster import HEAD_IP, RAY, WORKER_IP, _free_port, _wait_until, make_images
+from test_cluster import HEAD_IP, RAY, WORKER_IP, LoopbackCluster, _free_port, _wait_until, make_images
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "cluster.md"
@@ -87,10 +87,10 @@ def test_guide_commands_work_with_default_auth(tiny_clip, tmp_path):
         start("head", HEAD_IP, "--head", f"--port={gcs_port}", "--include-dashboard=true",
               f"--dashboard-host={HEAD_IP}", f"--dashboard-port={dash_port}",
               f"--ray-client-server-port={_free_port(HEAD_IP)}")
-        _wait_until(lambda: ray("status", f"--address={gcs}", check=False).returncode == 0, 120, "the head")
+        _wait_until(lambda: LoopbackCluster._port_open(HEAD_IP, gcs_port), 120, "the head's GCS")
         start("worker", WORKER_IP, f"--address={gcs}")
-        _wait_until(lambda: len(re.findall(r"node_[0-9a-f]+", ray("status", f"--address={gcs}").stdout)) >= 2,
-                    120, "two nodes in `ray status`")
+        _wait_until(lambda: len(re.findall(r"node_[0-9a-f]+", ray("status", f"--address={gcs}", check=False).stdout))
+                    >= 2, 180, "two nodes in `ray status`", interval=2)
 
         # What the guide prevents: a client without the token mode is refused.
         refused = ray("job", "list", f"--address={dashboard}", check=False, RAY_AUTH_MODE="")

@@ -84,6 +84,7 @@ def thousand(tmp_path_factory):
     return d, broken
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [7, 128])
 def test_error_isolation_1000_with_27_broken(thousand, batch_size, tiny_clip, ray_local, tmp_path):
     d, broken = thousand
