@@ -33,7 +33,7 @@ if ! python -c "import torch" 2>/dev/null; then
            && install --find-links "$LINKS" "torch==$TORCH+cpu"; }; then
       install "torch==$TORCH" --index-url https://download.pytorch.org/whl/cpu
     fi
-    python - <<'PY'
+    python -W ignore - <<'PY'
 import sys, torch
 if torch.version.cuda:
     sys.exit(f"setup.sh: a CUDA build of torch ({torch.__version__}) was installed on a machine without a GPU")
