@@ -10,7 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LOCK=requirements/lock.txt
+phase() { echo "setup.sh: $1 done at ${SECONDS} s"; }
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
+phase "venv"
 . .venv/bin/activate
 TORCH=$(grep -E '^torch==' "$LOCK" | cut -d= -f3)
 
@@ -18,6 +20,7 @@ UV=""
 if [ -z "${ZSLABEL_NO_UV:-}" ] && python -m pip install -q -c "$LOCK" uv 2>/dev/null; then
   UV=".venv/bin/uv"
 fi
+phase "installer (${UV:-pip})"
 install() {  # install ARGS... with uv when there is one, else pip
   if [ -n "$UV" ]; then "$UV" pip install -q --python .venv/bin/python "$@"; else python -m pip install -q "$@"; fi
 }
@@ -39,6 +42,8 @@ if torch.version.cuda:
     sys.exit(f"setup.sh: a CUDA build of torch ({torch.__version__}) was installed on a machine without a GPU")
 PY
   fi
+  phase "torch"
 fi
 install -c "$LOCK" -e ".[test,s3]"
+phase "locked packages"
 echo "zslabel installed in $(pwd)/.venv (activate with: . .venv/bin/activate)"
