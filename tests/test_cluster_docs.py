@@ -80,6 +80,9 @@ def test_guide_commands_work_with_default_auth(tiny_clip, tmp_path):
              "--num-cpus=2", "--object-store-memory=150000000", f"--dashboard-agent-listen-port={_free_port(ip)}",
              *args], cwd=ROOT, env=node_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
+    def logs() -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in sorted(tmp_path.glob("*.log")))
+
     try:
         # The guide's first step: a token in ~/.ray/auth_token (the first local run makes one too).
         ray("get-auth-token", "--generate")
@@ -87,10 +90,23 @@ def test_guide_commands_work_with_default_auth(tiny_clip, tmp_path):
         start("head", HEAD_IP, "--head", f"--port={gcs_port}", "--include-dashboard=true",
               f"--dashboard-host={HEAD_IP}", f"--dashboard-port={dash_port}",
               f"--ray-client-server-port={_free_port(HEAD_IP)}")
-        _wait_until(lambda: LoopbackCluster._port_open(HEAD_IP, gcs_port), 120, "the head's GCS")
-        start("worker", WORKER_IP, f"--address={gcs}")
-        _wait_until(lambda: len(re.findall(r"node_[0-9a-f]+", ray("status", f"--address={gcs}", check=False).stdout))
-                    >= 2, 180, "two nodes in `ray status`", interval=2)
+        status = {}
+
+        def nodes_in_status() -> int:
+            status["last"] = ray("status", f"--address={gcs}", check=False)
+            return len(re.findall(r"\bnode_[0-9a-f]+", status["last"].stdout))
+
+        try:
+            # The worker gives up at once if the head's node is not registered yet (the GCS port
+            # opens before that), so wait for `ray status` to show it.
+            _wait_until(lambda: LoopbackCluster._port_open(HEAD_IP, gcs_port), 120, "the head's GCS")
+            _wait_until(lambda: nodes_in_status() >= 1, 180, "the head in `ray status`", interval=2)
+            start("worker", WORKER_IP, f"--address={gcs}")
+            _wait_until(lambda: nodes_in_status() >= 2, 240, "two nodes in `ray status`", interval=2)
+        except TimeoutError as exc:
+            last = status.get("last")
+            raise AssertionError(f"{exc}\nlast ray status: {last and (last.stdout[-2000:], last.stderr[-2000:])}"
+                                 f"\n{logs()}") from None
 
         # What the guide prevents: a client without the token mode is refused.
         refused = ray("job", "list", f"--address={dashboard}", check=False, RAY_AUTH_MODE="")
