@@ -87,14 +87,28 @@ def imported_modules(folder: Path) -> set[str]:
     """Top-level names of the absolute imports in the ``*.py`` files under ``folder``,
     without the standard library and the folder's own modules."""
     local = {p.stem for p in [*folder.rglob("*.py"), *(ROOT / "scripts").glob("*.py")]} | {folder.name, "zslabel"}
-    names = set()
+    local |= {p.name for p in folder.rglob("*") if p.is_dir()}
+    names, optional = set(), set()
     for path in folder.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                names.update(a.name.split(".")[0] for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names.add(node.module.split(".")[0])
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            # `try: import x / except ImportError:` is an optional import, not a dependency.
+            if isinstance(node, ast.Try) and any(
+                    isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                    for h in node.handlers):
+                optional |= {n for b in node.body for n in _top_names(b)}
+            names |= _top_names(node)
+    names -= optional
     return {n for n in names if n not in sys.stdlib_module_names and n not in local and n != "__future__"}
+
+
+def _top_names(node: ast.AST) -> set[str]:
+    """Top-level module names an ``import`` statement imports (absolute imports only)."""
+    if isinstance(node, ast.Import):
+        return {a.name.split(".")[0] for a in node.names}
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        return {node.module.split(".")[0]}
+    return set()
 
 
 def distributions_of(modules: set[str]) -> tuple[set[str], set[str]]:
