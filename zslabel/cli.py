@@ -13,6 +13,8 @@ import sys
 from .config import DEFAULT_MODEL, JobConfig, parse_concurrency, parse_storage_options, resolve_templates
 from .errors import ErrorBudgetExceeded, RayStartError, ZslabelError
 from .labels import DEFAULT_TEMPLATE, TEMPLATE_SETS, parse_label_list
+from .sources import INPUT_FORMATS
+from .sources import KINDS as INPUT_KINDS
 
 log = logging.getLogger("zslabel")
 
@@ -74,7 +76,9 @@ def _label_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-error-fraction", type=float,
                    help="fail (exit 1, output still written) when more than this fraction of images fail")
     g = p.add_argument_group("inputs and storage")
-    g.add_argument("--input-format", choices=["auto", "folder", "glob", "manifest", "webdataset", "parquet"])
+    g.add_argument("--input-format", choices=INPUT_FORMATS, metavar="{" + ",".join(INPUT_FORMATS) + "}",
+                   help="auto (default: decided from the input's name) or " + "; ".join(
+                       f"{k.name}: {k.summary}" for k in INPUT_KINDS))
     g.add_argument("--storage-options", help="fsspec options as JSON/YAML text or file, e.g. "
                    "'{\"client_kwargs\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'")
     g.add_argument("--path-column", help="manifest column holding URIs (default: path, url or uri)")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .sources import INPUT_FORMATS
 from .textfiles import read_lines, read_text
 from .hierarchy import check_options as check_hierarchy_options
 from .labels import (DEFAULT_TEMPLATE, TEMPLATE_SETS, merge_labels_file, parse_label_list,
@@ -22,7 +23,6 @@ from .labels import (DEFAULT_TEMPLATE, TEMPLATE_SETS, merge_labels_file, parse_l
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 OUTPUT_MODES = ("error", "resume", "overwrite")
-INPUT_FORMATS = ("auto", "folder", "glob", "manifest", "webdataset", "parquet")
 
 
 @dataclass

@@ -22,7 +22,8 @@ CODES = (READ_ERROR, UNIDENTIFIED_IMAGE, TRUNCATED, TOO_MANY_PIXELS, UNSUPPORTED
 
 def error_string(code: str, detail: str) -> str:
     """Format a row's ``error`` value as ``"<code>: <detail>"`` (detail shortened to 300 chars)."""
-    detail = " ".join(str(detail).split())
+    # Lone surrogates (undecodable bytes of an OS file name) cannot be stored in Arrow strings.
+    detail = " ".join(str(detail).split()).encode("utf-8", "backslashreplace").decode("utf-8")
     return f"{code}: {detail[:300]}"
 
 

@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 
 from .errors import InputError, error_code
 from .output import output_filesystem, read_manifest
+from .storage import uri_maker
 from .textfiles import decode_text
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def load_ground_truth(uri: str, storage_options: dict | None = None) -> GroundTr
         raise InputError(f"cannot open ground truth {uri}: {type(exc).__name__}: {exc}") from exc
     if not exists:
         raise InputError(f"ground truth {uri} does not exist")
-    to_uri = _uri_maker(uri, fs)
+    to_uri = uri_maker(uri, fs)
     if is_dir:
         return _folder_ground_truth(uri, fs, root, to_uri)
     table = _read_table(uri, fs, root)
@@ -137,15 +138,6 @@ def load_ground_truth(uri: str, storage_options: dict | None = None) -> GroundTr
             p = posixpath.join(base, p)
         pairs.append((normalise_path(p), label))
     return _dedupe(uri, "table", pairs, 0)
-
-
-def _uri_maker(uri: str, fs):
-    """Filesystem path -> full URI with the user's protocol (plain path for local files)."""
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    if "file" in protocols or "local" in protocols:
-        return lambda p: p
-    proto = uri.split("://", 1)[0] if "://" in uri else protocols[0]
-    return lambda p: f"{proto}://{p}"
 
 
 def _read_table(uri: str, fs, root: str) -> pa.Table:

@@ -93,8 +93,9 @@ def _looks_like_path(model: str) -> bool:
 
 def _copy_remote_checkpoint(uri: str, storage_options: dict) -> Path:
     """Copy a remote checkpoint folder once per machine; concurrent callers wait on a file lock."""
-    import fsspec
     from filelock import FileLock
+
+    from .storage import url_to_fs
 
     key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
     dest = cache_root() / "checkpoints" / key
@@ -104,7 +105,7 @@ def _copy_remote_checkpoint(uri: str, storage_options: dict) -> Path:
         if done.exists():
             return dest
         try:
-            fs, root = fsspec.core.url_to_fs(uri, **storage_options)
+            fs, root = url_to_fs(uri, storage_options, error=ModelLoadError)
             files = [f for f in fs.find(root) if not f.endswith("/")]
             if not any(f.rsplit("/", 1)[-1] == "config.json" for f in files):
                 raise ModelLoadError(f"model URI {uri} holds no config.json")

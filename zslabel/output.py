@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import OutputError
+from .storage import url_to_fs
 
 MANIFEST_NAME = "_run_manifest.json"
 BASE_FIELDS = [
@@ -126,7 +127,7 @@ def _clean(values: Any) -> list:
 
 def output_filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """``(fsspec filesystem, path without protocol)`` for an output URI or local path."""
-    return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return url_to_fs(uri, storage_options, error=OutputError)
 
 
 def existing_output_files(uri: str, storage_options: dict | None = None) -> list[str]:

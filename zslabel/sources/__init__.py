@@ -1,0 +1,126 @@
+"""Input discovery and reading: any fsspec URI -> a lazy Ray Dataset of images to label.
+
+One module per input kind, each exposing an :class:`~zslabel.sources.common.InputKind`; the
+registry ``KINDS`` below is the only list of kinds (``--input-format`` choices, config
+validation and the README table are read from it). Adding a kind is one module plus one line
+in ``KINDS``. Shared pieces: ``common`` (plan, options, naming rules, columns), ``blocks``
+(Ray blocks), ``zslabel.storage`` (URIs and filesystems).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .. import storage
+from ..errors import READ_ERROR, InputError, error_string
+from . import folder, jsonl, manifest, parquet, webdataset
+from .common import FILE_INDEX_STRIDE, IMAGE_EXTENSIONS, InputKind, InputOptions, InputPlan
+from .webdataset import expand_braces
+
+logger = logging.getLogger(__name__)
+
+# Auto-detection order: the first kind whose ``detect`` claims a URI reads it.
+KINDS: tuple[InputKind, ...] = (
+    webdataset.KIND,
+    jsonl.KIND,
+    manifest.KIND,
+    parquet.KIND,
+    folder.GLOB,
+    folder.FOLDER,
+)
+_BY_NAME = {k.name: k for k in KINDS}
+INPUT_FORMATS: tuple[str, ...] = ("auto", *_BY_NAME)
+
+__all__ = ["FILE_INDEX_STRIDE", "IMAGE_EXTENSIONS", "INPUT_FORMATS", "KINDS", "InputKind", "InputOptions",
+           "InputPlan", "detect_kind", "expand_braces", "fetch_bytes", "plan_inputs"]
+
+
+def detect_kind(uri: str, *, pattern: bool | None = None) -> str:
+    """The input kind ``plan_inputs(input_format="auto")`` uses for ``uri``.
+
+    Args:
+        pattern: whether glob characters in ``uri`` are a pattern; default: whenever present
+            (``plan_inputs`` passes False when the name exists as written).
+    """
+    pattern = storage.has_glob(uri) if pattern is None else pattern
+    return next(k.name for k in KINDS if k.detect(uri, pattern))
+
+
+def plan_files(files: list[str], options: InputOptions) -> InputPlan | None:
+    """Plan container files found in a folder with the first kind reading all such files."""
+    for kind in KINDS:
+        if kind.plan_files is None:
+            continue
+        mine = [f for f in files if f.lower().endswith(kind.file_suffixes)]
+        if mine:
+            return kind.plan_files(mine, options)
+    return None
+
+
+def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict | None = None,
+                path_column: str | None = None, id_column: str | None = None,
+                dedupe: bool = False, image_column: str | None = None) -> InputPlan:
+    """Discover the inputs at ``uri`` and return a lazy Ray Dataset of them plus counts.
+
+    Args:
+        uri: a folder, glob pattern, manifest file, tar shard(s) (brace ranges allowed) or
+            Parquet file/folder, as a local path or any fsspec URI (``s3://``, ``gs://``,
+            ``az://``, ``http(s)://``, ``file://``, ...). A name that exists as written is
+            never a glob pattern.
+        input_format: one of ``INPUT_FORMATS``; ``"auto"`` decides from the URI (see
+            :func:`detect_kind`).
+        storage_options: passed to the fsspec filesystem (endpoint, anon, ...); credentials come
+            from each filesystem's standard chain otherwise.
+        path_column: manifest column holding the URIs (default: first of path/url/uri).
+        id_column: manifest column carried to the output as a string column.
+        dedupe: manifests only: keep the first row of each repeated URI.
+        image_column: Parquet column of image bytes (default: first binary column named
+            jpg/png/image/webp/bytes).
+
+    Returns:
+        An :class:`InputPlan`. Folder/glob/manifest rows are in deterministic order (listing
+        sorted by path; manifest in file order).
+
+    Raises:
+        InputError: unknown format, nothing found, unreadable manifest, missing column,
+            a filesystem protocol whose package is not installed.
+        TextDecodeError: a text manifest that is not UTF-8.
+    """
+    start = time.perf_counter()
+    if input_format != "auto" and input_format not in _BY_NAME:
+        raise InputError(f"unknown input format {input_format!r}; expected one of {', '.join(INPUT_FORMATS)}")
+    auto = input_format == "auto"
+    options = InputOptions(storage_options=dict(storage_options or {}), path_column=path_column,
+                           id_column=id_column, dedupe=dedupe, image_column=image_column, auto=auto,
+                           plan_files=plan_files)
+    name = detect_kind(uri, pattern=storage.is_pattern(uri, options.storage_options)) if auto else input_format
+    plan = _BY_NAME[name].plan(uri, options)
+    plan.planning_seconds = time.perf_counter() - start
+    logger.info("planned %s input %s: listed=%s skipped=%d duplicates_removed=%d in %.2fs",
+                plan.kind, uri, plan.listed, plan.skipped, plan.duplicates_removed, plan.planning_seconds)
+    return plan
+
+
+def fetch_bytes(path: str, storage_options: dict | None = None) -> tuple[bytes | None, str | None]:
+    """Read one whole file through fsspec; never raises.
+
+    Args:
+        path: a plain local path or any fsspec URI (as produced in the ``path`` column; a local
+            name with ``%XX`` escapes of undecodable bytes finds the file, see ``zslabel.storage``).
+        storage_options: the same options given to :func:`plan_inputs`.
+
+    Returns:
+        ``(data, None)`` on success, else ``(None, "read_error: <ExceptionType>: <message>")``.
+    """
+    try:
+        fs, fs_path = storage.url_to_fs(path, storage_options)
+        try:
+            return fs.cat_file(fs_path), None
+        except FileNotFoundError:
+            real = storage.real_local_path(fs_path) if storage.is_local(fs) else None
+            if real is None:
+                raise
+            return fs.cat_file(real), None
+    except Exception as exc:  # noqa: BLE001 - every storage failure becomes a row error
+        return None, error_string(READ_ERROR, f"{type(exc).__name__}: {exc}")

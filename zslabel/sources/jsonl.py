@@ -1,0 +1,72 @@
+"""Input kind ``jsonl``: a JSON-lines manifest (``.jsonl``/``.ndjson``, optionally compressed).
+
+One JSON object per line; the image is under ``path``, ``url`` or ``uri`` (or ``path_column``),
+every other key is carried to the output as a string column (non-string values as JSON text;
+keys the output owns, such as ``labels``, are left out with a warning). Blank lines are not
+entries. Everything else (relative entries, empty paths, dedupe, counts) is the manifest rule.
+
+This module is the worked example of adding a kind: one module and one line in the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pyarrow as pa
+
+from ..errors import InputError
+from ..textfiles import decode_text
+from .common import PATH_COLUMN_CANDIDATES, RESERVED_COLUMNS, InputKind, InputOptions, InputPlan, strip_compression
+from .manifest import pick_column, plan_path_table, read_table
+
+logger = logging.getLogger(__name__)
+
+SUFFIXES = (".jsonl", ".ndjson")
+
+
+def _read(fs, fs_path: str, uri: str) -> pa.Table:
+    with fs.open(fs_path, "rb", compression="infer") as f:
+        text = decode_text(f.read(), uri)
+    records: list[dict] = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{uri} line {number}: not JSON ({exc.msg} at column {exc.colno})") from exc
+        if not isinstance(record, dict):
+            raise InputError(f"{uri} line {number}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    return pa.table({k: pa.array([_text(r.get(k)) for r in records], pa.string()) for k in keys})
+
+
+def _text(value) -> str | None:
+    return value if value is None or isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def plan_jsonl(uri: str, options: InputOptions) -> InputPlan:
+    """Plan a JSON-lines manifest; see the module docstring.
+
+    Raises:
+        InputError: unreadable file, a line that is not a JSON object, no path key, no entries.
+        TextDecodeError: the file is not UTF-8 (names the byte offset).
+    """
+    fs, fs_path, table = read_table(uri, options, _read)
+    if table.num_columns == 0:
+        raise InputError(f"no images found in manifest {uri} (no JSON objects)")
+    path_col = pick_column(table.column_names, options.path_column, PATH_COLUMN_CANDIDATES, uri, "path")
+    reserved = [c for c in table.column_names if c != path_col and c in RESERVED_COLUMNS]
+    if reserved:
+        logger.warning("%s: keys %s are output columns and are not carried", uri, ", ".join(reserved))
+    carried = [c for c in table.column_names if c != path_col and c not in RESERVED_COLUMNS]
+    return plan_path_table(uri, fs, fs_path, table, path_col, carried, options, kind="jsonl")
+
+
+KIND = InputKind(
+    name="jsonl",
+    summary="a JSON-lines file: one object per line with a path/url/uri key; other keys are carried",
+    detect=lambda uri, pattern: not pattern and strip_compression(uri.rstrip("/").lower()).endswith(SUFFIXES),
+    plan=plan_jsonl)
