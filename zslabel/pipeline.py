@@ -341,6 +341,7 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     t_run, t_run_epoch = time.perf_counter(), time.time()
     written = _consume_with_progress(ds, Progress(planned_rows(plan, run), enabled=progress))
     plan.finalize()  # tars / Parquet inputs: listed and skipped counts are known only now
+    plan.check_has_inputs(config.input)  # e.g. tars of sidecars only: exit 2, never an empty success
     timings["labeling_s"] = time.perf_counter() - t_run
     timings.update(stage_timings(ds, since_epoch_s=t_run_epoch, config=config))
 

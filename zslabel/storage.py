@@ -21,6 +21,7 @@ import os
 import re
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import fsspec
 
@@ -71,6 +72,14 @@ def uri_maker(uri: str, fs: fsspec.AbstractFileSystem) -> Callable[[str], str]:
     proto = fsspec.core.split_protocol(uri.split("::")[-1])[0] or protocols(fs)[0]
     prefix = f"{proto}://"
     return lambda p: display_name(p if "://" in p else prefix + p)
+
+
+def name_part(path: str, fs: fsspec.AbstractFileSystem) -> str:
+    """The part of a filesystem path that names the file: for HTTP(S) the URL path without its
+    query and fragment (``/img.jpg`` of ``https://h/img.jpg?sig=..``), else ``path`` itself."""
+    if {"http", "https"} & set(protocols(fs)):
+        return urlsplit(path).path
+    return path
 
 
 def has_glob(uri: str) -> bool:

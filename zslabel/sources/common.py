@@ -29,6 +29,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from ..errors import InputError
+
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({
     ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
     # No decoder here, but they are images: they become ``unsupported_format`` rows, not skips.
@@ -109,6 +111,20 @@ class InputPlan:
             examples.extend(per_file[uri][2][: MAX_EXAMPLES - len(examples)])
         self.skipped_examples = examples
         return self
+
+    def check_has_inputs(self, uri: str) -> None:
+        """After :meth:`finalize`: raise when the input held no image at all.
+
+        Driver-planned kinds raise while planning; tars and Parquet files are known to be empty
+        (e.g. a tar of sidecars only) only once read.
+
+        Raises:
+            InputError: ``listed`` equals ``skipped`` (no row came from the input).
+        """
+        if self.listed is not None and self.listed - self.skipped - self.duplicates_removed <= 0:
+            raise InputError(f"no images found in {uri} ({self.kind}: {self.listed} members listed, "
+                             f"{self.skipped} skipped" + (": " + ", ".join(self.skipped_examples[:5])
+                                                          if self.skipped_examples else "") + ")")
 
 
 @dataclass(frozen=True)

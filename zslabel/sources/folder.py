@@ -97,7 +97,8 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
     skipped: list[str] = []
     for p in files:
         rel = p[len(root):].lstrip("/") if p.startswith(root) else posixpath.basename(p)
-        (images if extension(p) in IMAGE_EXTENSIONS and not is_hidden(rel) else skipped).append(p)
+        is_image = extension(storage.name_part(p, fs)) in IMAGE_EXTENSIONS
+        (images if is_image and not is_hidden(rel) else skipped).append(p)
     skipped.extend(unreadable)  # a sub-folder that cannot be listed is counted, never dropped
     if not images and options.auto and options.plan_files is not None:
         # img2dataset / WebDataset output folders hold shards, not loose images.

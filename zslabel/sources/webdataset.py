@@ -149,10 +149,11 @@ class _Sample:
             for name in self.sidecar_names:
                 _skip(rows.uri, name, counts)
         for name, data in self.images:
-            path = f"{rows.uri}#{storage.display_name(name)}"
             try:
-                rows.add(path, data, None, storage.display_name(self.key), self.sidecars)
+                rows.add(f"{rows.uri}#{storage.display_name(name)}", data, None,
+                         storage.display_name(self.key), self.sidecars)
             except Exception as exc:  # noqa: BLE001 - a bug costs this member, not the shard
+                path = f"{rows.uri}#{name.encode('utf-8', 'backslashreplace').decode('utf-8')}"
                 rows.add(path, None, error_string(INTERNAL_ERROR, internal_error_detail(path, exc, logger)))
 
 

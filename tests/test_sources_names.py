@@ -1,0 +1,238 @@
+"""Any file name, for every input kind (issue 11 "Names"): names that are not UTF-8, ``./`` tar
+members, glob characters in existing names, single http(s) inputs, counts that add up, and the
+per-input safety net. Planning is checked with ``plan_inputs`` on local Ray; the rules that
+need the whole job (a row per input, exit 2) run ``run_label_job`` with the tiny CLIP.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import json
+import os
+import tarfile
+import threading
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import photo
+
+from zslabel import JobConfig, run_label_job
+from zslabel.errors import InputError, error_code
+from zslabel.sources import fetch_bytes, plan_inputs, webdataset
+from zslabel.sources.blocks import read_file
+
+pytest_plugins = ["s3_server"]
+
+LATIN1 = b"caf\xe9.png"  # "café.png" saved by a Latin-1 system: not valid UTF-8
+
+
+def png(seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    photo(10, 8, seed=seed).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def rows_of(plan) -> list[dict]:
+    return sorted(plan.dataset.take_all(), key=lambda r: r["input_index"])
+
+
+def tar_of(path: Path, members: list[tuple[str | bytes, bytes]]) -> Path:
+    """A tar; bytes names are written raw (GNU format keeps them as they are); "x/" is a folder."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(os.fsdecode(name) if isinstance(name, bytes) else name)
+            info.size = len(data)
+            if info.name.endswith("/"):
+                info.type = tarfile.DIRTYPE
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def counts_add_up(plan, rows) -> None:
+    plan.finalize()
+    assert plan.listed == len(rows) + plan.skipped + plan.duplicates_removed, (plan, len(rows))
+
+
+def latin1_folder(root: Path) -> Path:
+    root.mkdir()
+    for name, seed in ((b"a.png", 1), (LATIN1, 2), (b"z.png", 3)):
+        with open(os.path.join(os.fsencode(root), name), "wb") as fh:
+            fh.write(png(seed))
+    return root
+
+
+# ------------------------------------------------------------------------------------------
+# names that are not UTF-8
+
+
+def test_folder_with_a_latin1_name_plans_every_file_and_reads_it(ray_local, tmp_path):
+    root = latin1_folder(tmp_path / "in")
+    plan = plan_inputs(str(root))
+    rows = rows_of(plan)
+    assert [r["path"] for r in rows] == [str(root / n) for n in ("a.png", "caf%E9.png", "z.png")]
+    counts_add_up(plan, rows)
+    # The escaped path finds the real file, and a manifest line copied from it does too.
+    assert fetch_bytes(rows[1]["path"]) == (png(2), None)
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("in/caf%E9.png\n")
+    assert fetch_bytes(rows_of(plan_inputs(str(manifest)))[0]["path"]) == (png(2), None)
+    # a real file named with a literal escape is read as itself
+    (root / "lit%41.png").write_bytes(png(4))
+    assert fetch_bytes(str(root / "lit%41.png")) == (png(4), None)
+
+
+def test_tar_members_not_utf8_and_dot_slash_prefixes(ray_local, tmp_path):
+    # `tar -C dir -cf shard.tar .` writes "./" before every member name
+    shard = tar_of(tmp_path / "shard.tar", [
+        ("./", b""), ("./0000.png", png(1)), ("./0000.json", b'{"k": 0}'), ("./0001.png", png(2)),
+        (b"./" + LATIN1, png(3)), ("/abs/0002.png", png(4)), ("../up/0003.png", png(5)),
+        ("./.hidden.png", b"junk"),
+        # dots in folder names and base names (webdataset#237, datasets#7150): key = up to the
+        # first dot of the base name, so 22.05.json is the sidecar of 22.05.png
+        ("train.v1/0004.png", png(6)), ("22.05.png", png(7)), ("22.05.json", b'{"d": 1}')])
+    plan = plan_inputs(str(shard))
+    rows = rows_of(plan)
+    assert [r["path"].split("#", 1)[1] for r in rows] == [
+        "0000.png", "0001.png", "caf%E9.png", "abs/0002.png", "../up/0003.png", "train.v1/0004.png",
+        "22.05.png"]
+    assert rows[0]["key"] == "0000" and json.loads(rows[0]["json"]) == {"k": 0}
+    assert [r["key"] for r in rows[5:]] == ["train.v1/0004", "22"] and json.loads(rows[6]["json"]) == {"d": 1}
+    assert [r["data"] for r in rows] == [png(1), png(2), png(3), png(4), png(5), png(6), png(7)]
+    counts_add_up(plan, rows)
+    assert plan.skipped == 1 and plan.skipped_examples == [f"{shard}#.hidden.png"]
+
+
+def test_tar_sidecars_count_and_a_tar_of_sidecars_only_has_no_images(ray_local, tmp_path):
+    tar_of(tmp_path / "s-0.tar", [("0000.txt", b"a caption"), ("0000.json", b"{}"),
+                                  ("0001.jpg", png(1)), ("0001.txt", b"b")])
+    tar_of(tmp_path / "s-1.tar", [("dup.png", png(2)), ("dup.png", png(3))])  # one name twice
+    plan = plan_inputs(str(tmp_path / "s-{0..1}.tar"))
+    rows = rows_of(plan)
+    assert [r["path"].rsplit("#", 1)[1] for r in rows] == ["0001.jpg", "dup.png", "dup.png"]
+    assert rows[0]["txt"] == "b"
+    counts_add_up(plan, rows)
+    assert plan.skipped == 2  # the sidecars of 0000, which has no image
+
+    only = tar_of(tmp_path / "only.tar", [("0000.txt", b"x"), ("0000.json", b"{}")])
+    plan = plan_inputs(str(only))
+    assert rows_of(plan) == []
+    plan.finalize()
+    with pytest.raises(InputError, match=r"no images found in .*only\.tar.*2 skipped"):
+        plan.check_has_inputs(str(only))
+
+
+# ------------------------------------------------------------------------------------------
+# glob characters in names that exist
+
+
+def test_existing_folder_or_file_with_glob_characters_is_itself(ray_local, tmp_path):
+    folder = tmp_path / "photos [2021]"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png(1))
+    (tmp_path / "photos 2").mkdir()
+    (tmp_path / "photos 2" / "b.png").write_bytes(png(2))  # "[2021]" as a pattern matches "photos 2"
+    plan = plan_inputs(str(folder))
+    assert plan.kind == "folder" and [r["path"] for r in rows_of(plan)] == [str(folder / "a.png")]
+    single = plan_inputs(str(folder / "a.png"))
+    assert [r["path"] for r in rows_of(single)] == [str(folder / "a.png")]
+    globbed = plan_inputs(str(folder) + "/*.png", input_format="glob")  # "[2021]" is a class here
+    assert globbed.kind == "glob" and [r["path"] for r in rows_of(globbed)] == [str(tmp_path / "photos 2/b.png")]
+    shard = tar_of(tmp_path / "shard [1].tar", [("k.png", png(3))])
+    assert [r["data"] for r in rows_of(plan_inputs(str(shard)))] == [png(3)]
+
+
+# ------------------------------------------------------------------------------------------
+# object keys (moto S3 on 127.0.0.1)
+
+
+def test_s3_keys_with_spaces_hash_question_percent_and_folder_markers(ray_local, s3):
+    keys = ["k/a b.png", "k/#1.png", "k/what?.png", "k/100%.png", "k/caf%E9.png", "k/ü/é.png"]
+    for i, key in enumerate(keys):
+        s3.put(key, png(i))
+    s3.put("k/empty-folder/", b"")  # console-made folder marker: not a file
+    plan = plan_inputs(s3.uri("k"), storage_options=s3.storage_options)
+    rows = rows_of(plan)
+    assert sorted(r["path"] for r in rows) == sorted(s3.uri(k) for k in keys)
+    counts_add_up(plan, rows)
+    assert plan.skipped == 0
+    for r in rows:
+        data, err = fetch_bytes(r["path"], s3.storage_options)
+        assert err is None and data == png(keys.index(r["path"][len(s3.uri()):])), r["path"]
+
+
+# ------------------------------------------------------------------------------------------
+# the safety net
+
+
+def test_a_bug_while_reading_one_tar_member_costs_that_member(ray_local, tmp_path, monkeypatch, caplog):
+    shard = tar_of(tmp_path / "t.tar", [("a.png", png(1)), ("b.png", png(2)), ("c.png", png(3))])
+    real = webdataset.storage.display_name
+
+    def broken(name: str) -> str:
+        if name == "b.png":
+            raise RuntimeError("injected bug")
+        return real(name)
+
+    monkeypatch.setattr(webdataset.storage, "display_name", broken)
+    counts = {"listed": 0, "skipped": 0, "examples": []}
+    rows = [r for t in read_file(webdataset.read_tar, str(shard), 0, {}, counts, webdataset.CARRIED)
+            for r in t.to_pylist()]
+    assert [error_code(r["read_error"]) for r in rows] == [None, "internal_error", None]
+    assert "injected bug" in rows[1]["read_error"] and rows[1]["path"] == f"{shard}#b.png"
+    assert counts["listed"] == 3 and "Traceback" in caplog.text
+
+    # A bug that escapes a reader altogether costs one row for the file, not the job.
+    def reader_bug(*args, **kwargs):
+        yield from ()
+        raise KeyError("reader bug")
+
+    counts = {"listed": 0, "skipped": 0, "examples": []}
+    rows = [r for t in read_file(reader_bug, "x.tar", 2, {}, counts, ["key"]) for r in t.to_pylist()]
+    assert len(rows) == 1 and error_code(rows[0]["read_error"]) == "internal_error"
+    assert counts["listed"] == 1 and rows[0]["input_index"] == 3 * 10**9 - 1
+
+
+# ------------------------------------------------------------------------------------------
+# through the whole job
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A loopback HTTP server serving ``tmp_path/www``; stopped after the test."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join()
+
+
+def job(tiny_clip, input: str, out: Path) -> JobConfig:
+    return JobConfig(input=input, output=str(out), labels=["red", "blue"], model=str(tiny_clip), batch_size=4)
+
+
+def test_names_through_the_job(ray_local, tiny_clip, tmp_path, http_server):
+    root = latin1_folder(tmp_path / "in")
+    summary = run_label_job(job(tiny_clip, str(root), tmp_path / "out1"))
+    rows = pq.read_table(str(tmp_path / "out1")).to_pylist()
+    assert sorted(r["path"] for r in rows) == [str(root / n) for n in ("a.png", "caf%E9.png", "z.png")]
+    assert all(r["error"] is None for r in rows) and summary.listed == summary.rows + summary.skipped
+
+    www, base = http_server
+    (www / "img.png").write_bytes(png(5))
+    url = f"{base}/img.png?v=1"  # a query string (signed URLs) is not part of the extension
+    summary = run_label_job(job(tiny_clip, url, tmp_path / "out2"))
+    rows = pq.read_table(str(tmp_path / "out2")).to_pylist()
+    assert [(r["path"], r["error"]) for r in rows] == [(url, None)]
+
+    tar_of(tmp_path / "sidecars.tar", [("0000.txt", b"x"), ("0000.json", b"{}")])
+    with pytest.raises(InputError, match="no images found"):
+        run_label_job(job(tiny_clip, str(tmp_path / "sidecars.tar"), tmp_path / "out3"))

@@ -1,0 +1,53 @@
+"""zslabel.storage: URIs back from filesystem paths, names that are not UTF-8, glob-or-literal."""
+
+from __future__ import annotations
+
+import os
+
+import fsspec
+import pytest
+
+from zslabel import storage
+from zslabel.errors import InputError, OutputError
+
+
+def test_uri_maker_keeps_the_users_protocol_and_full_http_urls():
+    local = fsspec.filesystem("file")
+    assert storage.uri_maker("/data/x", local)("/data/x/a.jpg") == "/data/x/a.jpg"
+    memory = fsspec.filesystem("memory")
+    assert storage.uri_maker("memory://b/x", memory)("/b/x/a.jpg") == "memory:///b/x/a.jpg"
+    # A chain: the path lives in the last link's filesystem.
+    assert storage.uri_maker("simplecache::memory://b/x", memory)("/b/a.jpg") == "memory:///b/a.jpg"
+    # fsspec's HTTP filesystem keeps full URLs as its paths: never "http://http://...".
+    http = fsspec.filesystem("http")
+    url = "http://127.0.0.1:8000/img.jpg"
+    assert storage.uri_maker(url, http)(url) == url
+    assert storage.uri_maker("https://h/a/", fsspec.filesystem("https"))("https://h/a/b.jpg") == "https://h/a/b.jpg"
+
+
+def test_undecodable_name_bytes_round_trip_through_percent_escapes(tmp_path):
+    raw = os.fsdecode(b"caf\xe9 100%.png")  # Latin-1 e-acute: not UTF-8
+    assert storage.display_name(raw) == "caf%E9 100%.png"  # only the bad byte is escaped
+    assert storage.display_name("plain ü #1 %41.png") == "plain ü #1 %41.png"
+    assert storage.real_local_path("/d/caf%E9 100%.png") == "/d/" + raw
+    assert storage.real_local_path("/d/plain %41.png") is None  # ASCII escapes are literal
+    assert storage.real_local_path("/d/caf%C3%A9.png") == "/d/café.png"  # valid UTF-8, as in a URL
+    path = os.path.join(os.fsencode(tmp_path), b"caf\xe9 100%.png")
+    with open(path, "wb") as fh:
+        fh.write(b"x")
+    assert os.path.exists(storage.real_local_path(str(tmp_path / "caf%E9 100%.png")))
+
+
+def test_existing_names_with_glob_characters_are_not_patterns(tmp_path):
+    (tmp_path / "photos [2021]").mkdir()
+    assert not storage.is_pattern(str(tmp_path / "photos [2021]"))
+    assert storage.is_pattern(str(tmp_path / "photos [2022]"))  # absent: a pattern
+    assert storage.is_pattern(str(tmp_path / "*.jpg"))
+    assert not storage.is_pattern(str(tmp_path / "plain"))  # no metacharacters: no call at all
+
+
+def test_unknown_protocol_is_the_callers_error_type():
+    with pytest.raises(InputError, match="cannot open nosuchproto://x"):
+        storage.url_to_fs("nosuchproto://x")
+    with pytest.raises(OutputError):
+        storage.url_to_fs("nosuchproto://x", error=OutputError)
