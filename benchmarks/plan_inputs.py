@@ -7,7 +7,7 @@ decode stage. The fs-call counts cover plan_inputs() only.
 
 Cases: a folder of N small files (default 200,000, in 200 sub-folders, plus 1% non-image files)
 and a text manifest of M lines (default 1,000,000). The folder is planned twice: as a plain path
-(sources.py's os.scandir walk, no fsspec calls to count) and through countfs (fsspec's generic
+(zslabel/sources/folder.py's os.scandir walk, no fsspec calls to count) and through countfs (fsspec's generic
 ``find``, the path every non-local filesystem takes). ``countfs://`` is a LocalFileSystem
 subclass that counts every call made on it:
 "top" = calls made by zslabel.sources itself, "all" = including the calls fsspec makes inside
@@ -145,7 +145,7 @@ def main() -> None:
         print(f"(setup: wrote {args.files:,} files + 1% non-images and a {args.lines:,}-line "
               f"manifest in {setup_s:.1f} s; load average {os.getloadavg()[0]:.1f})")
         head = (f"{'case':36} {'rows':>9} {'listed':>9} {'skipped':>7} {'blocks':>6} "
-                f"{'plan s':>7} {'1st row s':>9} {'all rows s':>10}  fs calls: by sources.py | incl. fsspec-internal")
+                f"{'plan s':>7} {'1st row s':>9} {'all rows s':>10}  fs calls: by zslabel.sources | incl. fsspec-internal")
         print(head)
         print("-" * len(head))
         for name, r in results.items():

@@ -1,5 +1,6 @@
-"""Manifest kinds (``manifest``, ``jsonl``): text encodings by zslabel.textfiles rules, the
-JSON-lines example kind, and the registry as the only list of kinds (CLI, config, README)."""
+"""Manifest kinds (``manifest``, ``jsonl``): txt/csv/Parquet manifests locally and on S3, text
+encodings by zslabel.textfiles rules, the JSON-lines example kind, and the registry as the only
+list of kinds (CLI, config, README)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,114 @@ from pathlib import Path
 
 import pytest
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from source_files import jpeg, list_requests, rows_of, write
+
 from zslabel import cli, config
 from zslabel.errors import ConfigError, InputError
-from zslabel.sources import INPUT_FORMATS, KINDS, detect_kind, plan_inputs
+from zslabel.sources import INPUT_FORMATS, KINDS, detect_kind, fetch_bytes, plan_inputs
 from zslabel.textfiles import TextDecodeError
+
+pytest_plugins = ["s3_server"]  # the `s3` fixture: moto S3 server on 127.0.0.1
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def rows_of(plan) -> list[dict]:
-    return sorted(plan.dataset.take_all(), key=lambda r: r["input_index"])
+# ------------------------------------------------------------------------------------------
+# manifests
+
+
+def test_txt_manifest_relative_comments_duplicates(ray_local, tmp_path):
+    base = tmp_path / "m"
+    write(base / "imgs" / "a.jpg", jpeg(3))
+    other = write(tmp_path / "other" / "b.jpg", jpeg(4))
+    manifest = write(base / "list.txt", "\n".join([
+        "# a comment", "", "   ", "imgs/a.jpg", "  ../other/b.jpg  ", str(other), "imgs/a.jpg",
+        "s3://bucket/key with space.jpg", "./imgs/a.jpg", ""]).encode())
+    plan = plan_inputs(str(manifest))
+    a, b = str(base / "imgs" / "a.jpg"), str(other)
+    assert plan.kind == "manifest"
+    assert [r["path"] for r in rows_of(plan)] == [a, b, b, a, "s3://bucket/key with space.jpg", a]
+    assert [r["input_index"] for r in rows_of(plan)] == list(range(6))
+    assert plan.listed == 6 and plan.skipped == 0  # blank and comment lines are not entries
+    assert plan.duplicates_removed == 0
+    assert fetch_bytes(rows_of(plan)[0]["path"]) == (jpeg(3), None)
+
+    deduped = plan_inputs(str(manifest), dedupe=True)
+    assert [r["path"] for r in rows_of(deduped)] == [a, b, "s3://bucket/key with space.jpg"]
+    assert [r["input_index"] for r in rows_of(deduped)] == [0, 1, 2]
+    assert deduped.duplicates_removed == 3
+
+
+def test_csv_manifest_path_and_id_columns(ray_local, tmp_path):
+    manifest = write(tmp_path / "list.csv", (
+        b'id,URL,caption\n007,a.jpg,"a cat, sitting"\n008,s3://b/c.jpg,x\n009,,empty\n'
+        b'007,a.jpg,again\n'))
+    plan = plan_inputs(str(manifest), id_column="id")
+    rows = rows_of(plan)
+    assert [r["path"] for r in rows] == [str(tmp_path / "a.jpg"), "s3://b/c.jpg",
+                                        str(tmp_path / "a.jpg")]
+    assert [r["id"] for r in rows] == ["007", "008", "007"]  # strings: leading zeros kept
+    assert plan.carried_columns == ["id"]
+    assert plan.listed == 4 and plan.skipped == 1 and plan.skipped_examples == [
+        f"{manifest} row 2"]
+    assert plan.dataset.schema().types[plan.dataset.schema().names.index("id")] == pa.string()
+
+    with pytest.raises(InputError, match="columns: id, URL, caption"):
+        plan_inputs(str(manifest), path_column="file")
+    with pytest.raises(InputError, match="id column 'nope' not found"):
+        plan_inputs(str(manifest), id_column="nope")
+    no_path = write(tmp_path / "bad.tsv", b"name\tlabel\nx\ty\n")
+    with pytest.raises(InputError, match=r"no path column .*columns: name, label"):
+        plan_inputs(str(no_path))
+    tsv = write(tmp_path / "ok.tsv", b"name\tlabel\nx.png\ty\n")
+    assert [r["path"] for r in rows_of(plan_inputs(str(tsv), path_column="name"))] == [
+        str(tmp_path / "x.png")]
+
+
+def test_parquet_manifest_and_unreadable_manifest(ray_local, tmp_path):
+    manifest = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"uri": ["/abs/a.jpg", "rel/b.png", "/abs/a.jpg"],
+                             "sample": [1, 2, 3]}), manifest)
+    plan = plan_inputs(str(manifest), id_column="sample", dedupe=True)
+    assert plan.kind == "manifest"
+    rows = rows_of(plan)
+    assert [(r["path"], r["sample"]) for r in rows] == [
+        ("/abs/a.jpg", "1"), (str(tmp_path / "rel/b.png"), "2")]
+    assert plan.duplicates_removed == 1 and plan.listed == 3
+
+    broken = write(tmp_path / "broken.parquet", b"PAR1 not really")
+    with pytest.raises(InputError, match="cannot read"):
+        plan_inputs(str(broken), input_format="manifest")
+    with pytest.raises(InputError, match="cannot read manifest"):
+        plan_inputs(str(tmp_path / "absent.txt"))
+
+
+def test_large_manifest_is_split_into_many_blocks(ray_local, tmp_path):
+    n = 20_000
+    manifest = write(tmp_path / "big.txt", "".join(f"/d/{i}.jpg\n" for i in range(n)).encode())
+    plan = plan_inputs(str(manifest))
+    done = plan.dataset.materialize()
+    assert done.num_blocks() >= 100  # decode can fan out across a cluster
+    table = pa.concat_tables(ray.get(ref) for ref in done.to_arrow_refs())
+    assert table.column_names == ["path", "input_index", "data", "read_error"]
+    table = table.sort_by("input_index")
+    assert table.column("input_index").to_pylist() == list(range(n))
+    assert table.column("path").to_pylist() == [f"/d/{i}.jpg" for i in range(n)]
+
+
+
+
+def test_s3_manifest_makes_no_per_file_calls(ray_local, s3):
+    s3.put("m/a.jpg", jpeg(1))
+    uri = s3.put("m/list.txt", b"a.jpg\nsub/b.jpg\ns3://elsewhere/c.jpg\n")
+    with s3.requests() as log:
+        plan = plan_inputs(uri, storage_options=s3.storage_options)
+    assert list_requests(log) == [] and all(s3.bucket + "/m/list.txt" in r["url"] for r in log)
+    assert [r["path"] for r in rows_of(plan)] == [
+        s3.uri("m/a.jpg"), s3.uri("m/sub/b.jpg"), "s3://elsewhere/c.jpg"]
 
 
 # ------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import photo
+from source_files import rows_of
 
 from zslabel import JobConfig, run_label_job
 from zslabel.errors import InputError, error_code
@@ -33,10 +34,6 @@ def png(seed: int = 0) -> bytes:
     buf = io.BytesIO()
     photo(10, 8, seed=seed).save(buf, "PNG")
     return buf.getvalue()
-
-
-def rows_of(plan) -> list[dict]:
-    return sorted(plan.dataset.take_all(), key=lambda r: r["input_index"])
 
 
 def tar_of(path: Path, members: list[tuple[str | bytes, bytes]]) -> Path:
@@ -123,6 +120,20 @@ def test_tar_sidecars_count_and_a_tar_of_sidecars_only_has_no_images(ray_local, 
     plan.finalize()
     with pytest.raises(InputError, match=r"no images found in .*only\.tar.*2 skipped"):
         plan.check_has_inputs(str(only))
+
+
+def test_shard_and_manifest_files_whose_own_names_are_not_utf8(ray_local, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    tar = tar_of(tmp_path / "t.tar", [("k.png", png(1))])
+    os.rename(tar, os.path.join(os.fsencode(shards), b"caf\xe9.tar"))
+    rows = rows_of(plan_inputs(str(shards)))  # a folder of shards, one not UTF-8 named
+    assert [(r["path"], r["data"], r["read_error"]) for r in rows] == [(f"{shards}/caf%E9.tar#k.png", png(1), None)]
+    manifest = os.path.join(os.fsencode(tmp_path), b"list\xe9.txt")
+    with open(manifest, "wb") as fh:
+        fh.write(b"shards/caf%E9.tar\n")
+    rows = rows_of(plan_inputs(os.fsdecode(manifest)))
+    assert [r["path"] for r in rows] == [f"{shards}/caf%E9.tar"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -236,3 +247,14 @@ def test_names_through_the_job(ray_local, tiny_clip, tmp_path, http_server):
     tar_of(tmp_path / "sidecars.tar", [("0000.txt", b"x"), ("0000.json", b"{}")])
     with pytest.raises(InputError, match="no images found"):
         run_label_job(job(tiny_clip, str(tmp_path / "sidecars.tar"), tmp_path / "out3"))
+
+
+def test_s3_empty_path_component_in_a_key(ray_local, s3):
+    """s3fs#771: keys such as ``k//e.png`` (an empty folder name) exist on real buckets."""
+    s3.put("dbl//e.png", png(1))
+    s3.put("dbl/f.png", png(2))
+    plan = plan_inputs(s3.uri("dbl"), storage_options=s3.storage_options)
+    rows = rows_of(plan)
+    counts_add_up(plan, rows)
+    got = {r["path"]: fetch_bytes(r["path"], s3.storage_options) for r in rows}
+    assert got == {s3.uri("dbl//e.png"): (png(1), None), s3.uri("dbl/f.png"): (png(2), None)}

@@ -38,6 +38,18 @@ def test_undecodable_name_bytes_round_trip_through_percent_escapes(tmp_path):
     assert os.path.exists(storage.real_local_path(str(tmp_path / "caf%E9 100%.png")))
 
 
+def test_open_path_finds_the_other_unicode_normalisation(tmp_path):
+    import unicodedata
+
+    local = fsspec.filesystem("file")
+    nfd = tmp_path / unicodedata.normalize("NFD", "café.png")  # as macOS writes it
+    nfd.write_bytes(b"x")
+    nfc = str(tmp_path / unicodedata.normalize("NFC", "café.png"))  # as a manifest spells it
+    assert nfc != str(nfd) and local.exists(str(nfd)) and not local.exists(nfc)
+    assert storage.open_path(local, nfc) == str(nfd)
+    assert storage.open_path(local, str(tmp_path / "absent é.png")) == str(tmp_path / "absent é.png")
+
+
 def test_existing_names_with_glob_characters_are_not_patterns(tmp_path):
     (tmp_path / "photos [2021]").mkdir()
     assert not storage.is_pattern(str(tmp_path / "photos [2021]"))

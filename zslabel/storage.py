@@ -10,8 +10,8 @@ as lone surrogates (``b'caf\\xe9.png'`` -> ``'caf\\udce9.png'``), which Arrow an
 store. :func:`display_name` writes each such byte as ``%XX`` (``caf%E9.png``) and leaves every
 other character, ``%`` included, as it is, so ordinary names are unchanged. Reading a local
 path that does not exist retries it with the ``%XX`` escapes of bytes >= 0x80 turned back into
-bytes (:func:`real_local_path`): the ``path`` column, or a manifest line copied from it, finds
-the file. The one ambiguity: when both ``caf%E9.png`` (literally) and ``caf\\xe9.png`` exist,
+bytes (:func:`open_path`): the ``path`` column, or a manifest line copied from it, finds
+the file; the same retry tries the name's other Unicode normalisation (NFC/NFD). The one ambiguity: when both ``caf%E9.png`` (literally) and ``caf\\xe9.png`` exist,
 both rows say ``caf%E9.png`` and the literal file is the one read.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -113,6 +114,22 @@ def display_name(path: str) -> str:
     if path.isascii():
         return path
     return _SURROGATE.sub(lambda m: f"%{ord(m.group()) - 0xDC00:02X}", path)
+
+
+def open_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The local file a ``path`` value stands for when ``path`` itself does not exist.
+
+    Tried in order: the file its ``%XX`` escapes name (:func:`real_local_path`), then the
+    name in Unicode NFC and NFD form (macOS writes names decomposed, most tools and manifests
+    composed: ``café`` can be either). Returns ``path`` unchanged when it exists, is not
+    local, or no other form exists (so errors name the path the user sees).
+    """
+    if path.isascii() and "%" not in path or not is_local(fs) or os.path.lexists(path):
+        return path
+    for other in (real_local_path(path), unicodedata.normalize("NFC", path), unicodedata.normalize("NFD", path)):
+        if other is not None and other != path and os.path.lexists(other):
+            return other
+    return path
 
 
 def real_local_path(path: str) -> str | None:

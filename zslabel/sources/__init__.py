@@ -118,9 +118,9 @@ def fetch_bytes(path: str, storage_options: dict | None = None) -> tuple[bytes |
         try:
             return fs.cat_file(fs_path), None
         except FileNotFoundError:
-            real = storage.real_local_path(fs_path) if storage.is_local(fs) else None
-            if real is None:
+            other = storage.open_path(fs, fs_path)  # %XX escapes, NFC/NFD: only on a miss
+            if other == fs_path:
                 raise
-            return fs.cat_file(real), None
+            return fs.cat_file(other), None
     except Exception as exc:  # noqa: BLE001 - every storage failure becomes a row error
         return None, error_string(READ_ERROR, f"{type(exc).__name__}: {exc}")

@@ -90,7 +90,8 @@ class InputPlan:
     duplicates_removed: int
     planning_seconds: float
     carried_columns: list[str]
-    _tally: Any = field(default=None, repr=False)
+    # Streaming kinds: () -> {file_uri: (listed, skipped, skipped_examples)} from the read tasks.
+    _tally: Callable[[], dict[str, tuple[int, int, list[str]]]] | None = field(default=None, repr=False)
 
     def finalize(self) -> InputPlan:
         """Fill ``listed``/``skipped``/``skipped_examples`` from the read tasks (tars, Parquet).
@@ -101,9 +102,7 @@ class InputPlan:
         """
         if self._tally is None:
             return self
-        import ray
-
-        per_file = ray.get(self._tally.get.remote())
+        per_file = self._tally()
         self.listed = sum(v[0] for v in per_file.values())
         self.skipped = sum(v[1] for v in per_file.values())
         examples: list[str] = []

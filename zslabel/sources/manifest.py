@@ -40,7 +40,7 @@ def read_table(uri: str, options: InputOptions, reader) -> tuple[object, str, pa
     """``(fs, fs_path, reader(fs, fs_path, uri))``, any failure but ours as ``InputError``."""
     fs, fs_path = storage.url_to_fs(uri, options.storage_options)
     try:
-        return fs, fs_path, reader(fs, fs_path, uri)
+        return fs, fs_path, reader(fs, storage.open_path(fs, fs_path), uri)
     except ZslabelError:
         raise
     except Exception as exc:

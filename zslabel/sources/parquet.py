@@ -68,7 +68,7 @@ def _schema(uri: str, storage_options: dict) -> pa.Schema:
 
     fs, fs_path = storage.url_to_fs(uri, storage_options)
     try:
-        with fs.open(fs_path, "rb") as f:
+        with fs.open(storage.open_path(fs, fs_path), "rb") as f:
             return pq.read_schema(f)
     except Exception as exc:
         raise InputError(f"cannot read Parquet file {uri}: {error_row_detail(exc)}") from exc
@@ -131,7 +131,7 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
     base = file_index * FILE_INDEX_STRIDE
     try:
         fs, fs_path = storage.url_to_fs(uri, storage_options)
-        with fs.open(fs_path, "rb", block_size=STREAM_BLOCK_SIZE) as f:
+        with fs.open(storage.open_path(fs, fs_path), "rb", block_size=STREAM_BLOCK_SIZE) as f:
             pf = pq.ParquetFile(f)
             columns = [image_column, *[c for c in carried if c in pf.schema_arrow.names]]
             for rb in pf.iter_batches(batch_size=EMIT_ROWS, columns=columns):

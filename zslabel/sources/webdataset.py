@@ -174,7 +174,7 @@ def read_tar(uri: str, file_index: int, storage_options: dict, counts: dict) -> 
     sample = _Sample()
     try:
         fs, fs_path = storage.url_to_fs(uri, storage_options)
-        with fs.open(fs_path, "rb", block_size=STREAM_BLOCK_SIZE) as f, \
+        with fs.open(storage.open_path(fs, fs_path), "rb", block_size=STREAM_BLOCK_SIZE) as f, \
                 tarfile.open(fileobj=f, mode="r|*") as tar:
             for info in tar:
                 if not info.isfile():

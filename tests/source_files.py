@@ -1,0 +1,40 @@
+"""Small real inputs for the zslabel.sources tests (files, tars) and plan helpers."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+from conftest import photo
+
+
+def jpeg(seed: int = 0, size=(12, 10)) -> bytes:
+    buf = io.BytesIO()
+    photo(*size, seed=seed).save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
+def rows_of(plan) -> list[dict]:
+    """All rows of the plan's dataset in input order."""
+    return sorted(plan.dataset.take_all(), key=lambda r: r["input_index"])
+
+
+def write(path: Path, data: bytes = b"") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def make_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def list_requests(log: list[dict]) -> list[dict]:
+    """The ListObjectsV2 calls in a moto request log."""
+    return [r for r in log if "list-type=2" in r["url"]]

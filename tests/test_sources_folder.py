@@ -1,0 +1,101 @@
+"""Input kinds folder and glob on real files: local trees and S3 (moto on 127.0.0.1, request log counted)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from source_files import jpeg, list_requests, rows_of, write
+
+from zslabel.errors import InputError, error_code
+from zslabel.sources import fetch_bytes, plan_inputs
+
+pytest_plugins = ["s3_server"]  # the `s3` fixture: moto S3 server on 127.0.0.1
+
+
+# ------------------------------------------------------------------------------------------
+# folder and glob
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    """Images with awkward names and extension cases, plus files that must be skipped."""
+    root = tmp_path / "tree"
+    for rel in ["b.JPG", "a.jpeg", "sub/c.png", "sub/deep/d.WebP", "x/same.jpg", "y/same.jpg",
+                "odd names/with space #1 ü.jpg", "phone/e.HEIC"]:
+        write(root / rel, jpeg(len(rel)))
+    for rel in [".hidden.jpg", ".git/obj.jpg", "sub/.cache/t.png", "notes.txt", "sub/meta.json",
+                "noext"]:
+        write(root / rel, b"skip me")
+    return root
+
+
+def test_folder_lists_images_recursively_sorted_and_counts_skips(ray_local, tree):
+    plan = plan_inputs(str(tree))
+    expected = sorted(str(tree / rel) for rel in [
+        "b.JPG", "a.jpeg", "sub/c.png", "sub/deep/d.WebP", "x/same.jpg", "y/same.jpg",
+        "odd names/with space #1 ü.jpg", "phone/e.HEIC"])
+    rows = rows_of(plan)
+    assert [r["path"] for r in rows] == expected
+    assert [r["input_index"] for r in rows] == list(range(len(expected)))
+    assert all(r["data"] is None and r["read_error"] is None for r in rows)
+    assert plan.kind == "folder"
+    assert plan.listed == 14 and plan.skipped == 6
+    assert sorted(plan.skipped_examples) == sorted(str(tree / r) for r in [
+        ".hidden.jpg", ".git/obj.jpg", "sub/.cache/t.png", "notes.txt", "sub/meta.json", "noext"])
+    assert plan.carried_columns == [] and plan.duplicates_removed == 0
+    assert plan.planning_seconds > 0
+    # every listed path is readable as-is by the decode task
+    data, err = fetch_bytes(rows[-1]["path"])
+    assert err is None and data == (Path(rows[-1]["path"])).read_bytes()
+
+
+def test_folder_file_uri_gives_plain_paths(ray_local, tree):
+    plan = plan_inputs(f"file://{tree}", input_format="folder")
+    paths = [r["path"] for r in rows_of(plan)]
+    assert str(tree / "x" / "same.jpg") in paths and len(paths) == 8
+
+
+def test_glob_matches_pattern_only(ray_local, tree):
+    plan = plan_inputs(str(tree / "*" / "*.jpg"))
+    assert plan.kind == "glob"
+    assert [r["path"] for r in rows_of(plan)] == [
+        str(tree / "odd names/with space #1 ü.jpg"), str(tree / "x/same.jpg"),
+        str(tree / "y/same.jpg")]
+    # fsspec's "*" also matches ".git": hidden paths are skipped and counted there too
+    assert plan.listed == 4 and plan.skipped_examples == [str(tree / ".git/obj.jpg")]
+
+
+def test_empty_or_imageless_input_raises(ray_local, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no images found"):
+        plan_inputs(str(tmp_path / "empty"))
+    with pytest.raises(InputError, match="does not exist"):
+        plan_inputs(str(tmp_path / "nowhere"))
+    write(tmp_path / "docs" / "a.txt")
+    write(tmp_path / "docs" / "b.csv")
+    with pytest.raises(InputError, match=r"2 files skipped: .*a\.txt"):
+        plan_inputs(str(tmp_path / "docs"))
+    with pytest.raises(InputError, match="unknown input format"):
+        plan_inputs(str(tmp_path), input_format="zip")
+
+
+
+
+def test_s3_folder_one_listing_call_and_full_uris(ray_local, s3):
+    names = ["img/a.jpg", "img/sub/b #1 ü.PNG", "img/x/same.jpg", "img/y/same.jpg",
+             "img/.hidden/h.jpg", "img/readme.md", "imgs-other/z.jpg"]
+    for i, key in enumerate(names):
+        s3.put(key, jpeg(i))
+    with s3.requests() as log:
+        plan = plan_inputs(s3.uri("img"), storage_options=s3.storage_options)
+    assert len(log) == 1 and len(list_requests(log)) == 1, log  # no per-file HEAD/GET
+    rows = rows_of(plan)
+    assert [r["path"] for r in rows] == [s3.uri(k) for k in [
+        "img/a.jpg", "img/sub/b #1 ü.PNG", "img/x/same.jpg", "img/y/same.jpg"]]
+    assert plan.listed == 6 and plan.skipped == 2
+    assert fetch_bytes(rows[1]["path"], s3.storage_options) == (jpeg(1), None)
+    data, err = fetch_bytes(s3.uri("img/missing.jpg"), s3.storage_options)
+    assert data is None and error_code(err) == "read_error"
+    with pytest.raises(InputError, match="no images found"):
+        plan_inputs(s3.uri("nothing-here/"), storage_options=s3.storage_options)

@@ -1,0 +1,53 @@
+"""Input kind parquet: img2dataset-style Parquet files of image bytes, read in Ray tasks."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from source_files import jpeg, rows_of, write
+
+from zslabel.errors import InputError, error_code
+from zslabel.sources import FILE_INDEX_STRIDE, plan_inputs
+
+
+# ------------------------------------------------------------------------------------------
+# Parquet with image bytes
+
+
+def test_parquet_image_bytes_img2dataset_layout(ray_local, tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    pq.write_table(pa.table({
+        "key": ["000", "001", "002"], "url": ["http://x/a.jpg", None, "http://x/c.jpg"],
+        "caption": ["a", "b", "c"], "jpg": [jpeg(1), jpeg(2), None],
+        "width": [12, 12, None]}), folder / "00000.parquet")
+    pq.write_table(pa.table({"key": ["100"], "url": ["http://x/d.jpg"], "caption": ["d"],
+                             "jpg": [jpeg(4)], "width": [12]}), folder / "00001.parquet")
+    write(folder / "00000_stats.json", b"{}")
+    plan = plan_inputs(str(folder))  # auto: a folder of shards, no loose images
+    assert plan.kind == "parquet" and plan.carried_columns == ["key", "url", "caption"]
+    rows = rows_of(plan)
+    f0 = str(folder / "00000.parquet")
+    assert [r["path"] for r in rows] == ["http://x/a.jpg", f"{f0}#1", "http://x/c.jpg",
+                                        "http://x/d.jpg"]
+    assert [r["input_index"] for r in rows] == [0, 1, 2, FILE_INDEX_STRIDE]
+    assert rows[0]["data"] == jpeg(1) and rows[1]["data"] == jpeg(2)
+    assert rows[2]["data"] is None and error_code(rows[2]["read_error"]) == "read_error"
+    assert [r["key"] for r in rows] == ["000", "001", "002", "100"]
+    assert rows[3]["caption"] == "d" and rows[1]["url"] is None
+    assert plan.finalize().listed == 4
+
+    single = plan_inputs(str(folder / "00001.parquet"))
+    assert single.kind == "parquet" and rows_of(single)[0]["data"] == jpeg(4)
+    with pytest.raises(InputError, match="image column 'png' not found"):
+        plan_inputs(str(folder / "00001.parquet"), image_column="png")
+
+
+def test_corrupt_parquet_shard_is_an_error_row(ray_local, tmp_path):
+    pq.write_table(pa.table({"jpg": [jpeg(1)]}), tmp_path / "a.parquet")
+    write(tmp_path / "b.parquet", b"PAR1 garbage PAR1")
+    rows = rows_of(plan_inputs(str(tmp_path / "*.parquet"), input_format="parquet"))
+    assert rows[0]["path"] == f"{tmp_path / 'a.parquet'}#0" and rows[0]["data"] == jpeg(1)
+    assert rows[1]["path"] == str(tmp_path / "b.parquet")
+    assert error_code(rows[1]["read_error"]) == "read_error"

@@ -1,0 +1,92 @@
+"""Input kind webdataset: tar shards read in Ray tasks, locally and from S3 (moto on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from source_files import jpeg, make_tar, rows_of, write
+
+from zslabel.errors import InputError, error_code
+from zslabel.sources import FILE_INDEX_STRIDE, plan_inputs
+
+pytest_plugins = ["s3_server"]  # the `s3` fixture: moto S3 server on 127.0.0.1
+
+
+# ------------------------------------------------------------------------------------------
+# WebDataset tars
+
+
+def test_webdataset_brace_range_sidecars_and_skips(ray_local, tmp_path):
+    imgs = {f"{s}-{k}": jpeg(10 * s + k) for s in range(3) for k in range(2)}
+    for s in range(3):
+        members = []
+        for k in range(2):
+            key = f"sample{s}{k}"
+            if k == 0:  # sidecars before and after the image, an unknown member, and
+                # macOS "._" junk between members of the sample (must not split it)
+                members.append((f"{key}.json", json.dumps({"s": s}).encode()))
+                members.append((f"._{key}.jpg", b"mac junk"))
+            members.append((f"{key}.jpg", imgs[f"{s}-{k}"]))
+            if k == 0:
+                members += [(f"{key}.txt", f"caption {s}".encode()), (f"{key}.cls", b"3")]
+        make_tar(tmp_path / f"shards-{s:03d}.tar", members)
+    plan = plan_inputs(str(tmp_path / "shards-{000..002}.tar"))
+    assert plan.kind == "webdataset" and plan.listed is None
+    assert plan.carried_columns == ["key", "json", "txt"]
+    rows = rows_of(plan)
+    assert len(rows) == 6
+    for s in range(3):
+        tar_uri = str(tmp_path / f"shards-{s:03d}.tar")
+        first, second = [r for r in rows if r["path"].startswith(tar_uri + "#")]
+        assert first["path"] == f"{tar_uri}#sample{s}0.jpg"
+        assert first["data"] == imgs[f"{s}-0"] and second["data"] == imgs[f"{s}-1"]
+        assert first["key"] == f"sample{s}0" and json.loads(first["json"]) == {"s": s}
+        assert first["txt"] == f"caption {s}" and second["json"] is None
+        assert first["input_index"] == s * FILE_INDEX_STRIDE
+        assert second["input_index"] == s * FILE_INDEX_STRIDE + 1
+        assert first["read_error"] is None
+    plan.finalize()
+    # sidecars belong to their image's row and are not listed on their own
+    assert plan.listed == 3 * 4 and plan.skipped == 3 * 2 and plan.listed == len(rows) + plan.skipped
+    assert f"{tmp_path / 'shards-000.tar'}#sample00.cls" in plan.skipped_examples
+
+
+def test_corrupt_and_missing_tars_give_one_error_row_each(ray_local, tmp_path):
+    good = make_tar(tmp_path / "p-0.tar", [("a.jpg", jpeg(1)), ("b.png", jpeg(2))])
+    whole = good.read_bytes()
+    write(tmp_path / "p-1.tar", whole[: 512 + 100])  # header of a.jpg, then data cut short
+    write(tmp_path / "p-2.tar", b"this is not a tar archive" * 50)
+    plan = plan_inputs(str(tmp_path / "p-{0..3}.tar"))  # p-3.tar does not exist
+    rows = rows_of(plan)
+    assert [r["path"] for r in rows[:2]] == [f"{good}#a.jpg", f"{good}#b.png"]
+    errors = {r["path"]: r for r in rows[2:]}
+    assert set(errors) == {str(tmp_path / f"p-{i}.tar") for i in (1, 2, 3)}
+    for r in errors.values():
+        assert r["data"] is None and error_code(r["read_error"]) == "read_error"
+    assert "FileNotFoundError" in errors[str(tmp_path / "p-3.tar")]["read_error"]
+
+
+def test_folder_of_tars_is_read_as_webdataset(ray_local, tmp_path):
+    make_tar(tmp_path / "b.tar", [("k1.jpg", jpeg(1))])
+    make_tar(tmp_path / "a.tar", [("k0.png", jpeg(0)), ("k0.json", b"{}")])
+    write(tmp_path / "_stats.json", b"{}")
+    for fmt in ("auto", "webdataset"):
+        plan = plan_inputs(str(tmp_path), input_format=fmt)
+        assert plan.kind == "webdataset"
+        assert [r["path"] for r in rows_of(plan)] == [f"{tmp_path / 'a.tar'}#k0.png",
+                                                    f"{tmp_path / 'b.tar'}#k1.jpg"]
+    with pytest.raises(InputError, match="no images found"):
+        plan_inputs(str(tmp_path), input_format="folder")
+
+
+
+
+def test_s3_tars_are_read_in_ray_tasks(ray_local, s3, tmp_path):
+    for s in range(2):
+        tar = make_tar(tmp_path / f"t{s}.tar", [(f"k{s}.jpg", jpeg(s)), (f"k{s}.txt", b"hi")])
+        s3.put(f"wds/t{s}.tar", tar.read_bytes())
+    plan = plan_inputs(s3.uri("wds/t{0..1}.tar"), storage_options=s3.storage_options)
+    rows = rows_of(plan)
+    assert [r["path"] for r in rows] == [s3.uri("wds/t0.tar#k0.jpg"), s3.uri("wds/t1.tar#k1.jpg")]
+    assert [r["data"] for r in rows] == [jpeg(0), jpeg(1)] and rows[0]["txt"] == "hi"
