@@ -51,3 +51,14 @@ def test_corrupt_parquet_shard_is_an_error_row(ray_local, tmp_path):
     assert rows[0]["path"] == f"{tmp_path / 'a.parquet'}#0" and rows[0]["data"] == jpeg(1)
     assert rows[1]["path"] == str(tmp_path / "b.parquet")
     assert error_code(rows[1]["read_error"]) == "read_error"
+
+
+def test_spark_style_folder_named_like_a_parquet_file(ray_local, tmp_path):
+    folder = tmp_path / "table.parquet"  # Spark / Dask write datasets as "name.parquet/" folders
+    folder.mkdir()
+    pq.write_table(pa.table({"jpg": [jpeg(1)]}), folder / "part-00000.parquet")
+    pq.write_table(pa.table({"jpg": [jpeg(2)]}), folder / "part-00001.parquet")
+    (folder / "_SUCCESS").write_bytes(b"")
+    plan = plan_inputs(str(folder))
+    assert plan.kind == "parquet"
+    assert [r["data"] for r in rows_of(plan)] == [jpeg(1), jpeg(2)]

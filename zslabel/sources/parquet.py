@@ -36,13 +36,12 @@ def plan_parquet(uri: str, options: InputOptions) -> InputPlan:
         InputError: no Parquet files, an unreadable first file, no image-bytes column.
     """
     so = options.storage_options
+    fs, fs_path = storage.url_to_fs(uri, so)
     if storage.is_pattern(uri, so):
-        fs, fs_path = storage.url_to_fs(uri, so)
         files = [storage.uri_maker(uri, fs)(p) for p in sorted(fs.glob(fs_path)) if p.lower().endswith(SUFFIXES)]
-    elif strip_compression(uri.rstrip("/").lower()).endswith(SUFFIXES):
+    elif strip_compression(uri.rstrip("/").lower()).endswith(SUFFIXES) and not fs.isdir(fs_path):
         files = [uri]
-    else:
-        fs, fs_path = storage.url_to_fs(uri, so)
+    else:  # a folder, also one named like a file (Spark writes "table.parquet/part-*.parquet")
         root = fs_path.rstrip("/")
         files = [storage.uri_maker(uri, fs)(p) for p in sorted(fs.find(root))
                  if p.lower().endswith(SUFFIXES) and not is_hidden(p[len(root):].lstrip("/"))]
