@@ -177,7 +177,9 @@ class RelabelSource:
                 names = reader.schema_arrow.names
                 yield from reader.iter_batches(batch_size=batch_size, columns=[c for c in columns if c in names])
         except (pa.ArrowException, OSError) as exc:
-            raise InputError(f"cannot read relabel source file {f}: {type(exc).__name__}: {exc}") from exc
+            raise InputError(f"cannot read relabel source file {f}: {type(exc).__name__}: {exc}; the files "
+                             "committed so far are kept (with --overwrite, the previous output is unchanged): "
+                             "fix the file and rerun with --resume") from exc
 
 
 def embedding_matrix(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
