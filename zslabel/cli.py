@@ -136,7 +136,8 @@ tower runs: no image is read. Scores equal a full run's up to the stored embeddi
 float32 ~1e-7; float16 up to ~1e-3 for real checkpoints (logit scale ~100), so store float32
 when relabeled scores must match a full run more closely. The model defaults to the one in the source's run manifest;
 another checkpoint (different digest) is refused. Output: the same schema and run manifest as
-`zslabel label` with the same options; error rows stay error rows.
+`zslabel label` with the same options; error rows stay error rows. --overwrite keeps the old
+output whole until the new one is complete; --resume finishes a relabel that stopped part way.
 """
 
 EVAL_EPILOG = """ground truth:

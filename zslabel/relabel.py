@@ -10,7 +10,9 @@ product, instead of fetching and decoding every image again:
       -> same output schema and run manifest as ``zslabel label`` with the same options
 
 One process, no Ray: it is matrix products over Parquet batches, so memory is bounded by the
-batch size whatever the number of rows. The embeddings must come from the same checkpoint as the
+batch size whatever the number of rows. The output is written through ``runstate``'s commit
+protocol, as ``zslabel label`` writes: one committed file per source file, staged and swapped
+for ``--overwrite``, resumable with ``--resume``. The embeddings must come from the same checkpoint as the
 new label embeddings; the source's run manifest records its checkpoint digest, and a different
 model is refused.
 

@@ -1,5 +1,6 @@
 """Output modes, the run fingerprint, and the commit protocol that makes runs resumable and
-exactly-once.
+exactly-once, for every command that writes an output (``label`` in Ray writer tasks through
+:func:`write_block`, ``relabel`` in one process through :func:`open_part`).
 
 Layout of an output location ``OUT``::
 
