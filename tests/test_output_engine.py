@@ -26,7 +26,7 @@ DIM = 16  # tiny checkpoints' embedding size
 
 # Runs cli.main in a fresh interpreter and reports which heavy modules it imported.
 PROBE = ("import sys, json; from zslabel.cli import main; rc = main(sys.argv[1:]); "
-         "print('MODULES ' + json.dumps({m: m in sys.modules for m in ('ray', 'transformers')})); "
+         "print('MODULES ' + json.dumps({m: m in sys.modules for m in ('ray', 'torch', 'transformers')})); "
          "sys.exit(rc)")
 
 
@@ -110,7 +110,7 @@ def test_failed_relabel_overwrite_keeps_old_output_whole_and_resume_finishes(tin
     again = zslabel("relabel", src, "--model", tiny_clip, "--labels", ",".join(LABELS_B), "-o", out,
                     "--top-k", "2", "--resume")
     assert again.returncode == 0 and "labeled 300 of 300 images" in again.stdout, again.stderr[-3000:]
-    assert again.modules == {"ray": False, "transformers": False}
+    assert again.modules == {"ray": False, "torch": False, "transformers": False}
 
 
 def test_relabel_overwrite_replaces_the_old_output_completely(tiny_clip, tmp_path):
@@ -133,7 +133,7 @@ def test_typo_in_input_path_fails_in_seconds_without_ray(tiny_clip, tmp_path):
     proc = zslabel("label", tmp_path / "no_such_folder", "--labels", "a,b", "--model", tiny_clip,
                    "-o", tmp_path / "out")
     assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr[-3000:]
-    assert proc.modules == {"ray": False, "transformers": False}
+    assert proc.modules == {"ray": False, "torch": False, "transformers": False}
     assert proc.wall_s < 15  # loose guard only; the modules above are the real check
     assert not (tmp_path / "out").exists()
 
@@ -146,7 +146,7 @@ def test_finished_run_resume_and_refused_resume_need_no_ray(tiny_clip, ray_local
     args = [image_folder, "--labels", ",".join(LABELS_A), "--model", tiny_clip, "-o", out, "--top-k", "2"]
     done = zslabel("label", *args, "--resume")
     assert done.returncode == 0 and "labeled 12 of 12 images" in done.stdout, done.stderr[-3000:]
-    assert done.modules == {"ray": False, "transformers": False}
+    assert done.modules == {"ray": False, "torch": False, "transformers": False}
     refused = zslabel("label", *args[:-2], "--top-k", "3", "--resume")
     assert refused.returncode == 2 and "top_k: 2 -> 3" in refused.stderr, refused.stderr[-3000:]
     assert refused.modules["ray"] is False and refused.modules["transformers"] is False

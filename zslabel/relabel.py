@@ -273,9 +273,6 @@ def run_relabel_job(config: RelabelConfig):
         with the files committed so far kept (staged for --overwrite: the old output stays
         whole) and no run manifest; ``--resume`` then finishes it.
     """
-    from .labels import build_label_set
-    from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint
-
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     so = config.storage_options
@@ -289,6 +286,9 @@ def run_relabel_job(config: RelabelConfig):
     if done is not None:
         log.info("%s holds a finished relabel of this source with unchanged settings: nothing to do", config.output)
         return summary_of_finished(config.output, done, resolved.output.path(MANIFEST_NAME), t0)
+
+    from .labels import build_label_set
+    from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint
 
     path = resolve_checkpoint(config.model, config.revision, so)
     digest = checkpoint_digest(path)
