@@ -36,6 +36,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# zslabel_dev (tiny checkpoints) lives at the repository root, beside this folder.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -110,7 +112,7 @@ def scores_by_path(out: Path) -> dict[str, dict[str, float]]:
 def smoke(workdir: Path, gpus: float) -> bool:
     """Tiny checkpoint on the GPU in float16 vs. on the CPU in float32; returns pass/fail."""
     from zslabel import JobConfig, run_label_job
-    from zslabel.tiny import build_tiny_checkpoint
+    from zslabel_dev.tiny import build_tiny_checkpoint
 
     ckpt = build_tiny_checkpoint(workdir / "tiny_clip", "clip")
     images = workdir / "smoke_images"
@@ -136,7 +138,7 @@ def smoke(workdir: Path, gpus: float) -> bool:
 
 def throughput(workdir: Path, n_images: int, batch_size: int, gpus: float, fast_decode: bool) -> None:
     from zslabel import JobConfig, run_label_job
-    from zslabel.tiny import VIT_B32_CLIP_CONFIG, build_tiny_checkpoint
+    from zslabel_dev.tiny import VIT_B32_CLIP_CONFIG, build_tiny_checkpoint
 
     t0 = time.perf_counter()
     ckpt = build_tiny_checkpoint(workdir / "vit_b32", "clip", config=VIT_B32_CLIP_CONFIG)

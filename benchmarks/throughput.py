@@ -147,7 +147,7 @@ def build_checkpoint(out: Path, kind: str) -> Path:
     if (path / ".complete").exists():
         return path
     config = "VIT_B32_CLIP_CONFIG" if kind == "vitb32" else json.dumps(SMALL224_CLIP_CONFIG)
-    code = ("import sys; from zslabel.tiny import build_tiny_checkpoint, VIT_B32_CLIP_CONFIG; "
+    code = ("import sys; from zslabel_dev.tiny import build_tiny_checkpoint, VIT_B32_CLIP_CONFIG; "
             f"build_tiny_checkpoint(sys.argv[1], 'clip', config={config})")
     if kind == "vitb32":
         code += "; import benchmarks.throughput as t; t.add_word_tokens(sys.argv[1], t.PROMPT_WORDS)"
@@ -164,7 +164,7 @@ PROMPT_WORDS = ["this", "is", "a", "photo", "of", "label"] + LABELS_FEW
 def add_word_tokens(path: str | Path, words: list[str]) -> None:
     """Give the offline checkpoint's tokenizer one BPE token per word in ``words``.
 
-    ``zslabel.tiny`` writes a character-level tokenizer: "This is a photo of cat." would be 20
+    ``zslabel_dev.tiny`` writes a character-level tokenizer: "This is a photo of cat." would be 20
     tokens where the real CLIP tokenizer makes 9, so the reference pipeline, which runs the text
     tower on every call, would pay ~2x the real text cost. Adding merges for the prompt words
     (CLIP's BPE format: ``end_of_word_suffix`` "</w>") restores the real token counts (digits

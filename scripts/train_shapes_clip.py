@@ -6,7 +6,7 @@ Runs offline on CPU in a few minutes (2 threads). Steps:
 1. build a word-level ``CLIPTokenizer`` (byte-level characters plus one merged token per
    vocabulary word, so any text still tokenizes) and a small ``CLIPModel``
    (ViT 64x64, patch 8; text transformer; 64-d joint embedding);
-2. generate training pairs with :mod:`zslabel.shapes` (seen colour-shape labels only, random
+2. generate training pairs with :mod:`zslabel_dev.shapes` (seen colour-shape labels only, random
    caption templates) and preprocess them with the very ``CLIPImageProcessorPil`` that is saved
    with the checkpoint, so the pipeline's preprocessing reproduces training;
 3. train with the CLIP contrastive loss (Radford et al. 2021, eq. in Fig. 3), except that captions
@@ -46,8 +46,8 @@ from transformers import (CLIPConfig, CLIPImageProcessorPil, CLIPModel,  # noqa:
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from zslabel import shapes  # noqa: E402
-from zslabel.tiny import _bytes_to_unicode  # noqa: E402
+from zslabel_dev import shapes  # noqa: E402
+from zslabel_dev.tiny import _bytes_to_unicode  # noqa: E402
 
 IMAGE_SIZE = 64
 MAX_TEXT_LEN = 77
@@ -335,7 +335,7 @@ nothing outside this toy domain.
 
 ## Data and labels
 
-Images from `zslabel/shapes.py` (deterministic): one filled shape, size 22-42% of the frame,
+Images from `zslabel_dev/shapes.py` (deterministic): one filled shape, size 22-42% of the frame,
 random position and rotation, jittered colour, on a solid / gradient / noise / texture
 background kept away from the shape colour.
 

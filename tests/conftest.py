@@ -32,7 +32,7 @@ NODE_IP = os.environ["RAY_NODE_IP_ADDRESS"]
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
     """A random-weight CLIP checkpoint folder (32x32 input, 16-d embeddings)."""
-    from zslabel.tiny import build_tiny_checkpoint
+    from zslabel_dev.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_clip"), "clip")
 
@@ -40,7 +40,7 @@ def tiny_clip(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_siglip(tmp_path_factory) -> Path:
     """A random-weight SigLIP checkpoint folder (32x32 input, sigmoid scores)."""
-    from zslabel.tiny import build_tiny_checkpoint
+    from zslabel_dev.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_siglip"), "siglip")
 

@@ -20,10 +20,7 @@ from zslabel.labels import build_label_set
 from zslabel.model import ZeroShotModel
 from zslabel.ranking import zero_shot_logits
 
-try:  # the split generator moves to tests/support/ (issue: test support code out of the package)
-    from support import shapes  # type: ignore[import-not-found]
-except ImportError:
-    from zslabel import shapes
+from zslabel_dev import shapes
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-clip"
 SAMPLE, SAMPLE_SEED, SIZE = 960, 7, 64

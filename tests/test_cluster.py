@@ -262,7 +262,7 @@ def test_manifest_says_model_bound_when_the_model_is_the_limit(ray_local, tmp_pa
     (The decode-bound verdict is checked on the cluster run below: tiny model, idle actors.)
     """
     from zslabel import JobConfig, run_label_job
-    from zslabel.tiny import build_tiny_checkpoint
+    from zslabel_dev.tiny import build_tiny_checkpoint
 
     heavy = build_tiny_checkpoint(tmp_path / "heavy", "clip", config={
         "text_config": TINY_TEXT, "vision_config": HEAVY_VISION, "projection_dim": 16})

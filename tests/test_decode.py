@@ -77,7 +77,7 @@ def processors(tiny_clip, tiny_siglip, tmp_path_factory):
     """(name, processor) pairs: the tiny checkpoints' own processors plus odd geometries."""
     from transformers import AutoImageProcessor, CLIPImageProcessorPil, SiglipImageProcessorPil
 
-    from zslabel.tiny import build_tiny_checkpoint
+    from zslabel_dev.tiny import build_tiny_checkpoint
 
     clip224 = build_tiny_checkpoint(tmp_path_factory.mktemp("clip224"), "clip", image_size=224)
     return [

@@ -215,7 +215,7 @@ def test_job_config_loads_and_validates_as_a_job_config(path):
 
 
 def test_local_config_labels_the_bundled_shapes_on_cpu():
-    from zslabel.shapes import all_labels
+    from zslabel_dev.shapes import all_labels
 
     config = _yaml(LOCAL_CONFIG)
     assert config["labels"] == all_labels()

@@ -229,7 +229,7 @@ def test_multi_label_refused_for_softmax_models(runs, images, tiny_clip, tmp_pat
 
 
 def test_relabel_refuses_other_models_and_bad_sources(runs, tiny_siglip, tmp_path):
-    from zslabel.tiny import build_tiny_checkpoint
+    from zslabel_dev.tiny import build_tiny_checkpoint
 
     src = runs["clip"]["a16"]
     other = build_tiny_checkpoint(tmp_path / "other_clip", "clip", seed=1)  # same shapes, other weights

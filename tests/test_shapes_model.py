@@ -8,7 +8,8 @@ labels (chance 2.1%), seen combinations 68%. The floor leaves room for sampling 
 import csv
 from pathlib import Path
 
-from zslabel import JobConfig, run_label_job, shapes
+from zslabel import JobConfig, run_label_job
+from zslabel_dev import shapes
 from zslabel.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]

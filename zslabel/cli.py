@@ -10,13 +10,17 @@ import argparse
 import logging
 import sys
 
-from .config import DEFAULT_MODEL, JobConfig, parse_concurrency, parse_storage_options, resolve_templates
+from .config import INPUT_FORMATS, JobConfig, parse_concurrency, parse_storage_options, resolve_templates
 from .errors import ErrorBudgetExceeded, RayStartError, ZslabelError
 from .labels import DEFAULT_TEMPLATE, TEMPLATE_SETS, parse_label_list
-from .sources import INPUT_FORMATS
+from .options import DEFAULT_MODEL
 from .sources import KINDS as INPUT_KINDS
 
 log = logging.getLogger("zslabel")
+
+# Flags that are not job options (every other flag's dest is a field of JobConfig/RelabelConfig,
+# which is how flags reach the config: see LabelingOptions.from_args).
+CLI_ONLY = frozenset({"command", "config", "verbose", "quiet", "ground_truth", "eval_json"})
 
 EXIT_CODES = """exit codes:
   0    success
@@ -42,71 +46,31 @@ terminal, else a line every 15 s and one at the end (--quiet: none).
 """ + EXIT_CODES
 
 
-def _label_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("label", help="label images with a zero-shot classifier", allow_abbrev=False,
-                       description="Label every image under INPUT with the top-k of the candidate labels.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", nargs="?", help="folder, glob, manifest (.txt/.csv/.parquet), WebDataset tars "
-                   "or Parquet with image bytes; local path or fsspec URI (s3://, gs://, az://)")
+def _checked(convert):
+    """``convert`` as an argparse ``type``: a ZslabelError becomes argparse's usage error (exit 2)."""
+    def parse(text: str):
+        try:
+            return convert(text)
+        except ZslabelError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    parse.__name__ = convert.__name__.strip("_").replace("_", " ")
+    return parse
+
+
+def _add_labeling_flags(p: argparse.ArgumentParser, model_help: str) -> None:
+    """Flags of ``options.LabelingOptions`` (shared by label and relabel); dest == field name."""
     g = p.add_argument_group("labels and model")
-    g.add_argument("--labels", help="comma-separated candidate labels, e.g. 'cat,dog,bird'")
+    g.add_argument("--labels", type=parse_label_list, help="comma-separated candidate labels, e.g. 'cat,dog,bird'")
     g.add_argument("--labels-file", help="file with one label per line ('#' comments allowed)")
-    g.add_argument("--template", help=f"prompt template with one {{}} (default: {DEFAULT_TEMPLATE!r})")
-    g.add_argument("--templates", help="prompt ensemble: a file of templates, one per line, or a named set: "
-                   + ", ".join(TEMPLATE_SETS))
-    g.add_argument("--model", help=f"hub id, local checkpoint folder or fsspec URI (default: {DEFAULT_MODEL})")
+    t = g.add_mutually_exclusive_group()
+    t.add_argument("--template", dest="templates", type=lambda text: [text],
+                   help=f"prompt template with one {{}} (default: {DEFAULT_TEMPLATE!r})")
+    t.add_argument("--templates", type=_checked(resolve_templates),
+                   help="prompt ensemble: a file of templates, one per line, or a named set: " + ", ".join(TEMPLATE_SETS))
+    g.add_argument("--model", help=model_help)
     g.add_argument("--revision", help="hub revision (branch, tag or commit) of --model")
     g.add_argument("--top-k", type=int, help="labels kept per image (default 5; capped at the number of labels)")
-    g = p.add_argument_group("output")
-    g.add_argument("--output", "-o", help="output folder or fsspec URI for Parquet + run manifest")
-    mode = g.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_const", const="resume", dest="mode",
-                      help="continue an interrupted run into the same output")
-    mode.add_argument("--overwrite", action="store_const", const="overwrite", dest="mode",
-                      help="replace existing output (atomically: the old output stays readable until "
-                      "the new run commits)")
-    g.add_argument("--retry-errors", action="store_true", default=None,
-                   help="with --resume: recompute the rows that failed in earlier runs (kept otherwise)")
-    g.add_argument("--store-embeddings", action="store_true", default=None,
-                   help="add an L2-normalised image 'embedding' column")
-    g.add_argument("--embedding-dtype", choices=["float16", "float32"])
-    g.add_argument("--rows-per-file", type=int,
-                   help="rows per committed Parquet file, at most (default 1024); a crash loses at most "
-                   "the files in flight")
-    g.add_argument("--max-error-fraction", type=float,
-                   help="fail (exit 1, output still written) when more than this fraction of images fail")
-    g = p.add_argument_group("inputs and storage")
-    g.add_argument("--input-format", choices=INPUT_FORMATS, metavar="{" + ",".join(INPUT_FORMATS) + "}",
-                   help="auto (default: decided from the input's name) or " + "; ".join(
-                       f"{k.name}: {k.summary}" for k in INPUT_KINDS))
-    g.add_argument("--storage-options", help="fsspec options as JSON/YAML text or file, e.g. "
-                   "'{\"client_kwargs\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'")
-    g.add_argument("--path-column", help="manifest column holding URIs (default: path, url or uri)")
-    g.add_argument("--id-column", help="manifest column carried into the output")
-    g.add_argument("--image-column", help="Parquet column holding image bytes (default: jpg/png/image/bytes)")
-    g.add_argument("--dedupe", action="store_true", default=None, help="label each distinct URI once")
-    g = p.add_argument_group("decoding")
-    g.add_argument("--max-pixels", type=int, help="images with more pixels get too_many_pixels (default 178956970)")
-    g.add_argument("--min-side", type=int, help="images with a shorter side get image_too_small (default 1)")
-    g.add_argument("--fast-decode", action="store_true", default=None,
-                   help="let libjpeg downscale large JPEGs while decoding (faster; pixels differ slightly)")
-    g = p.add_argument_group("Ray")
-    g.add_argument("--config", help="YAML file with the same keys (underscores); flags override it")
-    g.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start Ray locally)")
-    g.add_argument("--batch-size", type=int, help="images per model batch (default 64)")
-    g.add_argument("--concurrency", help="labeler actors: N or MIN,MAX (default: 1..what the cluster holds)")
-    g.add_argument("--num-gpus-per-actor", type=float, help="GPUs per labeler actor, fractions allowed (default 0)")
-    g.add_argument("--num-cpus-per-actor", type=float, help="CPUs per labeler actor (default 1)")
-    g.add_argument("--decode-cpus-per-task", type=float, help="CPUs per decode task (default 1)")
-    g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="model precision (auto: float16 on CUDA, float32 on CPU)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress display (the summary line and errors still print)")
-    return p
-
-
-def _add_ranking_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("abstention and multi-label")
     g.add_argument("--min-score", type=float, help="mark rows whose best score is below this as abstained "
                    "(adds a bool 'abstained' column; labels are still written); with --calibration the scores are "
@@ -121,13 +85,70 @@ def _add_ranking_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hierarchy", action="store_true", default=None,
                    help="labels written as paths (animal/mammal/dog): add hier_label, hier_score, hier_path, "
                    "the deepest path whose rolled-up score reaches --min-score")
-
-
-def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--output", "-o", help="output folder or fsspec URI for Parquet + run manifest")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_const", const="resume", dest="mode",
+                      help="continue an interrupted run into the same output (a finished one with nothing "
+                      "left to do returns at once)")
+    mode.add_argument("--overwrite", action="store_const", const="overwrite", dest="mode",
+                      help="replace existing output (atomically: the old output stays readable and whole "
+                      "until the new run commits)")
+    g.add_argument("--retry-errors", action="store_true", default=None,
+                   help="with --resume: recompute the rows that failed in earlier runs (kept otherwise)")
+    g.add_argument("--max-error-fraction", type=float,
+                   help="fail (exit 1, output still written) when more than this fraction of images fail")
+    g.add_argument("--storage-options", type=_checked(parse_storage_options),
+                   help="fsspec options as JSON/YAML text or file, e.g. "
+                   "'{\"client_kwargs\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'")
     g = p.add_argument_group("evaluation")
     g.add_argument("--ground-truth", help="after the run, evaluate against this CSV/Parquet (path,label) "
                    "or folder-per-class root and print the report (see `zslabel eval --help`)")
     g.add_argument("--eval-json", help="also write the evaluation report as JSON here")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress display (the summary line and errors still print)")
+
+
+def _label_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("label", help="label images with a zero-shot classifier", allow_abbrev=False,
+                       description="Label every image under INPUT with the top-k of the candidate labels.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", nargs="?", help="folder, glob, manifest (.txt/.csv/.parquet), WebDataset tars "
+                   "or Parquet with image bytes; local path or fsspec URI (s3://, gs://, az://)")
+    _add_labeling_flags(p, f"hub id, local checkpoint folder or fsspec URI (default: {DEFAULT_MODEL})")
+    g = p.add_argument_group("output layout")
+    g.add_argument("--store-embeddings", action="store_true", default=None,
+                   help="add an L2-normalised image 'embedding' column")
+    g.add_argument("--embedding-dtype", choices=["float16", "float32"])
+    g.add_argument("--rows-per-file", type=int,
+                   help="rows per committed Parquet file, at most (default 1024); a crash loses at most "
+                   "the files in flight")
+    g = p.add_argument_group("inputs")
+    g.add_argument("--input-format", choices=INPUT_FORMATS, metavar="{" + ",".join(INPUT_FORMATS) + "}",
+                   help="auto (default: decided from the input's name) or " + "; ".join(
+                       f"{k.name}: {k.summary}" for k in INPUT_KINDS))
+    g.add_argument("--path-column", help="manifest column holding URIs (default: path, url or uri)")
+    g.add_argument("--id-column", help="manifest column carried into the output")
+    g.add_argument("--image-column", help="Parquet column holding image bytes (default: jpg/png/image/bytes)")
+    g.add_argument("--dedupe", action="store_true", default=None, help="label each distinct URI once")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-pixels", type=int, help="images with more pixels get too_many_pixels (default 178956970)")
+    g.add_argument("--min-side", type=int, help="images with a shorter side get image_too_small (default 1)")
+    g.add_argument("--fast-decode", action="store_true", default=None,
+                   help="let libjpeg downscale large JPEGs while decoding (faster; pixels differ slightly)")
+    g = p.add_argument_group("Ray")
+    g.add_argument("--config", help="YAML file with the same keys (underscores); flags override it")
+    g.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start Ray locally)")
+    g.add_argument("--batch-size", type=int, help="images per model batch (default 64)")
+    g.add_argument("--concurrency", type=_checked(parse_concurrency),
+                   help="labeler actors: N or MIN,MAX (default: 1..what the cluster holds)")
+    g.add_argument("--num-gpus-per-actor", type=float, help="GPUs per labeler actor, fractions allowed (default 0)")
+    g.add_argument("--num-cpus-per-actor", type=float, help="CPUs per labeler actor (default 1)")
+    g.add_argument("--decode-cpus-per-task", type=float, help="CPUs per decode task (default 1)")
+    g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="model precision (auto: float16 on CUDA, float32 on CPU)")
+    return p
 
 
 RELABEL_EPILOG = """examples:
@@ -139,7 +160,8 @@ tower runs: no image is read. Scores equal a full run's up to the stored embeddi
 float32 ~1e-7; float16 up to ~1e-3 for real checkpoints (logit scale ~100), so store float32
 when relabeled scores must match a full run more closely. The model defaults to the one in the source's run manifest;
 another checkpoint (different digest) is refused. Output: the same schema and run manifest as
-`zslabel label` with the same options; error rows stay error rows.
+`zslabel label` with the same options; error rows stay error rows. --overwrite keeps the old
+output whole until the new one is complete; --resume finishes a relabel that stopped part way.
 """
 
 EVAL_EPILOG = """ground truth:
@@ -163,26 +185,12 @@ def _relabel_parser(sub) -> argparse.ArgumentParser:
                        description="Score the 'embedding' column of an earlier run against new labels/templates.",
                        epilog=RELABEL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="output folder (or Parquet file) of a `zslabel label --store-embeddings` run")
-    g = p.add_argument_group("labels and model")
-    g.add_argument("--labels", help="comma-separated candidate labels")
-    g.add_argument("--labels-file", help="file with one label per line ('#' comments allowed)")
-    g.add_argument("--template", help=f"prompt template with one {{}} (default: {DEFAULT_TEMPLATE!r})")
-    g.add_argument("--templates", help="prompt ensemble: a file of templates or a named set: "
-                   + ", ".join(TEMPLATE_SETS))
-    g.add_argument("--model", help="checkpoint for the text tower (default: the model recorded in the "
-                   "source's run manifest; must be the same checkpoint)")
-    g.add_argument("--revision", help="hub revision of --model")
-    g.add_argument("--top-k", type=int, help="labels kept per image (default 5)")
-    g = p.add_argument_group("output")
-    g.add_argument("--output", "-o", required=True, help="new output folder or fsspec URI")
-    g.add_argument("--overwrite", action="store_const", const="overwrite", dest="mode", help="replace existing output")
-    g.add_argument("--drop-embeddings", action="store_true",
+    _add_labeling_flags(p, "checkpoint for the text tower (default: the model recorded in the source's run "
+                        "manifest; must be the same checkpoint)")
+    g = p.add_argument_group("relabel")
+    g.add_argument("--drop-embeddings", action="store_false", dest="store_embeddings", default=None,
                    help="do not copy the 'embedding' column into the new output (kept by default)")
     g.add_argument("--batch-size", type=int, help="source rows per batch (default 8192)")
-    g.add_argument("--storage-options", help="fsspec options as JSON/YAML text or file")
-    _add_ranking_flags(p)
-    _add_eval_flags(p)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
@@ -194,7 +202,8 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--ground-truth", required=True, help="CSV/TSV/Parquet (path,label) or folder-per-class root")
     p.add_argument("--json", help="also write the report as JSON here")
     p.add_argument("--top-confusions", type=int, default=10, help="confused pairs to list (default 10)")
-    p.add_argument("--storage-options", help="fsspec options as JSON/YAML text or file")
+    p.add_argument("--storage-options", type=_checked(parse_storage_options),
+                   help="fsspec options as JSON/YAML text or file")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -224,7 +233,8 @@ def _calibrate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.3, help="fraction of the sample held out to measure "
                    "before/after (default 0.3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fit/held-out split (default 0)")
-    p.add_argument("--storage-options", help="fsspec options as JSON/YAML text or file")
+    p.add_argument("--storage-options", type=_checked(parse_storage_options),
+                   help="fsspec options as JSON/YAML text or file")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -233,40 +243,17 @@ def run_calibrate_command(args: argparse.Namespace) -> int:
     """``zslabel calibrate``: fit, write the file, print the before/after report."""
     from .calibrate import report_text, run_calibrate
 
-    options = parse_storage_options(args.storage_options) if args.storage_options else {}
     calib = run_calibrate(args.run, args.ground_truth, calibration_path=args.output, holdout=args.holdout,
-                          seed=args.seed, storage_options=options)
+                          seed=args.seed, storage_options=args.storage_options or {})
     print(report_text(calib, args.output))
     return 0
 
 
 def relabel_config_from_args(args: argparse.Namespace):
-    """``zslabel relabel`` flags -> ``relabel.RelabelConfig``."""
+    """``zslabel relabel`` flags -> ``relabel.RelabelConfig`` (by field name)."""
     from .relabel import RelabelConfig
 
-    config = RelabelConfig(source=args.source, output=args.output)
-    for name in ("labels_file", "model", "revision", "top_k", "min_score", "multi_label", "threshold",
-                 "batch_size", "mode", "calibration", "hierarchy"):
-        value = getattr(args, name, None)
-        if value is not None:
-            setattr(config, name, value)
-    config.store_embeddings = not args.drop_embeddings
-    return _apply_prompt_and_storage_flags(config, args)
-
-
-def _apply_prompt_and_storage_flags(config, args: argparse.Namespace):
-    """Set labels, templates and storage options from the flags shared by label and relabel."""
-    if args.labels is not None:
-        config.labels = parse_label_list(args.labels)
-    if args.template is not None and args.templates is not None:
-        raise ZslabelError("give --template or --templates, not both")
-    if args.template is not None:
-        config.templates = [args.template]
-    if args.templates is not None:
-        config.templates = resolve_templates(args.templates)
-    if args.storage_options is not None:
-        config.storage_options = parse_storage_options(args.storage_options)
-    return config
+    return RelabelConfig.from_args(args)
 
 
 def _print_evaluation(args, output: str, ground_truth, storage_options: dict, json_path: str | None) -> None:
@@ -313,9 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    label = _label_parser(sub)
-    _add_ranking_flags(label)
-    _add_eval_flags(label)
+    _label_parser(sub)
     _relabel_parser(sub)
     _eval_parser(sub)
     _calibrate_parser(sub)
@@ -323,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Print rows of a zslabel output (labels with scores, or the error).")
     show.add_argument("output", help="output folder or fsspec URI of a label/relabel run")
     show.add_argument("-n", "--rows", type=int, default=20, help="rows to print (default 20)")
-    show.add_argument("--storage-options", help="fsspec options as JSON/YAML text or file")
+    show.add_argument("--storage-options", type=_checked(parse_storage_options),
+                      help="fsspec options as JSON/YAML text or file")
     return parser
 
 
@@ -336,41 +322,29 @@ def show_output(uri: str, rows: int, storage_options: dict) -> str:
     """
     import pyarrow.dataset as pads
 
-    from .output import output_filesystem
+    from .output import ERROR, INPUT_INDEX, LABELS, PATH, SCORES, output_parquet_files
 
-    fs, root = output_filesystem(uri, storage_options)
+    fs, files, _ = output_parquet_files(uri, storage_options)
     try:
-        table = pads.dataset(root, filesystem=fs, format="parquet").to_table(
-            columns=["path", "input_index", "labels", "scores", "error"])
+        table = pads.dataset(files, filesystem=fs, format="parquet").to_table(
+            columns=[PATH, INPUT_INDEX, LABELS, SCORES, ERROR])
     except Exception as exc:  # noqa: BLE001 - any failure here means "not an output"
         raise ZslabelError(f"cannot read output {uri}: {exc}") from exc
     total = table.num_rows
-    table = table.sort_by("input_index").slice(0, rows)
+    table = table.sort_by(INPUT_INDEX).slice(0, rows)
     if total > table.num_rows:
         # On stderr, so that piped stdout stays one line per row.
         print(f"(showing {table.num_rows} of {total} rows; --rows N for more)", file=sys.stderr)
     lines = []
     for r in table.to_pylist():
-        result = r["error"] or "  ".join(f"{lab} {sc:.3f}" for lab, sc in zip(r["labels"], r["scores"]))
-        lines.append(f"{r['path'].rsplit('/', 1)[-1]:<32} {result}")
+        result = r[ERROR] or "  ".join(f"{lab} {sc:.3f}" for lab, sc in zip(r[LABELS], r[SCORES]))
+        lines.append(f"{r[PATH].rsplit('/', 1)[-1]:<32} {result}")
     return "\n".join(lines)
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
-    """Merge ``--config`` YAML (if any) with the flags that were given; flags win."""
-    config = JobConfig.from_yaml(args.config) if args.config else JobConfig()
-    simple = ["input", "output", "labels_file", "model", "revision", "top_k", "address", "batch_size",
-              "num_gpus_per_actor", "num_cpus_per_actor", "decode_cpus_per_task", "input_format",
-              "path_column", "id_column", "image_column", "dedupe", "max_pixels", "min_side", "fast_decode",
-              "dtype", "mode", "retry_errors", "rows_per_file", "store_embeddings", "embedding_dtype", "max_error_fraction",
-              "min_score", "multi_label", "threshold", "calibration", "hierarchy"]
-    for name in simple:
-        value = getattr(args, name, None)
-        if value is not None:
-            setattr(config, name, value)
-    if args.concurrency is not None:
-        config.concurrency = parse_concurrency(args.concurrency)
-    return _apply_prompt_and_storage_flags(config, args)
+    """Merge ``--config`` YAML (if any) with the flags that were given (by field name); flags win."""
+    return JobConfig.from_args(args, JobConfig.from_yaml(args.config) if args.config else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,14 +366,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return _run_and_evaluate(args, run_relabel_job, relabel_config_from_args(args))
         if args.command == "show":
-            options = parse_storage_options(args.storage_options) if args.storage_options else {}
-            print(show_output(args.output, args.rows, options))
+            print(show_output(args.output, args.rows, args.storage_options or {}))
             return 0
         if args.command == "calibrate":
             return run_calibrate_command(args)
         if args.command == "eval":
-            _print_evaluation(args, args.predictions, args.ground_truth,
-                              parse_storage_options(args.storage_options) if args.storage_options else {}, args.json)
+            _print_evaluation(args, args.predictions, args.ground_truth, args.storage_options or {}, args.json)
             return 0
     except KeyboardInterrupt:
         print("zslabel: interrupted; committed files are kept: rerun with --resume to continue",

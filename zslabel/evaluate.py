@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError, error_code
-from .output import output_filesystem, read_manifest
+from .output import ABSTAINED, ERROR, LABELS, PATH, output_filesystem, output_parquet_files, read_manifest
 from .storage import uri_maker
 from .textfiles import decode_text
 
@@ -296,9 +296,7 @@ def read_predictions(uri: str, storage_options: dict | None = None
     Raises:
         InputError: no Parquet files, or no ``path``/``labels``/``error`` columns.
     """
-    from .relabel import source_files
-
-    fs, files, root = source_files(uri, storage_options)
+    fs, files, root = output_parquet_files(uri, storage_options)
     preds: dict[str, _Prediction] = {}
     duplicates = 0
     has_abstained = False
@@ -306,15 +304,16 @@ def read_predictions(uri: str, storage_options: dict | None = None
         with fs.open(f, "rb") as fh:
             reader = pq.ParquetFile(fh)
             names = reader.schema_arrow.names
-            missing = [c for c in ("path", "labels", "error") if c not in names]
+            wanted = [PATH, LABELS, ERROR]
+            missing = [c for c in wanted if c not in names]
             if missing:
                 raise InputError(f"{f} is not a zslabel output: no {', '.join(missing)} column")
-            has_abstained = has_abstained or "abstained" in names
-            cols = ["path", "labels", "error"] + (["abstained"] if "abstained" in names else [])
+            has_abstained = has_abstained or ABSTAINED in names
+            cols = wanted + ([ABSTAINED] if ABSTAINED in names else [])
             for batch in reader.iter_batches(columns=cols):
                 d = batch.to_pydict()
-                abst = d.get("abstained", [None] * batch.num_rows)
-                for p, labels, err, a in zip(d["path"], d["labels"], d["error"], abst):
+                abst = d.get(ABSTAINED, [None] * batch.num_rows)
+                for p, labels, err, a in zip(d[PATH], d[LABELS], d[ERROR], abst):
                     key = normalise_path(p)
                     pred = _Prediction(None if labels is None else labels[:TOP_K], err, a)
                     old = preds.get(key)

@@ -1,11 +1,13 @@
 """The one place that composes the Ray Data pipeline for a labeling job.
 
-    validate config -> check output -> load checkpoint on the driver, build label embeddings
-    -> plan inputs -> prepare output (mode, fingerprint, resume set; ``runstate``)
-    -> [drop committed inputs] -> [decode tasks] -> [labeler actors] -> [commit one Parquet file
-    per block] -> counts -> run manifest (commit marker)
+    resolve options (validate; inspect the output once; mode and resume checks) -> input exists
+    -> [finished run, nothing to do: return] -> load checkpoint on the driver, build label
+    embeddings -> start/join Ray -> plan inputs -> prepare output (fingerprint, resume set;
+    ``runstate``) -> [drop committed inputs] -> [decode tasks] -> [labeler actors] -> [commit one
+    Parquet file per block] -> counts -> run manifest (commit marker; ``report``)
 
-Everything that can fail for the whole job fails before the first image is read.
+Everything that can fail for the whole job fails before the first image is read, and what
+needs neither Ray nor the model fails before either starts (``options.resolve``).
 """
 
 from __future__ import annotations
@@ -14,18 +16,18 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from . import runstate
 from .calibration import load_for_run, manifest_entry as calibration_manifest_entry
 from .config import JobConfig
+from .errors import ConfigError, RayStartError
 from .hierarchy import Hierarchy, with_hierarchy_fields
-from . import runstate
-from .errors import ConfigError, ErrorBudgetExceeded, RayStartError
-from .output import output_schema
+from .options import check_input_exists, local_stamp, resolve
+from .output import MANIFEST_NAME, output_schema
 from .progress import Progress
 from .quiet import quiet_ray_logs
+from .report import RunFacts, RunSummary, finish_run, model_id, summary_of_finished  # noqa: F401 - RunSummary re-exported
 
 log = logging.getLogger(__name__)
 
@@ -39,33 +41,6 @@ ACTOR_MAX_TASK_RETRIES = 4
 ACTOR_INIT_DEATHS_TOLERATED = 3
 # An autoscaler node type without a maximum count, when sizing the labeler actor pool.
 UNLIMITED_NODES = 64
-
-
-@dataclass
-class RunSummary:
-    """What a finished run did. Times in seconds; ``images_per_second`` counts output rows."""
-
-    output: str
-    rows: int
-    labeled: int
-    errors_by_code: dict[str, int]
-    skipped: int
-    listed: int | None
-    wall_seconds: float
-    images_per_second: float
-    manifest_path: str
-    timings: dict[str, Any] = field(default_factory=dict)   # seconds, plus stage_timings' facts
-    model_images: int = 0      # rows this run sent to the model (resume: fewer than ``rows``)
-    carried_over: int = 0      # rows kept from earlier runs of this output (``--resume``)
-
-    def line(self) -> str:
-        """One human line for the end of a run."""
-        errs = ", ".join(f"{c}={n}" for c, n in sorted(self.errors_by_code.items())) or "none"
-        return (f"labeled {self.labeled} of {self.rows} images; errors: {errs}; skipped {self.skipped} "
-                f"non-image files; {self.wall_seconds:.1f} s, {self.images_per_second:.1f} images/s; "
-                f"output: {self.output}"
-                + (f" ({self.carried_over} rows kept from earlier runs; the model ran on {self.model_images})"
-                   if self.carried_over else ""))
 
 
 def init_ray(address: str | None) -> None:
@@ -231,6 +206,17 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         ZslabelError subclasses before any image is read (config, model, input, output), and
         ErrorBudgetExceeded after writing when more than ``max_error_fraction`` rows failed.
     """
+    t0 = time.perf_counter()
+    timings: dict[str, Any] = {}
+    resolved = resolve(config)
+    check_input_exists(config.input, config.storage_options)
+    stamps = {"input": local_stamp(config.input), "model": local_stamp(config.model)}
+    done = runstate.finished_unchanged(config, resolved.output, stamps)
+    if done is not None:
+        log.info("%s holds a finished run of this job with unchanged input and model: nothing to do",
+                 config.output)
+        return summary_of_finished(config.output, done, resolved.output.path(MANIFEST_NAME), t0)
+
     import ray
     import ray.data
 
@@ -239,15 +225,11 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint
     from .stages import Labeler, LabelerSettings, decode_batch
 
-    t0 = time.perf_counter()
-    timings: dict[str, Any] = {}
-    config.validate()
-    runstate.check_mode(config, runstate.inspect_output(config.output, config.storage_options))
     spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode}
     path = resolve_checkpoint(config.model, config.revision, config.storage_options)
     text_model = ZeroShotModel(path, **spec_overrides)
-    config.ranking_rule().check_score_kind(text_model.score_kind, config.model)  # before any image is read
-    label_set = build_label_set(config.labels, config.templates, text_model)
+    resolved.rule.check_score_kind(text_model.score_kind, config.model)  # before any image is read
+    label_set = build_label_set(resolved.labels, resolved.templates, text_model)
     spec, score_kind, model_type = text_model.preprocess, text_model.score_kind, text_model.model_type
     embed_dim = label_set.embeddings.shape[1]
     digest = checkpoint_digest(path)
@@ -276,20 +258,12 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         config, checkpoint_digest=digest, model_type=model_type, score_kind=score_kind,
         labels=list(label_set.names), templates=list(label_set.templates),
         preprocess=spec.fingerprint_dict(), schema=schema)
-    # The calibration by content (its id), not by file path; both keys only when used, so outputs
-    # of earlier versions still resume.
-    fields.pop("calibration", None)
-    fields.pop("hierarchy", None)
-    if calib is not None:
-        fields["calibration"] = calib.id
-    if hier is not None:
-        fields["hierarchy"] = True
-    run = runstate.begin_run(config, fields)
+    run = runstate.begin_run(config, fields, resolved.output)
     settings = LabelerSettings(
         model=config.model, revision=config.revision, storage_options=config.storage_options,
         schema=schema, top_k=config.top_k, dtype=config.dtype,
         num_threads=max(1, int(config.num_cpus_per_actor)), store_embeddings=config.store_embeddings,
-        spec_overrides=spec_overrides, ranking=config.ranking_rule(), calibration=calib, hierarchy=hier)
+        spec_overrides=spec_overrides, ranking=resolved.rule, calibration=calib, hierarchy=hier)
     # One copy of the (C, D) label embeddings in the object store, shared by every actor.
     label_ref = ray.put(label_set.embeddings)
 
@@ -345,42 +319,17 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     timings["labeling_s"] = time.perf_counter() - t_run
     timings.update(stage_timings(ds, since_epoch_s=t_run_epoch, config=config))
 
-    counts = runstate.collect_counts(run)
-    rows, labeled = counts.rows, counts.labeled
-    wall = time.perf_counter() - t0
-    timings["wall_s"] = wall
-    manifest = {
-        "zslabel_run": 1,
-        "config": config.public_dict(),
+    facts = RunFacts(
+        kind="label", config=config.public_dict(),
         # A local checkpoint is recorded absolute, so relabel finds it from any folder.
-        "model": {"id": model_id(config.model), "revision": config.revision, "local_path": str(path),
-                  "digest": digest, "model_type": model_type, "score_kind": score_kind},
-        "labels": list(label_set.names),
-        "templates": list(label_set.templates),
-        "calibration": calibration_manifest_entry(calib, config.calibration),
-        "preprocess": spec.fingerprint_dict(),
-        "counts": {"rows": rows, "labeled": labeled, "errors_by_code": counts.errors_by_code,
-                   "skipped": plan.skipped, "listed": plan.listed, "duplicates_removed": plan.duplicates_removed,
-                   "model_images": counts.model_images, "written_this_run": counts.written,
-                   "carried_over": counts.carried_over, "retried_errors": run.retried_rows,
-                   "files": counts.files, "files_this_run": len(written)},
-        "mode": config.mode,
-        "actor_pool": list(pool),
-        "timings": timings,
-        "versions": package_versions(),
-    }
-    manifest_path = runstate.commit_run(run, manifest)
-    summary = RunSummary(output=config.output, rows=rows, labeled=labeled, errors_by_code=counts.errors_by_code,
-                         skipped=plan.skipped, listed=plan.listed, wall_seconds=wall,
-                         images_per_second=rows / wall if wall else 0.0, manifest_path=manifest_path,
-                         timings=timings, model_images=counts.model_images,
-                         carried_over=counts.carried_over)
-    failed = rows - labeled
-    if config.max_error_fraction is not None and rows and failed / rows > config.max_error_fraction:
-        raise ErrorBudgetExceeded(
-            f"{failed} of {rows} images failed ({failed / rows:.1%}), more than --max-error-fraction "
-            f"{config.max_error_fraction:.1%}; the {rows} rows are written to {config.output}")
-    return summary
+        model={"id": model_id(config.model), "revision": config.revision, "local_path": str(path),
+               "digest": digest, "model_type": model_type, "score_kind": score_kind, "stamp": stamps["model"]},
+        labels=list(label_set.names), templates=list(label_set.templates), preprocess=spec.fingerprint_dict(),
+        input_counts={"skipped": plan.skipped, "listed": plan.listed, "duplicates_removed": plan.duplicates_removed},
+        extra={"actor_pool": list(pool), "input_stamp": stamps["input"],
+               "calibration": calibration_manifest_entry(calib, config.calibration)})
+    return finish_run(run, facts, started=t0, timings=timings, files_this_run=len(written),
+                      max_error_fraction=config.max_error_fraction)
 
 
 def planned_rows(plan, run) -> int | None:
@@ -469,23 +418,3 @@ def stage_timings(ds, since_epoch_s: float, config: JobConfig) -> dict[str, floa
             "model_actor_s": round(actor_s, 3),
             "model_utilisation": round(min(1.0, busy["model"] / actor_s) if actor_s > 0 else 0.0, 3),
             "bound": "model" if model_need >= decode_need else "decode"}
-
-
-def model_id(model: str) -> str:
-    """``model`` as given, or its absolute path when it names a local folder."""
-    local = Path(model).expanduser()
-    return str(local.resolve()) if local.is_dir() else model
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that shape results, for the run manifest."""
-    import importlib.metadata as md
-    import platform
-
-    out = {"python": platform.python_version()}
-    for pkg in ("zslabel", "ray", "torch", "transformers", "pyarrow", "pillow", "numpy", "fsspec"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out

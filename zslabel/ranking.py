@@ -15,11 +15,14 @@ below it is marked abstained (its labels are still written).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: validating a RankingRule needs none
+    import torch
 
 SOFTMAX = "softmax"
 SIGMOID = "sigmoid"
@@ -49,6 +52,8 @@ def scores_from_logits(logits: torch.Tensor, score_kind: str) -> torch.Tensor:
     ``"softmax"``: over all candidate labels (each row sums to 1; CLIP). ``"sigmoid"``:
     independent per label (SigLIP). Raises ValueError for another ``score_kind``.
     """
+    import torch
+
     if score_kind == SOFTMAX:
         return torch.softmax(logits.float(), dim=-1)
     if score_kind == SIGMOID:

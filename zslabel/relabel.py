@@ -10,7 +10,9 @@ product, instead of fetching and decoding every image again:
       -> same output schema and run manifest as ``zslabel label`` with the same options
 
 One process, no Ray: it is matrix products over Parquet batches, so memory is bounded by the
-batch size whatever the number of rows. The embeddings must come from the same checkpoint as the
+batch size whatever the number of rows. The output is written through ``runstate``'s commit
+protocol, as ``zslabel label`` writes: one committed file per source file, staged and swapped
+for ``--overwrite``, resumable with ``--resume``. The embeddings must come from the same checkpoint as the
 new label embeddings; the source's run manifest records its checkpoint digest, and a different
 model is refused.
 
@@ -24,134 +26,164 @@ quarter of its logit's change); measured on the tiny test checkpoints (scale e^2
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
-import posixpath
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import NON_FINITE_SCORES, ConfigError, InputError, OutputError, error_code, error_string
+from . import runstate
 from .calibration import load_for_run, manifest_entry as calibration_manifest_entry
-from .evaluate import normalise_path
+from .errors import NON_FINITE_SCORES, ConfigError, InputError, error_string
 from .hierarchy import Hierarchy, with_hierarchy_fields
-from .hierarchy import check_options as check_hierarchy_options
-from .labels import DEFAULT_TEMPLATE, merge_labels_file, validate_prompts
-from .output import (MANIFEST_NAME, existing_output_files, output_filesystem, output_schema, read_manifest,
-                     result_table, write_manifest)
+from .options import LabelingOptions, local_stamp, resolve
+from .output import (ABSTAINED, EMBEDDING, ERROR, INPUT_INDEX, LABELS, MANIFEST_NAME, OWNED_COLUMNS, PATH, SCORES,
+                     output_filesystem,
+                     output_parquet_files, output_schema, read_manifest, result_table)
+from .report import RunFacts, finish_run, summary_of_finished
 
 log = logging.getLogger(__name__)
 
-# Columns the output writer owns; every other string column of the source is carried through.
-OWNED_COLUMNS = ("path", "input_index", "labels", "scores", "error", "width", "height", "abstained", "embedding")
-RELABEL_MODES = ("error", "overwrite")
-
 
 @dataclass
-class RelabelConfig:
-    """Configuration of one relabel job (CLI flags share these names).
+class RelabelConfig(LabelingOptions):
+    """Configuration of one relabel job: the shared ``LabelingOptions`` (labels, templates,
+    model, ranking, storage, output and mode, as for ``zslabel label``) plus:
 
     Attributes:
         source: an earlier run's output folder (or one of its Parquet files, or any Parquet
             dataset with ``path`` and a fixed-size-list ``embedding`` column), local or fsspec URI.
-        output: new output folder or URI.
-        labels / labels_file / templates / top_k / min_score / multi_label / threshold: as for
-            ``zslabel label`` (``JobConfig``).
-        model, revision: the checkpoint whose text tower embeds the labels; default the model
-            recorded in the source's run manifest. Refused when its digest differs from the
-            source's.
+        model, revision: default None: the model recorded in the source's run manifest. Refused
+            when its digest differs from the source's.
         batch_size: source rows per batch (bounds memory: about batch_size x (D + C) floats).
-        mode: "error" (refuse an occupied output) or "overwrite".
         store_embeddings: copy the source ``embedding`` column (same dtype) into the output, so
             the output can itself be relabeled.
-        storage_options: fsspec options for source, output and a remote model folder.
-        calibration: a ``zslabel calibrate`` file fitted for this model, labels and templates;
-            scores are then calibrated (``calibration.py``).
-        hierarchy: add the ``hier_*`` columns (``hierarchy.py``; needs ``min_score``).
     """
 
     source: str = ""
-    output: str = ""
-    labels: list[str] = field(default_factory=list)
-    labels_file: str | None = None
-    templates: list[str] = field(default_factory=lambda: [DEFAULT_TEMPLATE])
     model: str | None = None
-    revision: str | None = None
-    top_k: int = 5
-    min_score: float | None = None
-    multi_label: bool = False
-    threshold: float | None = None
     batch_size: int = 8192
-    mode: str = "error"
     store_embeddings: bool = True
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    calibration: str | None = None
-    hierarchy: bool = False
 
-    def ranking_rule(self):
-        """The ``ranking.RankingRule`` (top-k, abstention, multi-label) of this job."""
-        from .ranking import RankingRule
+    def validate(self):
+        """Check everything that needs neither the model nor storage.
 
-        return RankingRule(top_k=self.top_k, min_score=self.min_score, multi_label=bool(self.multi_label),
-                           threshold=self.threshold)
+        Returns:
+            The validated ``ranking.RankingRule``.
 
-    def validate(self) -> None:
-        """Check everything that needs neither the model nor storage; ConfigError on the first problem."""
-        self.labels = merge_labels_file(self.labels, self.labels_file)
-        self.labels_file = None
+        Raises:
+            ConfigError: naming the first bad setting.
+        """
         if not self.source:
             raise ConfigError("no source given: pass an earlier run's output (made with --store-embeddings)")
-        if not self.output:
-            raise ConfigError("no output given: pass --output DIR_OR_URI")
-        validate_prompts(self.labels, self.templates)
-        self.ranking_rule().validate()
-        check_hierarchy_options(self.hierarchy, self.min_score)
+        rule = super().validate()
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
-        if self.mode not in RELABEL_MODES:
-            raise ConfigError(f"relabel mode must be one of {RELABEL_MODES} (got {self.mode!r})")
-        if normalise_path(self.output) == normalise_path(self.source) or \
-                normalise_path(self.output).startswith(normalise_path(self.source).rstrip("/") + "/"):
+        out, src = (_location(u, self.storage_options) for u in (self.output, self.source))
+        if out == src or out.startswith(src.rstrip("/") + "/"):
             raise ConfigError(f"--output {self.output} is the source (or inside it); choose another location")
-
-    def public_dict(self) -> dict[str, Any]:
-        """JSON-able config with storage option values redacted."""
-        d = dataclasses.asdict(self)
-        d["storage_options"] = {k: "<redacted>" for k in self.storage_options}
-        return d
+        return rule
 
 
-def source_files(source: str, storage_options: dict | None = None) -> tuple[Any, list[str], str]:
-    """The source's Parquet files, in name order, and the folder holding its run manifest.
+def _location(uri: str, storage_options: dict) -> str:
+    """``protocol://path`` of ``uri`` (local paths absolute), to compare two locations."""
+    fs, path = output_filesystem(uri, storage_options)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return f"{protocol}://{path.rstrip('/')}"
 
-    Returns:
-        ``(fsspec filesystem, [file paths], folder path)``. Files and folders whose name starts
-        with ``_`` or ``.`` are skipped, as Parquet readers do.
 
-    Raises:
-        InputError: the source does not exist or holds no Parquet file.
+@dataclass
+class RelabelSource:
+    """The source of a relabel: its Parquet files, their rows and the run manifest beside them.
+
+    Attributes:
+        files: file paths (without protocol) in name order; ``rows``: (F,) int64 rows per file
+            (from the footers); ``starts``: (F,) int64 ``input_index`` of each file's first row:
+            rows are numbered in file order, so a resumed relabel numbers them the same way.
+        schema: the first file's Arrow schema; ``dim``: its embedding size (None for plain lists).
+        manifest: the run manifest beside the files, or None.
     """
-    fs, root = output_filesystem(source, storage_options)
-    try:
-        if fs.isfile(root):
-            return fs, [root], posixpath.dirname(root)
-        if not fs.exists(root):
-            raise InputError(f"relabel source {source} does not exist")
-        files = sorted(f for f in fs.find(root) if f.endswith(".parquet") and not any(
-            part.startswith(("_", ".")) for part in posixpath.relpath(f, root).split("/")))
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - storage errors differ per backend
-        raise InputError(f"cannot list relabel source {source}: {type(exc).__name__}: {exc}") from exc
-    if not files:
-        raise InputError(f"no Parquet files under {source}; pass the output folder of a "
-                         "`zslabel label --store-embeddings` run")
-    return fs, files, root
+
+    uri: str
+    fs: Any
+    files: list[str]
+    root: str
+    rows: np.ndarray
+    starts: np.ndarray
+    schema: pa.Schema
+    dim: int | None
+    manifest: dict | None
+
+    @classmethod
+    def open(cls, uri: str, storage_options: dict) -> "RelabelSource":
+        """List and check the source (footers only).
+
+        Raises:
+            InputError: no source, no Parquet file, a footer that cannot be read, no ``path`` or
+                ``embedding`` column.
+        """
+        fs, files, root = output_parquet_files(uri, storage_options)
+        rows = np.zeros(len(files), np.int64)
+        schema = None
+        for i, f in enumerate(files):
+            try:
+                with fs.open(f, "rb") as fh:
+                    meta = pq.read_metadata(fh)
+            except (pa.ArrowException, OSError) as exc:
+                raise InputError(f"cannot read relabel source file {f}: {type(exc).__name__}: {exc}") from exc
+            rows[i] = meta.num_rows
+            schema = schema or meta.schema.to_arrow_schema()
+        starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
+        manifest = read_manifest(root, storage_options)
+        if manifest is None:
+            log.warning("no %s beside %s: the model that made the embeddings cannot be checked", MANIFEST_NAME, uri)
+        return cls(uri, fs, files, root, rows, starts, schema, _embedding_dim(schema, uri), manifest)
+
+    def recorded_model(self, model: str | None, revision: str | None) -> tuple[str, str | None]:
+        """``(model, revision)``: the ones given, else those the source's run manifest records.
+
+        Raises:
+            ConfigError: none given and none recorded.
+        """
+        if model:
+            return model, revision
+        recorded = (self.manifest or {}).get("model") or {}
+        if not recorded.get("id"):
+            raise ConfigError(f"no run manifest beside {self.uri} records its model; pass --model "
+                              "(the checkpoint that made the embeddings)")
+        return recorded["id"], recorded.get("revision")
+
+    def input_index(self, i: int) -> np.ndarray:
+        """(rows[i],) int64 ``input_index`` of file ``i``'s rows: the source's own column when it
+        has one (a zslabel output), else the file's rows numbered from ``starts[i]``."""
+        if INPUT_INDEX not in self.schema.names:
+            return np.arange(self.starts[i], self.starts[i] + self.rows[i], dtype=np.int64)
+        batches = list(self.batches(i, [INPUT_INDEX], max(1, int(self.rows[i]))))
+        return np.concatenate([b.column(0).to_numpy(zero_copy_only=False) for b in batches] or
+                              [np.zeros(0)]).astype(np.int64)
+
+    def batches(self, i: int, columns: list[str], batch_size: int):
+        """Record batches of file ``i``; a file that cannot be read raises InputError naming it.
+
+        Raises:
+            InputError: unreadable file, or another embedding size than ``dim``.
+        """
+        f = self.files[i]
+        try:
+            with self.fs.open(f, "rb") as fh:
+                reader = pq.ParquetFile(fh)
+                file_dim = _embedding_dim(reader.schema_arrow, f)
+                if file_dim is not None and self.dim is not None and file_dim != self.dim:
+                    raise InputError(f"{f} holds {file_dim}-dimensional embeddings, other files {self.dim}")
+                names = reader.schema_arrow.names
+                yield from reader.iter_batches(batch_size=batch_size, columns=[c for c in columns if c in names])
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"cannot read relabel source file {f}: {type(exc).__name__}: {exc}; the files "
+                             "committed so far are kept (with --overwrite, the previous output is unchanged): "
+                             "fix the file and rerun with --resume") from exc
 
 
 def embedding_matrix(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -186,12 +218,12 @@ def embedding_matrix(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray
 
 
 def _embedding_dim(schema: pa.Schema, source: str) -> int | None:
-    if "embedding" not in schema.names:
+    if EMBEDDING not in schema.names:
         raise InputError(f"{source} has no 'embedding' column; label the images once with "
                          "`zslabel label ... --store-embeddings`, then relabel that output")
-    if "path" not in schema.names:
+    if PATH not in schema.names:
         raise InputError(f"{source} has no 'path' column")
-    t = schema.field("embedding").type
+    t = schema.field(EMBEDDING).type
     if isinstance(t, pa.FixedSizeListType):
         return t.list_size
     if pa.types.is_list(t) or pa.types.is_large_list(t):
@@ -222,159 +254,122 @@ def check_same_model(manifest: dict | None, model: str | None, revision: str | N
 
 
 def run_relabel_job(config: RelabelConfig):
-    """Relabel the embeddings of ``config.source`` with new labels into ``config.output``.
+    """Relabel the embeddings of ``config.source`` with new labels into ``config.output``, through
+    the same commit protocol as ``zslabel label`` (``runstate``): one committed file per source
+    file; ``--overwrite`` stages the new output and swaps it in only when every file is written;
+    ``--resume`` finishes a relabel that stopped part way (or extends a finished one).
 
     Returns:
-        ``pipeline.RunSummary`` (rows, labeled, errors by code, timings, manifest path).
+        ``report.RunSummary`` (rows, labeled, errors by code, timings, manifest path).
 
     Raises:
         ConfigError: invalid labels/templates/flags, a model other than the source's, an
             embedding dimension that differs from the model's, --multi-label on a softmax model.
-        InputError: no source, no Parquet files, no ``embedding`` column, a labeled row without
-            an embedding.
+        InputError: no source, no Parquet files, no ``embedding`` column, an unreadable source
+            file, a labeled row without an embedding.
         ModelLoadError: the checkpoint cannot be loaded.
-        OutputError: the output holds data (without ``mode="overwrite"``) or cannot be written.
-        All before the first output file is written, except the source checks made per file
-        (another dimension, a labeled row without an embedding): those stop the job with the
-        finished files in place and no run manifest.
+        OutputError: the output holds data (without --overwrite/--resume), or a --resume whose
+            settings differ, or the output cannot be written.
+        All before the model loads, except model checks, and the source checks made while
+        reading (an unreadable file, a labeled row without an embedding): those stop the job
+        with the files committed so far kept (staged for --overwrite: the old output stays
+        whole) and no run manifest; ``--resume`` then finishes it.
     """
-    from .labels import build_label_set
-    from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint
-    from .pipeline import RunSummary, package_versions
-
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    config.validate()
     so = config.storage_options
-    existing = existing_output_files(config.output, so)
-    if existing and config.mode != "overwrite":
-        raise OutputError(f"output {config.output} already holds data; choose an empty location or pass --overwrite")
-    if existing and read_manifest(config.output, so) is None:
-        # --overwrite replaces an earlier output, never a folder of other files (e.g. images).
-        raise OutputError(f"output {config.output} holds files that are not a zslabel output; "
-                          "refusing to --overwrite it")
-    fs, files, source_root = source_files(config.source, so)
-    with fs.open(files[0], "rb") as fh:
-        source_schema = pq.read_schema(fh)
-    dim = _embedding_dim(source_schema, config.source)
-    manifest = read_manifest(source_root, so)
-    if manifest is None:
-        log.warning("no %s beside %s: the model that made the embeddings cannot be checked", MANIFEST_NAME,
-                    config.source)
-    recorded = (manifest or {}).get("model") or {}
-    model_id = config.model or recorded.get("id")
-    revision = config.revision if config.model else recorded.get("revision")
-    if not model_id:
-        raise ConfigError(f"no run manifest beside {config.source} records its model; pass --model "
-                          "(the checkpoint that made the embeddings)")
+    if not config.source:
+        config.validate()  # names the missing source
+    source = RelabelSource.open(config.source, so)
+    config.model, config.revision = source.recorded_model(config.model, config.revision)
+    resolved = resolve(config)
+    stamps = {"input": local_stamp(config.source), "model": local_stamp(config.model)}
+    done = runstate.finished_unchanged(config, resolved.output, stamps)
+    if done is not None:
+        log.info("%s holds a finished relabel of this source with unchanged settings: nothing to do", config.output)
+        return summary_of_finished(config.output, done, resolved.output.path(MANIFEST_NAME), t0)
 
-    path = resolve_checkpoint(model_id, revision, so)
+    from .labels import build_label_set
+    from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint
+
+    path = resolve_checkpoint(config.model, config.revision, so)
     digest = checkpoint_digest(path)
-    check_same_model(manifest, model_id, revision, digest)
-    rule = config.ranking_rule()
+    check_same_model(source.manifest, config.model, config.revision, digest)
     text_model = ZeroShotModel(path)
-    rule.check_score_kind(text_model.score_kind, model_id)
-    label_set = build_label_set(config.labels, config.templates, text_model)
+    resolved.rule.check_score_kind(text_model.score_kind, config.model)
+    label_set = build_label_set(resolved.labels, resolved.templates, text_model)
     score_kind, model_type = text_model.score_kind, text_model.model_type
     scale, bias = text_model.logit_scale, text_model.logit_bias
     del text_model
     calib = load_for_run(config.calibration, so, checkpoint_digest=digest, labels=list(label_set.names),
                          templates=list(label_set.templates), score_kind=score_kind)
     hier = Hierarchy.from_labels(list(label_set.names)) if config.hierarchy else None
-    if dim is not None and dim != label_set.embeddings.shape[1]:
-        raise ConfigError(f"the source embeddings have {dim} dimensions but {model_id} embeds labels in "
-                          f"{label_set.embeddings.shape[1]}; they come from another model")
     dim = label_set.embeddings.shape[1]
+    if source.dim is not None and source.dim != dim:
+        raise ConfigError(f"the source embeddings have {source.dim} dimensions but {config.model} embeds labels in "
+                          f"{dim}; they come from another model")
     timings["model_and_labels_s"] = time.perf_counter() - t0
 
-    carried = [f.name for f in source_schema if f.name not in OWNED_COLUMNS
+    carried = [f.name for f in source.schema if f.name not in OWNED_COLUMNS
                and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))]
-    dropped = [n for n in source_schema.names if n not in OWNED_COLUMNS and n not in carried]
+    dropped = [n for n in source.schema.names if n not in OWNED_COLUMNS and n not in carried]
     if dropped:
         log.warning("source columns %s are not strings and are not carried into the relabeled output", dropped)
-    emb_type = source_schema.field("embedding").type
+    emb_type = source.schema.field(EMBEDDING).type
     emb_dtype = "float32" if pa.types.is_float32(emb_type.value_type) else "float16"
     schema = output_schema(carried, dim if config.store_embeddings else None, emb_dtype,
                            abstained=config.min_score is not None)
     if hier is not None:
         schema = with_hierarchy_fields(schema)
+    src_manifest = source.manifest or {}
+    fields = runstate.fingerprint_fields(
+        config, checkpoint_digest=digest, model_type=model_type, score_kind=score_kind,
+        labels=list(label_set.names), templates=list(label_set.templates),
+        preprocess=src_manifest.get("preprocess"), schema=schema)
+    fields["source_fingerprint"] = src_manifest.get("fingerprint")
+    run = runstate.begin_run(config, fields, resolved.output)
 
-    out_fs, out_root = output_filesystem(config.output, so)
-    if config.mode == "overwrite" and out_fs.exists(out_root):
-        out_fs.rm(out_root, recursive=True)
-    out_fs.makedirs(out_root, exist_ok=True)
     scorer = _Scorer(label_set.embeddings, np.asarray(label_set.names, dtype=object), scale, bias,
-                     score_kind, rule, schema, calibration=calib, hierarchy=hier)
+                     score_kind, resolved.rule, schema, calibration=calib, hierarchy=hier)
+    # Only what the output needs: the source's labels/scores are never read.
+    columns = [n for n in source.schema.names if n in schema.names or n in (ERROR, EMBEDDING)]
+    stamped = schema.with_metadata(runstate.stamped_metadata(schema, run.target))
     t_run = time.perf_counter()
-    totals = {"rows": 0, "labeled": 0}
-    errors_by_code: dict[str, int] = {}
-    next_index = 0
-    for f in files:
-        # One output file per source file, same relative name: row order and layout carry over.
-        target = posixpath.join(out_root, posixpath.relpath(f, source_root))
-        # Streamed to a hidden name, then renamed: an interrupted relabel leaves no torn file
-        # that Parquet readers would pick up (they skip names starting with ".").
-        hidden = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.tmp")
-        out_fs.makedirs(posixpath.dirname(target), exist_ok=True)
-        try:
-            with fs.open(f, "rb") as src, out_fs.open(hidden, "wb") as dst:
-                reader = pq.ParquetFile(src)
-                file_dim = _embedding_dim(reader.schema_arrow, f)
-                if file_dim is not None and file_dim != dim:
-                    raise InputError(f"{f} holds {file_dim}-dimensional embeddings, other files {dim}")
-                with pq.ParquetWriter(dst, schema) as writer:
-                    # Only what the output needs: the source's labels/scores are never read.
-                    wanted = [n for n in reader.schema_arrow.names if n in schema.names or n in ("error", "embedding")]
-                    for batch in reader.iter_batches(batch_size=config.batch_size, columns=wanted):
-                        table, codes = scorer(batch, next_index)
-                        next_index += batch.num_rows
-                        writer.write_table(table)
-                        totals["rows"] += batch.num_rows
-                        for c in codes:
-                            if c is None:
-                                totals["labeled"] += 1
-                            else:
-                                errors_by_code[c] = errors_by_code.get(c, 0) + 1
-            out_fs.mv(hidden, target)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                out_fs.rm(hidden)
-            raise
+    written = 0
+    for i, (start, n) in enumerate(zip(source.starts, source.rows)):
+        # One committed file per source file; its rows keep their source order and numbering.
+        todo = runstate.not_done(source.input_index(i), run.done)
+        if not len(todo):
+            continue
+        with runstate.open_part(run.target, todo) as (fh, _), pq.ParquetWriter(fh, stamped) as writer:
+            first = int(start)
+            for batch in source.batches(i, columns, config.batch_size):
+                table = scorer(batch, first)
+                first += batch.num_rows
+                writer.write_table(runstate.drop_committed(table, run.done))
+        written += 1
     timings["labeling_s"] = time.perf_counter() - t_run
-    wall = time.perf_counter() - t0
-    timings["wall_s"] = wall
 
-    source_counts = (manifest or {}).get("counts") or {}
-    run_config = dict((manifest or {}).get("config") or {})
+    run_config = dict(src_manifest.get("config") or {})
     run_config.update(output=config.output, labels=list(label_set.names), labels_file=None,
-                      templates=list(label_set.templates), model=model_id, revision=revision,
+                      templates=list(label_set.templates), model=config.model, revision=config.revision,
                       top_k=config.top_k, min_score=config.min_score, multi_label=bool(config.multi_label),
                       threshold=config.threshold, mode=config.mode, store_embeddings=config.store_embeddings,
                       embedding_dtype=emb_dtype, calibration=config.calibration, hierarchy=config.hierarchy)
-    new_manifest = {
-        "zslabel_run": 1,
-        "kind": "relabel",
-        "config": run_config,
-        "relabel": {"source": config.source, "source_model_digest": recorded.get("digest"),
-                    "model_checked": manifest is not None, "settings": config.public_dict()},
-        "model": {"id": model_id, "revision": revision, "local_path": str(path), "digest": digest,
-                  "model_type": model_type, "score_kind": score_kind},
-        "labels": list(label_set.names),
-        "templates": list(label_set.templates),
-        "calibration": calibration_manifest_entry(calib, config.calibration),
-        "preprocess": (manifest or {}).get("preprocess"),
-        "counts": {"rows": totals["rows"], "labeled": totals["labeled"], "errors_by_code": errors_by_code,
-                   "skipped": source_counts.get("skipped", 0), "listed": source_counts.get("listed"),
-                   "duplicates_removed": source_counts.get("duplicates_removed", 0)},
-        "timings": timings,
-        "versions": package_versions(),
-    }
-    manifest_path = write_manifest(config.output, new_manifest, so)
-    rows = totals["rows"]
-    return RunSummary(output=config.output, rows=rows, labeled=totals["labeled"], errors_by_code=errors_by_code,
-                      skipped=source_counts.get("skipped", 0), listed=source_counts.get("listed"),
-                      wall_seconds=wall, images_per_second=rows / wall if wall else 0.0,
-                      manifest_path=manifest_path, timings=timings)
+    recorded = src_manifest.get("model") or {}
+    facts = RunFacts(
+        kind="relabel", config=run_config,
+        model={"id": config.model, "revision": config.revision, "local_path": str(path), "digest": digest,
+               "model_type": model_type, "score_kind": score_kind, "stamp": stamps["model"]},
+        labels=list(label_set.names), templates=list(label_set.templates),
+        preprocess=src_manifest.get("preprocess"),
+        input_counts=src_manifest.get("counts") or {},
+        extra={"relabel": {"source": config.source, "source_model_digest": recorded.get("digest"),
+                           "model_checked": source.manifest is not None, "settings": config.public_dict()},
+               "input_stamp": stamps["input"],
+               "calibration": calibration_manifest_entry(calib, config.calibration)})
+    return finish_run(run, facts, started=t0, timings=timings, files_this_run=written,
+                      max_error_fraction=config.max_error_fraction)
 
 
 class _Scorer:
@@ -389,11 +384,12 @@ class _Scorer:
         self.names, self.scale, self.bias, self.kind = label_names, logit_scale, logit_bias, score_kind
         self.rule, self.schema = rule, schema
         self.calibration, self.hierarchy = calibration, hierarchy
-        self.ranked_schema = pa.schema([schema.field(n) for n in ("labels", "scores", "abstained")
+        self.ranked_schema = pa.schema([schema.field(n) for n in (LABELS, SCORES, ABSTAINED)
                                         if n in schema.names])
 
-    def __call__(self, batch: pa.RecordBatch, first_index: int) -> tuple[pa.Table, list[str | None]]:
-        """One source batch -> (output table with ``self.schema``, error code per row or None)."""
+    def __call__(self, batch: pa.RecordBatch, first_index: int) -> pa.Table:
+        """One source batch -> output rows with ``self.schema``; ``input_index`` is the source's,
+        or ``first_index``, ``first_index + 1``, ... when the source has none."""
         import torch
 
         from .ranking import rank, scores_from_logits, zero_shot_logits
@@ -401,13 +397,13 @@ class _Scorer:
         n = batch.num_rows
         names = batch.schema.names
         col = {name: batch.column(i) for i, name in enumerate(names)}
-        errors = col["error"].to_pylist() if "error" in col else [None] * n
-        emb_col = col["embedding"]
+        errors = col[ERROR].to_pylist() if ERROR in col else [None] * n
+        emb_col = col[EMBEDDING]
         emb, present = embedding_matrix(emb_col, self.labels.shape[1])
         ok = np.array([e is None for e in errors], bool)
         missing = ok & ~present
         if missing.any():
-            p = col["path"][int(np.flatnonzero(missing)[0])].as_py()
+            p = col[PATH][int(np.flatnonzero(missing)[0])].as_py()
             raise InputError(f"row {p!r} was labeled but has no stored embedding; the source is incomplete")
         rows = np.flatnonzero(ok)
         ranked = None
@@ -438,9 +434,9 @@ class _Scorer:
                 arrays.append(part.column(f.name).combine_chunks())
             elif f.name in hier_cols:
                 arrays.append(pa.array(hier_cols[f.name], f.type))
-            elif f.name == "error":
+            elif f.name == ERROR:
                 arrays.append(pa.array(errors, pa.string()))
-            elif f.name == "embedding":
+            elif f.name == EMBEDDING:
                 arr = emb_col.cast(f.type)
                 if new_errors:  # a full run nulls the embedding of a non_finite_scores row
                     arr = pa.FixedSizeListArray.from_arrays(arr.values.slice(arr.offset * f.type.list_size,
@@ -449,8 +445,8 @@ class _Scorer:
                 arrays.append(arr)
             elif f.name in col:
                 arrays.append(col[f.name].cast(f.type))
-            elif f.name == "input_index":
+            elif f.name == INPUT_INDEX:
                 arrays.append(pa.array(np.arange(first_index, first_index + n, dtype=np.int64)))
             else:
                 arrays.append(pa.nulls(n, f.type))
-        return pa.Table.from_arrays(arrays, schema=self.schema), [error_code(e) for e in errors]
+        return pa.Table.from_arrays(arrays, schema=self.schema)

@@ -1,5 +1,6 @@
 """Output modes, the run fingerprint, and the commit protocol that makes runs resumable and
-exactly-once.
+exactly-once, for every command that writes an output (``label`` in Ray writer tasks through
+:func:`write_block`, ``relabel`` in one process through :func:`open_part`).
 
 Layout of an output location ``OUT``::
 
@@ -50,7 +51,9 @@ import io
 import json
 import logging
 import posixpath
+import typing
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,9 +62,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .config import JobConfig
+from .calibration import load_calibration
 from .errors import NON_FINITE_SCORES, OutputError, error_code
-from .output import MANIFEST_NAME, output_filesystem, write_bytes_atomic
+from .output import (ERROR, INPUT_INDEX, MANIFEST_NAME, is_visible, open_atomic, output_filesystem,
+                     visible_parquet_files, write_bytes_atomic)
+
+if typing.TYPE_CHECKING:
+    from .options import LabelingOptions
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +80,10 @@ SWAP_RECORD = f"{STATE_DIR}/swap.json"
 STAGING_DIR = f"{STATE_DIR}/staging"
 TMP_SUFFIX = ".tmp"
 
-# JobConfig fields that change no output row (execution, storage, mode), or that enter the
-# fingerprint in resolved form below (model, labels, templates, decode limits via the
-# preprocessing spec). Every other field is fingerprinted as is, so a new result-changing
-# option is covered without editing this module.
+# Option fields (JobConfig, RelabelConfig) that change no output row (execution, storage, mode),
+# or that enter the fingerprint in resolved form below (model, labels, templates, decode limits
+# via the preprocessing spec). Every other field is fingerprinted as is, so a new
+# result-changing option is covered without editing this module.
 NON_RESULT_FIELDS = frozenset({
     "output", "address", "batch_size", "concurrency", "num_gpus_per_actor", "num_cpus_per_actor",
     "decode_cpus_per_task", "storage_options", "mode", "retry_errors", "max_error_fraction", "rows_per_file",
@@ -88,27 +95,60 @@ NON_RESULT_FIELDS = frozenset({
 # fingerprint
 
 
-def fingerprint_fields(config: JobConfig, *, checkpoint_digest: str, model_type: str, score_kind: str,
-                       labels: list[str], templates: list[str], preprocess: dict,
+def settings_fields(config: "LabelingOptions", labels: list[str], templates: list[str]) -> dict[str, Any]:
+    """The fingerprint fields known before the model is loaded: the result-changing options as
+    they are, ``model`` (``id``, ``revision``), ``labels`` and ``templates`` (as embedded)."""
+    fields = {k: v for k, v in config.public_dict().items() if k not in NON_RESULT_FIELDS}
+    fields.update(model={"id": config.model, "revision": config.revision},
+                  labels=list(labels), templates=list(templates))
+    # The calibration by content (its id), not by file path; both keys only when used, so outputs
+    # of earlier versions still resume.
+    fields.pop("calibration", None)
+    fields.pop("hierarchy", None)
+    if config.calibration:
+        fields["calibration"] = load_calibration(config.calibration, config.storage_options).id
+    if config.hierarchy:
+        fields["hierarchy"] = True
+    return json.loads(json.dumps(fields, default=str))  # tuples -> lists, as after a JSON round trip
+
+
+def fingerprint_fields(config: "LabelingOptions", *, checkpoint_digest: str, model_type: str, score_kind: str,
+                       labels: list[str], templates: list[str], preprocess: dict | None,
                        schema: pa.Schema) -> dict[str, Any]:
-    """Everything that changes output rows, as a JSON-able dict (see :func:`fingerprint_digest`).
+    """Everything that changes output rows, as a JSON-able dict (see :func:`fingerprint_digest`):
+    :func:`settings_fields` plus what the loaded model adds.
 
     Args:
-        config: the job; its result-changing options (``top_k``, ``dtype``, ``store_embeddings``,
-            ``embedding_dtype``, the input and how it is read, ...) are taken as they are.
+        config: the job's options; its result-changing ones (``top_k``, ``dtype``,
+            ``store_embeddings``, ``embedding_dtype``, the input or relabel source and how it is
+            read, ...) are taken as they are.
         checkpoint_digest: ``model.checkpoint_digest`` of the resolved checkpoint (weights hash).
         model_type, score_kind: from the loaded model ("softmax" or "sigmoid").
         labels, templates: the label set as embedded (names as written to the output).
-        preprocess: ``PreprocessSpec.fingerprint_dict()`` (geometry, pixel limit, decoder versions).
+        preprocess: ``PreprocessSpec.fingerprint_dict()`` (geometry, pixel limit, decoder
+            versions); for a relabel, the source run's.
         schema: the output schema (columns and types), so files of one output can be read together.
     """
-    fields = {k: v for k, v in config.public_dict().items() if k not in NON_RESULT_FIELDS}
-    fields.update(
-        model={"id": config.model, "revision": config.revision, "digest": checkpoint_digest,
-               "model_type": model_type, "score_kind": score_kind},
-        labels=list(labels), templates=list(templates), preprocess=preprocess,
-        output_schema=[f"{f.name}: {f.type}" for f in schema])
-    return json.loads(json.dumps(fields, default=str))  # tuples -> lists, as after a JSON round trip
+    fields = settings_fields(config, labels, templates)
+    fields["model"].update(digest=checkpoint_digest, model_type=model_type, score_kind=score_kind)
+    fields.update(preprocess=json.loads(json.dumps(preprocess, default=str)),
+                  output_schema=[f"{f.name}: {f.type}" for f in schema])
+    return fields
+
+
+# Fingerprint fields only the loaded model (or a relabel's source manifest) gives; without them
+# a record is compared early.
+MODEL_FIELDS = ("preprocess", "output_schema", "source_fingerprint")
+MODEL_KEYS = ("digest", "model_type", "score_kind")
+
+
+def settings_view(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` without what only the loaded model (or a relabel source) knows (``MODEL_FIELDS``, ``model.MODEL_KEYS``):
+    comparable with :func:`settings_fields`."""
+    view = {k: v for k, v in fields.items() if k not in MODEL_FIELDS}
+    if isinstance(view.get("model"), dict):
+        view["model"] = {k: v for k, v in view["model"].items() if k not in MODEL_KEYS}
+    return view
 
 
 def fingerprint_digest(fields: dict[str, Any]) -> str:
@@ -171,17 +211,26 @@ class OutputState:
     def data_files(self, data_dir: str = "") -> list[str]:
         """Relative paths of the Parquet files a reader of ``root/data_dir`` sees, sorted."""
         prefix = f"{data_dir}/" if data_dir else ""
-        out = []
-        for rel in self.files:
-            if rel.startswith(prefix) and rel.endswith(".parquet"):
-                parts = rel[len(prefix):].split("/")
-                if not any(p.startswith(("_", ".")) for p in parts):
-                    out.append(rel)
-        return sorted(out)
+        inside = [rel[len(prefix):] for rel in self.files if rel.startswith(prefix)]
+        return [prefix + rel for rel in visible_parquet_files(inside)]
 
     def visible_files(self) -> list[str]:
         """Relative paths of every file a Parquet reader of ``root`` would consider (any type)."""
-        return sorted(r for r in self.files if not any(p.startswith(("_", ".")) for p in r.split("/")))
+        return sorted(r for r in self.files if is_visible(r))
+
+    def recorded(self) -> tuple[str | None, dict | None, str, str]:
+        """The settings of the run this output holds: ``(fingerprint, fingerprint fields, what
+        run (for messages), its data folder)``; the unfinished run's when there is one, else
+        the decided swap's, else the finished run's (fingerprint None when none is recorded)."""
+        if self.run_record:
+            r = self.run_record
+            return (r.get("fingerprint"), r.get("fingerprint_fields"), f"the unfinished run {r.get('run_id')}",
+                    r.get("data_dir", ""))
+        m = (self.swap_record or {}).get("manifest") or self.manifest
+        if m:
+            return (m.get("fingerprint"), m.get("fingerprint_fields"),
+                    f"the finished run {m.get('run_id', '(unknown id)')}", "")
+        return None, None, "its Parquet files", ""
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel) if rel else self.root
@@ -214,7 +263,7 @@ def inspect_output(uri: str, storage_options: dict | None = None) -> OutputState
     return state
 
 
-def check_mode(config: JobConfig, state: OutputState) -> None:
+def check_mode(config: "LabelingOptions", state: OutputState) -> None:
     """Checks before the model is loaded: refuse an occupied output, and never let --resume or
     --overwrite touch a folder that holds something other than a zslabel output (an input
     folder given as output by mistake must not be deleted).
@@ -236,6 +285,58 @@ def check_mode(config: JobConfig, state: OutputState) -> None:
     what = "an unfinished run" if unfinished else "a finished run"
     raise OutputError(f"output {config.output} already holds data ({what}); choose an empty location, "
                       "or pass --resume to continue it or --overwrite to replace it")
+
+
+def check_resumable(config: "LabelingOptions", state: OutputState, labels: list[str],
+                    templates: list[str]) -> None:
+    """For ``--resume``: refuse, before the model is loaded, when the settings recorded in the
+    output differ from this run's in anything but what only the model knows (see
+    :func:`settings_view`). No-op for other modes or an output without a recorded run.
+
+    Raises:
+        OutputError: naming what changed (as :func:`begin_run` would after loading the model).
+    """
+    if config.mode != "resume" or state.is_empty:
+        return
+    _, recorded, source, _ = state.recorded()
+    if recorded:
+        changes = describe_changes(settings_view(recorded), settings_fields(config, labels, templates))
+        if changes:
+            _refuse_resume(config, source, changes)
+
+
+def _refuse_resume(config: "LabelingOptions", source: str, changes: list[str]) -> None:
+    detail = "; ".join(changes) if changes else "the settings that shape results differ"
+    raise OutputError(f"cannot resume {config.output}: this run's settings differ from {source}: {detail}. "
+                      "Resume with the same settings, or pass --overwrite to replace the output, "
+                      "or write to another location")
+
+
+def finished_unchanged(config: "LabelingOptions", state: OutputState, stamps: dict[str, str | None]
+                       ) -> dict | None:
+    """The manifest of the finished run in ``state`` when a ``--resume`` of it has nothing to do,
+    decided without Ray or the model; else None (the run goes ahead and decides with them).
+
+    Nothing to do: ``state`` holds a finished run (manifest, no unfinished run or swap), its
+    settings are this run's (:func:`check_resumable` passed), there are no error rows to retry,
+    and the input (or relabel source) and the model checkpoint are local and unchanged: the same
+    ``options.local_stamp`` (file names, sizes and mtimes) as recorded by that run in
+    ``input_stamp`` and ``model.stamp``. A hub model id or a remote input or model is never
+    assumed unchanged.
+
+    Args:
+        stamps: ``{"input": ..., "model": ...}`` stamps of this run (None when not local).
+    """
+    m = state.manifest
+    if config.mode != "resume" or m is None or state.run_record or state.swap_record:
+        return None
+    if config.retry_errors and (m.get("counts") or {}).get("errors_by_code"):
+        return None
+    if not stamps.get("input") or not stamps.get("model"):
+        return None
+    if m.get("input_stamp") != stamps["input"] or (m.get("model") or {}).get("stamp") != stamps["model"]:
+        return None
+    return m
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,8 +392,11 @@ def new_run_id() -> str:
     return f"{now}-{uuid.uuid4().hex[:8]}"
 
 
-def begin_run(config: JobConfig, fields: dict[str, Any]) -> RunPlan:
+def begin_run(config: "LabelingOptions", fields: dict[str, Any], state: OutputState | None = None) -> RunPlan:
     """Prepare ``config.output`` for this run according to ``config.mode``; returns the plan.
+
+    ``state``: the output as inspected and checked (``check_mode``) when the run was resolved;
+    inspected here when None.
 
     All checks happen before anything is changed. Then: the run record is written (fencing out
     writers of an earlier run), debris of cut-short runs is removed (hidden temporary files,
@@ -303,8 +407,9 @@ def begin_run(config: JobConfig, fields: dict[str, Any]) -> RunPlan:
             fingerprint (the message names what changed); committed files that disagree with
             the recorded fingerprint or hold an input twice; storage failures.
     """
-    state = inspect_output(config.output, config.storage_options)
-    check_mode(config, state)
+    if state is None:
+        state = inspect_output(config.output, config.storage_options)
+        check_mode(config, state)
     if state.swap_record:
         # A decided swap was cut short: finish it so the output is one complete run again.
         log.info("finishing the interrupted swap of run %s in %s", state.swap_record.get("run_id"), config.output)
@@ -345,18 +450,9 @@ def _begin_overwrite(state: OutputState, fields: dict, target: WriteTarget) -> R
     return RunPlan(state, target, fields, np.zeros(0, np.int64), staged=True)
 
 
-def _begin_resume(config: JobConfig, state: OutputState, fields: dict, target: WriteTarget) -> RunPlan:
+def _begin_resume(config: "LabelingOptions", state: OutputState, fields: dict, target: WriteTarget) -> RunPlan:
     record, manifest = state.run_record, state.manifest
-    data_dir = ""
-    if record:
-        previous, previous_fields, source = record.get("fingerprint"), record.get("fingerprint_fields"), \
-            f"the unfinished run {record.get('run_id')}"
-        data_dir = record.get("data_dir", "")
-    elif manifest:
-        previous, previous_fields, source = manifest.get("fingerprint"), manifest.get("fingerprint_fields"), \
-            f"the finished run {manifest.get('run_id', '(unknown id)')}"
-    else:
-        previous, previous_fields, source = None, None, "its Parquet files"
+    previous, previous_fields, source, data_dir = state.recorded()
     committed = _scan(state, state.data_files(data_dir))
     if previous is None:
         found = set(committed.fingerprints)
@@ -367,11 +463,7 @@ def _begin_resume(config: JobConfig, state: OutputState, fields: dict, target: W
                               "(written by another tool, an older version, or mixed runs); use --overwrite")
         previous = found.pop()
     if previous != target.fingerprint:
-        changes = describe_changes(previous_fields, fields) if previous_fields else []
-        detail = "; ".join(changes) if changes else "the settings that shape results differ"
-        raise OutputError(f"cannot resume {config.output}: this run's settings differ from {source}: {detail}. "
-                          "Resume with the same settings, or pass --overwrite to replace the output, "
-                          "or write to another location")
+        _refuse_resume(config, source, describe_changes(previous_fields, fields) if previous_fields else [])
     stray = sorted(set(committed.fingerprints) - {target.fingerprint})
     if stray:
         raise OutputError(f"cannot resume {config.output}: committed files carry other fingerprints {stray} "
@@ -404,11 +496,16 @@ def _begin_resume(config: JobConfig, state: OutputState, fields: dict, target: W
 # the stage functions the pipeline runs in Ray tasks (Ray-free themselves)
 
 
+def not_done(input_index: np.ndarray, done: np.ndarray) -> np.ndarray:
+    """The values of ``input_index`` ((N,) int64) not in ``done`` ((M,) int64, sorted)."""
+    return input_index[~np.isin(input_index, done)] if len(done) else input_index
+
+
 def drop_committed(batch: pa.Table, done: np.ndarray) -> pa.Table:
     """Rows of ``batch`` whose ``input_index`` is not in ``done`` ((M,) int64, sorted)."""
     if not len(done) or batch.num_rows == 0:
         return batch
-    idx = batch.column("input_index").to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    idx = batch.column(INPUT_INDEX).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     pos = np.minimum(np.searchsorted(done, idx), len(done) - 1)
     return batch.filter(pa.array(done[pos] != idx))
 
@@ -434,22 +531,47 @@ def write_block(table: pa.Table, target: WriteTarget) -> pa.Table:
     """
     if table.num_rows == 0:
         return WRITE_RESULT_SCHEMA.empty_table()
+    idx = table.column(INPUT_INDEX).to_numpy(zero_copy_only=False)
+    with open_part(target, idx) as (fh, name):
+        fh.write(_parquet_bytes(table.replace_schema_metadata(stamped_metadata(table.schema, target))))
+    errors = table.num_rows - table.column(ERROR).null_count
+    return pa.Table.from_pylist([{"file": name, "rows": table.num_rows, "errors": errors}],
+                                schema=WRITE_RESULT_SCHEMA)
+
+
+def stamped_metadata(schema: pa.Schema, target: WriteTarget) -> dict:
+    """``schema``'s metadata plus this run's fingerprint and id (read back by resume checks)."""
+    metadata = dict(schema.metadata or {})
+    metadata.update({FINGERPRINT_KEY: target.fingerprint.encode(), RUN_ID_KEY: target.run_id.encode()})
+    return metadata
+
+
+@contextmanager
+def open_part(target: WriteTarget, input_index: np.ndarray):
+    """Commit one data file of this run: yields ``(binary file handle, file name)``; the file is
+    published under its final name when the block exits without an exception (atomically, see
+    ``output.open_atomic``) and never otherwise.
+
+    The name is ``part-<run_id>-<sha1 of input_index>``: a retried writer rewrites the same file.
+
+    Args:
+        input_index: (N,) int64 ``input_index`` values of the rows the file will hold.
+
+    Raises:
+        OutputError: the run record no longer names this run (a newer run took over the output);
+            nothing is published then.
+    """
     fs, root = output_filesystem(target.uri, target.storage_options)
     root = root.rstrip("/") or root
-    idx = np.ascontiguousarray(table.column("input_index").to_numpy(zero_copy_only=False), np.int64)
+    idx = np.ascontiguousarray(input_index, np.int64)
     name = f"part-{target.run_id}-{hashlib.sha1(idx.tobytes()).hexdigest()[:16]}.parquet"
-    metadata = dict(table.schema.metadata or {})
-    metadata.update({FINGERPRINT_KEY: target.fingerprint.encode(), RUN_ID_KEY: target.run_id.encode()})
-    data = _parquet_bytes(table.replace_schema_metadata(metadata))
     record = _read_record(fs, posixpath.join(root, RUN_RECORD))
     if (record or {}).get("run_id") != target.run_id:
         raise OutputError(f"output {target.uri} is now owned by run {(record or {}).get('run_id')}, not "
                           f"{target.run_id}; this run's file {name} is not published")
-    write_bytes_atomic(fs, posixpath.join(root, target.data_dir, name) if target.data_dir
-                       else posixpath.join(root, name), data)
-    errors = table.num_rows - table.column("error").null_count
-    return pa.Table.from_pylist([{"file": name, "rows": table.num_rows, "errors": errors}],
-                                schema=WRITE_RESULT_SCHEMA)
+    with open_atomic(fs, posixpath.join(root, target.data_dir, name) if target.data_dir
+                     else posixpath.join(root, name)) as fh:
+        yield fh, name
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,7 +605,7 @@ def collect_counts(plan: RunPlan) -> RunCounts:
     """
     state = inspect_output(plan.target.uri, plan.target.storage_options)
     scan = _resolve_duplicates(plan, state, _scan(state, state.data_files(plan.target.data_dir)))
-    errors = scan.table.column("error").to_pylist()
+    errors = scan.table.column(ERROR).to_pylist()
     mine = _of_run(scan, plan.run_id)
     by_code: dict[str, int] = {}
     model_images = 0
@@ -516,7 +638,7 @@ def _resolve_duplicates(plan: RunPlan, state: OutputState, scan: "_Scan") -> "_S
     Raises:
         OutputError: files of earlier runs hold an input twice.
     """
-    idx = scan.table.column("input_index").to_numpy()
+    idx = scan.table.column(INPUT_INDEX).to_numpy()
     uniq, counts = np.unique(idx, return_counts=True)
     if len(uniq) == len(idx):
         return scan
@@ -535,7 +657,7 @@ def _resolve_duplicates(plan: RunPlan, state: OutputState, scan: "_Scan") -> "_S
     for path, indices in sorted(drop.items()):
         with state.fs.open(path, "rb") as fh:
             table = pq.read_table(fh)
-        keep = table.filter(pc.invert(pc.is_in(table.column("input_index"),
+        keep = table.filter(pc.invert(pc.is_in(table.column(INPUT_INDEX),
                                                 pa.array(sorted(indices), pa.int64()))))
         if keep.num_rows:
             write_bytes_atomic(state.fs, path, _parquet_bytes(keep))
@@ -617,7 +739,7 @@ class _Scan:
         return [f for k, v in self.fingerprints.items() if k != fingerprint for f in v]
 
     def check_unique(self, uri: str) -> None:
-        idx = self.table.column("input_index").to_numpy()
+        idx = self.table.column(INPUT_INDEX).to_numpy()
         uniq, counts = np.unique(idx, return_counts=True)
         if len(uniq) != len(idx):
             twice = uniq[counts > 1]
@@ -626,15 +748,15 @@ class _Scan:
                               "Use --overwrite to start over")
 
     def done_indices(self, keep_errors: bool) -> np.ndarray:
-        table = self.table if keep_errors else self.table.filter(pc.is_null(self.table.column("error")))
-        return np.unique(table.column("input_index").to_numpy()).astype(np.int64)
+        table = self.table if keep_errors else self.table.filter(pc.is_null(self.table.column(ERROR)))
+        return np.unique(table.column(INPUT_INDEX).to_numpy()).astype(np.int64)
 
 
 def _scan(state: OutputState, rel_paths: list[str]) -> _Scan:
     """Read the small columns of committed files (one footer + two columns per file)."""
     import pyarrow.dataset as pads
 
-    schema = pa.schema([("input_index", pa.int64()), ("error", pa.string()), ("file", pa.string())])
+    schema = pa.schema([(INPUT_INDEX, pa.int64()), (ERROR, pa.string()), ("file", pa.string())])
     if not rel_paths:
         return _Scan(schema.empty_table(), [], {})
     paths = [state.path(r) for r in rel_paths]
@@ -643,7 +765,7 @@ def _scan(state: OutputState, rel_paths: list[str]) -> _Scan:
     for frag in dataset.get_fragments():
         md = frag.physical_schema.metadata or {}
         fingerprints.setdefault(md.get(FINGERPRINT_KEY, b"").decode(), []).append(frag.path)
-    table = dataset.to_table(columns=["input_index", "error", "__filename"])
+    table = dataset.to_table(columns=[INPUT_INDEX, ERROR, "__filename"])
     table = pa.table([table.column(0).cast(pa.int64()), table.column(1), table.column(2)], schema=schema)
     return _Scan(table, list(rel_paths), fingerprints)
 
@@ -651,13 +773,13 @@ def _scan(state: OutputState, rel_paths: list[str]) -> _Scan:
 def _drop_error_rows(state: OutputState, scan: _Scan) -> int:
     """Rewrite each committed file holding error rows without them (same name, atomic replace);
     delete files with only error rows. Returns the number of rows removed."""
-    has_error = pc.is_valid(scan.table.column("error"))
+    has_error = pc.is_valid(scan.table.column(ERROR))
     files = sorted(set(scan.table.filter(has_error).column("file").to_pylist()))
     removed = 0
     for path in files:
         with state.fs.open(path, "rb") as fh:
             table = pq.read_table(fh)
-        keep = table.filter(pc.is_null(table.column("error")))
+        keep = table.filter(pc.is_null(table.column(ERROR)))
         removed += table.num_rows - keep.num_rows
         if keep.num_rows:
             write_bytes_atomic(state.fs, path, _parquet_bytes(keep))

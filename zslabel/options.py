@@ -1,0 +1,279 @@
+"""The labeling options shared by ``label`` and ``relabel``, and the checks made before Ray or
+the model: validated once into a :class:`ResolvedRun` that the rest of a run reads.
+
+``LabelingOptions`` holds what both commands mean the same way (labels, templates, model,
+ranking, storage options, output location and mode); ``config.JobConfig`` and
+``relabel.RelabelConfig`` add their own fields. CLI flags and YAML keys are these field names.
+
+Fail-fast rule (issue 12): everything checkable without Ray and without loading the model is
+checked by :func:`resolve` first, in seconds: the options, labels and templates, the ranking
+rule, the output location against the mode, and for ``--resume`` whether the recorded settings
+(all fingerprint fields except those only the loaded model knows: checkpoint digest, model
+type, score kind, preprocessing, output schema) are this run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import runstate
+from .calibration import load_calibration
+from .errors import ConfigError, InputError
+from .hierarchy import check_options as check_hierarchy_options
+from .labels import DEFAULT_TEMPLATE, merge_labels_file, parse_label_list, validate_prompts
+from .textfiles import read_text
+
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+OUTPUT_MODES = ("error", "resume", "overwrite")
+
+
+@dataclass
+class LabelingOptions:
+    """Options shared by ``zslabel label`` and ``zslabel relabel`` (YAML keys and CLI flags).
+
+    Attributes:
+        output: output folder or fsspec URI.
+        labels, labels_file, templates: candidate labels (file lines follow ``labels``) and
+            prompt templates, each with one ``{}``.
+        model, revision: checkpoint (hub id, local folder or fsspec URI) and hub revision.
+        top_k, min_score, multi_label, threshold: the ranking rule (``ranking.RankingRule``).
+        storage_options: fsspec options for input, output and a remote model folder.
+        mode: "error" (refuse an occupied output), "resume" or "overwrite" (see ``runstate``).
+        retry_errors: with ``resume``: recompute the rows that failed in earlier runs.
+        max_error_fraction: in [0, 1]: fail (exit 1, output written) when more rows failed.
+        calibration: a calibration file (``calibration.py``) whose map is applied to the logits.
+        hierarchy: with ``min_score``: add the deepest label path whose rolled-up score reaches it.
+    """
+
+    output: str = ""
+    labels: list[str] = field(default_factory=list)
+    labels_file: str | None = None
+    templates: list[str] = field(default_factory=lambda: [DEFAULT_TEMPLATE])
+    model: str | None = DEFAULT_MODEL
+    revision: str | None = None
+    top_k: int = 5
+    min_score: float | None = None
+    multi_label: bool = False
+    threshold: float | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    mode: str = "error"
+    retry_errors: bool = False
+    max_error_fraction: float | None = None
+    # calibration file (``zslabel calibrate``) and label-path roll-up (``hierarchy.py``)
+    calibration: str | None = None
+    hierarchy: bool = False
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Build from a dict (YAML), rejecting unknown keys with the list of known ones and
+        values whose type does not fit the field."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        data = dict(data)
+        if isinstance(data.get("labels"), str):
+            data["labels"] = parse_label_list(data["labels"])
+        if isinstance(data.get("templates"), str):
+            data["templates"] = [data["templates"]]
+        hints = typing.get_type_hints(cls)
+        for key, value in data.items():
+            value = data[key] = cls._convert(key, value)
+            if not _matches(value, hints[key]):
+                raise ConfigError(f"config key {key!r} must be {_describe(hints[key])} (got {value!r})")
+        return cls(**data)
+
+    @classmethod
+    def _convert(cls, key: str, value: Any) -> Any:
+        """Hook for fields whose YAML form differs from the field type (see JobConfig)."""
+        return value
+
+    @classmethod
+    def from_yaml(cls, path: str):
+        """Read a YAML config file; raises ConfigError if missing, invalid, or not a mapping."""
+        import yaml
+
+        text = read_text(path, what="config")
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must be a mapping of keys to values")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_args(cls, args: Any, base=None):
+        """Options from parsed CLI flags: every attribute of ``args`` named like a field and not
+        None is set on ``base`` (default: ``cls()``), so a flag is mapped by its ``dest``."""
+        options = base if base is not None else cls()
+        names = {f.name for f in dataclasses.fields(cls)}
+        for name, value in vars(args).items():
+            if name in names and value is not None:
+                setattr(options, name, value)
+        return options
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self):
+        """Check the shared options (no model, no storage); merges ``labels_file`` into ``labels``.
+
+        Returns:
+            The validated ``ranking.RankingRule``.
+
+        Raises:
+            ConfigError: naming the first bad setting and how to fix it.
+        """
+        self.labels = merge_labels_file(self.labels, self.labels_file)
+        self.labels_file = None
+        if not self.output:
+            raise ConfigError("no output given: pass --output DIR_OR_URI")
+        validate_prompts(self.labels, self.templates)
+        rule = self.ranking_rule()
+        rule.validate()
+        check_hierarchy_options(self.hierarchy, self.min_score)
+        if self.mode not in OUTPUT_MODES:
+            raise ConfigError(f"mode must be one of {OUTPUT_MODES} (got {self.mode!r})")
+        if self.retry_errors and self.mode != "resume":
+            raise ConfigError("--retry-errors only applies with --resume")
+        if self.max_error_fraction is not None and not 0 <= self.max_error_fraction <= 1:
+            raise ConfigError(f"--max-error-fraction must be in [0, 1] (got {self.max_error_fraction})")
+        if not isinstance(self.storage_options, dict):
+            raise ConfigError("storage_options must be a mapping")
+        return rule
+
+    def ranking_rule(self):
+        """The ``ranking.RankingRule`` of these options (top-k, abstention, multi-label)."""
+        from .ranking import RankingRule
+
+        return RankingRule(top_k=self.top_k, min_score=self.min_score, multi_label=bool(self.multi_label),
+                           threshold=self.threshold)
+
+    # ---- reporting ----------------------------------------------------------------------
+    def public_dict(self) -> dict[str, Any]:
+        """The options as a JSON-able dict with storage option values redacted (never secrets)."""
+        d = dataclasses.asdict(self)
+        d["storage_options"] = {k: "<redacted>" for k in self.storage_options}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+@dataclass
+class ResolvedRun:
+    """What :func:`resolve` decided; the rest of a run reads this, never the raw options again.
+
+    Attributes:
+        labels, templates: the label names and prompt templates as they will be embedded.
+        rule: the ranking rule (built once).
+        output: the output location as inspected once (``runstate.OutputState``).
+    """
+
+    labels: list[str]
+    templates: list[str]
+    rule: Any
+    output: runstate.OutputState
+
+
+def resolve(options: LabelingOptions) -> ResolvedRun:
+    """Validate ``options`` (the command's own ``validate``), inspect the output once and check
+    it against the mode, and for ``--resume`` compare the recorded settings that need no model.
+
+    Raises:
+        ConfigError: a bad option. OutputError: an occupied output without a mode, a folder that
+            is not a zslabel output, or a ``--resume`` whose settings differ (naming them).
+    """
+    rule = options.validate()
+    if options.calibration:  # a missing or damaged file fails here; its fit is checked with the model
+        load_calibration(options.calibration, options.storage_options)
+    state = runstate.inspect_output(options.output, options.storage_options)
+    runstate.check_mode(options, state)
+    runstate.check_resumable(options, state, list(options.labels), list(options.templates))
+    return ResolvedRun(list(options.labels), list(options.templates), rule, state)
+
+
+def check_input_exists(uri: str, storage_options: dict | None = None) -> None:
+    """Fail in seconds, before Ray starts, on an input that does not exist: a path or URI that
+    is not there, or a glob that matches nothing. Brace patterns (``shard-{000..009}.tar``) are
+    left to the planner, which turns a missing named shard into an error row.
+
+    Raises:
+        InputError: naming the input.
+    """
+    import fsspec
+
+    if "{" in uri:
+        return
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        found = bool(fs.glob(path)) if any(c in path for c in "*?[") else fs.exists(path)
+    except ImportError as exc:
+        raise InputError(f"cannot read {uri}: {exc}") from exc
+    except Exception:  # noqa: BLE001 - storage errors differ per backend; the planner reports them
+        return
+    if not found:
+        raise InputError(f"no images found: {uri} does not exist")
+
+
+def local_stamp(uri: str | None) -> str | None:
+    """A cheap digest of a local file or folder (every file's relative name, size and mtime in
+    ns; sha256, 16 hex digits), or None for anything not local (hub ids, remote URIs).
+
+    Used to tell, without reading file contents, that an input or a checkpoint folder is
+    unchanged since a finished run: a finished run's ``--resume`` then returns without Ray.
+    """
+    if not uri or "://" in uri and not uri.startswith("file://"):
+        return None
+    path = Path(uri.removeprefix("file://")).expanduser()
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    if path.is_file():
+        st = path.stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames.sort()
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(full)
+                except OSError:
+                    continue
+                h.update(f"{os.path.relpath(full, path)}\0{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a field's type hint (bool is not an int; ints are floats)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is tuple:
+        return isinstance(value, tuple)
+    if origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("NoneType", "None")

@@ -1,0 +1,5 @@
+"""Development helpers, not shipped with zslabel: offline tiny checkpoints (``tiny``) and the
+synthetic shapes data set (``shapes``) used by tests, benchmarks and scripts/train_shapes_clip.py.
+
+Importable from the repository root (pytest sets ``pythonpath = ["."]``; scripts and benchmarks
+put the root on ``sys.path``)."""
