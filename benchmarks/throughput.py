@@ -483,6 +483,12 @@ def run_zslabel(folder: Path, ckpt: Path, labels: int, out: Path, tag: str, extr
         r"Active & requested resources: .*?([\d.]+)(B|KiB|MiB|GiB)/[\d.]+\w+ object store",
         (out / f"log_d_{tag}.txt").read_text(errors="replace"))]
     result["peak_object_store_mb"] = max(used, default=None)
+    # What the labeler actors sustain while busy (start-up and the last blocks' tail excluded):
+    # actors x (1000 / busy ms per image and actor). The CPU default and --concurrency N start
+    # the whole pool (pipeline.initial_actors), so the pool's maximum is the number of actors.
+    ms = timings.get("model_ms_per_image")
+    result["busy_images_per_s"] = (manifest["actor_pool"][1] * 1000 / ms
+                                   if ms and manifest.get("actor_pool") and device != "cuda" else None)
     # zslabel.stages.actor_threads: a CPU actor runs ceil(CPUs it holds) torch threads.
     cpus = result["config"]["num_cpus_per_actor"]
     result["actor_threads"] = None if device == "cuda" else max(1, math.ceil(cpus - 1e-6))
@@ -599,7 +605,9 @@ def throughput(args) -> dict:
                     continue
                 d = row["d"][name] = _best(d_runs[n_labels, name])
                 d["ratios"] = {"d/a": _ratio(d, row["a"]), "d/b": _ratio(d, row["b"]), "d/c": _ratio(d, limit),
-                               "d/c_best": _ratio(d, best_c), "d_cli/a": _ratio(d, row["a"], "cli_images_per_s")}
+                               "d/c_best": _ratio(d, best_c), "d_cli/a": _ratio(d, row["a"], "cli_images_per_s"),
+                               "d_busy/c": _ratio(d, limit, "busy_images_per_s") if d.get("busy_images_per_s")
+                               else None}
             report["results"].append(row)
     report["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["total_seconds"] = time.perf_counter() - t_start
@@ -618,9 +626,11 @@ def print_table(report: dict) -> None:
           f"{m['load_avg_at_start']}, at end {m.get('load_avg_at_end')}; device {report['args']['device']}; "
           f"best of {report['args']['repeat']} for c and d")
     print("images/s. d = rows / labeling_s of the run manifest (the Ray Data stream, actor start-up included); "
+          "d busy = what the labeler actors sustain while busy (manifest model_ms_per_image); "
           "d cli = rows / whole CLI wall (Python and Ray start, model load, label embeddings, labeling, "
           "counting). Ratios d/x use d = labeling_s; 'd cli/a' uses the CLI wall.\n")
-    hdr = ("size", "labels", "variant", "a", "b", "c", "c1", "d", "d cli", "d/a", "d/b", "d/c", "d/max(c,c1)",
+    hdr = ("size", "labels", "variant", "a", "b", "c", "c1", "d", "d busy", "d cli", "d/a", "d/b", "d/c",
+           "d/max(c,c1)", "d busy/c",
            "d cli/a", "peak MB a", "b", "c", "d (RSS sum)", "d (PSS)")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
@@ -631,10 +641,10 @@ def print_table(report: dict) -> None:
             print("| " + " | ".join([
                 r["size"], str(r["labels"]), name, _f(a and a["images_per_s"], ".3f"), _f(b and b["images_per_s"], ".3f"),
                 _f(c and c["images_per_s"], ".2f"), _f(c1 and c1["images_per_s"], ".2f"),
-                _f(d and d["images_per_s"], ".2f"),
+                _f(d and d["images_per_s"], ".2f"), _f(d and d.get("busy_images_per_s"), ".2f"),
                 _f(d and d["cli_images_per_s"], ".2f"),
                 _f(ra.get("d/a"), ".1f"), _f(ra.get("d/b"), ".1f"), _f(ra.get("d/c"), ".2f"),
-                _f(ra.get("d/c_best"), ".2f"), _f(ra.get("d_cli/a"), ".1f"),
+                _f(ra.get("d/c_best"), ".2f"), _f(ra.get("d_busy/c"), ".2f"), _f(ra.get("d_cli/a"), ".1f"),
                 _f(a and a["peak_rss_mb"], ".0f"), _f(b and b["peak_rss_mb"], ".0f"), _f(c and c["peak_rss_mb"], ".0f"),
                 _f(d and d["peak_rss_mb"], ".0f"), _f(d and d["peak_pss_mb"], ".0f")]) + " |")
     print()
@@ -754,13 +764,15 @@ def main(argv: list[str] | None = None) -> int:
     if args._child:
         child_main(args._child[0], json.loads(Path(args._child[1]).read_text()))
         return 0
-    try:
-        import psutil  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("psutil") is None:
         print("psutil is needed (pip install psutil; it comes with ray[default])", file=sys.stderr)
         return 2
     if args.device == "cuda":
         import torch
+
+        args.ref_threads = [0]  # torch's CPU threads do not matter for a GPU forward
 
         if not torch.cuda.is_available():
             print("--device cuda: no CUDA device here; skipping", file=sys.stderr)

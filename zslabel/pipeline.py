@@ -37,6 +37,9 @@ ACTOR_MAX_TASK_RETRIES = 4
 # Labeler actors that may die while loading the model (e.g. their node is lost) before the
 # job fails; Ray Data's default of 0 fails the whole job on the first such death.
 ACTOR_INIT_DEATHS_TOLERATED = 3
+# Decoded data in flight (see bound_in_flight): batches per labeler actor, and a floor.
+IN_FLIGHT_BATCHES_PER_ACTOR = 8
+MIN_IN_FLIGHT_BYTES = 256 * 2**20
 # An autoscaler node type without a maximum count, when sizing the labeler actor pool.
 UNLIMITED_NODES = 64
 
@@ -146,6 +149,43 @@ def actor_pool_size(config: JobConfig) -> tuple[int, int]:
     return plan_actor_pool(config, live, _autoscaler_node_types())
 
 
+def initial_actors(config: JobConfig, pool: tuple[int, int], inputs: int | None) -> int:
+    """Labeler actors to start with: for CPU actors sized by the cluster, as many as the live
+    nodes hold, but no more than ``inputs`` gives two batches each; else ``pool[0]``.
+
+    Ray Data grows an actor pool only while the running actors stay busy with work queued, one
+    actor at a time: in benchmarks a 2-core run of 320 images never got its second CPU actor.
+    ``inputs`` (None when unknown, e.g. tar shards) keeps a run of a few images from paying for
+    a model load per core. GPU pools and ``--concurrency`` start at their minimum, as configured.
+    """
+    import ray
+
+    if config.concurrency or config.num_gpus_per_actor:
+        return pool[0]
+    live = plan_actor_pool(config, [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")])[1]
+    wanted = live if inputs is None else math.ceil(inputs / (2 * config.batch_size))
+    return max(pool[0], min(pool[1], live, wanted))
+
+
+def bound_in_flight(config: JobConfig, output_hw: tuple[int, int], pool: tuple[int, int]) -> int:
+    """Cap the object store memory this job's dataset may use (Ray Data backpressure) at
+    ``IN_FLIGHT_BATCHES_PER_ACTOR`` decoded batches per labeler actor, at least
+    ``MIN_IN_FLIGHT_BYTES``; returns the cap in bytes.
+
+    Ray Data's own cap is a fraction of the object store (half of it: ~660 MB on a 24 GB
+    machine), which decode tasks fill when the model is slower than decoding, so the peak memory
+    of a run grew with its input up to that cap (+20 % PSS from 2,000 to 20,000 images,
+    benchmarks/README.md). A few batches per actor keep the actors fed.
+    """
+    import ray.data
+
+    h, w = output_hw
+    cap = max(MIN_IN_FLIGHT_BYTES, IN_FLIGHT_BATCHES_PER_ACTOR * pool[1] * config.batch_size * h * w * 3)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=cap)
+    return cap
+
+
 def _autoscaler_node_types() -> list[tuple[dict[str, float], int]]:
     """(resources of one node, most nodes of that type; -1 = unlimited) per autoscaler node type."""
     try:
@@ -210,7 +250,12 @@ def plan_actor_pool(config: JobConfig, nodes: list[dict[str, float]],
             if c:
                 per_node = [min(k, math.floor(r.get("CPU", 0.0) / c)) for k, r in zip(per_node, rs)]
             return sum(n * k for n, k in zip(counts, per_node))
-        return math.floor((sum(n * r.get("CPU", 0.0) for r, n in zip(rs, counts)) - d) / c)
+        # CPU actors: what the CPUs hold after one decode task, and no more actors than the
+        # nodes have cores for their torch threads (ceil(c) each, ``stages.actor_threads``), so
+        # fractional actors leave logical CPUs to decoding without oversubscribing the cores.
+        by_cpus = math.floor((sum(n * r.get("CPU", 0.0) for r, n in zip(rs, counts)) - d) / c)
+        by_cores = sum(n * math.floor(r.get("CPU", 0.0) / math.ceil(c)) for r, n in zip(rs, counts))
+        return min(by_cpus, by_cores)
 
     most = capacity(nodes, [1] * len(nodes))
     if node_types:
@@ -292,6 +337,7 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         spec_overrides=spec_overrides, ranking=config.ranking_rule(), calibration=calib, hierarchy=hier)
     # One copy of the (C, D) label embeddings in the object store, shared by every actor.
     label_ref = ray.put(label_set.embeddings)
+    bound_in_flight(config, spec.output_hw, pool)
 
     ds = plan.dataset
     if len(run.done):
@@ -323,7 +369,8 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         Labeler, fn_constructor_kwargs={"settings": settings, "label_refs": [label_ref],
                                         "label_names": list(label_set.names)},
         batch_size=config.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]),
+        compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1],
+                                           initial_size=initial_actors(config, pool, plan.listed)),
         num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor or None,
         scheduling_strategy="DEFAULT",
         # An actor lost with its node is recreated wherever resources are (model reloaded
