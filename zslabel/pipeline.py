@@ -290,12 +290,14 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     runstate.check_mode(config, runstate.inspect_output(config.output, config.storage_options))
     spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode}
     path = resolve_checkpoint(config.model, config.revision, config.storage_options)
-    text_model = ZeroShotModel(path, **spec_overrides)
+    # The text tower runs on the driver's GPU when it has one (float32: the label embeddings
+    # are the classifier's weights), batched; its result is cached on disk (labels.build_label_set).
+    text_model = ZeroShotModel(path, device=text_device(), **spec_overrides)
     config.ranking_rule().check_score_kind(text_model.score_kind, config.model)  # before any image is read
-    label_set = build_label_set(config.labels, config.templates, text_model)
+    digest = checkpoint_digest(path)
+    label_set = build_label_set(config.labels, config.templates, text_model, digest=digest)
     spec, score_kind, model_type = text_model.preprocess, text_model.score_kind, text_model.model_type
     embed_dim = label_set.embeddings.shape[1]
-    digest = checkpoint_digest(path)
     del text_model
     calib = load_for_run(config.calibration, config.storage_options, checkpoint_digest=digest,
                          labels=list(label_set.names), templates=list(label_set.templates), score_kind=score_kind)
@@ -447,6 +449,13 @@ def _consume_with_progress(ds, progress: Progress) -> list[dict]:
             written.append(row)
             progress.update(row["rows"], row["errors"])
     return written
+
+
+def text_device() -> str:
+    """``"cuda"`` when this process sees a CUDA device (the text tower then runs there), else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def stage_timings(ds, since_epoch_s: float, config: JobConfig) -> dict[str, float | str]:
