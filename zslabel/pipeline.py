@@ -40,6 +40,8 @@ ACTOR_INIT_DEATHS_TOLERATED = 3
 # Decoded data in flight (see bound_in_flight): batches per labeler actor, and a floor.
 IN_FLIGHT_BATCHES_PER_ACTOR = 8
 MIN_IN_FLIGHT_BYTES = 256 * 2**20
+# Calls in flight per GPU labeler actor (see actor_pool_strategy).
+GPU_CALLS_PER_ACTOR = 2
 # An autoscaler node type without a maximum count, when sizing the labeler actor pool.
 UNLIMITED_NODES = 64
 
@@ -165,6 +167,23 @@ def initial_actors(config: JobConfig, pool: tuple[int, int], inputs: int | None)
     live = plan_actor_pool(config, [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")])[1]
     wanted = live if inputs is None else math.ceil(inputs / (2 * config.batch_size))
     return max(pool[0], min(pool[1], live, wanted))
+
+
+def actor_pool_strategy(config: JobConfig, pool: tuple[int, int], inputs: int | None):
+    """Ray Data's ``ActorPoolStrategy`` for the labeler: ``pool`` sizes, ``initial_actors``, and
+    for GPU actors two calls in flight per actor, so that Ray Data batches the next input and
+    formats the last output (host work) while the model runs on the device; the model calls
+    themselves stay one at a time (``enable_true_multi_threading`` off). Ray versions without
+    ``max_concurrent_calls_per_actor`` get the plain strategy."""
+    import inspect
+
+    import ray.data
+
+    kwargs = {"min_size": pool[0], "max_size": pool[1], "initial_size": initial_actors(config, pool, inputs)}
+    params = inspect.signature(ray.data.ActorPoolStrategy.__init__).parameters
+    if config.num_gpus_per_actor and "max_concurrent_calls_per_actor" in params:
+        kwargs["max_concurrent_calls_per_actor"] = GPU_CALLS_PER_ACTOR
+    return ray.data.ActorPoolStrategy(**kwargs)
 
 
 def bound_in_flight(config: JobConfig, output_hw: tuple[int, int], pool: tuple[int, int]) -> int:
@@ -371,8 +390,7 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         Labeler, fn_constructor_kwargs={"settings": settings, "label_refs": [label_ref],
                                         "label_names": list(label_set.names)},
         batch_size=config.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1],
-                                           initial_size=initial_actors(config, pool, plan.listed)),
+        compute=actor_pool_strategy(config, pool, plan.listed),
         num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor or None,
         scheduling_strategy="DEFAULT",
         # An actor lost with its node is recreated wherever resources are (model reloaded
