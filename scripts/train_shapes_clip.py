@@ -66,9 +66,7 @@ def build_tokenizer() -> CLIPTokenizer:
         RuntimeError: if some word does not end up as one token.
     """
     words: list[str] = []
-    texts = (list(shapes.COLOURS) + list(shapes.SHAPES) + list(shapes.TRAIN_TEMPLATES)
-             + list(shapes.COLOUR_TEMPLATES) + list(shapes.SHAPE_TEMPLATES) + [shapes.EVAL_TEMPLATE])
-    for text in texts:
+    for text in list(shapes.COLOURS) + list(shapes.SHAPES) + list(shapes.TRAIN_TEMPLATES) + [shapes.EVAL_TEMPLATE]:
         for w in text.lower().replace("{}", " ").replace(".", " ").split():
             if w not in words:
                 words.append(w)
@@ -230,9 +228,8 @@ def train(model, tok, pixels, labels, *, steps, batch, lr, seed, max_seconds, pa
     ``eval_fn(model)``, when given, is called every ``log_every`` steps and its result logged.
     """
     colours, shape_names = list(shapes.COLOURS), list(shapes.SHAPES)
-    # Labels are "<colour> <shape>", or a bare "<shape>" for out-of-vocabulary colours (-1).
-    img_c = torch.tensor([colours.index(lab.split(" ")[0]) if " " in lab else -1 for lab in labels])
-    img_s = torch.tensor([shape_names.index(lab.split(" ")[-1]) for lab in labels])
+    img_c = torch.tensor([colours.index(lab.split(" ")[0]) for lab in labels])
+    img_s = torch.tensor([shape_names.index(lab.split(" ")[1]) for lab in labels])
     texts, cap_c, cap_s = caption_bank()
     enc = tok(texts, padding=True, return_tensors="pt")  # pads to the longest caption
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -260,10 +257,7 @@ def train(model, tok, pixels, labels, *, steps, batch, lr, seed, max_seconds, pa
         cap = []
         for k, u, r in zip(idx.tolist(), kind.tolist(), pick.tolist()):
             c, s = int(img_c[k]), int(img_s[k])
-            if c < 0:  # a shape in an out-of-vocabulary colour: only shape captions are true
-                pool = by_shape[s]
-            else:
-                pool = by_colour[c] if u < partial / 2 else by_shape[s] if u < partial else full[(c, s)]
+            pool = by_colour[c] if u < partial / 2 else by_shape[s] if u < partial else full[(c, s)]
             cap.append(int(pool[r % len(pool)]))
         cap = torch.tensor(cap)
         bc, bs = img_c[idx], img_s[idx]

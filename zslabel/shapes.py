@@ -21,7 +21,6 @@ global state), so tests can regenerate exactly what the model card describes.
 
 from __future__ import annotations
 
-import colorsys
 import math
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ from PIL import Image, ImageDraw
 
 __all__ = [
     "COLOURS", "SHAPES", "HELD_OUT", "TRAIN_TEMPLATES", "COLOUR_TEMPLATES", "SHAPE_TEMPLATES",
-    "EVAL_TEMPLATE", "OTHER_COLOUR_MIN_DISTANCE", "OTHER_HUE_MIN_DEGREES", "ShapeSample", "other_colour",
+    "EVAL_TEMPLATE", "ShapeSample",
     "all_labels", "seen_labels", "held_out_labels", "render", "generate",
 ]
 
@@ -57,15 +56,6 @@ HELD_OUT: frozenset[tuple[str, str]] = frozenset({
     ("green", "ring"), ("blue", "square"),
 })
 
-#: Minimum RGB distance of an out-of-vocabulary shape colour (:func:`other_colour`) from every
-#: canonical colour (the red-orange gap is 115), so such a shape never passes for a vocabulary
-#: colour (in particular never for a held-out colour-shape pair).
-OTHER_COLOUR_MIN_DISTANCE = 130.0
-
-#: Minimum hue distance (degrees) of a saturated out-of-vocabulary colour from every chromatic
-#: vocabulary colour, so e.g. light greens never stand in for "green".
-OTHER_HUE_MIN_DEGREES = 40.0
-
 #: Caption templates drawn at random for training captions.
 TRAIN_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}", "a {}", "a drawing of a {}", "a picture of a {}", "an image of a {}",
@@ -86,7 +76,7 @@ SHAPE_TEMPLATES: tuple[str, ...] = (
 #: zero-shot-image-classification pipeline.
 EVAL_TEMPLATE = "This is a photo of {}."
 
-_SPLITS = ("seen", "held_out", "all", "other")
+_SPLITS = ("seen", "held_out", "all")
 
 
 def all_labels() -> list[str]:
@@ -124,49 +114,47 @@ def _jitter_colour(rgb: tuple[int, int, int], rng: np.random.Generator) -> np.nd
     return np.clip(np.asarray(rgb, float) + rng.uniform(-22, 22, 3), 0, 255)
 
 
-def _background_colour(avoid: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    # Muted random colour at least 150 RGB units from every shape colour in ``avoid`` (k, 3), so
-    # the shape is visible and the background never passes for the shape's colour.
+def _background_colour(fg: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    # Muted random colour at least 150 RGB units from the shape colour, so the shape is visible
+    # and the background never passes for the shape's colour.
     for _ in range(100):
         c = rng.uniform(0, 255, 3)
         grey = c.mean()
         c = grey + (c - grey) * rng.uniform(0.2, 0.8)
-        if np.linalg.norm(avoid - c, axis=1).min() > 150:
+        if np.linalg.norm(c - fg) > 150:
             return c
-    return 255.0 - avoid[0]
+    return 255.0 - fg
 
 
-def _mix(side: int, a: np.ndarray, b: np.ndarray, kind: int, rng: np.random.Generator) -> np.ndarray:
-    """``(side, side, 3)`` float64 mixing colours ``a`` and ``b``: 1 gradient, 3 texture."""
-    y, x = np.mgrid[0:side, 0:side] / max(side - 1, 1)
-    if kind == 1:  # linear gradient along a random direction
-        t = rng.uniform(0, 2 * math.pi)
-        u = x * math.cos(t) + y * math.sin(t)
-        m = (u - u.min()) / max(np.ptp(u), 1e-6)
-    else:  # texture: stripes, checker or waves
-        f = rng.uniform(2, 7)
-        t = rng.uniform(0, 2 * math.pi)
-        sub = rng.integers(3)
-        if sub == 0:
-            m = (np.sin(2 * math.pi * f * (x * math.cos(t) + y * math.sin(t))) > 0).astype(float)
-        elif sub == 1:
-            m = ((np.floor(x * f) + np.floor(y * f)) % 2).astype(float)
-        else:
-            m = 0.5 + 0.5 * np.sin(2 * math.pi * f * x) * np.cos(2 * math.pi * f * y + t)
-    return a * (1 - m[..., None]) + b * m[..., None]
-
-
-def _background(side: int, avoid: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A ``(side, side, 3)`` float64 background in [0, 255] kept away from colours ``avoid`` (k, 3)."""
+def _background(side: int, fg: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A ``(side, side, 3)`` float64 background in [0, 255] kept away from colour ``fg``."""
     # Solid and gradient backgrounds are most common; noise and textures, whose edges compete
     # with the shape's outline, are a fifth each.
     kind = rng.choice(4, p=[0.3, 0.3, 0.2, 0.2])
-    a = _background_colour(avoid, rng)
+    a = _background_colour(fg, rng)
+    y, x = np.mgrid[0:side, 0:side] / max(side - 1, 1)
     if kind == 0:  # solid
         return np.broadcast_to(a, (side, side, 3)).copy()
+    if kind == 1:  # linear gradient between two colours along a random direction
+        b = _background_colour(fg, rng)
+        t = rng.uniform(0, 2 * math.pi)
+        u = x * math.cos(t) + y * math.sin(t)
+        u = (u - u.min()) / max(np.ptp(u), 1e-6)
+        return a * (1 - u[..., None]) + b * u[..., None]
     if kind == 2:  # Gaussian noise around one colour
         return a + rng.normal(0, rng.uniform(8, 30), (side, side, 3))
-    return _mix(side, a, _background_colour(avoid, rng), kind, rng)
+    # texture: stripes, checker or waves mixing two colours
+    b = _background_colour(fg, rng)
+    f = rng.uniform(2, 7)
+    t = rng.uniform(0, 2 * math.pi)
+    sub = rng.integers(3)
+    if sub == 0:
+        m = (np.sin(2 * math.pi * f * (x * math.cos(t) + y * math.sin(t))) > 0).astype(float)
+    elif sub == 1:
+        m = ((np.floor(x * f) + np.floor(y * f)) % 2).astype(float)
+    else:
+        m = 0.5 + 0.5 * np.sin(2 * math.pi * f * x) * np.cos(2 * math.pi * f * y + t)
+    return a * (1 - m[..., None]) + b * m[..., None]
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
@@ -189,33 +177,6 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tup
             for k, rad in enumerate(radii)]
 
 
-def _hue_deg(rgb: np.ndarray) -> tuple[float, float]:
-    h, sat, _ = colorsys.rgb_to_hsv(*(np.asarray(rgb, float) / 255.0))
-    return 360.0 * h, sat
-
-
-def other_colour(rng: np.random.Generator) -> np.ndarray:
-    """A random RGB colour that no vocabulary colour word describes.
-
-    It is at least :data:`OTHER_COLOUR_MIN_DISTANCE` RGB units from every :data:`COLOURS`
-    entry and, unless nearly grey (HSV saturation < 0.15), its hue is at least
-    :data:`OTHER_HUE_MIN_DEGREES` from the hue of every chromatic vocabulary colour. What is
-    left is cyans and greys (with faint tints).
-
-    Returns:
-        ``(3,)`` float64 in [0, 255], found by rejection sampling (about 3% acceptance).
-    """
-    ref = np.asarray(list(COLOURS.values()), float)
-    hues = [h for h, sat in map(_hue_deg, ref) if sat >= 0.25]
-    while True:
-        c = rng.uniform(0, 255, 3)
-        if np.linalg.norm(ref - c, axis=1).min() <= OTHER_COLOUR_MIN_DISTANCE:
-            continue
-        h, sat = _hue_deg(c)
-        if sat < 0.15 or min(min(abs(h - v), 360 - abs(h - v)) for v in hues) >= OTHER_HUE_MIN_DEGREES:
-            return c
-
-
 def render(colour: str, shape: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
     """Draw one ``colour`` ``shape`` on a random background.
 
@@ -235,15 +196,9 @@ def render(colour: str, shape: str, rng: np.random.Generator, size: int = 64) ->
     """
     if colour not in COLOURS or shape not in SHAPES:
         raise ValueError(f"unknown colour/shape {colour!r}/{shape!r}")
-    return _render_rgb(_jitter_colour(COLOURS[colour], rng), shape, rng, size)
-
-
-def _render_rgb(fg: np.ndarray, shape: str, rng: np.random.Generator, size: int,
-                fg2: np.ndarray | None = None) -> Image.Image:
-    # fg2: optional second fill colour; the shape is then filled with a gradient or texture of
-    # fg and fg2 (used for out-of-vocabulary shapes only).
     ss = 2 * size
-    bg = _background(size, np.stack([fg] if fg2 is None else [fg, fg2]), rng)
+    fg = _jitter_colour(COLOURS[colour], rng)
+    bg = _background(size, fg, rng)
     r = rng.uniform(0.22, 0.42) * ss
     margin = 0.7 * r
     cx, cy = rng.uniform(margin, ss - margin, 2)
@@ -263,8 +218,7 @@ def _render_rgb(fg: np.ndarray, shape: str, rng: np.random.Generator, size: int,
     mask = mask.resize((size, size), Image.Resampling.BOX)
     m = np.asarray(mask, np.float32)[..., None] / 255.0
     # A little shading noise on the shape so it is not a flat colour either.
-    fill = fg if fg2 is None else _mix(size, fg, fg2, 1 + 2 * int(rng.integers(2)), rng)
-    fg_img = fill + rng.normal(0, 6, (size, size, 3))
+    fg_img = fg + rng.normal(0, 6, (size, size, 3))
     img = np.clip(bg * (1 - m) + fg_img * m, 0, 255).astype(np.uint8)
     return Image.fromarray(img, "RGB")
 
@@ -276,17 +230,12 @@ def generate(n: int, seed: int, split: str = "seen", size: int = 64) -> list[Sha
         n: number of samples.
         seed: seed of the numpy generator; same ``(n, seed, split, size)`` -> same samples.
         split: ``"seen"`` (labels of :func:`seen_labels`, for training), ``"held_out"``
-            (labels of :func:`held_out_labels`), ``"all"`` (all 48 labels), or ``"other"``:
-            shapes in random out-of-vocabulary colours (:func:`other_colour`) whose label is the
-            bare shape word (``"star"``) and caption a :data:`SHAPE_TEMPLATES` entry; training
-            uses these to learn shape independently of the vocabulary colours without ever
-            showing a held-out pair. Labels are cycled in order so every label of the split gets
-            ``n // len(split)`` or one more samples.
+            (labels of :func:`held_out_labels`) or ``"all"`` (all 48 labels). Labels are cycled
+            in order so every label of the split gets ``n // len(split)`` or one more samples.
         size: image side in pixels.
 
     Returns:
-        ``n`` :class:`ShapeSample` with captions from a random :data:`TRAIN_TEMPLATES` entry
-        (:data:`SHAPE_TEMPLATES` for ``"other"``).
+        ``n`` :class:`ShapeSample` with captions from a random :data:`TRAIN_TEMPLATES` entry.
 
     Raises:
         ValueError: for an unknown ``split`` or ``n < 0``.
@@ -295,19 +244,9 @@ def generate(n: int, seed: int, split: str = "seen", size: int = 64) -> list[Sha
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    labels = {"seen": seen_labels, "held_out": held_out_labels, "all": all_labels}[split]()
     rng = np.random.default_rng(seed)
     out = []
-    if split == "other":
-        for i in range(n):
-            shape = SHAPES[i % len(SHAPES)]
-            # Half solid, half a gradient or texture of two such colours: the shape is its
-            # outline, whatever fills it.
-            fg2 = other_colour(rng) if rng.random() < 0.5 else None
-            image = _render_rgb(other_colour(rng), shape, rng, size, fg2)
-            caption = SHAPE_TEMPLATES[rng.integers(len(SHAPE_TEMPLATES))].format(shape)
-            out.append(ShapeSample(image, shape, caption))
-        return out
-    labels = {"seen": seen_labels, "held_out": held_out_labels, "all": all_labels}[split]()
     for i in range(n):
         label = labels[i % len(labels)]
         colour, shape = label.split(" ")
