@@ -531,7 +531,16 @@ def run_zslabel(folder: Path, ckpt: Path, labels: int, out: Path, tag: str, extr
     if device == "cuda":
         cmd += ["--num-gpus-per-actor", "1"]
     cmd += extra
-    mem = run_measured(cmd, out / f"log_d_{tag}.txt", timeout)
+    for attempt in range(3):
+        try:
+            mem = run_measured(cmd, out / f"log_d_{tag}.txt", timeout)
+            break
+        except RuntimeError as exc:
+            # A machine under heavy load can miss Ray's start-up deadline: retry, not a result.
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            log("    Ray start-up timed out (machine busy); retrying")
+            shutil.rmtree(dest, ignore_errors=True)
     manifest = json.loads((dest / "_run_manifest.json").read_text())
     rows = manifest["counts"]["rows"]
     assert manifest["counts"]["labeled"] == rows, manifest["counts"]
