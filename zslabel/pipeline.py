@@ -103,6 +103,12 @@ def init_ray(address: str | None) -> None:
         # Embedded: a fresh local instance, never a (possibly stale) `ray start` cluster that
         # plain ray.init() would try to join.
         kwargs["address"] = "local"
+        # Its workers (decode tasks, labeler actors) are this command's own work: run them at
+        # the command's priority. Ray's default, nice 15, gives them 1/40 of the CPU weight of
+        # any other process, so on a shared machine the labeler ran far slower than the same
+        # model in a plain process (benchmarks/README.md, "Actor vs plain process"). An
+        # explicit RAY_worker_niceness is kept; clusters started by `ray start` keep theirs.
+        os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
     try:
         ray.init(**kwargs)
     except Exception as exc:  # noqa: BLE001 - Ray raises bare Exception/ConnectionError/TimeoutError here
