@@ -202,10 +202,16 @@ def bound_in_flight(config: JobConfig, output_hw: tuple[int, int], pool: tuple[i
     of a run grew with its input up to that cap (+20 % PSS from 2,000 to 20,000 images,
     benchmarks/README.md). A few batches per actor keep the actors fed.
     """
+    import ray
     import ray.data
 
     h, w = output_hw
     cap = max(MIN_IN_FLIGHT_BYTES, IN_FLIGHT_BATCHES_PER_ACTOR * pool[1] * config.batch_size * h * w * 3)
+    # Never above Ray Data's own default (half the cluster's object store), e.g. for a pool
+    # sized by an autoscaler's node types that are not up yet.
+    store = ray.cluster_resources().get("object_store_memory", 0.0)
+    if store:
+        cap = int(min(cap, max(MIN_IN_FLIGHT_BYTES, store / 2)))
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=cap)
     return cap
