@@ -4,7 +4,11 @@
    every image labeled, and its scores compared with a float32 CPU run of the same images:
    they must agree within 1e-2 and must not be bit-identical (which would mean the actor did
    not run in float16 on the GPU).
-2. Throughput: a ViT-B/32-shaped CLIP (``VIT_B32_CLIP_CONFIG``: the real architecture, random
+2. Model sweep: ViT-B/32- and ViT-L/14-shaped CLIPs (random weights) in float16, uint8 pixels
+   from host memory, at 3 and 21,843 labels (ImageNet-21k size): encode + logits + softmax +
+   top-5 on the device, in batches of ``--batch-size``; prints images/s per case and the time the
+   text tower took for the 21,843 label embeddings.
+3. Throughput: a ViT-B/32-shaped CLIP (``VIT_B32_CLIP_CONFIG``: the real architecture, random
    weights, nothing downloaded) in float16 over ``--images`` generated 640x480 JPEGs, one GPU
    actor. Prints images/s (over the labeling phase, and over the whole job including model
    load), GPU utilisation sampled with ``nvidia-smi`` every 0.5 s while labeling, and the run
@@ -43,6 +47,69 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 LABELS = ["cat", "dog", "bird", "car", "tree", "boat", "person", "building"]
+MANY = 21_843  # ImageNet-21k classes
+# Published architecture of openai/clip-vit-large-patch14 (its config.json).
+VIT_L14_CLIP_CONFIG = {
+    "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+                    "num_hidden_layers": 12, "max_position_embeddings": 77, "vocab_size": 49408,
+                    "projection_dim": 768},
+    "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
+                      "num_hidden_layers": 24, "image_size": 224, "patch_size": 14, "projection_dim": 768},
+    "projection_dim": 768,
+    "logit_scale_init_value": 2.6592,
+}
+
+
+def many_labels(n: int) -> list[str]:
+    return LABELS[:n] if n <= len(LABELS) else [f"label {i}" for i in range(n)]
+
+
+def sweep(workdir: Path, batch_size: int, seconds: float, cpu: bool) -> list[dict]:
+    """images/s of the model path (no Ray, no decoding) per shape and label count; see the docstring."""
+    import torch
+
+    from zslabel.model import ZeroShotModel
+    from zslabel.ranking import RankingRule, rank, scores_from_logits, zero_shot_logits
+    from zslabel.tiny import VIT_B32_CLIP_CONFIG, build_tiny_checkpoint
+
+    device, dtype = ("cpu", torch.float32) if cpu else ("cuda", torch.float16)
+    results = []
+    for shape, cfg in (("ViT-B/32", VIT_B32_CLIP_CONFIG), ("ViT-L/14", VIT_L14_CLIP_CONFIG)):
+        t0 = time.perf_counter()
+        ckpt = build_tiny_checkpoint(workdir / shape.replace("/", ""), "clip", config=cfg)
+        model = ZeroShotModel(ckpt, device=device, dtype=dtype)
+        print(f"sweep: {shape} built and loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+        pixels = np.random.default_rng(0).integers(0, 256, (batch_size, 224, 224, 3), dtype=np.uint8)
+        for n_labels in (3, MANY):
+            t = time.perf_counter()
+            labels = torch.from_numpy(model.encode_texts([f"This is a photo of {x}." for x in many_labels(n_labels)],
+                                                         batch_size=1024)).to(device)
+            text_s = time.perf_counter() - t
+            rule = RankingRule(top_k=5)
+
+            def step():
+                emb = model.encode_images(pixels)
+                scores = scores_from_logits(zero_shot_logits(emb, labels, model.logit_scale), model.score_kind)
+                return rank(scores, rule)  # copies only the top-5 to the host (a sync point)
+
+            for _ in range(2):
+                step()
+            done, t = 0, time.perf_counter()
+            while time.perf_counter() - t < seconds:
+                step()
+                done += batch_size
+            rate = done / (time.perf_counter() - t)
+            results.append({"shape": shape, "labels": n_labels, "images_per_s": rate, "text_tower_s": text_s})
+            print(f"sweep: {shape}, {n_labels} labels: {rate:.0f} images/s (batch {batch_size}, {dtype}); "
+                  f"label embeddings {text_s:.1f} s", flush=True)
+        del model
+        if not cpu:
+            torch.cuda.empty_cache()
+    print("| shape | labels | images/s | ratio to 3 labels |\n|---|---|---|---|")
+    for r in results:
+        base = next(x for x in results if x["shape"] == r["shape"] and x["labels"] == 3)["images_per_s"]
+        print(f"| {r['shape']} | {r['labels']} | {r['images_per_s']:.0f} | {r['images_per_s'] / base:.2f} |")
+    return results
 
 
 class GpuSampler:
@@ -136,7 +203,8 @@ def smoke(workdir: Path, gpus: float) -> bool:
     return ok
 
 
-def throughput(workdir: Path, n_images: int, batch_size: int, gpus: float, fast_decode: bool) -> None:
+def throughput(workdir: Path, n_images: int, batch_size: int, gpus: float, fast_decode: bool,
+               n_labels: int = len(LABELS)) -> None:
     from zslabel import JobConfig, run_label_job
     from zslabel_dev.tiny import VIT_B32_CLIP_CONFIG, build_tiny_checkpoint
 
@@ -145,7 +213,8 @@ def throughput(workdir: Path, n_images: int, batch_size: int, gpus: float, fast_
     images = workdir / "images_640x480"
     write_photos(images, n_images, (640, 480))
     print(f"setup: ViT-B/32-shaped CLIP and {n_images} 640x480 JPEGs in {time.perf_counter() - t0:.1f} s")
-    config = JobConfig(input=str(images), output=str(workdir / "throughput"), labels=LABELS, model=str(ckpt),
+    print(f"throughput run: {n_labels} labels")
+    config = JobConfig(input=str(images), output=str(workdir / "throughput"), labels=many_labels(n_labels), model=str(ckpt),
                        top_k=5, batch_size=batch_size, num_gpus_per_actor=gpus, num_cpus_per_actor=1,
                        concurrency=(1, 1), dtype="auto", fast_decode=fast_decode, mode="overwrite")
     with GpuSampler() as sampler:
@@ -171,6 +240,7 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=3000, help="640x480 JPEGs for the throughput run (default 3000)")
     ap.add_argument("--batch-size", type=int, default=256, help="model batch size of the throughput run")
     ap.add_argument("--fast-decode", action="store_true", help="throughput run with JPEG draft decoding")
+    ap.add_argument("--sweep-seconds", type=float, default=8.0, help="timed seconds per sweep case (default 8)")
     ap.add_argument("--dir", help="working folder (default: a new temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the working folder")
     ap.add_argument("--cpu", action="store_true", help="run without a GPU (checks the script; numbers meaningless)")
@@ -190,7 +260,9 @@ def main() -> int:
     t0 = time.perf_counter()
     try:
         ok = smoke(workdir, gpus)
-        throughput(workdir, args.images, args.batch_size, gpus, args.fast_decode)
+        sweep(workdir, args.batch_size, args.sweep_seconds, args.cpu)
+        for n_labels in (3, MANY):
+            throughput(workdir, args.images, args.batch_size, gpus, args.fast_decode, n_labels)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

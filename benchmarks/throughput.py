@@ -214,6 +214,7 @@ class TreeMemory:
         self.peak_rss = self.peak_pss = 0
         self.peak_procs = 0
         self.peak_breakdown: dict[str, float] = {}  # MB of PSS per process name at the PSS peak
+        self.peak_by_kind: dict[str, float] = {}    # MB: each kind's own peak of summed PSS (see process_kind)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -237,6 +238,7 @@ class TreeMemory:
             procs = self._procs()
             rss = pss = 0
             names: dict[str, float] = {}
+            kinds: dict[str, float] = {}
             for p in procs:
                 try:
                     if i % self.pss_every == 0:
@@ -247,17 +249,41 @@ class TreeMemory:
                         if name.startswith("python"):
                             name = " ".join(p.cmdline()[1:3])[-40:]
                         names[name] = names.get(name, 0) + getattr(info, "pss", info.rss) / 2**20
+                        kind = process_kind(p, self.root.pid)
+                        kinds[kind] = kinds.get(kind, 0) + getattr(info, "pss", info.rss) / 2**20
                     else:
                         rss += p.memory_info().rss
                 except self._psutil.Error:
                     pass  # exited between listing and reading
             self.peak_rss = max(self.peak_rss, rss)
+            for k, v in kinds.items():
+                self.peak_by_kind[k] = max(self.peak_by_kind.get(k, 0.0), v)
             if pss > self.peak_pss:
                 self.peak_pss = pss
                 self.peak_breakdown = dict(sorted(names.items(), key=lambda kv: -kv[1])[:8])
             self.peak_procs = max(self.peak_procs, len(procs))
             i += 1
             self._stop.wait(self.interval)
+
+
+def process_kind(p, root_pid: int) -> str:
+    """Which part of a zslabel run a process is: driver (the CLI), labeler actors, decode/other
+    Ray workers, raylet, gcs, or ray-other (dashboard, agents, log monitor)."""
+    if p.pid == root_pid:
+        return "driver"
+    cmd = " ".join(p.cmdline()[:3])
+    if "raylet" in cmd:
+        return "raylet"
+    if "gcs_server" in cmd:
+        return "gcs"
+    title = p.cmdline()[0] if p.cmdline() else p.name()
+    if "Labeler" in title:
+        return "labeler actors"
+    if title.startswith("ray::") and "Agent" not in title:
+        return "ray workers (decode, write)"
+    if "default_worker.py" in cmd:
+        return "ray workers (decode, write)"
+    return "ray other"
 
 
 def run_measured(cmd: list[str], log_path: Path, timeout: float) -> dict:
@@ -281,7 +307,8 @@ def run_measured(cmd: list[str], log_path: Path, timeout: float) -> dict:
         raise RuntimeError(f"command failed (rc={rc}): {shlex.join(cmd)}\n--- log tail ---\n{tail}")
     return {"cli_wall_s": wall, "peak_rss_mb": mem.peak_rss / 2**20, "peak_pss_mb": mem.peak_pss / 2**20,
             "peak_processes": mem.peak_procs,
-            "peak_pss_by_process_mb": {k: round(v, 1) for k, v in mem.peak_breakdown.items()}}
+            "peak_pss_by_process_mb": {k: round(v, 1) for k, v in mem.peak_breakdown.items()},
+            "peak_pss_by_kind_mb": {k: round(v, 1) for k, v in sorted(mem.peak_by_kind.items())}}
 
 
 def _stop_tree(proc: subprocess.Popen) -> None:
@@ -445,8 +472,44 @@ def child_limit(p: dict) -> dict:
                               "top1_agreement": {str(n): agree[n] / max(agree_n, 1) for n in agree}}}
 
 
+def child_bare(p: dict) -> dict:
+    """(e) the bare decode-bound loop: one process, one torch thread, per image read + decode +
+    resize (``zslabel.decode``), and per batch forward + softmax + top-k."""
+    import torch
+
+    from zslabel.decode import decode_image
+    from zslabel.model import ZeroShotModel
+    from zslabel.ranking import scores_from_logits, top_k, zero_shot_logits
+
+    torch.set_num_threads(1)
+    model = ZeroShotModel(p["ckpt"])
+    labels = torch.from_numpy(model.encode_texts([f"This is a photo of {n}." for n in label_set(p["labels"])]))
+    scale, bias, bs = model.logit_scale, model.logit_bias, p["batch_size"]
+
+    def forward(pixels):
+        emb = model.encode_images(np.stack(pixels))
+        return top_k(scores_from_logits(zero_shot_logits(emb, labels, scale, bias), model.score_kind), 5)
+
+    paths = p["paths"]
+    forward([decode_image(open(paths[0], "rb").read(), model.preprocess).pixels])  # warm-up
+    t0 = time.perf_counter()
+    batch = []
+    for path in paths:
+        with open(path, "rb") as f:
+            r = decode_image(f.read(), model.preprocess)
+        batch.append(r.pixels)
+        if len(batch) == bs:
+            forward(batch)
+            batch = []
+    if batch:
+        forward(batch)
+    dt = time.perf_counter() - t0
+    return {"images": len(paths), "seconds": dt, "images_per_s": len(paths) / dt}
+
+
 def child_main(method: str, params: dict) -> None:
-    result = child_reference(params) if method in ("a", "b") else child_limit(params)
+    result = (child_reference(params) if method in ("a", "b") else child_bare(params) if method == "e"
+              else child_limit(params))
     Path(params["result"]).write_text(json.dumps(result))
 
 
@@ -468,7 +531,16 @@ def run_zslabel(folder: Path, ckpt: Path, labels: int, out: Path, tag: str, extr
     if device == "cuda":
         cmd += ["--num-gpus-per-actor", "1"]
     cmd += extra
-    mem = run_measured(cmd, out / f"log_d_{tag}.txt", timeout)
+    for attempt in range(3):
+        try:
+            mem = run_measured(cmd, out / f"log_d_{tag}.txt", timeout)
+            break
+        except RuntimeError as exc:
+            # A machine under heavy load can miss Ray's start-up deadline: retry, not a result.
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            log("    Ray start-up timed out (machine busy); retrying")
+            shutil.rmtree(dest, ignore_errors=True)
     manifest = json.loads((dest / "_run_manifest.json").read_text())
     rows = manifest["counts"]["rows"]
     assert manifest["counts"]["labeled"] == rows, manifest["counts"]
@@ -483,6 +555,12 @@ def run_zslabel(folder: Path, ckpt: Path, labels: int, out: Path, tag: str, extr
         r"Active & requested resources: .*?([\d.]+)(B|KiB|MiB|GiB)/[\d.]+\w+ object store",
         (out / f"log_d_{tag}.txt").read_text(errors="replace"))]
     result["peak_object_store_mb"] = max(used, default=None)
+    # What the labeler actors sustain while busy (start-up and the last blocks' tail excluded):
+    # actors x (1000 / busy ms per image and actor). The CPU default and --concurrency N start
+    # the whole pool (pipeline.initial_actors), so the pool's maximum is the number of actors.
+    ms = timings.get("model_ms_per_image")
+    result["busy_images_per_s"] = (manifest["actor_pool"][1] * 1000 / ms
+                                   if ms and manifest.get("actor_pool") and device != "cuda" else None)
     # zslabel.stages.actor_threads: a CPU actor runs ceil(CPUs it holds) torch threads.
     cpus = result["config"]["num_cpus_per_actor"]
     result["actor_threads"] = None if device == "cuda" else max(1, math.ceil(cpus - 1e-6))
@@ -599,7 +677,9 @@ def throughput(args) -> dict:
                     continue
                 d = row["d"][name] = _best(d_runs[n_labels, name])
                 d["ratios"] = {"d/a": _ratio(d, row["a"]), "d/b": _ratio(d, row["b"]), "d/c": _ratio(d, limit),
-                               "d/c_best": _ratio(d, best_c), "d_cli/a": _ratio(d, row["a"], "cli_images_per_s")}
+                               "d/c_best": _ratio(d, best_c), "d_cli/a": _ratio(d, row["a"], "cli_images_per_s"),
+                               "d_busy/c": _ratio(d, limit, "busy_images_per_s") if d.get("busy_images_per_s")
+                               else None}
             report["results"].append(row)
     report["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["total_seconds"] = time.perf_counter() - t_start
@@ -618,9 +698,11 @@ def print_table(report: dict) -> None:
           f"{m['load_avg_at_start']}, at end {m.get('load_avg_at_end')}; device {report['args']['device']}; "
           f"best of {report['args']['repeat']} for c and d")
     print("images/s. d = rows / labeling_s of the run manifest (the Ray Data stream, actor start-up included); "
+          "d busy = what the labeler actors sustain while busy (manifest model_ms_per_image); "
           "d cli = rows / whole CLI wall (Python and Ray start, model load, label embeddings, labeling, "
           "counting). Ratios d/x use d = labeling_s; 'd cli/a' uses the CLI wall.\n")
-    hdr = ("size", "labels", "variant", "a", "b", "c", "c1", "d", "d cli", "d/a", "d/b", "d/c", "d/max(c,c1)",
+    hdr = ("size", "labels", "variant", "a", "b", "c", "c1", "d", "d busy", "d cli", "d/a", "d/b", "d/c",
+           "d/max(c,c1)", "d busy/c",
            "d cli/a", "peak MB a", "b", "c", "d (RSS sum)", "d (PSS)")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
@@ -631,10 +713,10 @@ def print_table(report: dict) -> None:
             print("| " + " | ".join([
                 r["size"], str(r["labels"]), name, _f(a and a["images_per_s"], ".3f"), _f(b and b["images_per_s"], ".3f"),
                 _f(c and c["images_per_s"], ".2f"), _f(c1 and c1["images_per_s"], ".2f"),
-                _f(d and d["images_per_s"], ".2f"),
+                _f(d and d["images_per_s"], ".2f"), _f(d and d.get("busy_images_per_s"), ".2f"),
                 _f(d and d["cli_images_per_s"], ".2f"),
                 _f(ra.get("d/a"), ".1f"), _f(ra.get("d/b"), ".1f"), _f(ra.get("d/c"), ".2f"),
-                _f(ra.get("d/c_best"), ".2f"), _f(ra.get("d_cli/a"), ".1f"),
+                _f(ra.get("d/c_best"), ".2f"), _f(ra.get("d_busy/c"), ".2f"), _f(ra.get("d_cli/a"), ".1f"),
                 _f(a and a["peak_rss_mb"], ".0f"), _f(b and b["peak_rss_mb"], ".0f"), _f(c and c["peak_rss_mb"], ".0f"),
                 _f(d and d["peak_rss_mb"], ".0f"), _f(d and d["peak_pss_mb"], ".0f")]) + " |")
     print()
@@ -714,6 +796,98 @@ def memory_scaling(args) -> dict:
     return report
 
 
+def build_tiny(out: Path) -> Path:
+    """The tiny CLIP checkpoint of the tests (2 layers, 32-pixel input), built once under ``out``."""
+    path = out / "ckpt_tiny"
+    if not (path / ".complete").exists():
+        subprocess.run([sys.executable, "-c", "import sys; from zslabel.tiny import build_tiny_checkpoint; "
+                        "build_tiny_checkpoint(sys.argv[1], 'clip')", str(path)], check=True, cwd=ROOT)
+        (path / ".complete").write_text("ok")
+    return path
+
+
+def decode_bound(args) -> dict:
+    """Framework overhead where decoding bounds the run: (e) the bare one-process loop against
+    (d) zslabel end to end on ``--small-n`` 64x64 JPEGs with the tiny checkpoint, side by side,
+    ``--repeat`` times alternating; ratio per core = (d / cores) / e."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = build_tiny(out)
+    folder = out / f"small_64x64_{args.small_n}"
+    log(f"writing {args.small_n} images of 64x64 (cached)")
+    paths = write_images(folder, args.small_n, 64, 64, distinct=min(args.small_n, 1000))
+    cores = os.cpu_count() or 1
+    report = {"machine": machine(), "args": vars(args), "e": [], "d": {}}
+    variants = [("default", [])] + [tuple(v.split(":", 1)) for v in args.variant]
+    variants = [(name, shlex.split(flags) if isinstance(flags, str) else flags) for name, flags in variants]
+    for rep in range(args.repeat):
+        log(f"(e) bare loop, {args.small_n} images (round {rep + 1}, load {os.getloadavg()[0]:.1f})")
+        e = run_child("e", {"tag": f"bare_{rep}", "ckpt": str(ckpt), "paths": [str(p) for p in paths],
+                            "labels": 3, "batch_size": 64}, out, args.timeout)
+        e["load"] = os.getloadavg()[0]
+        report["e"].append(e)
+        log(f"    {e['images_per_s']:.0f} images/s")
+        for name, flags in variants:
+            log(f"(d) zslabel {name} (round {rep + 1}, load {os.getloadavg()[0]:.1f})")
+            d = run_zslabel(folder, ckpt, 3, out, f"small_{name}_{rep}", list(flags), args.device, args.timeout)
+            d["load"] = os.getloadavg()[0]
+            d["per_core_vs_e"] = d["images_per_s"] / cores / e["images_per_s"]
+            report["d"].setdefault(name, []).append(d)
+            log(f"    {d['images_per_s']:.0f} images/s (labeling_s), per core / e = {d['per_core_vs_e']:.2f}; "
+                f"timings {json.dumps({k: d['timings'].get(k) for k in ('labeling_s', 'decode_ms_per_image', 'model_ms_per_image', 'bound')})}")
+    report["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    (out / "decode_bound.json").write_text(json.dumps(report, indent=2))
+    print(f"\ndecode-bound ({args.small_n} 64x64 JPEGs, tiny checkpoint, {cores} cores; e = one process, "
+          f"1 thread; d = zslabel labeling_s):")
+    print("| round | load | e img/s | d variant | d img/s | d cli img/s | d per core / e | peak d PSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for rep, e in enumerate(report["e"]):
+        for name, runs in report["d"].items():
+            d = runs[rep]
+            print(f"| {rep + 1} | {d['load']:.1f} | {e['images_per_s']:.0f} | {name} | {d['images_per_s']:.0f} | "
+                  f"{d['cli_images_per_s']:.0f} | {d['per_core_vs_e']:.2f} | {d['peak_pss_mb']:.0f} |")
+    return report
+
+
+def scale(args) -> dict:
+    """One zslabel run over ``--scale-n`` 64x64 JPEGs (tiny checkpoint): wall time, peak memory per
+    process kind, output files, and throughput over the first and last tenth of the rows (from
+    the committed files' modification times and row counts)."""
+    import pyarrow.parquet as pq
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = build_tiny(out)
+    folder = out / f"small_64x64_{args.scale_n}"
+    log(f"writing {args.scale_n} images of 64x64 (cached; 1,000 distinct pictures)")
+    write_images(folder, args.scale_n, 64, 64, distinct=1000)
+    log(f"(d) zslabel on {args.scale_n} images (load {os.getloadavg()[0]:.1f})")
+    extra = shlex.split(args.variant[0].split(":", 1)[1]) if args.variant else []
+    d = run_zslabel(folder, ckpt, 3, out, f"scale_{args.scale_n}", extra, args.device, args.timeout)
+    files = sorted((out / f"parquet_scale_{args.scale_n}").rglob("part-*.parquet"), key=lambda f: f.stat().st_mtime)
+    stamps = np.array([f.stat().st_mtime for f in files])
+    rows = np.cumsum([pq.ParquetFile(f).metadata.num_rows for f in files])
+    n = rows[-1]
+
+    def t_at(frac):  # when the committed rows first reached frac of all rows
+        return stamps[int(np.searchsorted(rows, frac * n))]
+
+    tenth = n / 10
+    first = tenth / max(t_at(0.2) - t_at(0.1), 1e-9)   # 10-20 %: after the actors' start-up
+    last = tenth / max(t_at(1.0) - t_at(0.9), 1e-9)
+    report = {"machine": machine(), "args": vars(args), "d": d, "files": len(files), "rows": int(n),
+              "rate_10_20pct": first, "rate_90_100pct": last, "last_over_first": last / first}
+    report["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    (out / "scale.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"\nscale: {n} images, {len(files)} output files, CLI wall {d['cli_wall_s']:.0f} s, labeling "
+          f"{d['timings']['labeling_s']:.0f} s ({d['images_per_s']:.0f} images/s); rows/s over 10-20 % "
+          f"{first:.0f}, over 90-100 % {last:.0f} (last/first {last / first:.2f}); load at start "
+          f"{report['machine']['load_avg_at_start']}, at end {report['machine']['load_avg_at_end']}")
+    print(f"peak PSS MB by process kind (each kind's own peak): {d['peak_pss_by_kind_mb']}; "
+          f"whole tree peak PSS {d['peak_pss_mb']:.0f} MB, RSS sum {d['peak_rss_mb']:.0f} MB")
+    return report
+
+
 def log(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
@@ -747,6 +921,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scaling-model", choices=["small224", "vitb32"], default="small224",
                    help="small224: a 4-layer CLIP with a 224-pixel input (real-size pixel blocks, model "
                    "slower than decoding, 20,000 images in minutes); vitb32: the real shape (slow on CPU)")
+    p.add_argument("--decode-bound", action="store_true",
+                   help="framework overhead: bare decode loop vs zslabel on --small-n 64x64 JPEGs, tiny checkpoint")
+    p.add_argument("--small-n", type=int, default=3000, help="images for --decode-bound (default 3000)")
+    p.add_argument("--scale", action="store_true",
+                   help="one zslabel run on --scale-n 64x64 JPEGs: wall, memory per process kind, flatness")
+    p.add_argument("--scale-n", type=int, default=100_000, help="images for --scale (default 100,000)")
     p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     # A plain kill of the benchmark still stops the command it is measuring (see run_measured).
@@ -754,18 +934,24 @@ def main(argv: list[str] | None = None) -> int:
     if args._child:
         child_main(args._child[0], json.loads(Path(args._child[1]).read_text()))
         return 0
-    try:
-        import psutil  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("psutil") is None:
         print("psutil is needed (pip install psutil; it comes with ray[default])", file=sys.stderr)
         return 2
     if args.device == "cuda":
         import torch
 
+        args.ref_threads = [0]  # torch's CPU threads do not matter for a GPU forward
+
         if not torch.cuda.is_available():
             print("--device cuda: no CUDA device here; skipping", file=sys.stderr)
             return 0
-    if args.memory_scaling:
+    if args.decode_bound:
+        decode_bound(args)
+    elif args.scale:
+        scale(args)
+    elif args.memory_scaling:
         memory_scaling(args)
     else:
         throughput(args)

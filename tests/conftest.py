@@ -8,6 +8,7 @@ tests start, and the node IP on loopback.
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -16,6 +17,8 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_NODE_IP_ADDRESS", "127.0.0.2")
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.pop("RAY_ADDRESS", None)
+# Label-embedding and checkpoint caches in a fresh folder: tests never read or fill ~/.cache.
+os.environ.setdefault("ZSLABEL_CACHE", tempfile.mkdtemp(prefix="zslabel-test-cache-"))
 # Fault injection for the safety-net tests (zslabel.stages.FAIL_DECODE_ENV): inputs whose path
 # holds this marker raise inside the decode stage. Set before Ray starts so workers inherit it.
 os.environ["ZSLABEL_TEST_FAIL_DECODE"] = "zslabel-injected-failure"

@@ -243,7 +243,11 @@ def test_actor_pool_counts_nodes_the_autoscaler_can_start():
     with pytest.raises(ConfigError, match="CPUs per node: 0, 8, 16"):
         plan_actor_pool(JobConfig(num_cpus_per_actor=32), head, [(g5, 8), (c6i, 8)])
     # CPU actors leave CPUs for decoding; an unlimited node type counts as UNLIMITED_NODES nodes.
-    assert plan_actor_pool(JobConfig(), [{"CPU": 2.0}, {"CPU": 2.0}]) == (1, 3)
+    # The default half-CPU actors: one single-threaded actor per core (the cores cap them), the
+    # other half of the logical CPUs left to decode tasks (benchmarks/README.md, "CPU split").
+    assert plan_actor_pool(JobConfig(), [{"CPU": 2.0}, {"CPU": 2.0}]) == (1, 4)
+    assert plan_actor_pool(JobConfig(num_cpus_per_actor=1), [{"CPU": 2.0}, {"CPU": 2.0}]) == (1, 3)
+    assert plan_actor_pool(JobConfig(), [{"CPU": 16.0}]) == (1, 16)
     assert plan_actor_pool(JobConfig(num_cpus_per_actor=4), head, [(c6i, -1)]) == (1, (16 * UNLIMITED_NODES - 1) // 4)
     with pytest.raises(ConfigError, match="decode-cpus-per-task 4"):
         plan_actor_pool(JobConfig(decode_cpus_per_task=4), [{"CPU": 2.0}, {"CPU": 2.0}])

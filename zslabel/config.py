@@ -35,7 +35,10 @@ class JobConfig(LabelingOptions):
     batch_size: int = 64
     concurrency: tuple[int, int] | None = None     # actor pool (min, max); None = from cluster size
     num_gpus_per_actor: float = 0.0
-    num_cpus_per_actor: float = 1.0
+    # Half a logical CPU per labeler actor (it runs ceil(CPUs held) = 1 torch thread): CPU-only
+    # nodes get one single-threaded actor per core with half the CPUs left for decode tasks;
+    # GPU actors need little CPU (benchmarks/README.md).
+    num_cpus_per_actor: float = 0.5
     decode_cpus_per_task: float = 1.0
     # input / storage
     input_format: str = "auto"

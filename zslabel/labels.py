@@ -8,8 +8,13 @@ With a single template this is exactly the normalised text embedding the referen
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import string
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -17,7 +22,15 @@ from .errors import ConfigError
 from .textfiles import read_lines, read_text
 from .hierarchy import SEPARATOR, prompt_name
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TEMPLATE = "This is a photo of {}."
+# Named label and template sets shipped as package data (zslabel/label_sets/NAME.txt; each
+# file's header gives its source and licence).
+LABEL_SETS_DIR = Path(__file__).resolve().parent / "label_sets"
+LABEL_SETS = ("imagenet-1k",)
+# Bump when the label-embedding computation changes, so cached embeddings are not reused.
+LABEL_CACHE_VERSION = 1
 
 # Named template sets for --templates NAME. "openai-imagenet-7" is the 7-template subset the
 # CLIP authors recommend (CLIP repo, notebooks/Prompt_Engineering_for_ImageNet.ipynb).
@@ -70,12 +83,22 @@ def validate_template(template: str) -> None:
         raise ConfigError(f"template {template!r} must contain exactly one '{{}}' field (found {len(fields)})")
 
 
+def named_set_path(name: str | None) -> str | None:
+    """The package-data file of a named label set (``LABEL_SETS``, e.g. ``"imagenet-1k"``) when
+    ``name`` is one and no file of that name exists; else ``name`` unchanged."""
+    if name in LABEL_SETS and not Path(name).exists():
+        return str(LABEL_SETS_DIR / f"{name}.txt")
+    return name
+
+
 def merge_labels_file(labels: list[str], labels_file: str | None) -> list[str]:
-    """``labels`` followed by the lines of ``labels_file`` (if given).
+    """``labels`` followed by the lines of ``labels_file`` (if given): a file, or a named set
+    (``LABEL_SETS``, e.g. ``"imagenet-1k"``).
 
     Raises:
         ConfigError: the file cannot be read, or is not UTF-8 (see ``textfiles.decode_text``).
     """
+    labels_file = named_set_path(labels_file)
     if not labels_file:
         return list(labels)
     return list(labels) + read_lines(read_text(labels_file, what="labels file"))
@@ -108,13 +131,21 @@ class LabelSet:
         return [t.format(prompt_name(n)) for n in self.names for t in self.templates]
 
 
-def build_label_set(names: list[str], templates: list[str], model) -> LabelSet:
+def build_label_set(names: list[str], templates: list[str], model, *, digest: str | None = None,
+                    cache: bool = True) -> LabelSet:
     """Embed every (label, template) prompt with ``model``'s text tower and ensemble them.
+
+    The (C, D) result is cached on disk (``label_cache_dir``), keyed by ``label_cache_key``
+    (checkpoint digest, labels, templates, dtype, device kind, text length), so a rerun or a
+    relabel with the same set reads it back instead of running the text tower again.
 
     Args:
         names: C label names (validated: non-empty, unique).
         templates: T templates (validated: one ``{}`` each).
         model: a ``zslabel.model.ZeroShotModel``.
+        digest: ``model.checkpoint_digest`` of the checkpoint when the caller has it (else
+            computed here when ``cache``).
+        cache: read and write the on-disk cache.
 
     Returns:
         LabelSet with (C, D) float32 L2-normalised embeddings.
@@ -135,11 +166,71 @@ def build_label_set(names: list[str], templates: list[str], model) -> LabelSet:
         if length > limit:
             raise ConfigError(f"prompt {prompt!r} is {length} tokens, longer than the text tower's "
                               f"maximum of {limit}; shorten that label or template")
+    path = None
+    if cache:
+        from .model import checkpoint_digest
+
+        key = label_cache_key(digest or checkpoint_digest(model.path), model, names, templates)
+        path = label_cache_dir() / f"{key}.npy"
+        cached = _read_cached(path, len(names))
+        if cached is not None:
+            log.info("label embeddings for %d labels x %d templates read from %s", len(names), len(templates), path)
+            return LabelSet(tuple(names), tuple(templates), cached)
     emb = model.encode_texts(prompts).reshape(len(names), len(templates), -1)
-    return LabelSet(tuple(names), tuple(templates), ensemble(emb))
+    label_set = LabelSet(tuple(names), tuple(templates), ensemble(emb))
+    if path is not None:
+        _write_cached(path, label_set.embeddings)
+    return label_set
+
+
+def label_cache_dir() -> Path:
+    """Where label embeddings are cached: ``<zslabel cache>/label_embeddings`` (``$ZSLABEL_CACHE``
+    or ~/.cache/zslabel; see ``model.cache_root``)."""
+    from .model import cache_root
+
+    return cache_root() / "label_embeddings"
+
+
+def label_cache_key(digest: str, model, names: list[str], templates: list[str]) -> str:
+    """sha256 (hex) of what determines the label embeddings: the checkpoint digest, model type,
+    the text tower's dtype, device kind and maximum text length, the labels and the templates,
+    in order (the embeddings' row order is the labels' order)."""
+    facts = {"v": LABEL_CACHE_VERSION, "digest": digest, "model_type": model.model_type,
+             "dtype": str(model.dtype), "device": model.device.type, "max_text_length": model.max_text_length,
+             "names": list(names), "templates": list(templates)}
+    return hashlib.sha256(json.dumps(facts, ensure_ascii=False).encode()).hexdigest()
+
+
+def _read_cached(path: Path, rows: int) -> np.ndarray | None:
+    """The cached (rows, D) float32 matrix at ``path``, or None (absent, unreadable, wrong shape)."""
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if emb.ndim != 2 or emb.shape[0] != rows or emb.dtype != np.float32 or not np.isfinite(emb).all():
+        return None
+    return emb
+
+
+def _write_cached(path: Path, emb: np.ndarray) -> None:
+    """Write ``emb`` to ``path`` atomically (temp file + rename); a failure only logs."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.save(f, emb, allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot cache label embeddings at %s: %s", path, exc)
+        tmp.unlink(missing_ok=True)
 
 
 def ensemble(template_embeddings: np.ndarray) -> np.ndarray:
     """(C, T, D) L2-normalised prompt embeddings -> (C, D) float32: mean over T, renormalised."""
     mean = template_embeddings.astype(np.float32).mean(axis=1)
     return (mean / np.linalg.norm(mean, axis=-1, keepdims=True)).astype(np.float32)
+
+
+# The ImageNet templates (80) of the CLIP authors, shipped as package data (see its header).
+TEMPLATE_SETS["openai-imagenet-80"] = read_lines(
+    (LABEL_SETS_DIR / "openai-imagenet-80.txt").read_text(encoding="utf-8"))

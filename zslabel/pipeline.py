@@ -39,6 +39,11 @@ ACTOR_MAX_TASK_RETRIES = 4
 # Labeler actors that may die while loading the model (e.g. their node is lost) before the
 # job fails; Ray Data's default of 0 fails the whole job on the first such death.
 ACTOR_INIT_DEATHS_TOLERATED = 3
+# Decoded data in flight (see bound_in_flight): batches per labeler actor, and a floor.
+IN_FLIGHT_BATCHES_PER_ACTOR = 8
+MIN_IN_FLIGHT_BYTES = 256 * 2**20
+# Calls in flight per GPU labeler actor (see actor_pool_strategy).
+GPU_CALLS_PER_ACTOR = 2
 # An autoscaler node type without a maximum count, when sizing the labeler actor pool.
 UNLIMITED_NODES = 64
 
@@ -73,6 +78,12 @@ def init_ray(address: str | None) -> None:
         # Embedded: a fresh local instance, never a (possibly stale) `ray start` cluster that
         # plain ray.init() would try to join.
         kwargs["address"] = "local"
+        # Its workers (decode tasks, labeler actors) are this command's own work: run them at
+        # the command's priority. Ray's default, nice 15, gives them 1/40 of the CPU weight of
+        # any other process, so on a shared machine the labeler ran far slower than the same
+        # model in a plain process (benchmarks/README.md, "Actor vs plain process"). An
+        # explicit RAY_worker_niceness is kept; clusters started by `ray start` keep theirs.
+        os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
     try:
         ray.init(**kwargs)
     except Exception as exc:  # noqa: BLE001 - Ray raises bare Exception/ConnectionError/TimeoutError here
@@ -119,6 +130,66 @@ def actor_pool_size(config: JobConfig) -> tuple[int, int]:
 
     live = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
     return plan_actor_pool(config, live, _autoscaler_node_types())
+
+
+def initial_actors(config: JobConfig, pool: tuple[int, int], inputs: int | None) -> int:
+    """Labeler actors to start with: for CPU actors sized by the cluster, as many as the live
+    nodes hold, but no more than ``inputs`` gives two batches each; else ``pool[0]``.
+
+    Ray Data grows an actor pool only while the running actors stay busy with work queued, one
+    actor at a time: in benchmarks a 2-core run of 320 images never got its second CPU actor.
+    ``inputs`` (None when unknown, e.g. tar shards) keeps a run of a few images from paying for
+    a model load per core. GPU pools and ``--concurrency`` start at their minimum, as configured.
+    """
+    import ray
+
+    if config.concurrency or config.num_gpus_per_actor:
+        return pool[0]
+    live = plan_actor_pool(config, [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")])[1]
+    wanted = live if inputs is None else math.ceil(inputs / (2 * config.batch_size))
+    return max(pool[0], min(pool[1], live, wanted))
+
+
+def actor_pool_strategy(config: JobConfig, pool: tuple[int, int], inputs: int | None):
+    """Ray Data's ``ActorPoolStrategy`` for the labeler: ``pool`` sizes, ``initial_actors``, and
+    for GPU actors two calls in flight per actor, so that Ray Data batches the next input and
+    formats the last output (host work) while the model runs on the device; the model calls
+    themselves stay one at a time (``enable_true_multi_threading`` off). Ray versions without
+    ``max_concurrent_calls_per_actor`` get the plain strategy."""
+    import inspect
+
+    import ray.data
+
+    kwargs = {"min_size": pool[0], "max_size": pool[1], "initial_size": initial_actors(config, pool, inputs)}
+    params = inspect.signature(ray.data.ActorPoolStrategy.__init__).parameters
+    if config.num_gpus_per_actor and "max_concurrent_calls_per_actor" in params:
+        kwargs["max_concurrent_calls_per_actor"] = GPU_CALLS_PER_ACTOR
+    return ray.data.ActorPoolStrategy(**kwargs)
+
+
+def bound_in_flight(config: JobConfig, output_hw: tuple[int, int], pool: tuple[int, int]) -> int:
+    """Cap the object store memory this job's dataset may use (Ray Data backpressure) at
+    ``IN_FLIGHT_BATCHES_PER_ACTOR`` decoded batches per labeler actor, at least
+    ``MIN_IN_FLIGHT_BYTES``; returns the cap in bytes.
+
+    Ray Data's own cap is a fraction of the object store (half of it: ~660 MB on a 24 GB
+    machine), which decode tasks fill when the model is slower than decoding, so the peak memory
+    of a run grew with its input up to that cap (+20 % PSS from 2,000 to 20,000 images,
+    benchmarks/README.md). A few batches per actor keep the actors fed.
+    """
+    import ray
+    import ray.data
+
+    h, w = output_hw
+    cap = max(MIN_IN_FLIGHT_BYTES, IN_FLIGHT_BATCHES_PER_ACTOR * pool[1] * config.batch_size * h * w * 3)
+    # Never above Ray Data's own default (half the cluster's object store), e.g. for a pool
+    # sized by an autoscaler's node types that are not up yet.
+    store = ray.cluster_resources().get("object_store_memory", 0.0)
+    if store:
+        cap = int(min(cap, max(MIN_IN_FLIGHT_BYTES, store / 2)))
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=cap)
+    return cap
 
 
 def _autoscaler_node_types() -> list[tuple[dict[str, float], int]]:
@@ -185,7 +256,12 @@ def plan_actor_pool(config: JobConfig, nodes: list[dict[str, float]],
             if c:
                 per_node = [min(k, math.floor(r.get("CPU", 0.0) / c)) for k, r in zip(per_node, rs)]
             return sum(n * k for n, k in zip(counts, per_node))
-        return math.floor((sum(n * r.get("CPU", 0.0) for r, n in zip(rs, counts)) - d) / c)
+        # CPU actors: what the CPUs hold after one decode task, and no more actors than the
+        # nodes have cores for their torch threads (ceil(c) each, ``stages.actor_threads``), so
+        # fractional actors leave logical CPUs to decoding without oversubscribing the cores.
+        by_cpus = math.floor((sum(n * r.get("CPU", 0.0) for r, n in zip(rs, counts)) - d) / c)
+        by_cores = sum(n * math.floor(r.get("CPU", 0.0) / math.ceil(c)) for r, n in zip(rs, counts))
+        return min(by_cpus, by_cores)
 
     most = capacity(nodes, [1] * len(nodes))
     if node_types:
@@ -227,12 +303,14 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
 
     spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode}
     path = resolve_checkpoint(config.model, config.revision, config.storage_options)
-    text_model = ZeroShotModel(path, **spec_overrides)
+    # The text tower runs on the driver's GPU when it has one (float32: the label embeddings
+    # are the classifier's weights), batched; its result is cached on disk (labels.build_label_set).
+    text_model = ZeroShotModel(path, device=text_device(), **spec_overrides)
     resolved.rule.check_score_kind(text_model.score_kind, config.model)  # before any image is read
-    label_set = build_label_set(resolved.labels, resolved.templates, text_model)
+    digest = checkpoint_digest(path)
+    label_set = build_label_set(resolved.labels, resolved.templates, text_model, digest=digest)
     spec, score_kind, model_type = text_model.preprocess, text_model.score_kind, text_model.model_type
     embed_dim = label_set.embeddings.shape[1]
-    digest = checkpoint_digest(path)
     del text_model
     calib = load_for_run(config.calibration, config.storage_options, checkpoint_digest=digest,
                          labels=list(label_set.names), templates=list(label_set.templates), score_kind=score_kind)
@@ -266,6 +344,7 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         spec_overrides=spec_overrides, ranking=resolved.rule, calibration=calib, hierarchy=hier)
     # One copy of the (C, D) label embeddings in the object store, shared by every actor.
     label_ref = ray.put(label_set.embeddings)
+    bound_in_flight(config, spec.output_hw, pool)
 
     ds = plan.dataset
     if len(run.done):
@@ -297,7 +376,7 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         Labeler, fn_constructor_kwargs={"settings": settings, "label_refs": [label_ref],
                                         "label_names": list(label_set.names)},
         batch_size=config.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]),
+        compute=actor_pool_strategy(config, pool, plan.listed),
         num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor or None,
         scheduling_strategy="DEFAULT",
         # An actor lost with its node is recreated wherever resources are (model reloaded
@@ -349,6 +428,13 @@ def _consume_with_progress(ds, progress: Progress) -> list[dict]:
             written.append(row)
             progress.update(row["rows"], row["errors"])
     return written
+
+
+def text_device() -> str:
+    """``"cuda"`` when this process sees a CUDA device (the text tower then runs there), else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def stage_timings(ds, since_epoch_s: float, config: JobConfig) -> dict[str, float | str]:

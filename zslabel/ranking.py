@@ -61,20 +61,47 @@ def scores_from_logits(logits: torch.Tensor, score_kind: str) -> torch.Tensor:
     raise ValueError(f"unknown score kind {score_kind!r}; expected one of {SCORE_KINDS}")
 
 
-def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def top_k(scores, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` labels per row, best first; ties keep label order (as the reference pipeline's
     stable sort does).
 
     Args:
-        scores: (N, C) float32.
+        scores: (N, C) float32, a numpy array or a torch tensor on any device. A tensor stays
+            on its device: only the (N, min(k, C)) result is copied to the host.
         k: wanted entries; clipped to C, so rows hold min(k, C) entries.
 
     Returns:
-        ``(indices, values)``: (N, min(k, C)) int64 label indices and float32 scores.
+        ``(indices, values)``: (N, min(k, C)) int64 label indices and float32 scores (numpy).
     """
-    k = min(int(k), scores.shape[1])
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return order.astype(np.int64), np.take_along_axis(scores, order, axis=1).astype(np.float32)
+    idx, val = top_k_tensor(torch.as_tensor(scores), k)
+    return idx.cpu().numpy().astype(np.int64), val.cpu().numpy().astype(np.float32)
+
+
+def top_k_tensor(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``top_k`` on ``scores``' device: (N, min(k, C)) int64 indices and float scores, tensors.
+
+    ``torch.topk`` selects in O(C) per row but does not define the order of equal values, nor
+    which of several values equal to the k-th it keeps. Rows where that matters (a tie inside
+    the top k, or the k-th value shared with a label outside it) are redone with a stable
+    descending sort of those rows only, which orders ties by label index exactly as
+    ``np.argsort(-scores, kind="stable")``; other rows have one correct answer, so topk's is it.
+    """
+    n, c = scores.shape
+    k = min(int(k), c)
+    if n == 0 or k == 0:
+        return (torch.zeros((n, k), dtype=torch.int64, device=scores.device),
+                torch.zeros((n, k), dtype=scores.dtype, device=scores.device))
+    val, idx = torch.topk(scores, k, dim=1, largest=True, sorted=True)
+    kth = val[:, -1:]
+    tied = (scores >= kth).sum(dim=1) > k
+    if k > 1:
+        tied |= (val[:, 1:] == val[:, :-1]).any(dim=1)
+    if bool(tied.any()):
+        rows = torch.nonzero(tied).flatten()
+        sub_val, sub_idx = torch.sort(scores[rows], dim=1, descending=True, stable=True)
+        val, idx = val.clone(), idx.clone()
+        val[rows], idx[rows] = sub_val[:, :k], sub_idx[:, :k]
+    return idx, val
 
 
 def l2_normalise(x: torch.Tensor) -> torch.Tensor:
@@ -140,26 +167,34 @@ class Ranked:
     abstained: np.ndarray | None
 
 
-def rank(scores: np.ndarray, rule: RankingRule) -> Ranked:
-    """Apply ``rule`` to an (M, C) float32 score matrix (finite values in [0, 1]).
+def rank(scores, rule: RankingRule) -> Ranked:
+    """Apply ``rule`` to an (M, C) float32 score matrix (finite values in [0, 1]): a numpy
+    array or a torch tensor on any device (CUDA included: the selection runs there and only the
+    kept entries are copied to the host, never the (M, C) matrix).
 
     Top-k as ``top_k``; multi-label keeps ``scores >= threshold`` ordered by score, ties in
     label order (stable sort, as ``top_k``). Abstention compares each row's maximum score
     with ``min_score`` (strictly below abstains).
     """
-    m, c = scores.shape
+    t = torch.as_tensor(scores)
+    m, c = t.shape
     if rule.multi_label:
-        order = np.argsort(-scores, axis=1, kind="stable")
-        ordered = np.take_along_axis(scores, order, axis=1)
-        keep = ordered >= np.float32(rule.threshold)  # sorted descending, so kept entries lead each row
-        counts = keep.sum(axis=1).astype(np.int64)
-        indices, values = order[keep].astype(np.int64), ordered[keep].astype(np.float32)
+        keep = t >= float(np.float32(rule.threshold))
+        counts_t = keep.sum(dim=1)
+        width = int(counts_t.max()) if m else 0
+        # Kept entries are the row's ``width`` best at most: select those, then drop the rest.
+        idx_t, val_t = top_k_tensor(t, width)
+        counts = counts_t.cpu().numpy().astype(np.int64)
+        idx, val = idx_t.cpu().numpy(), val_t.cpu().numpy()
+        mask = np.arange(width)[None, :] < counts[:, None]
+        indices, values = idx[mask].astype(np.int64), val[mask].astype(np.float32)
     else:
-        idx, val = top_k(scores, rule.top_k)
-        counts = np.full(m, idx.shape[1], np.int64)
-        indices, values = idx.ravel(), val.ravel()
+        idx_t, val_t = top_k_tensor(t, rule.top_k)
+        counts = np.full(m, idx_t.shape[1], np.int64)
+        indices = idx_t.cpu().numpy().astype(np.int64).ravel()
+        values = val_t.cpu().numpy().astype(np.float32).ravel()
     abstained = None
     if rule.min_score is not None:
-        best = scores.max(axis=1) if c else np.zeros(m, np.float32)
+        best = t.max(dim=1).values.cpu().numpy() if c and m else np.zeros(m, np.float32)
         abstained = best < np.float32(rule.min_score)
     return Ranked(indices, values, counts, abstained)

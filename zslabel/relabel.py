@@ -297,7 +297,7 @@ def run_relabel_job(config: RelabelConfig):
     check_same_model(source.manifest, config.model, config.revision, digest)
     text_model = ZeroShotModel(path)
     resolved.rule.check_score_kind(text_model.score_kind, config.model)
-    label_set = build_label_set(resolved.labels, resolved.templates, text_model)
+    label_set = build_label_set(resolved.labels, resolved.templates, text_model, digest=digest)
     score_kind, model_type = text_model.score_kind, text_model.model_type
     scale, bias = text_model.logit_scale, text_model.logit_bias
     del text_model
