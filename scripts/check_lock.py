@@ -86,7 +86,7 @@ def lock_problems(pyproject: dict, pins: dict[str, str]) -> list[str]:
 def imported_modules(folder: Path) -> set[str]:
     """Top-level names of the absolute imports in the ``*.py`` files under ``folder``,
     without the standard library and the folder's own modules."""
-    local = {p.stem for p in [*folder.rglob("*.py"), *(ROOT / "scripts").glob("*.py")]} | {folder.name, "zslabel"}
+    local = {p.stem for p in [*folder.rglob("*.py"), *(ROOT / "scripts").glob("*.py")]} | {folder.name, "zslabel", "zslabel_dev"}
     local |= {p.name for p in folder.rglob("*") if p.is_dir()}
     names, optional = set(), set()
     for path in folder.rglob("*.py"):

@@ -73,6 +73,8 @@ def top_k(scores, k: int) -> tuple[np.ndarray, np.ndarray]:
     Returns:
         ``(indices, values)``: (N, min(k, C)) int64 label indices and float32 scores (numpy).
     """
+    import torch
+
     idx, val = top_k_tensor(torch.as_tensor(scores), k)
     return idx.cpu().numpy().astype(np.int64), val.cpu().numpy().astype(np.float32)
 
@@ -86,6 +88,8 @@ def top_k_tensor(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     descending sort of those rows only, which orders ties by label index exactly as
     ``np.argsort(-scores, kind="stable")``; other rows have one correct answer, so topk's is it.
     """
+    import torch
+
     n, c = scores.shape
     k = min(int(k), c)
     if n == 0 or k == 0:
@@ -176,6 +180,8 @@ def rank(scores, rule: RankingRule) -> Ranked:
     label order (stable sort, as ``top_k``). Abstention compares each row's maximum score
     with ``min_score`` (strictly below abstains).
     """
+    import torch
+
     t = torch.as_tensor(scores)
     m, c = t.shape
     if rule.multi_label:
