@@ -144,7 +144,9 @@ def _label_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--concurrency", type=_checked(parse_concurrency),
                    help="labeler actors: N or MIN,MAX (default: 1..what the cluster holds)")
     g.add_argument("--num-gpus-per-actor", type=float, help="GPUs per labeler actor, fractions allowed (default 0)")
-    g.add_argument("--num-cpus-per-actor", type=float, help="CPUs per labeler actor (default 1)")
+    g.add_argument("--num-cpus-per-actor", type=float,
+                   help="CPUs per labeler actor (default 0.5: an actor runs ceil(CPUs) torch threads, so a CPU "
+                   "node gets one actor per core and keeps half its logical CPUs for decode tasks)")
     g.add_argument("--decode-cpus-per-task", type=float, help="CPUs per decode task (default 1)")
     g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
                    help="model precision (auto: float16 on CUDA, float32 on CPU)")
