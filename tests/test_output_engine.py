@@ -138,6 +138,15 @@ def test_typo_in_input_path_fails_in_seconds_without_ray(tiny_clip, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_empty_folder_fails_in_seconds_without_ray(tiny_clip, tmp_path):
+    (tmp_path / "empty" / ".hidden").mkdir(parents=True)
+    (tmp_path / "empty" / ".hidden" / "x.png").write_bytes(b"not counted: hidden")
+    proc = zslabel("label", tmp_path / "empty", "--labels", "a,b", "--model", tiny_clip, "-o", tmp_path / "out")
+    assert proc.returncode == 2 and "is an empty folder" in proc.stderr, proc.stderr[-3000:]
+    assert proc.modules == {"ray": False, "torch": False, "transformers": False}
+    assert not (tmp_path / "out").exists()
+
+
 def test_finished_run_resume_and_refused_resume_need_no_ray(tiny_clip, ray_local, image_folder, tmp_path):
     out = tmp_path / "out"
     summary = run_label_job(JobConfig(input=str(image_folder), output=str(out), labels=LABELS_A,

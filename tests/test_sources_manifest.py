@@ -132,6 +132,10 @@ def test_text_manifests_read_with_bom_and_any_line_ends(ray_local, tmp_path, enc
     txt = tmp_path / "list.txt"
     txt.write_bytes(newline.join(["/d/café.jpg", "# comment", "", "/d/b.jpg"]).encode(encoding))
     assert [r["path"] for r in rows_of(plan_inputs(str(txt)))] == ["/d/café.jpg", "/d/b.jpg"]
+    # A header line as csv manifests have it is not an entry (a fresh user's UTF-16 list.txt).
+    txt.write_bytes(newline.join(["path", "/d/café.jpg", "/d/b.jpg"]).encode(encoding))
+    plan = plan_inputs(str(txt))
+    assert [r["path"] for r in rows_of(plan)] == ["/d/café.jpg", "/d/b.jpg"] and plan.listed == 2
     csv = tmp_path / "list.csv"
     csv.write_bytes(newline.join(["path,id", "/d/café.jpg,007", "/d/b.jpg,8"]).encode(encoding))
     rows = rows_of(plan_inputs(str(csv), id_column="id"))

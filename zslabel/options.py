@@ -199,25 +199,38 @@ def resolve(options: LabelingOptions) -> ResolvedRun:
 
 def check_input_exists(uri: str, storage_options: dict | None = None) -> None:
     """Fail in seconds, before Ray starts, on an input that does not exist: a path or URI that
-    is not there, or a glob that matches nothing. Brace patterns (``shard-{000..009}.tar``) are
-    left to the planner, which turns a missing named shard into an error row.
+    is not there, a glob that matches nothing, or a local folder holding no (non-hidden) file at
+    all. Brace patterns (``shard-{000..009}.tar``) are left to the planner, which turns a
+    missing named shard into an error row; what a non-empty folder holds is the planner's to judge.
 
     Raises:
         InputError: naming the input.
     """
-    import fsspec
+    from . import storage
 
     if "{" in uri:
         return
     try:
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-        found = bool(fs.glob(path)) if any(c in path for c in "*?[") else fs.exists(path)
-    except ImportError as exc:
-        raise InputError(f"cannot read {uri}: {exc}") from exc
+        fs, path = storage.url_to_fs(uri, storage_options)
+        pattern = storage.is_pattern(uri, storage_options)
+        found = bool(fs.glob(path)) if pattern else fs.exists(path)
+    except InputError:
+        raise
     except Exception:  # noqa: BLE001 - storage errors differ per backend; the planner reports them
         return
     if not found:
         raise InputError(f"no images found: {uri} does not exist")
+    if not pattern and storage.is_local(fs) and os.path.isdir(path) and not _has_visible_file(path):
+        raise InputError(f"no images found: {uri} is an empty folder")
+
+
+def _has_visible_file(folder: str) -> bool:
+    """Whether ``folder`` holds a file outside hidden (dot) folders; stops at the first one."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(not f.startswith(".") for f in filenames):
+            return True
+    return False
 
 
 def local_stamp(uri: str | None) -> str | None:
@@ -245,7 +258,8 @@ def local_stamp(uri: str | None) -> str | None:
                     st = os.stat(full)
                 except OSError:
                     continue
-                h.update(f"{os.path.relpath(full, path)}\0{st.st_size}:{st.st_mtime_ns}\n".encode())
+                # fsencode: names that are not UTF-8 (surrogate-escaped here) hash as their bytes.
+                h.update(os.fsencode(f"{os.path.relpath(full, path)}\0{st.st_size}:{st.st_mtime_ns}\n"))
     return h.hexdigest()[:16]
 
 

@@ -57,6 +57,9 @@ def plan_manifest(uri: str, options: InputOptions) -> InputPlan:
     fs, fs_path, table = read_table(uri, options, _read_manifest)
     if manifest_format(fs_path.lower()) == "txt":
         paths = pc.utf8_trim_whitespace(table.column(0).combine_chunks().cast(pa.string()))
+        # A first line naming the column as csv manifests do (path, url, uri) is a header, not an entry.
+        if len(paths) and paths[0].as_py() in PATH_COLUMN_CANDIDATES:
+            table, paths = table.slice(1), paths.slice(1)
         # Comment and blank lines are not entries.
         table = table.filter(pc.and_(pc.invert(pc.starts_with(paths, "#")), pc.not_equal(paths, "")))
         path_col = table.column_names[0]
