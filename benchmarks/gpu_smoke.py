@@ -70,7 +70,7 @@ def sweep(workdir: Path, batch_size: int, seconds: float, cpu: bool) -> list[dic
 
     from zslabel.model import ZeroShotModel
     from zslabel.ranking import RankingRule, rank, scores_from_logits, zero_shot_logits
-    from zslabel.tiny import VIT_B32_CLIP_CONFIG, build_tiny_checkpoint
+    from zslabel_dev.tiny import VIT_B32_CLIP_CONFIG, build_tiny_checkpoint
 
     device, dtype = ("cpu", torch.float32) if cpu else ("cuda", torch.float16)
     results = []

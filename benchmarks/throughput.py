@@ -555,6 +555,7 @@ def run_zslabel(folder: Path, ckpt: Path, labels: int, out: Path, tag: str, extr
         r"Active & requested resources: .*?([\d.]+)(B|KiB|MiB|GiB)/[\d.]+\w+ object store",
         (out / f"log_d_{tag}.txt").read_text(errors="replace"))]
     result["peak_object_store_mb"] = max(used, default=None)
+    result["steady_images_per_s"] = steady_rate(dest)
     # What the labeler actors sustain while busy (start-up and the last blocks' tail excluded):
     # actors x (1000 / busy ms per image and actor). The CPU default and --concurrency N start
     # the whole pool (pipeline.initial_actors), so the pool's maximum is the number of actors.
@@ -565,6 +566,42 @@ def run_zslabel(folder: Path, ckpt: Path, labels: int, out: Path, tag: str, extr
     cpus = result["config"]["num_cpus_per_actor"]
     result["actor_threads"] = None if device == "cuda" else max(1, math.ceil(cpus - 1e-6))
     return result
+
+
+def committed_rows(dest: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(modification time of each committed Parquet file in commit order, cumulative rows)."""
+    import pyarrow.parquet as pq
+
+    files = sorted(dest.rglob("part-*.parquet"), key=lambda f: f.stat().st_mtime)
+    stamps = np.array([f.stat().st_mtime for f in files])
+    return stamps, np.cumsum([pq.ParquetFile(f).metadata.num_rows for f in files])
+
+
+def rate_between(stamps: np.ndarray, rows: np.ndarray, lo: float, hi: float) -> float | None:
+    """Rows/s committed between the moments the output first held ``lo`` and ``hi`` of its rows."""
+    if len(rows) < 2:
+        return None
+    n = rows[-1]
+
+    def t_at(frac):
+        return stamps[min(len(rows) - 1, int(np.searchsorted(rows, frac * n)))]
+
+    dt = t_at(hi) - t_at(lo)
+    return (hi - lo) * n / dt if dt > 0 else None
+
+
+def steady_rate(dest: Path) -> float | None:
+    """zslabel's steady state: rows/s committed between 20 % and 90 % of the run's rows, so the
+    labeler actors' start-up (before the first commit) and the last blocks' tail are left out.
+    None with fewer than 5 committed files (see ``d_rows_per_file``)."""
+    stamps, rows = committed_rows(dest)
+    return rate_between(stamps, rows, 0.2, 0.9) if len(rows) >= 5 else None
+
+
+def d_rows_per_file(n: int) -> list[str]:
+    """``--rows-per-file`` giving ~20 committed files for ``n`` images, enough commit times for
+    ``steady_rate`` (a file every few seconds; the default 1,024 rows gives one file for 1,000)."""
+    return ["--rows-per-file", str(max(16, n // 20))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,7 +646,7 @@ def throughput(args) -> dict:
     t_start = time.perf_counter()
     ckpt = build_checkpoint(out, "vitb32")
     variants = [("default", [])] + [(v.split(":", 1)[0], shlex.split(v.split(":", 1)[1])) for v in args.variant]
-    common = ["--batch-size", str(args.d_batch_size)] if args.d_batch_size else []
+    common = (["--batch-size", str(args.d_batch_size)] if args.d_batch_size else []) + d_rows_per_file(args.n)
     if args.fast_decode:
         common.append("--fast-decode")
     report = {"machine": machine(), "args": vars(args), "checkpoint": "ViT-B/32 CLIP shape, random weights",
@@ -679,7 +716,11 @@ def throughput(args) -> dict:
                 d["ratios"] = {"d/a": _ratio(d, row["a"]), "d/b": _ratio(d, row["b"]), "d/c": _ratio(d, limit),
                                "d/c_best": _ratio(d, best_c), "d_cli/a": _ratio(d, row["a"], "cli_images_per_s"),
                                "d_busy/c": _ratio(d, limit, "busy_images_per_s") if d.get("busy_images_per_s")
-                               else None}
+                               else None,
+                               "d_steady/c": _ratio(d, limit, "steady_images_per_s") if d.get("steady_images_per_s")
+                               else None,
+                               "d_steady/c_best": _ratio(d, best_c, "steady_images_per_s")
+                               if d.get("steady_images_per_s") else None}
             report["results"].append(row)
     report["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["total_seconds"] = time.perf_counter() - t_start
@@ -698,11 +739,13 @@ def print_table(report: dict) -> None:
           f"{m['load_avg_at_start']}, at end {m.get('load_avg_at_end')}; device {report['args']['device']}; "
           f"best of {report['args']['repeat']} for c and d")
     print("images/s. d = rows / labeling_s of the run manifest (the Ray Data stream, actor start-up included); "
+          "d steady = rows/s committed between 20 % and 90 % of the rows (output file times; start-up and tail "
+          "left out); "
           "d busy = what the labeler actors sustain while busy (manifest model_ms_per_image); "
           "d cli = rows / whole CLI wall (Python and Ray start, model load, label embeddings, labeling, "
           "counting). Ratios d/x use d = labeling_s; 'd cli/a' uses the CLI wall.\n")
-    hdr = ("size", "labels", "variant", "a", "b", "c", "c1", "d", "d busy", "d cli", "d/a", "d/b", "d/c",
-           "d/max(c,c1)", "d busy/c",
+    hdr = ("size", "labels", "variant", "a", "b", "c", "c1", "d", "d steady", "d busy", "d cli", "d/a", "d/b",
+           "d/c", "d/max(c,c1)", "d steady/c", "d steady/max(c,c1)", "d busy/c",
            "d cli/a", "peak MB a", "b", "c", "d (RSS sum)", "d (PSS)")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
@@ -713,10 +756,12 @@ def print_table(report: dict) -> None:
             print("| " + " | ".join([
                 r["size"], str(r["labels"]), name, _f(a and a["images_per_s"], ".3f"), _f(b and b["images_per_s"], ".3f"),
                 _f(c and c["images_per_s"], ".2f"), _f(c1 and c1["images_per_s"], ".2f"),
-                _f(d and d["images_per_s"], ".2f"), _f(d and d.get("busy_images_per_s"), ".2f"),
+                _f(d and d["images_per_s"], ".2f"), _f(d and d.get("steady_images_per_s"), ".2f"),
+                _f(d and d.get("busy_images_per_s"), ".2f"),
                 _f(d and d["cli_images_per_s"], ".2f"),
                 _f(ra.get("d/a"), ".1f"), _f(ra.get("d/b"), ".1f"), _f(ra.get("d/c"), ".2f"),
-                _f(ra.get("d/c_best"), ".2f"), _f(ra.get("d_busy/c"), ".2f"), _f(ra.get("d_cli/a"), ".1f"),
+                _f(ra.get("d/c_best"), ".2f"), _f(ra.get("d_steady/c"), ".2f"), _f(ra.get("d_steady/c_best"), ".2f"),
+                _f(ra.get("d_busy/c"), ".2f"), _f(ra.get("d_cli/a"), ".1f"),
                 _f(a and a["peak_rss_mb"], ".0f"), _f(b and b["peak_rss_mb"], ".0f"), _f(c and c["peak_rss_mb"], ".0f"),
                 _f(d and d["peak_rss_mb"], ".0f"), _f(d and d["peak_pss_mb"], ".0f")]) + " |")
     print()
@@ -800,7 +845,7 @@ def build_tiny(out: Path) -> Path:
     """The tiny CLIP checkpoint of the tests (2 layers, 32-pixel input), built once under ``out``."""
     path = out / "ckpt_tiny"
     if not (path / ".complete").exists():
-        subprocess.run([sys.executable, "-c", "import sys; from zslabel.tiny import build_tiny_checkpoint; "
+        subprocess.run([sys.executable, "-c", "import sys; from zslabel_dev.tiny import build_tiny_checkpoint; "
                         "build_tiny_checkpoint(sys.argv[1], 'clip')", str(path)], check=True, cwd=ROOT)
         (path / ".complete").write_text("ok")
     return path
@@ -829,23 +874,31 @@ def decode_bound(args) -> dict:
         log(f"    {e['images_per_s']:.0f} images/s")
         for name, flags in variants:
             log(f"(d) zslabel {name} (round {rep + 1}, load {os.getloadavg()[0]:.1f})")
-            d = run_zslabel(folder, ckpt, 3, out, f"small_{name}_{rep}", list(flags), args.device, args.timeout)
+            d = run_zslabel(folder, ckpt, 3, out, f"small_{name}_{rep}", d_rows_per_file(args.small_n) + list(flags),
+                            args.device, args.timeout)
             d["load"] = os.getloadavg()[0]
             d["per_core_vs_e"] = d["images_per_s"] / cores / e["images_per_s"]
+            d["steady_per_core_vs_e"] = (d["steady_images_per_s"] / cores / e["images_per_s"]
+                                         if d.get("steady_images_per_s") else None)
             report["d"].setdefault(name, []).append(d)
             log(f"    {d['images_per_s']:.0f} images/s (labeling_s), per core / e = {d['per_core_vs_e']:.2f}; "
+                f"steady {_f(d['steady_images_per_s'], '.0f')} images/s, per core / e = "
+                f"{_f(d['steady_per_core_vs_e'], '.2f')}; "
                 f"timings {json.dumps({k: d['timings'].get(k) for k in ('labeling_s', 'decode_ms_per_image', 'model_ms_per_image', 'bound')})}")
     report["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     (out / "decode_bound.json").write_text(json.dumps(report, indent=2))
     print(f"\ndecode-bound ({args.small_n} 64x64 JPEGs, tiny checkpoint, {cores} cores; e = one process, "
           f"1 thread; d = zslabel labeling_s):")
-    print("| round | load | e img/s | d variant | d img/s | d cli img/s | d per core / e | peak d PSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| round | load | e img/s | d variant | d img/s | d per core / e | d steady img/s | d steady per core / e "
+          "| d cli img/s | labeling s | peak d PSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for rep, e in enumerate(report["e"]):
         for name, runs in report["d"].items():
             d = runs[rep]
             print(f"| {rep + 1} | {d['load']:.1f} | {e['images_per_s']:.0f} | {name} | {d['images_per_s']:.0f} | "
-                  f"{d['cli_images_per_s']:.0f} | {d['per_core_vs_e']:.2f} | {d['peak_pss_mb']:.0f} |")
+                  f"{d['per_core_vs_e']:.2f} | {_f(d['steady_images_per_s'], '.0f')} | "
+                  f"{_f(d['steady_per_core_vs_e'], '.2f')} | {d['cli_images_per_s']:.0f} | "
+                  f"{d['timings']['labeling_s']:.1f} | {d['peak_pss_mb']:.0f} |")
     return report
 
 
@@ -853,8 +906,6 @@ def scale(args) -> dict:
     """One zslabel run over ``--scale-n`` 64x64 JPEGs (tiny checkpoint): wall time, peak memory per
     process kind, output files, and throughput over the first and last tenth of the rows (from
     the committed files' modification times and row counts)."""
-    import pyarrow.parquet as pq
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = build_tiny(out)
@@ -864,22 +915,15 @@ def scale(args) -> dict:
     log(f"(d) zslabel on {args.scale_n} images (load {os.getloadavg()[0]:.1f})")
     extra = shlex.split(args.variant[0].split(":", 1)[1]) if args.variant else []
     d = run_zslabel(folder, ckpt, 3, out, f"scale_{args.scale_n}", extra, args.device, args.timeout)
-    files = sorted((out / f"parquet_scale_{args.scale_n}").rglob("part-*.parquet"), key=lambda f: f.stat().st_mtime)
-    stamps = np.array([f.stat().st_mtime for f in files])
-    rows = np.cumsum([pq.ParquetFile(f).metadata.num_rows for f in files])
+    stamps, rows = committed_rows(out / f"parquet_scale_{args.scale_n}")
     n = rows[-1]
-
-    def t_at(frac):  # when the committed rows first reached frac of all rows
-        return stamps[int(np.searchsorted(rows, frac * n))]
-
-    tenth = n / 10
-    first = tenth / max(t_at(0.2) - t_at(0.1), 1e-9)   # 10-20 %: after the actors' start-up
-    last = tenth / max(t_at(1.0) - t_at(0.9), 1e-9)
-    report = {"machine": machine(), "args": vars(args), "d": d, "files": len(files), "rows": int(n),
+    first = rate_between(stamps, rows, 0.1, 0.2)   # 10-20 %: after the actors' start-up
+    last = rate_between(stamps, rows, 0.9, 1.0)
+    report = {"machine": machine(), "args": vars(args), "d": d, "files": len(rows), "rows": int(n),
               "rate_10_20pct": first, "rate_90_100pct": last, "last_over_first": last / first}
     report["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     (out / "scale.json").write_text(json.dumps(report, indent=2, default=str))
-    print(f"\nscale: {n} images, {len(files)} output files, CLI wall {d['cli_wall_s']:.0f} s, labeling "
+    print(f"\nscale: {n} images, {len(rows)} output files, CLI wall {d['cli_wall_s']:.0f} s, labeling "
           f"{d['timings']['labeling_s']:.0f} s ({d['images_per_s']:.0f} images/s); rows/s over 10-20 % "
           f"{first:.0f}, over 90-100 % {last:.0f} (last/first {last / first:.2f}); load at start "
           f"{report['machine']['load_avg_at_start']}, at end {report['machine']['load_avg_at_end']}")
@@ -923,7 +967,8 @@ def main(argv: list[str] | None = None) -> int:
                    "slower than decoding, 20,000 images in minutes); vitb32: the real shape (slow on CPU)")
     p.add_argument("--decode-bound", action="store_true",
                    help="framework overhead: bare decode loop vs zslabel on --small-n 64x64 JPEGs, tiny checkpoint")
-    p.add_argument("--small-n", type=int, default=3000, help="images for --decode-bound (default 3000)")
+    p.add_argument("--small-n", type=int, default=20000,
+                   help="images for --decode-bound (default 20,000: the steady state needs a run of seconds)")
     p.add_argument("--scale", action="store_true",
                    help="one zslabel run on --scale-n 64x64 JPEGs: wall, memory per process kind, flatness")
     p.add_argument("--scale-n", type=int, default=100_000, help="images for --scale (default 100,000)")

@@ -134,6 +134,16 @@ def test_cli_end_to_end_with_yaml_config(tiny_clip, ray_local, tmp_path, image_f
     assert lines[0].split()[:2] == [first["path"].rsplit("/", 1)[-1], first["labels"][0]]
 
 
+def test_show_names_stay_apart():
+    """`show` names rows relative to their common folder and escapes what looks alike."""
+    from zslabel.cli import display_names
+
+    assert display_names(["/d/a/x.jpg", "/d/b/x.jpg"]) == ["a/x.jpg", "b/x.jpg"]
+    assert display_names(["s3://b/k/\u00e9.jpg", "s3://b/k/e\u0301.jpg"]) == ["\u00e9.jpg", "e\\u0301.jpg"]
+    assert display_names(["/d/tab\there.jpg", "/d/%FF.jpg"]) == ["tab\\there.jpg", "%FF.jpg"]
+    assert display_names(["/d/only.jpg"]) == ["only.jpg"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--labels", "a,b,a"], "duplicate labels: 'a'"),
     (["--labels", "a", "--template", "no field here"], "exactly one"),

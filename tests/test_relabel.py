@@ -277,6 +277,8 @@ def test_relabel_cli_reads_no_image(runs, images, tmp_path):
         os.rename(moved, images)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "labeled 10 of 11 images" in proc.stdout
+    # Not a terminal: one final progress line on stderr (11 rows, the 1 source error kept).
+    assert "relabeling: 11/11 rows (100%)" in proc.stderr and "1 errors, took" in proc.stderr
     got, expected = rows_by_path(out), rows_by_path(r["rb32"])
     assert "embedding" not in pq.read_schema(next(out.glob("*.parquet"))).names
     for p, row in expected.items():

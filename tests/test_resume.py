@@ -279,7 +279,11 @@ def test_fingerprint_covers_results_not_execution():
     assert describe_changes(base, fields(labels=["dog", "cat", "fox", "cow"])) == [
         "labels differ: added 'fox', 'cow', removed 'bird'"]
     assert describe_changes(base, fields(labels=["dog", "cat", "bird"])) == [
-        "labels differ: same entries, other order: ['cat', 'dog', 'bird'] -> ['dog', 'cat', 'bird']"]
+        "labels differ: same entries, other order: 'cat', 'dog', 'bird' -> 'dog', 'cat', 'bird'"]
+    # A taxonomy-sized change stays one readable line.
+    many = describe_changes(base, fields(labels=[f"n{i}" for i in range(1000)]))
+    assert many == ["labels differ: added 'n0', 'n1', 'n2', 'n3', 'n4', ... (1,000 in all), "
+                    "removed 'cat', 'dog', 'bird'"]
     assert describe_changes({"model": {"digest": "a"}}, {"model": {"digest": "b"}}) == ["model.digest: 'a' -> 'b'"]
 
 

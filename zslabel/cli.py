@@ -7,6 +7,7 @@ see ``EXIT_CODES``.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 
@@ -307,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _calibrate_parser(sub)
     show = sub.add_parser("show", help="print the first rows of an output, best labels first",
-                          description="Print rows of a zslabel output (labels with scores, or the error).")
+                          description="Print rows of a zslabel output in input order: the path relative to the "
+                          "shown rows' common folder, then labels with scores, or the error.")
     show.add_argument("output", help="output folder or fsspec URI of a label/relabel run")
     show.add_argument("-n", "--rows", type=int, default=20, help="rows to print (default 20)")
     show.add_argument("--storage-options", type=_checked(parse_storage_options),
@@ -337,11 +339,32 @@ def show_output(uri: str, rows: int, storage_options: dict) -> str:
     if total > table.num_rows:
         # On stderr, so that piped stdout stays one line per row.
         print(f"(showing {table.num_rows} of {total} rows; --rows N for more)", file=sys.stderr)
+    shown = table.to_pylist()
+    names = display_names([r[PATH] for r in shown])
+    width = min(60, max((len(n) for n in names), default=0))
     lines = []
-    for r in table.to_pylist():
+    for r, name in zip(shown, names):
         result = r[ERROR] or "  ".join(f"{lab} {sc:.3f}" for lab, sc in zip(r[LABELS], r[SCORES]))
-        lines.append(f"{r[PATH].rsplit('/', 1)[-1]:<32} {result}")
+        lines.append(f"{name:<{width}}  {result}")
     return "\n".join(lines)
+
+
+def display_names(paths: list[str]) -> list[str]:
+    """``paths`` relative to their common folder (two ``a.jpg`` in different folders stay apart),
+    with characters a reader could not tell apart escaped: control characters, and every
+    non-ASCII character of a name that is not in NFC form (an NFD ``é`` shows as ``e\\u0301``,
+    so it does not look like the NFC file beside it)."""
+    import posixpath
+    import unicodedata
+
+    cut = posixpath.commonprefix(paths).rfind("/") + 1  # one path: its folder
+    out = []
+    for p in paths:
+        name = p[cut:] or p
+        nfc = unicodedata.is_normalized("NFC", name)
+        out.append("".join(c if c.isprintable() and (nfc or c.isascii()) else c.encode("unicode_escape").decode()
+                           for c in name))
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
@@ -357,8 +380,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "label":
-            import functools
-
             from .pipeline import run_label_job
 
             return _run_and_evaluate(args, functools.partial(run_label_job, progress=not args.quiet),
@@ -366,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "relabel":
             from .relabel import run_relabel_job
 
-            return _run_and_evaluate(args, run_relabel_job, relabel_config_from_args(args))
+            return _run_and_evaluate(args, functools.partial(run_relabel_job, progress=not args.quiet),
+                                     relabel_config_from_args(args))
         if args.command == "show":
             print(show_output(args.output, args.rows, args.storage_options or {}))
             return 0

@@ -35,11 +35,12 @@ class Progress:
         stream: where to show it (default ``sys.stderr``; stdout keeps the run's summary line).
         interval_s: seconds between log lines when ``stream`` is not a terminal.
         unit: what is counted, for the messages.
+        desc: what the run does, the messages' prefix ("labeling", "relabeling").
     """
 
     def __init__(self, total: int | None, *, enabled: bool = True, stream: TextIO | None = None,
-                 interval_s: float = LOG_INTERVAL_S, unit: str = "images"):
-        self.total, self.enabled, self.unit = total, enabled, unit
+                 interval_s: float = LOG_INTERVAL_S, unit: str = "images", desc: str = "labeling"):
+        self.total, self.enabled, self.unit, self.desc = total, enabled, unit, desc
         self.stream = stream if stream is not None else sys.stderr
         self.interval_s = interval_s
         self.done = self.errors = 0
@@ -50,7 +51,7 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, unit=" img", file=self.stream, dynamic_ncols=True,
-                             desc="labeling", smoothing=0.1)
+                             desc=desc, smoothing=0.1)
 
     def update(self, rows: int, errors: int = 0) -> None:
         """Count ``rows`` more committed images, ``errors`` of them with an error code."""
@@ -80,7 +81,7 @@ class Progress:
             head = f"{self.done:,}/{self.total:,} {self.unit} ({pct:.0f}%)"
         else:
             head = f"{self.done:,} {self.unit}"
-        text = f"labeling: {head}, {rate:.1f} {self.unit}/s, {self.errors:,} errors"
+        text = f"{self.desc}: {head}, {rate:.1f} {self.unit}/s, {self.errors:,} errors"
         if final:
             return text + f", took {_duration(time.monotonic() - self.t0)}"
         if self.total is not None and rate > 0 and self.done < self.total:

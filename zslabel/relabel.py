@@ -43,6 +43,7 @@ from .options import LabelingOptions, local_stamp, resolve
 from .output import (ABSTAINED, EMBEDDING, ERROR, INPUT_INDEX, LABELS, MANIFEST_NAME, OWNED_COLUMNS, PATH, SCORES,
                      output_filesystem,
                      output_parquet_files, output_schema, read_manifest, result_table)
+from .progress import Progress
 from .report import RunFacts, finish_run, summary_of_finished
 
 log = logging.getLogger(__name__)
@@ -253,11 +254,12 @@ def check_same_model(manifest: dict | None, model: str | None, revision: str | N
             "Omit --model to use the recorded model")
 
 
-def run_relabel_job(config: RelabelConfig):
+def run_relabel_job(config: RelabelConfig, progress: bool = True):
     """Relabel the embeddings of ``config.source`` with new labels into ``config.output``, through
     the same commit protocol as ``zslabel label`` (``runstate``): one committed file per source
     file; ``--overwrite`` stages the new output and swaps it in only when every file is written;
     ``--resume`` finishes a relabel that stopped part way (or extends a finished one).
+    ``progress``: show rows done / total, rate, errors and ETA on stderr (``zslabel.progress``).
 
     Returns:
         ``report.RunSummary`` (rows, labeled, errors by code, timings, manifest path).
@@ -336,18 +338,21 @@ def run_relabel_job(config: RelabelConfig):
     stamped = schema.with_metadata(runstate.stamped_metadata(schema, run.target))
     t_run = time.perf_counter()
     written = 0
-    for i, (start, n) in enumerate(zip(source.starts, source.rows)):
-        # One committed file per source file; its rows keep their source order and numbering.
-        todo = runstate.not_done(source.input_index(i), run.done)
-        if not len(todo):
-            continue
-        with runstate.open_part(run.target, todo) as (fh, _), pq.ParquetWriter(fh, stamped) as writer:
-            first = int(start)
-            for batch in source.batches(i, columns, config.batch_size):
-                table = scorer(batch, first)
-                first += batch.num_rows
-                writer.write_table(runstate.drop_committed(table, run.done))
-        written += 1
+    total = max(0, int(sum(source.rows)) - len(run.done))
+    with Progress(total, enabled=progress, unit="rows", desc="relabeling") as shown:
+        for i, (start, n) in enumerate(zip(source.starts, source.rows)):
+            # One committed file per source file; its rows keep their source order and numbering.
+            todo = runstate.not_done(source.input_index(i), run.done)
+            if not len(todo):
+                continue
+            with runstate.open_part(run.target, todo) as (fh, _), pq.ParquetWriter(fh, stamped) as writer:
+                first = int(start)
+                for batch in source.batches(i, columns, config.batch_size):
+                    table = runstate.drop_committed(scorer(batch, first), run.done)
+                    first += batch.num_rows
+                    writer.write_table(table)
+                    shown.update(table.num_rows, table.num_rows - table.column(ERROR).null_count)
+            written += 1
     timings["labeling_s"] = time.perf_counter() - t_run
 
     run_config = dict(src_manifest.get("config") or {})

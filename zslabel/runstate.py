@@ -160,6 +160,12 @@ def fingerprint_digest(fields: dict[str, Any]) -> str:
 _MISSING = object()
 
 
+def _some(items: list, shown: int = 5) -> str:
+    """``'a', 'b', 'c', ... (1,000 in all)``: a 21,843-label change stays one readable line."""
+    text = ", ".join(map(repr, items[:shown]))
+    return text + (f", ... ({len(items):,} in all)" if len(items) > shown else "")
+
+
 def describe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """Human lines naming what differs between two fingerprint dicts, e.g.
     ``"labels differ: added 'fox', removed 'bird'"`` or ``"top_k: 5 -> 3"``; nested dicts give
@@ -175,9 +181,9 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
         elif isinstance(a, list) and isinstance(b, list):
             added = [x for x in b if x not in a]
             removed = [x for x in a if x not in b]
-            parts = ([f"added {', '.join(map(repr, added))}"] if added else []) + \
-                    ([f"removed {', '.join(map(repr, removed))}"] if removed else [])
-            lines.append(f"{name} differ: " + (", ".join(parts) or f"same entries, other order: {a!r} -> {b!r}"))
+            parts = ([f"added {_some(added)}"] if added else []) + ([f"removed {_some(removed)}"] if removed else [])
+            lines.append(f"{name} differ: " + (", ".join(parts) or
+                                               f"same entries, other order: {_some(a)} -> {_some(b)}"))
         else:
             show = lambda v: "(not set)" if v is _MISSING else repr(v)  # noqa: E731
             lines.append(f"{name}: {show(a)} -> {show(b)}")
