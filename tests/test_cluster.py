@@ -294,7 +294,7 @@ def test_submitted_job_labels_every_input_once_on_both_nodes(cluster, images, ti
 
     nodes = cluster.alive_nodes()
     tasks = job_tasks(cluster, client, sid)
-    decode_nodes = {nodes.get(t.node_id) for t in tasks if "decode_batch" in t.name and t.state == "FINISHED"}
+    decode_nodes = {nodes.get(t.node_id) for t in tasks if "decode_block" in t.name and t.state == "FINISHED"}
     labeler_nodes = {nodes.get(t.node_id) for t in tasks
                      if "Labeler" in t.name and t.type == "ACTOR_TASK" and t.state == "FINISHED"}
     assert decode_nodes == {HEAD_IP, WORKER_IP}, (decode_nodes, labeler_nodes)
@@ -357,7 +357,7 @@ def test_job_survives_losing_the_worker_node_mid_run(cluster, tiny_clip, tmp_pat
             return None
         tasks = [f"task {t.name} {t.state}" for t in job_tasks(cluster, client, sid)
                  if t.node_id == worker_id and t.state in ("RUNNING", "FINISHED")
-                 and any(k in t.name for k in ("decode_batch", "Labeler", "write_block"))]
+                 and any(k in t.name for k in ("decode_block", "Labeler", "write_block"))]
         actors = [f"actor {a.class_name} ALIVE" for a in list_actors(
             address=cluster.dashboard_url, filters=[("job_id", "=", job_id)])
             if "Labeler" in a.class_name and a.state == "ALIVE" and a.node_id == worker_id]

@@ -42,6 +42,8 @@ ACTOR_INIT_DEATHS_TOLERATED = 3
 # Decoded data in flight (see bound_in_flight): batches per labeler actor, and a floor.
 IN_FLIGHT_BATCHES_PER_ACTOR = 8
 MIN_IN_FLIGHT_BYTES = 256 * 2**20
+# Logical CPUs of one Parquet write task (see the write stage in run_label_job).
+WRITE_CPUS_PER_TASK = 0.25
 # Calls in flight per GPU labeler actor (see actor_pool_strategy).
 GPU_CALLS_PER_ACTOR = 2
 # An autoscaler node type without a maximum count, when sizing the labeler actor pool.
@@ -299,7 +301,7 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     from . import sources
     from .labels import build_label_set
     from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint
-    from .stages import Labeler, LabelerSettings, decode_batch
+    from .stages import Labeler, LabelerSettings, decode_block
 
     spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode}
     path = resolve_checkpoint(config.model, config.revision, config.storage_options)
@@ -322,10 +324,28 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     # libraries that resolve relative paths at import time (transformers does).
     init_ray(config.address)
     pool = actor_pool_size(config)
+    # Every task stage in front of the labeler runs with decoding's resources, strategy and
+    # retries, so that Ray Data fuses them into one task per block ("ReadPlannedBlocks->
+    # MapBatches(drop_committed)->MapBatches(decode_block)"). Unfused, reading a block took
+    # a CPU slot of its own: on 2 cores decoding then ran at half rate (benchmarks/README.md,
+    # "Decode-bound overhead").
+    decode_args = {
+        "num_cpus": config.decode_cpus_per_task,
+        # Decode tasks spread over the cluster (near the data, off the GPU nodes' hot CPUs) and
+        # actors pack; the differing strategies also keep Ray Data from fusing decoding into
+        # the actors, where it would run serially in front of the model.
+        "scheduling_strategy": "SPREAD",
+        # Retried only for system failures (node lost, worker killed; Ray Data adds
+        # RaySystemError to retry_exceptions): a decode never raises for a bad image. Ray
+        # Data's default is -1 (forever), which turns a block that crashes its worker
+        # every time into an endless loop; several node losses in a row hitting the
+        # same block is that, not bad luck. Lost outputs are rebuilt by lineage
+        # re-execution, which counts against this too.
+        "max_retries": DECODE_MAX_RETRIES}
     plan = sources.plan_inputs(
         config.input, input_format=config.input_format, storage_options=config.storage_options,
         path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,
-        image_column=config.image_column)
+        image_column=config.image_column, task_options=decode_args)
     timings["planning_s"] = plan.planning_seconds
 
     schema = output_schema(plan.carried_columns, embed_dim if config.store_embeddings else None,
@@ -347,31 +367,19 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     bound_in_flight(config, spec.output_hw, pool)
 
     ds = plan.dataset
-    if len(run.done):
-        # Same resources, strategy and retries as decoding so Ray Data fuses the two (plan:
-        # "MapBatches(drop_committed)->MapBatches(decode_batch)"): committed inputs are dropped
-        # in the decode task before any byte is fetched or decoded.
-        ds = ds.map_batches(runstate.drop_committed, fn_kwargs={"done": run.done}, batch_size=None,
-                            batch_format="pyarrow", num_cpus=config.decode_cpus_per_task,
-                            scheduling_strategy="SPREAD", max_retries=DECODE_MAX_RETRIES)
+    # Inputs committed by an earlier run (--resume) are dropped in the decode task before any
+    # byte is fetched or decoded.
+    ds = ds.map_batches(runstate.drop_committed, fn_kwargs={"done": run.done}, batch_size=None,
+                        batch_format="pyarrow", **decode_args)
     ds = ds.map_batches(
-        decode_batch, fn_kwargs={"spec": spec, "storage_options": config.storage_options},
+        decode_block, fn_kwargs={"spec": spec, "storage_options": config.storage_options,
+                                 "batch_size": config.batch_size},
         # The CPU:GPU split is not configured: every CPU the actors leave free can run a decode
         # task (decode_cpus_per_task each; 1 suits single-threaded Pillow, < 1 overlaps remote
         # reads), and Ray Data's backpressure (the actors' input queue budget) stops decoding
         # from running ahead of the model. The manifest's timings say which side was the limit.
-        batch_size=config.batch_size, num_cpus=config.decode_cpus_per_task, batch_format="numpy",
-        # Decode tasks spread over the cluster (near the data, off the GPU nodes' hot CPUs) and
-        # actors pack; the differing strategies also keep Ray Data from fusing decoding into
-        # the actors, where it would run serially in front of the model.
-        scheduling_strategy="SPREAD",
-        # Retried only for system failures (node lost, worker killed; Ray Data adds
-        # RaySystemError to retry_exceptions): a decode never raises for a bad image. Ray
-        # Data's default is -1 (forever), which turns a block that crashes its worker
-        # every time into an endless loop; several node losses in a row hitting the
-        # same block is that, not bad luck. Lost outputs are rebuilt by lineage
-        # re-execution, which counts against this too.
-        max_retries=DECODE_MAX_RETRIES)
+        # Whole blocks (batch_size=None, see decode_block); the labeler takes batch_size rows.
+        batch_size=None, batch_format="numpy", **decode_args)
     ds = ds.map_batches(
         Labeler, fn_constructor_kwargs={"settings": settings, "label_refs": [label_ref],
                                         "label_names": list(label_set.names)},
@@ -390,7 +398,12 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     # rename, fenced by the run record); the rows that come back only name the files. Larger
     # files read faster downstream; smaller ones lose less work to a crash.
     ds = ds.map_batches(runstate.write_block, fn_kwargs={"target": run.target},
-                        batch_size=config.rows_per_file, batch_format="pyarrow")
+                        batch_size=config.rows_per_file, batch_format="pyarrow",
+                        # Encoding a few thousand rows of labels is light: with a whole CPU per
+                        # write task, Ray Data's resource budget held every write back until
+                        # decoding had finished (a decode-bound run committed nothing for 58 of
+                        # its 60 s), so progress and --resume lost their meaning.
+                        num_cpus=WRITE_CPUS_PER_TASK)
     t_run, t_run_epoch = time.perf_counter(), time.time()
     written = _consume_with_progress(ds, Progress(planned_rows(plan, run), enabled=progress))
     plan.finalize()  # tars / Parquet inputs: listed and skipped counts are known only now
@@ -473,7 +486,7 @@ def stage_timings(ds, since_epoch_s: float, config: JobConfig) -> dict[str, floa
         busy = {"decode": 0.0, "model": 0.0}
         images = 0
         for op in ops:
-            stage = "decode" if "decode_batch" in op.operator_name else "model" if "Labeler" in op.operator_name else None
+            stage = "decode" if "decode_block" in op.operator_name else "model" if "Labeler" in op.operator_name else None
             if stage and op.wall_time is not None:
                 busy[stage] += op.wall_time.sum
                 if stage == "model" and op.output_num_rows is not None:

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -87,6 +88,21 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
     out = {k: v for k, v in batch.items() if k not in ("data", "read_error")}
     out.update(pixels=pixels, error=errors, width=widths, height=heights)
     return out
+
+
+def decode_block(block: dict[str, np.ndarray], spec: PreprocessSpec, storage_options: dict | None = None,
+                 batch_size: int = 64) -> Iterator[dict[str, np.ndarray]]:
+    """The decode stage: one whole input block in, its rows decoded ``batch_size`` at a time out
+    (``decode_batch`` on each slice), so a task's memory stays one batch of pixels however large
+    the block.
+
+    Ray Data fuses the read of a block into this stage only because it takes whole blocks (a
+    stage with a batch size is never fused with a read); read, fetch and decode of a block then
+    run as one task (``pipeline.run_label_job``).
+    """
+    n = len(block["path"])
+    for start in range(0, n, batch_size):
+        yield decode_batch({k: v[start:start + batch_size] for k, v in block.items()}, spec, storage_options)
 
 
 def actor_threads(fallback: int) -> int:

@@ -60,7 +60,8 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan | None:
 
 def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict | None = None,
                 path_column: str | None = None, id_column: str | None = None,
-                dedupe: bool = False, image_column: str | None = None) -> InputPlan:
+                dedupe: bool = False, image_column: str | None = None,
+                task_options: dict | None = None) -> InputPlan:
     """Discover the inputs at ``uri`` and return a lazy Ray Dataset of them plus counts.
 
     Args:
@@ -77,6 +78,8 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
         dedupe: manifests only: keep the first row of each repeated URI.
         image_column: Parquet column of image bytes (default: first binary column named
             jpg/png/image/webp/bytes).
+        task_options: Ray remote arguments for the stage that reads planned rows (see
+            ``InputOptions``); the next stage's, so that Ray Data fuses them.
 
     Returns:
         An :class:`InputPlan`. Folder/glob/manifest rows are in deterministic order (listing
@@ -93,7 +96,7 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
     auto = input_format == "auto"
     options = InputOptions(storage_options=dict(storage_options or {}), path_column=path_column,
                            id_column=id_column, dedupe=dedupe, image_column=image_column, auto=auto,
-                           plan_files=plan_files)
+                           plan_files=plan_files, task_options=dict(task_options or {}))
     name = detect_kind(uri, pattern=storage.is_pattern(uri, options.storage_options)) if auto else input_format
     plan = _BY_NAME[name].plan(uri, options)
     plan.planning_seconds = time.perf_counter() - start
@@ -113,6 +116,17 @@ def fetch_bytes(path: str, storage_options: dict | None = None) -> tuple[bytes |
     Returns:
         ``(data, None)`` on success, else ``(None, "read_error: <ExceptionType>: <message>")``.
     """
+    if "://" not in path:
+        # A plain local path (what folder, glob and manifest plans hold for local inputs): read
+        # it directly. fsspec's resolution costs ~90 us per call, 15 % of decoding a small JPEG.
+        # A miss falls through to the %XX-escape and NFC/NFD handling below.
+        try:
+            with open(path, "rb") as f:
+                return f.read(), None
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - every storage failure becomes a row error
+            return None, error_string(READ_ERROR, f"{type(exc).__name__}: {exc}")
     try:
         fs, fs_path = storage.url_to_fs(path, storage_options)
         try:

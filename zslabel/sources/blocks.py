@@ -7,6 +7,7 @@ reader, whose counts a small actor collects.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -70,14 +71,19 @@ def rows_per_block(n: int) -> int:
     return max(MIN_ROWS_PER_BLOCK, min(MAX_ROWS_PER_BLOCK, -(-n // TARGET_BLOCKS)))
 
 
-def dataset_from_table(table: pa.Table):
+def dataset_from_table(table: pa.Table, task_options: dict | None = None):
     """A lazy Ray Dataset over a driver-built table, in blocks of ``rows_per_block`` rows.
 
     The table goes to the object store in at most ``MAX_CHUNKS`` pieces (a few ``ray.put``), and
-    the blocks are cut from them by tasks when the dataset executes: ``ray.data.from_arrow``
-    with one table per block costs ~3 ms of driver time per block (6 s for 2,000 blocks), while
-    one block per table would leave a single task to decode everything. The slicing task fuses
-    with the next map stage, and a worker fetches only the piece its block lies in.
+    each block is sliced from its piece by a read task when the dataset executes
+    (``_planned_blocks_class``): ``ray.data.from_arrow`` with one table per block costs ~3 ms of driver
+    time per block (6 s for 2,000 blocks), while one block per table would leave a single task
+    to decode everything. A worker fetches only the piece its block lies in.
+
+    ``task_options`` (Ray remote arguments: ``num_cpus``, ``scheduling_strategy``,
+    ``max_retries``) should be the next map stage's: Ray Data then fuses the read into that
+    stage's tasks, one task per block. As separate stages each block took two CPU slots in
+    turn, which halved the rate of a decode-bound run on 2 cores (benchmarks/README.md).
     """
     import ray
     import ray.data
@@ -88,21 +94,46 @@ def dataset_from_table(table: pa.Table):
     blocks_per_chunk = -(-n_blocks // MAX_CHUNKS)
     chunk_rows = blocks_per_chunk * step
     chunks = [ray.put(table.slice(i, chunk_rows)) for i in range(0, max(n, 1), chunk_rows)]
-    return ray.data.range(n_blocks, override_num_blocks=n_blocks).map_batches(
-        _cut_blocks, batch_size=None, batch_format="pyarrow",
-        # Refs nested in a list are not resolved by Ray: each task ray.get()s only its piece.
-        fn_kwargs={"chunks": chunks, "blocks_per_chunk": blocks_per_chunk, "rows": step})
+    options = dict(task_options or {})
+    return ray.data.read_datasource(
+        _planned_blocks_class()(chunks, blocks_per_chunk, step, n, table.schema), override_num_blocks=n_blocks,
+        num_cpus=options.pop("num_cpus", None), ray_remote_args=options)
 
 
-def _cut_blocks(batch: pa.Table, chunks: list, blocks_per_chunk: int, rows: int) -> pa.Table:
-    """Ray UDF: block numbers in (column ``id``), those blocks of the planned table out."""
+@functools.cache
+def _planned_blocks_class():
+    """``PlannedBlocks``, a Ray Data ``Datasource`` whose read tasks slice blocks of ``rows``
+    rows out of the planned table's pieces in the object store, one read task per block.
+    Built on first use so that importing this module does not import Ray."""
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class PlannedBlocks(Datasource):
+        def __init__(self, chunks: list, blocks_per_chunk: int, rows: int, n: int, schema: pa.Schema):
+            self._chunks, self._per_chunk, self._rows, self._n, self._schema = chunks, blocks_per_chunk, rows, n, schema
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context=None) -> list:
+            tasks = []
+            for b in range(max(1, -(-self._n // self._rows))):
+                read = functools.partial(_read_block, self._chunks[b // self._per_chunk],
+                                         (b % self._per_chunk) * self._rows, self._rows)
+                meta = BlockMetadata(num_rows=max(0, min(self._rows, self._n - b * self._rows)), size_bytes=None,
+                                     exec_stats=None, input_files=None)
+                tasks.append(ReadTask(read, meta, schema=self._schema))
+            return tasks
+
+    return PlannedBlocks
+
+
+def _read_block(chunk_ref, offset: int, rows: int) -> list[pa.Table]:
+    """Ray read task: one block, sliced from its piece of the planned table."""
     import ray
 
-    parts = []
-    for b in batch.column("id").to_pylist():
-        piece = ray.get(chunks[b // blocks_per_chunk])
-        parts.append(piece.slice((b % blocks_per_chunk) * rows, rows))
-    return pa.concat_tables(parts)
+    return [ray.get(chunk_ref).slice(offset, rows)]
 
 
 class _Tally:

@@ -59,7 +59,9 @@ class InputOptions:
     ``auto`` is True when the kind was detected rather than named (``--input-format auto``); a
     kind may then hand over to another (a folder holding only tar shards is a webdataset).
     ``plan_files`` is set by the registry: it plans a list of file URIs with the first kind
-    that reads such files (tars, Parquet), or returns None.
+    that reads such files (tars, Parquet), or returns None. ``task_options``: Ray remote
+    arguments of the stage that reads the planned rows (``blocks.dataset_from_table``); the
+    pipeline gives its decode stage's, so Ray Data fuses the two into one task per block.
     """
 
     storage_options: dict = field(default_factory=dict)
@@ -69,6 +71,7 @@ class InputOptions:
     image_column: str | None = None
     auto: bool = True
     plan_files: Callable[[list[str], InputOptions], InputPlan | None] | None = None
+    task_options: dict = field(default_factory=dict)
 
 
 @dataclass
