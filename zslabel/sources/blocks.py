@@ -1,6 +1,6 @@
 """Ray blocks for every input kind, built in one place.
 
-Two shapes: a table planned on the driver (folder, glob, manifests) cut into blocks by tasks,
+Two shapes: a table planned on the driver (folder, glob, manifests) read block by block by read tasks,
 and a list of container files (tars, Parquet) read by one task per file with a kind's streaming
 reader, whose counts a small actor collects.
 """
