@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
