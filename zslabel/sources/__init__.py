@@ -116,18 +116,16 @@ def fetch_bytes(path: str, storage_options: dict | None = None) -> tuple[bytes |
     Returns:
         ``(data, None)`` on success, else ``(None, "read_error: <ExceptionType>: <message>")``.
     """
-    if "://" not in path:
-        # A plain local path (what folder, glob and manifest plans hold for local inputs): read
-        # it directly. fsspec's resolution costs ~90 us per call, 15 % of decoding a small JPEG.
-        # A miss falls through to the %XX-escape and NFC/NFD handling below.
-        try:
-            with open(path, "rb") as f:
-                return f.read(), None
-        except FileNotFoundError:
-            pass
-        except Exception as exc:  # noqa: BLE001 - every storage failure becomes a row error
-            return None, error_string(READ_ERROR, f"{type(exc).__name__}: {exc}")
     try:
+        if "://" not in path:
+            # A plain local path (what folder, glob and manifest plans hold for local inputs):
+            # read it directly; fsspec's resolution costs ~90 us per call, 15 % of decoding a
+            # small JPEG. A miss goes on to the %XX-escape and NFC/NFD handling below.
+            try:
+                with open(path, "rb") as f:
+                    return f.read(), None
+            except FileNotFoundError:
+                pass
         fs, fs_path = storage.url_to_fs(path, storage_options)
         try:
             return fs.cat_file(fs_path), None
