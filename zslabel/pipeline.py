@@ -48,6 +48,11 @@ WRITE_CPUS_PER_TASK = 0.25
 GPU_CALLS_PER_ACTOR = 2
 # An autoscaler node type without a maximum count, when sizing the labeler actor pool.
 UNLIMITED_NODES = 64
+# Images a CPU labeler actor should have to label before one more is started with the job:
+# starting one costs ~8-10 s of a core (torch and transformers imports, model load;
+# benchmarks/README.md, "Actor start-up"), about 25 s of ViT-B/32 work on a CPU, so a run of a
+# few dozen images gains nothing from a second actor and pays for it on a small machine.
+MIN_IMAGES_PER_CPU_ACTOR = 256
 
 
 def init_ray(address: str | None) -> None:
@@ -136,7 +141,8 @@ def actor_pool_size(config: JobConfig) -> tuple[int, int]:
 
 def initial_actors(config: JobConfig, pool: tuple[int, int], inputs: int | None) -> int:
     """Labeler actors to start with: for CPU actors sized by the cluster, as many as the live
-    nodes hold, but no more than ``inputs`` gives two batches each; else ``pool[0]``.
+    nodes hold, but no more than gives each two batches and ``MIN_IMAGES_PER_CPU_ACTOR`` images
+    of ``inputs``; else ``pool[0]``.
 
     Ray Data grows an actor pool only while the running actors stay busy with work queued, one
     actor at a time: in benchmarks a 2-core run of 320 images never got its second CPU actor.
@@ -148,7 +154,8 @@ def initial_actors(config: JobConfig, pool: tuple[int, int], inputs: int | None)
     if config.concurrency or config.num_gpus_per_actor:
         return pool[0]
     live = plan_actor_pool(config, [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")])[1]
-    wanted = live if inputs is None else math.ceil(inputs / (2 * config.batch_size))
+    per_actor = max(2 * config.batch_size, MIN_IMAGES_PER_CPU_ACTOR)
+    wanted = live if inputs is None else math.ceil(inputs / per_actor)
     return max(pool[0], min(pool[1], live, wanted))
 
 
