@@ -215,6 +215,9 @@ class TreeMemory:
         self.peak_procs = 0
         self.peak_breakdown: dict[str, float] = {}  # MB of PSS per process name at the PSS peak
         self.peak_by_kind: dict[str, float] = {}    # MB: each kind's own peak of summed PSS (see process_kind)
+        # CPU seconds (user + system) of each process as last sampled, with its kind: where the
+        # cores went. A process's last < interval s before it exits is not counted.
+        self._cpu: dict[int, tuple[str, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -225,6 +228,14 @@ class TreeMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+    @property
+    def cpu_by_kind(self) -> dict[str, float]:
+        """CPU seconds (user + system) per process kind over the run (see ``process_kind``)."""
+        out: dict[str, float] = {}
+        for kind, seconds in self._cpu.values():
+            out[kind] = out.get(kind, 0.0) + seconds
+        return dict(sorted(out.items()))
 
     def _procs(self):
         try:
@@ -253,6 +264,9 @@ class TreeMemory:
                         kinds[kind] = kinds.get(kind, 0) + getattr(info, "pss", info.rss) / 2**20
                     else:
                         rss += p.memory_info().rss
+                    t = p.cpu_times()
+                    known = self._cpu.get(p.pid)
+                    self._cpu[p.pid] = (known[0] if known else process_kind(p, self.root.pid), t.user + t.system)
                 except self._psutil.Error:
                     pass  # exited between listing and reading
             self.peak_rss = max(self.peak_rss, rss)
@@ -308,7 +322,8 @@ def run_measured(cmd: list[str], log_path: Path, timeout: float) -> dict:
     return {"cli_wall_s": wall, "peak_rss_mb": mem.peak_rss / 2**20, "peak_pss_mb": mem.peak_pss / 2**20,
             "peak_processes": mem.peak_procs,
             "peak_pss_by_process_mb": {k: round(v, 1) for k, v in mem.peak_breakdown.items()},
-            "peak_pss_by_kind_mb": {k: round(v, 1) for k, v in sorted(mem.peak_by_kind.items())}}
+            "peak_pss_by_kind_mb": {k: round(v, 1) for k, v in sorted(mem.peak_by_kind.items())},
+            "cpu_s_by_kind": {k: round(v, 1) for k, v in mem.cpu_by_kind.items()}}
 
 
 def _stop_tree(proc: subprocess.Popen) -> None:
@@ -883,7 +898,7 @@ def decode_bound(args) -> dict:
             report["d"].setdefault(name, []).append(d)
             log(f"    {d['images_per_s']:.0f} images/s (labeling_s), per core / e = {d['per_core_vs_e']:.2f}; "
                 f"steady {_f(d['steady_images_per_s'], '.0f')} images/s, per core / e = "
-                f"{_f(d['steady_per_core_vs_e'], '.2f')}; "
+                f"{_f(d['steady_per_core_vs_e'], '.2f')}; cpu s by kind {d['cpu_s_by_kind']}; "
                 f"timings {json.dumps({k: d['timings'].get(k) for k in ('labeling_s', 'decode_ms_per_image', 'model_ms_per_image', 'bound')})}")
     report["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     (out / "decode_bound.json").write_text(json.dumps(report, indent=2))

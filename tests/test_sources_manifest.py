@@ -19,7 +19,7 @@ from source_files import jpeg, list_requests, rows_of, write
 
 from zslabel import cli, config
 from zslabel.errors import ConfigError, InputError
-from zslabel.sources import INPUT_FORMATS, KINDS, detect_kind, fetch_bytes, plan_inputs
+from zslabel.sources import INPUT_FORMATS, KINDS, blocks, detect_kind, fetch_bytes, plan_inputs
 from zslabel.textfiles import TextDecodeError
 
 pytest_plugins = ["s3_server"]  # the `s3` fixture: moto S3 server on 127.0.0.1
@@ -107,6 +107,24 @@ def test_large_manifest_is_split_into_many_blocks(ray_local, tmp_path):
     assert table.column_names == ["path", "input_index", "data", "read_error"]
     table = table.sort_by("input_index")
     assert table.column("input_index").to_pylist() == list(range(n))
+    assert table.column("path").to_pylist() == [f"/d/{i}.jpg" for i in range(n)]
+
+
+def test_blocks_are_sized_by_the_cluster_cpus(ray_local, tmp_path):
+    """A small cluster gets ~BLOCKS_PER_CPU blocks per CPU (long decode tasks, few scheduling
+    gaps), a large one keeps small blocks to fan out, and no CPU count makes a block exceed
+    MAX_ROWS_PER_CPU_BLOCK rows (what a retried task redoes) unless the row count alone does."""
+    assert blocks.rows_per_block(20_000, cluster_cpus=2) == 1250
+    assert blocks.rows_per_block(20_000, cluster_cpus=1000) == blocks.MIN_ROWS_PER_BLOCK
+    assert blocks.rows_per_block(20_000) == blocks.MIN_ROWS_PER_BLOCK
+    assert blocks.rows_per_block(10**6, cluster_cpus=2) == blocks.MAX_ROWS_PER_CPU_BLOCK
+    assert blocks.rows_per_block(10**9, cluster_cpus=2) == blocks.MAX_ROWS_PER_BLOCK
+    assert blocks.rows_per_block(10, cluster_cpus=2) == blocks.MIN_ROWS_PER_BLOCK
+    n = 20_000
+    manifest = write(tmp_path / "big.txt", "".join(f"/d/{i}.jpg\n" for i in range(n)).encode())
+    done = plan_inputs(str(manifest), cluster_cpus=4).dataset.materialize()
+    assert done.num_blocks() == 32  # 625 rows each
+    table = pa.concat_tables(ray.get(ref) for ref in done.to_arrow_refs()).sort_by("input_index")
     assert table.column("path").to_pylist() == [f"/d/{i}.jpg" for i in range(n)]
 
 

@@ -139,6 +139,17 @@ def actor_pool_size(config: JobConfig) -> tuple[int, int]:
     return plan_actor_pool(config, live, _autoscaler_node_types())
 
 
+def cluster_cpus() -> float:
+    """The CPUs of the live nodes, or of the autoscaler's node types at their maximum counts
+    (an unlimited type counts as ``UNLIMITED_NODES`` nodes) when that is more: what sizes the
+    blocks of planned inputs (``sources.blocks.rows_per_block``)."""
+    import ray
+
+    live = sum(float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive"))
+    scalable = sum(r.get("CPU", 0.0) * (UNLIMITED_NODES if k < 0 else k) for r, k in _autoscaler_node_types())
+    return max(live, scalable)
+
+
 def initial_actors(config: JobConfig, pool: tuple[int, int], inputs: int | None) -> int:
     """Labeler actors to start with: for CPU actors sized by the cluster, as many as the live
     nodes hold, but no more than gives each two batches and ``MIN_IMAGES_PER_CPU_ACTOR`` images
@@ -352,7 +363,7 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     plan = sources.plan_inputs(
         config.input, input_format=config.input_format, storage_options=config.storage_options,
         path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,
-        image_column=config.image_column, task_options=decode_args)
+        image_column=config.image_column, task_options=decode_args, cluster_cpus=cluster_cpus())
     timings["planning_s"] = plan.planning_seconds
 
     schema = output_schema(plan.carried_columns, embed_dim if config.store_embeddings else None,

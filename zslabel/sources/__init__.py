@@ -61,7 +61,7 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan | None:
 def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict | None = None,
                 path_column: str | None = None, id_column: str | None = None,
                 dedupe: bool = False, image_column: str | None = None,
-                task_options: dict | None = None) -> InputPlan:
+                task_options: dict | None = None, cluster_cpus: float | None = None) -> InputPlan:
     """Discover the inputs at ``uri`` and return a lazy Ray Dataset of them plus counts.
 
     Args:
@@ -80,6 +80,8 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
             jpg/png/image/webp/bytes).
         task_options: Ray remote arguments for the stage that reads planned rows (see
             ``InputOptions``); the next stage's, so that Ray Data fuses them.
+        cluster_cpus: CPUs the cluster has or may scale to; sizes the blocks of planned rows
+            (``blocks.rows_per_block``). None: by the row count alone.
 
     Returns:
         An :class:`InputPlan`. Folder/glob/manifest rows are in deterministic order (listing
@@ -96,7 +98,8 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
     auto = input_format == "auto"
     options = InputOptions(storage_options=dict(storage_options or {}), path_column=path_column,
                            id_column=id_column, dedupe=dedupe, image_column=image_column, auto=auto,
-                           plan_files=plan_files, task_options=dict(task_options or {}))
+                           plan_files=plan_files, task_options=dict(task_options or {}),
+                           cluster_cpus=cluster_cpus)
     name = detect_kind(uri, pattern=storage.is_pattern(uri, options.storage_options)) if auto else input_format
     plan = _BY_NAME[name].plan(uri, options)
     plan.planning_seconds = time.perf_counter() - start

@@ -62,6 +62,8 @@ class InputOptions:
     that reads such files (tars, Parquet), or returns None. ``task_options``: Ray remote
     arguments of the stage that reads the planned rows (``blocks.dataset_from_table``); the
     pipeline gives its decode stage's, so Ray Data fuses the two into one task per block.
+    ``cluster_cpus``: the CPUs the cluster has or may scale to, which sizes those blocks
+    (``blocks.rows_per_block``); None sizes them by the row count alone.
     """
 
     storage_options: dict = field(default_factory=dict)
@@ -72,6 +74,7 @@ class InputOptions:
     auto: bool = True
     plan_files: Callable[[list[str], InputOptions], InputPlan | None] | None = None
     task_options: dict = field(default_factory=dict)
+    cluster_cpus: float | None = None
 
 
 @dataclass

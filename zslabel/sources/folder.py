@@ -113,7 +113,8 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
                          + (": " + ", ".join(to_uri(p) for p in skipped[:5]) if skipped else "")
                          + ")")
     table = core_table(pa.array([to_uri(p) for p in images], pa.string()))
-    return InputPlan(dataset=dataset_from_table(table, options.task_options), kind="glob" if pattern else "folder",
+    dataset = dataset_from_table(table, options.task_options, options.cluster_cpus)
+    return InputPlan(dataset=dataset, kind="glob" if pattern else "folder",
                      listed=len(files) + len(unreadable), skipped=len(skipped),
                      skipped_examples=[to_uri(p) for p in skipped[:MAX_EXAMPLES]],
                      duplicates_removed=0, planning_seconds=0.0, carried_columns=[])
