@@ -114,7 +114,8 @@ def test_blocks_are_sized_by_the_cluster_cpus(ray_local, tmp_path):
     """A small cluster gets ~BLOCKS_PER_CPU blocks per CPU (long decode tasks, few scheduling
     gaps), a large one keeps small blocks to fan out, and no CPU count makes a block exceed
     MAX_ROWS_PER_CPU_BLOCK rows (what a retried task redoes) unless the row count alone does."""
-    assert blocks.rows_per_block(20_000, cluster_cpus=2) == 1250
+    assert blocks.rows_per_block(20_000, cluster_cpus=2) == 1024  # 1,250 capped
+    assert blocks.rows_per_block(8_000, cluster_cpus=2) == 500
     assert blocks.rows_per_block(20_000, cluster_cpus=1000) == blocks.MIN_ROWS_PER_BLOCK
     assert blocks.rows_per_block(20_000) == blocks.MIN_ROWS_PER_BLOCK
     assert blocks.rows_per_block(10**6, cluster_cpus=2) == blocks.MAX_ROWS_PER_CPU_BLOCK

@@ -29,11 +29,13 @@ TARGET_BLOCKS = 2_000
 MAX_CHUNKS = 64
 # On a small cluster, blocks of MIN_ROWS_PER_BLOCK small images are ~50 ms tasks, and the gaps
 # between one decode slot's tasks (Ray Data's scheduling loop) left it idle ~45% of the time:
-# 20,000 64x64 JPEGs on 2 cores ran at 530-700 images/s steady with 64-row blocks and 2,049 with
-# 1,250-row blocks (benchmarks/README.md, "Decode-bound overhead"). BLOCKS_PER_CPU blocks per
-# cluster CPU still balance the tail; MAX_ROWS_PER_CPU_BLOCK bounds what a retried task redoes.
+# 100,000 64x64 JPEGs on 2 cores took 221 s with 64-row blocks and 142 s with 1,024-row blocks
+# (benchmarks/README.md, "blocks sized by the cluster's CPUs"). BLOCKS_PER_CPU
+# blocks per cluster CPU balance the tail; MAX_ROWS_PER_CPU_BLOCK bounds a task's length and what
+# a retry redoes: with 4,096 the last tenth of a 100,000-image run went at 0.71 of the first
+# tenth's rate (one long last task), with 1,024 at 1.57.
 BLOCKS_PER_CPU = 8
-MAX_ROWS_PER_CPU_BLOCK = 4096
+MAX_ROWS_PER_CPU_BLOCK = 1024
 
 # Streaming readers emit a batch at this many rows or bytes, whichever first, so a file's
 # images flow downstream while the rest of the file is still being read.
