@@ -23,8 +23,8 @@ fi
 phase "installer (${UV:-pip})"
 # --compile-bytecode: uv leaves compiling to first import, and where PYTHONDONTWRITEBYTECODE
 # is set (this machine, some CI images) nothing is ever cached: every Ray worker then compiled
-# torch and transformers from source, 27 s per import instead of 11 s, and the test suite ran
-# 2-3x slower. pip compiles at install by default.
+# torch and transformers from source, 27 s per import instead of 12 s, and the test suite ran
+# 2.2x slower. pip compiles at install by default.
 install() {  # install ARGS... with uv when there is one, else pip
   if [ -n "$UV" ]; then "$UV" pip install -q --compile-bytecode --python .venv/bin/python "$@"; else python -m pip install -q "$@"; fi
 }
