@@ -300,9 +300,13 @@ def test_submitted_job_labels_every_input_once_on_both_nodes(cluster, images, ti
     assert decode_nodes == {HEAD_IP, WORKER_IP}, (decode_nodes, labeler_nodes)
     assert labeler_nodes and labeler_nodes <= {HEAD_IP, WORKER_IP}
 
-    # The tiny model labels an image several times faster than it is decoded.
+    # Which side bounds 256 images is not fixed: on this 2-core VM the tiny model's per-image
+    # time at batch 16 went from below the decode time (2026-11-30) to above it (2026-12-01,
+    # same code). The manifest must name the side with the larger need, from real stage times.
     timings = manifest["timings"]
-    assert timings["bound"] == "decode" and timings["decode_need_s"] > timings["model_need_s"] > 0, timings
+    assert timings["decode_need_s"] > 0 and timings["model_need_s"] > 0, timings
+    larger = "decode" if timings["decode_need_s"] > timings["model_need_s"] else "model"
+    assert timings["bound"] == larger, timings
     assert timings["model_actors"] >= 1 and timings["decode_slots"] >= 1
     print(f"job {sid}: {elapsed:.1f} s submit-to-done; decode on {sorted(decode_nodes)}, "
           f"labeler on {sorted(labeler_nodes)}; timings {timings}")

@@ -519,13 +519,13 @@ def stage_timings(ds, since_epoch_s: float, config: JobConfig) -> dict[str, floa
                         for a in ray._private.state.actors(job_id=job_id).values()
                         if "Labeler" in a.get("ActorClassName", "") and a.get("StartTime")
                         and a["StartTime"] >= since_epoch_s * 1000]
-        cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
+        cpus = ray.cluster_resources().get("CPU", 0.0)
     except Exception as exc:  # noqa: BLE001 - reporting only; a Ray upgrade must not fail the job
         log.debug("no stage timings: %s", exc)
         return {}
     actors = max(1, len(lifetimes_ms))
     actor_s = sum(lifetimes_ms) / 1000
-    slots = max(1.0, (cluster_cpus - actors * config.num_cpus_per_actor) / config.decode_cpus_per_task)
+    slots = max(1.0, (cpus - actors * config.num_cpus_per_actor) / config.decode_cpus_per_task)
     decode_need, model_need = busy["decode"] / slots, busy["model"] / actors
     return {"decode_busy_s": round(busy["decode"], 3), "model_busy_s": round(busy["model"], 3),
             "decode_ms_per_image": round(1000 * busy["decode"] / images, 3),
