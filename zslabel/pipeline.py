@@ -133,19 +133,21 @@ def actor_pool_size(config: JobConfig) -> tuple[int, int]:
     Raises:
         ConfigError: as ``plan_actor_pool``.
     """
+    return plan_actor_pool(config, _live_node_resources(), _autoscaler_node_types())
+
+
+def _live_node_resources() -> list[dict[str, float]]:
+    """Logical resources of each live node (``ray.nodes()``), e.g. ``{"CPU": 8.0, "GPU": 1.0}``."""
     import ray
 
-    live = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-    return plan_actor_pool(config, live, _autoscaler_node_types())
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
 def cluster_cpus() -> float:
     """The CPUs of the live nodes, or of the autoscaler's node types at their maximum counts
     (an unlimited type counts as ``UNLIMITED_NODES`` nodes) when that is more: what sizes the
     blocks of planned inputs (``sources.blocks.rows_per_block``)."""
-    import ray
-
-    live = sum(float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive"))
+    live = sum(r.get("CPU", 0.0) for r in _live_node_resources())
     scalable = sum(r.get("CPU", 0.0) * (UNLIMITED_NODES if k < 0 else k) for r, k in _autoscaler_node_types())
     return max(live, scalable)
 
@@ -160,11 +162,9 @@ def initial_actors(config: JobConfig, pool: tuple[int, int], inputs: int | None)
     ``inputs`` (None when unknown, e.g. tar shards) keeps a run of a few images from paying for
     a model load per core. GPU pools and ``--concurrency`` start at their minimum, as configured.
     """
-    import ray
-
     if config.concurrency or config.num_gpus_per_actor:
         return pool[0]
-    live = plan_actor_pool(config, [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")])[1]
+    live = plan_actor_pool(config, _live_node_resources())[1]
     per_actor = max(2 * config.batch_size, MIN_IMAGES_PER_CPU_ACTOR)
     wanted = live if inputs is None else math.ceil(inputs / per_actor)
     return max(pool[0], min(pool[1], live, wanted))
