@@ -7,6 +7,7 @@ tests start, and the node IP on loopback.
 
 from __future__ import annotations
 
+import collections
 import os
 import tempfile
 
@@ -30,6 +31,29 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 NODE_IP = os.environ["RAY_NODE_IP_ADDRESS"]
+# `-n auto` (pyproject's addopts): one pytest-xdist worker per core, at most this many. Each
+# worker starts its own local Ray instance (~1.5 GB with the model libraries loaded).
+MAX_TEST_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """Workers for ``-n auto``: the cores this process may use, capped at ``MAX_TEST_WORKERS``."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_TEST_WORKERS))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the groups into node id suffixes
+def pytest_collection_modifyitems(config, items):
+    """Order and scheduling groups for ``--dist loadgroup``. A module's tests stay on one worker (its
+    module-scoped fixtures, e.g. test_relabel's six runs, are built once), and every slow test
+    (multi-node clusters, 1,000-image runs) joins one group, so that they never run side by side."""
+    # Heaviest first, so a greedy schedule ends on short modules: modules by how many of their
+    # tests run on Ray, most first (the sort is stable: collection order otherwise).
+    on_ray = collections.Counter(item.module.__name__ for item in items if "ray_local" in item.fixturenames)
+    items.sort(key=lambda item: -on_ray[item.module.__name__])
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            group = "slow" if item.get_closest_marker("slow") else item.module.__name__
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
