@@ -41,19 +41,12 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(len(os.sched_getaffinity(0)), MAX_TEST_WORKERS))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the groups into node id suffixes
 def pytest_collection_modifyitems(config, items):
-    """Order and scheduling groups for ``--dist loadgroup``. A module's tests stay on one worker (its
-    module-scoped fixtures, e.g. test_relabel's six runs, are built once), and every slow test
-    (multi-node clusters, 1,000-image runs) joins one group, so that they never run side by side."""
-    # Heaviest first, so a greedy schedule ends on short modules: modules by how many of their
-    # tests run on Ray, most first (the sort is stable: collection order otherwise).
+    """Heaviest first, so that ``--dist loadfile`` (modules handed to workers in this order) ends
+    on short modules: modules by how many of their tests run on Ray, most first (the sort is
+    stable: collection order otherwise)."""
     on_ray = collections.Counter(item.module.__name__ for item in items if "ray_local" in item.fixturenames)
     items.sort(key=lambda item: -on_ray[item.module.__name__])
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            group = "slow" if item.get_closest_marker("slow") else item.module.__name__
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
