@@ -31,11 +31,13 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 NODE_IP = os.environ["RAY_NODE_IP_ADDRESS"]
-# `-n auto` (pyproject's addopts): one pytest-xdist worker per core, at most this many. Each
-# worker starts its own local Ray instance (~1.5 GB with the model libraries loaded).
+# `-n auto` (pyproject's addopts): one pytest-xdist worker per core, at most this many: each
+# worker starts its own local Ray instance, and the suite is CPU-bound (a third worker on two
+# cores gained 3 %).
 MAX_TEST_WORKERS = 4
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: unknown where it is not installed
 def pytest_xdist_auto_num_workers(config) -> int:
     """Workers for ``-n auto``: the cores this process may use, capped at ``MAX_TEST_WORKERS``."""
     return max(1, min(len(os.sched_getaffinity(0)), MAX_TEST_WORKERS))
