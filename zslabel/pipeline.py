@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from . import runstate
@@ -123,38 +124,45 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
         raise RayStartError(f"cannot reach a Ray cluster at {address}: {exc}") from exc
 
 
-def actor_pool_size(config: JobConfig) -> tuple[int, int]:
-    """``(min, max)`` labeler actors for this cluster; see ``plan_actor_pool``.
+@dataclass(frozen=True)
+class ClusterResources:
+    """What the cluster holds, read once per job: the logical resources of each live node
+    (``ray.nodes()``, e.g. ``{"CPU": 8.0, "GPU": 1.0}``) and the node types the cluster
+    autoscaler may still start, as (resources of one node, most nodes; -1 = unlimited) (its
+    cluster config in the GCS; none on a fixed cluster). Never the driver's hardware, so a GPU
+    cluster whose GPU workers scale from zero is not mistaken for a CPU-only one."""
 
-    Reads the live nodes (``ray.nodes()``) and the node types the cluster autoscaler may still
-    start (its cluster config in the GCS; none on a fixed cluster), never the driver's hardware,
-    so a GPU cluster whose GPU workers scale from zero is not mistaken for a CPU-only one.
+    nodes: list[dict[str, float]]
+    node_types: list[tuple[dict[str, float], int]]
 
-    Raises:
-        ConfigError: as ``plan_actor_pool``.
-    """
-    return plan_actor_pool(config, _live_node_resources(), _autoscaler_node_types())
+    @classmethod
+    def read(cls) -> ClusterResources:
+        """The connected cluster's resources (needs ``ray.init``)."""
+        import ray
+
+        return cls([dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")], _autoscaler_node_types())
+
+    def actor_pool_size(self, config: JobConfig) -> tuple[int, int]:
+        """``(min, max)`` labeler actors for this cluster; see ``plan_actor_pool``.
+
+        Raises:
+            ConfigError: as ``plan_actor_pool``.
+        """
+        return plan_actor_pool(config, self.nodes, self.node_types)
+
+    def cpus(self) -> float:
+        """The CPUs of the live nodes, or of the autoscaler's node types at their maximum counts
+        (an unlimited type counts as ``UNLIMITED_NODES`` nodes) when that is more: what sizes the
+        blocks of planned inputs (``sources.blocks.rows_per_block``)."""
+        live = sum(r.get("CPU", 0.0) for r in self.nodes)
+        scalable = sum(r.get("CPU", 0.0) * (UNLIMITED_NODES if k < 0 else k) for r, k in self.node_types)
+        return max(live, scalable)
 
 
-def _live_node_resources() -> list[dict[str, float]]:
-    """Logical resources of each live node (``ray.nodes()``), e.g. ``{"CPU": 8.0, "GPU": 1.0}``."""
-    import ray
-
-    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-
-
-def cluster_cpus() -> float:
-    """The CPUs of the live nodes, or of the autoscaler's node types at their maximum counts
-    (an unlimited type counts as ``UNLIMITED_NODES`` nodes) when that is more: what sizes the
-    blocks of planned inputs (``sources.blocks.rows_per_block``)."""
-    live = sum(r.get("CPU", 0.0) for r in _live_node_resources())
-    scalable = sum(r.get("CPU", 0.0) * (UNLIMITED_NODES if k < 0 else k) for r, k in _autoscaler_node_types())
-    return max(live, scalable)
-
-
-def initial_actors(config: JobConfig, pool: tuple[int, int], inputs: int | None) -> int:
+def initial_actors(config: JobConfig, pool: tuple[int, int], inputs: int | None,
+                   nodes: list[dict[str, float]]) -> int:
     """Labeler actors to start with: for CPU actors sized by the cluster, as many as the live
-    nodes hold, but no more than gives each two batches and ``MIN_IMAGES_PER_CPU_ACTOR`` images
+    ``nodes`` (``ClusterResources.nodes``) hold, but no more than gives each two batches and ``MIN_IMAGES_PER_CPU_ACTOR`` images
     of ``inputs``; else ``pool[0]``.
 
     Ray Data grows an actor pool only while the running actors stay busy with work queued, one
@@ -164,13 +172,14 @@ def initial_actors(config: JobConfig, pool: tuple[int, int], inputs: int | None)
     """
     if config.concurrency or config.num_gpus_per_actor:
         return pool[0]
-    live = plan_actor_pool(config, _live_node_resources())[1]
+    live = plan_actor_pool(config, nodes)[1]
     per_actor = max(2 * config.batch_size, MIN_IMAGES_PER_CPU_ACTOR)
     wanted = live if inputs is None else math.ceil(inputs / per_actor)
     return max(pool[0], min(pool[1], live, wanted))
 
 
-def actor_pool_strategy(config: JobConfig, pool: tuple[int, int], inputs: int | None):
+def actor_pool_strategy(config: JobConfig, pool: tuple[int, int], inputs: int | None,
+                        nodes: list[dict[str, float]]):
     """Ray Data's ``ActorPoolStrategy`` for the labeler: ``pool`` sizes, ``initial_actors``, and
     for GPU actors two calls in flight per actor, so that Ray Data batches the next input and
     formats the last output (host work) while the model runs on the device; the model calls
@@ -180,7 +189,7 @@ def actor_pool_strategy(config: JobConfig, pool: tuple[int, int], inputs: int | 
 
     import ray.data
 
-    kwargs = {"min_size": pool[0], "max_size": pool[1], "initial_size": initial_actors(config, pool, inputs)}
+    kwargs = {"min_size": pool[0], "max_size": pool[1], "initial_size": initial_actors(config, pool, inputs, nodes)}
     params = inspect.signature(ray.data.ActorPoolStrategy.__init__).parameters
     if config.num_gpus_per_actor and "max_concurrent_calls_per_actor" in params:
         kwargs["max_concurrent_calls_per_actor"] = GPU_CALLS_PER_ACTOR
@@ -341,7 +350,8 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     # unpacked working_dir under the process (its cwd then no longer exists), which breaks
     # libraries that resolve relative paths at import time (transformers does).
     init_ray(config.address)
-    pool = actor_pool_size(config)
+    cluster = ClusterResources.read()
+    pool = cluster.actor_pool_size(config)
     # Every task stage in front of the labeler runs with decoding's resources, strategy and
     # retries, so that Ray Data fuses them into one task per block ("ReadPlannedBlocks->
     # MapBatches(drop_committed)->MapBatches(decode_block)"). Unfused, reading a block took
@@ -363,7 +373,7 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     plan = sources.plan_inputs(
         config.input, input_format=config.input_format, storage_options=config.storage_options,
         path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,
-        image_column=config.image_column, task_options=decode_args, cluster_cpus=cluster_cpus())
+        image_column=config.image_column, task_options=decode_args, cluster_cpus=cluster.cpus())
     timings["planning_s"] = plan.planning_seconds
 
     schema = output_schema(plan.carried_columns, embed_dim if config.store_embeddings else None,
@@ -402,7 +412,7 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         Labeler, fn_constructor_kwargs={"settings": settings, "label_refs": [label_ref],
                                         "label_names": list(label_set.names)},
         batch_size=config.batch_size, batch_format="numpy",
-        compute=actor_pool_strategy(config, pool, plan.listed),
+        compute=actor_pool_strategy(config, pool, plan.listed, cluster.nodes),
         num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor or None,
         scheduling_strategy="DEFAULT",
         # An actor lost with its node is recreated wherever resources are (model reloaded
