@@ -162,3 +162,45 @@ def test_cli_validation_errors_exit_2_and_write_nothing(args, message, tiny_clip
 def test_cli_help_explains():
     proc = subprocess.run([sys.executable, "-m", "zslabel", "label", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--labels" in proc.stdout and "softmax" in proc.stdout
+
+
+def _most_at_once(intervals: list[tuple[float, float]]) -> int:
+    """The largest number of (start, end) intervals open at one instant."""
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    most = current = 0
+    for _, step in events:
+        current += step
+        most = max(most, current)
+    return most
+
+
+def test_decode_tasks_use_every_cpu_the_labeler_leaves_free(tiny_clip, ray_local, tmp_path):
+    """One labeler actor holding 1 of the instance's 4 CPUs leaves 3 to decoding, and decode
+    tasks (1 CPU each) must run 3 at a time. With the write stage asking for CPUs, Ray Data's
+    resource allocator gave the write operator (unbounded concurrency) the CPUs no operator had
+    reserved, and decoding ran one task at a time: a decode-bound GPU node used a fraction of
+    its cores (benchmarks/README.md, "Decode-bound")."""
+    import time
+
+    import ray
+
+    d = tmp_path / "in"
+    d.mkdir()
+    pictures = [photo(256, 256, seed=s) for s in range(4)]
+    for i in range(640):  # 10 planned blocks of 64 rows, ~0.2 s of decoding each
+        pictures[i % 4].save(d / f"img_{i:04d}.jpg", quality=90)
+    started_us = time.time() * 1e6
+    cfg = JobConfig(input=str(d), output=str(tmp_path / "out"), labels=LABELS, model=str(tiny_clip),
+                    concurrency=(1, 1), num_cpus_per_actor=1.0, decode_cpus_per_task=1.0)
+    assert run_label_job(cfg).labeled == 640
+
+    def decode_intervals():
+        return [(e["ts"], e["ts"] + e["dur"]) for e in ray.timeline()
+                if e.get("ph") == "X" and "decode_block" in e.get("cat", "") and e["ts"] >= started_us
+                and e.get("name", "").endswith("_map_task")]
+
+    deadline = time.monotonic() + 30  # task events reach the GCS about once a second
+    while len(intervals := decode_intervals()) < 10 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(intervals) == 10
+    assert _most_at_once(intervals) == 3

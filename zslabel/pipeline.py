@@ -44,7 +44,7 @@ ACTOR_INIT_DEATHS_TOLERATED = 3
 IN_FLIGHT_BATCHES_PER_ACTOR = 8
 MIN_IN_FLIGHT_BYTES = 256 * 2**20
 # Logical CPUs of one Parquet write task (see the write stage in run_label_job).
-WRITE_CPUS_PER_TASK = 0.25
+WRITE_CPUS_PER_TASK = 0
 # Calls in flight per GPU labeler actor (see actor_pool_strategy).
 GPU_CALLS_PER_ACTOR = 2
 # An autoscaler node type without a maximum count, when sizing the labeler actor pool.
@@ -427,10 +427,14 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     # files read faster downstream; smaller ones lose less work to a crash.
     ds = ds.map_batches(runstate.write_block, fn_kwargs={"target": run.target},
                         batch_size=config.rows_per_file, batch_format="pyarrow",
-                        # Encoding a few thousand rows of labels is light: with a whole CPU per
-                        # write task, Ray Data's resource budget held every write back until
-                        # decoding had finished (a decode-bound run committed nothing for 58 of
-                        # its 60 s), so progress and --resume lost their meaning.
+                        # Encoding a few thousand rows of labels takes milliseconds, so a write
+                        # task asks for no CPU. With a whole CPU, Ray Data's resource budget held
+                        # every write back until decoding had finished (a decode-bound run
+                        # committed nothing for 58 of its 60 s). With any CPU, its allocator
+                        # handed the CPUs no operator had reserved to this last operator
+                        # (unbounded concurrency, so no cap), never to decoding: one decode task
+                        # at a time next to a 1-CPU actor on 4 CPUs, 5 of 7 free CPUs on 8
+                        # (benchmarks/README.md, "Decode-bound").
                         num_cpus=WRITE_CPUS_PER_TASK)
     t_run, t_run_epoch = time.perf_counter(), time.time()
     written = _consume_with_progress(ds, Progress(planned_rows(plan, run), enabled=progress))
