@@ -43,8 +43,11 @@ ACTOR_INIT_DEATHS_TOLERATED = 3
 # Decoded data in flight (see bound_in_flight): batches per labeler actor, and a floor.
 IN_FLIGHT_BATCHES_PER_ACTOR = 8
 MIN_IN_FLIGHT_BYTES = 256 * 2**20
-# Logical CPUs of one Parquet write task (see the write stage in run_label_job).
+# Logical CPUs of one Parquet write task, and the most write tasks at once: one per this many
+# cluster CPUs, at least MIN_WRITE_TASKS (see the write stage in run_label_job and write_tasks).
 WRITE_CPUS_PER_TASK = 0
+CPUS_PER_WRITE_TASK = 16
+MIN_WRITE_TASKS = 1
 # Calls in flight per GPU labeler actor (see actor_pool_strategy).
 GPU_CALLS_PER_ACTOR = 2
 # An autoscaler node type without a maximum count, when sizing the labeler actor pool.
@@ -157,6 +160,14 @@ class ClusterResources:
         live = sum(r.get("CPU", 0.0) for r in self.nodes)
         scalable = sum(r.get("CPU", 0.0) * (UNLIMITED_NODES if k < 0 else k) for r, k in self.node_types)
         return max(live, scalable)
+
+
+def write_tasks(cluster_cpus: float) -> int:
+    """The most Parquet write tasks in flight at once: one per ``CPUS_PER_WRITE_TASK`` CPUs of
+    the cluster (``ClusterResources.cpus``), at least ``MIN_WRITE_TASKS``. A write is an encode of
+    ``rows_per_file`` label rows (milliseconds) and one upload (tens to hundreds of ms to object
+    storage): one write in flight commits ~10,000 rows per second at 100 ms per 1,024-row file."""
+    return max(MIN_WRITE_TASKS, math.ceil(cluster_cpus / CPUS_PER_WRITE_TASK))
 
 
 def initial_actors(config: JobConfig, pool: tuple[int, int], inputs: int | None,
@@ -430,12 +441,17 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
                         # Encoding a few thousand rows of labels takes milliseconds, so a write
                         # task asks for no CPU. With a whole CPU, Ray Data's resource budget held
                         # every write back until decoding had finished (a decode-bound run
-                        # committed nothing for 58 of its 60 s). With any CPU, its allocator
-                        # handed the CPUs no operator had reserved to this last operator
-                        # (unbounded concurrency, so no cap), never to decoding: one decode task
-                        # at a time next to a 1-CPU actor on 4 CPUs, 5 of 7 free CPUs on 8
-                        # (benchmarks/README.md, "Decode-bound").
-                        num_cpus=WRITE_CPUS_PER_TASK)
+                        # committed nothing for 58 of its 60 s). With any CPU and no cap, its
+                        # allocator handed the CPUs no operator had reserved to this last
+                        # operator, never to decoding: one decode task at a time next to a 1-CPU
+                        # actor on 4 CPUs, 5 of 7 free CPUs on 8. Without CPUs the tasks need a
+                        # cap instead: Ray starts a worker process for each write in flight
+                        # while decoding holds every CPU (~1.5 s of CPU each, once per job: a
+                        # 20,000-image run on 2 cores started 12 Ray workers uncapped, 10 with
+                        # one write at a time, 8 with 0.25 CPU). benchmarks/README.md,
+                        # "Decode-bound".
+                        num_cpus=WRITE_CPUS_PER_TASK,
+                        compute=ray.data.TaskPoolStrategy(size=write_tasks(cluster.cpus())))
     t_run, t_run_epoch = time.perf_counter(), time.time()
     written = _consume_with_progress(ds, Progress(planned_rows(plan, run), enabled=progress))
     plan.finalize()  # tars / Parquet inputs: listed and skipped counts are known only now
