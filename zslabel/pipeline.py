@@ -438,17 +438,13 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     # files read faster downstream; smaller ones lose less work to a crash.
     ds = ds.map_batches(runstate.write_block, fn_kwargs={"target": run.target},
                         batch_size=config.rows_per_file, batch_format="pyarrow",
-                        # Encoding a few thousand rows of labels takes milliseconds, so a write
-                        # task asks for no CPU. With a whole CPU, Ray Data's resource budget held
-                        # every write back until decoding had finished (a decode-bound run
-                        # committed nothing for 58 of its 60 s). With any CPU and no cap, its
-                        # allocator handed the CPUs no operator had reserved to this last
-                        # operator, never to decoding: one decode task at a time next to a 1-CPU
-                        # actor on 4 CPUs, 5 of 7 free CPUs on 8. Without CPUs the tasks need a
-                        # cap instead: Ray starts a worker process for each write in flight
-                        # while decoding holds every CPU (~1.5 s of CPU each, once per job: a
-                        # 20,000-image run on 2 cores started 12 Ray workers uncapped, 10 with
-                        # one write at a time, 8 with 0.25 CPU). benchmarks/README.md,
+                        # A write (a few thousand label rows to Parquet) takes milliseconds of
+                        # CPU, so it asks for none. With any CPU and no cap, Ray Data's allocator
+                        # handed the CPUs no operator had reserved to this last operator, never to
+                        # decoding (1 decode task next to a 1-CPU actor on 4 CPUs, 5 of 7 free on
+                        # 8); with a whole CPU it held writes back until decoding had finished.
+                        # The cap stops Ray from starting a worker process per write in flight
+                        # while decoding holds every CPU (~1.5 s of CPU each). benchmarks/README.md,
                         # "Decode-bound".
                         num_cpus=WRITE_CPUS_PER_TASK,
                         compute=ray.data.TaskPoolStrategy(size=write_tasks(cluster.cpus())))
