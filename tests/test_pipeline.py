@@ -176,10 +176,10 @@ def _most_at_once(intervals: list[tuple[float, float]]) -> int:
 
 def test_decode_tasks_use_every_cpu_the_labeler_leaves_free(tiny_clip, ray_local, tmp_path):
     """One labeler actor holding 1 of the instance's 4 CPUs leaves 3 to decoding, and decode
-    tasks (1 CPU each) must run 3 at a time. With the write stage asking for CPUs, Ray Data's
-    resource allocator gave the write operator (unbounded concurrency) the CPUs no operator had
-    reserved, and decoding ran one task at a time: a decode-bound GPU node used a fraction of
-    its cores (benchmarks/README.md, "Decode-bound")."""
+    tasks (1 CPU each) must run 3 at a time. When write tasks asked for CPUs with no cap on how
+    many run at once, Ray Data's resource allocator gave the write operator the CPUs no operator
+    had reserved, and decoding ran one task at a time: a decode-bound GPU node used a fraction
+    of its cores (benchmarks/README.md, "Decode-bound")."""
     import time
 
     import ray
