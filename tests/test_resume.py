@@ -298,3 +298,41 @@ def test_cli_flags_map_to_modes():
     assert (parse().mode, parse().retry_errors, parse("--overwrite").mode) == ("error", False, "overwrite")
     with pytest.raises(ConfigError, match="only applies with --resume"):
         parse("--retry-errors").validate()
+
+
+def test_resume_after_the_input_changed(tiny_clip, ray_local, tmp_path):
+    """Resume skips inputs by position in the listing: a file added in front of others, or one
+    removed, must make --resume refuse (touching nothing) instead of skipping new images,
+    labeling others twice or keeping rows of deleted ones; inputs added after all earlier ones
+    (here: manifest lines appended) extend the run, each input exactly once."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for name, seed in (("b.png", 1), ("c.png", 2), ("d.png", 3)):
+        photo(24, 20, seed=seed).save(d / name)
+    out = tmp_path / "out"
+    base = dict(input=str(d), output=str(out), labels=LABELS, model=str(tiny_clip), concurrency=(1, 1))
+    assert run_label_job(JobConfig(**base)).rows == 3
+    before = snapshot(out)
+
+    photo(24, 20, seed=4).save(d / "a.png")  # sorts first: every committed row would move
+    with pytest.raises(OutputError, match=r"input changed.*3 of its 3 committed rows.*input_index 0 was "
+                                          r"'[^']*b\.png', now '[^']*a\.png'.*--overwrite"):
+        run_label_job(JobConfig(**base, mode="resume"))
+    (d / "a.png").unlink()
+    (d / "d.png").unlink()  # the last one gone: its row would stay behind
+    with pytest.raises(OutputError, match=r"1 of its 3 committed rows.*input_index 2 was '[^']*d\.png', "
+                                          r"no longer listed"):
+        run_label_job(JobConfig(**base, mode="resume"))
+    assert snapshot(out) == before  # refusals touch nothing
+
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"{d / 'b.png'}\n{d / 'c.png'}\n")
+    mout = tmp_path / "mout"
+    mbase = dict(base, input=str(manifest), output=str(mout))
+    assert run_label_job(JobConfig(**mbase)).rows == 2
+    photo(24, 20, seed=5).save(d / "e.png")
+    manifest.write_text(f"{d / 'b.png'}\n{d / 'c.png'}\n{d / 'e.png'}\n")
+    extended = run_label_job(JobConfig(**mbase, mode="resume"))
+    assert (extended.rows, extended.model_images, extended.carried_over) == (3, 1, 2)
+    rows = sorted((r["input_index"], r["path"]) for r in pq.read_table(str(mout)).to_pylist())
+    assert [(i, os.path.basename(p)) for i, p in rows] == [(0, "b.png"), (1, "c.png"), (2, "e.png")]

@@ -395,7 +395,7 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         config, checkpoint_digest=digest, model_type=model_type, score_kind=score_kind,
         labels=list(label_set.names), templates=list(label_set.templates),
         preprocess=spec.fingerprint_dict(), schema=schema)
-    run = runstate.begin_run(config, fields, resolved.output)
+    run = runstate.begin_run(config, fields, resolved.output, planned_paths=plan.planned_paths)
     settings = LabelerSettings(
         model=config.model, revision=config.revision, storage_options=config.storage_options,
         schema=schema, top_k=config.top_k, dtype=config.dtype,

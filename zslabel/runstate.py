@@ -64,7 +64,7 @@ import pyarrow.parquet as pq
 
 from .calibration import load_calibration
 from .errors import NON_FINITE_SCORES, OutputError, error_code
-from .output import (ERROR, INPUT_INDEX, MANIFEST_NAME, is_visible, open_atomic, output_filesystem,
+from .output import (ERROR, INPUT_INDEX, MANIFEST_NAME, PATH, is_visible, open_atomic, output_filesystem,
                      visible_parquet_files, write_bytes_atomic)
 
 if typing.TYPE_CHECKING:
@@ -398,11 +398,14 @@ def new_run_id() -> str:
     return f"{now}-{uuid.uuid4().hex[:8]}"
 
 
-def begin_run(config: "LabelingOptions", fields: dict[str, Any], state: OutputState | None = None) -> RunPlan:
+def begin_run(config: "LabelingOptions", fields: dict[str, Any], state: OutputState | None = None,
+              planned_paths: pa.Array | pa.ChunkedArray | None = None) -> RunPlan:
     """Prepare ``config.output`` for this run according to ``config.mode``; returns the plan.
 
     ``state``: the output as inspected and checked (``check_mode``) when the run was resolved;
-    inspected here when None.
+    inspected here when None. ``planned_paths``: this run's planned ``path`` per ``input_index``
+    (driver-planned inputs, ``InputPlan.planned_paths``); a resume first checks that committed
+    rows still match it (``_Scan.check_same_inputs``).
 
     All checks happen before anything is changed. Then: the run record is written (fencing out
     writers of an earlier run), debris of cut-short runs is removed (hidden temporary files,
@@ -410,8 +413,9 @@ def begin_run(config: "LabelingOptions", fields: dict[str, Any], state: OutputSt
 
     Raises:
         OutputError: occupied output in the default mode; ``resume`` with a different
-            fingerprint (the message names what changed); committed files that disagree with
-            the recorded fingerprint or hold an input twice; storage failures.
+            fingerprint (the message names what changed) or with an input whose listing moved
+            committed rows; committed files that disagree with the recorded fingerprint or
+            hold an input twice; storage failures.
     """
     if state is None:
         state = inspect_output(config.output, config.storage_options)
@@ -425,7 +429,7 @@ def begin_run(config: "LabelingOptions", fields: dict[str, Any], state: OutputSt
     target = WriteTarget(config.output, dict(config.storage_options), "", new_run_id(), digest)
     try:
         if config.mode == "resume" and not state.is_empty:
-            return _begin_resume(config, state, fields, target)
+            return _begin_resume(config, state, fields, target, planned_paths)
         if config.mode == "overwrite" and (state.visible_files() or state.manifest):
             return _begin_overwrite(state, fields, target)
         return _begin_fresh(state, fields, target)
@@ -456,7 +460,8 @@ def _begin_overwrite(state: OutputState, fields: dict, target: WriteTarget) -> R
     return RunPlan(state, target, fields, np.zeros(0, np.int64), staged=True)
 
 
-def _begin_resume(config: "LabelingOptions", state: OutputState, fields: dict, target: WriteTarget) -> RunPlan:
+def _begin_resume(config: "LabelingOptions", state: OutputState, fields: dict, target: WriteTarget,
+                  planned_paths: pa.Array | pa.ChunkedArray | None = None) -> RunPlan:
     record, manifest = state.run_record, state.manifest
     previous, previous_fields, source, data_dir = state.recorded()
     committed = _scan(state, state.data_files(data_dir))
@@ -475,6 +480,8 @@ def _begin_resume(config: "LabelingOptions", state: OutputState, fields: dict, t
         raise OutputError(f"cannot resume {config.output}: committed files carry other fingerprints {stray} "
                           f"(e.g. {committed.files_with_other_fingerprint(target.fingerprint)[:3]}); "
                           "use --overwrite")
+    if planned_paths is not None:
+        committed.check_same_inputs(config.output, planned_paths)  # before anything changes
     staged = bool(data_dir)
     target = WriteTarget(target.uri, target.storage_options, data_dir, target.run_id, target.fingerprint)
     _write_record(state, target, fields, mode="overwrite" if staged else "resume",
@@ -729,7 +736,8 @@ def _roll_forward(state: OutputState, swap: dict) -> str:
 
 @dataclass
 class _Scan:
-    """``input_index``, ``error`` and ``file`` of committed rows, plus each file's fingerprint."""
+    """``input_index``, ``error``, ``path`` and ``file`` of committed rows, plus each file's
+    fingerprint."""
 
     table: pa.Table                     # "file": full path (without protocol)
     paths: list[str]                    # the files read, relative to the output root
@@ -753,6 +761,40 @@ class _Scan:
                               f"{twice[:5].tolist()}...): another run wrote into it at the same time? "
                               "Use --overwrite to start over")
 
+    def check_same_inputs(self, uri: str, planned_paths: pa.Array | pa.ChunkedArray) -> None:
+        """Raise unless every committed row names the input that ``planned_paths`` (this run's
+        planned ``path`` per ``input_index``) holds at its ``input_index``.
+
+        A resume skips inputs by ``input_index``, their position in the listing: a file added,
+        removed or renamed in front of others moves every later one, so resuming would skip
+        new images, label others twice and keep rows of deleted ones.
+
+        Raises:
+            OutputError: naming how many committed rows no longer match and one example.
+        """
+        if not self.table.num_rows:
+            return
+        idx = self.table.column(INPUT_INDEX).to_numpy()
+        old = self.table.column(PATH).to_numpy(zero_copy_only=False)
+        if isinstance(planned_paths, pa.ChunkedArray):
+            planned_paths = planned_paths.combine_chunks()
+        listed = idx < len(planned_paths)
+        new = np.full(len(idx), None, object)  # None: the position is past the new listing's end
+        if listed.any():
+            new[listed] = planned_paths.take(pa.array(idx[listed])).to_numpy(zero_copy_only=False)
+        moved = np.flatnonzero(new != old)
+        if not len(moved):
+            return
+        i = moved[np.argmin(idx[moved])]
+        now = "no longer listed" if new[i] is None else f"now {new[i]!r}"
+        raise OutputError(
+            f"cannot resume {uri}: the input changed since the earlier run. {len(moved)} of its "
+            f"{len(idx)} committed rows no longer match the input at their position (input_index "
+            f"{int(idx[i])} was {old[i]!r}, {now}): files were added, removed or renamed before the "
+            "end of the listing, and resuming by position would skip or repeat images. Use "
+            "--overwrite to label the current input afresh, or a new --output. (Inputs added after "
+            "all earlier ones, e.g. new manifest lines at the end, resume fine.)")
+
     def done_indices(self, keep_errors: bool) -> np.ndarray:
         table = self.table if keep_errors else self.table.filter(pc.is_null(self.table.column(ERROR)))
         return np.unique(table.column(INPUT_INDEX).to_numpy()).astype(np.int64)
@@ -762,7 +804,8 @@ def _scan(state: OutputState, rel_paths: list[str]) -> _Scan:
     """Read the small columns of committed files (one footer + two columns per file)."""
     import pyarrow.dataset as pads
 
-    schema = pa.schema([(INPUT_INDEX, pa.int64()), (ERROR, pa.string()), ("file", pa.string())])
+    schema = pa.schema([(INPUT_INDEX, pa.int64()), (ERROR, pa.string()), (PATH, pa.string()),
+                        ("file", pa.string())])
     if not rel_paths:
         return _Scan(schema.empty_table(), [], {})
     paths = [state.path(r) for r in rel_paths]
@@ -771,8 +814,9 @@ def _scan(state: OutputState, rel_paths: list[str]) -> _Scan:
     for frag in dataset.get_fragments():
         md = frag.physical_schema.metadata or {}
         fingerprints.setdefault(md.get(FINGERPRINT_KEY, b"").decode(), []).append(frag.path)
-    table = dataset.to_table(columns=[INPUT_INDEX, ERROR, "__filename"])
-    table = pa.table([table.column(0).cast(pa.int64()), table.column(1), table.column(2)], schema=schema)
+    table = dataset.to_table(columns=[INPUT_INDEX, ERROR, PATH, "__filename"])
+    table = pa.table([table.column(0).cast(pa.int64()), table.column(1), table.column(2), table.column(3)],
+                     schema=schema)
     return _Scan(table, list(rel_paths), fingerprints)
 
 

@@ -96,6 +96,10 @@ class InputPlan:
     duplicates_removed: int
     planning_seconds: float
     carried_columns: list[str]
+    # Driver-planned kinds (folder, glob, manifest): the ``path`` of every planned row, (N,)
+    # strings in ``input_index`` order, so that a resume can check that committed rows still
+    # name the same inputs (``runstate.begin_run``). None for kinds read in tasks.
+    planned_paths: Any = None
     # Streaming kinds: () -> {file_uri: (listed, skipped, skipped_examples)} from the read tasks.
     _tally: Callable[[], dict[str, tuple[int, int, list[str]]]] | None = field(default=None, repr=False)
 

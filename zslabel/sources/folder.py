@@ -117,7 +117,8 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
     return InputPlan(dataset=dataset, kind="glob" if pattern else "folder",
                      listed=len(files) + len(unreadable), skipped=len(skipped),
                      skipped_examples=[to_uri(p) for p in skipped[:MAX_EXAMPLES]],
-                     duplicates_removed=0, planning_seconds=0.0, carried_columns=[])
+                     duplicates_removed=0, planning_seconds=0.0, carried_columns=[],
+                     planned_paths=table.column("path"))
 
 
 FOLDER = InputKind(

@@ -103,11 +103,13 @@ def plan_path_table(uri: str, fs, fs_path: str, table: pa.Table, path_col: str, 
     if not len(paths):
         raise InputError(f"no images found in manifest {uri} ({listed} entries, "
                          f"{len(empty_rows)} with an empty path)")
-    dataset = dataset_from_table(core_table(paths, cols), options.task_options, options.cluster_cpus)
+    table = core_table(paths, cols)
+    dataset = dataset_from_table(table, options.task_options, options.cluster_cpus)
     return InputPlan(dataset=dataset, kind=kind, listed=listed,
                      skipped=len(empty_rows),
                      skipped_examples=[f"{uri} row {i}" for i in empty_rows[:MAX_EXAMPLES]],
-                     duplicates_removed=removed, planning_seconds=0.0, carried_columns=list(cols))
+                     duplicates_removed=removed, planning_seconds=0.0, carried_columns=list(cols),
+                     planned_paths=table.column("path"))
 
 
 def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], uri: str,
