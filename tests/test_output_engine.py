@@ -162,11 +162,16 @@ def test_finished_run_resume_and_refused_resume_need_no_ray(tiny_clip, ray_local
     occupied = zslabel("label", *args)
     assert occupied.returncode == 2 and "already holds data" in occupied.stderr
     assert occupied.modules["ray"] is False
-    # A new image: the finished run is no longer complete, so --resume labels just that one.
-    (image_folder / "new.png").write_bytes((image_folder / "sub" / "img_01.png").read_bytes())
+    # A new image that sorts after the others: the finished run is no longer complete, so
+    # --resume labels just that one. (One sorting in front moves committed rows: refused,
+    # tests/test_resume.py::test_resume_after_the_input_changed.)
+    new = image_folder / "zz_new.png"
+    new.write_bytes((image_folder / "sub" / "img_01.png").read_bytes())
     more = run_label_job(JobConfig(input=str(image_folder), output=str(out), labels=LABELS_A,
                                    model=str(tiny_clip), top_k=2, batch_size=4, mode="resume"))
     assert (more.rows, more.carried_over, more.model_images) == (13, 12, 1)
+    paths = pq.read_table(str(out), columns=["path"]).column(0).to_pylist()
+    assert len(set(paths)) == 13 and str(new) in paths
 
 
 def test_every_label_and_relabel_flag_is_an_option_field():

@@ -772,10 +772,9 @@ class _Scan:
         Raises:
             OutputError: naming how many committed rows no longer match and one example.
         """
-        if not self.table.num_rows:
-            return
-        idx = self.table.column(INPUT_INDEX).to_numpy()
-        old = self.table.column(PATH).to_numpy(zero_copy_only=False)
+        known = self.table.filter(pc.is_valid(self.table.column(PATH)))
+        idx = known.column(INPUT_INDEX).to_numpy()
+        old = known.column(PATH).to_numpy(zero_copy_only=False)
         if isinstance(planned_paths, pa.ChunkedArray):
             planned_paths = planned_paths.combine_chunks()
         listed = idx < len(planned_paths)
@@ -783,7 +782,7 @@ class _Scan:
         if listed.any():
             new[listed] = planned_paths.take(pa.array(idx[listed])).to_numpy(zero_copy_only=False)
         moved = np.flatnonzero(new != old)
-        if not len(moved):
+        if not len(moved):  # also: nothing committed
             return
         i = moved[np.argmin(idx[moved])]
         now = "no longer listed" if new[i] is None else f"now {new[i]!r}"
@@ -801,7 +800,7 @@ class _Scan:
 
 
 def _scan(state: OutputState, rel_paths: list[str]) -> _Scan:
-    """Read the small columns of committed files (one footer + two columns per file)."""
+    """Read the small columns of committed files (one footer + three columns per file)."""
     import pyarrow.dataset as pads
 
     schema = pa.schema([(INPUT_INDEX, pa.int64()), (ERROR, pa.string()), (PATH, pa.string()),
@@ -814,9 +813,10 @@ def _scan(state: OutputState, rel_paths: list[str]) -> _Scan:
     for frag in dataset.get_fragments():
         md = frag.physical_schema.metadata or {}
         fingerprints.setdefault(md.get(FINGERPRINT_KEY, b"").decode(), []).append(frag.path)
-    table = dataset.to_table(columns=[INPUT_INDEX, ERROR, PATH, "__filename"])
-    table = pa.table([table.column(0).cast(pa.int64()), table.column(1), table.column(2), table.column(3)],
-                     schema=schema)
+    has_path = PATH in dataset.schema.names  # every zslabel output has it; hand-made test files may not
+    table = dataset.to_table(columns=[INPUT_INDEX, ERROR, "__filename"] + ([PATH] if has_path else []))
+    path = table.column(3) if has_path else pa.nulls(table.num_rows, pa.string())
+    table = pa.table([table.column(0).cast(pa.int64()), table.column(1), path, table.column(2)], schema=schema)
     return _Scan(table, list(rel_paths), fingerprints)
 
 
