@@ -336,3 +336,31 @@ def test_resume_after_the_input_changed(tiny_clip, ray_local, tmp_path):
     assert (extended.rows, extended.model_images, extended.carried_over) == (3, 1, 2)
     rows = sorted((r["input_index"], r["path"]) for r in pq.read_table(str(mout)).to_pylist())
     assert [(i, os.path.basename(p)) for i, p in rows] == [(0, "b.png"), (1, "c.png"), (2, "e.png")]
+
+
+def test_resume_after_the_tar_shards_changed(tiny_clip, ray_local, tmp_path):
+    """Tar members are listed in tasks, so a resume checks the shards instead: the earlier run's
+    shards (recorded in its manifest) must come first, in order. A shard sorting in front is
+    refused, touching nothing; one sorting last extends the run."""
+    from source_files import jpeg, make_tar
+
+    d = tmp_path / "shards"
+    d.mkdir()
+    make_tar(d / "b.tar", [("k1.jpg", jpeg(1)), ("k2.jpg", jpeg(2))])
+    make_tar(d / "c.tar", [("k3.jpg", jpeg(3))])
+    out = tmp_path / "out"
+    base = dict(input=str(d), output=str(out), labels=LABELS, model=str(tiny_clip), concurrency=(1, 1))
+    assert run_label_job(JobConfig(**base)).rows == 3
+    assert manifest_of(out)["input_files"] == [str(d / "b.tar"), str(d / "c.tar")]
+    before = snapshot(out)
+
+    make_tar(d / "a.tar", [("k0.jpg", jpeg(0))])
+    with pytest.raises(OutputError, match=r"input changed.*file #0 was '[^']*b\.tar', now '[^']*a\.tar'"):
+        run_label_job(JobConfig(**base, mode="resume"))
+    assert snapshot(out) == before
+    (d / "a.tar").unlink()
+    make_tar(d / "d.tar", [("k4.jpg", jpeg(4))])
+    extended = run_label_job(JobConfig(**base, mode="resume"))
+    assert (extended.rows, extended.model_images, extended.carried_over) == (4, 1, 3)
+    paths = [os.path.basename(p) for p in pq.read_table(str(out), columns=["path"]).column(0).to_pylist()]
+    assert sorted(paths) == ["b.tar#k1.jpg", "b.tar#k2.jpg", "c.tar#k3.jpg", "d.tar#k4.jpg"]

@@ -395,7 +395,8 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         config, checkpoint_digest=digest, model_type=model_type, score_kind=score_kind,
         labels=list(label_set.names), templates=list(label_set.templates),
         preprocess=spec.fingerprint_dict(), schema=schema)
-    run = runstate.begin_run(config, fields, resolved.output, planned_paths=plan.planned_paths)
+    run = runstate.begin_run(config, fields, resolved.output, planned_paths=plan.planned_paths,
+                             planned_files=plan.planned_files)
     settings = LabelerSettings(
         model=config.model, revision=config.revision, storage_options=config.storage_options,
         schema=schema, top_k=config.top_k, dtype=config.dtype,
@@ -463,6 +464,7 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         labels=list(label_set.names), templates=list(label_set.templates), preprocess=spec.fingerprint_dict(),
         input_counts={"skipped": plan.skipped, "listed": plan.listed, "duplicates_removed": plan.duplicates_removed},
         extra={"actor_pool": list(pool), "input_stamp": stamps["input"],
+               **({runstate.INPUT_FILES: plan.planned_files} if plan.planned_files is not None else {}),
                "calibration": calibration_manifest_entry(calib, config.calibration)})
     return finish_run(run, facts, started=t0, timings=timings, files_this_run=len(written),
                       max_error_fraction=config.max_error_fraction)

@@ -53,7 +53,8 @@ class RunFacts:
             and ``stamp`` (``options.local_stamp`` of a local checkpoint folder, else None).
         labels, templates: as embedded. preprocess: ``PreprocessSpec.fingerprint_dict()``.
         input_counts: ``skipped``, ``listed``, ``duplicates_removed`` of the inputs.
-        extra: further top-level manifest keys (``actor_pool``, ``relabel``, ``input_stamp``).
+        extra: further top-level manifest keys (``actor_pool``, ``relabel``, ``input_stamp``,
+            ``input_files``).
     """
 
     kind: str

@@ -77,6 +77,8 @@ RUN_ID_KEY = b"zslabel.run_id"
 STATE_DIR = "_zslabel"
 RUN_RECORD = f"{STATE_DIR}/run.json"
 SWAP_RECORD = f"{STATE_DIR}/swap.json"
+# Run record and manifest key: the files an input kind reads in tasks (``begin_run``).
+INPUT_FILES = "input_files"
 STAGING_DIR = f"{STATE_DIR}/staging"
 TMP_SUFFIX = ".tmp"
 
@@ -237,6 +239,13 @@ class OutputState:
             return (m.get("fingerprint"), m.get("fingerprint_fields"),
                     f"the finished run {m.get('run_id', '(unknown id)')}", "")
         return None, None, "its Parquet files", ""
+
+    def recorded_input_files(self) -> list[str] | None:
+        """``input_files`` (tars or Parquet files read in tasks) of the run this output holds,
+        chosen as in :meth:`recorded`; None when not recorded."""
+        m = (self.swap_record or {}).get("manifest") or self.manifest
+        source = self.run_record or m or {}
+        return source.get(INPUT_FILES)
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel) if rel else self.root
@@ -399,13 +408,17 @@ def new_run_id() -> str:
 
 
 def begin_run(config: "LabelingOptions", fields: dict[str, Any], state: OutputState | None = None,
-              planned_paths: pa.Array | pa.ChunkedArray | None = None) -> RunPlan:
+              planned_paths: pa.Array | pa.ChunkedArray | None = None,
+              planned_files: list[str] | None = None) -> RunPlan:
     """Prepare ``config.output`` for this run according to ``config.mode``; returns the plan.
 
     ``state``: the output as inspected and checked (``check_mode``) when the run was resolved;
     inspected here when None. ``planned_paths``: this run's planned ``path`` per ``input_index``
     (driver-planned inputs, ``InputPlan.planned_paths``); a resume first checks that committed
-    rows still match it (``_Scan.check_same_inputs``).
+    rows still match it (``_Scan.check_same_inputs``). ``planned_files``: the tars or Parquet
+    files read in tasks (``InputPlan.planned_files``), kept in the run record as
+    ``input_files``; a resume first checks that the earlier run's files still come first, in
+    the same order (``check_same_files``).
 
     All checks happen before anything is changed. Then: the run record is written (fencing out
     writers of an earlier run), debris of cut-short runs is removed (hidden temporary files,
@@ -427,31 +440,55 @@ def begin_run(config: "LabelingOptions", fields: dict[str, Any], state: OutputSt
         state = inspect_output(config.output, config.storage_options)
     digest = fingerprint_digest(fields)
     target = WriteTarget(config.output, dict(config.storage_options), "", new_run_id(), digest)
+    record = {} if planned_files is None else {INPUT_FILES: list(planned_files)}
     try:
         if config.mode == "resume" and not state.is_empty:
-            return _begin_resume(config, state, fields, target, planned_paths)
+            check_same_files(config.output, state.recorded_input_files(), planned_files)
+            return _begin_resume(config, state, fields, target, planned_paths, record)
         if config.mode == "overwrite" and (state.visible_files() or state.manifest):
-            return _begin_overwrite(state, fields, target)
-        return _begin_fresh(state, fields, target)
+            return _begin_overwrite(state, fields, target, record)
+        return _begin_fresh(state, fields, target, record)
     except OutputError:
         raise
     except Exception as exc:  # noqa: BLE001 - storage errors differ per backend
         raise OutputError(f"cannot prepare output {config.output}: {type(exc).__name__}: {exc}") from exc
 
 
-def _begin_fresh(state: OutputState, fields: dict, target: WriteTarget) -> RunPlan:
+def check_same_files(uri: str, earlier: list[str] | None, files: list[str] | None) -> None:
+    """Raise unless the files an earlier run read in tasks (``earlier``, from its run record or
+    manifest) are the first of this run's ``files``, in the same order: their rows are matched
+    by file position (``input_index // FILE_INDEX_STRIDE``). New files sorting after them are
+    fine. No check when either list is unknown (outputs of older versions, other input kinds).
+
+    Raises:
+        OutputError: naming the first file whose position changed.
+    """
+    if earlier is None or files is None:
+        return
+    for i, old in enumerate(earlier):
+        new = files[i] if i < len(files) else None
+        if new != old:
+            now = "no longer listed" if new is None else f"now {new!r}"
+            raise OutputError(
+                f"cannot resume {uri}: the input changed since the earlier run: its file #{i} was {old!r}, "
+                f"{now} ({len(earlier)} files then, {len(files)} now). Rows are matched by file position, "
+                "so resuming would skip or repeat images. Use --overwrite to label the current input "
+                "afresh, or a new --output. (Files that sort after all earlier ones resume fine.)")
+
+
+def _begin_fresh(state: OutputState, fields: dict, target: WriteTarget, record: dict | None = None) -> RunPlan:
     state.fs.makedirs(state.root, exist_ok=True)
-    _write_record(state, target, fields, mode="fresh")
+    _write_record(state, target, fields, mode="fresh", **(record or {}))
     # Only leftovers of a run that never committed a row (or an overwrite of nothing) remain.
     _remove(state, STAGING_DIR, recursive=True)
     _remove_debris(state, "")
     return RunPlan(state, target, fields, np.zeros(0, np.int64))
 
 
-def _begin_overwrite(state: OutputState, fields: dict, target: WriteTarget) -> RunPlan:
+def _begin_overwrite(state: OutputState, fields: dict, target: WriteTarget, record: dict | None = None) -> RunPlan:
     target = WriteTarget(target.uri, target.storage_options, f"{STAGING_DIR}/{target.run_id}",
                          target.run_id, target.fingerprint)
-    _write_record(state, target, fields, mode="overwrite")
+    _write_record(state, target, fields, mode="overwrite", **(record or {}))
     for rel in state.files:  # staging of earlier, cut-short overwrites
         if rel.startswith(f"{STAGING_DIR}/") and not rel.startswith(f"{target.data_dir}/"):
             _remove(state, rel)
@@ -461,14 +498,14 @@ def _begin_overwrite(state: OutputState, fields: dict, target: WriteTarget) -> R
 
 
 def _begin_resume(config: "LabelingOptions", state: OutputState, fields: dict, target: WriteTarget,
-                  planned_paths: pa.Array | pa.ChunkedArray | None = None) -> RunPlan:
-    record, manifest = state.run_record, state.manifest
+                  planned_paths: pa.Array | pa.ChunkedArray | None = None, record: dict | None = None) -> RunPlan:
+    run_record, manifest = state.run_record, state.manifest
     previous, previous_fields, source, data_dir = state.recorded()
     committed = _scan(state, state.data_files(data_dir))
     if previous is None:
         found = set(committed.fingerprints)
         if not found:  # no record, no manifest, no data: only debris of a run that wrote nothing
-            return _begin_fresh(state, fields, target)
+            return _begin_fresh(state, fields, target, record)
         if "" in found or len(found) > 1:
             raise OutputError(f"cannot resume {config.output}: its files carry no single zslabel fingerprint "
                               "(written by another tool, an older version, or mixed runs); use --overwrite")
@@ -485,7 +522,8 @@ def _begin_resume(config: "LabelingOptions", state: OutputState, fields: dict, t
     staged = bool(data_dir)
     target = WriteTarget(target.uri, target.storage_options, data_dir, target.run_id, target.fingerprint)
     _write_record(state, target, fields, mode="overwrite" if staged else "resume",
-                  previous_run=record.get("run_id") if record else (manifest or {}).get("run_id"))
+                  previous_run=run_record.get("run_id") if run_record else (manifest or {}).get("run_id"),
+                  **(record or {}))
     # Files published by tasks of the earlier run between the scan and the record (the fence).
     state = inspect_output(config.output, config.storage_options)
     late = sorted(set(state.data_files(data_dir)) - set(committed.paths))

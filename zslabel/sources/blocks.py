@@ -184,7 +184,7 @@ def streaming_plan(kind: str, files: list[str], reader: Reader, storage_options:
                    "carried": carried, "tally": tally, "reader_kwargs": reader_kwargs})
     return InputPlan(dataset=dataset, kind=kind, listed=None, skipped=0, skipped_examples=[],
                      duplicates_removed=0, planning_seconds=0.0, carried_columns=carried,
-                     _tally=lambda: ray.get(tally.get.remote()))
+                     planned_files=list(files), _tally=lambda: ray.get(tally.get.remote()))
 
 
 def _read_files(batch: pa.Table, files: list[str], reader: Reader, storage_options: dict,

@@ -100,6 +100,9 @@ class InputPlan:
     # strings in ``input_index`` order, so that a resume can check that committed rows still
     # name the same inputs (``runstate.begin_run``). None for kinds read in tasks.
     planned_paths: Any = None
+    # Kinds read in tasks (tars, Parquet): the files, in file-index order (``input_index //
+    # FILE_INDEX_STRIDE``), recorded by a run so that a resume can check them. None otherwise.
+    planned_files: list[str] | None = None
     # Streaming kinds: () -> {file_uri: (listed, skipped, skipped_examples)} from the read tasks.
     _tally: Callable[[], dict[str, tuple[int, int, list[str]]]] | None = field(default=None, repr=False)
 
