@@ -134,6 +134,18 @@ def test_cli_end_to_end_with_yaml_config(tiny_clip, ray_local, tmp_path, image_f
     assert lines[0].split()[:2] == [first["path"].rsplit("/", 1)[-1], first["labels"][0]]
 
 
+def test_cli_warns_when_nothing_was_labeled(tiny_clip, ray_local, tmp_path):
+    """The labels file given as the input (a manifest of label names): every row is a
+    read_error; the run keeps its contract (exit 0, a row each) and says so on stderr."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("red circle\nblue square\n")
+    proc = run_cli(["label", str(labels), "--labels-file", str(labels), "--model", str(tiny_clip),
+                    "--output", str(tmp_path / "out")], ray_local)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "labeled 0 of 2 images; errors: read_error=2" in proc.stdout
+    assert f"warning: no image was labeled: all 2 inputs failed; check that {labels} is the input" in proc.stderr
+
+
 def test_show_names_stay_apart():
     """`show` names rows relative to their common folder and escapes what looks alike."""
     from zslabel.cli import display_names

@@ -276,7 +276,15 @@ def _run_and_evaluate(args, run, config) -> int:
 
     gt = load_ground_truth(args.ground_truth, config.storage_options) if args.ground_truth else None
     try:
-        print(run(config).line())
+        summary = run(config)
+        print(summary.line())
+        if summary.rows and not summary.labeled:
+            # Exit 0 is the contract (errors are rows); a run that labeled nothing is still
+            # almost always a wrong input (e.g. the labels file given as the input).
+            source = getattr(config, "input", None) or getattr(config, "source", None)
+            print(f"zslabel: warning: no image was labeled: all {summary.rows} inputs failed; check that "
+                  f"{source} is the input you meant (--max-error-fraction makes such a run exit 1)",
+                  file=sys.stderr)
     except ErrorBudgetExceeded:
         if gt is not None:
             _print_evaluation(args, config.output, gt, config.storage_options, args.eval_json)
