@@ -92,6 +92,11 @@ def test_refuses_occupied_output_and_validates_before_reading(tiny_clip, ray_loc
     with pytest.raises(OutputError, match="already holds data"):
         run_label_job(JobConfig(input=str(image_folder), output=str(out), labels=["a"], model=str(tiny_clip)))
     assert (out / "old.parquet").read_bytes() == b"keep me"
+    # A folder of other files (here the input itself) is not a run: no --resume/--overwrite advice.
+    with pytest.raises(OutputError, match=r"holds files that are not a zslabel output .*; choose an empty or "
+                                          r"new location$"):
+        run_label_job(JobConfig(input=str(image_folder), output=str(image_folder), labels=["a"],
+                                model=str(tiny_clip)))
     # --overwrite/--resume never touch a folder that is not a zslabel output (e.g. the input).
     for mode in ("overwrite", "resume"):
         with pytest.raises(OutputError, match="not a zslabel output"):

@@ -289,13 +289,18 @@ def check_mode(config: "LabelingOptions", state: OutputState) -> None:
     """
     if state.is_empty:
         return
+    examples = ", ".join(state.files[:3]) + (", ..." if len(state.files) > 3 else "")
     if config.mode != "error":
         if not (state.manifest or state.run_record or state.swap_record):
-            examples = ", ".join(state.files[:3])
             raise OutputError(f"output {config.output} holds files that are not a zslabel output "
-                              f"({examples}{', ...' if len(state.files) > 3 else ''}); refusing to "
-                              f"--{config.mode} it. Choose an empty or a zslabel output location")
+                              f"({examples}); refusing to --{config.mode} it. Choose an empty or a "
+                              "zslabel output location")
         return
+    if not (state.manifest or state.run_record or state.swap_record or state.data_files()):
+        # Not a run at all (e.g. the input folder given as --output): --resume and --overwrite
+        # would be refused too, so do not suggest them.
+        raise OutputError(f"output {config.output} holds files that are not a zslabel output ({examples}); "
+                          "choose an empty or new location")
     unfinished = state.run_record or state.swap_record or (state.data_files() and not state.manifest)
     what = "an unfinished run" if unfinished else "a finished run"
     raise OutputError(f"output {config.output} already holds data ({what}); choose an empty location, "
