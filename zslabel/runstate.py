@@ -420,7 +420,7 @@ def begin_run(config: "LabelingOptions", fields: dict[str, Any], state: OutputSt
     ``state``: the output as inspected and checked (``check_mode``) when the run was resolved;
     inspected here when None. ``planned_paths``: this run's planned ``path`` per ``input_index``
     (driver-planned inputs, ``InputPlan.planned_paths``); a resume first checks that committed
-    rows still match it (``_Scan.check_same_inputs``). ``planned_files``: the tars or Parquet
+    rows still match it (``check_same_inputs``). ``planned_files``: the tars or Parquet
     files read in tasks (``InputPlan.planned_files``), kept in the run record as
     ``input_files``; a resume first checks that the earlier run's files still come first, in
     the same order (``check_same_files``).
@@ -523,7 +523,7 @@ def _begin_resume(config: "LabelingOptions", state: OutputState, fields: dict, t
                           f"(e.g. {committed.files_with_other_fingerprint(target.fingerprint)[:3]}); "
                           "use --overwrite")
     if planned_paths is not None:
-        committed.check_same_inputs(config.output, planned_paths)  # before anything changes
+        check_same_inputs(state, committed.paths, planned_paths)  # before anything changes
     staged = bool(data_dir)
     target = WriteTarget(target.uri, target.storage_options, data_dir, target.run_id, target.fingerprint)
     _write_record(state, target, fields, mode="overwrite" if staged else "resume",
@@ -779,8 +779,7 @@ def _roll_forward(state: OutputState, swap: dict) -> str:
 
 @dataclass
 class _Scan:
-    """``input_index``, ``error``, ``path`` and ``file`` of committed rows, plus each file's
-    fingerprint."""
+    """``input_index``, ``error`` and ``file`` of committed rows, plus each file's fingerprint."""
 
     table: pa.Table                     # "file": full path (without protocol)
     paths: list[str]                    # the files read, relative to the output root
@@ -804,50 +803,16 @@ class _Scan:
                               f"{twice[:5].tolist()}...): another run wrote into it at the same time? "
                               "Use --overwrite to start over")
 
-    def check_same_inputs(self, uri: str, planned_paths: pa.Array | pa.ChunkedArray) -> None:
-        """Raise unless every committed row names the input that ``planned_paths`` (this run's
-        planned ``path`` per ``input_index``) holds at its ``input_index``.
-
-        A resume skips inputs by ``input_index``, their position in the listing: a file added,
-        removed or renamed in front of others moves every later one, so resuming would skip
-        new images, label others twice and keep rows of deleted ones.
-
-        Raises:
-            OutputError: naming how many committed rows no longer match and one example.
-        """
-        known = self.table.filter(pc.is_valid(self.table.column(PATH)))
-        idx = known.column(INPUT_INDEX).to_numpy()
-        old = known.column(PATH).to_numpy(zero_copy_only=False)
-        if isinstance(planned_paths, pa.ChunkedArray):
-            planned_paths = planned_paths.combine_chunks()
-        listed = idx < len(planned_paths)
-        new = np.full(len(idx), None, object)  # None: the position is past the new listing's end
-        if listed.any():
-            new[listed] = planned_paths.take(pa.array(idx[listed])).to_numpy(zero_copy_only=False)
-        moved = np.flatnonzero(new != old)
-        if not len(moved):  # also: nothing committed
-            return
-        i = moved[np.argmin(idx[moved])]
-        now = "no longer listed" if new[i] is None else f"now {new[i]!r}"
-        raise OutputError(
-            f"cannot resume {uri}: the input changed since the earlier run. {len(moved)} of its "
-            f"{len(idx)} committed rows no longer match the input at their position (input_index "
-            f"{int(idx[i])} was {old[i]!r}, {now}): files were added, removed or renamed before the "
-            "end of the listing, and resuming by position would skip or repeat images. Use "
-            "--overwrite to label the current input afresh, or a new --output. (Inputs added after "
-            "all earlier ones, e.g. new manifest lines at the end, resume fine.)")
-
     def done_indices(self, keep_errors: bool) -> np.ndarray:
         table = self.table if keep_errors else self.table.filter(pc.is_null(self.table.column(ERROR)))
         return np.unique(table.column(INPUT_INDEX).to_numpy()).astype(np.int64)
 
 
 def _scan(state: OutputState, rel_paths: list[str]) -> _Scan:
-    """Read the small columns of committed files (one footer + three columns per file)."""
+    """Read the small columns of committed files (one footer + two columns per file)."""
     import pyarrow.dataset as pads
 
-    schema = pa.schema([(INPUT_INDEX, pa.int64()), (ERROR, pa.string()), (PATH, pa.string()),
-                        ("file", pa.string())])
+    schema = pa.schema([(INPUT_INDEX, pa.int64()), (ERROR, pa.string()), ("file", pa.string())])
     if not rel_paths:
         return _Scan(schema.empty_table(), [], {})
     paths = [state.path(r) for r in rel_paths]
@@ -856,11 +821,59 @@ def _scan(state: OutputState, rel_paths: list[str]) -> _Scan:
     for frag in dataset.get_fragments():
         md = frag.physical_schema.metadata or {}
         fingerprints.setdefault(md.get(FINGERPRINT_KEY, b"").decode(), []).append(frag.path)
-    has_path = PATH in dataset.schema.names  # every zslabel output has it; hand-made test files may not
-    table = dataset.to_table(columns=[INPUT_INDEX, ERROR, "__filename"] + ([PATH] if has_path else []))
-    path = table.column(3) if has_path else pa.nulls(table.num_rows, pa.string())
-    table = pa.table([table.column(0).cast(pa.int64()), table.column(1), path, table.column(2)], schema=schema)
+    table = dataset.to_table(columns=[INPUT_INDEX, ERROR, "__filename"])
+    table = pa.table([table.column(0).cast(pa.int64()), table.column(1), table.column(2)], schema=schema)
     return _Scan(table, list(rel_paths), fingerprints)
+
+
+def check_same_inputs(state: OutputState, rel_paths: list[str], planned_paths: pa.Array | pa.ChunkedArray) -> None:
+    """Raise unless every row of the committed files ``rel_paths`` names the input that
+    ``planned_paths`` (this run's planned ``path`` per ``input_index``) holds at its
+    ``input_index``. Reads ``input_index`` and ``path`` a record batch at a time, so a resume
+    of millions of rows does not hold a second copy of every path.
+
+    A resume skips inputs by ``input_index``, their position in the listing: a file added,
+    removed or renamed in front of others moves every later one, so resuming would skip new
+    images, label others twice and keep rows of deleted ones.
+
+    Raises:
+        OutputError: naming how many committed rows no longer match and the first of them.
+    """
+    import pyarrow.dataset as pads
+
+    if not rel_paths:
+        return
+    if isinstance(planned_paths, pa.ChunkedArray):
+        planned_paths = planned_paths.combine_chunks()
+    dataset = pads.dataset([state.path(r) for r in rel_paths], filesystem=_arrow_fs(state.fs), format="parquet")
+    if PATH not in dataset.schema.names:  # every zslabel output has it; hand-made test files may not
+        return
+    rows = moved = 0
+    first: tuple[int, str, str | None] | None = None
+    for batch in dataset.to_batches(columns=[INPUT_INDEX, PATH]):
+        idx = batch.column(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        old = batch.column(1).to_numpy(zero_copy_only=False)
+        listed = idx < len(planned_paths)
+        new = np.full(len(idx), None, object)  # None: the position is past the new listing's end
+        if listed.any():
+            new[listed] = planned_paths.take(pa.array(idx[listed])).to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero((new != old) & (old != None))  # noqa: E711 - elementwise on objects
+        rows, moved = rows + len(idx), moved + len(bad)
+        if len(bad):
+            i = bad[np.argmin(idx[bad])]
+            if first is None or idx[i] < first[0]:
+                first = (int(idx[i]), old[i], new[i])
+    if first is None:
+        return
+    at, was, now = first
+    now = "no longer listed" if now is None else f"now {now!r}"
+    raise OutputError(
+        f"cannot resume {state.uri}: the input changed since the earlier run. {moved} of its {rows} "
+        f"committed rows no longer match the input at their position (input_index {at} was {was!r}, "
+        f"{now}): files were added, removed or renamed before the end of the listing, and resuming "
+        "by position would skip or repeat images. Use --overwrite to label the current input afresh, "
+        "or a new --output. (Inputs added after all earlier ones, e.g. new manifest lines at the end, "
+        "resume fine.)")
 
 
 def _drop_error_rows(state: OutputState, scan: _Scan) -> int:
