@@ -870,10 +870,10 @@ def check_same_inputs(state: OutputState, rel_paths: list[str], planned_paths: p
     raise OutputError(
         f"cannot resume {state.uri}: the input changed since the earlier run. {moved} of its {rows} "
         f"committed rows no longer match the input at their position (input_index {at} was {was!r}, "
-        f"{now}): files were added, removed or renamed before the end of the listing, and resuming "
-        "by position would skip or repeat images. Use --overwrite to label the current input afresh, "
-        "or a new --output. (Inputs added after all earlier ones, e.g. new manifest lines at the end, "
-        "resume fine.)")
+        f"{now}): inputs were added in front of, removed from or renamed in the listing, and "
+        "resuming by position would skip or repeat images or keep rows of removed ones. Use "
+        "--overwrite to label the current input afresh, or a new --output. (Inputs added after all "
+        "earlier ones, e.g. new manifest lines at the end, resume fine.)")
 
 
 def _drop_error_rows(state: OutputState, scan: _Scan) -> int:
