@@ -397,6 +397,7 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         preprocess=spec.fingerprint_dict(), schema=schema)
     run = runstate.begin_run(config, fields, resolved.output, planned_paths=plan.planned_paths,
                              planned_files=plan.planned_files)
+    plan.planned_paths = None  # checked; the rows themselves are in the object store (~100 B a path)
     settings = LabelerSettings(
         model=config.model, revision=config.revision, storage_options=config.storage_options,
         schema=schema, top_k=config.top_k, dtype=config.dtype,
