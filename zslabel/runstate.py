@@ -230,22 +230,23 @@ class OutputState:
         """The settings of the run this output holds: ``(fingerprint, fingerprint fields, what
         run (for messages), its data folder)``; the unfinished run's when there is one, else
         the decided swap's, else the finished run's (fingerprint None when none is recorded)."""
-        if self.run_record:
-            r = self.run_record
+        r = self._recorded_run()
+        if r is None:
+            return None, None, "its Parquet files", ""
+        if r is self.run_record:
             return (r.get("fingerprint"), r.get("fingerprint_fields"), f"the unfinished run {r.get('run_id')}",
                     r.get("data_dir", ""))
-        m = (self.swap_record or {}).get("manifest") or self.manifest
-        if m:
-            return (m.get("fingerprint"), m.get("fingerprint_fields"),
-                    f"the finished run {m.get('run_id', '(unknown id)')}", "")
-        return None, None, "its Parquet files", ""
+        return (r.get("fingerprint"), r.get("fingerprint_fields"),
+                f"the finished run {r.get('run_id', '(unknown id)')}", "")
 
     def recorded_input_files(self) -> list[str] | None:
-        """``input_files`` (tars or Parquet files read in tasks) of the run this output holds,
-        chosen as in :meth:`recorded`; None when not recorded."""
-        m = (self.swap_record or {}).get("manifest") or self.manifest
-        source = self.run_record or m or {}
-        return source.get(INPUT_FILES)
+        """``input_files`` (tars or Parquet files read in tasks) of the run :meth:`recorded`
+        describes; None when not recorded."""
+        return (self._recorded_run() or {}).get(INPUT_FILES)
+
+    def _recorded_run(self) -> dict | None:
+        """The unfinished run's record, else the decided swap's manifest, else the manifest."""
+        return self.run_record or (self.swap_record or {}).get("manifest") or self.manifest
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel) if rel else self.root
@@ -448,7 +449,6 @@ def begin_run(config: "LabelingOptions", fields: dict[str, Any], state: OutputSt
     record = {} if planned_files is None else {INPUT_FILES: list(planned_files)}
     try:
         if config.mode == "resume" and not state.is_empty:
-            check_same_files(config.output, state.recorded_input_files(), planned_files)
             return _begin_resume(config, state, fields, target, planned_paths, record)
         if config.mode == "overwrite" and (state.visible_files() or state.manifest):
             return _begin_overwrite(state, fields, target, record)
@@ -522,8 +522,10 @@ def _begin_resume(config: "LabelingOptions", state: OutputState, fields: dict, t
         raise OutputError(f"cannot resume {config.output}: committed files carry other fingerprints {stray} "
                           f"(e.g. {committed.files_with_other_fingerprint(target.fingerprint)[:3]}); "
                           "use --overwrite")
+    # The input must still hold the committed rows at their positions; checked before anything changes.
+    check_same_files(config.output, state.recorded_input_files(), (record or {}).get(INPUT_FILES))
     if planned_paths is not None:
-        check_same_inputs(state, committed.paths, planned_paths)  # before anything changes
+        check_same_inputs(state, committed.paths, planned_paths)
     staged = bool(data_dir)
     target = WriteTarget(target.uri, target.storage_options, data_dir, target.run_id, target.fingerprint)
     _write_record(state, target, fields, mode="overwrite" if staged else "resume",
