@@ -21,7 +21,6 @@ share of the decode stage's time spent at each concurrency. On a machine with fe
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import shutil
@@ -32,42 +31,10 @@ from pathlib import Path
 os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
                    "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"})
 os.environ.pop("RAY_ADDRESS", None)
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # + zslabel_dev
 
 import throughput  # noqa: E402  (same folder: image writer and tiny checkpoint)
-
-
-def concurrency(intervals: list[tuple[float, float]]) -> dict:
-    """Most intervals open at once, the time-weighted mean, and the share of time at each count."""
-    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
-    span = events[-1][0] - events[0][0]
-    time_at = collections.Counter()
-    current = most = 0
-    last = events[0][0]
-    for t, step in events:
-        time_at[current] += t - last
-        last, current = t, current + step
-        most = max(most, current)
-    mean = sum(k * v for k, v in time_at.items()) / span
-    return {"tasks": len(intervals), "most": most, "mean": mean,
-            "share_at": {k: round(v / span, 3) for k, v in sorted(time_at.items())}}
-
-
-def decode_intervals(since_us: float) -> list[tuple[float, float]]:
-    """(start, end) in us of the decode tasks that started after ``since_us``, once their count
-    has held for 2 s (task events reach the GCS about once a second)."""
-    import ray
-
-    found, deadline = [], time.monotonic() + 60
-    while time.monotonic() < deadline:
-        before = len(found)
-        found = [(e["ts"], e["ts"] + e["dur"]) for e in ray.timeline()
-                 if e.get("ph") == "X" and "decode_block" in e.get("cat", "") and e["ts"] >= since_us
-                 and e.get("name", "").endswith("_map_task")]
-        if found and len(found) == before:
-            break
-        time.sleep(2)
-    return found
+from zslabel_dev.timeline import concurrency, task_intervals  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                             concurrency=(1, 1), num_cpus_per_actor=1.0)
             since = time.time() * 1e6
             summary = pipeline.run_label_job(cfg, progress=False)
-            found = decode_intervals(since)
+            found = task_intervals("decode_block", since)
             results.append(dict(concurrency(found), setting=name, labeling_s=summary.timings["labeling_s"]))
     finally:
         ray.shutdown()

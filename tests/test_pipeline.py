@@ -181,16 +181,6 @@ def test_cli_help_explains():
     assert proc.returncode == 0 and "--labels" in proc.stdout and "softmax" in proc.stdout
 
 
-def _most_at_once(intervals: list[tuple[float, float]]) -> int:
-    """The largest number of (start, end) intervals open at one instant."""
-    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
-    most = current = 0
-    for _, step in events:
-        current += step
-        most = max(most, current)
-    return most
-
-
 def test_decode_tasks_use_every_cpu_the_labeler_leaves_free(tiny_clip, ray_local, tmp_path):
     """One labeler actor holding 1 of the instance's 4 CPUs leaves 3 to decoding, and decode
     tasks (1 CPU each) must run 3 at a time. When write tasks asked for CPUs with no cap on how
@@ -199,7 +189,7 @@ def test_decode_tasks_use_every_cpu_the_labeler_leaves_free(tiny_clip, ray_local
     of its cores (benchmarks/README.md, "Decode-bound")."""
     import time
 
-    import ray
+    from zslabel_dev.timeline import concurrency, task_intervals
 
     d = tmp_path / "in"
     d.mkdir()
@@ -211,13 +201,6 @@ def test_decode_tasks_use_every_cpu_the_labeler_leaves_free(tiny_clip, ray_local
                     concurrency=(1, 1), num_cpus_per_actor=1.0, decode_cpus_per_task=1.0)
     assert run_label_job(cfg).labeled == 640
 
-    def decode_intervals():
-        return [(e["ts"], e["ts"] + e["dur"]) for e in ray.timeline()
-                if e.get("ph") == "X" and "decode_block" in e.get("cat", "") and e["ts"] >= started_us
-                and e.get("name", "").endswith("_map_task")]
-
-    deadline = time.monotonic() + 30  # task events reach the GCS about once a second
-    while len(intervals := decode_intervals()) < 10 and time.monotonic() < deadline:
-        time.sleep(0.5)
+    intervals = task_intervals("decode_block", started_us)
     assert len(intervals) == 10
-    assert _most_at_once(intervals) == 3
+    assert concurrency(intervals)["most"] == 3
