@@ -28,7 +28,7 @@ from .options import check_input_exists, local_stamp, resolve
 from .output import MANIFEST_NAME, output_schema
 from .progress import Progress
 from .quiet import quiet_ray_logs
-from .report import RunFacts, RunSummary, finish_run, model_id, summary_of_finished  # noqa: F401 - RunSummary re-exported
+from .summary import RunFacts, RunSummary, finish_run, model_id, summary_of_finished  # noqa: F401 - RunSummary re-exported
 
 log = logging.getLogger(__name__)
 

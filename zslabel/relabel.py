@@ -44,7 +44,7 @@ from .output import (ABSTAINED, EMBEDDING, ERROR, INPUT_INDEX, LABELS, MANIFEST_
                      output_filesystem,
                      output_parquet_files, output_schema, read_manifest, result_table)
 from .progress import Progress
-from .report import RunFacts, finish_run, summary_of_finished
+from .summary import RunFacts, finish_run, summary_of_finished
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def run_relabel_job(config: RelabelConfig, progress: bool = True):
     ``progress``: show rows done / total, rate, errors and ETA on stderr (``zslabel.progress``).
 
     Returns:
-        ``report.RunSummary`` (rows, labeled, errors by code, timings, manifest path).
+        ``summary.RunSummary`` (rows, labeled, errors by code, timings, manifest path).
 
     Raises:
         ConfigError: invalid labels/templates/flags, a model other than the source's, an
