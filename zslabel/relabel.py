@@ -37,13 +37,14 @@ import pyarrow.parquet as pq
 
 from . import runstate
 from .calibration import load_for_run, manifest_entry as calibration_manifest_entry
-from .errors import NON_FINITE_SCORES, ConfigError, InputError, error_string
+from .errors import ConfigError, InputError
 from .hierarchy import Hierarchy, with_hierarchy_fields
 from .options import LabelingOptions, local_stamp, resolve
 from .output import (ABSTAINED, EMBEDDING, ERROR, INPUT_INDEX, LABELS, MANIFEST_NAME, OWNED_COLUMNS, PATH, SCORES,
                      output_filesystem,
                      output_parquet_files, output_schema, read_manifest, result_table)
 from .progress import Progress
+from .scoring import ZeroShotClassifier, score_rows
 from .summary import RunFacts, finish_run, summary_of_finished
 
 log = logging.getLogger(__name__)
@@ -331,8 +332,11 @@ def run_relabel_job(config: RelabelConfig, progress: bool = True):
     fields["source_fingerprint"] = src_manifest.get("fingerprint")
     run = runstate.begin_run(config, fields, resolved.output)
 
-    scorer = _Scorer(label_set.embeddings, np.asarray(label_set.names, dtype=object), scale, bias,
-                     score_kind, resolved.rule, schema, calibration=calib, hierarchy=hier)
+    import torch
+
+    scorer = _Scorer(ZeroShotClassifier(torch.from_numpy(label_set.embeddings),
+                                        np.asarray(label_set.names, dtype=object), scale, bias, score_kind,
+                                        resolved.rule, calibration=calib, hierarchy=hier), schema)
     # Only what the output needs: the source's labels/scores are never read.
     columns = [n for n in source.schema.names if n in schema.names or n in (ERROR, EMBEDDING)]
     stamped = schema.with_metadata(runstate.stamped_metadata(schema, run.target))
@@ -380,15 +384,8 @@ def run_relabel_job(config: RelabelConfig, progress: bool = True):
 class _Scorer:
     """Scores one source batch with the new label embeddings and builds its output rows."""
 
-    def __init__(self, label_embeddings: np.ndarray, label_names: np.ndarray, logit_scale: float,
-                 logit_bias: float, score_kind: str, rule, schema: pa.Schema, *, calibration=None,
-                 hierarchy=None):
-        import torch
-
-        self.labels = torch.from_numpy(label_embeddings)
-        self.names, self.scale, self.bias, self.kind = label_names, logit_scale, logit_bias, score_kind
-        self.rule, self.schema = rule, schema
-        self.calibration, self.hierarchy = calibration, hierarchy
+    def __init__(self, classifier: ZeroShotClassifier, schema: pa.Schema):
+        self.classifier, self.schema = classifier, schema
         self.ranked_schema = pa.schema([schema.field(n) for n in (LABELS, SCORES, ABSTAINED)
                                         if n in schema.names])
 
@@ -397,39 +394,21 @@ class _Scorer:
         or ``first_index``, ``first_index + 1``, ... when the source has none."""
         import torch
 
-        from .ranking import rank, scores_from_logits, zero_shot_logits
-
         n = batch.num_rows
         names = batch.schema.names
         col = {name: batch.column(i) for i, name in enumerate(names)}
-        errors = col[ERROR].to_pylist() if ERROR in col else [None] * n
+        given = col[ERROR].to_pylist() if ERROR in col else [None] * n
         emb_col = col[EMBEDDING]
-        emb, present = embedding_matrix(emb_col, self.labels.shape[1])
-        ok = np.array([e is None for e in errors], bool)
-        missing = ok & ~present
+        emb, present = embedding_matrix(emb_col, self.classifier.label_embeddings.shape[1])
+        missing = np.array([e is None for e in given], bool) & ~present
         if missing.any():
             p = col[PATH][int(np.flatnonzero(missing)[0])].as_py()
             raise InputError(f"row {p!r} was labeled but has no stored embedding; the source is incomplete")
-        rows = np.flatnonzero(ok)
-        ranked = None
-        new_errors = False
-        if len(rows):
-            logits = zero_shot_logits(torch.from_numpy(emb[rows]), self.labels, self.scale, self.bias)
-            if self.calibration is not None:
-                logits = self.calibration.adjust_logits(logits)
-            scores = scores_from_logits(logits, self.kind).numpy()
-            finite = np.isfinite(scores).all(axis=1)
-            if not finite.all():
-                for r in rows[~finite]:
-                    errors[r] = error_string(NON_FINITE_SCORES, "model output has NaN or infinite scores")
-                ok[rows[~finite]] = False
-                scores = scores[finite]
-                new_errors = True
-            ranked = rank(scores, self.rule)
-        hier_cols = {} if self.hierarchy is None else self.hierarchy.columns(
-            scores if ranked is not None else np.zeros((0, len(self.names)), np.float32), ok, self.kind,
-            self.rule.min_score)
-        part = result_table(self.ranked_schema, {}, self.names, None if ranked is None else ranked.indices,
+        scored = score_rows(self.classifier, np.array(given, dtype=object),
+                            lambda rows: torch.from_numpy(emb[rows]))
+        errors, ok, ranked, hier_cols = list(scored.errors), scored.ok, scored.ranked, scored.hierarchy_columns
+        new_errors = errors != given
+        part = result_table(self.ranked_schema, {}, self.classifier.label_names, None if ranked is None else ranked.indices,
                             None if ranked is None else ranked.scores, ok,
                             counts=None if ranked is None else ranked.counts,
                             abstained=None if ranked is None else ranked.abstained)
