@@ -158,7 +158,7 @@ def is_visible(rel: str) -> bool:
 def visible_parquet_files(rel_paths: list[str]) -> list[str]:
     """The data files of an output: the visible ``.parquet`` paths among ``rel_paths``, sorted.
 
-    The one definition of "which Parquet files of an output are read" (runstate, relabel,
+    The one definition of "which Parquet files of an output are read" (store, relabel,
     evaluate and show all use it)."""
     return sorted(r for r in rel_paths if r.endswith(".parquet") and is_visible(r))
 
