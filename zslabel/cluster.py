@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +67,7 @@ def init_ray(address: str | None) -> None:
     ctx.enable_progress_bars = False
     if ray.is_initialized():
         return
-    kwargs = {"log_to_driver": True}
+    kwargs: dict[str, Any] = {"log_to_driver": True}
     if address:
         kwargs["address"] = address
         _check_reachable(address)
@@ -185,7 +186,7 @@ def actor_pool_strategy(config: JobConfig, pool: tuple[int, int], inputs: int | 
 
     import ray.data
 
-    kwargs = {"min_size": pool[0], "max_size": pool[1], "initial_size": initial_actors(config, pool, inputs, nodes)}
+    kwargs: dict[str, Any] = {"min_size": pool[0], "max_size": pool[1], "initial_size": initial_actors(config, pool, inputs, nodes)}
     params = inspect.signature(ray.data.ActorPoolStrategy.__init__).parameters
     if config.num_gpus_per_actor and "max_concurrent_calls_per_actor" in params:
         kwargs["max_concurrent_calls_per_actor"] = GPU_CALLS_PER_ACTOR
@@ -237,7 +238,7 @@ def _per_node(shapes: list[dict[str, float]], key: str) -> str:
 
 
 def plan_actor_pool(config: JobConfig, nodes: list[dict[str, float]],
-                    node_types: list[tuple[dict[str, float], int]] = ()) -> tuple[int, int]:
+                    node_types: Sequence[tuple[dict[str, float], int]] = ()) -> tuple[int, int]:
     """``(min, max)`` labeler actors: the configured bounds, else what the cluster can hold.
 
     Args:

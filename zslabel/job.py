@@ -20,13 +20,14 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
 from .calibration import Calibration, load_for_run
+from .errors import ConfigError
 from .hierarchy import Hierarchy
 from .labels import LabelSet
 from .options import LabelingOptions, ResolvedRun, local_stamp, resolve
@@ -47,29 +48,26 @@ class PreparedJob:
         options: the command's options (validated). resolved: labels, templates, rule, store.
         started: ``time.perf_counter()`` at the start. timings: seconds per phase so far.
         stamps: ``{"input": ..., "model": ...}`` (``options.local_stamp``; None when not local).
-        finished: the summary of a finished run a ``--resume`` found complete (nothing else is
-            set then, and nothing was claimed).
         checkpoint: the resolved checkpoint folder. digest: ``model.checkpoint_digest``.
         label_set: names, templates and (C, D) float32 L2-normalised label embeddings.
         score_kind, model_type, logit_scale, logit_bias, preprocess: from the loaded model
-            (``preprocess``: its ``PreprocessSpec``).
+            (``preprocess``: its ``PreprocessSpec``; ``logit_bias`` 0.0 for CLIP).
         calibration, hierarchy: loaded and checked against the model and labels, or None.
     """
 
     options: LabelingOptions
     resolved: ResolvedRun
     started: float
-    timings: dict[str, Any] = field(default_factory=dict)
-    stamps: dict[str, str | None] = field(default_factory=dict)
-    finished: RunSummary | None = None
-    checkpoint: str = ""
-    digest: str = ""
-    label_set: LabelSet | None = None
-    score_kind: str = ""
-    model_type: str = ""
-    logit_scale: float = 1.0
-    logit_bias: float | None = None
-    preprocess: Any = None
+    timings: dict[str, Any]
+    stamps: dict[str, str | None]
+    checkpoint: str
+    digest: str
+    label_set: LabelSet
+    score_kind: str
+    model_type: str
+    logit_scale: float
+    logit_bias: float
+    preprocess: Any
     calibration: Calibration | None = None
     hierarchy: Hierarchy | None = None
 
@@ -79,19 +77,16 @@ class PreparedJob:
 
     @property
     def labels(self) -> list[str]:
-        assert self.label_set is not None
         return list(self.label_set.names)
 
     @property
     def templates(self) -> list[str]:
-        assert self.label_set is not None
         return list(self.label_set.templates)
 
     def classifier(self, device: str = "cpu") -> ZeroShotClassifier:
         """The zero-shot classifier of this job, its label embeddings on ``device``."""
         import torch
 
-        assert self.label_set is not None
         return ZeroShotClassifier(torch.from_numpy(np.asarray(self.label_set.embeddings)).to(device),
                                   np.asarray(self.label_set.names, dtype=object), self.logit_scale,
                                   self.logit_bias, self.score_kind, self.rule, calibration=self.calibration,
@@ -109,7 +104,7 @@ class PreparedJob:
 def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
             spec_overrides: dict[str, Any] | None = None,
             check_input: Callable[[], None] | None = None,
-            check_model: Callable[[str], None] | None = None) -> PreparedJob:
+            check_model: Callable[[str], None] | None = None) -> PreparedJob | RunSummary:
     """Everything before Ray and images (see the module docstring), ending with the claim.
 
     Args:
@@ -121,6 +116,10 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
         check_model: called with the checkpoint digest before the text tower runs (relabel:
             the source's embeddings must come from this checkpoint).
 
+    Returns:
+        The prepared job, holding the output's claim; or, for a ``--resume`` of a finished run
+        with unchanged settings, input and model, that run's summary (nothing claimed or run).
+
     Raises:
         ConfigError, ModelLoadError, OutputError (OutputInUse when another run holds the
         output): all before any image is read or Ray is started.
@@ -129,32 +128,33 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
     from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint
 
     started = time.perf_counter()
-    job = PreparedJob(options, resolve(options), started)
+    resolved = resolve(options)
     if check_input is not None:
         check_input()
-    job.stamps = {"input": local_stamp(input_uri), "model": local_stamp(options.model)}
-    store = job.resolved.output
-    done = store.finished_unchanged(options.mode, options.retry_errors, job.stamps)
+    if not options.model:
+        raise ConfigError("no model given: pass --model")
+    stamps = {"input": local_stamp(input_uri), "model": local_stamp(options.model)}
+    store = resolved.output
+    done = store.finished_unchanged(options.mode, options.retry_errors, stamps)
     if done is not None:
         log.info("%s holds a finished run of this job with unchanged input and model: nothing to do", options.output)
-        job.finished = summary_of_finished(options.output, done, store.state.path(MANIFEST_NAME), job.started)
-        return job
+        return summary_of_finished(options.output, done, store.state.path(MANIFEST_NAME), started)
     path = resolve_checkpoint(options.model, options.revision, options.storage_options)
-    job.checkpoint, job.digest = str(path), checkpoint_digest(path)
+    digest = checkpoint_digest(path)
     if check_model is not None:
-        check_model(job.digest)
+        check_model(digest)
     # The text tower in float32 (the label embeddings are the classifier's weights), batched;
     # its result is cached on disk (labels.build_label_set).
     text_model = ZeroShotModel(path, device=device, **(spec_overrides or {}))
-    job.rule.check_score_kind(text_model.score_kind, options.model)  # before any image is read
-    job.label_set = build_label_set(job.resolved.labels, job.resolved.templates, text_model, digest=job.digest)
-    job.score_kind, job.model_type = text_model.score_kind, text_model.model_type
-    job.logit_scale, job.logit_bias, job.preprocess = text_model.logit_scale, text_model.logit_bias, text_model.preprocess
+    resolved.rule.check_score_kind(text_model.score_kind, options.model)  # before any image is read
+    label_set = build_label_set(resolved.labels, resolved.templates, text_model, digest=digest)
+    job = PreparedJob(options, resolved, started, {}, stamps, str(path), digest, label_set, text_model.score_kind,
+                      text_model.model_type, text_model.logit_scale, text_model.logit_bias, text_model.preprocess)
     del text_model
-    job.calibration = load_for_run(options.calibration, options.storage_options, checkpoint_digest=job.digest,
+    job.calibration = load_for_run(options.calibration, options.storage_options, checkpoint_digest=digest,
                                    labels=job.labels, templates=job.templates, score_kind=job.score_kind)
     job.hierarchy = Hierarchy.from_labels(job.labels) if options.hierarchy else None
-    job.timings["model_and_labels_s"] = time.perf_counter() - job.started
+    job.timings["model_and_labels_s"] = time.perf_counter() - started
     store.claim(options.mode, options.result_settings())
     return job
 

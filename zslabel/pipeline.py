@@ -47,8 +47,8 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode}
     prepared = job.prepare(config, config.input, device=text_device(), spec_overrides=spec_overrides,
                            check_input=lambda: check_input_exists(config.input, config.storage_options))
-    if prepared.finished is not None:
-        return prepared.finished
+    if isinstance(prepared, RunSummary):
+        return prepared  # a finished run with nothing left to do
     with prepared.claimed():
         # After the model: in a `ray job submit` driver, joining the cluster can replace the
         # job's unpacked working_dir under the process (its cwd then no longer exists), which
@@ -126,7 +126,7 @@ def compose(config: JobConfig, prepared: job.PreparedJob, plan, session, cluster
     pool = cluster.actor_pool_size(config)
     spec = prepared.preprocess
     settings = LabelerSettings(
-        model=config.model, revision=config.revision, storage_options=config.storage_options,
+        model=prepared.options.model or "", revision=config.revision, storage_options=config.storage_options,
         schema=schema, top_k=config.top_k, dtype=config.dtype,
         num_threads=max(1, int(config.num_cpus_per_actor)), store_embeddings=config.store_embeddings,
         spec_overrides=spec_overrides, ranking=prepared.rule, calibration=prepared.calibration,
@@ -184,7 +184,7 @@ def label_facts(config: JobConfig, prepared: job.PreparedJob, plan, cluster: Clu
     return RunFacts(
         kind="label", config=config.public_dict(),
         # A local checkpoint is recorded absolute, so relabel finds it from any folder.
-        model={"id": model_id(config.model), "revision": config.revision, "local_path": prepared.checkpoint,
+        model={"id": model_id(config.model or ""), "revision": config.revision, "local_path": prepared.checkpoint,
                "digest": prepared.digest, "model_type": prepared.model_type, "score_kind": prepared.score_kind,
                "stamp": prepared.stamps["model"]},
         labels=prepared.labels, templates=prepared.templates, preprocess=prepared.preprocess.fingerprint_dict(),

@@ -47,7 +47,7 @@ from .output import (ABSTAINED, EMBEDDING, ERROR, INPUT_INDEX, LABELS, MANIFEST_
 from .progress import Progress
 from .scoring import ZeroShotClassifier, score_rows
 from .store import Accounting, drop_committed, not_done, open_part, stamped_metadata
-from .summary import RunFacts
+from .summary import RunFacts, RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +306,8 @@ def run_relabel_job(config: RelabelConfig, progress: bool = True):
     prepared = job.prepare(config, config.source,
                            check_model=lambda digest: check_same_model(source.manifest, config.model,
                                                                       config.revision, digest))
-    if prepared.finished is not None:
-        return prepared.finished
+    if isinstance(prepared, RunSummary):
+        return prepared  # a finished run with nothing left to do
     with prepared.claimed():
         dim = prepared.label_set.embeddings.shape[1]
         if source.dim is not None and source.dim != dim:

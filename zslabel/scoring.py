@@ -42,7 +42,7 @@ class ZeroShotClassifier:
         label_embeddings: (C, D) float32 torch tensor, L2-normalised, on the scoring device.
         label_names: (C,) object array of label names, as written to the output.
         logit_scale: the model's ``exp(logit_scale)`` (a plain float, e.g. 100.0 for CLIP).
-        logit_bias: SigLIP's ``logit_bias`` (float) or None.
+        logit_bias: SigLIP's ``logit_bias``; 0.0 for CLIP.
         score_kind: "softmax" or "sigmoid".
         rule: what a row keeps (top-k, multi-label, abstention).
         calibration: applied to the logits, or None.
@@ -54,7 +54,7 @@ class ZeroShotClassifier:
     label_embeddings: "torch.Tensor"
     label_names: np.ndarray
     logit_scale: float
-    logit_bias: float | None
+    logit_bias: float
     score_kind: str
     rule: RankingRule
     calibration: "Calibration | None" = None
@@ -128,6 +128,8 @@ def score_rows(classifier: ZeroShotClassifier, errors: np.ndarray, embed) -> Sco
         ranked = rank(scores, classifier.rule)
         if classifier.hierarchy is not None:
             host_scores = scores.float().cpu().numpy()
-    hier = {} if classifier.hierarchy is None else classifier.hierarchy.columns(
-        host_scores, ok, classifier.score_kind, classifier.rule.min_score)
+    hier: dict[str, list] = {}
+    if classifier.hierarchy is not None:
+        assert classifier.rule.min_score is not None  # options.validate: --hierarchy needs --min-score
+        hier = classifier.hierarchy.columns(host_scores, ok, classifier.score_kind, classifier.rule.min_score)
     return Scored(errors, ok, ranked, emb if ok.any() else None, hier)
