@@ -124,9 +124,6 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
         ConfigError, ModelLoadError, OutputError (OutputInUse when another run holds the
         output): all before any image is read or Ray is started.
     """
-    from .labels import build_label_set
-    from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint
-
     started = time.perf_counter()
     resolved = resolve(options)
     if check_input is not None:
@@ -139,6 +136,10 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
     if done is not None:
         log.info("%s holds a finished run of this job with unchanged input and model: nothing to do", options.output)
         return summary_of_finished(options.output, done, store.state.path(MANIFEST_NAME), started)
+    # torch and transformers only now: everything above fails (or finishes) without them, in seconds.
+    from .labels import build_label_set
+    from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint
+
     path = resolve_checkpoint(options.model, options.revision, options.storage_options)
     digest = checkpoint_digest(path)
     if check_model is not None:
