@@ -1,7 +1,7 @@
 """The skeleton every command that writes an output shares (``label``, ``relabel``):
 
     prepare   everything that needs neither Ray nor images: options validated, the output
-              inspected and checked against the mode, a ``--resume`` with nothing to do
+              inspected and checked against the mode (``store.OutputStore.check``), a ``--resume`` with nothing to do
               answered, the checkpoint resolved and digested, the label embeddings built
               (text tower once), calibration and hierarchy loaded; then the output claimed
               (one run at a time, ``store.claim``), before Ray starts
@@ -30,11 +30,12 @@ from .calibration import Calibration, load_for_run
 from .errors import ConfigError
 from .hierarchy import Hierarchy
 from .labels import LabelSet
-from .options import LabelingOptions, ResolvedRun, local_stamp, resolve
+from .calibration import load_calibration
+from .options import LabelingOptions, local_stamp
 from .output import MANIFEST_NAME
 from .ranking import RankingRule
 from .scoring import ZeroShotClassifier
-from .store import Accounting, WriteSession, fingerprint_fields
+from .store import Accounting, OutputStore, WriteSession, fingerprint_fields
 from .summary import RunFacts, RunSummary, check_error_budget, run_manifest, summary_of_finished
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ class PreparedJob:
     """What :func:`prepare` gives (see the module docstring).
 
     Attributes:
-        options: the command's options (validated). resolved: labels, templates, rule, store.
+        options: the command's options (validated: labels merged, templates checked).
+        rule: the ranking rule. store: the output store, checked against the mode and claimed.
         started: ``time.perf_counter()`` at the start. timings: seconds per phase so far.
         stamps: ``{"input": ..., "model": ...}`` (``options.local_stamp``; None when not local).
         checkpoint: the resolved checkpoint folder. digest: ``model.checkpoint_digest``.
@@ -56,7 +58,8 @@ class PreparedJob:
     """
 
     options: LabelingOptions
-    resolved: ResolvedRun
+    rule: RankingRule
+    store: OutputStore
     started: float
     timings: dict[str, Any]
     stamps: dict[str, str | None]
@@ -70,10 +73,6 @@ class PreparedJob:
     preprocess: Any
     calibration: Calibration | None = None
     hierarchy: Hierarchy | None = None
-
-    @property
-    def rule(self) -> RankingRule:
-        return self.resolved.rule
 
     @property
     def labels(self) -> list[str]:
@@ -98,7 +97,7 @@ class PreparedJob:
         try:
             yield self
         finally:
-            self.resolved.output.release()
+            self.store.release()
 
 
 def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
@@ -125,13 +124,16 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
         output): all before any image is read or Ray is started.
     """
     started = time.perf_counter()
-    resolved = resolve(options)
+    rule = options.validate()
+    if options.calibration:  # a missing or damaged file fails here; its fit is checked with the model
+        load_calibration(options.calibration, options.storage_options)
+    store = OutputStore.open(options.output, options.storage_options)
+    store.check(options.mode, options.result_settings())
     if check_input is not None:
         check_input()
     if not options.model:
         raise ConfigError("no model given: pass --model")
     stamps = {"input": local_stamp(input_uri), "model": local_stamp(options.model)}
-    store = resolved.output
     done = store.finished_unchanged(options.mode, options.retry_errors, stamps)
     if done is not None:
         log.info("%s holds a finished run of this job with unchanged input and model: nothing to do", options.output)
@@ -147,9 +149,9 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
     # The text tower in float32 (the label embeddings are the classifier's weights), batched;
     # its result is cached on disk (labels.build_label_set).
     text_model = ZeroShotModel(path, device=device, **(spec_overrides or {}))
-    resolved.rule.check_score_kind(text_model.score_kind, options.model)  # before any image is read
-    label_set = build_label_set(resolved.labels, resolved.templates, text_model, digest=digest)
-    job = PreparedJob(options, resolved, started, {}, stamps, str(path), digest, label_set, text_model.score_kind,
+    rule.check_score_kind(text_model.score_kind, options.model)  # before any image is read
+    label_set = build_label_set(list(options.labels), list(options.templates), text_model, digest=digest)
+    job = PreparedJob(options, rule, store, started, {}, stamps, str(path), digest, label_set, text_model.score_kind,
                       text_model.model_type, text_model.logit_scale, text_model.logit_bias, text_model.preprocess)
     del text_model
     job.calibration = load_for_run(options.calibration, options.storage_options, checkpoint_digest=digest,
@@ -181,7 +183,7 @@ def begin(job: PreparedJob, schema: pa.Schema, *, preprocess: dict | None,
                                 model_type=job.model_type, score_kind=job.score_kind, preprocess=preprocess,
                                 schema=schema)
     fields.update(extra_fields or {})
-    return job.resolved.output.begin(opts.mode, fields, retry_errors=opts.retry_errors,
+    return job.store.begin(opts.mode, fields, retry_errors=opts.retry_errors,
                                      planned_paths=planned_paths, planned_files=planned_files)
 
 

@@ -1,12 +1,12 @@
 """The labeling options shared by ``label`` and ``relabel``, and the checks made before Ray or
-the model: validated once into a :class:`ResolvedRun` that the rest of a run reads.
+the model (``job.prepare`` runs them, in this order, before Ray or the model).
 
 ``LabelingOptions`` holds what both commands mean the same way (labels, templates, model,
 ranking, storage options, output location and mode); ``config.JobConfig`` and
 ``relabel.RelabelConfig`` add their own fields. CLI flags and YAML keys are these field names.
 
 Fail-fast rule (issue 12): everything checkable without Ray and without loading the model is
-checked by :func:`resolve` first, in seconds: the options, labels and templates, the ranking
+checked by ``job.prepare`` first, in seconds: the options, labels and templates, the ranking
 rule, the output location against the mode, and for ``--resume`` whether the recorded settings
 (all fingerprint fields except those only the loaded model knows: checkpoint digest, model
 type, score kind, preprocessing, output schema) are this run's.
@@ -197,42 +197,6 @@ class LabelingOptions:
         d = dataclasses.asdict(self)
         d["storage_options"] = {k: "<redacted>" for k in self.storage_options}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-@dataclass
-class ResolvedRun:
-    """What :func:`resolve` decided; the rest of a run reads this, never the raw options again.
-
-    Attributes:
-        labels, templates: the label names and prompt templates as they will be embedded.
-        rule: the ranking rule (built once).
-        output: the output store, inspected once and checked against the mode
-            (``store.OutputStore``).
-    """
-
-    labels: list[str]
-    templates: list[str]
-    rule: Any
-    output: Any  # store.OutputStore (imported lazily: the store is below the options)
-
-
-def resolve(options: LabelingOptions) -> ResolvedRun:
-    """Validate ``options`` (the command's own ``validate``), inspect the output once and check
-    it against the mode, and for ``--resume`` compare the recorded settings that need no model.
-
-    Raises:
-        ConfigError: a bad option. OutputError: an occupied output without a mode, a folder that
-            is not a zslabel output, one another run is writing, or a ``--resume`` whose
-            settings differ (naming them).
-    """
-    from .store import OutputStore
-
-    rule = options.validate()
-    if options.calibration:  # a missing or damaged file fails here; its fit is checked with the model
-        load_calibration(options.calibration, options.storage_options)
-    store = OutputStore.open(options.output, options.storage_options)
-    store.check(options.mode, options.result_settings())
-    return ResolvedRun(list(options.labels), list(options.templates), rule, store)
 
 
 def check_input_exists(uri: str, storage_options: dict | None = None) -> None:

@@ -6,7 +6,7 @@
     file per block] -> job.finish (counts, accounting check, run manifest, error budget)
 
 Everything that can fail for the whole job fails before the first image is read, and what
-needs neither Ray nor the model fails before either starts (``options.resolve``).
+needs neither Ray nor the model fails before either starts (``job.prepare``).
 """
 
 from __future__ import annotations
