@@ -137,10 +137,11 @@ def build_report(output: str, report_dir: str, *, ground_truth: str | None = Non
     if scan.labeled:
         figures.overview(os.path.join(fig_dir, "overview.png"), scan.labels, scan.top1_count, overall)
     section_views = []
+    histograms = figures.ScoreHistograms(collect.SCORE_BINS, overall) if sections else None
     for d in sections:
         i = d["id"]
         fig = f"figures/label-{i}.png"
-        figures.score_histogram(os.path.join(report_dir, fig), scan.hist[i], overall)
+        histograms.save(os.path.join(report_dir, fig), scan.hist[i])
         section_views.append({**render.format_table([d])[0], "figure": fig, "grids": [
             {"title": "most confident", "explain": "highest top-1 score",
              "thumbs": [view(r) for r in scan.confident.of(i)]},

@@ -255,6 +255,25 @@ def scan_output(uri: str, *, storage_options: dict | None = None, seed: int = 0,
     if truth_filter is not None:
         scan.truth_rows = {k: [] for k in ("ref", "path", "labels", "scores", "error", "abstained")}
     rng = np.random.default_rng(seed)
+    # Record batches are gathered up to BATCH_ROWS rows before they are scanned: an output has
+    # many small files (1024 rows each by default), and the per-batch cost is mostly fixed.
+    pending: list[tuple[pa.RecordBatch, np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        batch = pending[0][0] if len(pending) == 1 else pa.concat_batches([b for b, _ in pending])
+        refs = np.concatenate([r for _, r in pending])
+        pending.clear()
+        u = rng.random(batch.num_rows)  # drawn for every row, so the sample does not depend on errors
+        has_abst = ABSTAINED in batch.schema.names
+        _scan_batch(scan, batch, refs, u, labels, codes, acc, has_abst)
+        if truth_filter is not None:
+            _keep_truth_rows(scan, batch, refs, truth_filter, has_abst)
+        scan.rows += batch.num_rows
+        if on_rows:
+            on_rows(batch.num_rows, is_err_count(batch))
+
     for file_number, f in enumerate(files):
         try:
             fh = fs.open(f, "rb")
@@ -274,15 +293,13 @@ def scan_output(uri: str, *, storage_options: dict | None = None, seed: int = 0,
             first_row = 0
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
                 n = batch.num_rows
-                refs = row_ref(file_number, np.arange(first_row, first_row + n))
+                if pending and (pending[0][0].schema != batch.schema):
+                    flush()
+                pending.append((batch, row_ref(file_number, np.arange(first_row, first_row + n))))
                 first_row += n
-                u = rng.random(n)  # drawn for every row, so the sample does not depend on errors
-                _scan_batch(scan, batch, refs, u, labels, codes, acc, has_abst)
-                if truth_filter is not None:
-                    _keep_truth_rows(scan, batch, refs, truth_filter, has_abst)
-                scan.rows += n
-                if on_rows:
-                    on_rows(n, int(is_err_count(batch)))
+                if sum(b.num_rows for b, _ in pending) >= BATCH_ROWS:
+                    flush()
+    flush()
     scan.labels, scan.error_codes = labels.names, codes.names
     acc.grow(len(labels.names))
     scan.top1_count, scan.abstained_count, scan.close_count = acc.top1, acc.abst, acc.close

@@ -32,25 +32,46 @@ def _save(fig, path: str) -> None:
     fig.savefig(path, format="png", metadata=METADATA)
 
 
-def score_histogram(path: str, counts: np.ndarray, overall: np.ndarray | None = None) -> None:
-    """Top-1 score distribution of one label: ``counts`` (B,) images per equal-width bin on
-    [0, 1]; ``overall`` (B,) all labels' distribution, drawn as a grey outline scaled to the
-    same total for comparison."""
-    bins = len(counts)
-    edges = np.linspace(0, 1, bins + 1)
-    fig = _figure(3.4, 1.35)
-    ax = fig.add_subplot()
-    ax.bar(edges[:-1], counts, width=1 / bins, align="edge", color=BLUE, linewidth=0)
-    if overall is not None and overall.sum() and counts.sum():
-        ax.stairs(overall * (counts.sum() / overall.sum()), edges, color=GREY, linewidth=1)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("top-1 score", fontsize=7)
-    ax.set_ylabel("images", fontsize=7)
-    _integer_ticks(ax.yaxis)
-    ax.tick_params(labelsize=6)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    _save(fig, path)
+class ScoreHistograms:
+    """Top-1 score distributions of single labels, one PNG each, drawn on one reused figure.
+
+    Building a matplotlib figure costs far more than drawing it; a report draws up to
+    ``--max-label-sections`` of these, so the axes, bars and outline are made once and only
+    their heights change per label (fixed margins: no layout engine per figure).
+
+    Args:
+        bins: equal-width bins on [0, 1].
+        overall: (bins,) all labels' histogram, drawn as a grey outline scaled to each label's
+            total, for comparison.
+    """
+
+    def __init__(self, bins: int, overall: np.ndarray):
+        from matplotlib.figure import Figure
+
+        self.overall = overall.astype(float)
+        self.fig = Figure(figsize=(3.4, 1.35), dpi=DPI)
+        self.fig.subplots_adjust(left=0.15, right=0.97, top=0.95, bottom=0.3)
+        ax = self.ax = self.fig.add_subplot()
+        edges = np.linspace(0, 1, bins + 1)
+        self.bars = ax.bar(edges[:-1], np.zeros(bins), width=1 / bins, align="edge", color=BLUE, linewidth=0)
+        self.outline = ax.stairs(np.zeros(bins), edges, color=GREY, linewidth=1)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("top-1 score", fontsize=7)
+        ax.set_ylabel("images", fontsize=7)
+        _integer_ticks(ax.yaxis)
+        ax.tick_params(labelsize=6)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+
+    def save(self, path: str, counts: np.ndarray) -> None:
+        """Draw one label's ``counts`` (bins,) images per bin and save the PNG to ``path``."""
+        for bar, v in zip(self.bars, counts):
+            bar.set_height(float(v))
+        total = float(counts.sum())
+        scaled = self.overall * (total / self.overall.sum()) if self.overall.sum() and total else self.overall * 0
+        self.outline.set_data(scaled)
+        self.ax.set_ylim(0, max(1.0, float(counts.max(initial=0)), float(scaled.max(initial=0))) * 1.05)
+        _save(self.fig, path)
 
 
 def overview(path: str, names: list[str], counts: np.ndarray, hist: np.ndarray) -> None:

@@ -28,7 +28,10 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 
 
 def _pct(num: float, den: float) -> str:
-    return "n/a" if not den else f"{100.0 * num / den:.1f}%"
+    if not den:
+        return "n/a"
+    share = 100.0 * num / den
+    return f"{share:.2f}%" if 0 < share < 1 else f"{share:.1f}%"
 
 
 def short_name(path: str) -> str:
@@ -67,7 +70,9 @@ def run_facts(manifest: dict | None, scan: Scan) -> dict[str, Any]:
         if value not in (None, "", [], {}):
             rows.append((name, str(value)))
 
-    add("run", f"{m.get('kind', '?')} (mode {m.get('mode') or 'new'})" if m else
+    modes = {None: "new output", "error": "new output", "resume": "--resume", "overwrite": "--overwrite"}
+    run_id = f", run id {m['run_id']}" if m.get("run_id") else ""
+    add("run", f"{m.get('kind', '?')} ({modes.get(m.get('mode'), m.get('mode'))}{run_id})" if m else
         "no run manifest: an unfinished run (or not a zslabel output); counts below are from the rows")
     add("model", model.get("id"))
     add("revision", model.get("revision"))

@@ -198,15 +198,19 @@ def make_thumbnails(rows: list[Row], reader: ImageReader, report_dir: str, *, wo
                 done[r.path] = Thumb(PLACEHOLDER, f"{type(exc).__name__}: {exc}")
         return done
 
+    if on_done and len(out):
+        on_done(len(out), len(out))  # error rows: placeholders at once
     by_thumb: dict[str, Thumb] = {}
     with cf.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="zslabel-thumb") as pool:
-        futures = {pool.submit(one, r): 1 for r in direct}
-        futures.update({pool.submit(container, uri, members): len(members) for uri, members in containers.items()})
+        # per task: the output rows it pictures (rows sharing a path share the thumbnail)
+        futures = {pool.submit(one, r): len(by_path[r.path]) for r in direct}
+        futures.update({pool.submit(container, uri, members): sum(len(by_path[r.path]) for r in members)
+                        for uri, members in containers.items()})
         for fut in cf.as_completed(futures):
             done = fut.result()
             by_thumb.update(done)
             if on_done:
-                on_done(futures[fut], sum(t.note is not None for t in done.values()))
+                on_done(futures[fut], sum(len(by_path[p]) for p, t in done.items() if t.note is not None))
     for path, same in by_path.items():
         for r in same:
             out[r.ref] = by_thumb.get(path, Thumb(PLACEHOLDER, "image could not be read"))
