@@ -54,10 +54,13 @@ class ReportResult:
     label_sections: int
     bytes: int
     seconds: float
+    phases: dict[str, float]
 
     def line(self) -> str:
+        phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
         return (f"report of {self.rows:,} rows: {self.label_sections} label sections, {self.thumbnails} thumbnails "
-                f"({self.placeholders} placeholders), {self.bytes / 1e6:.1f} MB, {self.seconds:.1f} s: {self.index}")
+                f"({self.placeholders} placeholders), {self.bytes / 1e6:.1f} MB, {self.seconds:.1f} s ({phases}): "
+                f"{self.index}")
 
 
 def build_report(output: str, report_dir: str, *, ground_truth: str | None = None, seed: int = 0,
@@ -103,6 +106,7 @@ def build_report(output: str, report_dir: str, *, ground_truth: str | None = Non
                                    truth_filter=truth_mod.truth_filter(gt) if gt else None,
                                    on_rows=bar.update)
     result = truth_mod.evaluate_scan(scan, gt, output) if gt else None
+    phases = {"reading": time.perf_counter() - t0}
 
     table = render.label_table(scan, result)
     sections = [d for d in table if d["id"] is not None and d["count"] > 0][:max_label_sections]
@@ -118,12 +122,15 @@ def build_report(output: str, report_dir: str, *, ground_truth: str | None = Non
             shown.update(c["wrong"])
             if c["reference"] is not None:
                 shown.add(c["reference"])
+    t1 = time.perf_counter()
     rows = collect.read_rows(scan, shown)
     reader = thumbs.ImageReader(scan.manifest, storage_options)
     with Progress(len(rows), enabled=progress, unit="images", desc="report: thumbnails") as bar:
         made = thumbs.make_thumbnails([rows[r] for r in sorted(rows)], reader, report_dir, workers=workers,
                                       on_done=bar.update)
 
+    phases["thumbnails"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
     truth_of = {}
     if result is not None:
         truth_of = {int(r): t for r, t in zip(result.matched.refs, result.matched.truth)}
@@ -190,7 +197,8 @@ def build_report(output: str, report_dir: str, *, ground_truth: str | None = Non
     size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(report_dir) for f in fs)
     placeholders = sum(1 for t in made.values() if t.note is not None)
     return ReportResult(index=index, rows=scan.rows, thumbnails=len(made) - placeholders, placeholders=placeholders,
-                        label_sections=len(sections), bytes=size, seconds=time.perf_counter() - t0)
+                        label_sections=len(sections), bytes=size, seconds=time.perf_counter() - t0,
+                        phases={**phases, "figures and page": time.perf_counter() - t1})
 
 
 def _truth_view(result, report_dir: str, view, scan) -> dict:
