@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from s3_server import s3, s3_endpoint  # noqa: F401  (fixtures: a real S3 API on 127.0.0.1)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "shapes-clip"
@@ -244,6 +245,25 @@ def test_report_reads_tar_members_and_parquet_image_bytes(tmp_path):
     result = build_report(str(out), str(tmp_path / "pq_rep"), per_label=8, progress=False)
     # the url is never fetched (offline): the bytes come from the Parquet input
     assert (result.thumbnails, result.placeholders) == (8, 0)
+
+
+def test_report_of_an_output_on_s3_with_images_on_s3(s3, tmp_path):
+    """Output files, run manifest and images all in a bucket (moto's S3 API): the scan reads the
+    output through fsspec, thumbnails come through ``fetch_bytes``; a deleted object is a
+    placeholder."""
+    from zslabel.review import build_report
+
+    images = example_images()[:5]
+    rows = [{"path": s3.put(f"imgs/{p.name}", p.read_bytes()), "labels": ["a", "b"], "scores": [0.8, 0.2],
+             "width": 64, "height": 64} for p in images]
+    rows.append({"path": s3.uri("imgs/deleted.png"), "labels": ["b", "a"], "scores": [0.9, 0.1]})
+    local = write_output(tmp_path / "out", rows, ["a", "b"])
+    for f in local.iterdir():
+        s3.put(f"out/{f.name}", f.read_bytes())
+    result = build_report(s3.uri("out"), str(tmp_path / "rep"), storage_options=s3.storage_options,
+                          progress=False)
+    assert result.rows == 6 and (result.thumbnails, result.placeholders) == (5, 1)
+    assert "test/model" in Path(result.index).read_text()  # the manifest was read from the bucket
 
 
 def test_missing_report_extra_exits_2_with_the_install_hint(tmp_path):
