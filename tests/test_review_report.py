@@ -280,12 +280,19 @@ def test_report_cli_refuses_a_non_output_and_a_used_folder(tmp_path, capsys):
 
     assert main(["report", str(tmp_path / "nothing"), "--output", str(tmp_path / "r"), "-q"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r.*"))  # nothing written
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "mine.txt").write_text("keep me")
     out = write_output(tmp_path / "out", [{"path": "/a.png", "labels": ["a"], "scores": [1.0]}], ["a"])
     assert main(["report", str(out), "--output", str(tmp_path / "used"), "-q"]) == 2
     assert main(["report", str(out), "--output", str(tmp_path / "used"), "-q", "--overwrite"]) == 2
     assert (tmp_path / "used" / "mine.txt").read_text() == "keep me"
+    # an earlier report is replaced only with --overwrite, and only once the new one is complete
+    assert main(["report", str(out), "--output", str(tmp_path / "rep"), "-q"]) == 0
+    assert main(["report", str(out), "--output", str(tmp_path / "rep"), "-q"]) == 2
+    assert main(["report", str(out), "--output", str(tmp_path / "rep"), "-q", "--overwrite", "--seed", "3"]) == 0
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["seed"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 # --------------------------------------------------------------------------- real browser

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 
 from ..errors import ConfigError, OutputError
@@ -28,6 +29,7 @@ from ..errors import ConfigError, OutputError
 log = logging.getLogger(__name__)
 
 EXTRA_HINT = "pip install 'zslabel[report]'"
+REPORT_JSON = "report.json"
 
 
 def require_extra() -> None:
@@ -92,19 +94,19 @@ def build_report(output: str, report_dir: str, *, ground_truth: str | None = Non
     require_extra()
     from ..evaluate import load_ground_truth
     from ..progress import Progress
-    from . import collect, figures, render, thumbs, truth as truth_mod
+    from . import collect, render, truth as truth_mod
 
     if per_label < 1 or max_label_sections < 0 or workers < 1:
         raise ConfigError("--per-label and --workers must be >= 1, --max-label-sections >= 0")
     t0 = time.perf_counter()
+    _check_folder(report_dir, overwrite)
+    opened = collect.open_output(output, storage_options)  # fails before anything is written
     gt = load_ground_truth(ground_truth, storage_options) if ground_truth else None
-    _prepare_folder(report_dir, overwrite)
-    fs_files = collect.open_output(output, storage_options)
-    total = ((fs_files[2] or {}).get("counts") or {}).get("rows")
+    total = ((opened[2] or {}).get("counts") or {}).get("rows")
     with Progress(total, enabled=progress, unit="rows", desc="report: reading") as bar:
         scan = collect.scan_output(output, storage_options=storage_options, seed=seed, per_label=per_label,
                                    truth_filter=truth_mod.truth_filter(gt) if gt else None,
-                                   on_rows=bar.update)
+                                   on_rows=bar.update, opened=opened)
     result = truth_mod.evaluate_scan(scan, gt, output) if gt else None
     phases = {"reading": time.perf_counter() - t0}
 
@@ -122,6 +124,31 @@ def build_report(output: str, report_dir: str, *, ground_truth: str | None = Non
             shown.update(c["wrong"])
             if c["reference"] is not None:
                 shown.add(c["reference"])
+    # Written into a staging folder beside report_dir and moved into place at the end: a failed
+    # or interrupted report never leaves a half-written folder, nor removes an earlier report.
+    final_dir = report_dir
+    report_dir = _staging_folder(final_dir)
+    try:
+        written = _write(scan, result, sections, table, shown, report_dir, output=output, seed=seed,
+                         per_label=per_label, workers=workers, storage_options=storage_options,
+                         progress=progress, phases=phases)
+        _swap(report_dir, final_dir)
+    except BaseException:
+        shutil.rmtree(report_dir, ignore_errors=True)
+        raise
+    written.index = os.path.join(final_dir, "index.html")
+    written.seconds = time.perf_counter() - t0
+    return written
+
+
+def _write(scan, result, sections, table, shown, report_dir: str, *, output: str, seed: int, per_label: int,
+           workers: int, storage_options, progress: bool, phases: dict) -> ReportResult:
+    """Everything that writes: thumbnails, figures, index.html, report.json, into ``report_dir``."""
+    import time
+
+    from ..progress import Progress
+    from . import collect, figures, render, thumbs
+
     t1 = time.perf_counter()
     rows = collect.read_rows(scan, shown)
     reader = thumbs.ImageReader(scan.manifest, storage_options)
@@ -188,7 +215,7 @@ def build_report(output: str, report_dir: str, *, ground_truth: str | None = Non
     index = os.path.join(report_dir, "index.html")
     with open(index, "w", encoding="utf-8") as fh:
         fh.write(render.render_html(context))
-    with open(os.path.join(report_dir, "report.json"), "w", encoding="utf-8") as fh:
+    with open(os.path.join(report_dir, REPORT_JSON), "w", encoding="utf-8") as fh:
         json.dump({"output": output, "seed": seed, "rows": scan.rows, "labeled": scan.labeled,
                    "errors_by_code": scan.errors_by_code, "per_label": per_label,
                    "label_sections": [d["name"] for d in sections],
@@ -197,7 +224,7 @@ def build_report(output: str, report_dir: str, *, ground_truth: str | None = Non
     size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(report_dir) for f in fs)
     placeholders = sum(1 for t in made.values() if t.note is not None)
     return ReportResult(index=index, rows=scan.rows, thumbnails=len(made) - placeholders, placeholders=placeholders,
-                        label_sections=len(sections), bytes=size, seconds=time.perf_counter() - t0,
+                        label_sections=len(sections), bytes=size, seconds=0.0,
                         phases={**phases, "figures and page": time.perf_counter() - t1})
 
 
@@ -247,17 +274,37 @@ def _truth_view(result, report_dir: str, view, scan) -> dict:
     }
 
 
-def _prepare_folder(report_dir: str, overwrite: bool) -> None:
-    """Create ``report_dir``; an existing one must be empty, or (``overwrite``) an earlier report."""
+def _check_folder(report_dir: str, overwrite: bool) -> None:
+    """``report_dir`` may be missing, an empty folder, or (``overwrite``) an earlier report.
+
+    Raises:
+        OutputError: anything else: a file, a folder holding other files (never deleted).
+    """
+    if not os.path.exists(report_dir):
+        return
+    if not os.path.isdir(report_dir):
+        raise OutputError(f"{report_dir} exists and is not a folder")
+    if os.listdir(report_dir):
+        if not overwrite:
+            raise OutputError(f"{report_dir} is not empty; pass --overwrite to replace an earlier report")
+        if not os.path.exists(os.path.join(report_dir, REPORT_JSON)):
+            raise OutputError(f"{report_dir} does not hold a zslabel report (no {REPORT_JSON}); refusing to "
+                              "delete it")
+
+
+def _staging_folder(report_dir: str) -> str:
+    parent, name = os.path.split(os.path.abspath(report_dir))
+    os.makedirs(parent, exist_ok=True)
+    path = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)  # mkdtemp's 0700 would stay on the moved report
+    return path
+
+
+def _swap(staging: str, report_dir: str) -> None:
+    """Move the finished ``staging`` folder to ``report_dir`` (an earlier report there is removed
+    only now; ``_check_folder`` allowed it)."""
     if os.path.exists(report_dir):
-        if not os.path.isdir(report_dir):
-            raise OutputError(f"{report_dir} exists and is not a folder")
-        entries = os.listdir(report_dir)
-        if entries:
-            if not overwrite:
-                raise OutputError(f"{report_dir} is not empty; pass --overwrite to replace an earlier report")
-            if not os.path.exists(os.path.join(report_dir, "report.json")):
-                raise OutputError(f"{report_dir} does not hold a zslabel report (no report.json); "
-                                  "refusing to delete it")
-            shutil.rmtree(report_dir)
-    os.makedirs(report_dir, exist_ok=True)
+        shutil.rmtree(report_dir)
+    os.replace(staging, report_dir)

@@ -181,13 +181,6 @@ class Scan:
                 best[a] = (n, b)
         return {a: (self.labels[b], n) for a, (n, b) in best.items()}
 
-    def selected_refs(self) -> set[int]:
-        """Every row reference the report shows (pass 2 reads these)."""
-        out: set[int] = set()
-        for s in (self.confident, self.unsure, self.sample, self.error_sample, self.abstained_sample):
-            out |= s.all_refs()
-        return out
-
 
 class _PerLabel:
     """Growable (C,) / (C, B) accumulators; C grows when a top-1 label outside the manifest appears."""
@@ -233,7 +226,8 @@ def open_output(uri: str, storage_options: dict | None = None) -> tuple[Any, lis
 def scan_output(uri: str, *, storage_options: dict | None = None, seed: int = 0, per_label: int = 6,
                 error_examples: int = 8, abstained_examples: int = 12,
                 truth_filter: Callable[[list[str]], np.ndarray] | None = None,
-                on_rows: Callable[[int], None] | None = None) -> Scan:
+                on_rows: Callable[[int, int], None] | None = None,
+                opened: tuple[Any, list[str], dict | None] | None = None) -> Scan:
     """Pass 1 over the output at ``uri`` (see the module docstring).
 
     Args:
@@ -241,11 +235,12 @@ def scan_output(uri: str, *, storage_options: dict | None = None, seed: int = 0,
         per_label: rows kept per label for each of confident / unsure / random.
         truth_filter: with ground truth: ``paths -> (N,) bool`` of the rows worth keeping for it.
         on_rows: called with the rows and error rows of each record batch (progress).
+        opened: ``open_output(uri, storage_options)`` when the caller has it already.
 
     Raises:
         InputError: not a zslabel output (no ``labels``/``scores``/``error`` column) or unreadable.
     """
-    fs, files, manifest = open_output(uri, storage_options)
+    fs, files, manifest = opened or open_output(uri, storage_options)
     labels = Interner([str(x) for x in (manifest or {}).get("labels") or []])
     codes = Interner()
     acc = _PerLabel(len(labels.names))
