@@ -215,6 +215,52 @@ def test_report_is_reproducible_with_a_seed(weird_output, tmp_path):
     assert a["index.html"] != c["index.html"]  # another seed, another random sample
 
 
+def test_ground_truth_numbers_are_evals_and_calibration_titles_the_reliability_diagram(tmp_path):
+    """Ground truth matched by full path and by unique file name (a table in another folder):
+    the report's numbers equal ``zslabel.evaluate`` on the whole output, although only rows with
+    a ground-truth file name were kept; a run with a calibration gets the calibrated reliability
+    diagram."""
+    from zslabel.evaluate import evaluate
+    from zslabel.review import build_report
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    labels = ["cat", "dog", "bird"]
+    rng = np.random.default_rng(1)
+    rows, truth_rows = [], []
+    for i, src in enumerate(itertools.islice(itertools.cycle(example_images()), 120)):
+        shutil.copy(src, imgs / f"im_{i:03d}.png")
+        ids, sc = _softmax_row(rng, len(labels))
+        rows.append({"path": str(imgs / f"im_{i:03d}.png"), "labels": [labels[j] for j in ids], "scores": sc,
+                     "abstained": sc[0] < 0.5})
+        if i % 3 == 0:  # by full path
+            truth_rows.append(f"{imgs / f'im_{i:03d}.png'},{labels[i % 3 if i % 2 else ids[0]]}")
+        elif i % 3 == 1:  # by file name only
+            truth_rows.append(f"elsewhere/im_{i:03d}.png,{labels[(i + 1) % 3]}")
+    rows.append({"path": str(imgs / "im_003.png"), "error": "read_error: a second row for the same path"})
+    truth_rows.append("elsewhere/not_labeled.png,cat")
+    gt = tmp_path / "gt" / "truth.csv"
+    gt.parent.mkdir()
+    gt.write_text("path,label\n" + "\n".join(truth_rows) + "\n")
+    calib = {"id": "c0ffee", "kind": "temperature", "temperature": 1.7, "held_out_ece": {"before": 0.2, "after": 0.05}}
+    out = write_output(tmp_path / "out", rows, labels, abstained=True, files=2,
+                       manifest_extra={"calibration": calib})
+    result = build_report(str(out), str(tmp_path / "rep"), ground_truth=str(gt), progress=False)
+    got = json.loads((tmp_path / "rep" / "report.json").read_text())["evaluation"]
+    want = evaluate(str(out), str(gt)).to_dict()
+    for key in ("matched", "matched_by_basename", "unmatched_ground_truth", "errored", "errors_by_code", "labeled",
+                "top1_correct", "top5_correct", "top1_including_errors", "per_label", "macro_precision",
+                "macro_recall", "confusions", "abstained", "coverage", "top1_accuracy_answered",
+                "ground_truth_labels_not_candidates", "max_labels_per_row"):
+        assert got[key] == want[key], key
+    assert want["matched_by_basename"] > 0 and want["confusions"]
+    html = Path(result.index).read_text()
+    assert "Reliability of the calibrated top-1 score (calibration c0ffee)" in html
+    assert "held-out ECE 0.200 -&gt; 0.050" in html
+    assert (tmp_path / "rep" / "figures" / "reliability.png").is_file()
+    assert (tmp_path / "rep" / "figures" / "confusion.png").is_file()
+
+
 def test_report_reads_tar_members_and_parquet_image_bytes(tmp_path):
     """Rows of tar shards and Parquet image-bytes files: bytes found through the run manifest's
     ``input_files`` and ``input_index`` with the sources' own readers; a member that is not
