@@ -120,7 +120,12 @@ def build_report(output: str, report_dir: str, *, ground_truth: str | None = Non
             shown.update(s.of(d["id"]))
     shown |= scan.error_sample.all_refs() | scan.abstained_sample.all_refs()
     if result is not None:
+        label_ids = {name: i for i, name in enumerate(scan.labels)}
         for c in result.confusion_examples:
+            if c["reference"] is None and c["predicted"] in label_ids:
+                kept = scan.confident.of(label_ids[c["predicted"]])
+                if kept:
+                    c["reference"], c["reference_kind"] = kept[0], "predicted"
             shown.update(c["wrong"])
             if c["reference"] is not None:
                 shown.add(c["reference"])
@@ -269,7 +274,8 @@ def _truth_view(result, report_dir: str, view, scan) -> dict:
         "ece": frac(rel.get("ece")),
         "confusions": [{"true": c["true"], "predicted": c["predicted"], "count": c["count"],
                         "wrong": [view(r) for r in c["wrong"]],
-                        "reference": view(c["reference"]) if c["reference"] is not None else None}
+                        "reference": view(c["reference"]) if c["reference"] is not None else None,
+                        "reference_kind": c["reference_kind"]}
                        for c in result.confusion_examples],
     }
 

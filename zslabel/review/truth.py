@@ -129,19 +129,27 @@ def reliability(m: Matched, bins: int = ECE_BINS) -> dict:
 
 def confusion_examples(report: EvalReport, m: Matched) -> list[dict]:
     """For each of the report's confusions: ``{"true", "predicted", "count", "wrong": [refs],
-    "reference": ref or None}``: its most confident misclassified images, and the most confident
-    correctly labeled image of the predicted label (what the model took them for)."""
+    "reference": ref or None, "reference_kind"}``: its most confident misclassified images, and
+    what the model took them for: the most confident correctly labeled image of the predicted
+    label (``"correct"``), else an image whose ground truth is that label (``"truth"``), else
+    None (the caller may show the label's most confident image, ``"predicted"``)."""
     order = np.argsort(-m.scores, kind="stable")
     wrong: dict[tuple[str, str], list[int]] = {}
     right: dict[str, int] = {}
+    true_of: dict[str, int] = {}
     for i in order:
         t, p = m.truth[i], m.predicted[i]
+        true_of.setdefault(t, int(m.refs[i]))
         if t == p:
             right.setdefault(t, int(m.refs[i]))
         elif len(wrong.setdefault((t, p), [])) < CONFUSION_EXAMPLES:
             wrong[(t, p)].append(int(m.refs[i]))
-    return [{**c, "wrong": wrong.get((c["true"], c["predicted"]), []), "reference": right.get(c["predicted"])}
-            for c in report.confusions]
+    out = []
+    for c in report.confusions:
+        p = c["predicted"]
+        ref, kind = (right[p], "correct") if p in right else (true_of[p], "truth") if p in true_of else (None, None)
+        out.append({**c, "wrong": wrong.get((c["true"], p), []), "reference": ref, "reference_kind": kind})
+    return out
 
 
 def confusion_matrix(m: Matched, max_labels: int = 30) -> tuple[list[str], np.ndarray, bool]:
