@@ -312,6 +312,15 @@ def test_report_of_an_output_on_s3_with_images_on_s3(s3, tmp_path):
     assert "test/model" in Path(result.index).read_text()  # the manifest was read from the bucket
 
 
+def test_report_is_ray_and_torch_free(weird_output, tmp_path):
+    code = ("import sys; from zslabel.cli import main; "
+            f"rc = main(['report', {str(weird_output)!r}, '--output', {str(tmp_path / 'r')!r}, '-q']); "
+            "print(sorted(m for m in ('ray', 'torch', 'transformers') if m in sys.modules)); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_missing_report_extra_exits_2_with_the_install_hint(tmp_path):
     # matplotlib made unimportable in a child process (None in sys.modules makes import fail)
     code = ("import sys; sys.modules['matplotlib'] = None; from zslabel.cli import main; "
@@ -500,16 +509,25 @@ def test_hostile_names_show_as_text_in_the_browser(weird_output, tmp_path, brows
     assert XSS_LABEL in facts["text"] and XSS_NAME in facts["text"]
 
 
-def test_report_of_the_bundled_example_in_the_browser(ray_local, tmp_path, browser, capsys):
+def test_report_of_the_bundled_example_in_the_browser(tmp_path, browser, capsys):
     """``zslabel label`` on examples/shapes (abstention on), then ``zslabel report`` with the
-    ground truth: eval's numbers, every section present, a clean page; its screenshot is the
-    README's (ZSLABEL_REPORT_SCREENSHOT=PATH keeps a copy)."""
+    ground truth: eval's numbers, every section present, a clean page; its screenshots are the
+    README's (ZSLABEL_REPORT_SCREENSHOT=docs/report_shapes.png keeps copies)."""
     from zslabel.cli import main
     from zslabel.evaluate import evaluate
 
     out, rep = tmp_path / "out", tmp_path / "report"
-    assert main(["label", str(EXAMPLE), "--labels-file", str(EXAMPLE / "labels.txt"), "--model", str(MODEL),
-                 "--top-k", "3", "--min-score", "0.5", "--output", str(out), "--quiet"]) == 0
+    # The label run in its own process with its own embedded Ray (this module needs no shared
+    # Ray instance); exit 3 = Ray's fixed node-start window missed on a loaded machine: retry.
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-m", "zslabel", "label", str(EXAMPLE), "--labels-file",
+                               str(EXAMPLE / "labels.txt"), "--model", str(MODEL), "--top-k", "3", "--min-score",
+                               "0.5", "--output", str(out), "--overwrite", "--quiet"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if proc.returncode != 3:
+            break
+    assert proc.returncode == 0, proc.stderr[-4000:]
     gt = str(EXAMPLE / "ground_truth.csv")
     assert main(["report", str(out), "--output", str(rep), "--ground-truth", gt, "--seed", "0", "-q"]) == 0
     assert "report of 24 rows" in capsys.readouterr().out
