@@ -69,7 +69,9 @@ def declared(pyproject: dict, extras=("",)) -> list[Requirement]:
     project = pyproject["project"]
     out = []
     for extra in extras:
-        reqs = project["dependencies"] if extra == "" else project["optional-dependencies"][extra]
+        # An extra the pyproject does not declare has no requirements (an extra removed from
+        # pyproject.toml is caught by the import check when its package still imports it).
+        reqs = project["dependencies"] if extra == "" else project.get("optional-dependencies", {}).get(extra, [])
         out += [Requirement(r) for r in reqs]
     return out
 
