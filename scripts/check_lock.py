@@ -5,8 +5,10 @@
    (``LOCKED_EXTRAS``) is pinned in the lock (``name==version``), and the pin lies inside the
    declared range. (The lock holds the whole installed closure, so it pins more than that.)
 2. The third-party modules imported by ``zslabel/`` are exactly the runtime dependencies, up to
-   ``RUNTIME_ONLY`` (needed at run time but never imported by name); those imported by
-   ``tests/`` are declared as runtime or ``test`` dependencies.
+   ``RUNTIME_ONLY`` (needed at run time but never imported by name); a sub-package that owns an
+   extra (``PACKAGE_EXTRAS``: ``zslabel/review/`` and ``report``) imports exactly the runtime
+   dependencies it needs plus that extra's; those imported by ``tests/`` are declared as runtime
+   or ``test`` dependencies.
 
 Imports are found with ``ast`` (every ``import`` statement, also inside functions); module
 names map to distributions through the installed metadata
@@ -30,7 +32,11 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "lock.txt"
 # The extras CI and scripts/setup.sh install (gcs/azure are optional and not locked).
-LOCKED_EXTRAS = ("s3", "test", "cluster", "lint")
+
+LOCKED_EXTRAS = ("s3", "test", "cluster", "lint", "report")
+# Extras that belong to one sub-package of zslabel/: its modules may import them (besides the
+# runtime dependencies), and each of them must be imported there (declared == imported).
+PACKAGE_EXTRAS = {"report": "review"}
 # Declared runtime dependencies that zslabel never imports by name, and why they are declared.
 RUNTIME_ONLY = {
     "safetensors": "transformers reads *.safetensors checkpoints with it",
@@ -64,7 +70,9 @@ def declared(pyproject: dict, extras=("",)) -> list[Requirement]:
     project = pyproject["project"]
     out = []
     for extra in extras:
-        reqs = project["dependencies"] if extra == "" else project["optional-dependencies"][extra]
+        # An extra the pyproject does not declare has no requirements (an extra removed from
+        # pyproject.toml is caught by the import check when its package still imports it).
+        reqs = project["dependencies"] if extra == "" else project.get("optional-dependencies", {}).get(extra, [])
         out += [Requirement(r) for r in reqs]
     return out
 
@@ -83,13 +91,15 @@ def lock_problems(pyproject: dict, pins: dict[str, str]) -> list[str]:
     return problems
 
 
-def imported_modules(folder: Path) -> set[str]:
-    """Top-level names of the absolute imports in the ``*.py`` files under ``folder``,
-    without the standard library and the folder's own modules."""
+def imported_modules(folder: Path, skip: tuple[Path, ...] = ()) -> set[str]:
+    """Top-level names of the absolute imports in the ``*.py`` files under ``folder`` (not under
+    the folders ``skip``), without the standard library and the folder's own modules."""
     local = {p.stem for p in [*folder.rglob("*.py"), *(ROOT / "scripts").glob("*.py")]} | {folder.name, "zslabel", "zslabel_dev"}
     local |= {p.name for p in folder.rglob("*") if p.is_dir()}
     names, optional = set(), set()
     for path in folder.rglob("*.py"):
+        if any(path.is_relative_to(s) for s in skip):
+            continue
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
             # `try: import x / except ImportError:` is an optional import, not a dependency.
@@ -128,8 +138,18 @@ def import_problems(pyproject: dict) -> list[str]:
     problems = []
     runtime = {canonicalize_name(r.name) for r in declared(pyproject)}
     test = runtime | {canonicalize_name(r.name) for r in declared(pyproject, ("test", "s3"))}
-    used, unknown = distributions_of(imported_modules(ROOT / "zslabel"))
+    extra_dirs = {extra: ROOT / "zslabel" / sub for extra, sub in PACKAGE_EXTRAS.items()}
+    used, unknown = distributions_of(imported_modules(ROOT / "zslabel", skip=tuple(extra_dirs.values())))
     problems += [f"zslabel/ imports {m!r}, which no installed distribution provides" for m in sorted(unknown)]
+    for extra, folder in extra_dirs.items():
+        allowed = {canonicalize_name(r.name) for r in declared(pyproject, (extra,))}
+        sub_used, sub_unknown = distributions_of(imported_modules(folder))
+        rel = folder.relative_to(ROOT)
+        problems += [f"{rel}/ imports {m!r}, which no installed distribution provides" for m in sorted(sub_unknown)]
+        problems += [f"{rel}/ imports {d} but neither the runtime dependencies nor the {extra!r} extra declare it"
+                     for d in sorted(sub_used - runtime - allowed)]
+        problems += [f"the {extra!r} extra declares {d} but {rel}/ never imports it" for d in sorted(allowed - sub_used)]
+        used |= sub_used & runtime
     problems += [f"zslabel/ imports {d} but pyproject.toml does not declare it" for d in sorted(used - runtime)]
     problems += [f"pyproject.toml declares {d} but zslabel/ never imports it (use it, drop it, or list it "
                  "in RUNTIME_ONLY with the reason)" for d in sorted(runtime - used - set(RUNTIME_ONLY))]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install zslabel with its test extras, exactly as pinned in requirements/lock.txt.
+# Create .venv and install zslabel with its test and report extras, exactly as pinned in requirements/lock.txt.
 #
 # The installer is uv (pinned in the lock, bootstrapped with pip): it installs the ~125 locked
 # packages in parallel, ~50 s on a 2-core machine with an empty cache, where pip takes ~4 min.
@@ -48,7 +48,7 @@ PY
   fi
   phase "torch"
 fi
-install -c "$LOCK" -e ".[test,s3,lint]"
+install -c "$LOCK" -e ".[test,s3,lint,report]"
 # The editable project's own modules, for the same reason (compileall writes despite the variable).
 python -m compileall -q zslabel zslabel_dev >/dev/null
 phase "locked packages"

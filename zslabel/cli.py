@@ -253,6 +253,40 @@ def run_calibrate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("report", help="write a static HTML review report of an output (thumbnails, figures)",
+                       allow_abbrev=False, description="A static report (index.html, thumbnails, figures) of a "
+                       "labeling run, opened from disk: per-label counts, score distributions, the most and least "
+                       "confident images, abstained and error rows; with --ground-truth the eval metrics, "
+                       "confusions and a reliability diagram. Needs the 'report' extra.")
+    p.add_argument("output", help="output folder (or Parquet file) of `zslabel label` or `relabel`")
+    p.add_argument("--output", "-o", dest="report_dir", required=True, help="local folder to write the report to")
+    p.add_argument("--ground-truth", help="CSV/TSV/Parquet (path,label) or folder-per-class root")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random samples (default 0)")
+    p.add_argument("--per-label", type=int, default=6, help="thumbnails per grid (default 6)")
+    p.add_argument("--max-label-sections", type=int, default=60,
+                   help="labels with thumbnail grids, worst first (default 60); the table lists all")
+    p.add_argument("--workers", type=int, default=8, help="threads making thumbnails (default 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in that folder")
+    p.add_argument("--storage-options", type=_checked(parse_storage_options),
+                   help="fsspec options as JSON/YAML text or file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def run_report_command(args: argparse.Namespace) -> int:
+    """``zslabel report``: build the report, print where it is."""
+    from .review import build_report
+
+    result = build_report(args.output, args.report_dir, ground_truth=args.ground_truth, seed=args.seed,
+                          per_label=args.per_label, max_label_sections=args.max_label_sections,
+                          workers=args.workers, storage_options=args.storage_options or {},
+                          progress=not args.quiet, overwrite=args.overwrite)
+    print(result.line())
+    return 0
+
+
 def relabel_config_from_args(args: argparse.Namespace):
     """``zslabel relabel`` flags -> ``relabel.RelabelConfig`` (by field name)."""
     from .relabel import RelabelConfig
@@ -316,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     _relabel_parser(sub)
     _eval_parser(sub)
     _calibrate_parser(sub)
+    _report_parser(sub)
     show = sub.add_parser("show", help="print the first rows of an output, best labels first",
                           description="Print rows of a zslabel output in input order: the path relative to the "
                           "shown rows' common folder, then labels with scores, or the error.")
@@ -403,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "calibrate":
             return run_calibrate_command(args)
+        if args.command == "report":
+            return run_report_command(args)
         if args.command == "eval":
             _print_evaluation(args, args.predictions, args.ground_truth, args.storage_options or {}, args.json)
             return 0

@@ -1,5 +1,5 @@
 """The labeling options shared by ``label`` and ``relabel``, and the checks made before Ray or
-the model (``job.prepare`` runs them, in this order, before Ray or the model).
+the model (``job.prepare`` runs them).
 
 ``LabelingOptions`` holds what both commands mean the same way (labels, templates, model,
 ranking, storage options, output location and mode); ``config.JobConfig`` and
