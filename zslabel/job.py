@@ -109,7 +109,8 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
     Args:
         options: the command's options. input_uri: the input (or relabel source), for the
             ``--resume`` short-cut's stamp.
-        device: where the text tower runs ("cuda" on a driver with a GPU).
+        device: where the text tower runs; "auto": CUDA when this process sees a GPU, else
+            the CPU (decided only after the checks, so a refused run never imports torch).
         spec_overrides: decode limits passed to the model's preprocessing spec.
         check_input: called after the options and output are checked (the input exists).
         check_model: called with the checkpoint digest before the text tower runs (relabel:
@@ -142,6 +143,10 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
     from .labels import build_label_set
     from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint
 
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     path = resolve_checkpoint(options.model, options.revision, options.storage_options)
     digest = checkpoint_digest(path)
     if check_model is not None:

@@ -45,7 +45,7 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         ``max_error_fraction`` rows failed.
     """
     spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode}
-    prepared = job.prepare(config, config.input, device=text_device(), spec_overrides=spec_overrides,
+    prepared = job.prepare(config, config.input, device="auto", spec_overrides=spec_overrides,
                            check_input=lambda: check_input_exists(config.input, config.storage_options))
     if isinstance(prepared, RunSummary):
         return prepared  # a finished run with nothing left to do
@@ -212,13 +212,6 @@ def _consume_with_progress(ds, progress: Progress) -> list[dict]:
             written.append(row)
             progress.update(row["rows"], row["errors"])
     return written
-
-
-def text_device() -> str:
-    """``"cuda"`` when this process sees a CUDA device (the text tower then runs there), else ``"cpu"``."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def stage_timings(ds, since_epoch_s: float, config: JobConfig) -> dict[str, float | str]:
