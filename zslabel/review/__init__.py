@@ -94,7 +94,8 @@ def build_report(output: str, report_dir: str, *, ground_truth: str | None = Non
     require_extra()
     from ..evaluate import load_ground_truth
     from ..progress import Progress
-    from . import collect, render, truth as truth_mod
+    from . import collect, render
+    from . import truth as truth_mod
 
     if per_label < 1 or max_label_sections < 0 or workers < 1:
         raise ConfigError("--per-label and --workers must be >= 1, --max-label-sections >= 0")
@@ -234,7 +235,8 @@ def _write(scan, result, sections, table, shown, report_dir: str, *, output: str
 
 
 def _truth_view(result, report_dir: str, view, scan) -> dict:
-    from . import figures, truth as truth_mod
+    from . import figures
+    from . import truth as truth_mod
 
     rep = result.report
     names, matrix, cut = truth_mod.confusion_matrix(result.matched)

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .. import storage
 from ..decode import PreprocessSpec, decode_image
 from ..sources import FILE_INDEX_STRIDE, fetch_bytes
 from ..sources import parquet as parquet_source
 from ..sources import webdataset as webdataset_source
-from .. import storage
 from .collect import Row
 
 log = logging.getLogger(__name__)
