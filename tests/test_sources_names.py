@@ -100,7 +100,9 @@ def test_tar_members_not_utf8_and_dot_slash_prefixes(ray_local, tmp_path):
     assert [r["key"] for r in rows[5:]] == ["train.v1/0004", "22"] and json.loads(rows[6]["json"]) == {"d": 1}
     assert [r["data"] for r in rows] == [png(1), png(2), png(3), png(4), png(5), png(6), png(7)]
     counts_add_up(plan, rows)
-    assert plan.skipped == 1 and plan.skipped_examples == [f"{shard}#.hidden.png"]
+    # the "./" folder member is a directory: listed and skipped with its reason, like .hidden.png
+    assert plan.skipped == 2 and plan.skipped_by_reason == {"tar_directory": 1, "hidden": 1}
+    assert plan.skipped_examples == [f"{shard}#.", f"{shard}#.hidden.png"]
 
 
 def test_tar_sidecars_count_and_a_tar_of_sidecars_only_has_no_images(ray_local, tmp_path):

@@ -179,6 +179,20 @@ class InputPlan:
         self.skipped_examples = examples
         return self
 
+    def add_planned_skip(self, reason: str, example: str) -> None:
+        """Count one entry that planning listed and skipped (``reason``: a ``SKIP_REASONS``
+        key), e.g. ``_SUCCESS`` beside Parquet parts; for streaming kinds it is kept apart from
+        the read tasks' counts, which :meth:`finalize` adds to it."""
+        target = self._planned_counts if self._tally is not None else None
+        if target is not None:
+            count_skip(target, reason, example)
+        if self.listed is not None:
+            self.listed += 1
+        self.skipped += 1
+        self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
+        if len(self.skipped_examples) < MAX_EXAMPLES:
+            self.skipped_examples.append(example)
+
     def expected_rows(self) -> int | None:
         """The number of output rows the counts promise: ``listed - skipped -
         duplicates_removed``. A job checks ``rows == plan.expected_rows()`` (the invariant
@@ -274,20 +288,28 @@ def internal_error_detail(where: str, exc: BaseException, log) -> str:
 
 
 def file_uri_path(uri: str) -> str | None:
-    """The local path a ``file:`` URI names (RFC 8089), or None when ``uri`` is no local file URI.
+    """The local path a ``file:`` URI names, or None when ``uri`` is no local file URI.
 
+    Two readings, in order: the name as written after ``file://`` (fsspec's reading, which
+    keeps ``%``, ``#`` and spaces: ``file:///a b #1.jpg``), when that file exists; else RFC 8089:
     ``file:///a/b%20c.jpg``, ``file:/a/b%20c.jpg`` and ``file://localhost/a/b%20c.jpg`` all name
-    ``/a/b c.jpg``: the path is percent-decoded as bytes (``urllib.parse.unquote_to_bytes``) and
-    those bytes are the OS name, so ``%E9`` finds a Latin-1 ``\xe9`` and ``%C3%A9`` finds ``é``.
-    A ``#fragment`` or ``?query`` is not part of the name (a ``#`` in a name is written ``%23``).
-    fsspec's ``file://`` handling keeps the escapes, so ``file:///a%20b.jpg`` would be missing.
-    None for another host (``file://server/share/x``): fsspec reports that one.
+    ``/a/b c.jpg``, the path percent-decoded as bytes (``urllib.parse.unquote_to_bytes``) that
+    are the OS name, so ``%E9`` finds a Latin-1 ``\xe9`` and ``%C3%A9`` finds ``é``; a
+    ``#fragment`` or ``?query`` is then not part of the name. One ``lstat`` when the name as
+    written exists. None for another host (``file://server/share/x``): fsspec reports that one.
     """
     if uri[:5].lower() != "file:":
         return None
     parts = urlsplit(uri)
     if parts.netloc.lower() not in ("", "localhost"):
         return None
+    written = uri[5:]
+    if written.startswith("//"):
+        written = written[2:]
+        if written.lower().startswith("localhost/"):
+            written = written[len("localhost"):]
+    if os.path.lexists(written):
+        return written
     return os.fsdecode(unquote_to_bytes(parts.path))
 
 
