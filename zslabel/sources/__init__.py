@@ -54,14 +54,17 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan | None:
             continue
         mine = [f for f in files if f.lower().endswith(kind.file_suffixes)]
         if mine:
-            return kind.plan_files(mine, options)
+            plan = kind.plan_files(mine, options)
+            plan.container_files = mine
+            return plan
     return None
 
 
 def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict | None = None,
                 path_column: str | None = None, id_column: str | None = None,
                 dedupe: bool = False, image_column: str | None = None,
-                task_options: dict | None = None, cluster_cpus: float | None = None) -> InputPlan:
+                task_options: dict | None = None, cluster_cpus: float | None = None,
+                use_ray: bool = True) -> InputPlan:
     """Discover the inputs at ``uri`` and return a lazy Ray Dataset of them plus counts.
 
     Args:
@@ -82,6 +85,8 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
             ``InputOptions``); the next stage's, so that Ray Data fuses them.
         cluster_cpus: CPUs the cluster has or may scale to; sizes the blocks of planned rows
             (``blocks.rows_per_block``). None: by the row count alone.
+        use_ray: False plans without Ray: ``dataset`` is None and ``plan.read_locally()``
+            gives the rows (tars and Parquet are read then, in this process).
 
     Returns:
         An :class:`InputPlan`. Folder/glob/manifest rows are in deterministic order (listing
@@ -103,7 +108,7 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
     options = InputOptions(storage_options=dict(storage_options or {}), path_column=path_column,
                            id_column=id_column, dedupe=dedupe, image_column=image_column, auto=auto,
                            plan_files=plan_files, task_options=dict(task_options or {}),
-                           cluster_cpus=cluster_cpus)
+                           cluster_cpus=cluster_cpus, use_ray=use_ray)
     name = detect_kind(uri, pattern=storage.is_pattern(uri, options.storage_options)) if auto else input_format
     plan = _BY_NAME[name].plan(uri, options)
     plan.planning_seconds = time.perf_counter() - start

@@ -167,9 +167,20 @@ class _Tally:
         return self.per_file
 
 
+def planned_dataset(table: pa.Table, options) -> tuple[Any, Callable[[], list[pa.Table]] | None]:
+    """``(dataset, None)`` for a driver-planned table (:func:`dataset_from_table` with the
+    options' ``task_options``/``cluster_cpus``), or ``(None, local reader)`` when
+    ``options.use_ray`` is False (``InputPlan.read_locally``)."""
+    if not options.use_ray:
+        return None, lambda: [table]
+    return dataset_from_table(table, options.task_options, options.cluster_cpus), None
+
+
 def streaming_plan(kind: str, files: list[str], reader: Reader, storage_options: dict,
-                   carried: list[str], planned: dict | None = None, **reader_kwargs: Any) -> InputPlan:
-    """A plan reading ``files`` with one Ray task per file, streaming batches as it goes.
+                   carried: list[str], planned: dict | None = None, use_ray: bool = True,
+                   **reader_kwargs: Any) -> InputPlan:
+    """A plan reading ``files`` with one Ray task per file, streaming batches as it goes
+    (``use_ray`` False: no dataset; ``InputPlan.read_locally`` runs the reader here).
 
     ``planned``: what planning itself listed and skipped (``common.new_counts``; files beside
     the shards), added to the read tasks' counts by ``InputPlan.finalize``.
@@ -177,6 +188,24 @@ def streaming_plan(kind: str, files: list[str], reader: Reader, storage_options:
     ``ray.data.range`` rather than ``from_items``: no driver-side ``ray.put`` per file (10,000
     shards would be 10,000 puts); the URIs travel once, in the reading UDF's arguments.
     """
+    planned = planned or new_counts()
+    if not use_ray:
+        per_file: dict[str, dict] = {}
+
+        def local() -> list[pa.Table]:
+            tables = []
+            for file_index, uri in enumerate(files):
+                counts = new_counts()
+                tables += list(read_file(reader, uri, file_index, storage_options, counts, carried,
+                                         **reader_kwargs))
+                per_file[uri] = counts
+            return tables
+
+        return InputPlan(dataset=None, kind=kind, listed=None, skipped=planned["skipped"],
+                         skipped_examples=list(planned["examples"]), skipped_by_reason=dict(planned["reasons"]),
+                         duplicates_removed=0, planning_seconds=0.0, carried_columns=carried,
+                         planned_files=list(files), _tally=lambda: per_file, _planned_counts=planned,
+                         _local=local)
     import ray
     import ray.data
 
@@ -185,7 +214,6 @@ def streaming_plan(kind: str, files: list[str], reader: Reader, storage_options:
         _read_files, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"files": files, "reader": reader, "storage_options": storage_options,
                    "carried": carried, "tally": tally, "reader_kwargs": reader_kwargs})
-    planned = planned or new_counts()
     return InputPlan(dataset=dataset, kind=kind, listed=None, skipped=planned["skipped"],
                      skipped_examples=list(planned["examples"]), skipped_by_reason=dict(planned["reasons"]),
                      duplicates_removed=0, planning_seconds=0.0, carried_columns=carried,

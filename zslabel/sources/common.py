@@ -78,6 +78,9 @@ class InputOptions:
     plan_files: Callable[[list[str], InputOptions], InputPlan | None] | None = None
     task_options: dict = field(default_factory=dict)
     cluster_cpus: float | None = None
+    # False: plan without Ray (no dataset; InputPlan.read_locally gives the rows), for tests
+    # and tools that check planning and counting on their own.
+    use_ray: bool = True
 
 
 # Why an entry was skipped (``InputPlan.skipped_by_reason`` keys; README "Counts").
@@ -87,6 +90,7 @@ SKIP_REASONS: dict[str, str] = {
     "unreadable_folder": "a sub-folder that could not be listed",
     "folder_link": "a symlink to a folder already listed (a loop, or a folder inside the input)",
     "empty_path": "a manifest row or line whose path is empty or null",
+    "malformed_row": "a CSV/TSV manifest row with the wrong number of fields",
     "sidecar_without_image": "a tar sidecar (.json/.txt/.cls) whose key has no image member",
     "sidecar_not_adjacent": "a tar sidecar that comes after its image, with other keys between",
     "tar_directory": "a tar member that is a directory",
@@ -146,10 +150,26 @@ class InputPlan:
     # Streaming kinds: what planning itself listed and skipped (files beside the shards), kept
     # apart so that finalize() adds the read tasks' counts to it rather than replacing it.
     _planned_counts: dict | None = field(default=None, repr=False)
+    # Container files (tars, Parquet, manifest parts) a plan handed over from a folder reads;
+    # the folder counts its other files as skipped (``not_a_shard``).
+    container_files: list[str] | None = field(default=None, repr=False)
+    # Planned without Ray (InputOptions.use_ray False): () -> the planned tables, read here.
+    _local: Callable[[], list[pa.Table]] | None = field(default=None, repr=False)
+
+    def read_locally(self) -> list[dict]:
+        """The rows of a plan made without Ray (``plan_inputs(..., use_ray=False)``), as dicts
+        in ``input_index`` order. For tars and Parquet the kind's reader runs here, in this
+        process, and :meth:`finalize` then sees its counts.
+
+        Raises:
+            ValueError: the plan was made with Ray (read ``dataset`` instead).
+        """
+        if self._local is None:
+            raise ValueError("this plan was made with Ray: read plan.dataset")
+        rows = [r for t in self._local() for r in t.to_pylist()]
+        return sorted(rows, key=lambda r: r["input_index"])
 
     def __post_init__(self) -> None:
-        if not self.skipped_by_reason and self.skipped:
-            self.skipped_by_reason = {"not_an_image": self.skipped}
         if self._tally is not None and self._planned_counts is None:
             self._planned_counts = {"listed": self.listed or 0, "skipped": self.skipped,
                                     "reasons": dict(self.skipped_by_reason),

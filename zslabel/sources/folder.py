@@ -17,7 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .. import storage
 from ..errors import InputError
-from .blocks import core_table, dataset_from_table
+from .blocks import core_table, planned_dataset
 from .common import IMAGE_EXTENSIONS, MAX_EXAMPLES, InputKind, InputOptions, InputPlan, extension, is_hidden
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
         shards = [to_uri(p) for p, reason in skipped if reason == "not_an_image"]
         handed = options.plan_files(shards, options)
         if handed is not None:
-            taken = set(handed.planned_files or ())
+            taken = set(handed.container_files or handed.planned_files or ())
             for p, reason in skipped:
                 if to_uri(p) not in taken:
                     handed.add_planned_skip("not_a_shard" if reason == "not_an_image" else reason, to_uri(p))
@@ -138,7 +138,7 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
                          + (": " + ", ".join(to_uri(p) for p, _ in skipped[:5]) if skipped else "")
                          + ")")
     table = core_table(pa.array([to_uri(p) for p in images], pa.string()))
-    dataset = dataset_from_table(table, options.task_options, options.cluster_cpus)
+    dataset, local = planned_dataset(table, options)
     reasons: dict[str, int] = {}
     for _, reason in skipped:
         reasons[reason] = reasons.get(reason, 0) + 1
@@ -146,7 +146,7 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
                      listed=len(images) + len(skipped), skipped=len(skipped), skipped_by_reason=reasons,
                      skipped_examples=[to_uri(p) for p, _ in skipped[:MAX_EXAMPLES]],
                      duplicates_removed=0, planning_seconds=0.0, carried_columns=[],
-                     planned_paths=table.column("path"))
+                     planned_paths=table.column("path"), _local=local)
 
 
 FOLDER = InputKind(

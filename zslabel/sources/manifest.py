@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 from .. import storage
 from ..errors import InputError, ZslabelError
 from ..textfiles import decode_text
-from .blocks import core_table, dataset_from_table
+from .blocks import core_table, planned_dataset
 from .common import (MAX_EXAMPLES, PATH_COLUMN_CANDIDATES, RESERVED_COLUMNS, InputKind, InputOptions,
                      InputPlan, strip_compression, to_text)
 
@@ -156,7 +156,7 @@ def plan_path_table(uri: str, fs, fs_path: str, table: pa.Table, path_col: str |
         raise InputError(f"no images found in manifest {uri} ({listed} entries, "
                          f"{len(empty_rows)} with an empty path, {len(malformed)} malformed)")
     table = core_table(paths, cols)
-    dataset = dataset_from_table(table, options.task_options, options.cluster_cpus)
+    dataset, local = planned_dataset(table, options)
     reasons = {k: v for k, v in (("empty_path", len(empty_rows)), ("malformed_row", len(malformed))) if v}
     examples = [f"{uri} row {i}" for i in empty_rows[:MAX_EXAMPLES]]
     examples += [f"{uri} malformed row {m!r}" for m in malformed[: MAX_EXAMPLES - len(examples)]]
@@ -164,7 +164,7 @@ def plan_path_table(uri: str, fs, fs_path: str, table: pa.Table, path_col: str |
                      skipped=len(empty_rows) + len(malformed), skipped_by_reason=reasons,
                      skipped_examples=examples,
                      duplicates_removed=removed, planning_seconds=0.0, carried_columns=list(cols),
-                     planned_paths=table.column("path"))
+                     planned_paths=table.column("path"), _local=local)
 
 
 def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], uri: str,

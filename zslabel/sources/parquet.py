@@ -85,7 +85,7 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan:
         return plan_manifest(files[0], options) if len(files) == 1 else plan_manifest_files(files, options)
     image_col = find_image_column(schema, options.image_column, files[0])
     carried = [c for c in CARRIED if c in schema.names]
-    return streaming_plan("parquet", files, read_parquet, options.storage_options, carried,
+    return streaming_plan("parquet", files, read_parquet, options.storage_options, carried, use_ray=options.use_ray,
                           image_column=image_col, carried_columns=carried)
 
 

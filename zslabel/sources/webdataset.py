@@ -458,7 +458,7 @@ def _link_rows(uri: str, storage_options: dict, rows: _Rows, links: list[tuple[s
 
 def plan_files(files: list[str], options: InputOptions) -> InputPlan:
     """Plan the given tar shard URIs (no listing)."""
-    return streaming_plan("webdataset", files, read_tar, options.storage_options, CARRIED)
+    return streaming_plan("webdataset", files, read_tar, options.storage_options, CARRIED, use_ray=options.use_ray)
 
 
 def plan_webdataset(uri: str, options: InputOptions) -> InputPlan:
