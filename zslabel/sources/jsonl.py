@@ -95,7 +95,7 @@ def _first_key(table: pa.Table, uri: str) -> tuple[pa.Array, set[str]]:
     used: set[str] = set()
     for row in zip(*values):
         for key, value in zip(keys, row):
-            if value is not None and value.strip():
+            if value is not None and value.strip(" \t\r\n"):
                 paths.append(value)
                 used.add(key)
                 break

@@ -133,7 +133,6 @@ def plan_path_table(uri: str, fs, fs_path: str, table: pa.Table, path_col: str |
     malformed = malformed or []
     listed = table.num_rows + len(malformed)
     column = table.column(path_col) if isinstance(path_col, str) else path_col
-    # ASCII whitespace around a path is not part of it; other characters (NBSP, U+2028) may be.
     paths = pc.utf8_trim(to_text(column), ASCII_SPACE)
     cols = {c: to_text(table.column(c)) for c in carried}
     # Kleene logic: a null path must give False (dropped), not null (which pc.all ignores).
@@ -226,7 +225,9 @@ def parse_text(raw: bytes, uri: str, parse):
         raise
 
 
-ASCII_SPACE = " \t\r\n\x0b\x0c"
+# Spaces, tabs and line breaks around a path are not part of it (a CSV cell "a.jpg\r\n" from a
+# spreadsheet); every other character is, NBSP and form feed included.
+ASCII_SPACE = " \t\r\n"
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
 
