@@ -48,6 +48,8 @@ SIDECARS = ("json", "txt", "cls")
 # decodable within the default --max-pixels is that large (16-bit RGBA at 178,956,970 pixels
 # is 1.43 GB), so a bigger member is a too_many_pixels row; its bytes are never read.
 MAX_MEMBER_BYTES = 2**31 - 1
+# A sidecar's text goes into a string cell of every batch: a larger one is a counted skip.
+MAX_SIDECAR_BYTES = 16 * 2**20
 # Link chains longer than this (or looping) name no member.
 MAX_LINK_HOPS = 40
 # tarfile's read size in stream mode (its default, 10 KiB, makes skipping a large member
@@ -91,10 +93,12 @@ def expand_braces(pattern: str) -> list[str]:
     return out
 
 
-def _shards(uri: str, options: InputOptions) -> list[str]:
-    """Shard URIs: braces expanded, patterns globbed, folders searched; an existing name as is."""
+def _shards(uri: str, options: InputOptions) -> tuple[list[str], list[tuple[str, str]]]:
+    """(shard URIs, [(other file in a searched folder, skip reason)]): braces expanded, patterns
+    globbed, folders searched; an existing name as is."""
     so = options.storage_options
     shards: list[str] = []
+    others: list[tuple[str, str]] = []
     literal = ("{" in uri or storage.has_glob(uri)) and _exists(uri, so)
     for pattern in [uri] if literal else expand_braces(uri):
         if not literal and storage.is_pattern(pattern, so):
@@ -105,12 +109,16 @@ def _shards(uri: str, options: InputOptions) -> list[str]:
         else:  # a folder of shards
             fs, fs_path = storage.url_to_fs(pattern, so)
             root = fs_path.rstrip("/")
-            shards.extend(map(storage.uri_maker(pattern, fs), (
-                p for p in sorted(fs.find(root))
-                if p.lower().endswith(SUFFIXES) and not is_hidden(p[len(root):].lstrip("/")))))
+            to_uri = storage.uri_maker(pattern, fs)
+            for p in sorted(fs.find(root)):
+                hidden = is_hidden(p[len(root):].lstrip("/"))
+                if p.lower().endswith(SUFFIXES) and not hidden:
+                    shards.append(to_uri(p))
+                elif not p.endswith("/"):
+                    others.append((to_uri(p), "hidden" if hidden else "not_a_shard"))
     if not shards:
         raise InputError(f"no tar shards match {uri}")
-    return shards
+    return shards, others
 
 
 def _exists(uri: str, storage_options: dict) -> bool:
@@ -391,6 +399,9 @@ def read_tar(uri: str, file_index: int, storage_options: dict, counts: dict, *,
                     if key in held:
                         sample.adopt(held.pop(key))
                 if ext in SIDECARS and not is_image:
+                    if info.size > MAX_SIDECAR_BYTES:
+                        _skip(uri, name, counts, "sidecar_too_large")
+                        continue
                     sample.sidecar_names.append(name)
                     sample.sidecars.setdefault(ext, sidecar_text(tar.extractfile(info).read()))
                     continue
@@ -462,8 +473,13 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan:
 
 
 def plan_webdataset(uri: str, options: InputOptions) -> InputPlan:
-    """Plan tar shards named by ``uri``; raises InputError when no shard matches."""
-    return plan_files(_shards(uri, options), options)
+    """Plan tar shards named by ``uri``; raises InputError when no shard matches. Other files
+    in a folder of shards are counted as skipped."""
+    shards, others = _shards(uri, options)
+    plan = plan_files(shards, options)
+    for other, reason in others:
+        plan.add_planned_skip(reason, other)
+    return plan
 
 
 KIND = InputKind(
