@@ -165,10 +165,10 @@ def tar_members(draw):
     return members
 
 
-def _write_tar(path: Path, members) -> None:
+def _write_tar(path: Path, members, mode: str = "w") -> None:
     types = {"reg": tarfile.REGTYPE, "hard": tarfile.LNKTYPE, "sym": tarfile.SYMTYPE,
              "dir": tarfile.DIRTYPE, "fifo": tarfile.FIFOTYPE}
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(path, mode, format=tarfile.PAX_FORMAT) as tar:
         for name, kind, data, target in members:
             info = tarfile.TarInfo(name)
             info.type = types[kind]
@@ -177,10 +177,10 @@ def _write_tar(path: Path, members) -> None:
             tar.addfile(info, io.BytesIO(data) if data else None)
 
 
-def _tar_property(members, limit: int) -> None:
+def _tar_property(members, limit: int, mode: str = "w") -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(tmp) / "s.tar"
-        _write_tar(shard, members)
+        _write_tar(shard, members, mode)  # "w:gz": read as a stream, uncompressed: random access
         counts = new_counts()
         rows = [r for t in read_tar(str(shard), 0, {}, counts, max_member_bytes=limit) for r in t.to_pylist()]
         # exactly one row per image-named regular file or link that is not hidden, in tar order
@@ -216,9 +216,9 @@ def _tar_property(members, limit: int) -> None:
 
 
 @QUICK
-@given(tar_members(), st.sampled_from([10, 30, 2**31 - 1]))
-def test_tar_one_row_per_image_member(members, limit):
-    _tar_property(members, limit)
+@given(tar_members(), st.sampled_from([10, 30, 2**31 - 1]), st.sampled_from(["w", "w:gz"]))
+def test_tar_one_row_per_image_member(members, limit, mode):
+    _tar_property(members, limit, mode)
 
 
 # ------------------------------------------------------------------------------------------
@@ -384,9 +384,9 @@ def test_through_ray_rows_match_the_counts(ray_local, members, tree):
 
 @pytest.mark.slow
 @SLOW
-@given(tar_members(), st.sampled_from([10, 30, 2**31 - 1]))
-def test_slow_tar_one_row_per_image_member(members, limit):
-    _tar_property(members, limit)
+@given(tar_members(), st.sampled_from([10, 30, 2**31 - 1]), st.sampled_from(["w", "w:gz", "w:bz2", "w:xz"]))
+def test_slow_tar_one_row_per_image_member(members, limit, mode):
+    _tar_property(members, limit, mode)
 
 
 @pytest.mark.slow

@@ -139,6 +139,10 @@ def test_concatenated_and_damaged_tars_lose_no_member_silently(tmp_path):
     write(tmp_path / "cat.tar", one + two)  # `cat 1.tar 2.tar`: GNU tar needs -i to see c.jpg
     _, rows = planned(str(tmp_path / "cat.tar"))
     assert [r["path"].rsplit("#", 1)[1] for r in rows] == ["a.jpg", "b.jpg", "c.jpg"]
+    import gzip  # the same, compressed: read as a stream
+    write(tmp_path / "cat.tar.gz", gzip.compress(one + two))
+    _, rows = planned(str(tmp_path / "cat.tar.gz"))
+    assert [r["path"].rsplit("#", 1)[1] for r in rows] == ["a.jpg", "b.jpg", "c.jpg"]
     # a damaged header in the middle: the members after it are still read, and one error row says so
     raw = bytearray(one + two)
     header_b = 512 + len(jpeg(1)) + (-len(jpeg(1)) % 512)
@@ -319,3 +323,14 @@ def test_spark_folder_of_parquet_manifest_parts(tmp_path):
     assert len(rows) == 3 and plan.skipped_by_reason == {"not_a_shard": 1, "hidden": 1}
     with pytest.raises(InputError, match="cannot read Parquet file"):
         plan_inputs(str(tmp_path / "nothing.parquet"), use_ray=False, input_format="parquet")
+
+
+def test_files_beside_tar_shards_are_counted(tmp_path):
+    build_tar(tmp_path / "00000.tar", [member("a.jpg", jpeg(1)), member("a.txt", b"cap")])
+    write(tmp_path / "00000_stats.json", b"{}")
+    write(tmp_path / ".DS_Store", b"x")
+    for fmt in ("auto", "webdataset"):
+        plan, rows = planned(str(tmp_path), input_format=fmt)
+        assert plan.kind == "webdataset" and [r["txt"] for r in rows] == ["cap"]
+        assert plan.skipped_by_reason == {"not_a_shard": 1, "hidden": 1}
+        assert plan.listed == 3

@@ -55,6 +55,8 @@ MAX_LINK_HOPS = 40
 # tarfile's read size in stream mode (its default, 10 KiB, makes skipping a large member
 # hundreds of thousands of small reads).
 TAR_BUFSIZE = 1 << 20
+# gzip, bzip2, xz, zstd: read as a stream, decompressed by tarfile (zstd: refused by it).
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
 CARRIED = ["key", *SIDECARS]
 _SCHEMA = schema_with(CARRIED)
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -276,16 +278,28 @@ class _HeaderLog:
 
 
 def _open_tar(uri: str, storage_options: dict, log: _HeaderLog):
-    """``(file, TarFile)`` reading ``uri`` as a stream (``r|*``: compression from the magic
-    bytes, no seeking). HTTP(S) is read with one plain GET (fsspec ``block_size=0``): a server
-    that ignores ``Range`` answers each of fsspec's block requests with the whole file, and
-    fsspec then refuses every block after the first, losing the rest of the shard."""
+    """``(file, TarFile)`` reading ``uri`` member by member, in order.
+
+    An uncompressed tar in a seekable file (local, object stores) is opened ``r:``: tarfile
+    seeks past the data of members it does not read (a 3 GiB member over the size limit costs
+    no download). Compressed tars (told by their magic bytes: ``r:*`` would not tell them apart
+    with ``ignore_zeros``) and HTTP(S) are read as a stream (``r|*``). HTTP(S) is read with one
+    plain GET (fsspec ``block_size=0``): a server that ignores ``Range`` answers each of
+    fsspec's block requests with the whole file, and fsspec then refuses every block after the
+    first, which lost the rest of the shard."""
     fs, fs_path = storage.url_to_fs(uri, storage_options)
     http = bool({"http", "https"} & set(storage.protocols(fs)))
     f = fs.open(storage.open_path(fs, fs_path), "rb", block_size=0 if http else STREAM_BLOCK_SIZE)
     try:
-        tar = tarfile.open(fileobj=f, mode="r|*", bufsize=TAR_BUFSIZE, ignore_zeros=True,
-                           tarinfo=log.tarinfo_class())
+        random_access = False
+        if not http and f.seekable():
+            random_access = not f.read(6).startswith(_COMPRESSED_MAGIC)
+            f.seek(0)
+        if random_access:
+            tar = tarfile.open(fileobj=f, mode="r:", ignore_zeros=True, tarinfo=log.tarinfo_class())
+        else:
+            tar = tarfile.open(fileobj=f, mode="r|*", bufsize=TAR_BUFSIZE, ignore_zeros=True,
+                               tarinfo=log.tarinfo_class())
     except BaseException:
         f.close()
         raise
