@@ -24,6 +24,7 @@ from zslabel import JobConfig, run_label_job
 from zslabel.errors import InputError, error_code
 from zslabel.sources import fetch_bytes, plan_inputs, webdataset
 from zslabel.sources.blocks import read_file
+from zslabel.sources.common import new_counts
 
 pytest_plugins = ["s3_server"]
 
@@ -191,7 +192,7 @@ def test_a_bug_while_reading_one_tar_member_costs_that_member(ray_local, tmp_pat
         return real(name)
 
     monkeypatch.setattr(webdataset.storage, "display_name", broken)
-    counts = {"listed": 0, "skipped": 0, "examples": []}
+    counts = new_counts()
     rows = [r for t in read_file(webdataset.read_tar, str(shard), 0, {}, counts, webdataset.CARRIED)
             for r in t.to_pylist()]
     assert [error_code(r["read_error"]) for r in rows] == [None, "internal_error", None]
@@ -203,7 +204,7 @@ def test_a_bug_while_reading_one_tar_member_costs_that_member(ray_local, tmp_pat
         yield from ()
         raise KeyError("reader bug")
 
-    counts = {"listed": 0, "skipped": 0, "examples": []}
+    counts = new_counts()
     rows = [r for t in read_file(reader_bug, "x.tar", 2, {}, counts, ["key"]) for r in t.to_pylist()]
     assert len(rows) == 1 and error_code(rows[0]["read_error"]) == "internal_error"
     assert counts["listed"] == 1 and rows[0]["input_index"] == 3 * 10**9 - 1

@@ -210,10 +210,10 @@ class _Sample:
                 else:
                     held[self.key] = self
             return
-        key = storage.display_name(self.key)
         for name, data in self.images:
-            path = f"{rows.uri}#{storage.display_name(name)}"
             try:
+                key = storage.display_name(self.key)
+                path = f"{rows.uri}#{storage.display_name(name)}"
                 if isinstance(data, _Link):
                     data.ordinal, data.key, data.sidecars = rows.reserve(), key, self.sidecars
                     links.append((path, data))
