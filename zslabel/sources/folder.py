@@ -2,8 +2,12 @@
 
 A folder is found with ONE recursive listing (``fs.find``; on S3 one paginated ListObjectsV2,
 no per-file HEAD; locally an ``os.scandir`` walk). Every listed file is either a row (an image
-extension, not hidden) or skipped and counted; object keys ending in ``/`` are folder markers,
-not files, and are not listed.
+extension, not hidden) or skipped and counted with its reason (``hidden``, ``not_an_image``);
+a sub-folder that cannot be read (``unreadable_folder``) and a symlink to a folder that is not
+followed because it loops back or points into the input (``folder_link``, see
+:func:`local_find`) are listed and skipped too. Object keys ending in ``/`` are folder
+markers, not files, and are not listed. A folder holding only tar or Parquet shards is handed
+to that kind (auto mode); its other files are then skipped as ``not_a_shard``.
 """
 
 from __future__ import annotations
