@@ -207,8 +207,8 @@ def _tar_property(members, limit: int, mode: str = "w") -> None:
         # members: rows + skipped + sidecars that joined a row
         sidecars = [m for m in members if m[1] == "reg" and not is_hidden(m[0])
                     and split_key(m[0])[1] in SIDECARS and not is_image_name(m[0])]
-        skipped_sidecars = counts["reasons"].get("sidecar_without_image", 0) + counts["reasons"].get(
-            "sidecar_not_adjacent", 0)
+        skipped_sidecars = sum(counts["reasons"].get(r, 0) for r in (
+            "sidecar_without_image", "sidecar_not_adjacent", "sidecar_repeated", "sidecar_too_large"))
         assert counts["listed"] == len(rows) + counts["skipped"]
         assert counts["listed"] == len(members) - (len(sidecars) - skipped_sidecars)
         assert sum(counts["reasons"].values()) == counts["skipped"]

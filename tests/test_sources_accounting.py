@@ -334,3 +334,13 @@ def test_files_beside_tar_shards_are_counted(tmp_path):
         assert plan.kind == "webdataset" and [r["txt"] for r in rows] == ["cap"]
         assert plan.skipped_by_reason == {"not_a_shard": 1, "hidden": 1}
         assert plan.listed == 3
+
+
+def test_webdataset_fields_are_named_after_the_first_dot(tmp_path):
+    shard = build_tar(tmp_path / "s.tar", [
+        member("a.jpg", jpeg(1)), member("a.txt", b"first"), member("a.caption.txt", b"other field"),
+        member("a.txt", b"second"), member("a.seg.png", jpeg(2))])
+    plan, rows = planned(str(shard))
+    assert [r["path"].rsplit("#", 1)[1] for r in rows] == ["a.jpg", "a.seg.png"]
+    assert [r["txt"] for r in rows] == ["first", "first"]
+    assert plan.skipped_by_reason == {"not_an_image": 1, "sidecar_repeated": 1}

@@ -93,6 +93,7 @@ SKIP_REASONS: dict[str, str] = {
     "malformed_row": "a CSV/TSV manifest row with the wrong number of fields",
     "sidecar_without_image": "a tar sidecar (.json/.txt/.cls) whose key has no image member",
     "sidecar_not_adjacent": "a tar sidecar that comes after its image, with other keys between",
+    "sidecar_repeated": "a second tar sidecar of one kind for one key (the first is carried)",
     "sidecar_too_large": "a tar sidecar above webdataset.MAX_SIDECAR_BYTES (16 MiB), not carried",
     "tar_directory": "a tar member that is a directory",
     "tar_special": "a tar member that is a device, FIFO or other special file",

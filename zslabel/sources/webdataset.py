@@ -13,7 +13,9 @@ row holding its target member's bytes (symbolic links relative to their folder, 
 followed), or a ``read_error`` row when the target is not a regular member of the same tar;
 links with other names, directories and special files (devices, FIFOs) are counted skips.
 Sidecars of one key that are not next to its image (WebDataset only groups adjacent members)
-still join a later image of that key. A member above ``MAX_MEMBER_BYTES`` is a
+still join a later image of that key. A sidecar's kind is WebDataset's field name, the base name
+after its first dot (``a.caption.txt`` is field ``caption.txt``, not ``txt``); a second sidecar
+of one kind for one key is a counted skip (``sidecar_repeated``). A member above ``MAX_MEMBER_BYTES`` is a
 ``too_many_pixels`` row, never read into memory. Tars are read with ``ignore_zeros``, so the
 members of concatenated tars (``cat a.tar b.tar``) after the first end-of-archive marker are
 read too; damaged member headers are skipped and the shard gets a ``read_error`` row saying so.
@@ -30,7 +32,7 @@ import logging
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 
@@ -135,6 +137,13 @@ def split_key(member: str) -> tuple[str, str]:
     return (folder + "/" + stem) if folder else stem, extension(base).lstrip(".")
 
 
+def full_extension(member: str) -> str:
+    """WebDataset's field name: the base name after its first dot, lower case (``a.seg.png`` ->
+    ``seg.png``)."""
+    base = member.rpartition("/")[2]
+    return base.split(".", 1)[1].lower() if "." in base else ""
+
+
 def sidecar_text(data: bytes) -> str:
     """A sidecar's text (UTF-8; undecodable bytes replaced, a caption is not worth a row)."""
     return data.decode("utf-8", errors="replace")
@@ -193,20 +202,30 @@ class _Sample:
         self.sidecars: dict[str, str] = {}
         self.sidecar_names: list[str] = []
 
-    def adopt(self, held: _Sample) -> None:
-        """Take the sidecars of an earlier sample of this key that had no image (members of
-        one key not next to each other: WebDataset only groups adjacent members)."""
-        for ext, text in held.sidecars.items():
-            self.sidecars.setdefault(ext, text)
-        self.sidecar_names.extend(held.sidecar_names)
+    def add_sidecar(self, ext: str, name: str, text: str) -> bool:
+        """Keep a sidecar; False (not kept) when the sample has one of that kind already."""
+        if ext in self.sidecars:
+            return False
+        self.sidecars[ext] = text
+        self.sidecar_names.append(name)
+        return True
 
-    def flush(self, rows: _Rows, links: list[tuple[str, _Link]], held: dict[str, _Sample]) -> None:
+    def adopt(self, held: _Sample, repeated: Callable[[str], None]) -> None:
+        """Take the sidecars of an earlier sample of this key that had no image (members of
+        one key not next to each other: WebDataset only groups adjacent members); one of a
+        kind the sample already has is passed to ``repeated``."""
+        for (ext, text), name in zip(held.sidecars.items(), held.sidecar_names):
+            if not self.add_sidecar(ext, name, text):
+                repeated(name)
+
+    def flush(self, rows: _Rows, links: list[tuple[str, _Link]], held: dict[str, _Sample],
+              repeated: Callable[[str], None]) -> None:
         """Rows for the images (links wait in ``links``); a sample of sidecars only is kept in
         ``held`` in case an image of its key comes later in the shard."""
         if not self.images:
             if self.sidecar_names:
                 if self.key in held:
-                    held[self.key].adopt(self)
+                    held[self.key].adopt(self, repeated)
                 else:
                     held[self.key] = self
             return
@@ -378,6 +397,10 @@ def read_tar(uri: str, file_index: int, storage_options: dict, counts: dict, *,
     symlinks: dict[str, str | None] = {}  # symbolic link name -> target name (None: outside)
     log = _HeaderLog()
     members = 0
+
+    def repeated(name: str) -> None:  # a second .json (say) of one sample: counted, not carried
+        _skip(uri, name, counts, "sidecar_repeated")
+
     failure: str | None = None
     try:
         f, tar = _open_tar(uri, storage_options, log)
@@ -386,6 +409,7 @@ def read_tar(uri: str, file_index: int, storage_options: dict, counts: dict, *,
                 members += 1
                 name = member_name(info.name)
                 key, ext = split_key(name)
+                sidecar = full_extension(name) in SIDECARS  # "a.txt", not "a.caption.txt"
                 if info.isfile():
                     regular.add(name)
                 elif info.issym():
@@ -399,25 +423,24 @@ def read_tar(uri: str, file_index: int, storage_options: dict, counts: dict, *,
                     _skip(uri, name, counts, "tar_special")
                     continue
                 is_image = f".{ext}" in IMAGE_EXTENSIONS
-                if is_hidden(name) or not (is_image or ext in SIDECARS):
+                if is_hidden(name) or not (is_image or sidecar):
                     _skip(uri, name, counts, "hidden" if is_hidden(name) else "not_an_image")
                     continue
                 if not info.isfile() and not is_image:
                     _skip(uri, name, counts, "tar_link_not_image")
                     continue
                 if key != sample.key:
-                    sample.flush(rows, links, held)
+                    sample.flush(rows, links, held, repeated)
                     if sample.images:
                         emitted.add(sample.key)
                     sample = _Sample(key)
                     if key in held:
-                        sample.adopt(held.pop(key))
-                if ext in SIDECARS and not is_image:
+                        sample.adopt(held.pop(key), repeated)
+                if sidecar and not is_image:
                     if info.size > MAX_SIDECAR_BYTES:
                         _skip(uri, name, counts, "sidecar_too_large")
-                        continue
-                    sample.sidecar_names.append(name)
-                    sample.sidecars.setdefault(ext, sidecar_text(tar.extractfile(info).read()))
+                    elif not sample.add_sidecar(ext, name, sidecar_text(tar.extractfile(info).read())):
+                        repeated(name)
                     continue
                 counts["listed"] += 1
                 if not info.isfile():
@@ -434,7 +457,7 @@ def read_tar(uri: str, file_index: int, storage_options: dict, counts: dict, *,
     except Exception as exc:  # noqa: BLE001 - a bad shard is one error row, not a failed job
         logger.warning("cannot read tar %s: %s", uri, error_row_detail(exc))
         failure = f"tar {error_row_detail(exc)}"
-    sample.flush(rows, links, held)
+    sample.flush(rows, links, held, repeated)
     if sample.images:
         emitted.add(sample.key)
     for key, orphan in held.items():
