@@ -336,11 +336,12 @@ def test_files_beside_tar_shards_are_counted(tmp_path):
         assert plan.listed == 3
 
 
-def test_webdataset_fields_are_named_after_the_first_dot(tmp_path):
+def test_a_second_sidecar_of_one_kind_is_counted_not_absorbed(tmp_path):
     shard = build_tar(tmp_path / "s.tar", [
         member("a.jpg", jpeg(1)), member("a.txt", b"first"), member("a.caption.txt", b"other field"),
-        member("a.txt", b"second"), member("a.seg.png", jpeg(2))])
+        member("a.txt", b"second"), member("a.seg.png", jpeg(2)), member("b.json", b"{}"),
+        member("c.jpg", jpeg(3)), member("b.json", b"[]"), member("b.jpg", jpeg(4))])
     plan, rows = planned(str(shard))
-    assert [r["path"].rsplit("#", 1)[1] for r in rows] == ["a.jpg", "a.seg.png"]
-    assert [r["txt"] for r in rows] == ["first", "first"]
-    assert plan.skipped_by_reason == {"not_an_image": 1, "sidecar_repeated": 1}
+    assert [r["path"].rsplit("#", 1)[1] for r in rows] == ["a.jpg", "a.seg.png", "c.jpg", "b.jpg"]
+    assert [r["txt"] for r in rows] == ["first", "first", None, None] and rows[3]["json"] == "{}"
+    assert plan.skipped_by_reason == {"sidecar_repeated": 3}

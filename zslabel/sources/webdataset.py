@@ -13,9 +13,9 @@ row holding its target member's bytes (symbolic links relative to their folder, 
 followed), or a ``read_error`` row when the target is not a regular member of the same tar;
 links with other names, directories and special files (devices, FIFOs) are counted skips.
 Sidecars of one key that are not next to its image (WebDataset only groups adjacent members)
-still join a later image of that key. A sidecar's kind is WebDataset's field name, the base name
-after its first dot (``a.caption.txt`` is field ``caption.txt``, not ``txt``); a second sidecar
-of one kind for one key is a counted skip (``sidecar_repeated``). A member above ``MAX_MEMBER_BYTES`` is a
+still join a later image of that key. A sidecar's kind is its last suffix, as an image's is
+(``22.05.json`` belongs to ``22.05.png``); a second sidecar of one kind for one key (``a.txt``
+and ``a.caption.txt``) is a counted skip (``sidecar_repeated``), the first is carried. A member above ``MAX_MEMBER_BYTES`` is a
 ``too_many_pixels`` row, never read into memory. Tars are read with ``ignore_zeros``, so the
 members of concatenated tars (``cat a.tar b.tar``) after the first end-of-archive marker are
 read too; damaged member headers are skipped and the shard gets a ``read_error`` row saying so.
@@ -135,13 +135,6 @@ def split_key(member: str) -> tuple[str, str]:
     folder, _, base = member.rpartition("/")
     stem = base.split(".", 1)[0]
     return (folder + "/" + stem) if folder else stem, extension(base).lstrip(".")
-
-
-def full_extension(member: str) -> str:
-    """WebDataset's field name: the base name after its first dot, lower case (``a.seg.png`` ->
-    ``seg.png``)."""
-    base = member.rpartition("/")[2]
-    return base.split(".", 1)[1].lower() if "." in base else ""
 
 
 def sidecar_text(data: bytes) -> str:
@@ -409,7 +402,9 @@ def read_tar(uri: str, file_index: int, storage_options: dict, counts: dict, *,
                 members += 1
                 name = member_name(info.name)
                 key, ext = split_key(name)
-                sidecar = full_extension(name) in SIDECARS  # "a.txt", not "a.caption.txt"
+                # By the last suffix, as images are: "22.05.json" is the sidecar of "22.05.png"
+                # (dots in base names, webdataset#237), and "a.caption.txt" a txt sidecar.
+                sidecar = ext in SIDECARS
                 if info.isfile():
                     regular.add(name)
                 elif info.issym():
