@@ -57,8 +57,11 @@ def manifest_format(name: str) -> str:
     return "txt"
 
 
-def read_table(uri: str, options: InputOptions, reader) -> tuple[object, str, pa.Table]:
-    """``(fs, fs_path, reader(fs, fs_path, uri))``, any failure but ours as ``InputError``."""
+def read_table(uri: str, options: InputOptions, reader):
+    """``(fs, fs_path, reader(fs, fs_path, uri))``, any failure but ours as ``InputError``.
+
+    ``reader`` returns what its kind needs: a ``pa.Table`` (jsonl) or ``(table, malformed
+    rows)`` (:func:`_read_manifest`)."""
     fs, fs_path = storage.url_to_fs(uri, options.storage_options)
     try:
         return fs, fs_path, reader(fs, storage.open_path(fs, fs_path), uri)
