@@ -359,7 +359,7 @@ def test_parquet_hf_structs_and_list_captions(cells):
 # through Ray, end to end (few examples: each runs Ray tasks)
 
 
-@settings(max_examples=3, **_COMMON)
+@settings(max_examples=2, **_COMMON)
 @given(tar_members(), trees())
 def test_through_ray_rows_match_the_counts(ray_local, members, tree):
     with tempfile.TemporaryDirectory() as tmp:
