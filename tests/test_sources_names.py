@@ -24,6 +24,7 @@ from zslabel import JobConfig, run_label_job
 from zslabel.errors import InputError, error_code
 from zslabel.sources import fetch_bytes, plan_inputs, webdataset
 from zslabel.sources.blocks import read_file
+from zslabel.sources.common import new_counts
 
 pytest_plugins = ["s3_server"]
 
@@ -100,7 +101,9 @@ def test_tar_members_not_utf8_and_dot_slash_prefixes(ray_local, tmp_path):
     assert [r["key"] for r in rows[5:]] == ["train.v1/0004", "22"] and json.loads(rows[6]["json"]) == {"d": 1}
     assert [r["data"] for r in rows] == [png(1), png(2), png(3), png(4), png(5), png(6), png(7)]
     counts_add_up(plan, rows)
-    assert plan.skipped == 1 and plan.skipped_examples == [f"{shard}#.hidden.png"]
+    # the "./" folder member is a directory: listed and skipped with its reason, like .hidden.png
+    assert plan.skipped == 2 and plan.skipped_by_reason == {"tar_directory": 1, "hidden": 1}
+    assert plan.skipped_examples == [f"{shard}#.", f"{shard}#.hidden.png"]
 
 
 def test_tar_sidecars_count_and_a_tar_of_sidecars_only_has_no_images(ray_local, tmp_path):
@@ -189,7 +192,7 @@ def test_a_bug_while_reading_one_tar_member_costs_that_member(ray_local, tmp_pat
         return real(name)
 
     monkeypatch.setattr(webdataset.storage, "display_name", broken)
-    counts = {"listed": 0, "skipped": 0, "examples": []}
+    counts = new_counts()
     rows = [r for t in read_file(webdataset.read_tar, str(shard), 0, {}, counts, webdataset.CARRIED)
             for r in t.to_pylist()]
     assert [error_code(r["read_error"]) for r in rows] == [None, "internal_error", None]
@@ -201,7 +204,7 @@ def test_a_bug_while_reading_one_tar_member_costs_that_member(ray_local, tmp_pat
         yield from ()
         raise KeyError("reader bug")
 
-    counts = {"listed": 0, "skipped": 0, "examples": []}
+    counts = new_counts()
     rows = [r for t in read_file(reader_bug, "x.tar", 2, {}, counts, ["key"]) for r in t.to_pylist()]
     assert len(rows) == 1 and error_code(rows[0]["read_error"]) == "internal_error"
     assert counts["listed"] == 1 and rows[0]["input_index"] == 3 * 10**9 - 1

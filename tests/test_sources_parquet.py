@@ -36,7 +36,9 @@ def test_parquet_image_bytes_img2dataset_layout(ray_local, tmp_path):
     assert rows[2]["data"] is None and error_code(rows[2]["read_error"]) == "read_error"
     assert [r["key"] for r in rows] == ["000", "001", "002", "100"]
     assert rows[3]["caption"] == "d" and rows[1]["url"] is None
-    assert plan.finalize().listed == 4
+    # the stats file beside the shards is listed and skipped; every Parquet row is a row
+    assert plan.finalize().listed == 5 and plan.skipped_by_reason == {"not_a_shard": 1}
+    assert plan.expected_rows() == len(rows)
 
     single = plan_inputs(str(folder / "00001.parquet"))
     assert single.kind == "parquet" and rows_of(single)[0]["data"] == jpeg(4)

@@ -33,7 +33,7 @@ def test_webdataset_brace_range_sidecars_and_skips(ray_local, tmp_path):
         make_tar(tmp_path / f"shards-{s:03d}.tar", members)
     plan = plan_inputs(str(tmp_path / "shards-{000..002}.tar"))
     assert plan.kind == "webdataset" and plan.listed is None
-    assert plan.carried_columns == ["key", "json", "txt"]
+    assert plan.carried_columns == ["key", "json", "txt", "cls"]
     rows = rows_of(plan)
     assert len(rows) == 6
     for s in range(3):
@@ -43,13 +43,15 @@ def test_webdataset_brace_range_sidecars_and_skips(ray_local, tmp_path):
         assert first["data"] == imgs[f"{s}-0"] and second["data"] == imgs[f"{s}-1"]
         assert first["key"] == f"sample{s}0" and json.loads(first["json"]) == {"s": s}
         assert first["txt"] == f"caption {s}" and second["json"] is None
+        assert first["cls"] == "3" and second["cls"] is None  # WebDataset's class label sidecar
         assert first["input_index"] == s * FILE_INDEX_STRIDE
         assert second["input_index"] == s * FILE_INDEX_STRIDE + 1
         assert first["read_error"] is None
     plan.finalize()
-    # sidecars belong to their image's row and are not listed on their own
-    assert plan.listed == 3 * 4 and plan.skipped == 3 * 2 and plan.listed == len(rows) + plan.skipped
-    assert f"{tmp_path / 'shards-000.tar'}#sample00.cls" in plan.skipped_examples
+    # sidecars (.json/.txt/.cls) belong to their image's row and are not listed on their own
+    assert plan.listed == 3 * 3 and plan.skipped == 3 and plan.listed == len(rows) + plan.skipped
+    assert plan.skipped_by_reason == {"hidden": 3} and plan.expected_rows() == len(rows)
+    assert f"{tmp_path / 'shards-000.tar'}#._sample00.jpg" in plan.skipped_examples
 
 
 def test_corrupt_and_missing_tars_give_one_error_row_each(ray_local, tmp_path):

@@ -15,7 +15,7 @@ import time
 from .. import storage
 from ..errors import READ_ERROR, InputError, error_string
 from . import folder, jsonl, manifest, parquet, webdataset
-from .common import FILE_INDEX_STRIDE, IMAGE_EXTENSIONS, InputKind, InputOptions, InputPlan
+from .common import FILE_INDEX_STRIDE, IMAGE_EXTENSIONS, SKIP_REASONS, InputKind, InputOptions, InputPlan, file_uri_path
 from .webdataset import expand_braces
 
 logger = logging.getLogger(__name__)
@@ -32,8 +32,8 @@ KINDS: tuple[InputKind, ...] = (
 _BY_NAME = {k.name: k for k in KINDS}
 INPUT_FORMATS: tuple[str, ...] = ("auto", *_BY_NAME)
 
-__all__ = ["FILE_INDEX_STRIDE", "IMAGE_EXTENSIONS", "INPUT_FORMATS", "KINDS", "InputKind", "InputOptions",
-           "InputPlan", "detect_kind", "expand_braces", "fetch_bytes", "plan_inputs"]
+__all__ = ["FILE_INDEX_STRIDE", "IMAGE_EXTENSIONS", "INPUT_FORMATS", "KINDS", "SKIP_REASONS", "InputKind",
+           "InputOptions", "InputPlan", "detect_kind", "expand_braces", "fetch_bytes", "plan_inputs"]
 
 
 def detect_kind(uri: str, *, pattern: bool | None = None) -> str:
@@ -54,14 +54,17 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan | None:
             continue
         mine = [f for f in files if f.lower().endswith(kind.file_suffixes)]
         if mine:
-            return kind.plan_files(mine, options)
+            plan = kind.plan_files(mine, options)
+            plan.container_files = mine
+            return plan
     return None
 
 
 def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict | None = None,
                 path_column: str | None = None, id_column: str | None = None,
                 dedupe: bool = False, image_column: str | None = None,
-                task_options: dict | None = None, cluster_cpus: float | None = None) -> InputPlan:
+                task_options: dict | None = None, cluster_cpus: float | None = None,
+                use_ray: bool = True) -> InputPlan:
     """Discover the inputs at ``uri`` and return a lazy Ray Dataset of them plus counts.
 
     Args:
@@ -82,10 +85,14 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
             ``InputOptions``); the next stage's, so that Ray Data fuses them.
         cluster_cpus: CPUs the cluster has or may scale to; sizes the blocks of planned rows
             (``blocks.rows_per_block``). None: by the row count alone.
+        use_ray: False plans without Ray: ``dataset`` is None and ``plan.read_locally()``
+            gives the rows (tars and Parquet are read then, in this process).
 
     Returns:
         An :class:`InputPlan`. Folder/glob/manifest rows are in deterministic order (listing
-        sorted by path; manifest in file order).
+        sorted by path; manifest in file order). Its counts obey ``listed == rows + skipped +
+        duplicates_removed`` (``plan.expected_rows()``; for tars and Parquet after
+        ``plan.finalize()``), with ``skipped_by_reason`` keyed by ``SKIP_REASONS``.
 
     Raises:
         InputError: unknown format, nothing found, unreadable manifest, missing column,
@@ -96,10 +103,12 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
     if input_format != "auto" and input_format not in _BY_NAME:
         raise InputError(f"unknown input format {input_format!r}; expected one of {', '.join(INPUT_FORMATS)}")
     auto = input_format == "auto"
+    # A local file: URI (RFC 8089) names a percent-decoded path; fsspec would keep the escapes.
+    uri = file_uri_path(uri) or uri
     options = InputOptions(storage_options=dict(storage_options or {}), path_column=path_column,
                            id_column=id_column, dedupe=dedupe, image_column=image_column, auto=auto,
                            plan_files=plan_files, task_options=dict(task_options or {}),
-                           cluster_cpus=cluster_cpus)
+                           cluster_cpus=cluster_cpus, use_ray=use_ray)
     name = detect_kind(uri, pattern=storage.is_pattern(uri, options.storage_options)) if auto else input_format
     plan = _BY_NAME[name].plan(uri, options)
     plan.planning_seconds = time.perf_counter() - start
@@ -120,6 +129,7 @@ def fetch_bytes(path: str, storage_options: dict | None = None) -> tuple[bytes |
         ``(data, None)`` on success, else ``(None, "read_error: <ExceptionType>: <message>")``.
     """
     try:
+        path = file_uri_path(path) or path  # file:///a%20b.jpg is /a b.jpg (RFC 8089)
         if "://" not in path:
             # A plain local path (what folder, glob and manifest plans hold for local inputs):
             # read it directly; fsspec's resolution costs ~90 us per call, 15 % of decoding a

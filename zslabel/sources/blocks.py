@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import INTERNAL_ERROR, error_string
-from .common import CORE_SCHEMA, FILE_INDEX_STRIDE, InputPlan, internal_error_detail
+from .common import CORE_SCHEMA, FILE_INDEX_STRIDE, InputPlan, internal_error_detail, new_counts
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ EMIT_BYTES = 64 * 1024 * 1024
 STREAM_BLOCK_SIZE = 8 * 1024 * 1024
 
 # A streaming reader: (file URI, file_index, storage_options, counts, **kind kwargs) -> tables
-# with CORE_SCHEMA + the carried string columns. It fills counts["listed"], counts["skipped"]
-# and counts["examples"] (at most MAX_EXAMPLES skipped names).
+# with CORE_SCHEMA + the carried string columns. It fills counts (common.new_counts: listed,
+# skipped, reasons, examples; common.count_skip counts one skip).
 Reader = Callable[..., Iterator[pa.Table]]
 
 
@@ -155,25 +155,57 @@ def _read_block(chunk_ref, offset: int, rows: int) -> list[pa.Table]:
 
 
 class _Tally:
-    """Per-file counts reported by read tasks: {file_uri: (listed, skipped, skipped_examples)}."""
+    """Per-file counts reported by read tasks: {file_uri: counts (``common.new_counts``)}."""
 
     def __init__(self) -> None:
-        self.per_file: dict[str, tuple[int, int, list[str]]] = {}
+        self.per_file: dict[str, dict] = {}
 
-    def put(self, uri: str, listed: int, skipped: int, examples: list[str]) -> None:
-        self.per_file[uri] = (listed, skipped, examples)
+    def put(self, uri: str, counts: dict) -> None:
+        self.per_file[uri] = counts
 
-    def get(self) -> dict[str, tuple[int, int, list[str]]]:
+    def get(self) -> dict[str, dict]:
         return self.per_file
 
 
+def planned_dataset(table: pa.Table, options) -> tuple[Any, Callable[[], list[pa.Table]] | None]:
+    """``(dataset, None)`` for a driver-planned table (:func:`dataset_from_table` with the
+    options' ``task_options``/``cluster_cpus``), or ``(None, local reader)`` when
+    ``options.use_ray`` is False (``InputPlan.read_locally``)."""
+    if not options.use_ray:
+        return None, lambda: [table]
+    return dataset_from_table(table, options.task_options, options.cluster_cpus), None
+
+
 def streaming_plan(kind: str, files: list[str], reader: Reader, storage_options: dict,
-                   carried: list[str], **reader_kwargs: Any) -> InputPlan:
-    """A plan reading ``files`` with one Ray task per file, streaming batches as it goes.
+                   carried: list[str], planned: dict | None = None, use_ray: bool = True,
+                   **reader_kwargs: Any) -> InputPlan:
+    """A plan reading ``files`` with one Ray task per file, streaming batches as it goes
+    (``use_ray`` False: no dataset; ``InputPlan.read_locally`` runs the reader here).
+
+    ``planned``: what planning itself listed and skipped (``common.new_counts``; files beside
+    the shards), added to the read tasks' counts by ``InputPlan.finalize``.
 
     ``ray.data.range`` rather than ``from_items``: no driver-side ``ray.put`` per file (10,000
     shards would be 10,000 puts); the URIs travel once, in the reading UDF's arguments.
     """
+    planned = planned or new_counts()
+    if not use_ray:
+        per_file: dict[str, dict] = {}
+
+        def local() -> list[pa.Table]:
+            tables = []
+            for file_index, uri in enumerate(files):
+                counts = new_counts()
+                tables += list(read_file(reader, uri, file_index, storage_options, counts, carried,
+                                         **reader_kwargs))
+                per_file[uri] = counts
+            return tables
+
+        return InputPlan(dataset=None, kind=kind, listed=None, skipped=planned["skipped"],
+                         skipped_examples=list(planned["examples"]), skipped_by_reason=dict(planned["reasons"]),
+                         duplicates_removed=0, planning_seconds=0.0, carried_columns=carried,
+                         planned_files=list(files), _tally=lambda: per_file, _planned_counts=planned,
+                         _local=local)
     import ray
     import ray.data
 
@@ -182,9 +214,11 @@ def streaming_plan(kind: str, files: list[str], reader: Reader, storage_options:
         _read_files, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"files": files, "reader": reader, "storage_options": storage_options,
                    "carried": carried, "tally": tally, "reader_kwargs": reader_kwargs})
-    return InputPlan(dataset=dataset, kind=kind, listed=None, skipped=0, skipped_examples=[],
+    return InputPlan(dataset=dataset, kind=kind, listed=None, skipped=planned["skipped"],
+                     skipped_examples=list(planned["examples"]), skipped_by_reason=dict(planned["reasons"]),
                      duplicates_removed=0, planning_seconds=0.0, carried_columns=carried,
-                     planned_files=list(files), _tally=lambda: ray.get(tally.get.remote()))
+                     planned_files=list(files), _tally=lambda: ray.get(tally.get.remote()),
+                     _planned_counts=planned)
 
 
 def _read_files(batch: pa.Table, files: list[str], reader: Reader, storage_options: dict,
@@ -194,10 +228,10 @@ def _read_files(batch: pa.Table, files: list[str], reader: Reader, storage_optio
 
     for file_index in batch.column("id").to_pylist():
         uri = files[file_index]
-        counts = {"listed": 0, "skipped": 0, "examples": []}
+        counts = new_counts()
         yield from read_file(reader, uri, file_index, storage_options, counts, carried,
                              **reader_kwargs)
-        ray.get(tally.put.remote(uri, counts["listed"], counts["skipped"], counts["examples"]))
+        ray.get(tally.put.remote(uri, counts))
 
 
 def read_file(reader: Reader, uri: str, file_index: int, storage_options: dict, counts: dict,

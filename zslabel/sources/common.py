@@ -21,11 +21,14 @@ Core columns of every planned dataset, then the kind's carried string columns:
 
 from __future__ import annotations
 
+import json
+import os
 import posixpath
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote_to_bytes, urlsplit
 
 import pyarrow as pa
 
@@ -75,6 +78,44 @@ class InputOptions:
     plan_files: Callable[[list[str], InputOptions], InputPlan | None] | None = None
     task_options: dict = field(default_factory=dict)
     cluster_cpus: float | None = None
+    # False: plan without Ray (no dataset; InputPlan.read_locally gives the rows), for tests
+    # and tools that check planning and counting on their own.
+    use_ray: bool = True
+
+
+# Why an entry was skipped (``InputPlan.skipped_by_reason`` keys; README "Counts").
+SKIP_REASONS: dict[str, str] = {
+    "hidden": "a hidden file or member (a path component starting with '.')",
+    "not_an_image": "a file or member without an image extension that is no carried sidecar",
+    "unreadable_folder": "a sub-folder that could not be listed",
+    "folder_link": "a symlink to a folder already listed (a loop, or a folder inside the input)",
+    "empty_path": "a manifest row or line whose path is empty or null",
+    "malformed_row": "a CSV/TSV manifest row with the wrong number of fields",
+    "sidecar_without_image": "a tar sidecar (.json/.txt/.cls) whose key has no image member",
+    "sidecar_not_adjacent": "a tar sidecar that comes after its image, with other keys between",
+    "sidecar_repeated": "a second tar sidecar of one kind for one key (the first is carried)",
+    "sidecar_too_large": "a tar sidecar above webdataset.MAX_SIDECAR_BYTES (16 MiB), not carried",
+    "tar_directory": "a tar member that is a directory",
+    "tar_special": "a tar member that is a device, FIFO or other special file",
+    "tar_link_not_image": "a tar hard/symbolic link whose name is not an image",
+    "not_a_shard": "a file beside tar/Parquet shards in their folder (_SUCCESS, stats .json, ...)",
+}
+
+
+def new_counts() -> dict:
+    """The counts a streaming reader fills: ``listed``, ``skipped``, ``reasons`` ({reason: n})
+    and ``examples`` (at most ``MAX_EXAMPLES`` skipped names)."""
+    return {"listed": 0, "skipped": 0, "reasons": {}, "examples": []}
+
+
+def count_skip(counts: dict, reason: str, example: str, *, listed: bool = True) -> None:
+    """Count one skipped entry in ``counts`` (see :func:`new_counts`) under ``reason``
+    (a ``SKIP_REASONS`` key); ``listed``: also count it as listed (every skip is an entry)."""
+    counts["listed"] += int(listed)
+    counts["skipped"] += 1
+    counts["reasons"][reason] = counts["reasons"].get(reason, 0) + 1
+    if len(counts["examples"]) < MAX_EXAMPLES:
+        counts["examples"].append(example)
 
 
 @dataclass
@@ -83,9 +124,11 @@ class InputPlan:
 
     ``dataset`` rows: the core columns (module docstring), then ``carried_columns`` (strings).
     Counts obey ``listed == rows + skipped + duplicates_removed`` for every kind (README
-    "Inputs" says what each kind lists).
-    For kinds read lazily in tasks (webdataset, parquet) ``listed`` is None and ``skipped`` 0
-    until :meth:`finalize` is called after the dataset has been consumed.
+    "Inputs" says what each kind lists); :meth:`expected_rows` is the right-hand side's row
+    count. ``skipped_by_reason`` splits ``skipped`` by ``SKIP_REASONS`` key (its values sum to
+    ``skipped``). For kinds read lazily in tasks (webdataset, parquet) ``listed`` is None and
+    ``skipped`` holds only what planning skipped (files beside the shards) until
+    :meth:`finalize` is called after the dataset has been consumed.
     """
 
     dataset: Any  # ray.data.Dataset
@@ -103,11 +146,40 @@ class InputPlan:
     # Kinds read in tasks (tars, Parquet): the files, in file-index order (``input_index //
     # FILE_INDEX_STRIDE``), recorded by a run so that a resume can check them. None otherwise.
     planned_files: list[str] | None = None
-    # Streaming kinds: () -> {file_uri: (listed, skipped, skipped_examples)} from the read tasks.
-    _tally: Callable[[], dict[str, tuple[int, int, list[str]]]] | None = field(default=None, repr=False)
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    # Streaming kinds: () -> {file_uri: counts (``new_counts``)} from the read tasks.
+    _tally: Callable[[], dict[str, dict]] | None = field(default=None, repr=False)
+    # Streaming kinds: what planning itself listed and skipped (files beside the shards), kept
+    # apart so that finalize() adds the read tasks' counts to it rather than replacing it.
+    _planned_counts: dict | None = field(default=None, repr=False)
+    # Container files (tars, Parquet, manifest parts) a plan handed over from a folder reads;
+    # the folder counts its other files as skipped (``not_a_shard``).
+    container_files: list[str] | None = field(default=None, repr=False)
+    # Planned without Ray (InputOptions.use_ray False): () -> the planned tables, read here.
+    _local: Callable[[], list[pa.Table]] | None = field(default=None, repr=False)
+
+    def read_locally(self) -> list[dict]:
+        """The rows of a plan made without Ray (``plan_inputs(..., use_ray=False)``), as dicts
+        in ``input_index`` order. For tars and Parquet the kind's reader runs here, in this
+        process, and :meth:`finalize` then sees its counts.
+
+        Raises:
+            ValueError: the plan was made with Ray (read ``dataset`` instead).
+        """
+        if self._local is None:
+            raise ValueError("this plan was made with Ray: read plan.dataset")
+        rows = [r for t in self._local() for r in t.to_pylist()]
+        return sorted(rows, key=lambda r: r["input_index"])
+
+    def __post_init__(self) -> None:
+        if self._tally is not None and self._planned_counts is None:
+            self._planned_counts = {"listed": self.listed or 0, "skipped": self.skipped,
+                                    "reasons": dict(self.skipped_by_reason),
+                                    "examples": list(self.skipped_examples)}
 
     def finalize(self) -> InputPlan:
-        """Fill ``listed``/``skipped``/``skipped_examples`` from the read tasks (tars, Parquet).
+        """Fill ``listed``/``skipped``/``skipped_by_reason``/``skipped_examples`` from the read
+        tasks (tars, Parquet), added to what planning counted.
 
         Call once the dataset has been fully consumed. Counts are kept per file, so a file read
         twice (task retry, dataset re-executed) is counted once. No-op for driver-planned kinds.
@@ -116,13 +188,41 @@ class InputPlan:
         if self._tally is None:
             return self
         per_file = self._tally()
-        self.listed = sum(v[0] for v in per_file.values())
-        self.skipped = sum(v[1] for v in per_file.values())
-        examples: list[str] = []
+        base = self._planned_counts or new_counts()
+        reasons = dict(base["reasons"])
+        examples = list(base["examples"])
+        self.listed = base["listed"] + sum(c["listed"] for c in per_file.values())
+        self.skipped = base["skipped"] + sum(c["skipped"] for c in per_file.values())
         for uri in sorted(per_file):
-            examples.extend(per_file[uri][2][: MAX_EXAMPLES - len(examples)])
+            for reason, n in per_file[uri]["reasons"].items():
+                reasons[reason] = reasons.get(reason, 0) + n
+            examples.extend(per_file[uri]["examples"][: max(0, MAX_EXAMPLES - len(examples))])
+        self.skipped_by_reason = reasons
         self.skipped_examples = examples
         return self
+
+    def add_planned_skip(self, reason: str, example: str) -> None:
+        """Count one entry that planning listed and skipped (``reason``: a ``SKIP_REASONS``
+        key), e.g. ``_SUCCESS`` beside Parquet parts; for streaming kinds it is kept apart from
+        the read tasks' counts, which :meth:`finalize` adds to it."""
+        target = self._planned_counts if self._tally is not None else None
+        if target is not None:
+            count_skip(target, reason, example)
+        if self.listed is not None:
+            self.listed += 1
+        self.skipped += 1
+        self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
+        if len(self.skipped_examples) < MAX_EXAMPLES:
+            self.skipped_examples.append(example)
+
+    def expected_rows(self) -> int | None:
+        """The number of output rows the counts promise: ``listed - skipped -
+        duplicates_removed``. A job checks ``rows == plan.expected_rows()`` (the invariant
+        ``listed == rows + skipped + duplicates_removed``) before it commits. None for tars and
+        Parquet until :meth:`finalize` has run."""
+        if self.listed is None:
+            return None
+        return self.listed - self.skipped - self.duplicates_removed
 
     def check_has_inputs(self, uri: str) -> None:
         """After :meth:`finalize`: raise when the input held no image at all.
@@ -207,3 +307,57 @@ def internal_error_detail(where: str, exc: BaseException, log) -> str:
     log.error("internal error while reading %s:\n%s", where,
               "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     return f"while reading {where}: {error_row_detail(exc)}"
+
+
+def file_uri_path(uri: str) -> str | None:
+    """The local path a ``file:`` URI names, or None when ``uri`` is no local file URI.
+
+    Two readings, in order: the name as written after ``file://`` (fsspec's reading, which
+    keeps ``%``, ``#`` and spaces: ``file:///a b #1.jpg``), when that file exists; else RFC 8089:
+    ``file:///a/b%20c.jpg``, ``file:/a/b%20c.jpg`` and ``file://localhost/a/b%20c.jpg`` all name
+    ``/a/b c.jpg``, the path percent-decoded as bytes (``urllib.parse.unquote_to_bytes``) that
+    are the OS name, so ``%E9`` finds a Latin-1 ``\xe9`` and ``%C3%A9`` finds ``é``; a
+    ``#fragment`` or ``?query`` is then not part of the name. One ``lstat`` when the name as
+    written exists. None for another host (``file://server/share/x``): fsspec reports that one.
+    """
+    if uri[:5].lower() != "file:":
+        return None
+    parts = urlsplit(uri)
+    if parts.netloc.lower() not in ("", "localhost"):
+        return None
+    written = uri[5:]
+    if written.startswith("//"):
+        written = written[2:]
+        if written.lower().startswith("localhost/"):
+            written = written[len("localhost"):]
+    if os.path.lexists(written):
+        return written
+    return os.fsdecode(unquote_to_bytes(parts.path))
+
+
+def to_text(column) -> pa.Array:
+    """A carried column (``pa.Array``/``pa.ChunkedArray``, any type) as a (N,) string array.
+
+    Strings stay as they are; numbers, booleans, dates and dictionaries of those are cast by
+    Arrow; binary is decoded as UTF-8 (invalid bytes replaced); nested values (lists such as
+    COCO's several captions, structs, maps) are JSON text, as the ``jsonl`` kind carries
+    non-string values. Nulls stay null. Never raises for a type: anything Arrow cannot cast
+    becomes JSON text (``str`` for values JSON has no form for).
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        column, kind = column.dictionary_decode(), kind.value_type
+    if pa.types.is_string(kind):
+        return column
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
+        return pa.array([None if v is None else v.decode("utf-8", errors="replace")
+                         for v in column.to_pylist()], pa.string())
+    if not pa.types.is_nested(kind):
+        try:
+            return column.cast(pa.string())
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+            pass
+    return pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=str)
+                     for v in column.to_pylist()], pa.string())

@@ -1,9 +1,13 @@
 """Input kind ``jsonl``: a JSON-lines manifest (``.jsonl``/``.ndjson``, optionally compressed).
 
-One JSON object per line; the image is under ``path``, ``url`` or ``uri`` (or ``path_column``),
-every other key is carried to the output as a string column (non-string values as JSON text;
-keys the output owns, such as ``labels``, are left out with a warning). Blank lines are not
-entries. Everything else (relative entries, empty paths, dedupe, counts) is the manifest rule.
+One JSON object per line; the image is under the first of ``JSONL_PATH_KEYS`` (``path``,
+``url``, ``uri``, ``file_name``; any case) that the line holds with a non-empty value, so lines
+of one file may name their image by different keys (or only under ``path_column`` when one is
+given). ``file_name`` is the key of Hugging Face ``imagefolder``'s ``metadata.jsonl``. Every
+other key is carried to the output as a string column (non-string values as JSON text; keys
+the output owns, such as ``labels``, are left out with a warning); a key that named the image
+of some line is not carried. Blank lines are not entries. Everything else (relative entries,
+empty paths, dedupe, counts) is the manifest rule.
 
 This module is the worked example of adding a kind: one module and one line in the registry.
 """
@@ -19,6 +23,9 @@ from ..errors import InputError
 from ..textfiles import decode_text
 from .common import PATH_COLUMN_CANDIDATES, RESERVED_COLUMNS, InputKind, InputOptions, InputPlan, strip_compression
 from .manifest import pick_column, plan_path_table, read_table
+
+# The keys that may name a line's image, in order of preference (README "Input kinds").
+JSONL_PATH_KEYS = (*PATH_COLUMN_CANDIDATES, "file_name")
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +64,48 @@ def plan_jsonl(uri: str, options: InputOptions) -> InputPlan:
     fs, fs_path, table = read_table(uri, options, _read)
     if table.num_columns == 0:
         raise InputError(f"no images found in manifest {uri} (no JSON objects)")
-    path_col = pick_column(table.column_names, options.path_column, PATH_COLUMN_CANDIDATES, uri, "path")
-    reserved = [c for c in table.column_names if c != path_col and c in RESERVED_COLUMNS]
+    if options.path_column is not None:
+        path_col = pick_column(table.column_names, options.path_column, (), uri, "path")
+        paths, used = table.column(path_col).combine_chunks(), {path_col}
+    else:
+        paths, used = _first_key(table, uri)
+    reserved = [c for c in table.column_names if c not in used and c in RESERVED_COLUMNS]
     if reserved:
         logger.warning("%s: keys %s are output columns and are not carried", uri, ", ".join(reserved))
-    carried = [c for c in table.column_names if c != path_col and c not in RESERVED_COLUMNS]
-    return plan_path_table(uri, fs, fs_path, table, path_col, carried, options, kind="jsonl")
+    carried = [c for c in table.column_names if c not in used and c not in RESERVED_COLUMNS]
+    return plan_path_table(uri, fs, fs_path, table, paths, carried, options, kind="jsonl")
+
+
+def _first_key(table: pa.Table, uri: str) -> tuple[pa.Array, set[str]]:
+    """Per line, the value of the first ``JSONL_PATH_KEYS`` key (any case) that is set and not
+    blank: ((N,) strings, null where none; the keys that named some line's image).
+
+    Raises:
+        InputError: no line has any of the keys.
+    """
+    by_lower: dict[str, list[str]] = {}
+    for c in table.column_names:
+        by_lower.setdefault(c.lower(), []).append(c)
+    keys = [c for k in JSONL_PATH_KEYS for c in by_lower.get(k, [])]
+    if not keys:
+        raise InputError(f"no path column in {uri} (no line has a key of {', '.join(JSONL_PATH_KEYS)}); keys: "
+                         f"{', '.join(table.column_names)}; name one with path_column")
+    values = [table.column(k).to_pylist() for k in keys]
+    paths: list[str | None] = []
+    used: set[str] = set()
+    for row in zip(*values):
+        for key, value in zip(keys, row):
+            if value is not None and value.strip(" \t\r\n"):
+                paths.append(value)
+                used.add(key)
+                break
+        else:
+            paths.append(None)
+    return pa.array(paths, pa.string()), used
 
 
 KIND = InputKind(
     name="jsonl",
-    summary="a JSON-lines file: one object per line with a path/url/uri key; other keys are carried",
+    summary="a JSON-lines file: one object per line with a path/url/uri/file_name key; other keys are carried",
     detect=lambda uri, pattern: not pattern and strip_compression(uri.rstrip("/").lower()).endswith(SUFFIXES),
     plan=plan_jsonl)

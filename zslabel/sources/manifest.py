@@ -1,11 +1,31 @@
 """Input kind ``manifest``: a ``.txt`` (one URI per line), ``.csv``/``.tsv`` or Parquet file naming
-the images, read once with pyarrow; never listed, no per-file metadata calls.
+the images, read once on the driver; never listed, no per-file metadata calls.
 
-Text manifests follow ``zslabel.textfiles`` rules (UTF-8 with or without BOM, UTF-16 with BOM,
-any line ends); one that is not UTF-8 is refused with the byte offset. pyarrow validates UTF-8
-while parsing, so the check costs nothing unless it fails. Relative entries are relative to the
-manifest's folder; a ``%XX`` escape of a byte >= 0x80 in a local entry finds a file whose name
-is not UTF-8 (``zslabel.storage.display_name``).
+Formats, each read by its own rules (README "Input kinds" repeats them):
+
+- ``.txt``: one entry per line (:func:`txt_entries`): lines end at LF, CRLF or CR (nothing
+  else splits a line: ``str.splitlines`` would also split at form feeds, U+2028 and other
+  characters a name may hold); spaces and tabs around an entry are not part of it; a U+FEFF
+  (BOM) at the start of any line is dropped (concatenated files); blank lines, and comment
+  lines beginning ``# `` (hash, space) or only ``#``, are not entries; a first entry that is
+  only ``path``, ``url`` or ``uri`` is a header. Everything else on a line is the entry as
+  written: ``#1.jpg``, ``a,b.jpg``, ``"q".jpg``, URLs with ``?query`` or ``#fragment``, and
+  ``%XX`` escapes are kept. A line holding ``\x1f`` or quotes is no problem (no CSV parser).
+- ``.csv``: RFC 4180 (pyarrow with ``newlines_in_values``): quoted fields may hold commas,
+  doubled quotes and line breaks (LAION/CC3M captions); a row with the wrong number of fields
+  is skipped and counted (``malformed_row``), never the whole manifest refused.
+- ``.tsv``: IANA ``text/tab-separated-values``: one row per line, no quoting (a caption that
+  starts with ``"`` is text, not the start of a quoted field that would swallow later rows).
+- Parquet: any file, or a folder of parts (``part-*.parquet`` + ``_SUCCESS``, as Spark writes).
+
+All columns are strings (ids like ``00042`` keep their zeros); carried columns of nested types
+(lists, structs) are JSON text (``common.to_text``). Text manifests follow ``zslabel.textfiles``
+rules (UTF-8 with or without BOM, UTF-16 with BOM); one that is not UTF-8 is refused with the
+byte offset. Relative entries are relative to the manifest's folder; an entry is absolute when
+it starts with ``/``, holds ``://``, or is a ``file:`` URI (RFC 8089 allows ``file:/a.jpg``);
+``file:`` URIs are percent-decoded when read (``common.file_uri_path``); a ``%XX`` escape of a
+byte >= 0x80 in a plain local entry finds a file whose name is not UTF-8
+(``zslabel.storage.display_name``).
 """
 
 from __future__ import annotations
@@ -14,6 +34,7 @@ import codecs
 import csv
 import io
 import posixpath
+import re
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,9 +42,9 @@ import pyarrow.compute as pc
 from .. import storage
 from ..errors import InputError, ZslabelError
 from ..textfiles import decode_text
-from .blocks import core_table, dataset_from_table
+from .blocks import core_table, planned_dataset
 from .common import (MAX_EXAMPLES, PATH_COLUMN_CANDIDATES, RESERVED_COLUMNS, InputKind, InputOptions,
-                     InputPlan, strip_compression)
+                     InputPlan, strip_compression, to_text)
 
 SUFFIXES = (".txt", ".csv", ".tsv")
 
@@ -36,8 +57,11 @@ def manifest_format(name: str) -> str:
     return "txt"
 
 
-def read_table(uri: str, options: InputOptions, reader) -> tuple[object, str, pa.Table]:
-    """``(fs, fs_path, reader(fs, fs_path, uri))``, any failure but ours as ``InputError``."""
+def read_table(uri: str, options: InputOptions, reader):
+    """``(fs, fs_path, reader(fs, fs_path, uri))``, any failure but ours as ``InputError``.
+
+    ``reader`` returns what its kind needs: a ``pa.Table`` (jsonl) or ``(table, malformed
+    rows)`` (:func:`_read_manifest`)."""
     fs, fs_path = storage.url_to_fs(uri, options.storage_options)
     try:
         return fs, fs_path, reader(fs, storage.open_path(fs, fs_path), uri)
@@ -54,36 +78,66 @@ def plan_manifest(uri: str, options: InputOptions) -> InputPlan:
         InputError: unreadable or empty manifest, missing column, no entries.
         TextDecodeError: a text manifest that is not UTF-8 (names the byte offset).
     """
-    fs, fs_path, table = read_table(uri, options, _read_manifest)
+    fs, fs_path, (table, malformed) = read_table(uri, options, _read_manifest)
     if manifest_format(fs_path.lower()) == "txt":
-        paths = pc.utf8_trim_whitespace(table.column(0).combine_chunks().cast(pa.string()))
-        # A first line naming the column as csv manifests do (path, url, uri) is a header, not an entry.
-        if len(paths) and paths[0].as_py() in PATH_COLUMN_CANDIDATES:
-            table, paths = table.slice(1), paths.slice(1)
-        # Comment and blank lines are not entries.
-        table = table.filter(pc.and_(pc.invert(pc.starts_with(paths, "#")), pc.not_equal(paths, "")))
-        path_col = table.column_names[0]
+        path_col = "path"
     else:
         path_col = pick_column(table.column_names, options.path_column, PATH_COLUMN_CANDIDATES, uri, "path")
-    carried = []
-    if options.id_column is not None:
-        carried = [pick_column(table.column_names, options.id_column, (), uri, "id")]
-        if carried[0] in RESERVED_COLUMNS:
-            raise InputError(f"id column {carried[0]!r} of {uri} clashes with an output column; "
-                             f"rename it (reserved: {', '.join(sorted(RESERVED_COLUMNS))})")
-    return plan_path_table(uri, fs, fs_path, table, path_col, carried, options)
+    return plan_path_table(uri, fs, fs_path, table, path_col, id_columns(table, options, uri), options,
+                           malformed=malformed)
 
 
-def plan_path_table(uri: str, fs, fs_path: str, table: pa.Table, path_col: str, carried: list[str],
-                    options: InputOptions, kind: str = "manifest") -> InputPlan:
-    """Plan rows naming images: ``table[path_col]`` URIs, ``carried`` columns copied as strings.
+def id_columns(table: pa.Table, options: InputOptions, uri: str) -> list[str]:
+    """``[the id column]`` when one is asked for, else ``[]``.
 
-    Every row is listed; a row with an empty path is skipped and counted (it cannot become an
-    output row); with ``options.dedupe`` later rows of a repeated URI are removed and counted.
+    Raises:
+        InputError: the column is missing or shadows an output column.
     """
-    listed = table.num_rows
-    paths = pc.utf8_trim_whitespace(table.column(path_col).combine_chunks().cast(pa.string()))
-    cols = {c: table.column(c).combine_chunks().cast(pa.string()) for c in carried}
+    if options.id_column is None:
+        return []
+    column = pick_column(table.column_names, options.id_column, (), uri, "id")
+    if column in RESERVED_COLUMNS:
+        raise InputError(f"id column {column!r} of {uri} clashes with an output column; "
+                         f"rename it (reserved: {', '.join(sorted(RESERVED_COLUMNS))})")
+    return [column]
+
+
+def plan_manifest_files(files: list[str], options: InputOptions, kind: str = "manifest") -> InputPlan:
+    """Plan several Parquet manifests as one (a Spark-style folder of ``part-*.parquet``), rows
+    in file order; relative entries are relative to each part's folder (the first part's).
+
+    Raises:
+        InputError: an unreadable part, a missing column, no entries.
+    """
+    tables = []
+    for f in files:
+        fs, fs_path, (table, _) = read_table(f, options, _read_manifest)
+        tables.append(table)
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise InputError(f"Parquet manifest parts {files[0]} ... do not share a schema: {exc}") from exc
+    path_col = pick_column(table.column_names, options.path_column, PATH_COLUMN_CANDIDATES, files[0], "path")
+    fs, fs_path = storage.url_to_fs(files[0], options.storage_options)
+    return plan_path_table(files[0], fs, fs_path, table, path_col, id_columns(table, options, files[0]),
+                           options, kind=kind)
+
+
+def plan_path_table(uri: str, fs, fs_path: str, table: pa.Table, path_col: str | pa.Array, carried: list[str],
+                    options: InputOptions, kind: str = "manifest", malformed: list[str] | None = None) -> InputPlan:
+    """Plan rows naming images: ``table[path_col]`` URIs (or ``path_col`` itself, an (N,) string
+    array), ``carried`` columns copied as strings (nested types as JSON text).
+
+    Every row is listed; a row with an empty path is skipped and counted (``empty_path``: it
+    cannot become an output row); ``malformed`` (examples of rows the parser could not split)
+    are listed and skipped (``malformed_row``); with ``options.dedupe`` later rows of a
+    repeated URI are removed and counted.
+    """
+    malformed = malformed or []
+    listed = table.num_rows + len(malformed)
+    column = table.column(path_col) if isinstance(path_col, str) else path_col
+    paths = pc.utf8_trim(to_text(column), ASCII_SPACE)
+    cols = {c: to_text(table.column(c)) for c in carried}
     # Kleene logic: a null path must give False (dropped), not null (which pc.all ignores).
     keep = pc.and_kleene(pc.is_valid(paths), pc.not_equal(paths, ""))
     empty_rows: list[int] = []
@@ -102,14 +156,17 @@ def plan_path_table(uri: str, fs, fs_path: str, table: pa.Table, path_col: str, 
         cols = {k: v.take(take) for k, v in cols.items()}
     if not len(paths):
         raise InputError(f"no images found in manifest {uri} ({listed} entries, "
-                         f"{len(empty_rows)} with an empty path)")
+                         f"{len(empty_rows)} with an empty path, {len(malformed)} malformed)")
     table = core_table(paths, cols)
-    dataset = dataset_from_table(table, options.task_options, options.cluster_cpus)
+    dataset, local = planned_dataset(table, options)
+    reasons = {k: v for k, v in (("empty_path", len(empty_rows)), ("malformed_row", len(malformed))) if v}
+    examples = [f"{uri} row {i}" for i in empty_rows[:MAX_EXAMPLES]]
+    examples += [f"{uri} malformed row {m!r}" for m in malformed[: MAX_EXAMPLES - len(examples)]]
     return InputPlan(dataset=dataset, kind=kind, listed=listed,
-                     skipped=len(empty_rows),
-                     skipped_examples=[f"{uri} row {i}" for i in empty_rows[:MAX_EXAMPLES]],
+                     skipped=len(empty_rows) + len(malformed), skipped_by_reason=reasons,
+                     skipped_examples=examples,
                      duplicates_removed=removed, planning_seconds=0.0, carried_columns=list(cols),
-                     planned_paths=table.column("path"))
+                     planned_paths=table.column("path"), _local=local)
 
 
 def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], uri: str,
@@ -136,8 +193,8 @@ def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, .
 
 def resolve_relative(paths: pa.Array, uri: str, fs, fs_path: str) -> pa.Array:
     """Relative manifest entries are relative to the manifest's folder (as a full URI)."""
-    relative = pc.invert(pc.or_(pc.starts_with(paths, "/"),
-                                pc.match_substring(paths, "://")))
+    relative = pc.invert(pc.or_(pc.or_(pc.starts_with(paths, "/"), pc.match_substring(paths, "://")),
+                                pc.starts_with(paths, "file:", ignore_case=True)))
     if not pc.any(relative).as_py():
         return paths
     base = storage.uri_maker(uri, fs)(posixpath.dirname(fs_path)).rstrip("/") + "/"
@@ -171,35 +228,60 @@ def parse_text(raw: bytes, uri: str, parse):
         raise
 
 
-def _read_manifest(fs, fs_path: str, uri: str) -> pa.Table:
+# Spaces, tabs and line breaks around a path are not part of it (a CSV cell "a.jpg\r\n" from a
+# spreadsheet); every other character is, NBSP and form feed included.
+ASCII_SPACE = " \t\r\n"
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def txt_entries(text: str) -> list[str]:
+    """The entries of a ``.txt`` manifest's text, by the rules in the module docstring."""
+    entries = []
+    for line in _LINE_END.split(text):
+        entry = line.lstrip("\ufeff").strip(" \t")
+        if not entry or entry == "#" or entry.startswith("# "):
+            continue
+        entries.append(entry)
+    if entries and entries[0] in PATH_COLUMN_CANDIDATES:
+        entries = entries[1:]  # a header naming the column, as csv manifests have
+    return entries
+
+
+def _read_manifest(fs, fs_path: str, uri: str) -> tuple[pa.Table, list[str]]:
+    """``(table of strings, malformed rows' text)`` of one manifest file."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     fmt = manifest_format(fs_path.lower())
     with fs.open(fs_path, "rb", compression="infer") as f:
         if fmt == "parquet":
-            return pq.read_table(f)
-        raw = utf8_bytes(f.read(), uri)
+            return pq.read_table(f), []
+        raw = f.read()
     if fmt == "txt":
-        # One value per line: no delimiter, no quoting; pyarrow keeps it columnar and fast.
-        return parse_text(raw, uri, lambda b: pacsv.read_csv(
-            io.BytesIO(b), read_options=pacsv.ReadOptions(column_names=["path"]),
-            parse_options=pacsv.ParseOptions(delimiter="\x1f", quote_char=False,
-                                             double_quote=False, ignore_empty_lines=True),
-            convert_options=pacsv.ConvertOptions(column_types={"path": pa.string()},
-                                                 strings_can_be_null=False,
-                                                 quoted_strings_can_be_null=False)))
-    delimiter = "\t" if fmt == "tsv" else ","
+        return pa.table({"path": pa.array(txt_entries(decode_text(raw, uri)), pa.string())}), []
+    raw = utf8_bytes(raw, uri)
     # All columns as strings: ids like "00042" must not become integers. The header is parsed
-    # with the csv module (handles quoting) to name the columns before pyarrow reads the rest.
-    text_head = raw[:1 << 20].decode("utf-8-sig", errors="replace").splitlines()
-    if not text_head:
+    # with the csv module (quoting, line breaks in quoted names) to name the columns first.
+    head = io.TextIOWrapper(io.BytesIO(raw[:1 << 20]), encoding="utf-8-sig", errors="replace", newline="")
+    header = next(csv.reader(head, delimiter="\t" if fmt == "tsv" else ","), None)
+    if not header:
         raise InputError(f"manifest {uri} is empty")
-    header = next(csv.reader([text_head[0]], delimiter=delimiter))
-    return parse_text(raw, uri, lambda b: pacsv.read_csv(
-        io.BytesIO(b), parse_options=pacsv.ParseOptions(delimiter=delimiter),
+    malformed: list[str] = []
+
+    def invalid_row(row) -> str:  # wrong number of fields: counted, not fatal
+        malformed.append(row.text[:200])
+        return "skip"
+
+    if fmt == "tsv":  # IANA TSV: no quoting, a row per line
+        parse = pacsv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False,
+                                   invalid_row_handler=invalid_row)
+    else:  # RFC 4180
+        parse = pacsv.ParseOptions(delimiter=",", newlines_in_values=True, invalid_row_handler=invalid_row)
+    table = parse_text(raw, uri, lambda b: pacsv.read_csv(
+        io.BytesIO(b), parse_options=parse,
         convert_options=pacsv.ConvertOptions(column_types={h: pa.string() for h in header},
                                              strings_can_be_null=True)))
+    return table, malformed
 
 
 KIND = InputKind(

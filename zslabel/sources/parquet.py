@@ -1,15 +1,28 @@
-"""Input kind ``parquet``: Parquet files holding encoded image bytes (img2dataset layout: ``jpg`` +
-``url`` + ``key`` + ``caption``), read streaming in one Ray task per file.
+"""Input kind ``parquet``: Parquet files holding encoded images, read streaming in one Ray task
+per file. Two layouts of the image column:
 
-Each row is one input: ``path`` is its ``url`` when set, else ``FILE#ROW``; a null image cell
-is that row's ``read_error``; an unreadable file is one ``read_error`` row. Every row is listed
-(``listed == rows``, nothing skipped). A single ``.parquet`` named in auto mode whose schema has
-no image-bytes column is a manifest (a list of paths), and is planned as one.
+- img2dataset: a binary column (``jpg`` + ``url`` + ``key`` + ``caption``);
+- Hugging Face ``datasets`` ``Image()``: ``struct<bytes: binary, path: string>`` (found by the
+  ``huggingface`` schema metadata, or by that shape). A row whose ``bytes`` is null and whose
+  ``path`` is set is read from that path (relative to the Parquet file's folder), as
+  ``datasets`` itself does.
+
+Each row is one input: ``path`` is its ``url`` when set, else the struct's ``path`` when the
+bytes must be read from it, else ``FILE#ROW``; a row with no bytes and no path is that row's
+``read_error``; an unreadable file is one ``read_error`` row. Every row is listed (``listed ==
+rows``, nothing skipped). Carried columns (``key``, ``url``, ``caption``) of any type pass as
+strings; nested ones (COCO's ``list<string>`` captions) as JSON text (``common.to_text``).
+
+A single ``.parquet``, or a folder of parts (Spark's ``part-*.parquet`` + ``_SUCCESS``), named in
+auto mode whose schema has no image column is a manifest (a list of paths), planned as one.
+Files beside the parts that are not Parquet are counted as skipped (``not_a_shard``/``hidden``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import posixpath
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -19,8 +32,8 @@ from .. import storage
 from ..errors import INTERNAL_ERROR, READ_ERROR, InputError, error_string
 from .blocks import EMIT_ROWS, STREAM_BLOCK_SIZE, error_table, schema_with, streaming_plan
 from .common import (FILE_INDEX_STRIDE, InputKind, InputOptions, InputPlan, error_row_detail,
-                     internal_error_detail, is_hidden, strip_compression)
-from .manifest import plan_manifest
+                     internal_error_detail, is_hidden, strip_compression, to_text)
+from .manifest import plan_manifest, plan_manifest_files
 
 logger = logging.getLogger(__name__)
 
@@ -37,28 +50,42 @@ def plan_parquet(uri: str, options: InputOptions) -> InputPlan:
     """
     so = options.storage_options
     fs, fs_path = storage.url_to_fs(uri, so)
+    others: list[tuple[str, str]] = []  # files beside the parts: (uri, skip reason)
     if storage.is_pattern(uri, so):
         files = [storage.uri_maker(uri, fs)(p) for p in sorted(fs.glob(fs_path)) if p.lower().endswith(SUFFIXES)]
     elif strip_compression(uri.rstrip("/").lower()).endswith(SUFFIXES) and not fs.isdir(fs_path):
         files = [uri]
     else:  # a folder, also one named like a file (Spark writes "table.parquet/part-*.parquet")
         root = fs_path.rstrip("/")
-        files = [storage.uri_maker(uri, fs)(p) for p in sorted(fs.find(root))
-                 if p.lower().endswith(SUFFIXES) and not is_hidden(p[len(root):].lstrip("/"))]
+        files = []
+        for p in sorted(fs.find(root)):
+            hidden = is_hidden(p[len(root):].lstrip("/"))
+            if p.lower().endswith(SUFFIXES) and not hidden:
+                files.append(storage.uri_maker(uri, fs)(p))
+            elif not p.endswith("/"):
+                others.append((storage.uri_maker(uri, fs)(p), "hidden" if hidden else "not_a_shard"))
     if not files:
         raise InputError(f"no Parquet files found at {uri}")
-    if options.auto and options.image_column is None and len(files) == 1:
-        if find_image_column(_schema(files[0], so), None, files[0], required=False) is None:
-            return plan_manifest(files[0], options)
-    return plan_files(files, options)
+    plan = plan_files(files, options)
+    for other, reason in others:
+        plan.add_planned_skip(reason, other)
+    return plan
 
 
 def plan_files(files: list[str], options: InputOptions) -> InputPlan:
-    """Plan the given Parquet file URIs (no listing); the first file's schema picks the columns."""
+    """Plan the given Parquet file URIs (no listing); the first file's schema picks the columns.
+    In auto mode, files without an image column are a manifest (one file, or Spark's parts).
+
+    Raises:
+        InputError: unreadable first file, no image column (when not auto), manifest errors.
+    """
     schema = _schema(files[0], options.storage_options)
+    if options.auto and options.image_column is None and find_image_column(
+            schema, None, files[0], required=False) is None:
+        return plan_manifest(files[0], options) if len(files) == 1 else plan_manifest_files(files, options)
     image_col = find_image_column(schema, options.image_column, files[0])
     carried = [c for c in CARRIED if c in schema.names]
-    return streaming_plan("parquet", files, read_parquet, options.storage_options, carried,
+    return streaming_plan("parquet", files, read_parquet, options.storage_options, carried, use_ray=options.use_ray,
                           image_column=image_col, carried_columns=carried)
 
 
@@ -73,26 +100,60 @@ def _schema(uri: str, storage_options: dict) -> pa.Schema:
         raise InputError(f"cannot read Parquet file {uri}: {error_row_detail(exc)}") from exc
 
 
+def is_image_struct(kind: pa.DataType) -> bool:
+    """True for Hugging Face ``datasets``' ``Image()`` storage: a struct with a binary ``bytes``
+    field (and, usually, a string ``path``)."""
+    if not pa.types.is_struct(kind) or kind.get_field_index("bytes") < 0:
+        return False
+    inner = kind.field(kind.get_field_index("bytes")).type
+    return pa.types.is_binary(inner) or pa.types.is_large_binary(inner)
+
+
+def _hf_image_columns(schema: pa.Schema) -> list[str]:
+    """Columns the ``huggingface`` schema metadata (written by ``datasets``) declares ``Image``."""
+    try:
+        features = json.loads((schema.metadata or {})[b"huggingface"])["info"]["features"]
+    except (KeyError, ValueError, TypeError):
+        return []
+    return [name for name, f in features.items()
+            if isinstance(f, dict) and f.get("_type") == "Image" and name in schema.names]
+
+
 def find_image_column(schema: pa.Schema, wanted: str | None, uri: str, *, required: bool = True
                       ) -> str | None:
-    """The image-bytes column: ``wanted``, else the first binary column named as in
-    ``IMAGE_COLUMN_CANDIDATES``; None when there is none and not ``required``.
+    """The image column: ``wanted``; else a column Hugging Face metadata declares ``Image``;
+    else the first column named as in ``IMAGE_COLUMN_CANDIDATES`` that is binary or an image
+    struct (:func:`is_image_struct`); else the only image struct. None when there is none and
+    not ``required``.
 
     Raises:
-        InputError: ``wanted`` is missing, or none found and ``required``.
+        InputError: ``wanted`` is missing or neither binary nor an image struct, or none found
+            and ``required``.
     """
-    binary = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+    def usable(name: str) -> bool:
+        kind = schema.field(name).type
+        return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or is_image_struct(kind)
+
     if wanted is not None:
         if wanted not in schema.names:
             raise InputError(f"image column {wanted!r} not found in {uri}; columns: "
                              f"{', '.join(schema.names)}")
+        if not usable(wanted):
+            raise InputError(f"image column {wanted!r} of {uri} is {schema.field(wanted).type}, not binary "
+                             "or struct<bytes: binary, path: string>")
         return wanted
+    for name in _hf_image_columns(schema):
+        if usable(name):
+            return name
     for cand in IMAGE_COLUMN_CANDIDATES:
-        if cand in binary:
+        if cand in schema.names and usable(cand):
             return cand
+    structs = [f.name for f in schema if is_image_struct(f.type)]
+    if len(structs) == 1:
+        return structs[0]
     if required:
-        raise InputError(f"no image-bytes column in {uri} (looked for binary columns named "
-                         f"{', '.join(IMAGE_COLUMN_CANDIDATES)}); columns: "
+        raise InputError(f"no image column in {uri} (looked for binary columns or Hugging Face Image "
+                         f"structs named {', '.join(IMAGE_COLUMN_CANDIDATES)}); columns: "
                          f"{', '.join(schema.names)}; name one with image_column")
     return None
 
@@ -103,17 +164,42 @@ def _rows(rb: pa.RecordBatch, uri: str, first: int, index: pa.Array, image_colum
     n = rb.num_rows
     own = pc.binary_join_element_wise(uri + "#", pa.array([str(i) for i in range(first, first + n)]), "")
     if "url" in rb.schema.names:
-        url = rb.column("url").cast(pa.string())
+        url = to_text(rb.column("url"))
         path = pc.if_else(pc.and_kleene(pc.is_valid(url), pc.not_equal(url, "")), url, own)
     else:
         path = own
-    data = rb.column(image_column).cast(pa.binary())
-    read_error = pc.if_else(pc.is_null(data), pa.scalar(error_string(
+    image = rb.column(image_column)
+    if pa.types.is_struct(image.type):
+        # Hugging Face Image(): bytes inline, or (bytes null) a path to read them from.
+        data = pc.struct_field(image, "bytes").cast(pa.binary())
+        if image.type.get_field_index("path") >= 0:
+            where = _resolve_paths(to_text(pc.struct_field(image, "path")), uri)
+            fetch = pc.and_kleene(pc.is_null(data), pc.and_kleene(pc.is_valid(where), pc.not_equal(where, "")))
+            path = pc.if_else(fetch, where, path)
+        else:
+            fetch = pa.array([False] * n)
+        missing = pc.and_kleene(pc.is_null(data), pc.invert(fetch))
+    else:
+        data = image.cast(pa.binary())
+        missing = pc.is_null(data)
+    read_error = pc.if_else(missing, pa.scalar(error_string(
         READ_ERROR, f"no bytes in column {image_column!r} of {uri}")), pa.nulls(n, pa.string()))
     cols = [path, index, data, read_error]
-    cols += [rb.column(c).cast(pa.string()) if c in rb.schema.names else pa.nulls(n, pa.string())
-             for c in carried]
+    cols += [to_text(rb.column(c)) if c in rb.schema.names else pa.nulls(n, pa.string()) for c in carried]
     return pa.Table.from_arrays(cols, schema=schema_with(carried))
+
+
+def _resolve_paths(paths: pa.Array, uri: str) -> pa.Array:
+    """Image-struct paths as readable URIs: absolute paths and URIs as they are, relative ones
+    relative to the Parquet file's folder (``datasets`` writes both)."""
+    base = posixpath.dirname(uri.split("#", 1)[0])
+    out = []
+    for p in paths.to_pylist():
+        if p is None or p == "" or p.startswith("/") or "://" in p or p.lower().startswith("file:"):
+            out.append(p)
+        else:
+            out.append(posixpath.join(base, p))
+    return pa.array(out, pa.string())
 
 
 def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict, *,

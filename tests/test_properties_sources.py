@@ -1,0 +1,403 @@
+"""Property tests of the input kinds (issue 23): generated folders, tars and manifests must obey
+``listed == rows + skipped + duplicates_removed`` with exactly one row per image.
+
+The generators (hypothesis strategies) produce what crawls, ``datasets``, Spark and tar tools
+write: file names with unicode, spaces, ``#``, ``%``, commas, quotes and hidden dots; folders
+with symlink loops; tar members of every ``tarfile`` type (regular, hard and symbolic links,
+directories, FIFOs), repeated names, sidecars out of place and members above the size limit;
+RFC 4180 CSV with quotes and line breaks in values; JSONL naming the image by any documented key
+with nested values beside it; ``.txt`` manifests with BOMs, CRLF/CR line ends, comments and
+blank lines; Parquet with Hugging Face ``Image`` structs (bytes or path or neither) and
+``list<string>`` captions.
+
+Planners and readers run without Ray (``plan_inputs(..., use_ray=False)``, the tar reader
+called directly); one test reads generated inputs through Ray end to end.
+
+Examples per test: ``HYPOTHESIS_PROFILE=quick`` (default, the quick set) or ``slow`` (more
+examples; the tests marked slow use it too: ``pytest -m slow -n 0 tests/test_properties_sources.py``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tarfile
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zslabel.errors import error_code
+from zslabel.sources import SKIP_REASONS, plan_inputs
+from zslabel.sources.common import IMAGE_EXTENSIONS, is_hidden, new_counts
+from zslabel.sources.webdataset import SIDECARS, read_tar, split_key
+
+_COMMON = dict(deadline=None, database=None, derandomize=False,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                      HealthCheck.data_too_large])
+EXAMPLES = {"quick": 12, "slow": 150}[os.environ.get("HYPOTHESIS_PROFILE", "quick")]
+QUICK = settings(max_examples=EXAMPLES, **_COMMON)
+SLOW = settings(max_examples=max(EXAMPLES, 150), **_COMMON)
+
+# Name characters real crawls hold; "/" and NUL are never in a file name.
+NAME_CHARS = st.sampled_from(list("abcXYZ019 _-#%,'\"()[]&+=~é中ü") + ["\u00a0", "\u200b"])
+EXTS = st.sampled_from(["jpg", "JPG", "png", "webp", "txt", "json", "cls", "npy", ""])
+
+
+def names(min_size: int = 1):
+    """A file name: a stem (maybe starting with '.', hidden) and an extension."""
+    return st.builds(lambda hidden, stem, ext: ("." if hidden else "") + stem + (f".{ext}" if ext else ""),
+                     st.integers(0, 4).map(lambda i: i == 0),  # one name in five hidden
+                     st.text(NAME_CHARS, min_size=min_size, max_size=8).filter(lambda s: s.strip(" \u00a0") == s),
+                     EXTS)
+
+
+def check_plan(plan, rows: list[dict]) -> None:
+    """The accounting every plan must keep."""
+    plan.finalize()
+    assert plan.listed == len(rows) + plan.skipped + plan.duplicates_removed
+    assert plan.expected_rows() == len(rows)
+    assert sum(plan.skipped_by_reason.values()) == plan.skipped
+    assert set(plan.skipped_by_reason) <= set(SKIP_REASONS)
+    assert len({r["input_index"] for r in rows}) == len(rows)
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+# ------------------------------------------------------------------------------------------
+# folders
+
+
+@st.composite
+def trees(draw):
+    """{relative file path: bytes} plus symlinks to make: [(relative link, 'root'|'parent'|file)]."""
+    files = {}
+    for _ in range(draw(st.integers(1, 10))):
+        depth = draw(st.integers(0, 2))
+        parts = [draw(st.text(NAME_CHARS, min_size=1, max_size=5).filter(lambda s: s.strip() == s))
+                 for _ in range(depth)]
+        parts.append(draw(names()))
+        files["/".join(parts)] = b"x"
+    links = draw(st.lists(st.sampled_from(["root", "parent", "file"]), max_size=3))
+    return files, links
+
+
+def _make_tree(root: Path, files: dict, links: list[str]) -> list[str]:
+    """Write the tree; returns the relative paths of the files (file symlinks included)."""
+    made = []
+    for rel, data in files.items():
+        path = root / rel
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_dir():
+                continue
+            path.write_bytes(data)
+            made.append(rel)
+        except (NotADirectoryError, FileExistsError, IsADirectoryError):
+            continue  # a name used both as a file and as a folder: keep the first
+    folders = sorted({str(Path(r).parent) for r in made if "/" in r}) or ["."]
+    for i, kind in enumerate(links):
+        where = root / folders[i % len(folders)]
+        target = root if kind == "root" else where.parent if kind == "parent" else None
+        if target is None:
+            if not made:
+                continue
+            os.symlink(root / made[0], where / f"link{i}.jpg")
+            made.append(os.path.relpath(where / f"link{i}.jpg", root))
+        else:
+            os.symlink(target, where / f"loop{i}")
+    return made
+
+
+def _folder_property(data):
+    files, links = data
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "in"
+        root.mkdir()
+        made = _make_tree(root, files, links)
+        expected = sorted(str(root / r) for r in made if is_image_name(r) and not is_hidden(r))
+        if not expected:
+            with pytest.raises(Exception, match="no images"):
+                plan_inputs(str(root), use_ray=False, input_format="folder")
+            return
+        plan = plan_inputs(str(root), use_ray=False, input_format="folder")
+        rows = plan.read_locally()
+        check_plan(plan, rows)
+        assert [r["path"] for r in rows] == expected  # each image exactly once, loops not followed
+        loops = sum(1 for kind in links if kind != "file")
+        assert plan.skipped_by_reason.get("folder_link", 0) <= loops
+
+
+@QUICK
+@given(trees())
+def test_folder_one_row_per_image(data):
+    _folder_property(data)
+
+
+# ------------------------------------------------------------------------------------------
+# tars
+
+MEMBER_TYPES = st.sampled_from(["reg"] * 6 + ["hard", "sym", "dir", "fifo"])
+
+
+@st.composite
+def tar_members(draw):
+    """[(name, type, data, link target)]: keys shared by several members, repeated names."""
+    keys = draw(st.lists(st.text(NAME_CHARS, min_size=1, max_size=4), min_size=1, max_size=4))
+    members = []
+    for _ in range(draw(st.integers(1, 14))):
+        key = draw(st.sampled_from(keys))
+        name = ("." if draw(st.integers(0, 9)) == 0 else "") + key + "." + draw(
+            st.sampled_from(["jpg", "png", "json", "txt", "cls", "npy"]))
+        kind = draw(MEMBER_TYPES)
+        data = draw(st.binary(min_size=0, max_size=40)) if kind == "reg" else b""
+        target = draw(st.sampled_from([m[0] for m in members] + ["missing.jpg", "/abs.jpg", name]))
+        members.append((name, kind, data, target))
+    return members
+
+
+def _write_tar(path: Path, members, mode: str = "w") -> None:
+    types = {"reg": tarfile.REGTYPE, "hard": tarfile.LNKTYPE, "sym": tarfile.SYMTYPE,
+             "dir": tarfile.DIRTYPE, "fifo": tarfile.FIFOTYPE}
+    with tarfile.open(path, mode, format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, data, target in members:
+            info = tarfile.TarInfo(name)
+            info.type = types[kind]
+            info.linkname = target if kind in ("hard", "sym") else ""
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+
+
+def _tar_property(members, limit: int, mode: str = "w") -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        shard = Path(tmp) / "s.tar"
+        _write_tar(shard, members, mode)  # "w:gz": read as a stream, uncompressed: random access
+        counts = new_counts()
+        rows = [r for t in read_tar(str(shard), 0, {}, counts, max_member_bytes=limit) for r in t.to_pylist()]
+        # exactly one row per image-named regular file or link that is not hidden, in tar order
+        image_members = [m for m in members if m[1] in ("reg", "hard", "sym") and is_image_name(m[0])
+                         and not is_hidden(m[0])]
+        assert Counter(r["path"].split("#", 1)[1] for r in rows) == Counter(m[0] for m in image_members)
+        assert sorted(r["input_index"] for r in rows) == [r["input_index"] for r in
+                                                         sorted(rows, key=lambda r: r["input_index"])]
+        regular = {}
+        for name, kind, data, _ in members:
+            if kind == "reg":
+                regular.setdefault(name, []).append(data)
+        for row, m in zip(sorted(rows, key=lambda r: r["input_index"]), image_members):
+            name, kind, data, _ = m
+            if kind == "reg":
+                if len(data) > limit:
+                    assert error_code(row["read_error"]) == "too_many_pixels"
+                else:
+                    assert row["data"] == data and row["read_error"] is None
+            elif row["data"] is not None:  # a link resolved to some regular member's bytes
+                assert any(row["data"] in v for v in regular.values())
+            else:
+                assert error_code(row["read_error"]) in ("read_error", "too_many_pixels")
+        # members: rows + skipped + sidecars that joined a row
+        sidecars = [m for m in members if m[1] == "reg" and not is_hidden(m[0])
+                    and split_key(m[0])[1] in SIDECARS and not is_image_name(m[0])]
+        skipped_sidecars = sum(counts["reasons"].get(r, 0) for r in (
+            "sidecar_without_image", "sidecar_not_adjacent", "sidecar_repeated", "sidecar_too_large"))
+        assert counts["listed"] == len(rows) + counts["skipped"]
+        assert counts["listed"] == len(members) - (len(sidecars) - skipped_sidecars)
+        assert sum(counts["reasons"].values()) == counts["skipped"]
+        assert set(counts["reasons"]) <= set(SKIP_REASONS)
+
+
+@QUICK
+@given(tar_members(), st.sampled_from([10, 30, 2**31 - 1]), st.sampled_from(["w", "w:gz"]))
+def test_tar_one_row_per_image_member(members, limit, mode):
+    _tar_property(members, limit, mode)
+
+
+# ------------------------------------------------------------------------------------------
+# manifests
+
+PATH_TEXT = st.text(st.sampled_from(list("ab,\"'#% \n\r\tü中é;") + ["\u2028"]), min_size=1, max_size=10)
+CAPTIONS = st.text(st.sampled_from(list('ab ,"\n\r\t\'ü')), max_size=12)
+
+
+@st.composite
+def csv_rows(draw):
+    rows = draw(st.lists(st.tuples(PATH_TEXT | st.just(""), CAPTIONS), min_size=1, max_size=12))
+    return rows, draw(st.sampled_from(["\r\n", "\n"])), draw(st.booleans())
+
+
+def _csv_property(data) -> None:
+    rows, line_end, dedupe = data
+    with tempfile.TemporaryDirectory() as tmp:
+        buf = io.StringIO()
+        # With "\n" line ends the csv module leaves a field holding a lone "\r" unquoted (not
+        # RFC 4180: readers see a line break there), so quote every field then.
+        writer = csv.writer(buf, lineterminator=line_end,
+                            quoting=csv.QUOTE_MINIMAL if line_end == "\r\n" else csv.QUOTE_ALL)
+        writer.writerow(["path", "caption"])
+        # absolute paths: the manifest's folder plays no part; "/" keeps them whole
+        for path, caption in rows:
+            writer.writerow(["/d/" + path if path else "", caption])
+        manifest = Path(tmp) / "m.csv"
+        manifest.write_text(buf.getvalue(), encoding="utf-8")
+        wanted = [("/d/" + p).strip(" \t\r\n") for p, _ in rows if p]
+        try:
+            plan = plan_inputs(str(manifest), use_ray=False, id_column="caption", dedupe=dedupe)
+        except Exception as exc:
+            assert not wanted and "no images" in str(exc)
+            return
+        got = plan.read_locally()
+        check_plan(plan, got)
+        expected = list(dict.fromkeys(wanted)) if dedupe else wanted
+        assert [r["path"] for r in got] == expected
+        assert plan.duplicates_removed == len(wanted) - len(expected)
+        assert plan.skipped_by_reason == ({"empty_path": len(rows) - len(wanted)} if len(rows) > len(wanted) else {})
+        captions = [c if c else None for p, c in rows if p]
+        if not dedupe:
+            assert [r["caption"] for r in got] == captions
+
+
+@QUICK
+@given(csv_rows())
+def test_csv_manifest_rfc4180_one_row_per_entry(data):
+    _csv_property(data)
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                                       max_size=3),
+                           max_leaves=5)
+
+
+@QUICK
+@given(st.lists(st.tuples(st.sampled_from(["path", "url", "uri", "file_name", "URL", None]),
+                          st.text(st.sampled_from(list("ab#%é ,")), min_size=1, max_size=6),
+                          st.dictionaries(st.sampled_from(["caption", "meta", "n"]), JSON_VALUES, max_size=2)),
+                min_size=1, max_size=10))
+def test_jsonl_any_key_names_the_image(lines):
+    with tempfile.TemporaryDirectory() as tmp:
+        records = []
+        for key, value, extra in lines:
+            record = dict(extra)
+            if key is not None:
+                record[key] = "/d/" + value
+            records.append(record)
+        manifest = Path(tmp) / "m.jsonl"
+        manifest.write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+        wanted = [("/d/" + v).strip(" ") for k, v, _ in lines if k is not None]
+        try:
+            plan = plan_inputs(str(manifest), use_ray=False)
+        except Exception as exc:
+            assert not wanted, exc
+            return
+        rows = plan.read_locally()
+        check_plan(plan, rows)
+        assert [r["path"] for r in rows] == wanted
+        assert plan.skipped == len(lines) - len(wanted)
+
+
+@QUICK
+@given(st.lists(st.text(st.sampled_from(list("ab#,%\" é中\x1f\x0c?=&")), min_size=1, max_size=8)
+                .filter(lambda s: s.strip(" \t") == s and not s.startswith("# ") and s != "#"
+                        and s not in ("path", "url", "uri")), min_size=1, max_size=10),
+       st.sampled_from(["\n", "\r\n", "\r"]), st.booleans(), st.booleans())
+def test_txt_manifest_reads_back_what_was_written(entries, line_end, bom, noise):
+    with tempfile.TemporaryDirectory() as tmp:
+        lines = []
+        for e in entries:
+            if noise:
+                lines += ["", "# a comment", "   "]
+            lines.append("/d/" + e)
+        text = ("\ufeff" if bom else "") + line_end.join(lines) + line_end
+        manifest = Path(tmp) / "m.txt"
+        manifest.write_bytes(text.encode("utf-8"))
+        plan = plan_inputs(str(manifest), use_ray=False)
+        rows = plan.read_locally()
+        check_plan(plan, rows)
+        assert [r["path"] for r in rows] == ["/d/" + e for e in entries]
+
+
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+@QUICK
+@given(st.lists(st.tuples(st.one_of(st.none(), st.binary(min_size=1, max_size=8)),
+                          st.sampled_from([None, "", "rel/x.jpg", "/abs/y.png"]), st.booleans(),
+                          st.lists(st.text(max_size=4), max_size=3) | st.none()),
+                min_size=1, max_size=10))
+def test_parquet_hf_structs_and_list_captions(cells):
+    with tempfile.TemporaryDirectory() as tmp:
+        image = [None if null else {"bytes": b, "path": p} for b, p, null, _ in cells]
+        table = pa.table({"image": pa.array(image, IMAGE_STRUCT),
+                          "caption": pa.array([c for *_, c in cells], pa.list_(pa.string()))})
+        f = Path(tmp) / "train.parquet"
+        pq.write_table(table, f)
+        plan = plan_inputs(str(f), use_ray=False)
+        rows = plan.read_locally()
+        check_plan(plan, rows)
+        assert len(rows) == len(cells) and plan.skipped == 0
+        for row, (b, p, null, caption) in zip(rows, cells):
+            assert row["caption"] == (None if caption is None else json.dumps(caption, ensure_ascii=False))
+            if not null and b is not None:
+                assert row["data"] == b and row["read_error"] is None
+            elif not null and p:
+                assert row["data"] is None and row["read_error"] is None
+                assert row["path"] == (p if p.startswith("/") else str(Path(tmp) / p))
+            else:
+                assert error_code(row["read_error"]) == "read_error"
+
+
+# ------------------------------------------------------------------------------------------
+# through Ray, end to end (few examples: each runs Ray tasks)
+
+
+@settings(max_examples=2, **_COMMON)
+@given(tar_members(), trees())
+def test_through_ray_rows_match_the_counts(ray_local, members, tree):
+    with tempfile.TemporaryDirectory() as tmp:
+        shard = Path(tmp) / "s.tar"
+        _write_tar(shard, members)
+        plan = plan_inputs(str(shard))
+        rows = plan.dataset.take_all()
+        check_plan(plan, rows)
+        root = Path(tmp) / "folder"
+        root.mkdir()
+        made = _make_tree(root, *tree)
+        if any(is_image_name(r) and not is_hidden(r) for r in made):
+            plan = plan_inputs(str(root), input_format="folder")
+            rows = plan.dataset.take_all()
+            check_plan(plan, rows)
+            assert len({r["path"] for r in rows}) == len(rows)
+
+
+# ------------------------------------------------------------------------------------------
+# the slow set: the same properties, more examples
+
+
+@pytest.mark.slow
+@SLOW
+@given(tar_members(), st.sampled_from([10, 30, 2**31 - 1]), st.sampled_from(["w", "w:gz", "w:bz2", "w:xz"]))
+def test_slow_tar_one_row_per_image_member(members, limit, mode):
+    _tar_property(members, limit, mode)
+
+
+@pytest.mark.slow
+@SLOW
+@given(trees())
+def test_slow_folder_one_row_per_image(data):
+    _folder_property(data)
+
+
+@pytest.mark.slow
+@SLOW
+@given(csv_rows())
+def test_slow_csv_manifest(data):
+    _csv_property(data)
