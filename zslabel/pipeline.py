@@ -189,7 +189,7 @@ def label_facts(config: JobConfig, prepared: job.PreparedJob, plan, cluster: Clu
                "stamp": prepared.stamps["model"]},
         labels=prepared.labels, templates=prepared.templates, preprocess=prepared.preprocess.fingerprint_dict(),
         input_counts={"skipped": plan.skipped, "listed": plan.listed, "duplicates_removed": plan.duplicates_removed,
-                      "skipped_by_reason": getattr(plan, "skipped_by_reason", None)},
+                      "skipped_by_reason": plan.skipped_by_reason},
         extra={"actor_pool": list(cluster.actor_pool_size(config)), "input_stamp": prepared.stamps["input"],
                **({INPUT_FILES: plan.planned_files} if plan.planned_files is not None else {}),
                "calibration": calibration_manifest_entry(prepared.calibration, config.calibration)})
