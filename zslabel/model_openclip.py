@@ -71,12 +71,18 @@ def import_open_clip():
     """
     try:
         import open_clip
+    except ImportError as exc:  # (a handler scripts/check_lock.py reads as "optional import")
+        raise _not_installed(exc) from exc
     except Exception as exc:  # noqa: BLE001 - see the docstring
-        raise ModelLoadError(
-            f"this is an open_clip checkpoint, and open_clip cannot be imported here ({type(exc).__name__}: "
-            f"{exc}). Install the open-clip extra with: {INSTALL_COMMAND}  (it builds .venv-openclip; run "
-            "zslabel from there)") from exc
+        raise _not_installed(exc) from exc
     return open_clip
+
+
+def _not_installed(exc: BaseException) -> ModelLoadError:
+    return ModelLoadError(
+        f"this is an open_clip checkpoint, and open_clip cannot be imported here ({type(exc).__name__}: "
+        f"{exc}). Install the open-clip extra with: {INSTALL_COMMAND}  (it builds .venv-openclip; run "
+        "zslabel from there)")
 
 
 def claims(model: str) -> bool:
@@ -303,8 +309,7 @@ class OpenClipModel(ZeroShotModel):
             return open_clip.get_tokenizer(arch)
         hf_name = text_cfg.get("hf_tokenizer_name")
         if hf_name and not any((self.path / f).is_file() for f in _TOKENIZER_FILES):
-            from open_clip.tokenizer import HFTokenizer
-
+            HFTokenizer = open_clip.tokenizer.HFTokenizer
             source = str(self.path / hf_name) if (self.path / hf_name).is_dir() else hf_name
             return HFTokenizer(source, context_length=text_cfg.get("context_length", 77),
                                tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {}))

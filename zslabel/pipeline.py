@@ -350,6 +350,7 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     digest = checkpoint_digest(path)
     label_set = build_label_set(resolved.labels, resolved.templates, text_model, digest=digest)
     spec, score_kind, model_type = text_model.preprocess, text_model.score_kind, text_model.model_type
+    library, architecture = text_model.library, text_model.architecture
     embed_dim = label_set.embeddings.shape[1]
     del text_model
     calib = load_for_run(config.calibration, config.storage_options, checkpoint_digest=digest,
@@ -461,7 +462,8 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         kind="label", config=config.public_dict(),
         # A local checkpoint is recorded absolute, so relabel finds it from any folder.
         model={"id": model_id(config.model), "revision": config.revision, "local_path": str(path),
-               "digest": digest, "model_type": model_type, "score_kind": score_kind, "stamp": stamps["model"]},
+               "digest": digest, "model_type": model_type, "score_kind": score_kind, "stamp": stamps["model"],
+               "library": library, "architecture": architecture},
         labels=list(label_set.names), templates=list(label_set.templates), preprocess=spec.fingerprint_dict(),
         input_counts={"skipped": plan.skipped, "listed": plan.listed, "duplicates_removed": plan.duplicates_removed},
         extra={"actor_pool": list(pool), "input_stamp": stamps["input"],

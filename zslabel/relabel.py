@@ -301,6 +301,7 @@ def run_relabel_job(config: RelabelConfig, progress: bool = True):
     resolved.rule.check_score_kind(text_model.score_kind, config.model)
     label_set = build_label_set(resolved.labels, resolved.templates, text_model, digest=digest)
     score_kind, model_type = text_model.score_kind, text_model.model_type
+    library, architecture = text_model.library, text_model.architecture
     scale, bias = text_model.logit_scale, text_model.logit_bias
     del text_model
     calib = load_for_run(config.calibration, so, checkpoint_digest=digest, labels=list(label_set.names),
@@ -365,7 +366,8 @@ def run_relabel_job(config: RelabelConfig, progress: bool = True):
     facts = RunFacts(
         kind="relabel", config=run_config,
         model={"id": config.model, "revision": config.revision, "local_path": str(path), "digest": digest,
-               "model_type": model_type, "score_kind": score_kind, "stamp": stamps["model"]},
+               "model_type": model_type, "score_kind": score_kind, "stamp": stamps["model"],
+               "library": library, "architecture": architecture},
         labels=list(label_set.names), templates=list(label_set.templates),
         preprocess=src_manifest.get("preprocess"),
         input_counts=src_manifest.get("counts") or {},
