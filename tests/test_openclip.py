@@ -311,6 +311,23 @@ def test_label_job_and_relabel_match_open_clip(ckpts, ray_local, tmp_path):
     assert {r["hier_path"][0] for r in rerows.values() if r["hier_path"]} <= {"animal", "vehicle"}
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["vit", "biomed"])
+def test_cuda_float16_close_to_cpu_float32(name, ckpts, tmp_path):
+    """float16 on CUDA (open_clip's mixed precision, what the labeler actors use on a GPU) ranks
+    as float32 on the CPU, within float16 rounding. Not run on this project's CPU machines."""
+    files = image_files(tmp_path / "in")
+    cpu = zslabel_scores(ZeroShotModel(ckpts[name]), files, LABELS, TEMPLATES)
+    model = ZeroShotModel(ckpts[name], device="cuda", dtype=torch.float16)
+    label_set = build_label_set(LABELS, TEMPLATES, ZeroShotModel(ckpts[name], device="cuda"), cache=False)
+    pixels = np.stack([decode_image(f.read_bytes(), model.preprocess).pixels for f in files])
+    logits = zero_shot_logits(model.encode_images(pixels), torch.from_numpy(label_set.embeddings).cuda(),
+                              model.logit_scale, model.logit_bias)
+    gpu = scores_from_logits(logits, model.score_kind).cpu().numpy()
+    np.testing.assert_allclose(gpu, cpu, atol=1e-2)
+
+
 def test_zz_report_measured():
     """Prints the measured parity (run with -s to see it)."""
     for case, diff in MEASURED.items():
