@@ -60,7 +60,9 @@ class Family(NamedTuple):
             this family by its form alone (``hf-hub:org/name``, ``ARCH:tag``); None if none.
         resolve: ``(model, revision, storage_options) -> Path`` for the values ``claims``;
             raises ``ModelLoadError``.
-        model_class: loads an owned folder; called as ``model_class(path, device, dtype, **spec_overrides)``.
+        model_class: ``() -> type``: the family's ``ZeroShotModel`` subclass, imported on first
+            use (so a family's library is imported only when one of its checkpoints is loaded);
+            instances are made as ``cls(path, device, dtype, **spec_overrides)``.
     """
 
     name: str
