@@ -15,7 +15,8 @@ names map to distributions through the installed metadata
 (``importlib.metadata.packages_distributions``), so run this with the project's venv.
 
 Exit status 0 when consistent, 1 with one line per problem otherwise. Used by ``.ci/run``
-and ``tests/test_install.py``.
+and ``tests/test_install.py``. ``--open-clip`` checks requirements/lock-open-clip.txt (with the
+``open-clip`` extra) instead; run it with .venv-openclip (scripts/ci_open_clip.sh does).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "lock.txt"
+OPEN_CLIP_LOCK = ROOT / "requirements" / "lock-open-clip.txt"
 # The extras CI and scripts/setup.sh install (gcs/azure are optional and not locked).
 
 LOCKED_EXTRAS = ("s3", "test", "cluster", "lint", "report")
@@ -161,6 +163,20 @@ def import_problems(pyproject: dict) -> list[str]:
 
 def main() -> int:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    if sys.argv[1:] == ["--open-clip"]:
+        # The open_clip environment's lock (scripts/setup.sh --open-clip): the same checks for
+        # the extras that environment installs (no lint or report: CI lints in .venv).
+        global LOCKED_EXTRAS
+        LOCKED_EXTRAS = ("s3", "test", "cluster", "open-clip")
+        pins = read_lock(OPEN_CLIP_LOCK)
+        # Imports are checked once, in the default environment (this one lacks the report extra).
+        problems = [p.replace("requirements/lock.txt", "requirements/lock-open-clip.txt")
+                    for p in lock_problems(pyproject, pins)]
+        for p in problems:
+            print(f"check_lock: {p}", file=sys.stderr)
+        if not problems:
+            print("check_lock: requirements/lock-open-clip.txt matches pyproject.toml")
+        return 1 if problems else 0
     problems = lock_problems(pyproject, read_lock()) + import_problems(pyproject)
     for p in problems:
         print(f"check_lock: {p}", file=sys.stderr)

@@ -6,19 +6,30 @@
 # Without uv (ZSLABEL_NO_UV=1, or no wheel for this platform) pip installs the same lock.
 # Where no NVIDIA GPU is present, the CPU build of torch is installed first, so that the
 # project's torch pin is already satisfied and nothing ever pulls a multi-GB CUDA build.
+#
+# `scripts/setup.sh --open-clip` builds a second environment, .venv-openclip, for open_clip
+# checkpoints (BiomedCLIP, the LAION/DFN/MetaCLIP zoo): zslabel[test,s3,open-clip] as pinned in
+# requirements/lock-open-clip.txt. open_clip and timm import torchvision, which needs the torch
+# of its own release: pip installs torch 2.14.1 + torchvision 0.29.1 first (on this machine from
+# its local disk, a CUDA build that also runs on the CPU; uv does not look there), then uv the rest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-LOCK=requirements/lock.txt
+VENV=.venv LOCK=requirements/lock.txt EXTRAS=test,s3,lint,report OPEN_CLIP=""
+case "${1:-}" in
+  "") ;;
+  --open-clip) VENV=.venv-openclip LOCK=requirements/lock-open-clip.txt EXTRAS=test,s3,open-clip OPEN_CLIP=1 ;;
+  *) echo "usage: scripts/setup.sh [--open-clip]" >&2; exit 2 ;;
+esac
 phase() { echo "setup.sh: $1 done at ${SECONDS} s"; }
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-phase "venv"
-. .venv/bin/activate
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+phase "venv ($VENV)"
+. "$VENV/bin/activate"
 TORCH=$(grep -E '^torch==' "$LOCK" | cut -d= -f3)
 
 UV=""
 if [ -z "${ZSLABEL_NO_UV:-}" ] && python -m pip install -q -c "$LOCK" uv 2>/dev/null; then
-  UV=".venv/bin/uv"
+  UV="$VENV/bin/uv"
 fi
 phase "installer (${UV:-pip})"
 # --compile-bytecode: uv leaves compiling to first import, and where PYTHONDONTWRITEBYTECODE
@@ -26,10 +37,18 @@ phase "installer (${UV:-pip})"
 # torch and transformers from source, 27 s per import instead of 12 s, and the test suite ran
 # 2.2x slower. pip compiles at install by default.
 install() {  # install ARGS... with uv when there is one, else pip
-  if [ -n "$UV" ]; then "$UV" pip install -q --compile-bytecode --python .venv/bin/python "$@"; else python -m pip install -q "$@"; fi
+  if [ -n "$UV" ]; then "$UV" pip install -q --compile-bytecode --python "$VENV/bin/python" "$@"; else python -m pip install -q "$@"; fi
 }
 
-if ! python -c "import torch" 2>/dev/null; then
+if [ -n "$OPEN_CLIP" ]; then
+  # pip, not uv: pip's configured find-links/indexes hold the matching pair on this machine.
+  # The lock pins the CUDA libraries they pull, so a rerun installs nothing new.
+  if ! python -c "import torch, torchvision" 2>/dev/null; then
+    TV=$(grep -E '^torchvision==' "$LOCK" | cut -d= -f3)
+    python -m pip install -q -c "$LOCK" "torch==$TORCH" "torchvision==$TV" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+    phase "torch $TORCH + torchvision $TV (pip)"
+  fi
+elif ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     install "torch==$TORCH"
   else
@@ -48,8 +67,8 @@ PY
   fi
   phase "torch"
 fi
-install -c "$LOCK" -e ".[test,s3,lint,report]"
+install -c "$LOCK" -e ".[$EXTRAS]"
 # The editable project's own modules, for the same reason (compileall writes despite the variable).
 python -m compileall -q zslabel zslabel_dev >/dev/null
 phase "locked packages"
-echo "zslabel installed in $(pwd)/.venv (activate with: . .venv/bin/activate)"
+echo "zslabel installed in $(pwd)/$VENV (activate with: . $VENV/bin/activate)"

@@ -161,6 +161,11 @@ class PreprocessSpec:
         crop_hw: centre crop (height, width) after the resize, zero-padded if larger than the
             resized image (as transformers), or None. Required for ``"shortest_edge"``, since
             every output must have the fixed size ``output_hw``.
+        crop_offset: where the centre crop starts when the margin is odd: ``"floor"``
+            (transformers' ``center_crop``: ``(size - crop) // 2``) or ``"round"`` (torchvision's
+            ``CenterCrop``, used by open_clip: ``int(round((size - crop) / 2))``, Python's
+            round-half-to-even; padding, where the crop is larger, ``(crop - size) // 2`` before).
+            The two differ by one pixel row/column for margins of 3, 7, 11, ...
         resample: ``PIL.Image.Resampling`` value (NEAREST=0, LANCZOS=1, BILINEAR=2, BICUBIC=3,
             BOX=4, HAMMING=5; MKS2013/MKS2021 where Pillow has them).
         max_pixels: header ``width * height`` above this is ``too_many_pixels``.
@@ -176,6 +181,7 @@ class PreprocessSpec:
     shortest_edge: int | None = None
     size_hw: tuple[int, int] | None = None
     crop_hw: tuple[int, int] | None = None
+    crop_offset: str = "floor"
     resample: int = int(Image.Resampling.BICUBIC)
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = 1
@@ -199,6 +205,8 @@ class PreprocessSpec:
                 raise ValueError("resize_mode 'exact' needs size_hw=(height, width) >= 1")
         else:
             raise ValueError(f"resize_mode must be 'shortest_edge' or 'exact', got {self.resize_mode!r}")
+        if self.crop_offset not in ("floor", "round"):
+            raise ValueError(f"crop_offset must be 'floor' or 'round', got {self.crop_offset!r}")
         if self.crop_hw is not None and (len(self.crop_hw) != 2 or min(self.crop_hw) < 1):
             raise ValueError(f"crop_hw must be (height, width) >= 1, got {self.crop_hw}")
         if self.resample not in {int(r) for r in Image.Resampling}:
@@ -267,6 +275,9 @@ class PreprocessSpec:
         """JSON-able dict of everything that can change a decoded result (pixels or error)."""
         d = dataclasses.asdict(self)
         d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+        if d["crop_offset"] == "floor":
+            # Left out at its default, so runs recorded before the field existed keep their fingerprint.
+            del d["crop_offset"]
         d["decode_version"] = DECODE_VERSION
         d["pillow"] = Image.__version__
         return d
@@ -661,10 +672,25 @@ def _resize_dims(w: int, h: int, spec: PreprocessSpec) -> tuple[int, int]:
     return int(s * w / h), s
 
 
-def _center_crop(arr: np.ndarray, crop_hw: tuple[int, int]) -> np.ndarray:
-    """transformers ``image_transforms.center_crop`` on an (H, W, C) array, zero padding included."""
+def _crop_start(size: int, crop: int, offset: str) -> int:
+    """First index of a centre crop of ``crop`` out of ``size`` (``PreprocessSpec.crop_offset``)."""
+    return (size - crop) // 2 if offset == "floor" else int(round((size - crop) / 2.0))
+
+
+def _center_crop(arr: np.ndarray, crop_hw: tuple[int, int], offset: str = "floor") -> np.ndarray:
+    """transformers ``image_transforms.center_crop`` (``offset="floor"``) or torchvision's
+    ``CenterCrop`` (``"round"``) on an (H, W, C) array, zero padding included."""
     h, w = arr.shape[:2]
     ch, cw = crop_hw
+    if offset == "round":
+        if ch > h or cw > w:
+            # torchvision pads (crop - size) // 2 before, the rest after, then crops at round().
+            pt, pl = max(ch - h, 0) // 2, max(cw - w, 0) // 2
+            padded = np.zeros((max(ch, h), max(cw, w)) + arr.shape[2:], dtype=arr.dtype)
+            padded[pt:pt + h, pl:pl + w] = arr
+            arr, (h, w) = padded, padded.shape[:2]
+        top, left = _crop_start(h, ch, offset), _crop_start(w, cw, offset)
+        return arr[top:top + ch, left:left + cw]
     top, left = (h - ch) // 2, (w - cw) // 2
     if top >= 0 and left >= 0:
         return arr[top:top + ch, left:left + cw]
@@ -798,7 +824,7 @@ def _windowed_resize_crop(im: Image.Image, spec: PreprocessSpec, rw: int, rh: in
     ``_center_crop`` (including its zero padding where the crop exceeds the resized image).
     """
     ch, cw = min(spec.crop_hw[0], rh), min(spec.crop_hw[1], rw)
-    top, left = (rh - ch) // 2, (rw - cw) // 2
+    top, left = _crop_start(rh, ch, spec.crop_offset), _crop_start(rw, cw, spec.crop_offset)
     w, h = im.size
     r = spec.resample
     if rw > rh:
@@ -815,7 +841,7 @@ def _windowed_resize_crop(im: Image.Image, spec: PreprocessSpec, rw: int, rh: in
         band = band.resize((rw, last - first), r) if rw != w else band
         arr = _window_pass(np.asarray(band), 0, h, rh, top, ch, r, offset=first)[:, left:left + cw]
     if (ch, cw) != spec.crop_hw:
-        arr = _center_crop(arr, spec.crop_hw)
+        arr = _center_crop(arr, spec.crop_hw, spec.crop_offset)
     return arr
 
 
@@ -837,7 +863,7 @@ def _resize_crop(im: Image.Image, spec: PreprocessSpec, orig_size: tuple[int, in
                            reducing_gap=_FAST_REDUCING_GAP if spec.fast else None)
         arr = np.asarray(im)
         if crop is not None:
-            arr = _center_crop(arr, crop)
+            arr = _center_crop(arr, crop, spec.crop_offset)
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     return np.ascontiguousarray(arr, dtype=np.uint8)

@@ -52,8 +52,9 @@ class PreparedJob:
         stamps: ``{"input": ..., "model": ...}`` (``options.local_stamp``; None when not local).
         checkpoint: the resolved checkpoint folder. digest: ``model.checkpoint_digest``.
         label_set: names, templates and (C, D) float32 L2-normalised label embeddings.
-        score_kind, model_type, logit_scale, logit_bias, preprocess: from the loaded model
-            (``preprocess``: its ``PreprocessSpec``; ``logit_bias`` 0.0 for CLIP).
+        score_kind, model_type, logit_scale, logit_bias, preprocess, library, architecture: from
+            the loaded model (``preprocess``: its ``PreprocessSpec``; ``logit_bias`` 0.0 for CLIP;
+            ``library``: "transformers" or "open_clip").
         calibration, hierarchy: loaded and checked against the model and labels, or None.
     """
 
@@ -71,6 +72,8 @@ class PreparedJob:
     logit_scale: float
     logit_bias: float
     preprocess: Any
+    library: str = "transformers"
+    architecture: str | None = None
     calibration: Calibration | None = None
     hierarchy: Hierarchy | None = None
 
@@ -157,7 +160,8 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
     rule.check_score_kind(text_model.score_kind, options.model)  # before any image is read
     label_set = build_label_set(list(options.labels), list(options.templates), text_model, digest=digest)
     job = PreparedJob(options, rule, store, started, {}, stamps, str(path), digest, label_set, text_model.score_kind,
-                      text_model.model_type, text_model.logit_scale, text_model.logit_bias, text_model.preprocess)
+                      text_model.model_type, text_model.logit_scale, text_model.logit_bias, text_model.preprocess,
+                      text_model.library, text_model.architecture)
     del text_model
     job.calibration = load_for_run(options.calibration, options.storage_options, checkpoint_digest=digest,
                                    labels=job.labels, templates=job.templates, score_kind=job.score_kind)

@@ -186,7 +186,7 @@ def label_facts(config: JobConfig, prepared: job.PreparedJob, plan, cluster: Clu
         # A local checkpoint is recorded absolute, so relabel finds it from any folder.
         model={"id": model_id(config.model or ""), "revision": config.revision, "local_path": prepared.checkpoint,
                "digest": prepared.digest, "model_type": prepared.model_type, "score_kind": prepared.score_kind,
-               "stamp": prepared.stamps["model"]},
+               "stamp": prepared.stamps["model"], "library": prepared.library, "architecture": prepared.architecture},
         labels=prepared.labels, templates=prepared.templates, preprocess=prepared.preprocess.fingerprint_dict(),
         input_counts={"skipped": plan.skipped, "listed": plan.listed, "duplicates_removed": plan.duplicates_removed,
                       "skipped_by_reason": plan.skipped_by_reason},

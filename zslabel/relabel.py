@@ -380,7 +380,7 @@ def relabel_facts(config: RelabelConfig, prepared: job.PreparedJob, source: Rela
         kind="relabel", config=run_config,
         model={"id": config.model, "revision": config.revision, "local_path": prepared.checkpoint,
                "digest": prepared.digest, "model_type": prepared.model_type, "score_kind": prepared.score_kind,
-               "stamp": prepared.stamps["model"]},
+               "stamp": prepared.stamps["model"], "library": prepared.library, "architecture": prepared.architecture},
         labels=prepared.labels, templates=prepared.templates,
         preprocess=src_manifest.get("preprocess"),
         input_counts=src_manifest.get("counts") or {},

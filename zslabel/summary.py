@@ -50,7 +50,8 @@ class RunFacts:
         kind: "label" or "relabel".
         config: the run's options as recorded (``public_dict``, storage options redacted).
         model: ``id``, ``revision``, ``local_path``, ``digest``, ``model_type``, ``score_kind``
-            and ``stamp`` (``options.local_stamp`` of a local checkpoint folder, else None).
+            and ``stamp`` (``options.local_stamp`` of a local checkpoint folder, else None);
+            ``library`` (``transformers`` or ``open_clip``) and ``architecture`` (``ZeroShotModel``).
         labels, templates: as embedded. preprocess: ``PreprocessSpec.fingerprint_dict()``.
         input_counts: ``skipped``, ``listed``, ``duplicates_removed`` of the inputs.
         extra: further top-level manifest keys (``actor_pool``, ``relabel``, ``input_stamp``,
@@ -138,4 +139,9 @@ def package_versions() -> dict[str, str]:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             out[pkg] = "not installed"
+    for pkg in ("open_clip_torch", "timm", "torchvision"):  # the open-clip extra, where installed
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["build_tiny_checkpoint", "VIT_B32_CLIP_CONFIG"]
+__all__ = ["build_tiny_checkpoint", "VIT_B32_CLIP_CONFIG", "TINY_VIT_L14_336_CONFIG"]
 
 # Published architecture of openai/clip-vit-base-patch32 (its config.json), so benchmarks run
 # the real arithmetic with random weights.
@@ -26,6 +26,18 @@ VIT_B32_CLIP_CONFIG = {
     },
     "projection_dim": 512,
     "logit_scale_init_value": 2.6592,
+}
+
+
+# openai/clip-vit-large-patch14-336's input geometry (336-pixel images, 14-pixel patches: 24 x 24
+# patches + class token; its processor resizes the shortest edge to 336 and centre-crops 336) with
+# tiny widths, so a test runs that geometry end to end in seconds.
+TINY_VIT_L14_336_CONFIG = {
+    "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+                    "num_hidden_layers": 2, "max_position_embeddings": 77},
+    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+                      "num_hidden_layers": 2, "image_size": 336, "patch_size": 14},
+    "projection_dim": 16,
 }
 
 
