@@ -325,7 +325,7 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     t0 = time.perf_counter()
     timings: dict[str, Any] = {}
     resolved = resolve(config)
-    check_input_exists(config.input, config.storage_options)
+    check_input_exists(config.input, config.storage_options, io=config.io_policy())
     stamps = {"input": local_stamp(config.input), "model": local_stamp(config.model)}
     done = runstate.finished_unchanged(config, resolved.output, stamps)
     if done is not None:
@@ -341,7 +341,8 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint
     from .stages import Labeler, LabelerSettings, decode_block
 
-    spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode}
+    spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode,
+                      "reference_pixels": config.reference_pixels}
     path = resolve_checkpoint(config.model, config.revision, config.storage_options)
     # The text tower runs on the driver's GPU when it has one (float32: the label embeddings
     # are the classifier's weights), batched; its result is cached on disk (labels.build_label_set).
@@ -414,7 +415,8 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
                         batch_format="pyarrow", **decode_args)
     ds = ds.map_batches(
         decode_block, fn_kwargs={"spec": spec, "storage_options": config.storage_options,
-                                 "batch_size": config.batch_size},
+                                 "batch_size": config.batch_size, "io": config.io_policy(),
+                                 "decode_timeout": config.decode_time_limit()},
         # The CPU:GPU split is not configured: every CPU the actors leave free can run a decode
         # task (decode_cpus_per_task each; 1 suits single-threaded Pillow, < 1 overlaps remote
         # reads), and Ray Data's backpressure (the actors' input queue budget) stops decoding
