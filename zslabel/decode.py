@@ -205,6 +205,10 @@ class PreprocessSpec:
         reference_pixels: colour conversion exactly as ``transformers.image_utils.load_image``
             (Pillow's ``convert("RGB")``: alpha dropped, deep samples clipped) instead of
             compositing alpha on ``background`` and keeping deep tonal ranges.
+        convert_rgb: the processor's ``do_convert_rgb`` (CLIP and SigLIP: True). Only used with
+            ``reference_pixels``: transformers' ``convert_to_rgb`` then composites, onto white,
+            an image that still has a colour-key ``transparency`` after ``convert("RGB")``
+            (a palette or grey PNG with a tRNS chunk), so the reference does too.
 
     Raises:
         ValueError: on construction, for an inconsistent or out-of-range field.
@@ -220,6 +224,7 @@ class PreprocessSpec:
     background: tuple[int, int, int] = (255, 255, 255)
     fast: bool = False
     reference_pixels: bool = False
+    convert_rgb: bool = True
 
     def __post_init__(self):
         # Normalise sequences (e.g. lists from YAML/JSON) so the spec stays hashable.
@@ -298,7 +303,7 @@ class PreprocessSpec:
         else:
             raise ValueError(f"unsupported image-processor size {size!r}; "
                              "need {'shortest_edge': S} or {'height': H, 'width': W}")
-        spec.update(crop_hw=crop, resample=resample)
+        spec.update(crop_hw=crop, resample=resample, convert_rgb=bool(getattr(proc, "do_convert_rgb", True)))
         spec.update(overrides)
         return cls(**spec)
 
@@ -308,7 +313,7 @@ class PreprocessSpec:
         d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
         if not self.reference_pixels:
             # Only when set: fingerprints of runs made before the option existed stay valid.
-            del d["reference_pixels"]
+            del d["reference_pixels"], d["convert_rgb"]
         d["decode_version"] = DECODE_VERSION
         d["pillow"] = Image.__version__
         return d
@@ -745,6 +750,18 @@ def _to_rgb(im: Image.Image, background: tuple[int, int, int], fmt: str | None =
     return im.convert("RGB")
 
 
+def _reference_rgb(im: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """What the zero-shot pipeline makes of ``im`` before resizing: ``load_image``'s
+    ``convert("RGB")`` (alpha dropped, deep samples clipped by Pillow), then, for processors
+    with ``do_convert_rgb``, transformers' ``convert_to_rgb``, which composites onto white an
+    RGB image still carrying a colour key (``info["transparency"]``, which Pillow's conversion
+    keeps for palette and grey images with a tRNS chunk)."""
+    rgb = im.convert("RGB")
+    if spec.convert_rgb and rgb.info.get("transparency") is not None:
+        return _composite(rgb, (255, 255, 255))
+    return rgb
+
+
 # --------------------------------------------------------------------------------------------
 # Resize / crop
 
@@ -1014,8 +1031,7 @@ def _decode(data: bytes, spec: PreprocessSpec) -> DecodedImage:
         width, height = (full_h, full_w) if orientation >= 5 else (full_w, full_h)
         if min(width, height) < spec.min_side:
             raise _DecodeFailure(IMAGE_TOO_SMALL, f"{width}x{height}, shorter side below {spec.min_side}")
-        # Reference pixels: transformers.image_utils.load_image's plain conversion.
-        rgb = im.convert("RGB") if spec.reference_pixels else _to_rgb(im, spec.background, fmt)
+        rgb = _reference_rgb(im, spec) if spec.reference_pixels else _to_rgb(im, spec.background, fmt)
         rgb = _orient(rgb, orientation)
         pixels = _resize_crop(rgb, spec, (width, height))
         return DecodedImage(pixels, width, height, None)
