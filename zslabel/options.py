@@ -237,6 +237,15 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: Any = 
         if remote:
             raise InputError(remote_access_message(uri, exc)) from None
         return  # a local oddity (permissions on a parent, ...): the planner reports it per path
+    if not found and remote and not pattern:
+        # Some backends answer "no" when they were refused (s3fs's exists() on a bucket swallows
+        # every error): ask once more in a way that says why.
+        try:
+            fs.info(path)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - storage errors differ per backend
+            raise InputError(remote_access_message(uri, exc)) from None
     if not found:
         raise InputError(f"no images found: {uri} does not exist")
     if not pattern and storage.is_local(fs) and os.path.isdir(path) and not _has_visible_file(path):
