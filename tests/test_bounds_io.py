@@ -263,8 +263,7 @@ def test_label_job_over_stalled_urls_is_bounded(tiny_clip, ray_local, tmp_path, 
     manifest.write_text("\n".join(stalled + good) + "\n")
     t0 = time.perf_counter()
     summary = run_label_job(JobConfig(input=str(manifest), output=str(tmp_path / "out"), labels=["a", "b"],
-                                      model=str(tiny_clip), io_timeout=1.0, io_retries=2, batch_size=8),
-                            progress=False)
+                                      model=str(tiny_clip), io_timeout=1.0, io_retries=2, batch_size=8))
     took = time.perf_counter() - t0
     rows = {r["path"]: r for r in pq.read_table(str(tmp_path / "out")).to_pylist()}
     assert summary.rows == len(rows) == 20

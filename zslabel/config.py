@@ -117,6 +117,14 @@ class JobConfig(LabelingOptions):
         return rule
 
 
+    def public_dict(self) -> dict[str, Any]:
+        """``LabelingOptions.public_dict``; ``reference_pixels`` only when set, so that it enters
+        the run fingerprint (it changes pixels) while runs made before it existed still resume."""
+        d = super().public_dict()
+        if not d.get("reference_pixels"):
+            d.pop("reference_pixels", None)
+        return d
+
     def io_policy(self) -> IOPolicy:
         """The fetch time limits and retries (``storage.IOPolicy``) of this job."""
         return IOPolicy(timeout=float(self.io_timeout), retries=int(self.io_retries))

@@ -90,8 +90,8 @@ NON_RESULT_FIELDS = frozenset({
     "output", "address", "batch_size", "concurrency", "num_gpus_per_actor", "num_cpus_per_actor",
     "decode_cpus_per_task", "storage_options", "mode", "retry_errors", "max_error_fraction", "rows_per_file",
     "labels_file", "labels", "templates", "model", "revision", "max_pixels", "min_side", "fast_decode",
-    # time limits decide nothing about a labeled row; reference_pixels is in the preprocess spec
-    "io_timeout", "io_retries", "decode_timeout", "reference_pixels",
+    # time limits decide nothing about a labeled row
+    "io_timeout", "io_retries", "decode_timeout",
 })
 
 
