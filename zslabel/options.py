@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import types
 import typing
@@ -30,7 +31,14 @@ from .hierarchy import check_options as check_hierarchy_options
 from .labels import DEFAULT_TEMPLATE, merge_labels_file, parse_label_list, validate_prompts
 from .textfiles import read_text
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+
+SINGLE_LABEL_WARNING = (
+    "only one candidate label ({label!r}): a CLIP-family (softmax) model scores every image 1.0 for it, "
+    "since softmax over one label is always 1; add labels (e.g. a catch-all such as 'something else'), "
+    "or use a SigLIP-family (sigmoid) model, whose score of one label means something")
 OUTPUT_MODES = ("error", "resume", "overwrite")
 
 
@@ -136,6 +144,10 @@ class LabelingOptions:
         if not self.output:
             raise ConfigError("no output given: pass --output DIR_OR_URI")
         validate_prompts(self.labels, self.templates)
+        if len(self.labels) == 1:
+            # Said here, before the model loads (the score kind is known only then), so that it
+            # is the first thing a user sees; for SigLIP the warning's second half applies.
+            log.warning(SINGLE_LABEL_WARNING.format(label=self.labels[0]))
         rule = self.ranking_rule()
         rule.validate()
         check_hierarchy_options(self.hierarchy, self.min_score)
