@@ -54,6 +54,29 @@ def test_formats_outside_the_list_are_unsupported_without_running_their_plugin()
         assert res.error is None, (fmt, res.error)
 
 
+def fits_image() -> bytes:
+    """A real 4 x 4 8-bit FITS image (astronomy): header cards, then data, 2880-byte blocks."""
+    cards = ["SIMPLE  =                    T", "BITPIX  =                    8", "NAXIS   =                    2",
+             "NAXIS1  =                    4", "NAXIS2  =                    4", "END"]
+    header = "".join(c.ljust(80) for c in cards).ljust(2880).encode()
+    return header + bytes(range(16)).ljust(2880, b"\0")
+
+
+def test_parser_loops_and_bombs_of_unlisted_plugins_are_never_reached():
+    # CVE-2026-59203 (Pillow 12.0-12.2): a negative %%BeginBinary byte count made the EPS parser
+    # seek back to the same line forever, inside Image.open, without Ghostscript.
+    looping_eps = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%BeginBinary: -36\n"
+                   + b"\0" * 64 + b"\n%%EndBinary\n")
+    t0 = time.perf_counter()
+    res = decode_image(looping_eps, CLIP32, timeout=30)
+    assert time.perf_counter() - t0 < 2 and res.error.startswith("unsupported_format: EPS"), res.error
+    # CVE-2026-40192 (Pillow 10.3-12.1): FITS read GZIP-compressed data without a limit. A plain
+    # FITS image opens in Pillow, but not in zslabel.
+    data = fits_image()
+    assert Image.open(io.BytesIO(data)).format == "FITS"
+    assert decode_image(data, CLIP32).error.startswith("unsupported_format: FITS is not among the formats")
+
+
 def _with_precision(data: bytes, bits: int) -> bytes:
     """A JPEG whose frame header declares ``bits`` of sample precision (SOF1, extended)."""
     i = data.index(b"\xff\xc0")

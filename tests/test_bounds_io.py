@@ -40,7 +40,9 @@ def jpeg(seed: int = 0) -> bytes:
 class Server:
     """A threaded HTTP server whose behaviour is chosen by the first path segment:
 
-    ``/ok/X`` the image; ``/stall/X`` reads the request and never answers; ``/trickle/X``
+    ``/ok/X`` the image; ``/stall/X`` reads the request and never answers; ``/endless/X``
+    streams JPEG frames as fast as it can, forever (multipart, no length); ``/huge/X`` declares
+    a 50 GiB body; ``/trickle/X``
     sends headers then one body byte every 0.2 s, never finishing; ``/fail-N-CODE/X`` answers
     CODE (with ``Retry-After: 0`` for 429) to the first N requests of that path, then the image;
     ``/reset-N/X`` resets the connection (RST) N times, then the image; ``/redirect/X`` 302 to
@@ -70,6 +72,22 @@ class Server:
                 kind = self.path.split("/")[1]
                 if kind == "stall":
                     server.stop.wait(60)
+                    return
+                if kind == "endless":  # an IP camera's MJPEG stream: frames forever, fast, no length
+                    self.send_response(200)
+                    self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                    self.end_headers()
+                    part = b"--frame\r\nContent-Type: image/jpeg\r\n\r\n" + server.body + b"\r\n"
+                    while not server.stop.is_set():
+                        try:
+                            self.wfile.write(part * 16)
+                        except OSError:
+                            return
+                    return
+                if kind == "huge":  # declares a length far beyond any image
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(50 << 30))
+                    self.end_headers()
                     return
                 if kind == "trickle":
                     self.send_response(200)
@@ -193,6 +211,19 @@ def test_a_trickling_server_is_cut_after_the_attempt_limit(http):
     assert data is None and error_code(err) == "read_error" and "gave up after 3 s" in err, err
     assert policy.attempt_limit <= took < policy.attempt_limit + 5
     assert http.hits["/trickle/a.jpg"] == 1
+
+
+def test_endless_and_huge_responses_are_cut_at_the_byte_limit(http):
+    policy = IOPolicy(timeout=5, retries=3, max_bytes=8 << 20, **FAST)
+    t0 = time.perf_counter()
+    out = storage.fetch_many([f"{http.url}/endless/cam.jpg", f"{http.url}/huge/a.jpg", f"{http.url}/ok/b.jpg"],
+                             io=policy)
+    assert time.perf_counter() - t0 < 20
+    (d0, e0), (d1, e1), (d2, e2) = out
+    assert d0 is None and e0.startswith("read_error: InputTooLarge: more than 8,388,608 bytes and still sending"), e0
+    assert d1 is None and e1.startswith("read_error: InputTooLarge: Content-Length 53,687,091,200 bytes"), e1
+    assert d2 == http.body and e2 is None
+    assert http.hits["/endless/cam.jpg"] == 1 and http.hits["/huge/a.jpg"] == 1  # not transient
 
 
 def test_decode_stage_gives_one_row_per_stalled_url_in_bounded_time(http):

@@ -62,6 +62,10 @@ _HIGH_ESCAPE = re.compile(r"%([89A-Fa-f][0-9A-Fa-f])")
 
 DEFAULT_IO_TIMEOUT = 30.0   # seconds: connect, and each wait for the next bytes
 DEFAULT_IO_RETRIES = 3      # extra attempts after a transient failure
+# Largest HTTP(S) response read as one input. The pixel limit's largest image, 178,956,970
+# pixels, is 716 MB as uncompressed 8-bit RGBA; beyond 1 GiB it is not an image but a stream
+# (an IP camera's endless MJPEG "image" URL, common in web crawls) or a mistake.
+DEFAULT_MAX_INPUT_BYTES = 1 << 30
 # One attempt at one input ends after this many timeouts in all, whatever the server does: the
 # read timeout bounds a silent server, this bounds one that trickles a byte every few seconds
 # (aiohttp's sock_read restarts at every byte; botocore's read_timeout is per socket read).
@@ -90,15 +94,18 @@ class IOPolicy:
             is also botocore's retry count. Timeouts are not retried.
         backoff: seconds before the first retry; doubles per retry, capped at ``MAX_BACKOFF``,
             with jitter (uniform in [d/2, d]) so that many tasks do not retry in step.
+        max_bytes: an HTTP(S) response longer than this (declared or as read) is a
+            ``read_error`` as soon as that is known, never read to its end.
     """
 
     timeout: float = DEFAULT_IO_TIMEOUT
     retries: int = DEFAULT_IO_RETRIES
     backoff: float = 0.5
+    max_bytes: int = DEFAULT_MAX_INPUT_BYTES
 
     def __post_init__(self):
-        if not self.timeout > 0 or self.retries < 0 or self.backoff < 0:
-            raise ValueError(f"IOPolicy needs timeout > 0, retries >= 0, backoff >= 0 (got {self})")
+        if not self.timeout > 0 or self.retries < 0 or self.backoff < 0 or self.max_bytes < 1:
+            raise ValueError(f"IOPolicy needs timeout > 0, retries >= 0, backoff >= 0, max_bytes >= 1 (got {self})")
 
     @property
     def attempt_limit(self) -> float:
@@ -148,7 +155,10 @@ def io_storage_options(uri: str, storage_options: dict[str, Any] | None, io: IOP
     if proto in ("http", "https", "gs", "gcs"):
         import aiohttp
 
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
+        # connect (DNS lookup + connecting, or waiting for a pooled connection) as well as
+        # sock_connect: aiohttp's sock_connect does not cover a DNS lookup that hangs
+        # (aio-libs/aiohttp#9447; getaddrinfo itself cannot be timed out, urllib3#1334).
+        timeout = aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t, sock_read=t)
         key = "client_kwargs" if proto.startswith("http") else "session_kwargs"
         return _merged({key: {"timeout": timeout}}, so)
     if proto in ("s3", "s3a"):
@@ -329,12 +339,41 @@ def _read_error(exc: BaseException, io: IOPolicy, attempts: int) -> str:
     return error_string(READ_ERROR, f"{type(exc).__name__}: {text}{tail}")
 
 
+class InputTooLarge(OSError):
+    """An HTTP(S) response longer than ``IOPolicy.max_bytes``."""
+
+
+async def _http_cat_capped(fs, url: str, max_bytes: int) -> bytes:
+    """fsspec ``HTTPFileSystem._cat_file`` (same session, URL encoding and request options),
+    but the status is checked before the body is read, and the body is read in chunks and
+    given up past ``max_bytes`` (fsspec reads any body whole, even an endless one)."""
+    session = await fs.set_session()
+    async with session.get(fs.encode_url(url), **fs.kwargs) as r:
+        fs._raise_not_found_for_status(r, url)
+        declared = r.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            raise InputTooLarge(f"Content-Length {int(declared):,} bytes > {max_bytes:,}")
+        chunks, size = [], 0
+        async for chunk in r.content.iter_chunked(1 << 20):
+            size += len(chunk)
+            if size > max_bytes:
+                raise InputTooLarge(f"more than {max_bytes:,} bytes and still sending (a stream, not an image?)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _is_http(fs: fsspec.AbstractFileSystem) -> bool:
+    return bool({"http", "https"} & set(protocols(fs))) and hasattr(fs, "encode_url")
+
+
 async def _fetch_one_async(fs: fsspec.AbstractFileSystem, path: str, io: IOPolicy) -> tuple[bytes | None, str | None]:
     retry = 0
+    http = _is_http(fs)
     while True:
         try:
+            read = _http_cat_capped(fs, path, io.max_bytes) if http else fs._cat_file(path)
             # wait_for really cancels the request (the coroutine is abandoned at its next await).
-            return await asyncio.wait_for(fs._cat_file(path), io.attempt_limit), None
+            return await asyncio.wait_for(read, io.attempt_limit), None
         except Exception as exc:  # noqa: BLE001 - every storage failure becomes a row error
             if retry < io.retries and is_transient(exc):
                 wait = io.delay(retry, retry_after(exc))
