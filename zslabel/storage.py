@@ -17,8 +17,8 @@ both rows say ``caf%E9.png`` and the literal file is the one read.
 Bounded time per input (:class:`IOPolicy`, :func:`fetch_many`). Every filesystem made here gets
 connect and read timeouts (``IOPolicy.timeout``, default 30 s) in the form its library takes
 (:func:`io_storage_options`), unless the user's storage options set them: aiohttp's
-``ClientTimeout(sock_connect, sock_read)`` for HTTP(S) and GCS (without it aiohttp waits 300 s
-in all, then fsspec's HTTP filesystem raised a bare ``TimeoutError``), botocore's
+``ClientTimeout(connect, sock_connect, sock_read)`` for HTTP(S) and GCS (aiohttp's default is
+300 s in all per request, which a server that never answers spends in full), botocore's
 ``connect_timeout``/``read_timeout`` and retry count for S3, adlfs's
 ``connection_timeout``/``read_timeout`` for Azure. :func:`fetch_many` reads the inputs of a
 batch concurrently (one coroutine per input on fsspec's event loop for the async filesystems
