@@ -301,4 +301,6 @@ def test_label_job_over_stalled_urls_is_bounded(tiny_clip, ray_local, tmp_path, 
     assert all(error_code(rows[u]["error"]) == "read_error" for u in stalled)
     assert all(rows[u]["error"] is None for u in good)
     # The fetching itself takes ~1-2 s; the rest is Ray and the model starting on a shared machine.
+    print(f"label job over {len(stalled)} stalled + {len(good)} good URLs: {took:.1f} s "
+          f"(timings {getattr(summary, 'timings', {})})")
     assert took < 240, took
