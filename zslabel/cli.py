@@ -134,11 +134,22 @@ def _label_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--id-column", help="manifest column carried into the output")
     g.add_argument("--image-column", help="Parquet column holding image bytes (default: jpg/png/image/bytes)")
     g.add_argument("--dedupe", action="store_true", default=None, help="label each distinct URI once")
+    g.add_argument("--io-timeout", type=float,
+                   help="seconds to connect to a remote input and to wait for its next bytes (default 30); "
+                   "a silent server costs one timeout per input, the inputs of a batch are fetched at once")
+    g.add_argument("--io-retries", type=int,
+                   help="retries of a transient failure (HTTP 408/425/429/5xx, connection reset) with "
+                   "exponential backoff (default 3); timeouts are not retried")
     g = p.add_argument_group("decoding")
     g.add_argument("--max-pixels", type=int, help="images with more pixels get too_many_pixels (default 178956970)")
     g.add_argument("--min-side", type=int, help="images with a shorter side get image_too_small (default 1)")
     g.add_argument("--fast-decode", action="store_true", default=None,
                    help="let libjpeg downscale large JPEGs while decoding (faster; pixels differ slightly)")
+    g.add_argument("--decode-timeout", type=float,
+                   help="seconds to decode one image before it becomes a decode_timeout row (default 60; 0: no limit)")
+    g.add_argument("--reference-pixels", action="store_true", default=None,
+                   help="colours exactly as transformers' load_image (alpha dropped, 16/32-bit samples clipped) "
+                   "instead of alpha on white and deep samples scaled (README: Parity)")
     g = p.add_argument_group("Ray")
     g.add_argument("--config", help="YAML file with the same keys (underscores); flags override it")
     g.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start Ray locally)")

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .decode import DEFAULT_DECODE_TIMEOUT
 from .errors import ConfigError
 from .labels import TEMPLATE_SETS
 from .sources import INPUT_FORMATS  # noqa: F401 - re-exported; the registry is the only list
 from .options import DEFAULT_MODEL, OUTPUT_MODES, LabelingOptions  # noqa: F401 - re-exported
+from .storage import DEFAULT_IO_RETRIES, DEFAULT_IO_TIMEOUT, IOPolicy
 from .textfiles import read_lines, read_text
 
 
@@ -26,7 +28,8 @@ class JobConfig(LabelingOptions):
     """Configuration of one labeling job (YAML keys and CLI flags share these names).
 
     Units: pixels for ``max_pixels``/``min_side``; fractions in [0, 1] for
-    ``max_error_fraction``; CPU/GPU counts are Ray logical resources per actor or task.
+    ``max_error_fraction``; seconds for ``io_timeout``/``decode_timeout``; CPU/GPU counts are
+    Ray logical resources per actor or task.
     """
 
     input: str = ""
@@ -46,12 +49,19 @@ class JobConfig(LabelingOptions):
     id_column: str | None = None
     image_column: str | None = None
     dedupe: bool = False
+    # Seconds to connect and to wait for the next bytes of a remote input, and retries of a
+    # transient failure (HTTP 429/5xx, resets) with backoff; see storage.IOPolicy.
+    io_timeout: float = DEFAULT_IO_TIMEOUT
+    io_retries: int = DEFAULT_IO_RETRIES
     # decoding
     # Pillow's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS): a real
     # 10000x10000 photo is labeled, a header claiming 30000x30000 is refused before allocation.
     max_pixels: int = 178_956_970
     min_side: int = 1
     fast_decode: bool = False
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT    # seconds per image; 0 = no limit
+    # transformers.image_utils.load_image's pixels (alpha dropped, deep samples clipped)
+    reference_pixels: bool = False
     # model execution
     dtype: str = "auto"                             # auto = float16 on CUDA, float32 on CPU
     # output
@@ -92,11 +102,36 @@ class JobConfig(LabelingOptions):
             raise ConfigError(f"--input-format must be one of {INPUT_FORMATS} (got {self.input_format!r})")
         if self.max_pixels < 1 or self.min_side < 1:
             raise ConfigError("--max-pixels and --min-side must be >= 1")
+        if not self.io_timeout > 0 or self.io_retries < 0:
+            raise ConfigError(f"--io-timeout must be > 0 seconds and --io-retries >= 0 "
+                              f"(got {self.io_timeout}, {self.io_retries})")
+        if self.decode_timeout < 0:
+            raise ConfigError(f"--decode-timeout must be >= 0 seconds, 0 for no limit (got {self.decode_timeout})")
+        if self.reference_pixels and self.fast_decode:
+            raise ConfigError("--reference-pixels reproduces transformers' load_image exactly; --fast-decode "
+                              "changes pixels: use one of them")
         if self.embedding_dtype not in ("float16", "float32"):
             raise ConfigError("--embedding-dtype must be float16 or float32")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError("--dtype must be auto, float32, float16 or bfloat16")
         return rule
+
+
+    def public_dict(self) -> dict[str, Any]:
+        """``LabelingOptions.public_dict``; ``reference_pixels`` only when set, so that it enters
+        the run fingerprint (it changes pixels) while runs made before it existed still resume."""
+        d = super().public_dict()
+        if not d.get("reference_pixels"):
+            d.pop("reference_pixels", None)
+        return d
+
+    def io_policy(self) -> IOPolicy:
+        """The fetch time limits and retries (``storage.IOPolicy``) of this job."""
+        return IOPolicy(timeout=float(self.io_timeout), retries=int(self.io_retries))
+
+    def decode_time_limit(self) -> float | None:
+        """Seconds per image for ``decode.decode_image``, None for no limit (``decode_timeout`` 0)."""
+        return float(self.decode_timeout) or None
 
 
 def parse_concurrency(value: Any) -> tuple[int, int]:

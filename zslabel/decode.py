@@ -23,6 +23,31 @@ code is testable on its own. ``decode_image`` never raises: every failure become
   ``_register_float64_tiff``.)
 - ``image_too_small``: shorter side (after EXIF orientation) below ``PreprocessSpec.min_side``
   (default 1, so 1x1 and 1000x1 images are labeled).
+- ``decode_timeout``: with ``decode_image(..., timeout=S)``, decoding took longer than S seconds.
+
+Formats. Pillow is asked only for ``DECODED_FORMATS`` (``Image.open(fp, formats=...)``): JPEG
+(and MPO), PNG (and APNG), GIF, WebP, BMP/DIB, TIFF, ICO/CUR, TGA, PBM/PGM/PPM/PFM, JPEG 2000,
+QOI, plus AVIF (Pillow's own libavif), HEIF and JPEG XL where a plugin registered them. Bytes
+that another Pillow plugin would claim (EPS/PostScript, whose loading runs Ghostscript with no
+time limit; PSD, FITS, DDS, PCX, ICNS, ...) are ``unsupported_format`` naming that format,
+decided from the plugins' own magic-byte checks without running them. A JPEG whose frame header
+declares a sample precision other than 8 bits (12-bit JPEG from medical and raw workflows) is
+``unsupported_format`` too: Pillow's JPEG plugin refuses it in the header.
+
+Time. ``decode_image(..., timeout=S)`` decodes in a daemon thread and waits at most S seconds;
+past that the row is ``decode_timeout`` and the thread is abandoned (it ends when Pillow
+returns; its CPU and memory stay in use until then). A thread, not ``signal.alarm``: a Ray task
+body is not guaranteed to run in the main thread (threaded actors, ``max_concurrency``), SIGALRM
+is one process-wide timer, a Python signal handler only runs between bytecodes of the main
+thread (never inside a long C call), and an exception raised at an arbitrary point inside Pillow
+can leave its state half-changed. A worker thread cannot be killed either, but the caller's wait
+is bounded wherever the decoder releases the GIL, which Pillow's codecs and resampling do.
+
+Reference pixels. ``PreprocessSpec.reference_pixels`` replaces step 4 by Pillow's plain
+``convert("RGB")`` after the EXIF transpose: exactly ``transformers.image_utils.load_image``.
+It differs from the default rules for images with transparency (``load_image`` drops alpha, so
+what hides under alpha 0 shows) and for 16/32-bit samples (Pillow's conversion clips at 255
+instead of keeping the tonal range, so a 16-bit photo is mostly white).
 
 Steps for one image, one helper each:
 
@@ -69,15 +94,25 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError, features
 
-from zslabel.errors import (IMAGE_TOO_SMALL, INTERNAL_ERROR, TOO_MANY_PIXELS, TRUNCATED, UNIDENTIFIED_IMAGE,
-                            UNSUPPORTED_FORMAT, error_string)
+from zslabel.errors import (DECODE_TIMEOUT, IMAGE_TOO_SMALL, INTERNAL_ERROR, TOO_MANY_PIXELS, TRUNCATED,
+                            UNIDENTIFIED_IMAGE, UNSUPPORTED_FORMAT, error_string)
 
-__all__ = ["PreprocessSpec", "DecodedImage", "decode_image", "sniff_format"]
+__all__ = ["DECODED_FORMATS", "PreprocessSpec", "DecodedImage", "decode_image", "sniff_format"]
 
 logger = logging.getLogger(__name__)
 
 # Bump when a change here can change pixels for the same bytes and spec (part of the fingerprint).
 DECODE_VERSION = 2  # 2: deep-grey mapping, unused BMP/ICO/TGA alpha, PNG metadata retry
+
+# The Pillow formats zslabel decodes (``Image.open(formats=...)``); README "Formats" lists them.
+# MPO is opened through the JPEG plugin. AVIF needs Pillow's libavif; HEIF and JXL are opened
+# only where a plugin (pillow-heif, a JPEG XL plugin) registered them.
+DECODED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "ICO", "CUR", "TGA", "PPM",
+                   "JPEG2000", "QOI", "AVIF", "HEIF", "JXL")
+
+# Default per-image decode time limit in seconds (``--decode-timeout``): a 178-megapixel PNG
+# (the pixel limit) decodes in ~3 s on one core; 60 s leaves room for a loaded machine.
+DEFAULT_DECODE_TIMEOUT = 60.0
 
 # Pillow raises DecompressionBombError above twice MAX_IMAGE_PIXELS; that is our default too,
 # so a 10000 x 10000 photo decodes and a 30000 x 30000 header does not.
@@ -172,6 +207,13 @@ class PreprocessSpec:
         min_side: shorter side (pixels) below this is ``image_too_small``.
         background: RGB that transparent pixels are composited onto.
         fast: allow JPEG draft + box pre-reduction (not bit-identical; see module docstring).
+        reference_pixels: colour conversion exactly as ``transformers.image_utils.load_image``
+            (Pillow's ``convert("RGB")``: alpha dropped, deep samples clipped) instead of
+            compositing alpha on ``background`` and keeping deep tonal ranges.
+        convert_rgb: the processor's ``do_convert_rgb`` (CLIP and SigLIP: True). Only used with
+            ``reference_pixels``: transformers' ``convert_to_rgb`` then composites, onto white,
+            an image that still has a colour-key ``transparency`` after ``convert("RGB")``
+            (a palette or grey PNG with a tRNS chunk), so the reference does too.
 
     Raises:
         ValueError: on construction, for an inconsistent or out-of-range field.
@@ -187,6 +229,8 @@ class PreprocessSpec:
     min_side: int = 1
     background: tuple[int, int, int] = (255, 255, 255)
     fast: bool = False
+    reference_pixels: bool = False
+    convert_rgb: bool = True
 
     def __post_init__(self):
         # Normalise sequences (e.g. lists from YAML/JSON) so the spec stays hashable.
@@ -267,7 +311,7 @@ class PreprocessSpec:
         else:
             raise ValueError(f"unsupported image-processor size {size!r}; "
                              "need {'shortest_edge': S} or {'height': H, 'width': W}")
-        spec.update(crop_hw=crop, resample=resample)
+        spec.update(crop_hw=crop, resample=resample, convert_rgb=bool(getattr(proc, "do_convert_rgb", True)))
         spec.update(overrides)
         return cls(**spec)
 
@@ -278,6 +322,9 @@ class PreprocessSpec:
         if d["crop_offset"] == "floor":
             # Left out at its default, so runs recorded before the field existed keep their fingerprint.
             del d["crop_offset"]
+        if not self.reference_pixels:
+            # Only when set: fingerprints of runs made before the option existed stay valid.
+            del d["reference_pixels"], d["convert_rgb"]
         d["decode_version"] = DECODE_VERSION
         d["pillow"] = Image.__version__
         return d
@@ -421,8 +468,61 @@ def _is_truncated(exc: BaseException, data: bytes, fmt: str | None) -> bool:
     return isinstance(exc, EOFError) or "truncat" in text or "premature end" in text
 
 
+def _allowed_formats() -> list[str]:
+    """``DECODED_FORMATS`` that this process's Pillow can open (MPO comes with JPEG)."""
+    Image.init()
+    return [f for f in DECODED_FORMATS if f in Image.OPEN]
+
+
+def _other_pillow_format(data: bytes) -> str | None:
+    """The Pillow format outside ``DECODED_FORMATS`` whose magic-byte check claims ``data``
+    (e.g. ``"EPS"``), or None. Only the plugins' ``accept`` functions run (prefix tests), never
+    their openers, so nothing of the file is parsed, let alone rendered."""
+    Image.init()
+    prefix = bytes(data[:16])
+    for fmt in Image.ID:
+        if fmt in DECODED_FORMATS:
+            continue
+        _, accept = Image.OPEN.get(fmt, (None, None))
+        try:
+            if accept is not None and accept(prefix):
+                return fmt
+        except Exception:  # noqa: BLE001 - a plugin's check failing on odd bytes claims nothing
+            continue
+    return None
+
+
+# JPEG start-of-frame markers (SOF0-SOF15 except DHT C4, JPG C8, DAC CC): they carry the precision.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_precision(data: bytes) -> int | None:
+    """Sample precision in bits from a JPEG's frame header (8 for ordinary JPEGs, 12 or 16 for
+    extended/lossless ones), or None when no frame header is found. Walks the marker segments
+    by their lengths: cost independent of the image size."""
+    data = memoryview(data)
+    pos, n = 2, len(data)
+    while pos + 4 < n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # TEM, RSTn, SOI: no length
+            pos += 2
+            continue
+        if marker in _JPEG_SOF:
+            return int(data[pos + 4])
+        if marker in (0xD9, 0xDA):  # EOI, or start of scan before any frame header
+            return None
+        pos += 2 + (data[pos + 2] << 8 | data[pos + 3])
+    return None
+
+
 def _open(data: bytes, spec: PreprocessSpec) -> Image.Image:
-    """Open ``data`` lazily (header only) and enforce the pixel limit.
+    """Open ``data`` lazily (header only) with the ``DECODED_FORMATS`` plugins only, and
+    enforce the pixel limit.
 
     Raises:
         _DecodeFailure: unidentified_image, truncated, unsupported_format or too_many_pixels.
@@ -432,13 +532,21 @@ def _open(data: bytes, spec: PreprocessSpec) -> Image.Image:
         raise _DecodeFailure(UNSUPPORTED_FORMAT, f"{fmt} (no decoder installed)")
     try:
         try:
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=_allowed_formats())
         except Image.DecompressionBombError as exc:
             # Our own limit (below) replaces Pillow's module-wide one.
             im = _open_without_bomb_check(data, spec, exc)
     except _DecodeFailure:
         raise
     except UnidentifiedImageError as exc:
+        if fmt == "jpeg":
+            bits = _jpeg_precision(data)
+            if bits is not None and bits != 8:
+                raise _DecodeFailure(UNSUPPORTED_FORMAT, f"{bits}-bit JPEG (Pillow decodes 8-bit JPEG only)") from exc
+        other = _other_pillow_format(data)
+        if other is not None:
+            raise _DecodeFailure(UNSUPPORTED_FORMAT, f"{other} is not among the formats zslabel decodes "
+                                 f"({len(data)} bytes)") from exc
         if fmt is not None and _looks_truncated(data, fmt):
             raise _DecodeFailure(TRUNCATED, f"{fmt} data ends early ({len(data)} bytes)") from exc
         what = f"{fmt} data Pillow cannot read" if fmt else "not a recognised image"
@@ -459,9 +567,8 @@ def _open_without_bomb_check(data: bytes, spec: PreprocessSpec, exc: Exception) 
     ``Image.open`` checks the module-wide ``MAX_IMAGE_PIXELS`` after the plugin parsed the
     header; calling the plugins the same way ``Image.open`` does skips only that check.
     """
-    Image.init()
     prefix = bytes(data[:16])
-    for fmt in Image.ID:
+    for fmt in _allowed_formats():
         factory, accept = Image.OPEN[fmt]
         if accept and not accept(prefix):
             continue
@@ -652,6 +759,18 @@ def _to_rgb(im: Image.Image, background: tuple[int, int, int], fmt: str | None =
     if mode == "1":
         return im.convert("L")
     return im.convert("RGB")
+
+
+def _reference_rgb(im: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """What the zero-shot pipeline makes of ``im`` before resizing: ``load_image``'s
+    ``convert("RGB")`` (alpha dropped, deep samples clipped by Pillow), then, for processors
+    with ``do_convert_rgb``, transformers' ``convert_to_rgb``, which composites onto white an
+    RGB image still carrying a colour key (``info["transparency"]``, which Pillow's conversion
+    keeps for palette and grey images with a tRNS chunk)."""
+    rgb = im.convert("RGB")
+    if spec.convert_rgb and rgb.info.get("transparency") is not None:
+        return _composite(rgb, (255, 255, 255))
+    return rgb
 
 
 # --------------------------------------------------------------------------------------------
@@ -873,31 +992,57 @@ def _resize_crop(im: Image.Image, spec: PreprocessSpec, orig_size: tuple[int, in
 # Entry point
 
 
-def decode_image(data: bytes, spec: PreprocessSpec) -> DecodedImage:
+# Decodes abandoned after their time limit whose threads are still running, in this process.
+_abandoned: list[threading.Thread] = []
+
+
+def decode_image(data: bytes, spec: PreprocessSpec, timeout: float | None = None) -> DecodedImage:
     """Decode image bytes into model-resolution RGB pixels; never raises.
 
     Args:
-        data: the file's bytes (any format Pillow reads; the format is sniffed from content).
+        data: the file's bytes (a format of ``DECODED_FORMATS``; sniffed from content).
         spec: target geometry, filter, limits and background.
+        timeout: seconds the caller waits at most (None: no limit, decoded in this thread).
+            With a limit, decoding runs in a daemon thread that is abandoned when late
+            (module docstring, "Time").
 
     Returns:
         ``DecodedImage`` with ``pixels`` (H, W, 3) uint8 at ``spec.output_hw`` and the upright
         ``width``/``height``; or ``pixels=None`` and ``error="<code>: <detail>"`` with code in
         unidentified_image, truncated, unsupported_format, too_many_pixels, image_too_small,
-        internal_error (an exception outside Pillow's open/load: a bug, traceback logged).
+        decode_timeout, internal_error (an exception outside Pillow's open/load: a bug,
+        traceback logged).
     """
     if threading.current_thread() is not threading.main_thread():
         # warnings.catch_warnings swaps process-wide state (not thread-safe before Python
         # 3.14), so decoder threads leave Pillow's warnings to the default filters.
-        return _decode(data, spec)
+        return _decode(data, spec) if timeout is None else _decode_within(data, spec, timeout)
     with warnings.catch_warnings(record=True) as caught:
         # Pillow warns per image (corrupt EXIF, bomb size, palette transparency); in a batch
-        # job those belong in debug logs, not on every worker's stderr.
+        # job those belong in debug logs, not on every worker's stderr. The filters are
+        # process-wide, so they also catch the warnings of a decode thread we wait for.
         warnings.simplefilter("always")
-        result = _decode(data, spec)
+        result = _decode(data, spec) if timeout is None else _decode_within(data, spec, timeout)
     for w in caught:
         logger.debug("Pillow warning while decoding: %s", w.message)
     return result
+
+
+def _decode_within(data: bytes, spec: PreprocessSpec, timeout: float) -> DecodedImage:
+    """``_decode`` in a daemon thread, waited for at most ``timeout`` seconds."""
+    box: list[DecodedImage] = []
+    thread = threading.Thread(target=lambda: box.append(_decode(data, spec)), name="zslabel-decode", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        _abandoned[:] = [t for t in _abandoned if t.is_alive()] + [thread]
+        logger.warning("abandoned decoding an image (%d bytes) after %g s; %d abandoned decode(s) still "
+                       "running in this process", len(data), timeout, len(_abandoned))
+        return DecodedImage(None, None, None, error_string(
+            DECODE_TIMEOUT, f"decoding took longer than {timeout:g} s (--decode-timeout)"))
+    if not box:  # _decode never raises an Exception; a BaseException (SystemExit, ...) ended the thread
+        return DecodedImage(None, None, None, error_string(INTERNAL_ERROR, "decode thread ended without a result"))
+    return box[0]
 
 
 def _decode(data: bytes, spec: PreprocessSpec) -> DecodedImage:
@@ -912,7 +1057,8 @@ def _decode(data: bytes, spec: PreprocessSpec) -> DecodedImage:
         width, height = (full_h, full_w) if orientation >= 5 else (full_w, full_h)
         if min(width, height) < spec.min_side:
             raise _DecodeFailure(IMAGE_TOO_SMALL, f"{width}x{height}, shorter side below {spec.min_side}")
-        rgb = _orient(_to_rgb(im, spec.background, fmt), orientation)
+        rgb = _reference_rgb(im, spec) if spec.reference_pixels else _to_rgb(im, spec.background, fmt)
+        rgb = _orient(rgb, orientation)
         pixels = _resize_crop(rgb, spec, (width, height))
         return DecodedImage(pixels, width, height, None)
     except _DecodeFailure as f:

@@ -15,9 +15,10 @@ UNSUPPORTED_FORMAT = "unsupported_format"  # a known image container with no dec
 IMAGE_TOO_SMALL = "image_too_small"        # a side below --min-side
 NON_FINITE_SCORES = "non_finite_scores"    # the model produced NaN/inf for this image
 INTERNAL_ERROR = "internal_error"          # a bug in zslabel while handling this one input (traceback logged)
+DECODE_TIMEOUT = "decode_timeout"          # decoding took longer than --decode-timeout
 
 CODES = (READ_ERROR, UNIDENTIFIED_IMAGE, TRUNCATED, TOO_MANY_PIXELS, UNSUPPORTED_FORMAT,
-         IMAGE_TOO_SMALL, NON_FINITE_SCORES, INTERNAL_ERROR)
+         IMAGE_TOO_SMALL, NON_FINITE_SCORES, INTERNAL_ERROR, DECODE_TIMEOUT)
 
 
 def error_string(code: str, detail: str) -> str:

@@ -16,9 +16,13 @@ Matching predictions to ground truth:
 
 Definitions (over matched images; "labeled" = matched rows without ``error``):
     top1_accuracy            = #(labeled, first label == truth) / #labeled
-    top5_accuracy            = #(labeled, truth among the first 5 labels) / #labeled
-                               (runs with --top-k below 5 have fewer labels to look at: see
-                               ``max_labels_per_row``)
+    top5_accuracy            = #(labeled, truth among the first 5 labels) / #labeled; only when
+                               the run wrote 5 labels per image, or all of its labels (null otherwise)
+    topk_accuracy            = the same for k = ``top_k``: 5, or the run's --top-k when it is
+                               smaller and the run has more labels than that (a top-3 run reports
+                               top-3, never a "top-5" that saw 3 labels). The run's top-k and
+                               label count come from its manifest; without one, from the most
+                               labels any row holds (``max_labels_per_row``).
     top1_including_errors    = #(labeled, first label == truth) / #matched (an errored row is wrong)
     precision(L)             = #(labeled, first label == L == truth) / #(labeled, first label == L);
                                null when L was never predicted
@@ -209,7 +213,7 @@ class EvalReport:
     errors_by_code: dict[str, int]
     labeled: int
     top1_correct: int
-    top5_correct: int
+    top5_correct: int | None
     top1_accuracy: float | None
     top5_accuracy: float | None
     top1_including_errors: float | None
@@ -225,6 +229,9 @@ class EvalReport:
     ground_truth_labels_not_candidates: list[str] | None
     ground_truth_skipped: int = 0
     examples: dict[str, list[str]] = field(default_factory=dict)
+    top_k: int = TOP_K                 # k of the top-k line: TOP_K, or the run's smaller --top-k
+    topk_correct: int = 0
+    topk_accuracy: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field."""
@@ -251,9 +258,9 @@ class EvalReport:
             f"{self.unmatched_ground_truth}; predicted but not in ground truth {self.unmatched_predictions}",
             f"  errored {self.errored}" + (f" ({errs})" if errs else "") + f"; labeled {self.labeled}",
             f"  top-1 accuracy {frac(self.top1_accuracy, self.top1_correct, self.labeled)}",
-            f"  top-5 accuracy {frac(self.top5_accuracy, self.top5_correct, self.labeled)}"
-            + (f"  [only {self.max_labels_per_row} labels per row were written]"
-               if self.max_labels_per_row < TOP_K else ""),
+            (f"  top-{self.top_k} accuracy {frac(self.topk_accuracy, self.topk_correct, self.labeled)}"
+             + (f"  [the run wrote {self.top_k} labels per image: no top-{TOP_K}]" if self.top_k < TOP_K else ""))
+            if self.top_k > 1 else f"  no top-{TOP_K} accuracy: the run wrote 1 label per image",
             f"  top-1 including errors {frac(self.top1_including_errors, self.top1_correct, self.matched)}",
         ]
         if self.no_prediction:
@@ -385,7 +392,8 @@ def evaluate(predictions: str, ground_truth: GroundTruth | str, *, storage_optio
         raise InputError(_no_match_message(gt, list(preds)))
 
     errors_by_code: Counter = Counter()
-    top1 = top5 = labeled = no_pred = max_k = 0
+    top1 = labeled = no_pred = max_k = 0
+    top_hits = [0] * (TOP_K + 1)  # top_hits[k]: labeled rows with the truth among the first k labels
     abstained = answered = answered_correct = 0
     support: Counter = Counter()
     predicted: Counter = Counter()
@@ -402,7 +410,9 @@ def evaluate(predictions: str, ground_truth: GroundTruth | str, *, storage_optio
         first = labels[0] if labels else None
         hit = first == truth
         top1 += hit
-        top5 += truth in labels[:TOP_K]
+        if truth in labels[:TOP_K]:
+            for k in range(labels.index(truth) + 1, TOP_K + 1):
+                top_hits[k] += 1
         support[truth] += 1
         if first is None:
             no_pred += 1
@@ -432,13 +442,16 @@ def evaluate(predictions: str, ground_truth: GroundTruth | str, *, storage_optio
     not_candidates = sorted(set(gt.labels) - set(candidates)) if candidates is not None else None
     matched = len(matches)
     errored = sum(errors_by_code.values())
+    k = _report_k(manifest, max_k)
+    top5 = top_hits[TOP_K] if k == TOP_K else None
     return EvalReport(
         predictions=predictions, ground_truth=gt.source, ground_truth_images=len(gt.paths),
         predicted_rows=len(preds), matched=matched, matched_by_basename=by_basename,
         unmatched_ground_truth=len(still_unmatched), unmatched_predictions=len(preds) - len(used),
         duplicate_predictions=duplicates, errored=errored, errors_by_code=dict(sorted(errors_by_code.items())),
         labeled=labeled, top1_correct=top1, top5_correct=top5, top1_accuracy=_ratio(top1, labeled),
-        top5_accuracy=_ratio(top5, labeled), top1_including_errors=_ratio(top1, matched),
+        top5_accuracy=None if top5 is None else _ratio(top5, labeled), top1_including_errors=_ratio(top1, matched),
+        top_k=k, topk_correct=top_hits[k], topk_accuracy=_ratio(top_hits[k], labeled),
         max_labels_per_row=max_k, no_prediction=no_pred,
         abstained=abstained if has_abstained else None,
         top1_accuracy_answered=_ratio(answered_correct, answered) if has_abstained else None,
@@ -461,6 +474,18 @@ def _no_match_message(gt: GroundTruth, pred_paths: list[str]) -> str:
             f"({len(pred_paths)} rows, e.g. {some(pred_paths)}) with the ground truth's {side} "
             f"({len(gt.paths)} images, e.g. {some(gt.paths)}), as normalised full paths and then as "
             "unique file names. Check that both describe the same images (same folder or URI prefix).")
+
+
+def _report_k(manifest: dict | None, max_labels_per_row: int) -> int:
+    """k for the top-k line: ``TOP_K`` when the run wrote that many labels per image (or all its
+    labels), else the run's ``top_k`` (from the manifest; without one, the most labels a row has)."""
+    config = (manifest or {}).get("config") or {}
+    run_k, n_labels = config.get("top_k"), len((manifest or {}).get("labels") or [])
+    if isinstance(run_k, int) and run_k > 0:
+        if run_k >= TOP_K or (n_labels and run_k >= n_labels):
+            return TOP_K
+        return run_k
+    return max(1, min(TOP_K, max_labels_per_row)) if max_labels_per_row else TOP_K
 
 
 def _ratio(num: int, den: int) -> float | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import types
 import typing
@@ -29,7 +30,14 @@ from .hierarchy import check_options as check_hierarchy_options
 from .labels import DEFAULT_TEMPLATE, merge_labels_file, parse_label_list, validate_prompts
 from .textfiles import read_text
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+
+SINGLE_LABEL_WARNING = (
+    "only one candidate label ({label!r}): a CLIP-family (softmax) model scores every image 1.0 for it, "
+    "since softmax over one label is always 1; add labels (e.g. a catch-all such as 'something else'), "
+    "or use a SigLIP-family (sigmoid) model, whose score of one label means something")
 OUTPUT_MODES = ("error", "resume", "overwrite")
 DEFAULT_TOP_K = 5
 
@@ -42,6 +50,8 @@ NON_RESULT_FIELDS = frozenset({
     "decode_cpus_per_task", "storage_options", "mode", "retry_errors", "max_error_fraction", "rows_per_file",
     "labels_file", "labels", "templates", "model", "revision", "max_pixels", "min_side", "fast_decode",
     "calibration", "hierarchy",
+    # time limits decide nothing about a labeled row
+    "io_timeout", "io_retries", "decode_timeout",
 })
 
 
@@ -147,6 +157,10 @@ class LabelingOptions:
         if not self.output:
             raise ConfigError("no output given: pass --output DIR_OR_URI")
         validate_prompts(self.labels, self.templates)
+        if len(self.labels) == 1:
+            # Said here, before the model loads (the score kind is known only then), so that it
+            # is the first thing a user sees; for SigLIP the warning's second half applies.
+            log.warning(SINGLE_LABEL_WARNING.format(label=self.labels[0]))
         rule = self.ranking_rule()
         rule.validate()
         check_hierarchy_options(self.hierarchy, self.min_score)
@@ -199,31 +213,99 @@ class LabelingOptions:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def check_input_exists(uri: str, storage_options: dict | None = None) -> None:
-    """Fail in seconds, before Ray starts, on an input that does not exist: a path or URI that
-    is not there, a glob that matches nothing, or a local folder holding no (non-hidden) file at
-    all. Brace patterns (``shard-{000..009}.tar``) are left to the planner, which turns a
-    missing named shard into an error row; what a non-empty folder holds is the planner's to judge.
+def check_input_exists(uri: str, storage_options: dict | None = None, io: Any = None) -> None:
+    """Fail in seconds, before Ray starts, on an input that does not exist or cannot be read: a
+    path or URI that is not there, a glob that matches nothing, a local folder holding no
+    (non-hidden) file at all, or a remote input whose store refuses the credentials, has none
+    to use, or cannot be reached (:func:`remote_access_message`). Brace patterns
+    (``shard-{000..009}.tar``) are left to the planner, which turns a missing named shard into
+    an error row (for a remote one, the first shard is asked for, to check access); what a
+    non-empty folder holds is the planner's to judge.
+
+    Args:
+        io: ``storage.IOPolicy`` bounding the check's requests (default: its defaults).
 
     Raises:
-        InputError: naming the input.
+        InputError: naming the input and, for a remote one that cannot be read, the fix.
     """
     from . import storage
 
-    if "{" in uri:
-        return
     try:
-        fs, path = storage.url_to_fs(uri, storage_options)
+        fs, path = storage.url_to_fs(uri, storage_options, io=io)
+    except InputError:
+        raise
+    except Exception:  # noqa: BLE001 - e.g. bad storage options: the planner reports them
+        return
+    remote = not storage.is_local(fs)
+    try:
+        if "{" in uri:
+            if remote:
+                from .sources import expand_braces
+
+                first = storage.url_to_fs(expand_braces(uri)[0], storage_options, io=io)[1]
+                fs.exists(first)  # only its failure counts: a missing shard is the planner's row
+            return
         pattern = storage.is_pattern(uri, storage_options)
         found = bool(fs.glob(path)) if pattern else fs.exists(path)
     except InputError:
         raise
-    except Exception:  # noqa: BLE001 - storage errors differ per backend; the planner reports them
-        return
+    except Exception as exc:  # noqa: BLE001 - storage errors differ per backend
+        if remote:
+            raise InputError(remote_access_message(uri, exc)) from None
+        return  # a local oddity (permissions on a parent, ...): the planner reports it per path
+    if not found and remote and not pattern:
+        # Some backends answer "no" when they were refused (s3fs's exists() on a bucket swallows
+        # every error): ask once more in a way that says why.
+        try:
+            fs.info(path)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - storage errors differ per backend
+            raise InputError(remote_access_message(uri, exc)) from None
     if not found:
         raise InputError(f"no images found: {uri} does not exist")
     if not pattern and storage.is_local(fs) and os.path.isdir(path) and not _has_visible_file(path):
         raise InputError(f"no images found: {uri} is an empty folder")
+
+
+# Exception class names (anywhere in the MRO) by what they mean; names, so that no optional
+# backend (botocore, google-auth, azure-core) has to be importable here.
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
+                   "CredentialUnavailableError", "ClientAuthenticationError", "RefreshError"}
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError",
+                "ServerTimeoutError", "ServiceRequestError", "ConnectionError", "TimeoutError", "gaierror"}
+_CREDENTIAL_FIX = {
+    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass --storage-options "
+          "'{\"key\": \"...\", \"secret\": \"...\"}'; for a public bucket pass --storage-options '{\"anon\": true}'",
+    "gs": "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS; for a public "
+          "bucket pass --storage-options '{\"token\": \"anon\"}'",
+    "az": "set AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN or "
+          "AZURE_STORAGE_CONNECTION_STRING, or pass them in --storage-options",
+}
+
+
+def remote_access_message(uri: str, exc: BaseException) -> str:
+    """One line saying why a remote input cannot be read and how to fix it.
+
+    By the exception: no credentials found, credentials refused (403, ``PermissionError``),
+    the store not reachable (connection refused, unknown host, timeout), or anything else
+    (its type and message).
+    """
+    names = {c.__name__ for c in type(exc).__mro__}
+    proto = uri.split("://", 1)[0].split("::")[-1].lower() if "://" in uri else "file"
+    key = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}.get(proto, proto)
+    detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    endpoint = "the endpoint (--storage-options client_kwargs.endpoint_url for S3-compatible stores) and "
+    if names & _NO_CREDENTIALS:
+        return f"cannot read {uri}: no credentials for {key}:// ({detail}); {_CREDENTIAL_FIX.get(key, 'pass them in --storage-options')}"
+    status = getattr(exc, "status", None) or getattr(exc, "code", None)
+    if isinstance(exc, PermissionError) or status in (401, 403) or "AccessDenied" in str(exc):
+        return (f"cannot read {uri}: access denied ({detail}); check that the credentials in use (environment, "
+                f"profile or --storage-options) are valid and may list and read it")
+    if names & _UNREACHABLE:
+        return (f"cannot reach {uri} ({detail}); check {endpoint if key == 's3' else ''}the network, "
+                "or raise --io-timeout for a slow store")
+    return f"cannot read {uri} ({detail}); check the URI and --storage-options"
 
 
 def _has_visible_file(folder: str) -> bool:

@@ -44,9 +44,11 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         listed input (nothing committed), and ErrorBudgetExceeded after writing when more than
         ``max_error_fraction`` rows failed.
     """
-    spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode}
+    spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode,
+                      "reference_pixels": config.reference_pixels}
     prepared = job.prepare(config, config.input, device="auto", spec_overrides=spec_overrides,
-                           check_input=lambda: check_input_exists(config.input, config.storage_options))
+                           check_input=lambda: check_input_exists(config.input, config.storage_options,
+                                                                  io=config.io_policy()))
     if isinstance(prepared, RunSummary):
         return prepared  # a finished run with nothing left to do
     with prepared.claimed():
@@ -142,7 +144,8 @@ def compose(config: JobConfig, prepared: job.PreparedJob, plan, session, cluster
                         batch_format="pyarrow", **decode_args)
     ds = ds.map_batches(
         decode_block, fn_kwargs={"spec": spec, "storage_options": config.storage_options,
-                                 "batch_size": config.batch_size},
+                                 "batch_size": config.batch_size, "io": config.io_policy(),
+                                 "decode_timeout": config.decode_time_limit()},
         # The CPU:GPU split is not configured: every CPU the actors leave free can run a decode
         # task (decode_cpus_per_task each; 1 suits single-threaded Pillow, < 1 overlaps remote
         # reads), and Ray Data's backpressure (the actors' input queue budget) stops decoding

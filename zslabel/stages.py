@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .decode import PreprocessSpec, decode_image
+from .decode import DEFAULT_DECODE_TIMEOUT, PreprocessSpec, decode_image
 from .errors import INTERNAL_ERROR, error_string
 from .output import result_table
 from .ranking import RankingRule
 from .scoring import ZeroShotClassifier, score_rows
-from .sources import fetch_bytes
+from .storage import IOPolicy, PendingFetch, start_fetch
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,29 @@ DECODED_COLUMNS = ("path", "input_index", "pixels", "error", "width", "height")
 FAIL_DECODE_ENV = "ZSLABEL_TEST_FAIL_DECODE"
 
 
+def _to_fetch(batch: dict[str, np.ndarray]) -> list[int]:
+    """Rows of ``batch`` whose bytes must be fetched: no ``data`` and no source ``read_error``."""
+    data_col, read_errors = batch.get("data"), batch.get("read_error")
+    return [i for i in range(len(batch["path"]))
+            if (data_col is None or data_col[i] is None)
+            and not (read_errors is not None and isinstance(read_errors[i], str) and read_errors[i])]
+
+
+def _start_batch_fetch(batch: dict[str, np.ndarray], storage_options: dict | None,
+                       io: IOPolicy | None) -> tuple[list[int], PendingFetch]:
+    rows = _to_fetch(batch)
+    return rows, start_fetch([str(batch["path"][i]) for i in rows], storage_options, io)
+
+
 def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
-                 storage_options: dict | None = None) -> dict[str, np.ndarray]:
+                 storage_options: dict | None = None, io: IOPolicy | None = None,
+                 decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT,
+                 fetching: tuple[list[int], PendingFetch] | None = None) -> dict[str, np.ndarray]:
     """Fetch (when ``data`` is null) and decode each row of a batch.
+
+    The rows to fetch are read concurrently, each within ``io``'s time limits and retries
+    (``storage.start_fetch``); then each row is decoded in turn, each within
+    ``decode_timeout`` seconds (``decode.decode_image``).
 
     Args:
         batch: ``path`` (N,) str, ``input_index`` (N,) int64, optional ``data`` (N,) bytes or
@@ -43,6 +63,10 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
             string columns.
         spec: target geometry; every output image is ``spec.output_hw``.
         storage_options: fsspec options for fetching paths.
+        io: connect/read timeout and retries for fetching (default ``storage.IOPolicy()``).
+        decode_timeout: seconds per image (None: no limit); a late image is ``decode_timeout``.
+        fetching: a fetch of this batch's rows already started by ``decode_block`` (so the next
+            batch downloads while this one decodes); None starts one here.
 
     Returns:
         The carried columns plus ``pixels`` (N, H, W, 3) uint8 (zeros on error rows), ``error``
@@ -62,6 +86,8 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
     data_col = batch.get("data")
     read_errors = batch.get("read_error")
     fail_on = os.environ.get(FAIL_DECODE_ENV) or None
+    rows, pending = fetching if fetching is not None else _start_batch_fetch(batch, storage_options, io)
+    fetched = dict(zip(rows, pending.result()))
     for i in range(n):
         if read_errors is not None and isinstance(read_errors[i], str) and read_errors[i]:
             errors[i] = read_errors[i]  # the source could not read this input (e.g. a corrupt tar)
@@ -72,11 +98,11 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
                 raise RuntimeError(f"failure injected by {FAIL_DECODE_ENV}")
             data = None if data_col is None else data_col[i]
             if data is None:
-                data, err = fetch_bytes(path, storage_options)
+                data, err = fetched[i]
                 if err is not None:
                     errors[i] = err
                     continue
-            result = decode_image(bytes(data), spec)
+            result = decode_image(bytes(data), spec, timeout=decode_timeout)
             errors[i] = result.error or ""
             if result.width is not None:
                 widths[i], heights[i] = result.width, result.height
@@ -93,9 +119,11 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
 
 
 def decode_block(block: dict[str, np.ndarray], spec: PreprocessSpec, storage_options: dict | None = None,
-                 batch_size: int = 64) -> Iterator[dict[str, np.ndarray]]:
+                 batch_size: int = 64, io: IOPolicy | None = None,
+                 decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT) -> Iterator[dict[str, np.ndarray]]:
     """The decode stage: one whole input block in, its rows decoded ``batch_size`` at a time out
-    (``decode_batch`` on each slice). Ray Data's output block shaping joins the slices into
+    (``decode_batch`` on each slice). The inputs of the next slice are fetched while this one
+    decodes (one slice ahead: at most ``2 * batch_size`` fetched files in memory). Ray Data's output block shaping joins the slices into
     blocks of at most ``DataContext.target_max_block_size`` (128 MiB), which bounds a task's
     decoded pixels however large the input block (a 1,024-row input block at 32 x 32 model
     resolution reaches the labeler whole; at 224 x 224 it leaves as blocks of ~890 rows).
@@ -105,8 +133,12 @@ def decode_block(block: dict[str, np.ndarray], spec: PreprocessSpec, storage_opt
     run as one task (``pipeline.run_label_job``).
     """
     n = len(block["path"])
-    for start in range(0, n, batch_size):
-        yield decode_batch({k: v[start:start + batch_size] for k, v in block.items()}, spec, storage_options)
+    slices = [{k: v[start:start + batch_size] for k, v in block.items()} for start in range(0, n, batch_size)]
+    pending = _start_batch_fetch(slices[0], storage_options, io) if slices else None
+    for k, batch in enumerate(slices):
+        current = pending
+        pending = _start_batch_fetch(slices[k + 1], storage_options, io) if k + 1 < len(slices) else None
+        yield decode_batch(batch, spec, storage_options, io=io, decode_timeout=decode_timeout, fetching=current)
 
 
 def actor_threads(fallback: int) -> int:

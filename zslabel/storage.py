@@ -13,35 +13,174 @@ path that does not exist retries it with the ``%XX`` escapes of bytes >= 0x80 tu
 bytes (:func:`open_path`): the ``path`` column, or a manifest line copied from it, finds
 the file; the same retry tries the name's other Unicode normalisation (NFC/NFD). The one ambiguity: when both ``caf%E9.png`` (literally) and ``caf\\xe9.png`` exist,
 both rows say ``caf%E9.png`` and the literal file is the one read.
+
+Bounded time per input (:class:`IOPolicy`, :func:`fetch_many`). Every filesystem made here gets
+connect and read timeouts (``IOPolicy.timeout``, default 30 s) in the form its library takes
+(:func:`io_storage_options`), unless the user's storage options set them: aiohttp's
+``ClientTimeout(connect, sock_connect, sock_read)`` for HTTP(S) and GCS (aiohttp's default is
+300 s in all per request, which a server that never answers spends in full), botocore's
+``connect_timeout``/``read_timeout`` and retry count for S3, adlfs's
+``connection_timeout``/``read_timeout`` for Azure. :func:`fetch_many` reads the inputs of a
+batch concurrently (one coroutine per input on fsspec's event loop for the async filesystems
+every remote backend is; threads for the others), retries transient failures (HTTP 408, 425,
+429, 500, 502, 503, 504, connection resets) with exponential backoff and jitter (honouring a
+short ``Retry-After``), never retries a timeout (a silent server costs one timeout, not
+``retries + 1`` of them), and cuts any single attempt after ``ATTEMPT_LIMIT_FACTOR`` timeouts
+in all (a server that trickles a byte now and then never trips a read timeout).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import email.utils
+import logging
 import os
+import random
 import re
+import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import fsspec
 
-from .errors import InputError, ZslabelError
+from .errors import READ_ERROR, InputError, ZslabelError, error_string
+
+log = logging.getLogger(__name__)
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _SURROGATE = re.compile("[\udc80-\udcff]")
 _HIGH_ESCAPE = re.compile(r"%([89A-Fa-f][0-9A-Fa-f])")
 
 
+# --------------------------------------------------------------------------------------------
+# Time limits and retries
+
+
+DEFAULT_IO_TIMEOUT = 30.0   # seconds: connect, and each wait for the next bytes
+DEFAULT_IO_RETRIES = 3      # extra attempts after a transient failure
+# Largest HTTP(S) response read as one input. The pixel limit's largest image, 178,956,970
+# pixels, is 716 MB as uncompressed 8-bit RGBA; beyond 1 GiB it is not an image but a stream
+# (an IP camera's endless MJPEG "image" URL, common in web crawls) or a mistake.
+DEFAULT_MAX_INPUT_BYTES = 1 << 30
+# One attempt at one input ends after this many timeouts in all, whatever the server does: the
+# read timeout bounds a silent server, this bounds one that trickles a byte every few seconds
+# (aiohttp's sock_read restarts at every byte; botocore's read_timeout is per socket read).
+ATTEMPT_LIMIT_FACTOR = 10
+# Backoff before retry n (0-based): uniform in [d/2, d], d = min(backoff * 2**n, MAX_BACKOFF).
+MAX_BACKOFF = 10.0
+# A server's Retry-After is honoured up to this many seconds (beyond it, our own backoff):
+# an image is not worth holding a decode slot for minutes.
+MAX_RETRY_AFTER = 30.0
+# Inputs of one batch fetched at once (coroutines for async filesystems, else threads).
+FETCH_CONCURRENCY = 32
+# HTTP statuses worth another try: request timeout, too early, too many requests, and the
+# server-side errors that mean "not now" (RFC 9110 15.6; AWS/GCS document 500/503 as retryable).
+TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class IOPolicy:
+    """How long reading one input may take, and how often a transient failure is retried.
+
+    Attributes:
+        timeout: seconds (> 0) to connect, and to wait for the next bytes of a response
+            (``--io-timeout``). One attempt at one input also ends after
+            ``ATTEMPT_LIMIT_FACTOR * timeout`` seconds in all (:attr:`attempt_limit`).
+        retries: extra attempts (>= 0) after a transient failure (``--io-retries``); for S3 it
+            is also botocore's retry count. Timeouts are not retried.
+        backoff: seconds before the first retry; doubles per retry, capped at ``MAX_BACKOFF``,
+            with jitter (uniform in [d/2, d]) so that many tasks do not retry in step.
+        max_bytes: an HTTP(S) response longer than this (declared or as read) is a
+            ``read_error`` as soon as that is known, never read to its end.
+    """
+
+    timeout: float = DEFAULT_IO_TIMEOUT
+    retries: int = DEFAULT_IO_RETRIES
+    backoff: float = 0.5
+    max_bytes: int = DEFAULT_MAX_INPUT_BYTES
+
+    def __post_init__(self):
+        if not self.timeout > 0 or self.retries < 0 or self.backoff < 0 or self.max_bytes < 1:
+            raise ValueError(f"IOPolicy needs timeout > 0, retries >= 0, backoff >= 0, max_bytes >= 1 (got {self})")
+
+    @property
+    def attempt_limit(self) -> float:
+        """Seconds one attempt at one input may take in all."""
+        return self.timeout * ATTEMPT_LIMIT_FACTOR
+
+    def delay(self, retry: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry number ``retry`` (0-based); a server's ``Retry-After``
+        (seconds) is used when it is at most ``MAX_RETRY_AFTER``."""
+        if retry_after is not None and 0 <= retry_after <= MAX_RETRY_AFTER:
+            return retry_after
+        d = min(self.backoff * 2 ** retry, MAX_BACKOFF)
+        return d / 2 + random.random() * d / 2
+
+
+def _merged(defaults: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` overlaid with ``user``; nested dicts merged one level deep (user wins)."""
+    out = dict(defaults)
+    for k, v in user.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def io_storage_options(uri: str, storage_options: dict[str, Any] | None, io: IOPolicy) -> dict[str, Any]:
+    """``storage_options`` plus the timeouts (and, for S3, retries) of ``io`` in the form the
+    filesystem of ``uri`` takes; the user's own settings win, key by key.
+
+    - ``http``/``https`` (fsspec ``HTTPFileSystem``): ``client_kwargs.timeout`` =
+      ``aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)``. No total here:
+      a tar streamed over HTTP may take hours; :func:`fetch_many` bounds single inputs.
+    - ``s3``/``s3a`` (s3fs): ``config_kwargs`` ``connect_timeout``, ``read_timeout`` and
+      ``retries={"max_attempts": retries, "mode": "standard"}`` (botocore retries throttling,
+      5xx and connection errors itself). s3fs's own retry loop (5 tries, not configurable per
+      instance) still applies to timeouts; :attr:`IOPolicy.attempt_limit` caps it per input.
+    - ``gs``/``gcs`` (gcsfs): ``session_kwargs.timeout`` (the same aiohttp ``ClientTimeout``);
+      gcsfs retries 429/5xx itself (6 tries, not configurable).
+    - ``az``/``abfs``/``abfss`` (adlfs >= 2023.10): ``connection_timeout``, ``read_timeout``.
+    - anything else (local files, memory, ...): unchanged.
+
+    The last link of a ``::`` chain is the remote one; options for a chain are left unchanged.
+    """
+    so = dict(storage_options or {})
+    if "::" in uri:
+        return so
+    proto = (fsspec.core.split_protocol(uri)[0] or "file").lower()
+    t = float(io.timeout)
+    if proto in ("http", "https", "gs", "gcs"):
+        import aiohttp
+
+        # connect (DNS lookup + connecting, or waiting for a pooled connection) as well as
+        # sock_connect: aiohttp's sock_connect does not cover a DNS lookup that hangs
+        # (aio-libs/aiohttp#9447; getaddrinfo itself cannot be timed out, urllib3#1334).
+        timeout = aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t, sock_read=t)
+        key = "client_kwargs" if proto.startswith("http") else "session_kwargs"
+        return _merged({key: {"timeout": timeout}}, so)
+    if proto in ("s3", "s3a"):
+        return _merged({"config_kwargs": {"connect_timeout": t, "read_timeout": t,
+                                          "retries": {"max_attempts": io.retries, "mode": "standard"}}}, so)
+    if proto in ("az", "abfs", "abfss", "adl"):
+        return _merged({"connection_timeout": int(max(1, round(t))), "read_timeout": int(max(1, round(t)))}, so)
+    return so
+
+
 def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None, *,
-              error: type[ZslabelError] = InputError) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``(filesystem, path inside it)`` for a local path or fsspec URI.
+              error: type[ZslabelError] = InputError,
+              io: IOPolicy | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(filesystem, path inside it)`` for a local path or fsspec URI, with the connect/read
+    timeouts of ``io`` (default: ``IOPolicy()``, 30 s) unless ``storage_options`` sets them
+    (:func:`io_storage_options`).
 
     Raises:
         ``error``: the protocol is unknown or its package (s3fs, gcsfs, ...) is not installed.
     """
     try:
-        return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        return fsspec.core.url_to_fs(uri, **io_storage_options(uri, storage_options, io or IOPolicy()))
     except ImportError as exc:
         raise error(f"cannot open {uri}: {exc}") from exc
     except ValueError as exc:
@@ -145,3 +284,249 @@ def real_local_path(path: str) -> str | None:
         return None
     # Escapes that form valid UTF-8 stand for those characters, as in a URL.
     return os.fsdecode(os.fsencode(raw))
+
+
+# --------------------------------------------------------------------------------------------
+# Fetching the bytes of many inputs, each within bounded time
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed read is worth another try: an HTTP status in ``TRANSIENT_STATUS``, or
+    a connection reset / closed by the server mid-request. Timeouts are not (a server that did
+    not answer within the timeout will rarely answer the next time, and each try costs a whole
+    timeout), nor are refused connections, unknown hosts, 403/404 or anything else."""
+    if isinstance(exc, TimeoutError):  # asyncio.TimeoutError and aiohttp's timeouts included
+        return False
+    status = getattr(exc, "status", None)  # aiohttp.ClientResponseError (fsspec HTTP raise_for_status)
+    if isinstance(status, int):
+        return status in TRANSIENT_STATUS
+    if isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+        return True
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover - aiohttp comes with fsspec[http]
+        return False
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
+        return True
+    # A reset mid-request is a ClientOSError; a refused connect (a subclass) is not transient.
+    return isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError)
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """Seconds from an HTTP error's ``Retry-After`` header (delta-seconds or HTTP date), or None."""
+    headers = getattr(exc, "headers", None)
+    value = headers.get("Retry-After") if headers is not None else None
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _read_error(exc: BaseException, io: IOPolicy, attempts: int) -> str:
+    """``read_error: <Type>: <message>[ (after N attempts)]``; a bare timeout says which limit."""
+    text = str(exc)
+    if isinstance(exc, TimeoutError) and not text:
+        text = f"gave up after {io.attempt_limit:g} s in all (--io-timeout {io.timeout:g} x {ATTEMPT_LIMIT_FACTOR})"
+    elif isinstance(exc, TimeoutError):
+        text += f" (--io-timeout {io.timeout:g} s)"
+    tail = f" (after {attempts} attempts)" if attempts > 1 else ""
+    return error_string(READ_ERROR, f"{type(exc).__name__}: {text}{tail}")
+
+
+class InputTooLarge(OSError):
+    """An HTTP(S) response longer than ``IOPolicy.max_bytes``."""
+
+
+async def _http_cat_capped(fs, url: str, max_bytes: int) -> bytes:
+    """fsspec ``HTTPFileSystem._cat_file`` (same session, URL encoding and request options),
+    but the status is checked before the body is read, and the body is read in chunks and
+    given up past ``max_bytes`` (fsspec reads any body whole, even an endless one)."""
+    session = await fs.set_session()
+    async with session.get(fs.encode_url(url), **fs.kwargs) as r:
+        fs._raise_not_found_for_status(r, url)
+        declared = r.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            raise InputTooLarge(f"Content-Length {int(declared):,} bytes > {max_bytes:,}")
+        chunks, size = [], 0
+        async for chunk in r.content.iter_chunked(1 << 20):
+            size += len(chunk)
+            if size > max_bytes:
+                raise InputTooLarge(f"more than {max_bytes:,} bytes and still sending (a stream, not an image?)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _is_http(fs: fsspec.AbstractFileSystem) -> bool:
+    return bool({"http", "https"} & set(protocols(fs))) and hasattr(fs, "encode_url")
+
+
+async def _fetch_one_async(fs: fsspec.AbstractFileSystem, path: str, io: IOPolicy) -> tuple[bytes | None, str | None]:
+    retry = 0
+    http = _is_http(fs)
+    while True:
+        try:
+            read = _http_cat_capped(fs, path, io.max_bytes) if http else fs._cat_file(path)
+            # wait_for really cancels the request (the coroutine is abandoned at its next await).
+            return await asyncio.wait_for(read, io.attempt_limit), None
+        except Exception as exc:  # noqa: BLE001 - every storage failure becomes a row error
+            if retry < io.retries and is_transient(exc):
+                wait = io.delay(retry, retry_after(exc))
+                log.debug("retrying %s in %.2f s after %s", path, wait, exc)
+                await asyncio.sleep(wait)
+                retry += 1
+                continue
+            return None, _read_error(exc, io, retry + 1)
+
+
+async def _fetch_group_async(fs, paths: list[str], io: IOPolicy) -> list[tuple[bytes | None, str | None]]:
+    sem = asyncio.Semaphore(FETCH_CONCURRENCY)
+
+    async def one(path):
+        async with sem:
+            return await _fetch_one_async(fs, path, io)
+
+    return await asyncio.gather(*(one(p) for p in paths))
+
+
+def _fetch_one_sync(fs: fsspec.AbstractFileSystem, path: str, io: IOPolicy) -> tuple[bytes | None, str | None]:
+    """For filesystems without an async implementation: the library's own timeouts bound a try."""
+    retry = 0
+    while True:
+        try:
+            try:
+                return fs.cat_file(path), None
+            except FileNotFoundError:
+                other = open_path(fs, path)  # %XX escapes, NFC/NFD: only on a miss
+                if other == path:
+                    raise
+                return fs.cat_file(other), None
+        except Exception as exc:  # noqa: BLE001 - every storage failure becomes a row error
+            if retry < io.retries and is_transient(exc):
+                time.sleep(io.delay(retry, retry_after(exc)))
+                retry += 1
+                continue
+            return None, _read_error(exc, io, retry + 1)
+
+
+def read_local(path: str, storage_options: dict | None = None) -> tuple[bytes | None, str | None]:
+    """Read a plain local path (no ``://``); a name with ``%XX`` escapes of undecodable bytes or
+    in the other Unicode normalisation finds its file (:func:`open_path`). Never raises."""
+    try:
+        try:
+            with open(path, "rb") as f:
+                return f.read(), None
+        except FileNotFoundError:
+            fs, fs_path = url_to_fs(path, storage_options)
+            other = open_path(fs, fs_path)
+            if other == fs_path:
+                raise
+            with open(other, "rb") as f:
+                return f.read(), None
+    except Exception as exc:  # noqa: BLE001 - every storage failure becomes a row error
+        return None, error_string(READ_ERROR, f"{type(exc).__name__}: {exc}")
+
+
+_THREADS: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _threads() -> concurrent.futures.ThreadPoolExecutor:
+    global _THREADS
+    if _THREADS is None:
+        _THREADS = concurrent.futures.ThreadPoolExecutor(FETCH_CONCURRENCY, thread_name_prefix="zslabel-fetch")
+    return _THREADS
+
+
+class PendingFetch:
+    """The bytes of a list of inputs being read in the background (:func:`start_fetch`)."""
+
+    def __init__(self, n: int, io: IOPolicy):
+        self._results: list[tuple[bytes | None, str | None] | None] = [None] * n
+        self._async: list[tuple[list[int], concurrent.futures.Future]] = []
+        self._threaded: list[tuple[int, concurrent.futures.Future]] = []
+        self._local: list[tuple[int, str, dict | None]] = []
+        self._io = io
+
+    def result(self) -> list[tuple[bytes | None, str | None]]:
+        """One ``(bytes, None)`` or ``(None, "read_error: ...")`` per input, in input order.
+
+        Local files are read here, in the calling thread (one ``open`` each: faster than any
+        hand-off). Never raises for one input.
+        """
+        for i, path, so in self._local:
+            self._results[i] = read_local(path, so)
+        self._local = []
+        # Each coroutine bounds itself (wait_for per attempt); this is a guard against a stalled
+        # event loop, long enough never to fire before them.
+        guard = (self._io.retries + 1) * (self._io.attempt_limit + MAX_RETRY_AFTER) + 60
+        for idx, fut in self._async:
+            try:
+                outs = fut.result(timeout=guard)
+            except Exception as exc:  # noqa: BLE001 - the whole group failed: each row says why
+                fut.cancel()
+                outs = [(None, _read_error(exc, self._io, 1))] * len(idx)
+            for i, out in zip(idx, outs):
+                self._results[i] = out
+        self._async = []
+        for i, fut in self._threaded:
+            self._results[i] = fut.result()
+        self._threaded = []
+        return list(self._results)  # type: ignore[arg-type]
+
+
+def start_fetch(paths: Sequence[str], storage_options: dict | None = None,
+                io: IOPolicy | None = None) -> PendingFetch:
+    """Start reading the whole content of each of ``paths``; ``.result()`` waits for them.
+
+    Remote inputs are read concurrently, at most ``FETCH_CONCURRENCY`` at once per filesystem:
+    for async filesystems (HTTP(S), S3, GCS, Azure) as coroutines on fsspec's event loop, for
+    others in a thread pool. Each input is retried on a transient failure (:func:`is_transient`)
+    up to ``io.retries`` times with backoff; one attempt is cut after ``io.attempt_limit``
+    seconds. So a batch of N inputs from a server that never answers costs about one
+    ``io.timeout`` in all (not N of them, and not 300 s each).
+
+    Args:
+        paths: plain local paths or fsspec URIs (the ``path`` column).
+        storage_options: fsspec options (credentials, endpoints); with ``io``'s timeouts added
+            where they set none (:func:`io_storage_options`).
+        io: time limits and retries; default ``IOPolicy()``.
+    """
+    io = io or IOPolicy()
+    pending = PendingFetch(len(paths), io)
+    groups: dict[int, tuple[fsspec.AbstractFileSystem, list[int], list[str]]] = {}
+    for i, path in enumerate(paths):
+        if "://" not in path:
+            pending._local.append((i, path, storage_options))
+            continue
+        try:
+            fs, fs_path = url_to_fs(path, storage_options, io=io)
+        except Exception as exc:  # noqa: BLE001 - e.g. an unknown protocol: this row's error
+            pending._results[i] = (None, error_string(READ_ERROR, f"{type(exc).__name__}: {exc}"))
+            continue
+        if is_local(fs):
+            pending._local.append((i, fs_path, storage_options))
+            continue
+        _, idx, fs_paths = groups.setdefault(id(fs), (fs, [], []))
+        idx.append(i)
+        fs_paths.append(fs_path)
+    for fs, idx, fs_paths in groups.values():
+        loop = getattr(fs, "loop", None) if getattr(fs, "async_impl", False) else None
+        if loop is not None and not getattr(fs, "asynchronous", False):
+            fut = asyncio.run_coroutine_threadsafe(_fetch_group_async(fs, fs_paths, io), loop)
+            pending._async.append((idx, fut))
+        else:
+            for i, p in zip(idx, fs_paths):
+                pending._threaded.append((i, _threads().submit(_fetch_one_sync, fs, p, io)))
+    return pending
+
+
+def fetch_many(paths: Sequence[str], storage_options: dict | None = None,
+               io: IOPolicy | None = None) -> list[tuple[bytes | None, str | None]]:
+    """:func:`start_fetch` and wait: one ``(bytes, None)`` or ``(None, "read_error: ...")`` per
+    path, in order. Never raises for one input."""
+    return start_fetch(paths, storage_options, io).result()
