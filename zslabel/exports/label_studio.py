@@ -204,10 +204,12 @@ def path_from_reference(ref: str) -> str:
 
 
 def margin(scores: list[float] | None) -> float:
-    """Uncertainty sort key: top-1 minus top-2 score (a single score: itself; none: 0)."""
+    """Uncertainty sort key: top-1 minus top-2 score (a single score: itself; none: 0), rounded
+    to 6 decimals as the tasks show the scores, so equal-looking margins tie (and then keep input
+    order) instead of being ordered by float32 rounding noise."""
     if not scores:
         return 0.0
-    return float(scores[0]) - (float(scores[1]) if len(scores) > 1 else 0.0)
+    return round(float(scores[0]) - (float(scores[1]) if len(scores) > 1 else 0.0), 6)
 
 
 def task(row_path: str, index: int, ref: str, labels: list[str], scores: list[float], config: LabelConfig,
