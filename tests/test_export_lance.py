@@ -98,3 +98,18 @@ def test_refusals_and_overwrite(tmp_path):
     assert proc.returncode == 2 and "--limit is an option of --format label-studio, not lance" in proc.stderr
     manifest = json.loads((out / "_run_manifest.json").read_text())
     assert manifest["run_id"]
+
+
+def test_unreadable_run_file_fails_cleanly(tmp_path):
+    """A damaged Parquet file half-way: exit 2 naming it, and no half-written table left behind."""
+    out, _ = write_run(tmp_path / "out", rows_for(40), dim=8, files=4)
+    victim = sorted(out.glob("*.parquet"))[2]
+    victim.write_bytes(victim.read_bytes()[:100])
+    table = tmp_path / "t.lance"
+    proc = zslabel("export", out, "--format", "lance", "--output", table)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"zslabel: error: cannot read {victim}")
+    assert not table.exists()
+    proc = zslabel("export", out, "--format", "label-studio", "--output", tmp_path / "t.json")
+    assert proc.returncode == 2 and f"cannot read {victim}" in proc.stderr
+    assert not (tmp_path / "t.json").exists()

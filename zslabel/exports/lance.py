@@ -37,12 +37,14 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shutil
 import time
 
 import pyarrow as pa
 
-from ..errors import ConfigError, InputError, OutputError
-from ..output import EMBEDDING, ERROR, PATH
+from ..errors import ConfigError, OutputError, ZslabelError
+from ..output import EMBEDDING, ERROR, PATH, output_filesystem
+from ..storage import is_local
 from .common import BATCH_ROWS, ExportResult, check_free, embedding_dim, open_run
 
 log = logging.getLogger(__name__)
@@ -135,22 +137,32 @@ def export_lance(source: str, output: str, *, index: bool = False, index_type: s
     # The Parquet files' metadata (fingerprint, run id) describes the run's files, not the table.
     schema = run.schema.remove_metadata()
     counts = {"rows": 0, "errors": 0, "vectors": 0}
+    failed: list[ZslabelError] = []
 
     def batches():
-        for batch in run.batches(batch_size=batch_rows):
-            counts["rows"] += batch.num_rows
-            counts["errors"] += batch.num_rows - batch.column(ERROR).null_count
-            if dim:
-                counts["vectors"] += batch.num_rows - batch.column(EMBEDDING).null_count
-            yield pa.RecordBatch.from_arrays(batch.columns, schema=schema)
+        try:
+            for batch in run.batches(batch_size=batch_rows):
+                counts["rows"] += batch.num_rows
+                counts["errors"] += batch.num_rows - batch.column(ERROR).null_count
+                if dim:
+                    counts["vectors"] += batch.num_rows - batch.column(EMBEDDING).null_count
+                yield pa.RecordBatch.from_arrays(batch.columns, schema=schema)
+        except ZslabelError as exc:
+            failed.append(exc)  # Lance re-raises it wrapped in its own error, traceback in the text
+            raise
 
+    fs, path = output_filesystem(output, storage_options)
+    created = is_local(fs) and not fs.exists(path)
     reader = pa.RecordBatchReader.from_batches(schema, batches())
     try:
         dataset = lance.write_dataset(reader, output, schema=schema, mode="overwrite" if overwrite else "create",
                                       max_rows_per_group=MAX_ROWS_PER_GROUP, max_rows_per_file=MAX_ROWS_PER_FILE)
-    except (OSError, ValueError) as exc:
-        if isinstance(exc.__cause__, InputError) or isinstance(exc, InputError):
-            raise
+    except Exception as exc:  # noqa: BLE001 - Lance raises OSError/ValueError/RuntimeError by cause
+        if created:
+            # nothing was committed (no version): leave no folder that a rerun would call occupied
+            shutil.rmtree(path, ignore_errors=True)
+        if failed:
+            raise failed[0] from None
         raise OutputError(f"cannot write Lance dataset {output}: {type(exc).__name__}: {exc}") from exc
     notes = [f"{counts['errors']} error rows included (null labels/embedding)"] if counts["errors"] else []
     if dim:
