@@ -68,7 +68,8 @@ def make_output(out: Path, rows: int, dim: int, rows_per_file: int, labels: int,
             pa.array([f"/data/images/{i // 1000:04d}/{i:09d}.jpg" for i in idx], pa.string()),
             pa.array(idx, pa.int64()), labels_arr, scores_arr,
             pa.array(np.where(err, "truncated: image file is truncated", None), pa.string()),
-            pa.array(np.where(err, 0, 640), pa.int32(), mask=err), pa.array(np.where(err, 0, 480), pa.int32(), mask=err),
+            pa.array(np.where(err, 0, 640), pa.int32(), mask=err),
+            pa.array(np.where(err, 0, 480), pa.int32(), mask=err),
             pa.array([f"k{i}" for i in idx], pa.string()), emb_arr], schema=schema)
         pq.write_table(table, out / f"part-bench-{f:06d}.parquet", row_group_size=rows_per_file)
     manifest = {"zslabel_run": 1, "run_id": "bench", "labels": list(names), "counts": {"rows": rows},

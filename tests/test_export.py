@@ -8,7 +8,6 @@ a real Label Studio server) is tests/test_export_label_studio.py.
 """
 
 import json
-import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET

@@ -10,7 +10,8 @@ and cancels one, exports the project as JSON and feeds that export to ``zslabel 
 The server runs from its own venv (``ZSLABEL_LS_VENV``), built and cached by
 ``scripts/ci_label_studio.sh`` (``.ci/run`` calls it); the test is skipped, with the reason, only
 when that venv is missing or could not be built. Marked slow (a server start takes ~40 s from
-the venv's migrated template database on a loaded 2-core machine, ~390 s without it); run it with ``scripts/ci_label_studio.sh`` or ``pytest -m slow -n 0``.
+the venv's migrated template database on a loaded 2-core machine, ~390 s without it); run it
+with ``scripts/ci_label_studio.sh`` or ``pytest -m slow -n 0``.
 """
 
 import json

@@ -8,8 +8,8 @@ import lance
 import numpy as np
 import pyarrow as pa
 import pytest
-
 from test_export import LABELS, write_run, zslabel
+
 from zslabel.errors import ConfigError
 from zslabel.exports.lance import export_lance, index_params
 

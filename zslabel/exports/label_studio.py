@@ -51,7 +51,6 @@ import argparse
 import json
 import logging
 import os
-import posixpath
 import re
 import tempfile
 import time
@@ -63,7 +62,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..output import ERROR, INPUT_INDEX, LABELS, PATH, SCORES, open_atomic, output_filesystem
-from .common import ExportResult, RunOutput, check_free, open_run
+from .common import ExportResult, check_free, open_run
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +131,7 @@ def parse_config(xml: str, source: str = "labeling config") -> LabelConfig:
         raise ConfigError(f"{source}: the <Image> {control.get('toName')!r} reads {value!r}, not a task data "
                           "variable like \"$image\"")
     choices = tuple(c.get("value", c.get("alias", "")) for c in control.iter("Choice"))
-    return LabelConfig(xml, control.get("name", ""), control.get("toName"), value[1:], choices)
+    return LabelConfig(xml, control.get("name", ""), control.get("toName", ""), value[1:], choices)
 
 
 def check_config_matches(config: LabelConfig, labels: list[str], source: str) -> list[str]:

@@ -127,11 +127,11 @@ def export_lance(source: str, output: str, *, index: bool = False, index_type: s
     lance = _lance()
     run = open_run(source, storage_options, required=(PATH, ERROR))
     dim = embedding_dim(run.schema)
-    if index and not dim:
+    if index and dim is None:
         raise ConfigError(f"--index needs image embeddings, and {source} has no '{EMBEDDING}' column: rerun the "
                           "labeling with --store-embeddings (zslabel label INPUT ... --store-embeddings --output "
                           f"{source} --overwrite), then export again")
-    if index:
+    if index and dim is not None:
         index_params(max(1, run.rows or 1), dim, index_type, num_partitions, num_sub_vectors)  # fail before writing
     check_free(output, overwrite, storage_options, "Lance dataset")
     # The Parquet files' metadata (fingerprint, run id) describes the run's files, not the table.
@@ -167,7 +167,7 @@ def export_lance(source: str, output: str, *, index: bool = False, index_type: s
     notes = [f"{counts['errors']} error rows included (null labels/embedding)"] if counts["errors"] else []
     if dim:
         notes.append(f"embedding: {dim}-d vectors, {counts['vectors']} non-null")
-    if index:
+    if index and dim is not None:
         if not counts["vectors"]:
             raise ConfigError(f"--index: {source} has an '{EMBEDDING}' column but every row is an error row; "
                               "nothing to index (the table was written without an index)")
