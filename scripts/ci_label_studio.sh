@@ -11,8 +11,11 @@
 # zslabel itself only writes JSON and the test talks plain HTTP (requests, a test dependency).
 #
 # When the venv cannot be built (no registry, no wheel for this platform) the test is skipped
-# with the reason (ZSLABEL_LS_UNAVAILABLE); a build that works but a round trip that fails, fails.
-# Needs scripts/setup.sh first (.venv, and its uv when there).
+# with the reason (written to $VENV.unavailable, which the test reads); a build that works but a
+# round trip that fails, fails. Needs scripts/setup.sh first (.venv, and its uv when there).
+#
+#   scripts/ci_label_studio.sh               build (or reuse) the venv, then run the test
+#   scripts/ci_label_studio.sh --build-only  only build: .ci/run's slow set runs the test
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REQS=requirements/label-studio.txt
@@ -50,8 +53,11 @@ template() {
 }
 
 LOG="${TMPDIR:-/tmp}/zslabel-ls-venv-build.log"
+rm -f "$VENV.unavailable"
 unavailable() {
   export ZSLABEL_LS_UNAVAILABLE="$1 (log: $LOG): $(tail -n 3 "$LOG" | tr '\n' ' ')"
+  mkdir -p "$(dirname "$VENV")"
+  echo "$ZSLABEL_LS_UNAVAILABLE" >"$VENV.unavailable"
   echo "ci_label_studio.sh: $ZSLABEL_LS_UNAVAILABLE" >&2
 }
 if [ -f "$STAMP" ] && [ -x "$VENV/bin/label-studio" ]; then
@@ -74,6 +80,7 @@ if [ -z "${ZSLABEL_LS_UNAVAILABLE:-}" ] && [ ! -f "$VENV/template/label_studio.s
     echo "ci_label_studio.sh: no template database (the server will migrate at start): $(tail -n 3 "$LOG" | tr '\n' ' ')" >&2
   fi
 fi
+[ "${1:-}" = "--build-only" ] && exit 0
 export ZSLABEL_LS_VENV="$VENV"
 # -m slow overrides the quick set's "not slow"; -n 0: one process (the test starts its own server).
 .venv/bin/python -m pytest -q -s -n 0 -m slow -rs tests/test_export_label_studio.py
