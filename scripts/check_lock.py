@@ -33,9 +33,10 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "lock.txt"
 OPEN_CLIP_LOCK = ROOT / "requirements" / "lock-open-clip.txt"
-# The extras CI and scripts/setup.sh install (gcs/azure are optional and not locked).
+# The extras CI and scripts/setup.sh install (gcs/azure are optional and not locked; lance comes
+# with test, which the export tests need).
 
-LOCKED_EXTRAS = ("s3", "test", "cluster", "lint", "report")
+LOCKED_EXTRAS = ("s3", "test", "cluster", "lint", "report", "lance")
 # Extras that belong to one sub-package of zslabel/: its modules may import them (besides the
 # runtime dependencies), and each of them must be imported there (declared == imported).
 PACKAGE_EXTRAS = {"report": "review"}

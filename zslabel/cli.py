@@ -254,6 +254,60 @@ def _calibrate_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+EXPORT_EPILOG = """examples:
+  zslabel export ./out --format label-studio --output tasks.json --image-root /srv/images
+  zslabel export ./out --format label-studio --output review.json --order uncertainty --limit 500
+  zslabel export ./out --format lance --output table.lance --index
+
+label-studio: one task per labeled row (error rows are left out and counted) with a prediction
+(the top-1 label as a single choice, its score, model_version = the run's id; the top-k in the
+task data), plus the labeling config matching it (TASKS.label_config.xml). Local paths become
+/data/local-files/?d=<path relative to --image-root> (start Label Studio with
+LOCAL_FILES_SERVING_ENABLED=true and LOCAL_FILES_DOCUMENT_ROOT=<--image-root>); s3://, gs://
+and http(s) URIs are written as they are. Annotated exports come back as --ground-truth of
+eval and calibrate.
+lance: every row, embedding as a fixed-size vector column; --index builds a cosine vector index.
+"""
+
+
+def _export_parser(sub) -> argparse.ArgumentParser:
+    """``zslabel export``: common flags, then one group of flags per registered format."""
+    from .exports import FORMATS
+
+    p = sub.add_parser("export", help="export a run to another tool's format (" + ", ".join(f.name for f in FORMATS)
+                       + ")", allow_abbrev=False, epilog=EXPORT_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Write a finished run's rows in another tool's format.")
+    p.add_argument("source", help="output folder of a `zslabel label` or `relabel` run")
+    p.add_argument("--format", required=True, choices=[f.name for f in FORMATS],
+                   help="; ".join(f"{f.name}: {f.summary}" for f in FORMATS))
+    p.add_argument("--output", "-o", required=True, help="file or dataset to write (local path or fsspec URI)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output")
+    p.add_argument("--storage-options", type=_checked(parse_storage_options),
+                   help="fsspec options (JSON/YAML text or file) for reading the run and writing files")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    owners: dict[str, str] = {}
+    for fmt in FORMATS:
+        before = {a.dest for a in p._actions}
+        fmt.load().add_arguments(p.add_argument_group(f"--format {fmt.name}"))
+        owners.update({a.dest: fmt.name for a in p._actions if a.dest not in before})
+    p.set_defaults(export_flag_owners=owners)
+    return p
+
+
+def run_export_command(args: argparse.Namespace) -> int:
+    """``zslabel export``: refuse another format's flags, run the format, print its line."""
+    from .errors import ConfigError
+    from .exports import get
+
+    fmt = get(args.format)
+    for dest, owner in args.export_flag_owners.items():
+        if owner != fmt.name and getattr(args, dest) is not None:
+            raise ConfigError(f"--{dest.replace('_', '-')} is an option of --format {owner}, not {fmt.name}")
+    print(fmt.load().run(args).line())
+    return 0
+
+
 def run_calibrate_command(args: argparse.Namespace) -> int:
     """``zslabel calibrate``: fit, write the file, print the before/after report."""
     from .calibrate import report_text, run_calibrate
@@ -362,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _calibrate_parser(sub)
     _report_parser(sub)
+    _export_parser(sub)
     show = sub.add_parser("show", help="print the first rows of an output, best labels first",
                           description="Print rows of a zslabel output in input order: the path relative to the "
                           "shown rows' common folder, then labels with scores, or the error.")
@@ -451,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_calibrate_command(args)
         if args.command == "report":
             return run_report_command(args)
+        if args.command == "export":
+            return run_export_command(args)
         if args.command == "eval":
             _print_evaluation(args, args.predictions, args.ground_truth, args.storage_options or {}, args.json)
             return 0

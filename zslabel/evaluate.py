@@ -3,6 +3,8 @@ recall, the most confused pairs, unmatched and errored rows.
 
 Ground truth is either a table (CSV/TSV/Parquet with a path column and a label column) or a
 folder-per-class root (each image's parent folder name is its label). No Ray, no model.
+A ``.json`` file is a Label Studio JSON export (``label_studio_ground_truth``): each annotated
+task's chosen label, matched to rows by its image (``zslabel export --format label-studio``).
 
 Matching predictions to ground truth:
     1. by full path, after normalising both sides (``file://`` dropped, ``.``/``..`` resolved,
@@ -88,10 +90,12 @@ class GroundTruth:
 
     Attributes:
         source: where it was read from.
-        kind: ``"table"`` (CSV/TSV/Parquet) or ``"folders"`` (folder-per-class root).
+        kind: ``"table"`` (CSV/TSV/Parquet), ``"folders"`` (folder-per-class root) or
+            ``"label-studio"`` (a Label Studio JSON export).
         paths: normalised full paths (see ``normalise_path``), unique.
         labels: the label of each path.
-        skipped: folder mode: images directly under the root, which have no class folder.
+        skipped: folder mode: images directly under the root, which have no class folder;
+            Label Studio: tasks without a usable annotation.
     """
 
     source: str
@@ -104,6 +108,7 @@ class GroundTruth:
 def load_ground_truth(uri: str, storage_options: dict | None = None) -> GroundTruth:
     """Read ground truth from a table file or a folder-per-class root (local path or fsspec URI).
 
+    A ``.json`` file is read as a Label Studio JSON export (:func:`label_studio_ground_truth`).
     A table needs a header with a path column (one of ``PATH_COLUMNS``) and a label column (one
     of ``LABEL_COLUMNS``), case-insensitive. Relative paths are relative to the table's folder.
     In a folder root, every image file (``sources.IMAGE_EXTENSIONS``, hidden files skipped)
@@ -124,6 +129,8 @@ def load_ground_truth(uri: str, storage_options: dict | None = None) -> GroundTr
     to_uri = uri_maker(uri, fs)
     if is_dir:
         return _folder_ground_truth(uri, fs, root, to_uri)
+    if root.lower().endswith(".json"):
+        return label_studio_ground_truth(uri, fs, root)
     table = _read_table(uri, fs, root)
     lower = {c.lower(): c for c in table.column_names}
     path_col = next((lower[c] for c in PATH_COLUMNS if c in lower), None)
@@ -142,6 +149,72 @@ def load_ground_truth(uri: str, storage_options: dict | None = None) -> GroundTr
             p = posixpath.join(base, p)
         pairs.append((normalise_path(p), label))
     return _dedupe(uri, "table", pairs, 0)
+
+
+def label_studio_ground_truth(uri: str, fs, root: str) -> GroundTruth:
+    """Ground truth from a Label Studio JSON export (Export > JSON, or
+    ``GET /api/projects/{id}/export?exportType=JSON``): the humans' choice per task.
+
+    Each task's label is the single choice of its latest annotation (by ``updated_at``, then
+    ``created_at``, then ``id``) that was not cancelled ("skipped"); a ``choices`` result of the
+    ``Choices`` control named ``label`` is preferred when an annotation has several. The image is
+    the task's ``data.zslabel_path`` (written by ``zslabel export --format label-studio``), else
+    its image reference (``data.image``, else the first string in ``data``) with a local-files
+    URL turned back into a path (``/data/local-files/?d=x/y.jpg`` -> ``/x/y.jpg``; the file name
+    still matches when the export used another ``--image-root``).
+
+    Tasks without a usable label (no annotation, only cancelled ones, no choice or several
+    choices, no image) are counted in ``skipped``, by reason in a log line; tasks whose image
+    matches no row are counted by ``evaluate``/``calibrate`` as unmatched ground truth.
+
+    Raises:
+        InputError: not JSON, not a list of Label Studio tasks, or no task with a usable label.
+    """
+    from .exports.label_studio import DATA_PATH, path_from_reference
+
+    try:
+        with fs.open(root, "rb") as fh:
+            tasks = json.loads(decode_text(fh.read(), uri))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"cannot read ground truth {uri} as JSON: {exc}") from exc
+    if isinstance(tasks, dict) and isinstance(tasks.get("tasks"), list):
+        tasks = tasks["tasks"]
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) and isinstance(t.get("data"), dict)
+                                              for t in tasks):
+        raise InputError(f"ground truth {uri} is JSON but not a Label Studio export (a list of tasks, each with "
+                         "'data' and 'annotations'); CSV/TSV/Parquet tables and class folders are the other forms")
+    pairs: list[tuple[str, str]] = []
+    why: Counter = Counter()
+    for t in tasks:
+        data = t["data"]
+        ref = data.get(DATA_PATH) or data.get("image") or next(
+            (v for v in data.values() if isinstance(v, str) and v), None)
+        annotations = [a for a in t.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+        if not annotations:
+            why["no annotation" if not t.get("annotations") else "only cancelled annotations"] += 1
+            continue
+        latest = max(annotations, key=lambda a: (str(a.get("updated_at") or ""), str(a.get("created_at") or ""),
+                                                 a.get("id") or 0))
+        results = [r for r in latest.get("result") or [] if isinstance(r, dict) and r.get("type") == "choices"]
+        if len(results) > 1:
+            results = [r for r in results if r.get("from_name") == "label"] or results[:0]
+        choices = (results[0].get("value") or {}).get("choices") if results else None
+        if not choices or len(choices) != 1:
+            why["no single choice in the latest annotation"] += 1
+            continue
+        if not ref:
+            why["no image in data"] += 1
+            continue
+        path = ref if data.get(DATA_PATH) else path_from_reference(ref)
+        pairs.append((normalise_path(path), str(choices[0]).strip()))
+    skipped = sum(why.values())
+    if skipped:
+        log.warning("%s: %d of %d Label Studio tasks give no label and are not ground truth (%s)", uri, skipped,
+                    len(tasks), ", ".join(f"{n} {w}" for w, n in why.most_common()))
+    if not pairs:
+        raise InputError(f"ground truth {uri}: none of its {len(tasks)} Label Studio tasks has an annotation with "
+                         "one chosen label (annotate some tasks, then export the project as JSON)")
+    return _dedupe(uri, "label-studio", pairs, skipped)
 
 
 def _read_table(uri: str, fs, root: str) -> pa.Table:
@@ -263,6 +336,8 @@ class EvalReport:
             if self.top_k > 1 else f"  no top-{TOP_K} accuracy: the run wrote 1 label per image",
             f"  top-1 including errors {frac(self.top1_including_errors, self.top1_correct, self.matched)}",
         ]
+        if self.ground_truth_skipped:
+            lines.append(f"  ground-truth entries without a usable label (not counted): {self.ground_truth_skipped}")
         if self.no_prediction:
             lines.append(f"  labeled rows with no label above the threshold: {self.no_prediction}")
         if self.abstained is not None:
@@ -470,6 +545,8 @@ def _no_match_message(gt: GroundTruth, pred_paths: list[str]) -> str:
 
     side = ("paths of its path column (relative ones taken from the table's folder)" if gt.kind == "table"
             else "image files under its class folders")
+    if gt.kind == "label-studio":
+        side = "annotated tasks' images (data.zslabel_path, else the image reference)"
     return (f"no prediction matches the ground truth: compared the predictions' 'path' column "
             f"({len(pred_paths)} rows, e.g. {some(pred_paths)}) with the ground truth's {side} "
             f"({len(gt.paths)} images, e.g. {some(gt.paths)}), as normalised full paths and then as "
