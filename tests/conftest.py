@@ -84,6 +84,25 @@ def ray_local():
         ray.shutdown()
 
 
+def pipeline_score_gap(out, files, checkpoint, labels) -> float:
+    """Assert that every image of ``files`` has, in the output folder ``out``, the labels (same
+    order) and scores (1e-4 abs) of ``transformers.pipeline("zero-shot-image-classification")``
+    on the same checkpoint and labels; returns the largest score difference seen."""
+    import pyarrow.parquet as pq
+    from transformers import pipeline
+
+    rows = {r["path"]: r for r in pq.read_table(str(out)).to_pylist()}
+    reference = pipeline("zero-shot-image-classification", model=str(checkpoint))
+    worst = 0.0
+    for f in files:
+        expected = reference(str(f), candidate_labels=labels)
+        got = rows[str(f)]
+        assert got["labels"] == [e["label"] for e in expected], f.name
+        assert got["scores"] == pytest.approx([e["score"] for e in expected], abs=1e-4), f.name
+        worst = max(worst, max(abs(a - e["score"]) for a, e in zip(got["scores"], expected)))
+    return worst
+
+
 def photo(w: int, h: int, seed: int = 0) -> Image.Image:
     """A smooth, textured RGB picture (gradients + noise), deterministic per seed."""
     rng = np.random.default_rng(seed)
