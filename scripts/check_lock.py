@@ -30,7 +30,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "lock.txt"
 # The extras CI and scripts/setup.sh install (gcs/azure are optional and not locked).
-LOCKED_EXTRAS = ("s3", "test", "cluster")
+LOCKED_EXTRAS = ("s3", "test", "cluster", "lint")
 # Declared runtime dependencies that zslabel never imports by name, and why they are declared.
 RUNTIME_ONLY = {
     "safetensors": "transformers reads *.safetensors checkpoints with it",

@@ -48,7 +48,7 @@ PY
   fi
   phase "torch"
 fi
-install -c "$LOCK" -e ".[test,s3]"
+install -c "$LOCK" -e ".[test,s3,lint]"
 # The editable project's own modules, for the same reason (compileall writes despite the variable).
 python -m compileall -q zslabel zslabel_dev >/dev/null
 phase "locked packages"

@@ -317,3 +317,17 @@ def test_relabel_plain_embeddings_parquet(runs, tmp_path):
         run_relabel_job(RelabelConfig(source=str(plain), output=str(tmp_path / "o2"), labels=LABELS_B,
                                       model=str(r["ckpt"])))
     assert not list((tmp_path / "o2").glob("*.parquet")) and not list((tmp_path / "o2").glob(".*"))
+
+
+def test_relabel_keeps_the_source_templates_and_top_k_unless_given(runs, tmp_path):
+    """A relabel with only new labels keeps the prompt templates and top-k the source run was
+    labeled with (it silently reset them to the defaults before); given ones win."""
+    src = runs["clip"]["rb32"]  # labeled with TEMPLATES_B and top-k 5
+    kept = run_relabel_job(RelabelConfig(source=str(src), output=str(tmp_path / "kept"), labels=LABELS_B[:4]))
+    manifest = json.loads((tmp_path / "kept" / "_run_manifest.json").read_text())
+    assert manifest["templates"] == TEMPLATES_B and manifest["config"]["top_k"] == len(LABELS_B)
+    assert kept.labeled and {len(r["labels"]) for r in rows_by_path(tmp_path / "kept").values() if r["labels"]} == {4}
+    run_relabel_job(RelabelConfig(source=str(src), output=str(tmp_path / "given"), labels=LABELS_B,
+                                  templates=["{}"], top_k=2))
+    manifest = json.loads((tmp_path / "given" / "_run_manifest.json").read_text())
+    assert manifest["templates"] == ["{}"] and manifest["config"]["top_k"] == 2

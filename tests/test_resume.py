@@ -19,8 +19,8 @@ from s3_server import s3, s3_endpoint  # noqa: F401  (fixtures)
 from zslabel import JobConfig, run_label_job
 from zslabel.errors import ConfigError, OutputError
 from zslabel.output import MANIFEST_NAME, output_schema
-from zslabel.runstate import (FINGERPRINT_KEY, STATE_DIR, RunPlan, WriteTarget, begin_run, collect_counts,
-                              describe_changes, fingerprint_digest, fingerprint_fields, inspect_output)
+from zslabel.store import (FINGERPRINT_KEY, STATE_DIR, OutputStore, WriteSession, WriteTarget, describe_changes,
+                           fingerprint_digest, fingerprint_fields, inspect_output)
 
 N_MANY = 240
 LABELS = ["cat", "dog", "bird"]
@@ -220,8 +220,9 @@ def test_duplicates_from_re_executed_writers_are_removed_before_the_commit(tmp_p
     write_part(out / "part-R1-b.parquet", [2, 3], "fp", [None, "truncated: x"])
     write_part(out / "part-R1-z.parquet", [1], "fp")             # only duplicates: deleted
     carried_before = (out / "part-R0-c.parquet").read_bytes()
-    plan = RunPlan(inspect_output(str(out)), WriteTarget(str(out), {}, "", "R1", "fp"), {}, done=None)
-    counts = collect_counts(plan)
+    plan = WriteSession(inspect_output(str(out)), WriteTarget(str(out), {}, "", "R1", "fp"), {}, done=None,
+                        carried_files=("part-R0-c.parquet", "part-R0-d.parquet"))
+    counts = plan.counts()
     assert indices(out) == [0, 1, 2, 3] and not (out / "part-R1-z.parquet").exists()
     assert (out / "part-R0-c.parquet").read_bytes() == carried_before
     assert pq.read_table(out / "part-R1-a.parquet").column("input_index").to_pylist() == [2]
@@ -231,7 +232,18 @@ def test_duplicates_from_re_executed_writers_are_removed_before_the_commit(tmp_p
 
     write_part(out / "part-R0-d.parquet", [0], "fp")  # earlier runs disagree: not repairable here
     with pytest.raises(OutputError, match="holds 1 inputs more than once"):
-        collect_counts(plan)
+        plan.counts()
+
+
+def begin_in(out, mode, fields):
+    """The store's lifecycle up to ``begin``, as a command runs it (check, claim, begin)."""
+    store = OutputStore.open(str(out))
+    store.check(mode)
+    try:
+        session = store.begin(mode, fields)
+    finally:
+        store.release()
+    return session
 
 
 def test_swap_cut_short_is_finished_by_the_next_run(tmp_path):
@@ -253,10 +265,10 @@ def test_swap_cut_short_is_finished_by_the_next_run(tmp_path):
                                                                manifest=manifest)))
     before = snapshot(out)
     with pytest.raises(OutputError, match="unfinished run"):
-        begin_run(JobConfig(input="in", output=str(out)), fields)
+        begin_in(out, "error", fields)
     assert snapshot(out) == before
 
-    plan = begin_run(JobConfig(input="in", output=str(out), mode="resume"), fields)
+    plan = begin_in(out, "resume", fields)
     assert sorted(p.name for p in out.glob("*.parquet")) == ["part-R2-x.parquet", "part-R2-y.parquet"]
     assert indices(out) == [0, 1, 2, 3] and plan.done.tolist() == [0, 1, 2, 3] and not plan.staged
     assert not staging.exists()
@@ -267,9 +279,8 @@ def test_fingerprint_covers_results_not_execution():
 
     def fields(**kw):
         cfg = JobConfig(**{"input": "in", "output": "out", "labels": LABELS, **kw})
-        return fingerprint_fields(cfg, checkpoint_digest="abc", model_type="clip", score_kind="softmax",
-                                  labels=cfg.labels, templates=cfg.templates, preprocess={"size": 224},
-                                  schema=schema)
+        return fingerprint_fields(cfg.result_settings(), checkpoint_digest="abc", model_type="clip",
+                                  score_kind="softmax", preprocess={"size": 224}, schema=schema)
 
     base = fields()
     same = fields(batch_size=7, concurrency=(1, 2), address="x", mode="resume", storage_options={"key": "s3cr3t"})
@@ -364,3 +375,26 @@ def test_resume_after_the_tar_shards_changed(tiny_clip, ray_local, tmp_path):
     assert (extended.rows, extended.model_images, extended.carried_over) == (4, 1, 3)
     paths = [os.path.basename(p) for p in pq.read_table(str(out), columns=["path"]).column(0).to_pylist()]
     assert sorted(paths) == ["b.tar#k1.jpg", "b.tar#k2.jpg", "c.tar#k3.jpg", "d.tar#k4.jpg"]
+
+
+def test_two_jobs_into_one_output_second_is_refused_first_is_whole(tiny_clip, ray_local, many_images, tmp_path):
+    """A new user's two jobs started seconds apart into one output: the second exits 2 in one line
+    naming the first run, changes nothing, and the first commits exactly its own rows."""
+    out = tmp_path / "out"
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = start_cli(cli_args(many_images, out, tiny_clip, LABELS), ray_local, first_log)
+    deadline = time.monotonic() + 240
+    while not (out / STATE_DIR / "claim.json").exists():
+        assert first.poll() is None and time.monotonic() < deadline, first_log.read_text()[-3000:]
+        time.sleep(0.05)
+    first_run = json.loads((out / STATE_DIR / "claim.json").read_text())["run_id"]
+    for mode in ([], ["--resume"], ["--overwrite"]):
+        second = start_cli(cli_args(many_images, out, tiny_clip, ["fox", "owl"], *mode), ray_local, second_log)
+        assert second.wait(timeout=240) == 2, second_log.read_text()[-3000:]
+        errors = [line for line in second_log.read_text().splitlines() if line.startswith("zslabel: error")]
+        assert len(errors) == 1 and first_run in errors[0] and "being written by" in errors[0], errors
+    assert first.wait(timeout=600) == 0, first_log.read_text()[-3000:]
+    assert indices(out) == list(range(N_MANY))
+    manifest = manifest_of(out)
+    assert manifest["run_id"] == first_run and manifest["labels"] == LABELS
+    assert set(pq.read_table(str(out), columns=["labels"]).column(0).combine_chunks().flatten().to_pylist()) <= set(LABELS)

@@ -230,6 +230,7 @@ def run_calibrate(output: str, ground_truth: str, *, calibration_path: str = "ca
         digest = model.get("digest")
         if not digest:
             raise InputError(f"the run manifest of {output} records no checkpoint digest")
+        assert sample.top_labels is not None and sample.top_scores is not None  # read_sample: one or the other
         logits, complete = logits_from_scores(sample.top_labels, sample.top_scores, labels, score_kind)
         info.update(source="scores", scores_complete=complete)
         if not complete:

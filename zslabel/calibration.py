@@ -471,6 +471,7 @@ def fit_calibration(logits: np.ndarray, y: np.ndarray, score_kind: str, *, label
                           f"--holdout {holdout}: need at least 2 on each side; label more images")
     zf, yf = logits[fit_idx], y[fit_idx]
     if score_kind == "softmax":
+        params: dict[str, Any]
         kind, params = TEMPERATURE, {"temperature": fit_temperature(zf, yf)}
     elif score_kind == "sigmoid":
         a, b, own = fit_platt(zf, yf, min_positives)

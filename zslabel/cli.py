@@ -12,7 +12,7 @@ import logging
 import sys
 
 from .config import INPUT_FORMATS, JobConfig, parse_concurrency, parse_storage_options, resolve_templates
-from .errors import ErrorBudgetExceeded, RayStartError, ZslabelError
+from .errors import AccountingError, ErrorBudgetExceeded, RayStartError, ZslabelError
 from .labels import DEFAULT_TEMPLATE, TEMPLATE_SETS, parse_label_list
 from .options import DEFAULT_MODEL
 from .sources import KINDS as INPUT_KINDS
@@ -28,6 +28,7 @@ EXIT_CODES = """exit codes:
   1    error budget exceeded (--max-error-fraction): the output is written
   2    bad configuration, input, model or output (nothing written)
   3    Ray could not be started or joined (unreachable --address, node start timed out)
+  4    the rows do not account for every input (a zslabel bug): nothing committed, rows kept
   130  interrupted (committed files are kept: rerun with --resume)
 """
 
@@ -382,7 +383,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (``EXIT_CODES``: 0 ok, 1 error budget exceeded,
-    2 usage/config error, 3 Ray did not start, 130 interrupted)."""
+    2 usage/config error, 3 Ray did not start, 4 accounting check failed, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -415,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     except RayStartError as exc:
         print(f"zslabel: error: {exc}", file=sys.stderr)
         return 3
+    except AccountingError as exc:
+        print(f"zslabel: error: {exc}", file=sys.stderr)
+        return 4
     except ZslabelError as exc:
         print(f"zslabel: error: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 ``zslabel label`` has (input, Ray, decoding, output layout), built from YAML and/or CLI flags and
 validated up front.
 
-Everything here is checked before any image is read. ``runstate.NON_RESULT_FIELDS`` lists what
+Everything here is checked before any image is read. ``options.NON_RESULT_FIELDS`` lists what
 does not change results; every other field enters the run fingerprint.
 """
 

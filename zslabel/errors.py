@@ -52,6 +52,11 @@ class OutputError(ZslabelError):
     """The output location is unusable (occupied without --resume/--overwrite, not writable)."""
 
 
+class AccountingError(OutputError):
+    """The committed rows do not account for every listed input (``listed == rows + skipped +
+    duplicates_removed`` failed): nothing was committed. The CLI exits 4."""
+
+
 class ErrorBudgetExceeded(ZslabelError):
     """More images failed than ``--max-error-fraction`` allows; the output is still written."""
 

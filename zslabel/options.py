@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import runstate
 from .calibration import load_calibration
 from .errors import ConfigError, InputError
 from .hierarchy import check_options as check_hierarchy_options
@@ -32,6 +31,18 @@ from .textfiles import read_text
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 OUTPUT_MODES = ("error", "resume", "overwrite")
+DEFAULT_TOP_K = 5
+
+# Option fields (of every options class) that change no output row (execution, storage, mode),
+# or that enter the fingerprint in resolved form (model, labels, templates, calibration by id;
+# decode limits via the preprocessing spec). Every other field is fingerprinted as is, so a new
+# result-changing option is covered without editing the store.
+NON_RESULT_FIELDS = frozenset({
+    "output", "address", "batch_size", "concurrency", "num_gpus_per_actor", "num_cpus_per_actor",
+    "decode_cpus_per_task", "storage_options", "mode", "retry_errors", "max_error_fraction", "rows_per_file",
+    "labels_file", "labels", "templates", "model", "revision", "max_pixels", "min_side", "fast_decode",
+    "calibration", "hierarchy",
+})
 
 
 @dataclass
@@ -45,7 +56,7 @@ class LabelingOptions:
         model, revision: checkpoint (hub id, local folder or fsspec URI) and hub revision.
         top_k, min_score, multi_label, threshold: the ranking rule (``ranking.RankingRule``).
         storage_options: fsspec options for input, output and a remote model folder.
-        mode: "error" (refuse an occupied output), "resume" or "overwrite" (see ``runstate``).
+        mode: "error" (refuse an occupied output), "resume" or "overwrite" (see ``store.session``).
         retry_errors: with ``resume``: recompute the rows that failed in earlier runs.
         max_error_fraction: in [0, 1]: fail (exit 1, output written) when more rows failed.
         calibration: a calibration file (``calibration.py``) whose map is applied to the logits.
@@ -58,7 +69,7 @@ class LabelingOptions:
     templates: list[str] = field(default_factory=lambda: [DEFAULT_TEMPLATE])
     model: str | None = DEFAULT_MODEL
     revision: str | None = None
-    top_k: int = 5
+    top_k: int = DEFAULT_TOP_K
     min_score: float | None = None
     multi_label: bool = False
     threshold: float | None = None
@@ -157,6 +168,30 @@ class LabelingOptions:
                            threshold=self.threshold)
 
     # ---- reporting ----------------------------------------------------------------------
+    def result_settings(self, labels: list[str] | None = None, templates: list[str] | None = None
+                        ) -> dict[str, Any]:
+        """The settings that change output rows and are known before the model loads, as a
+        JSON-able dict for the store's fingerprint (``store.fingerprint_fields``): every field
+        not in ``NON_RESULT_FIELDS`` as it is, ``model`` (``id``, ``revision``), ``labels`` and
+        ``templates`` (as embedded; default: these options'), the calibration by content (its
+        id, not its path) and ``hierarchy`` (both only when used, so outputs of earlier
+        versions still resume).
+
+        Raises:
+            ConfigError: the calibration file cannot be read.
+        """
+        import json
+
+        fields = {k: v for k, v in self.public_dict().items() if k not in NON_RESULT_FIELDS}
+        fields.update(model={"id": self.model, "revision": self.revision},
+                      labels=list(self.labels if labels is None else labels),
+                      templates=list(self.templates if templates is None else templates))
+        if self.calibration:
+            fields["calibration"] = load_calibration(self.calibration, self.storage_options).id
+        if self.hierarchy:
+            fields["hierarchy"] = True
+        return json.loads(json.dumps(fields, default=str))  # tuples -> lists, as after a JSON round trip
+
     def public_dict(self) -> dict[str, Any]:
         """The options as a JSON-able dict with storage option values redacted (never secrets)."""
         d = dataclasses.asdict(self)
@@ -171,13 +206,14 @@ class ResolvedRun:
     Attributes:
         labels, templates: the label names and prompt templates as they will be embedded.
         rule: the ranking rule (built once).
-        output: the output location as inspected once (``runstate.OutputState``).
+        output: the output store, inspected once and checked against the mode
+            (``store.OutputStore``).
     """
 
     labels: list[str]
     templates: list[str]
     rule: Any
-    output: runstate.OutputState
+    output: Any  # store.OutputStore (imported lazily: the store is below the options)
 
 
 def resolve(options: LabelingOptions) -> ResolvedRun:
@@ -186,15 +222,17 @@ def resolve(options: LabelingOptions) -> ResolvedRun:
 
     Raises:
         ConfigError: a bad option. OutputError: an occupied output without a mode, a folder that
-            is not a zslabel output, or a ``--resume`` whose settings differ (naming them).
+            is not a zslabel output, one another run is writing, or a ``--resume`` whose
+            settings differ (naming them).
     """
+    from .store import OutputStore
+
     rule = options.validate()
     if options.calibration:  # a missing or damaged file fails here; its fit is checked with the model
         load_calibration(options.calibration, options.storage_options)
-    state = runstate.inspect_output(options.output, options.storage_options)
-    runstate.check_mode(options, state)
-    runstate.check_resumable(options, state, list(options.labels), list(options.templates))
-    return ResolvedRun(list(options.labels), list(options.templates), rule, state)
+    store = OutputStore.open(options.output, options.storage_options)
+    store.check(options.mode, options.result_settings())
+    return ResolvedRun(list(options.labels), list(options.templates), rule, store)
 
 
 def check_input_exists(uri: str, storage_options: dict | None = None) -> None:

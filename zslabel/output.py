@@ -18,6 +18,7 @@ import json
 import os
 import posixpath
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import fsspec
@@ -55,7 +56,7 @@ BASE_FIELDS = [
 ABSTAINED_FIELD = pa.field(ABSTAINED, pa.bool_())
 
 
-def output_schema(carried_columns: list[str] = (), embedding_dim: int | None = None,
+def output_schema(carried_columns: Sequence[str] = (), embedding_dim: int | None = None,
                   embedding_dtype: str = "float16", abstained: bool = False) -> pa.Schema:
     """The fixed output schema: base columns, optional ``abstained`` (bool: best score below
     ``--min-score``; null on error rows), carried string columns, optional ``embedding``
@@ -103,9 +104,10 @@ def result_table(schema: pa.Schema, columns: dict[str, Any], label_names: np.nda
     offsets = np.zeros(n + 1, np.int32)
     offsets[1:] = np.cumsum(per_row)
     offsets_arr = pa.array(offsets, pa.int32())
-    has_values = top_indices is not None and top_indices.size > 0
-    flat_labels = label_names[top_indices.ravel()] if has_values else np.array([], object)
-    flat_scores = top_scores.ravel() if has_values else np.array([], np.float32)
+    if top_indices is not None and top_scores is not None and top_indices.size > 0:
+        flat_labels, flat_scores = label_names[top_indices.ravel()], top_scores.ravel()
+    else:
+        flat_labels, flat_scores = np.array([], object), np.array([], np.float32)
     null_mask = pa.compute.invert(valid)
     labels = pa.ListArray.from_arrays(offsets_arr, pa.array(flat_labels, pa.string()), mask=null_mask)
     scores = pa.ListArray.from_arrays(offsets_arr, pa.array(flat_scores, pa.float32()), mask=null_mask)
@@ -131,7 +133,7 @@ def result_table(schema: pa.Schema, columns: dict[str, Any], label_names: np.nda
 
 def _clean(values: Any) -> list:
     """Convert a numpy column (object/str/float-with-NaN) to a list with None for missing."""
-    out = []
+    out: list[Any] = []
     for v in list(values):
         if v is None or (isinstance(v, float) and np.isnan(v)):
             out.append(None)
@@ -158,7 +160,7 @@ def is_visible(rel: str) -> bool:
 def visible_parquet_files(rel_paths: list[str]) -> list[str]:
     """The data files of an output: the visible ``.parquet`` paths among ``rel_paths``, sorted.
 
-    The one definition of "which Parquet files of an output are read" (runstate, relabel,
+    The one definition of "which Parquet files of an output are read" (store, relabel,
     evaluate and show all use it)."""
     return sorted(r for r in rel_paths if r.endswith(".parquet") and is_visible(r))
 

@@ -10,7 +10,7 @@ product, instead of fetching and decoding every image again:
       -> same output schema and run manifest as ``zslabel label`` with the same options
 
 One process, no Ray: it is matrix products over Parquet batches, so memory is bounded by the
-batch size whatever the number of rows. The output is written through ``runstate``'s commit
+batch size whatever the number of rows. The output is written through the store's commit
 protocol, as ``zslabel label`` writes: one committed file per source file, staged and swapped
 for ``--overwrite``, resumable with ``--resume``. The embeddings must come from the same checkpoint as the
 new label embeddings; the source's run manifest records its checkpoint digest, and a different
@@ -35,16 +35,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import runstate
-from .calibration import load_for_run, manifest_entry as calibration_manifest_entry
-from .errors import NON_FINITE_SCORES, ConfigError, InputError, error_string
-from .hierarchy import Hierarchy, with_hierarchy_fields
-from .options import LabelingOptions, local_stamp, resolve
+from . import job
+from .calibration import manifest_entry as calibration_manifest_entry
+from .errors import ConfigError, InputError
+from .hierarchy import with_hierarchy_fields
+from .labels import DEFAULT_TEMPLATE
+from .options import DEFAULT_TOP_K, LabelingOptions
 from .output import (ABSTAINED, EMBEDDING, ERROR, INPUT_INDEX, LABELS, MANIFEST_NAME, OWNED_COLUMNS, PATH, SCORES,
                      output_filesystem,
                      output_parquet_files, output_schema, read_manifest, result_table)
 from .progress import Progress
-from .summary import RunFacts, finish_run, summary_of_finished
+from .scoring import ZeroShotClassifier, score_rows
+from .store import Accounting, drop_committed, not_done, open_part, stamped_metadata
+from .summary import RunFacts, RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ class RelabelConfig(LabelingOptions):
     Attributes:
         source: an earlier run's output folder (or one of its Parquet files, or any Parquet
             dataset with ``path`` and a fixed-size-list ``embedding`` column), local or fsspec URI.
+        templates, top_k: default None: the source run's (its run manifest), else the label
+            defaults ("This is a photo of {}.", 5); a relabel never silently resets them.
         model, revision: default None: the model recorded in the source's run manifest. Refused
             when its digest differs from the source's.
         batch_size: source rows per batch (bounds memory: about batch_size x (D + C) floats).
@@ -66,6 +71,10 @@ class RelabelConfig(LabelingOptions):
 
     source: str = ""
     model: str | None = None
+    # None: the source run's (``RelabelSource.recorded_settings``), so that relabeling with new
+    # labels keeps the prompt templates and top-k the source was labeled with.
+    templates: list[str] | None = None  # type: ignore[assignment]
+    top_k: int | None = None  # type: ignore[assignment]
     batch_size: int = 8192
     store_embeddings: bool = True
 
@@ -156,6 +165,17 @@ class RelabelSource:
             raise ConfigError(f"no run manifest beside {self.uri} records its model; pass --model "
                               "(the checkpoint that made the embeddings)")
         return recorded["id"], recorded.get("revision")
+
+    def recorded_settings(self, templates: list[str] | None, top_k: int | None) -> tuple[list[str], int]:
+        """``(templates, top_k)``: the ones given, else the source run's, else the defaults."""
+        config = (self.manifest or {}).get("config") or {}
+        if templates is None:
+            templates = list((self.manifest or {}).get("templates") or [DEFAULT_TEMPLATE])
+            log.info("templates from the source run: %s", templates)
+        if top_k is None:
+            top_k = int(config.get("top_k") or DEFAULT_TOP_K)
+            log.info("top-k from the source run: %d", top_k)
+        return templates, top_k
 
     def input_index(self, i: int) -> np.ndarray:
         """(rows[i],) int64 ``input_index`` of file ``i``'s rows: the source's own column when it
@@ -256,7 +276,7 @@ def check_same_model(manifest: dict | None, model: str | None, revision: str | N
 
 def run_relabel_job(config: RelabelConfig, progress: bool = True):
     """Relabel the embeddings of ``config.source`` with new labels into ``config.output``, through
-    the same commit protocol as ``zslabel label`` (``runstate``): one committed file per source
+    the same commit protocol as ``zslabel label`` (``store``): one committed file per source
     file; ``--overwrite`` stages the new output and swaps it in only when every file is written;
     ``--resume`` finishes a relabel that stopped part way (or extends a finished one).
     ``progress``: show rows done / total, rate, errors and ETA on stderr (``zslabel.progress``).
@@ -277,41 +297,36 @@ def run_relabel_job(config: RelabelConfig, progress: bool = True):
         with the files committed so far kept (staged for --overwrite: the old output stays
         whole) and no run manifest; ``--resume`` then finishes it.
     """
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
     so = config.storage_options
     if not config.source:
         config.validate()  # names the missing source
     source = RelabelSource.open(config.source, so)
     config.model, config.revision = source.recorded_model(config.model, config.revision)
-    resolved = resolve(config)
-    stamps = {"input": local_stamp(config.source), "model": local_stamp(config.model)}
-    done = runstate.finished_unchanged(config, resolved.output, stamps)
-    if done is not None:
-        log.info("%s holds a finished relabel of this source with unchanged settings: nothing to do", config.output)
-        return summary_of_finished(config.output, done, resolved.output.path(MANIFEST_NAME), t0)
+    config.templates, config.top_k = source.recorded_settings(config.templates, config.top_k)
+    prepared = job.prepare(config, config.source,
+                           check_model=lambda digest: check_same_model(source.manifest, config.model,
+                                                                      config.revision, digest))
+    if isinstance(prepared, RunSummary):
+        return prepared  # a finished run with nothing left to do
+    with prepared.claimed():
+        dim = prepared.label_set.embeddings.shape[1]
+        if source.dim is not None and source.dim != dim:
+            raise ConfigError(f"the source embeddings have {source.dim} dimensions but {config.model} embeds labels "
+                              f"in {dim}; they come from another model")
+        schema, emb_dtype = relabel_output_schema(config, prepared, source, dim)
+        src_manifest = source.manifest or {}
+        session = job.begin(prepared, schema, preprocess=src_manifest.get("preprocess"),
+                            extra_fields={"source_fingerprint": src_manifest.get("fingerprint")})
+        t_run = time.perf_counter()
+        written = _relabel_files(config, source, session, _Scorer(prepared.classifier(), schema), schema, progress)
+        prepared.timings["labeling_s"] = time.perf_counter() - t_run
+        return job.finish(prepared, session, relabel_facts(config, prepared, source, emb_dtype),
+                          files_this_run=written, accounting=Accounting(int(sum(source.rows))))
 
-    from .labels import build_label_set
-    from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint
 
-    path = resolve_checkpoint(config.model, config.revision, so)
-    digest = checkpoint_digest(path)
-    check_same_model(source.manifest, config.model, config.revision, digest)
-    text_model = ZeroShotModel(path)
-    resolved.rule.check_score_kind(text_model.score_kind, config.model)
-    label_set = build_label_set(resolved.labels, resolved.templates, text_model, digest=digest)
-    score_kind, model_type = text_model.score_kind, text_model.model_type
-    scale, bias = text_model.logit_scale, text_model.logit_bias
-    del text_model
-    calib = load_for_run(config.calibration, so, checkpoint_digest=digest, labels=list(label_set.names),
-                         templates=list(label_set.templates), score_kind=score_kind)
-    hier = Hierarchy.from_labels(list(label_set.names)) if config.hierarchy else None
-    dim = label_set.embeddings.shape[1]
-    if source.dim is not None and source.dim != dim:
-        raise ConfigError(f"the source embeddings have {source.dim} dimensions but {config.model} embeds labels in "
-                          f"{dim}; they come from another model")
-    timings["model_and_labels_s"] = time.perf_counter() - t0
-
+def relabel_output_schema(config: RelabelConfig, prepared: job.PreparedJob, source: RelabelSource,
+                          dim: int) -> tuple[pa.Schema, str]:
+    """The output schema (the source's string columns carried) and the embedding dtype."""
     carried = [f.name for f in source.schema if f.name not in OWNED_COLUMNS
                and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))]
     dropped = [n for n in source.schema.names if n not in OWNED_COLUMNS and n not in carried]
@@ -321,74 +336,65 @@ def run_relabel_job(config: RelabelConfig, progress: bool = True):
     emb_dtype = "float32" if pa.types.is_float32(emb_type.value_type) else "float16"
     schema = output_schema(carried, dim if config.store_embeddings else None, emb_dtype,
                            abstained=config.min_score is not None)
-    if hier is not None:
-        schema = with_hierarchy_fields(schema)
-    src_manifest = source.manifest or {}
-    fields = runstate.fingerprint_fields(
-        config, checkpoint_digest=digest, model_type=model_type, score_kind=score_kind,
-        labels=list(label_set.names), templates=list(label_set.templates),
-        preprocess=src_manifest.get("preprocess"), schema=schema)
-    fields["source_fingerprint"] = src_manifest.get("fingerprint")
-    run = runstate.begin_run(config, fields, resolved.output)
+    return (with_hierarchy_fields(schema) if prepared.hierarchy is not None else schema), emb_dtype
 
-    scorer = _Scorer(label_set.embeddings, np.asarray(label_set.names, dtype=object), scale, bias,
-                     score_kind, resolved.rule, schema, calibration=calib, hierarchy=hier)
+
+def _relabel_files(config: RelabelConfig, source: RelabelSource, session, scorer: "_Scorer", schema: pa.Schema,
+                   progress: bool) -> int:
+    """Score every source file not yet committed into one committed output file each; returns
+    the number of files written."""
     # Only what the output needs: the source's labels/scores are never read.
     columns = [n for n in source.schema.names if n in schema.names or n in (ERROR, EMBEDDING)]
-    stamped = schema.with_metadata(runstate.stamped_metadata(schema, run.target))
-    t_run = time.perf_counter()
+    stamped = schema.with_metadata(stamped_metadata(schema, session.target))
     written = 0
-    total = max(0, int(sum(source.rows)) - len(run.done))
+    total = max(0, int(sum(source.rows)) - len(session.done))
     with Progress(total, enabled=progress, unit="rows", desc="relabeling") as shown:
         for i, (start, n) in enumerate(zip(source.starts, source.rows)):
             # One committed file per source file; its rows keep their source order and numbering.
-            todo = runstate.not_done(source.input_index(i), run.done)
+            todo = not_done(source.input_index(i), session.done)
             if not len(todo):
                 continue
-            with runstate.open_part(run.target, todo) as (fh, _), pq.ParquetWriter(fh, stamped) as writer:
+            with open_part(session.target, todo) as (fh, _), pq.ParquetWriter(fh, stamped) as writer:
                 first = int(start)
                 for batch in source.batches(i, columns, config.batch_size):
-                    table = runstate.drop_committed(scorer(batch, first), run.done)
+                    table = drop_committed(scorer(batch, first), session.done)
                     first += batch.num_rows
                     writer.write_table(table)
                     shown.update(table.num_rows, table.num_rows - table.column(ERROR).null_count)
             written += 1
-    timings["labeling_s"] = time.perf_counter() - t_run
+    return written
 
+
+def relabel_facts(config: RelabelConfig, prepared: job.PreparedJob, source: RelabelSource, emb_dtype: str) -> RunFacts:
+    """What the run manifest records besides the counts: the source run's settings with this
+    relabel's own, and where the embeddings came from."""
+    src_manifest = source.manifest or {}
     run_config = dict(src_manifest.get("config") or {})
-    run_config.update(output=config.output, labels=list(label_set.names), labels_file=None,
-                      templates=list(label_set.templates), model=config.model, revision=config.revision,
+    run_config.update(output=config.output, labels=prepared.labels, labels_file=None,
+                      templates=prepared.templates, model=config.model, revision=config.revision,
                       top_k=config.top_k, min_score=config.min_score, multi_label=bool(config.multi_label),
                       threshold=config.threshold, mode=config.mode, store_embeddings=config.store_embeddings,
                       embedding_dtype=emb_dtype, calibration=config.calibration, hierarchy=config.hierarchy)
     recorded = src_manifest.get("model") or {}
-    facts = RunFacts(
+    return RunFacts(
         kind="relabel", config=run_config,
-        model={"id": config.model, "revision": config.revision, "local_path": str(path), "digest": digest,
-               "model_type": model_type, "score_kind": score_kind, "stamp": stamps["model"]},
-        labels=list(label_set.names), templates=list(label_set.templates),
+        model={"id": config.model, "revision": config.revision, "local_path": prepared.checkpoint,
+               "digest": prepared.digest, "model_type": prepared.model_type, "score_kind": prepared.score_kind,
+               "stamp": prepared.stamps["model"]},
+        labels=prepared.labels, templates=prepared.templates,
         preprocess=src_manifest.get("preprocess"),
         input_counts=src_manifest.get("counts") or {},
         extra={"relabel": {"source": config.source, "source_model_digest": recorded.get("digest"),
                            "model_checked": source.manifest is not None, "settings": config.public_dict()},
-               "input_stamp": stamps["input"],
-               "calibration": calibration_manifest_entry(calib, config.calibration)})
-    return finish_run(run, facts, started=t0, timings=timings, files_this_run=written,
-                      max_error_fraction=config.max_error_fraction)
+               "input_stamp": prepared.stamps["input"],
+               "calibration": calibration_manifest_entry(prepared.calibration, config.calibration)})
 
 
 class _Scorer:
     """Scores one source batch with the new label embeddings and builds its output rows."""
 
-    def __init__(self, label_embeddings: np.ndarray, label_names: np.ndarray, logit_scale: float,
-                 logit_bias: float, score_kind: str, rule, schema: pa.Schema, *, calibration=None,
-                 hierarchy=None):
-        import torch
-
-        self.labels = torch.from_numpy(label_embeddings)
-        self.names, self.scale, self.bias, self.kind = label_names, logit_scale, logit_bias, score_kind
-        self.rule, self.schema = rule, schema
-        self.calibration, self.hierarchy = calibration, hierarchy
+    def __init__(self, classifier: ZeroShotClassifier, schema: pa.Schema):
+        self.classifier, self.schema = classifier, schema
         self.ranked_schema = pa.schema([schema.field(n) for n in (LABELS, SCORES, ABSTAINED)
                                         if n in schema.names])
 
@@ -397,39 +403,21 @@ class _Scorer:
         or ``first_index``, ``first_index + 1``, ... when the source has none."""
         import torch
 
-        from .ranking import rank, scores_from_logits, zero_shot_logits
-
         n = batch.num_rows
         names = batch.schema.names
         col = {name: batch.column(i) for i, name in enumerate(names)}
-        errors = col[ERROR].to_pylist() if ERROR in col else [None] * n
+        given = col[ERROR].to_pylist() if ERROR in col else [None] * n
         emb_col = col[EMBEDDING]
-        emb, present = embedding_matrix(emb_col, self.labels.shape[1])
-        ok = np.array([e is None for e in errors], bool)
-        missing = ok & ~present
+        emb, present = embedding_matrix(emb_col, self.classifier.label_embeddings.shape[1])
+        missing = np.array([e is None for e in given], bool) & ~present
         if missing.any():
             p = col[PATH][int(np.flatnonzero(missing)[0])].as_py()
             raise InputError(f"row {p!r} was labeled but has no stored embedding; the source is incomplete")
-        rows = np.flatnonzero(ok)
-        ranked = None
-        new_errors = False
-        if len(rows):
-            logits = zero_shot_logits(torch.from_numpy(emb[rows]), self.labels, self.scale, self.bias)
-            if self.calibration is not None:
-                logits = self.calibration.adjust_logits(logits)
-            scores = scores_from_logits(logits, self.kind).numpy()
-            finite = np.isfinite(scores).all(axis=1)
-            if not finite.all():
-                for r in rows[~finite]:
-                    errors[r] = error_string(NON_FINITE_SCORES, "model output has NaN or infinite scores")
-                ok[rows[~finite]] = False
-                scores = scores[finite]
-                new_errors = True
-            ranked = rank(scores, self.rule)
-        hier_cols = {} if self.hierarchy is None else self.hierarchy.columns(
-            scores if ranked is not None else np.zeros((0, len(self.names)), np.float32), ok, self.kind,
-            self.rule.min_score)
-        part = result_table(self.ranked_schema, {}, self.names, None if ranked is None else ranked.indices,
+        scored = score_rows(self.classifier, np.array(given, dtype=object),
+                            lambda rows: torch.from_numpy(emb[rows]))
+        errors, ok, ranked, hier_cols = list(scored.errors), scored.ok, scored.ranked, scored.hierarchy_columns
+        new_errors = errors != given
+        part = result_table(self.ranked_schema, {}, self.classifier.label_names, None if ranked is None else ranked.indices,
                             None if ranked is None else ranked.scores, ok,
                             counts=None if ranked is None else ranked.counts,
                             abstained=None if ranked is None else ranked.abstained)

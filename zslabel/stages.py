@@ -17,8 +17,10 @@ import numpy as np
 import pyarrow as pa
 
 from .decode import PreprocessSpec, decode_image
-from .errors import INTERNAL_ERROR, NON_FINITE_SCORES, error_string
+from .errors import INTERNAL_ERROR, error_string
 from .output import result_table
+from .ranking import RankingRule
+from .scoring import ZeroShotClassifier, score_rows
 from .sources import fetch_bytes
 
 log = logging.getLogger(__name__)
@@ -180,50 +182,29 @@ class Labeler:
             torch.set_num_threads(actor_threads(settings.num_threads))
         path = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
         self.model = ZeroShotModel(path, device=device, dtype=dtype, **settings.spec_overrides)
-        self.label_embeddings = torch.from_numpy(np.array(ray.get(label_refs[0]))).to(device)
-        self.label_names = np.asarray(label_names, dtype=object)
-        self.logit_scale, self.logit_bias = self.model.logit_scale, self.model.logit_bias
+        self.classifier = ZeroShotClassifier(
+            label_embeddings=torch.from_numpy(np.array(ray.get(label_refs[0]))).to(device),
+            label_names=np.asarray(label_names, dtype=object), logit_scale=self.model.logit_scale,
+            logit_bias=self.model.logit_bias, score_kind=self.model.score_kind,
+            rule=settings.ranking or RankingRule(top_k=settings.top_k), calibration=settings.calibration,
+            hierarchy=settings.hierarchy)
         log.info("labeler ready on %s (%s, %d torch threads), %d labels", device, dtype,
                  torch.get_num_threads(), len(label_names))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Label the decoded rows of ``batch`` (see ``decode_batch``); returns output rows."""
-        import torch
-
-        from .ranking import RankingRule, rank, scores_from_logits, zero_shot_logits
-
-        errors = np.array([e if isinstance(e, str) and e else None for e in batch["error"]], dtype=object)
-        ok = np.array([e is None for e in errors], dtype=bool)
-        rows = np.flatnonzero(ok)
-        top_idx = top_val = emb_out = ranked = None
-        if len(rows):
-            emb = self.model.encode_images(batch["pixels"][rows])
-            logits = zero_shot_logits(emb, self.label_embeddings, self.logit_scale, self.logit_bias)
-            if self.settings.calibration is not None:
-                logits = self.settings.calibration.adjust_logits(logits)
-            # Scores stay on the device: ranking selects there and copies only the kept entries
-            # (the (N, C) matrix is 56 MB per 640 images at 21,843 labels).
-            scores = scores_from_logits(logits, self.model.score_kind)
-            finite_t = torch.isfinite(scores).all(dim=1)
-            finite = finite_t.cpu().numpy()
-            if not finite.all():
-                for r in rows[~finite]:
-                    errors[r] = error_string(NON_FINITE_SCORES, "model output has NaN or infinite scores")
-                ok[rows[~finite]] = False
-                scores, emb = scores[finite_t], emb[finite_t]
-            ranked = rank(scores, self.settings.ranking or RankingRule(top_k=self.settings.top_k))
-            top_idx, top_val = ranked.indices, ranked.scores
-            if self.settings.store_embeddings:
-                emb_out = emb.float().cpu().numpy()
+        scored = score_rows(self.classifier, batch["error"],
+                            lambda rows: self.model.encode_images(batch["pixels"][rows]))
         columns = dict(batch)
-        columns["error"] = errors
+        columns["error"] = scored.errors
         columns["width"] = np.where(batch["width"] < 0, None, batch["width"]).astype(object)
         columns["height"] = np.where(batch["height"] < 0, None, batch["height"]).astype(object)
-        if self.settings.hierarchy is not None:
-            columns.update(self.settings.hierarchy.columns(
-                # the hierarchy needs every score: the one place the (M, C) matrix reaches the host
-                scores.cpu().numpy() if len(rows) else np.zeros((0, len(self.label_names)), np.float32), ok,
-                self.model.score_kind, self.settings.ranking.min_score))
-        return result_table(self.settings.schema, columns, self.label_names, top_idx, top_val, ok, emb_out,
-                            counts=None if ranked is None else ranked.counts,
+        columns.update(scored.hierarchy_columns)
+        ranked = scored.ranked
+        emb_out = None
+        if self.settings.store_embeddings and scored.embeddings is not None:
+            emb_out = scored.embeddings.float().cpu().numpy()
+        return result_table(self.settings.schema, columns, self.classifier.label_names,
+                            None if ranked is None else ranked.indices, None if ranked is None else ranked.scores,
+                            scored.ok, emb_out, counts=None if ranked is None else ranked.counts,
                             abstained=None if ranked is None else ranked.abstained)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import runstate
+from .store import RunCounts
 from .errors import ErrorBudgetExceeded
 
 MANIFEST_VERSION = 1
@@ -67,24 +67,17 @@ class RunFacts:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def finish_run(run: runstate.RunPlan, facts: RunFacts, *, started: float, timings: dict[str, Any],
-               files_this_run: int, max_error_fraction: float | None = None) -> RunSummary:
-    """Count the committed output, write the run manifest (the commit: ``runstate.commit_run``)
-    and return the summary.
+def run_manifest(facts: RunFacts, counts: RunCounts, *, timings: dict[str, Any], retried_rows: int,
+                 files_this_run: int) -> dict[str, Any]:
+    """The run manifest (JSON-able) of a run about to commit; the store adds ``run_id`` and the
+    fingerprint. Never holds secrets (``facts.config`` is ``public_dict``).
 
     Args:
-        started: ``time.perf_counter()`` at the start of the run (wall time is measured from it).
-        timings: seconds per phase so far; ``wall_s`` is added.
-        files_this_run: files this run committed.
-
-    Raises:
-        ErrorBudgetExceeded: after the commit, when more than ``max_error_fraction`` rows failed.
-        OutputError: as ``runstate.collect_counts`` / ``runstate.commit_run``.
+        counts: over the committed rows (``store.WriteSession.counts``).
+        timings: seconds per phase, ``wall_s`` included. retried_rows: error rows removed for
+            recomputation. files_this_run: files this run committed.
     """
-    counts = runstate.collect_counts(run)
-    wall = time.perf_counter() - started
-    timings["wall_s"] = wall
-    manifest = {
+    return {
         "zslabel_run": MANIFEST_VERSION,
         "kind": facts.kind,
         "config": facts.config,
@@ -95,24 +88,16 @@ def finish_run(run: runstate.RunPlan, facts: RunFacts, *, started: float, timing
         "counts": {"rows": counts.rows, "labeled": counts.labeled, "errors_by_code": counts.errors_by_code,
                    "skipped": facts.input_counts.get("skipped", 0), "listed": facts.input_counts.get("listed"),
                    "duplicates_removed": facts.input_counts.get("duplicates_removed", 0),
+                   **({"skipped_by_reason": facts.input_counts["skipped_by_reason"]}
+                      if facts.input_counts.get("skipped_by_reason") else {}),
                    "model_images": counts.model_images, "written_this_run": counts.written,
-                   "carried_over": counts.carried_over, "retried_errors": run.retried_rows,
-                   "files": counts.files,
-                   "files_this_run": files_this_run},
+                   "carried_over": counts.carried_over, "retried_errors": retried_rows,
+                   "files": counts.files, "files_this_run": files_this_run},
         "mode": facts.config.get("mode"),
         "timings": timings,
         "versions": package_versions(),
         **facts.extra,
     }
-    manifest_path = runstate.commit_run(run, manifest)
-    rows, labeled = counts.rows, counts.labeled
-    summary = RunSummary(output=run.target.uri, rows=rows, labeled=labeled, errors_by_code=counts.errors_by_code,
-                         skipped=facts.input_counts.get("skipped", 0), listed=facts.input_counts.get("listed"),
-                         wall_seconds=wall, images_per_second=rows / wall if wall else 0.0,
-                         manifest_path=manifest_path, timings=timings, model_images=counts.model_images,
-                         carried_over=counts.carried_over)
-    check_error_budget(summary, max_error_fraction)
-    return summary
 
 
 def summary_of_finished(uri: str, manifest: dict, manifest_path: str, started: float) -> RunSummary:

@@ -98,7 +98,7 @@ class InputPlan:
     carried_columns: list[str]
     # Driver-planned kinds (folder, glob, manifest): the ``path`` of every planned row, (N,)
     # strings in ``input_index`` order, so that a resume can check that committed rows still
-    # name the same inputs (``runstate.begin_run``). None for kinds read in tasks.
+    # name the same inputs (``store.session.begin``). None for kinds read in tasks.
     planned_paths: Any = None
     # Kinds read in tasks (tars, Parquet): the files, in file-index order (``input_index //
     # FILE_INDEX_STRIDE``), recorded by a run so that a resume can check them. None otherwise.

@@ -1,0 +1,213 @@
+"""The output store on its own, without Ray or a model: the claim (one run per output, on a
+local folder and on a real S3 API), --overwrite deleting only the store's own files, the commit's
+ownership and accounting checks, and the lifecycle as a command runs it."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from s3_server import s3, s3_endpoint  # noqa: F401  (fixtures)
+from zslabel.errors import OutputError
+from zslabel.output import MANIFEST_NAME
+from zslabel.store import (Accounting, AccountingError, OutputInUse, OutputStore, fingerprint_digest, is_store_file,
+                           write_block)
+from zslabel.store.claim import CLAIM_RECORD, acquire, claim_is_stale
+from zslabel.store.layout import inspect_output
+
+FIELDS = {"labels": ["cat", "dog"], "top_k": 1}
+
+
+def rows(idx, errors=None):
+    return pa.table({"path": [f"img{i}.png" for i in idx], "input_index": pa.array(idx, pa.int64()),
+                     "error": pa.array(errors or [None] * len(idx), pa.string())})
+
+
+def run_once(uri, idx, mode="error", fields=FIELDS, storage_options=None, listed=None):
+    """A whole run through the store: check, claim, begin, one write, counts, commit."""
+    store = OutputStore.open(uri, storage_options)
+    store.check(mode)
+    try:
+        session = store.begin(mode, fields)
+        if len(idx):
+            write_block(rows(idx), session.target)
+        counts = session.counts()
+        Accounting(len(idx) if listed is None else listed).check(uri, counts.rows)
+        session.commit({"counts": {"rows": counts.rows}})
+    finally:
+        store.release()
+    return session
+
+
+def test_a_second_run_is_refused_in_one_line_naming_the_first(tmp_path):
+    out = str(tmp_path / "out")
+    first = OutputStore.open(out)
+    first.check("error")
+    first.claim("error")
+    try:
+        second = OutputStore.open(out)
+        with pytest.raises(OutputInUse) as err:
+            second.check("error")
+        assert first.run_id in str(err.value) and "\n" not in str(err.value)
+        # Also for the modes that take over an unfinished run: a live one is never taken over.
+        for mode in ("resume", "overwrite"):
+            with pytest.raises(OutputInUse, match=first.run_id):
+                OutputStore.open(out).check(mode)
+        # Racing past the first look (both saw an empty output): the exclusive create decides.
+        with pytest.raises(OutputInUse, match=first.run_id):
+            second.claim("error")
+    finally:
+        first.release()
+    assert not os.path.exists(out)  # a claim that wrote nothing leaves nothing behind
+
+
+def _claim_in_child(out, ready, results):
+    store = OutputStore.open(out)
+    ready.wait()
+    try:
+        store.claim("error")
+        results.put(("claimed", store.run_id))
+        time.sleep(2)
+        store.release()
+    except OutputInUse as exc:
+        results.put(("refused", str(exc)))
+
+
+def test_exactly_one_of_many_simultaneous_claims_wins(tmp_path):
+    """Eight processes claim one empty output at the same instant: one wins, seven are refused."""
+    out = str(tmp_path / "out")
+    ctx = multiprocessing.get_context("fork")
+    ready, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_claim_in_child, args=(out, ready, results)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    ready.set()
+    got = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert sorted(kind for kind, _ in got) == ["claimed"] + ["refused"] * 7
+
+
+def test_a_dead_runs_claim_is_taken_over(tmp_path):
+    """A driver killed mid-run (SIGKILL: no cleanup) leaves its claim; the next run takes it over
+    at once on the same host (the pid is gone), or after the lease elsewhere."""
+    out = tmp_path / "out"
+    code = ("import sys, os; from zslabel.store import OutputStore; s = OutputStore.open(sys.argv[1]); "
+            "s.claim('error'); print(s.run_id, flush=True); os.kill(os.getpid(), 9)")
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
+    dead_run = proc.stdout.strip()
+    claim = json.loads((out / CLAIM_RECORD).read_text())
+    assert claim["run_id"] == dead_run and claim_is_stale(claim)
+    # Not stale when only the pid is unknown: the heartbeat decides (another host's run).
+    assert not claim_is_stale(dict(claim, host="elsewhere"))
+    assert claim_is_stale(dict(claim, host="elsewhere"), now=claim["heartbeat"] + claim["lease_s"] + 1)
+    store = OutputStore.open(str(out))
+    store.check("error")  # a stale claim does not block
+    store.claim("error")
+    assert json.loads((out / CLAIM_RECORD).read_text())["run_id"] == store.run_id
+    store.release()
+
+
+def test_a_run_that_lost_its_claim_does_not_commit(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZSLABEL_CLAIM_LEASE_S", "1")
+    out = str(tmp_path / "out")
+    store = OutputStore.open(out)
+    store.check("error")
+    session = store.begin("error", FIELDS)
+    write_block(rows([0, 1]), session.target)
+    # Another run took over (e.g. this driver was suspended past its lease).
+    state = inspect_output(out)
+    with open(state.path(CLAIM_RECORD), "w") as fh:
+        json.dump({"run_id": "OTHER", "heartbeat": time.time() + 3600, "lease_s": 3600, "host": "x"}, fh)
+    time.sleep(0.6)  # a heartbeat notices
+    with pytest.raises(OutputError, match="lost its claim.*OTHER"):
+        session.commit({})
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+    store.release()
+    assert json.loads(open(state.path(CLAIM_RECORD)).read())["run_id"] == "OTHER"  # not ours to delete
+
+
+def test_the_claim_on_s3_is_a_conditional_put(s3):  # noqa: F811
+    """On a real S3 API the claim is created with If-None-Match: a second claim is refused by the
+    server, not by a read-then-write race."""
+    uri = f"s3://{s3.bucket}/out"
+    first = OutputStore.open(uri, s3.storage_options)
+    first.claim("error")
+    try:
+        assert first._claim.method == "conditional-put"
+        state = inspect_output(uri, s3.storage_options)
+        with pytest.raises(OutputInUse, match=first.run_id):
+            acquire(state, "second-run")
+    finally:
+        first.release()
+    session = run_once(uri, [0, 1, 2], storage_options=s3.storage_options)
+    assert inspect_output(uri, s3.storage_options).manifest["run_id"] == session.run_id
+
+
+def test_overwrite_deletes_only_what_the_store_wrote(tmp_path):
+    out = tmp_path / "out"
+    run_once(str(out), [0, 1, 2])
+    (out / "notes.csv").write_text("a,b\n")
+    (out / "plots").mkdir()
+    (out / "plots" / "hist.png").write_bytes(b"png")
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(OutputError, match="did not write.*notes.csv.*plots/hist.png"):
+        OutputStore.open(str(out)).check("overwrite")
+    assert sorted(p.name for p in out.iterdir()) == before
+    # Resume deletes nothing of the user's and is not refused for them.
+    OutputStore.open(str(out)).check("resume")
+    (out / "notes.csv").unlink()
+    (out / "plots" / "hist.png").unlink()
+    (out / "plots").rmdir()
+    new = run_once(str(out), [0, 1], mode="overwrite", fields={"labels": ["fox"]})
+    assert all(p.name.startswith(f"part-{new.run_id}-") for p in out.glob("*.parquet"))
+    assert pq.read_table(str(out)).num_rows == 2
+
+
+def test_store_file_names():
+    for name in ("part-20261205T000000-abcdef12-0123456789abcdef.parquet", "_run_manifest.json",
+                 "_zslabel/run.json", "_zslabel/staging/R/part-R-1.parquet",
+                 ".part-R-1.parquet.0123456789ab.tmp"):
+        assert is_store_file(name), name
+    for name in ("notes.csv", "plots/hist.png", "sub/part-R-1.parquet", "data.parquet", ".DS_Store"):
+        assert not is_store_file(name), name
+
+
+def test_commit_refuses_rows_that_do_not_account_for_the_inputs(tmp_path):
+    out = str(tmp_path / "out")
+    with pytest.raises(AccountingError, match="5 inputs listed.*holds 3 rows.*2 inputs have no row"):
+        run_once(out, [0, 1, 2], listed=5)
+    state = inspect_output(out)
+    assert state.manifest is None and state.run_record is not None  # not committed; --resume can finish
+    assert Accounting(7, skipped=3, duplicates_removed=1).check(out, 3) is None
+    with pytest.raises(AccountingError, match="1 rows too many"):
+        Accounting(4, skipped=1).check(out, 4)
+
+
+def test_commit_refuses_files_of_another_run(tmp_path):
+    out = str(tmp_path / "out")
+    store = OutputStore.open(out)
+    store.check("error")
+    try:
+        session = store.begin("error", FIELDS)
+        write_block(rows([0, 1]), session.target)
+        # A writer of another run (another fingerprint) published into this output.
+        pq.write_table(rows([2]).replace_schema_metadata({b"zslabel.fingerprint": b"other"}),
+                       os.path.join(out, "part-OTHER-1.parquet"))
+        with pytest.raises(OutputError, match="files of another run appeared.*part-OTHER-1"):
+            session.counts()
+    finally:
+        store.release()
+
+
+def test_fingerprint_is_the_digest_of_the_fields(tmp_path):
+    session = run_once(str(tmp_path / "out"), [0])
+    assert session.fingerprint == fingerprint_digest(FIELDS)

@@ -1,0 +1,209 @@
+"""The skeleton every command that writes an output shares (``label``, ``relabel``):
+
+    prepare   everything that needs neither Ray nor images: options validated, the output
+              inspected and checked against the mode, a ``--resume`` with nothing to do
+              answered, the checkpoint resolved and digested, the label embeddings built
+              (text tower once), calibration and hierarchy loaded; then the output claimed
+              (one run at a time, ``store.claim``), before Ray starts
+    begin     the write session: fingerprint of everything that changes rows, resume set,
+              staging (``store.OutputStore.begin``)
+    finish    counts over the committed rows, the accounting check (every listed input is a
+              row, a counted skip or a counted duplicate), the run manifest (the commit), the
+              error budget
+
+The commands add only what is theirs in between (``pipeline``: the Ray Data chain; ``relabel``:
+a loop over stored embeddings). Ray-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+
+from .calibration import Calibration, load_for_run
+from .errors import ConfigError
+from .hierarchy import Hierarchy
+from .labels import LabelSet
+from .options import LabelingOptions, ResolvedRun, local_stamp, resolve
+from .output import MANIFEST_NAME
+from .ranking import RankingRule
+from .scoring import ZeroShotClassifier
+from .store import Accounting, WriteSession, fingerprint_fields
+from .summary import RunFacts, RunSummary, check_error_budget, run_manifest, summary_of_finished
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedJob:
+    """What :func:`prepare` gives (see the module docstring).
+
+    Attributes:
+        options: the command's options (validated). resolved: labels, templates, rule, store.
+        started: ``time.perf_counter()`` at the start. timings: seconds per phase so far.
+        stamps: ``{"input": ..., "model": ...}`` (``options.local_stamp``; None when not local).
+        checkpoint: the resolved checkpoint folder. digest: ``model.checkpoint_digest``.
+        label_set: names, templates and (C, D) float32 L2-normalised label embeddings.
+        score_kind, model_type, logit_scale, logit_bias, preprocess: from the loaded model
+            (``preprocess``: its ``PreprocessSpec``; ``logit_bias`` 0.0 for CLIP).
+        calibration, hierarchy: loaded and checked against the model and labels, or None.
+    """
+
+    options: LabelingOptions
+    resolved: ResolvedRun
+    started: float
+    timings: dict[str, Any]
+    stamps: dict[str, str | None]
+    checkpoint: str
+    digest: str
+    label_set: LabelSet
+    score_kind: str
+    model_type: str
+    logit_scale: float
+    logit_bias: float
+    preprocess: Any
+    calibration: Calibration | None = None
+    hierarchy: Hierarchy | None = None
+
+    @property
+    def rule(self) -> RankingRule:
+        return self.resolved.rule
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.label_set.names)
+
+    @property
+    def templates(self) -> list[str]:
+        return list(self.label_set.templates)
+
+    def classifier(self, device: str = "cpu") -> ZeroShotClassifier:
+        """The zero-shot classifier of this job, its label embeddings on ``device``."""
+        import torch
+
+        return ZeroShotClassifier(torch.from_numpy(np.asarray(self.label_set.embeddings)).to(device),
+                                  np.asarray(self.label_set.names, dtype=object), self.logit_scale,
+                                  self.logit_bias, self.score_kind, self.rule, calibration=self.calibration,
+                                  hierarchy=self.hierarchy)
+
+    @contextmanager
+    def claimed(self):
+        """Hold the output's claim for the block; given up however the block ends."""
+        try:
+            yield self
+        finally:
+            self.resolved.output.release()
+
+
+def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
+            spec_overrides: dict[str, Any] | None = None,
+            check_input: Callable[[], None] | None = None,
+            check_model: Callable[[str], None] | None = None) -> PreparedJob | RunSummary:
+    """Everything before Ray and images (see the module docstring), ending with the claim.
+
+    Args:
+        options: the command's options. input_uri: the input (or relabel source), for the
+            ``--resume`` short-cut's stamp.
+        device: where the text tower runs ("cuda" on a driver with a GPU).
+        spec_overrides: decode limits passed to the model's preprocessing spec.
+        check_input: called after the options and output are checked (the input exists).
+        check_model: called with the checkpoint digest before the text tower runs (relabel:
+            the source's embeddings must come from this checkpoint).
+
+    Returns:
+        The prepared job, holding the output's claim; or, for a ``--resume`` of a finished run
+        with unchanged settings, input and model, that run's summary (nothing claimed or run).
+
+    Raises:
+        ConfigError, ModelLoadError, OutputError (OutputInUse when another run holds the
+        output): all before any image is read or Ray is started.
+    """
+    from .labels import build_label_set
+    from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint
+
+    started = time.perf_counter()
+    resolved = resolve(options)
+    if check_input is not None:
+        check_input()
+    if not options.model:
+        raise ConfigError("no model given: pass --model")
+    stamps = {"input": local_stamp(input_uri), "model": local_stamp(options.model)}
+    store = resolved.output
+    done = store.finished_unchanged(options.mode, options.retry_errors, stamps)
+    if done is not None:
+        log.info("%s holds a finished run of this job with unchanged input and model: nothing to do", options.output)
+        return summary_of_finished(options.output, done, store.state.path(MANIFEST_NAME), started)
+    path = resolve_checkpoint(options.model, options.revision, options.storage_options)
+    digest = checkpoint_digest(path)
+    if check_model is not None:
+        check_model(digest)
+    # The text tower in float32 (the label embeddings are the classifier's weights), batched;
+    # its result is cached on disk (labels.build_label_set).
+    text_model = ZeroShotModel(path, device=device, **(spec_overrides or {}))
+    resolved.rule.check_score_kind(text_model.score_kind, options.model)  # before any image is read
+    label_set = build_label_set(resolved.labels, resolved.templates, text_model, digest=digest)
+    job = PreparedJob(options, resolved, started, {}, stamps, str(path), digest, label_set, text_model.score_kind,
+                      text_model.model_type, text_model.logit_scale, text_model.logit_bias, text_model.preprocess)
+    del text_model
+    job.calibration = load_for_run(options.calibration, options.storage_options, checkpoint_digest=digest,
+                                   labels=job.labels, templates=job.templates, score_kind=job.score_kind)
+    job.hierarchy = Hierarchy.from_labels(job.labels) if options.hierarchy else None
+    job.timings["model_and_labels_s"] = time.perf_counter() - started
+    store.claim(options.mode, options.result_settings())
+    return job
+
+
+def begin(job: PreparedJob, schema: pa.Schema, *, preprocess: dict | None,
+          extra_fields: dict[str, Any] | None = None, planned_paths: Any = None,
+          planned_files: list[str] | None = None) -> WriteSession:
+    """Start the write session: the fingerprint of every setting that changes rows (the
+    options' ``result_settings`` plus what the model and the output schema add), then
+    ``store.OutputStore.begin`` with the mode.
+
+    Args:
+        schema: the output schema. preprocess: the preprocessing spec's fingerprint dict (a
+            relabel: its source's). extra_fields: more fingerprint fields (relabel: its source's
+            fingerprint). planned_paths, planned_files: for the resume input checks
+            (``sources.InputPlan``).
+
+    Raises:
+        OutputError: see ``store.session.begin``.
+    """
+    opts = job.options
+    fields = fingerprint_fields(opts.result_settings(job.labels, job.templates), checkpoint_digest=job.digest,
+                                model_type=job.model_type, score_kind=job.score_kind, preprocess=preprocess,
+                                schema=schema)
+    fields.update(extra_fields or {})
+    return job.resolved.output.begin(opts.mode, fields, retry_errors=opts.retry_errors,
+                                     planned_paths=planned_paths, planned_files=planned_files)
+
+
+def finish(job: PreparedJob, session: WriteSession, facts: RunFacts, *, files_this_run: int,
+           accounting: Accounting) -> RunSummary:
+    """Count the committed rows, check them against the inputs, commit the manifest, and
+    apply the error budget.
+
+    Raises:
+        AccountingError: the rows do not account for every listed input (nothing committed;
+            exit 1). OutputError: the claim was lost, or files of another run appeared.
+        ErrorBudgetExceeded: after the commit, when more than ``max_error_fraction`` rows failed.
+    """
+    counts = session.counts()
+    accounting.check(session.target.uri, counts.rows)
+    job.timings["wall_s"] = wall = time.perf_counter() - job.started
+    manifest = run_manifest(facts, counts, timings=job.timings, retried_rows=session.retried_rows,
+                            files_this_run=files_this_run)
+    path = session.commit(manifest)
+    summary = RunSummary(output=session.target.uri, rows=counts.rows, labeled=counts.labeled,
+                         errors_by_code=counts.errors_by_code, skipped=facts.input_counts.get("skipped", 0),
+                         listed=facts.input_counts.get("listed"), wall_seconds=wall,
+                         images_per_second=counts.rows / wall if wall else 0.0, manifest_path=path,
+                         timings=job.timings, model_images=counts.model_images, carried_over=counts.carried_over)
+    check_error_budget(summary, job.options.max_error_fraction)
+    return summary
