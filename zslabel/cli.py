@@ -84,6 +84,9 @@ def _add_labeling_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     g = p.add_argument_group("calibration and hierarchy")
     g.add_argument("--calibration", help="calibration file from `zslabel calibrate` for this model, labels and "
                    "templates: scores (and --min-score) become estimated probabilities of being right")
+    g.add_argument("--head", help="head file from `zslabel fit` for this model, labels and templates: its "
+                   "logits replace the zero-shot ones (calibration, top-k, abstention, multi-label and "
+                   "hierarchies then work on the head's scores)")
     g.add_argument("--hierarchy", action="store_true", default=None,
                    help="labels written as paths (animal/mammal/dog): add hier_label, hier_score, hier_path, "
                    "the deepest path whose rolled-up score reaches --min-score")

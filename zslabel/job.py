@@ -52,7 +52,7 @@ class PreparedJob:
         label_set: names, templates and (C, D) float32 L2-normalised label embeddings.
         score_kind, model_type, logit_scale, logit_bias, preprocess: from the loaded model
             (``preprocess``: its ``PreprocessSpec``; ``logit_bias`` 0.0 for CLIP).
-        calibration, hierarchy: loaded and checked against the model and labels, or None.
+        calibration, hierarchy, head: loaded and checked against the model and labels, or None.
     """
 
     options: LabelingOptions
@@ -70,6 +70,7 @@ class PreparedJob:
     preprocess: Any
     calibration: Calibration | None = None
     hierarchy: Hierarchy | None = None
+    head: Any = None  # heads.Head replacing the zero-shot logits, checked against the model and labels
 
     @property
     def rule(self) -> RankingRule:
@@ -90,7 +91,7 @@ class PreparedJob:
         return ZeroShotClassifier(torch.from_numpy(np.asarray(self.label_set.embeddings)).to(device),
                                   np.asarray(self.label_set.names, dtype=object), self.logit_scale,
                                   self.logit_bias, self.score_kind, self.rule, calibration=self.calibration,
-                                  hierarchy=self.hierarchy)
+                                  hierarchy=self.hierarchy, head=self.head)
 
     @contextmanager
     def claimed(self):
@@ -151,8 +152,14 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
     job = PreparedJob(options, resolved, started, {}, stamps, str(path), digest, label_set, text_model.score_kind,
                       text_model.model_type, text_model.logit_scale, text_model.logit_bias, text_model.preprocess)
     del text_model
+    from .heads import load_for_run as load_head_for_run
+
+    job.head = load_head_for_run(options.head, options.storage_options, checkpoint_digest=digest, labels=job.labels,
+                                 templates=job.templates, score_kind=job.score_kind,
+                                 dim=int(label_set.embeddings.shape[1]))
     job.calibration = load_for_run(options.calibration, options.storage_options, checkpoint_digest=digest,
-                                   labels=job.labels, templates=job.templates, score_kind=job.score_kind)
+                                   labels=job.labels, templates=job.templates, score_kind=job.score_kind,
+                                   head=job.head.id if job.head is not None else None)
     job.hierarchy = Hierarchy.from_labels(job.labels) if options.hierarchy else None
     job.timings["model_and_labels_s"] = time.perf_counter() - started
     store.claim(options.mode, options.result_settings())
