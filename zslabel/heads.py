@@ -905,6 +905,10 @@ def worst_labels(before: dict, after: dict, labels: list[str], n: int = WORST) -
     return rows[:n]
 
 
+def _lam(lam) -> str:
+    return "inf (zero-shot won)" if lam is None else f"{lam:.3g}"
+
+
 def report_text(head: Head, path: str | None = None) -> str:
     """Human summary of a fit: examples per label, held-out before/after, worst labels, curve."""
     f, p = head.fit, head.params
@@ -914,7 +918,7 @@ def report_text(head: Head, path: str | None = None) -> str:
              f"  examples: {f.get('examples')} over {f.get('labels_with_examples')} of {len(head.labels)} labels "
              f"(per label min {min(nonzero, default=0)}, median {int(np.median(nonzero)) if nonzero else 0}, "
              f"max {max(nonzero, default=0)}); labels without examples keep their zero-shot weights",
-             f"  strength lam = {p.get('lam')} (None = zero-shot won) by {p.get('folds')}-fold cross-validation on "
+             f"  strength lam = {_lam(p.get('lam'))} by {p.get('folds')}-fold cross-validation on "
              f"{p.get('cv_rows')} examples; basis rank {p.get('rank')} (energy kept {p.get('energy_kept', 0):.4f})"]
     few = sorted(((v, k) for k, v in counts.items() if v), key=lambda t: (t[0], t[1]))[:5]
     if few:
@@ -941,7 +945,7 @@ def report_text(head: Head, path: str | None = None) -> str:
                      f"{zs['zero_shot_ece']:>7.4f}")
         for row in f["learning_curve"]:
             lines.append(f"    {'head':<24}{row['shots']:>9} {row['examples']:>8} {row['top1']:>7.3f} "
-                         f"{row['top5']:>7.3f} {row['ece']:>7.4f}  {row['lam']}")
+                         f"{row["top5"]:>7.3f} {row["ece"]:>7.4f}  {_lam(row["lam"])}")
     if path:
         lines.append(f"  written to {path}")
     return "\n".join(lines)
