@@ -102,6 +102,9 @@ METHOD = "zero-shot-prior linear probe (L2-SP toward the zero-shot weights; CLAP
 SOFTMAX, SIGMOID = "softmax", "sigmoid"
 # Candidate strengths, strong to weak (logit units, a sum over examples: see the module docstring).
 LAMBDAS = tuple(float(v) for v in 10.0 ** np.arange(3.0, -2.01, -0.5))
+# Iterations of one L-BFGS solve inside the cross-validation: ranking strengths needs the held-out
+# NLL to ~1e-3, not the optimum to 1e-7, and the path warm-starts each solve from the last.
+CV_MAX_ITER = 40
 PATIENCE = 2
 FOLDS = 5
 MAX_RANK = 128
@@ -603,9 +606,9 @@ def check_sample(x: np.ndarray, y: np.ndarray, num_labels: int) -> None:
 class _torch_threads:
     """Run a block with ``n`` torch intra-op threads, restoring the previous count after.
 
-    Small problems run with one thread: their matrix products are too small to split, and on a
-    loaded machine several threads spin-waiting on each other made a 768 x 48 evaluation 20x
-    slower (0.3 s instead of 13 ms, measured at load average 17 on 2 cores)."""
+    The solver runs on one thread for small problems, and for any problem on a machine whose
+    load average exceeds its cores: several threads spin-waiting on each other made a 768 x 48
+    evaluation 20x slower there (0.3 s instead of 13 ms at load average 17 on 2 cores)."""
 
     def __init__(self, n: int | None):
         self.n = n
@@ -667,7 +670,10 @@ def fit_head(x: np.ndarray, y: np.ndarray, zs: ZeroShot, *, lambdas: tuple[float
     t = remap[y]
     params: dict[str, Any] = {"rank": r, "energy_kept": kept, "active_labels": int(len(active)),
                               "lambdas": list(lambdas), "seed": seed}
-    with _torch_threads(1 if len(y) * len(active) * r < SMALL_WORK else None):
+    import os
+
+    busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
+    with _torch_threads(1 if busy or len(y) * len(active) * r < SMALL_WORK else None):
         return _fit(x, y, zs, q, u, z0, t, active, params, lam, lambdas, folds, cv_per_label, seed, log, t0)
 
 
@@ -734,7 +740,13 @@ def stacking_offset(z: np.ndarray, z0: np.ndarray, unexampled: np.ndarray) -> fl
         return 0.0
     # Row i goes to an unexampled label once gamma >= its best exampled minus best unexampled logit.
     d = np.sort(np.asarray(z)[:, ~unexampled].max(axis=1) - np.asarray(z)[:, unexampled].max(axis=1))
-    return float(max(0.0, d[k - 1]))
+    return _just_above(d[k - 1])
+
+
+def _just_above(d: float) -> float:
+    # At gamma == d the two logits tie and argmax keeps the lower label index, which may be the
+    # exampled one: step just past the tie (float32 logits: relative 1e-6).
+    return float(max(0.0, d + 1e-6 * max(1.0, abs(float(d)))))
 
 
 def _offset_chunked(x, z_head, zs, unexampled) -> float:
@@ -746,7 +758,7 @@ def _offset_chunked(x, z_head, zs, unexampled) -> float:
         zs_unex.append(unexampled[z0.argmax(axis=1)])
     d, hit = np.sort(np.concatenate(d)), np.concatenate(zs_unex)
     k = int(math.ceil(hit.mean() * len(d) - 1e-9))
-    return 0.0 if k == 0 else float(max(0.0, d[k - 1]))
+    return 0.0 if k == 0 else _just_above(d[k - 1])
 
 
 def cross_validate(u: np.ndarray, z0: np.ndarray, t: np.ndarray, score_kind: str, *, lambdas, folds: int,
@@ -800,7 +812,7 @@ def cross_validate(u: np.ndarray, z0: np.ndarray, t: np.ndarray, score_kind: str
     best_lam, best, rises = math.inf, nll0, 0
     for lv in lambdas:
         for sp in splits:
-            sp[3] = _solve(sp[0], lv, sp[3])
+            sp[3] = _solve(sp[0], lv, sp[3], max_iter=CV_MAX_ITER)
         nll, off = cv_loss()
         table.append({"lam": float(lv), "nll": nll, "offset": off})
         if log:
