@@ -107,10 +107,16 @@ LAMBDAS = tuple(float(v) for v in 10.0 ** np.arange(3.0, -2.01, -0.5))
 CV_MAX_ITER = 40
 PATIENCE = 2
 FOLDS = 5
-MAX_RANK = 128
+MAX_RANK = 64
 # Rows of the sample used for cross-validation at most, per label; beyond it the strength is chosen
 # on a stratified subsample (the prior precision carries, see the docstring) to bound the cost.
 CV_PER_LABEL = 16
+# ... and at most this many rows in all (C = 1,000 labels: 4 per label): the cross-validation costs
+# rows x labels x rank per evaluation, so without a total cap it grew with C squared.
+CV_MAX_ROWS = 4096
+# Above this many examples the head fitted on the fit split is the one saved (no refit on every
+# example): the held-out 30% then add little, and a refit of 100,000 x 1,000 costs a minute.
+REFIT_MAX_ROWS = 20_000
 CHUNK = 8192
 SHOTS = (1, 2, 4, 8, 16)
 TOP_K = 5
@@ -685,7 +691,8 @@ def _fit(x, y, zs, q, u, z0, t, active, params, lam, lambdas, folds, cv_per_labe
     if lam is None:
         # Cross-validation scores against all C labels (those without examples at zero-shot, as in
         # a run), on at most cv_per_label rows per label.
-        rows = per_label_subsample(y, cv_per_label, seed) if cv_per_label else np.arange(len(y))
+        per_label = max(1, min(cv_per_label, CV_MAX_ROWS // max(1, len(active)))) if cv_per_label else 0
+        rows = per_label_subsample(y, per_label, seed) if per_label else np.arange(len(y))
         lam, cv = cross_validate(u[rows], zs.logits(x[rows]), y[rows], zs.score_kind, lambdas=lambdas, folds=folds,
                                  seed=seed, log=log)
         params.update(cv)
@@ -696,8 +703,9 @@ def _fit(x, y, zs, q, u, z0, t, active, params, lam, lambdas, folds, cv_per_labe
         problem = _Problem(u, z0, t, zs.score_kind)
         theta = torch.zeros((len(active), r + 1), dtype=torch.float32)
         # Warm start down the path to the chosen strength: each solve starts close to its optimum.
-        for lv in [v for v in lambdas if v > lam] + [lam]:
-            theta = _solve(problem, lv, theta)
+        for lv in [v for v in lambdas if v > lam]:
+            theta = _solve(problem, lv, theta, max_iter=CV_MAX_ITER)
+        theta = _solve(problem, lam, theta)
         th = theta.numpy()
         weights[active] += (th[:, :-1] @ q.T) / np.float32(zs.scale)
         bias[active] += th[:, -1]
@@ -973,7 +981,8 @@ def fit_report(x: np.ndarray, y: np.ndarray, zs: ZeroShot, labels: list[str], *,
        against zero-shot: top-1, top-5, ECE, NLL, worst labels;
     3. the learning curve (``learning_curve``) on the same held-out rows;
     4. the returned head: refitted on every row with the strength chosen in step 2 (more
-       examples; the held-out figures are those of step 2's head).
+       examples; the held-out figures are those of step 2's head); above ``REFIT_MAX_ROWS``
+       examples, step 2's head itself.
 
     Returns:
         ``(FitResult of the final head, fit facts for ``Head.fit``)``.
@@ -1001,6 +1010,10 @@ def fit_report(x: np.ndarray, y: np.ndarray, zs: ZeroShot, labels: list[str], *,
                 x[fit_idx], y[fit_idx], x[held_idx], y[held_idx], zs,
                 shots=tuple(curve_shots(y[fit_idx], learning_curve_shots)), seed=seed, log=log, **fit_kw)
     facts["split_params"] = {k: v for k, v in split_fit.params.items() if k != "lambdas"}
+    facts["refit_on_all"] = bool(len(held_idx) and len(y) <= REFIT_MAX_ROWS)
+    if not facts["refit_on_all"]:
+        facts["seconds"] = time.perf_counter() - t0
+        return split_fit, facts
     final = fit_head(x, y, zs, seed=seed, lam=math.inf if split_fit.params["lam"] is None else split_fit.params["lam"],
                      **{k: v for k, v in fit_kw.items() if k in ("lambdas", "max_rank")})
     # The final head keeps the cross-validation record of the split it was chosen on.
