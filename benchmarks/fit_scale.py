@@ -8,9 +8,10 @@ naming every row; then runs ``zslabel fit`` on it in a child process and reports
 and peak RSS (``getrusage(RUSAGE_CHILDREN).ru_maxrss``: the child alone).
 
 The embeddings are class-structured so the fit has something to learn: image ``i`` of label
-``c`` is ``normalise(a * T_c + b * V_c + noise)``, ``T_c`` the label's text embedding (the
-zero-shot signal) and ``V_c`` a random "visual" direction the text tower does not know (what a
-head can learn from examples).
+``c`` is ``normalise(0.35 T_c + 0.6 V_c + 0.8 noise)``, ``T_c`` the label's text embedding (the
+zero-shot signal; weak here: a random text tower embeds the prompts "label 0001", ... almost
+alike) and ``V_c`` a random "visual" direction the text tower does not know (what a head can
+learn from examples); ``V_c`` and the noise have a power-law spectrum, as real embeddings do.
 
     .venv/bin/python benchmarks/fit_scale.py [--rows 100000] [--labels 1000] [--no-learning-curve]
 """
@@ -55,7 +56,11 @@ def build(work: Path, rows: int, n_labels: int, seed: int = 0) -> tuple[Path, Pa
     model = ZeroShotModel(ckpt)
     t = np.asarray(build_label_set(labels, templates, model, cache=False).embeddings, np.float32)
     rng = np.random.default_rng(seed)
-    visual = rng.standard_normal((n_labels, DIM)).astype(np.float32)
+    # CLIP embeddings are far from isotropic: a power-law spectrum (component j ~ j^-0.5 in
+    # standard deviation) for the noise and the visual directions, so a low-rank basis holds
+    # most of the energy as it does for real embeddings.
+    spread = (np.arange(1, DIM + 1) ** -0.5).astype(np.float32)
+    visual = rng.standard_normal((n_labels, DIM)).astype(np.float32) * spread
     visual /= np.linalg.norm(visual, axis=1, keepdims=True)
     y = np.arange(rows) % n_labels
     run = work / "run"
@@ -66,7 +71,9 @@ def build(work: Path, rows: int, n_labels: int, seed: int = 0) -> tuple[Path, Pa
         w.writerow(["path", "label"])
         for start in range(0, rows, ROWS_PER_FILE):
             yy = y[start:start + ROWS_PER_FILE]
-            e = 0.35 * t[yy] + 0.25 * visual[yy] + rng.standard_normal((len(yy), DIM)).astype(np.float32) / np.sqrt(DIM)
+            noise = rng.standard_normal((len(yy), DIM)).astype(np.float32) * spread
+            noise /= np.linalg.norm(spread)
+            e = 0.35 * t[yy] + 0.6 * visual[yy] + 0.8 * noise
             e /= np.linalg.norm(e, axis=1, keepdims=True)
             paths = [f"{run}/img/{start + i:07d}.jpg" for i in range(len(yy))]
             emb = pa.FixedSizeListArray.from_arrays(pa.array(e.astype(np.float16).ravel()), DIM)
