@@ -35,7 +35,8 @@ def test_fit_then_label_and_relabel_with_the_head(ray_local, tmp_path, capsys):
     assert main(["fit", str(run1), "--ground-truth", str(EXAMPLE / "ground_truth.csv"), "--output", str(head_path),
                  "--folds", "3", "-q"]) == 0
     report = capsys.readouterr().out
-    assert "held out" in report and "zero-shot" in report and "worst labels" in report
+    # 24 images of 48 labels: at most one per label, so none can be held out to measure
+    assert "examples: 24 over" in report and "nothing measured" in report
     head = load_head(str(head_path))
     assert head.labels == [x for x in LABELS.read_text().splitlines() if x.strip()] and head.score_kind == "softmax"
     assert head.fit["examples"] == 24 and head.fit["matching"]["used"] == 24
