@@ -223,8 +223,13 @@ def run_calibrate(output: str, ground_truth: str, *, calibration_path: str = "ca
         if sample.embeddings.shape[1] != label_set.embeddings.shape[1]:
             raise ConfigError(f"the stored embeddings have {sample.embeddings.shape[1]} dimensions but "
                               f"{model['id']} embeds labels in {label_set.embeddings.shape[1]}")
-        logits = zero_shot_logits(torch.from_numpy(sample.embeddings), torch.from_numpy(label_set.embeddings),
-                                  zs.logit_scale, zs.logit_bias).numpy()
+        head = _run_head(manifest, output, storage_options, digest=digest, labels=labels, templates=templates,
+                         score_kind=score_kind)
+        if head is not None:  # the run's scores came from a head: calibrate its logits
+            logits = head.logits(sample.embeddings)
+        else:
+            logits = zero_shot_logits(torch.from_numpy(sample.embeddings), torch.from_numpy(label_set.embeddings),
+                                      zs.logit_scale, zs.logit_bias).numpy()
         info.update(source="embeddings", scores_complete=True)
     else:
         digest = model.get("digest")
@@ -237,11 +242,36 @@ def run_calibrate(output: str, ground_truth: str, *, calibration_path: str = "ca
             log.warning("the run wrote only the top-k scores: logits of the other labels are approximated; "
                         "label with --store-embeddings (or --top-k %d) for an exact fit", len(labels))
     info["run"] = output
+    head_id = (manifest.get("head") or {}).get("id")
     calib = fit_calibration(logits, sample.y, score_kind, labels=labels, templates=templates,
                             checkpoint_digest=digest, model=model.get("id"), holdout=holdout, seed=seed,
-                            fit_info=info)
+                            fit_info=info, head=head_id)
     calib.save(calibration_path, storage_options)
     return calib
+
+
+def _run_head(manifest: dict, output: str, storage_options: dict | None, **expected):
+    """The head a run was labeled with (its manifest's ``head`` entry), read from the recorded
+    file and checked to be the same content (id); None for a zero-shot run.
+
+    Raises:
+        ConfigError: the recorded head file is missing, damaged, changed (another id) or does not
+            fit the run.
+    """
+    from .heads import load_head
+
+    entry = manifest.get("head") or {}
+    if not entry.get("id"):
+        return None
+    head = load_head(entry.get("file") or "", storage_options) if entry.get("file") else None
+    if head is None or head.id != entry["id"]:
+        raise ConfigError(f"{output} was labeled with head {entry['id']} (file {entry.get('file')}), and that file "
+                          f"now holds {'nothing' if head is None else f'head {head.id}'}; calibration needs the "
+                          "run's own head to rebuild its logits: restore the file")
+    head.check_compatible(checkpoint_digest=expected["digest"], labels=expected["labels"],
+                          templates=expected["templates"], score_kind=expected["score_kind"],
+                          source=f"head file {entry.get('file')}")
+    return head
 
 
 def report_text(calib: Calibration, path: str) -> str:

@@ -290,6 +290,8 @@ class Calibration:
             "thresholds": [C] raw-score thresholds, "min_positives"}``.
         fit: facts about the fit data (counts, source, split, seed).
         metrics: ``{"before": ..., "after": ...}`` on the held-out split (``score_metrics``).
+        head: id of the head (``heads.Head``) whose logits it was fitted on; None for zero-shot
+            logits. A calibration fitted on one is refused with another (or with none).
         id: sha256 (16 hex digits) of the canonical JSON of everything else.
     """
 
@@ -303,6 +305,7 @@ class Calibration:
     fit: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     id: str = ""
+    head: str | None = None
 
     # ---- maths ----------------------------------------------------------------------------
     def coefficients(self) -> tuple[np.ndarray, np.ndarray]:
@@ -338,12 +341,13 @@ class Calibration:
 
     # ---- serialisation ----------------------------------------------------------------------
     def content(self) -> dict[str, Any]:
-        """Everything but ``id``, JSON-able."""
+        """Everything but ``id``, JSON-able. ``head`` only when set, so files written before heads
+        existed keep their ids."""
         return json.loads(json.dumps({
             "format": FORMAT, "version": VERSION, "kind": self.kind, "score_kind": self.score_kind,
             "labels": list(self.labels), "templates": list(self.templates),
             "checkpoint_digest": self.checkpoint_digest, "model": self.model, "params": self.params,
-            "fit": self.fit, "metrics": self.metrics}))
+            "fit": self.fit, "metrics": self.metrics, **({"head": self.head} if self.head else {})}))
 
     def compute_id(self) -> str:
         """sha256 of the canonical (sorted keys, compact) JSON of ``content()``, 16 hex digits."""
@@ -366,7 +370,7 @@ class Calibration:
 
     # ---- checks -----------------------------------------------------------------------------
     def check_compatible(self, *, checkpoint_digest: str, labels: list[str], templates: list[str],
-                         score_kind: str, source: str = "the calibration") -> None:
+                         score_kind: str, source: str = "the calibration", head: str | None = None) -> None:
         """Refuse to apply this calibration to a run it was not fitted for.
 
         Raises:
@@ -386,6 +390,9 @@ class Calibration:
             problems.append(f"templates {self.templates!r} vs this run's {list(templates)!r}")
         if score_kind != self.score_kind:
             problems.append(f"score kind {self.score_kind} vs this run's {score_kind}")
+        if (head or None) != (self.head or None):
+            problems.append(f"fitted on the logits of {f'head {self.head}' if self.head else 'the zero-shot classifier'}, "
+                            f"this run uses {f'head {head}' if head else 'no head (zero-shot)'}")
         if problems:
             raise ConfigError(f"{source} (id {self.id}) was fitted for another setup: " + "; ".join(problems)
                               + ". Fit one for this run with `zslabel calibrate`")
@@ -414,7 +421,7 @@ def load_calibration(path: str, storage_options: dict | None = None) -> Calibrat
         calib = Calibration(kind=data["kind"], score_kind=data["score_kind"], labels=list(data["labels"]),
                             templates=list(data["templates"]), checkpoint_digest=data["checkpoint_digest"],
                             model=data.get("model"), params=dict(data["params"]), fit=data.get("fit") or {},
-                            metrics=data.get("metrics") or {}, id=data.get("id", ""))
+                            metrics=data.get("metrics") or {}, id=data.get("id", ""), head=data.get("head"))
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"calibration file {path} lacks {exc}") from exc
     expected = {TEMPERATURE: "softmax", PLATT: "sigmoid"}.get(calib.kind)
@@ -443,7 +450,7 @@ def load_calibration(path: str, storage_options: dict | None = None) -> Calibrat
 def fit_calibration(logits: np.ndarray, y: np.ndarray, score_kind: str, *, labels: list[str],
                     templates: list[str], checkpoint_digest: str, model: str | None = None,
                     holdout: float = 0.3, seed: int = 0, fit_info: dict | None = None,
-                    min_positives: int = MIN_POSITIVES_PER_LABEL) -> Calibration:
+                    min_positives: int = MIN_POSITIVES_PER_LABEL, head: str | None = None) -> Calibration:
     """Fit on a deterministic fit split, measure before/after on the held-out split.
 
     Args:
@@ -454,6 +461,7 @@ def fit_calibration(logits: np.ndarray, y: np.ndarray, score_kind: str, *, label
         holdout: fraction of rows held out for the metrics, in (0, 1).
         seed: seed of the split.
         fit_info: extra facts for the file's ``fit`` section (source, matching counts).
+        head: id of the head the logits came from (None: zero-shot logits).
 
     Returns:
         ``Calibration`` with ``id`` set.
@@ -482,7 +490,7 @@ def fit_calibration(logits: np.ndarray, y: np.ndarray, score_kind: str, *, label
     else:
         raise ConfigError(f"unknown score kind {score_kind!r}")
     calib = Calibration(kind=kind, score_kind=score_kind, labels=list(labels), templates=list(templates),
-                        checkpoint_digest=checkpoint_digest, model=model, params=params)
+                        checkpoint_digest=checkpoint_digest, model=model, params=params, head=head)
     zh, yh = logits[held_idx], y[held_idx]
     raw = _softmax(zh) if score_kind == "softmax" else _sigmoid(zh)
     adjusted = calib.adjust_logits(zh.astype(np.float32)).astype(np.float64)
@@ -496,9 +504,10 @@ def fit_calibration(logits: np.ndarray, y: np.ndarray, score_kind: str, *, label
 
 
 def load_for_run(path: str | None, storage_options: dict | None, *, checkpoint_digest: str, labels: list[str],
-                 templates: list[str], score_kind: str) -> Calibration | None:
+                 templates: list[str], score_kind: str, head: str | None = None) -> Calibration | None:
     """``--calibration FILE`` of a label/relabel run: loaded, validated and checked against the
-    run's checkpoint digest, labels, templates and score kind; None without a file.
+    run's checkpoint digest, labels, templates, score kind and head id (None: no head); None
+    without a file.
 
     Raises:
         ConfigError: as ``load_calibration`` and ``Calibration.check_compatible``.
@@ -507,7 +516,7 @@ def load_for_run(path: str | None, storage_options: dict | None, *, checkpoint_d
         return None
     calib = load_calibration(path, storage_options)
     calib.check_compatible(checkpoint_digest=checkpoint_digest, labels=labels, templates=templates,
-                           score_kind=score_kind, source=f"calibration file {path}")
+                           score_kind=score_kind, source=f"calibration file {path}", head=head)
     return calib
 
 
@@ -516,7 +525,7 @@ def manifest_entry(calib: Calibration | None, path: str | None) -> dict[str, Any
     or how many labels have their own Platt fit) and the held-out ECE before/after."""
     if calib is None:
         return None
-    entry: dict[str, Any] = {"id": calib.id, "file": path, "kind": calib.kind}
+    entry: dict[str, Any] = {"id": calib.id, "file": path, "kind": calib.kind, "head": calib.head}
     if calib.kind == TEMPERATURE:
         entry["temperature"] = calib.params["temperature"]
     else:

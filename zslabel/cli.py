@@ -84,6 +84,9 @@ def _add_labeling_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     g = p.add_argument_group("calibration and hierarchy")
     g.add_argument("--calibration", help="calibration file from `zslabel calibrate` for this model, labels and "
                    "templates: scores (and --min-score) become estimated probabilities of being right")
+    g.add_argument("--head", help="head file from `zslabel fit` for this model, labels and templates: its "
+                   "logits replace the zero-shot ones (calibration, top-k, abstention, multi-label and "
+                   "hierarchies then work on the head's scores)")
     g.add_argument("--hierarchy", action="store_true", default=None,
                    help="labels written as paths (animal/mammal/dog): add hier_label, hier_score, hier_path, "
                    "the deepest path whose rolled-up score reaches --min-score")
@@ -308,6 +311,58 @@ def run_export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+FIT_EPILOG = """examples:
+  zslabel label ./sample --labels-file L.txt --store-embeddings --output ./sample_out
+  zslabel fit ./sample_out --ground-truth sample_gt.csv --output head.safetensors
+  zslabel label ./photos --labels-file L.txt --head head.safetensors --output ./out
+  zslabel relabel ./sample_out --head head.safetensors --output ./sample_relabeled
+
+Fits a linear head over the run's labels on its stored embeddings: the zero-shot classifier
+(label embeddings, logit scale) plus a change pulled toward zero by an L2 prior whose strength is
+chosen by stratified k-fold cross-validation on the sample (softmax head for CLIP-family models,
+per-label sigmoid head for SigLIP). Labels without examples keep their zero-shot weights.
+Prints examples per label, held-out top-1/top-5/ECE before (zero-shot) and after, the worst
+labels and a learning curve (1, 2, 4, 8, 16 examples per label where the sample allows). The
+file is tied to the run's checkpoint, labels and templates; label/relabel refuse it for any other.
+"""
+
+
+def _fit_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("fit", help="fit a few-shot head on a run's stored embeddings and ground truth",
+                       allow_abbrev=False, epilog=FIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Fit a linear head (zero-shot prior, strength by cross-validation) from a run "
+                       "made with --store-embeddings and ground truth.")
+    p.add_argument("run", help="output folder of a `zslabel label --store-embeddings` (or relabel) run")
+    p.add_argument("--ground-truth", required=True, help="CSV/TSV/Parquet (path,label) or folder-per-class root")
+    p.add_argument("--output", "-o", default="head.safetensors", help="head file to write (default head.safetensors)")
+    p.add_argument("--holdout", type=float, default=0.3, help="fraction of each label's examples held out to "
+                   "measure before/after and the learning curve (default 0.3; 0: measure nothing); the saved head "
+                   "is refitted on every example")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, folds and subsamples (default 0)")
+    p.add_argument("--no-learning-curve", action="store_true", help="skip the learning curve (faster)")
+    p.add_argument("--storage-options", type=_checked(parse_storage_options),
+                   help="fsspec options as JSON/YAML text or file")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def run_fit_command(args: argparse.Namespace) -> int:
+    """``zslabel fit``: fit, write the head file, print the report."""
+    from .fit import run_fit
+    from .heads import report_text
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    head = run_fit(args.run, args.ground_truth, head_path=args.output, holdout=args.holdout, seed=args.seed,
+                   folds=args.folds, learning_curve=not args.no_learning_curve,
+                   storage_options=args.storage_options or {}, progress=None if args.quiet else progress)
+    print(report_text(head, args.output))
+    return 0
+
+
 def run_calibrate_command(args: argparse.Namespace) -> int:
     """``zslabel calibrate``: fit, write the file, print the before/after report."""
     from .calibrate import report_text, run_calibrate
@@ -417,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     _calibrate_parser(sub)
     _report_parser(sub)
     _export_parser(sub)
+    _fit_parser(sub)
     show = sub.add_parser("show", help="print the first rows of an output, best labels first",
                           description="Print rows of a zslabel output in input order: the path relative to the "
                           "shown rows' common folder, then labels with scores, or the error.")
@@ -508,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_report_command(args)
         if args.command == "export":
             return run_export_command(args)
+        if args.command == "fit":
+            return run_fit_command(args)
         if args.command == "eval":
             _print_evaluation(args, args.predictions, args.ground_truth, args.storage_options or {}, args.json)
             return 0

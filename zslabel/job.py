@@ -55,7 +55,7 @@ class PreparedJob:
         score_kind, model_type, logit_scale, logit_bias, preprocess, library, architecture: from
             the loaded model (``preprocess``: its ``PreprocessSpec``; ``logit_bias`` 0.0 for CLIP;
             ``library``: "transformers" or "open_clip").
-        calibration, hierarchy: loaded and checked against the model and labels, or None.
+        calibration, hierarchy, head: loaded and checked against the model and labels, or None.
     """
 
     options: LabelingOptions
@@ -76,6 +76,7 @@ class PreparedJob:
     architecture: str | None = None
     calibration: Calibration | None = None
     hierarchy: Hierarchy | None = None
+    head: Any = None  # heads.Head replacing the zero-shot logits, checked against the model and labels
 
     @property
     def labels(self) -> list[str]:
@@ -92,7 +93,7 @@ class PreparedJob:
         return ZeroShotClassifier(torch.from_numpy(np.asarray(self.label_set.embeddings)).to(device),
                                   np.asarray(self.label_set.names, dtype=object), self.logit_scale,
                                   self.logit_bias, self.score_kind, self.rule, calibration=self.calibration,
-                                  hierarchy=self.hierarchy)
+                                  hierarchy=self.hierarchy, head=self.head)
 
     @contextmanager
     def claimed(self):
@@ -131,6 +132,10 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
     rule = options.validate()
     if options.calibration:  # a missing or damaged file fails here; its fit is checked with the model
         load_calibration(options.calibration, options.storage_options)
+    if options.head:  # likewise for a head file
+        from .heads import load_head
+
+        load_head(options.head, options.storage_options)
     store = OutputStore.open(options.output, options.storage_options)
     store.check(options.mode, options.result_settings())
     if check_input is not None:
@@ -163,8 +168,14 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
                       text_model.model_type, text_model.logit_scale, text_model.logit_bias, text_model.preprocess,
                       text_model.library, text_model.architecture)
     del text_model
+    from .heads import load_for_run as load_head_for_run
+
+    job.head = load_head_for_run(options.head, options.storage_options, checkpoint_digest=digest, labels=job.labels,
+                                 templates=job.templates, score_kind=job.score_kind,
+                                 dim=int(label_set.embeddings.shape[1]))
     job.calibration = load_for_run(options.calibration, options.storage_options, checkpoint_digest=digest,
-                                   labels=job.labels, templates=job.templates, score_kind=job.score_kind)
+                                   labels=job.labels, templates=job.templates, score_kind=job.score_kind,
+                                   head=job.head.id if job.head is not None else None)
     job.hierarchy = Hierarchy.from_labels(job.labels) if options.hierarchy else None
     job.timings["model_and_labels_s"] = time.perf_counter() - started
     store.claim(options.mode, options.result_settings())

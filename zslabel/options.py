@@ -49,7 +49,7 @@ NON_RESULT_FIELDS = frozenset({
     "output", "address", "batch_size", "concurrency", "num_gpus_per_actor", "num_cpus_per_actor",
     "decode_cpus_per_task", "storage_options", "mode", "retry_errors", "max_error_fraction", "rows_per_file",
     "labels_file", "labels", "templates", "model", "revision", "max_pixels", "min_side", "fast_decode",
-    "calibration", "hierarchy",
+    "calibration", "hierarchy", "head",
     # time limits decide nothing about a labeled row
     "io_timeout", "io_retries", "decode_timeout",
 })
@@ -90,6 +90,8 @@ class LabelingOptions:
     # calibration file (``zslabel calibrate``) and label-path roll-up (``hierarchy.py``)
     calibration: str | None = None
     hierarchy: bool = False
+    # a fitted head (``zslabel fit``, ``heads.py``) whose logits replace the zero-shot ones
+    head: str | None = None
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -204,6 +206,10 @@ class LabelingOptions:
             fields["calibration"] = load_calibration(self.calibration, self.storage_options).id
         if self.hierarchy:
             fields["hierarchy"] = True
+        if self.head:  # by content (its id), like the calibration; only when used
+            from .heads import load_head
+
+            fields["head"] = load_head(self.head, self.storage_options).id
         return json.loads(json.dumps(fields, default=str))  # tuples -> lists, as after a JSON round trip
 
     def public_dict(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from . import job
 from .calibration import manifest_entry as calibration_manifest_entry
+from .heads import manifest_entry as head_manifest_entry
 from .cluster import (ACTOR_MAX_TASK_RETRIES, DECODE_MAX_RETRIES, WRITE_CPUS_PER_TASK, ClusterResources,
                       actor_pool_strategy, bound_in_flight, init_ray, write_tasks)
 from .config import JobConfig
@@ -132,7 +133,7 @@ def compose(config: JobConfig, prepared: job.PreparedJob, plan, session, cluster
         schema=schema, top_k=config.top_k, dtype=config.dtype,
         num_threads=max(1, int(config.num_cpus_per_actor)), store_embeddings=config.store_embeddings,
         spec_overrides=spec_overrides, ranking=prepared.rule, calibration=prepared.calibration,
-        hierarchy=prepared.hierarchy)
+        hierarchy=prepared.hierarchy, head=prepared.head)
     # One copy of the (C, D) label embeddings in the object store, shared by every actor.
     label_ref = ray.put(prepared.label_set.embeddings)
     bound_in_flight(config, spec.output_hw, pool)
@@ -195,7 +196,8 @@ def label_facts(config: JobConfig, prepared: job.PreparedJob, plan, cluster: Clu
                       "skipped_by_reason": plan.skipped_by_reason},
         extra={"actor_pool": list(cluster.actor_pool_size(config)), "input_stamp": prepared.stamps["input"],
                **({INPUT_FILES: plan.planned_files} if plan.planned_files is not None else {}),
-               "calibration": calibration_manifest_entry(prepared.calibration, config.calibration)})
+               "calibration": calibration_manifest_entry(prepared.calibration, config.calibration),
+               "head": head_manifest_entry(prepared.head, config.head)})
 
 
 def planned_rows(plan, session) -> int | None:

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from . import job
 from .calibration import manifest_entry as calibration_manifest_entry
+from .heads import manifest_entry as head_manifest_entry
 from .errors import ConfigError, InputError
 from .hierarchy import with_hierarchy_fields
 from .labels import DEFAULT_TEMPLATE
@@ -374,7 +375,8 @@ def relabel_facts(config: RelabelConfig, prepared: job.PreparedJob, source: Rela
                       templates=prepared.templates, model=config.model, revision=config.revision,
                       top_k=config.top_k, min_score=config.min_score, multi_label=bool(config.multi_label),
                       threshold=config.threshold, mode=config.mode, store_embeddings=config.store_embeddings,
-                      embedding_dtype=emb_dtype, calibration=config.calibration, hierarchy=config.hierarchy)
+                      embedding_dtype=emb_dtype, calibration=config.calibration, hierarchy=config.hierarchy,
+                      head=config.head)
     recorded = src_manifest.get("model") or {}
     return RunFacts(
         kind="relabel", config=run_config,
@@ -387,7 +389,8 @@ def relabel_facts(config: RelabelConfig, prepared: job.PreparedJob, source: Rela
         extra={"relabel": {"source": config.source, "source_model_digest": recorded.get("digest"),
                            "model_checked": source.manifest is not None, "settings": config.public_dict()},
                "input_stamp": prepared.stamps["input"],
-               "calibration": calibration_manifest_entry(prepared.calibration, config.calibration)})
+               "calibration": calibration_manifest_entry(prepared.calibration, config.calibration),
+               "head": head_manifest_entry(prepared.head, config.head)})
 
 
 class _Scorer:

@@ -181,6 +181,8 @@ class LabelerSettings:
     # hier_* columns (needs ``ranking.min_score``); None for neither.
     calibration: Any = None
     hierarchy: Any = None
+    # ``heads.Head`` whose logits replace the zero-shot ones (moved to the actor's device once)
+    head: Any = None
 
 
 class Labeler:
@@ -219,7 +221,7 @@ class Labeler:
             label_names=np.asarray(label_names, dtype=object), logit_scale=self.model.logit_scale,
             logit_bias=self.model.logit_bias, score_kind=self.model.score_kind,
             rule=settings.ranking or RankingRule(top_k=settings.top_k), calibration=settings.calibration,
-            hierarchy=settings.hierarchy)
+            hierarchy=settings.hierarchy, head=settings.head)
         log.info("labeler ready on %s (%s, %d torch threads), %d labels", device, dtype,
                  torch.get_num_threads(), len(label_names))
 
