@@ -209,15 +209,16 @@ def _decode(data: bytes, spec: PreprocessSpec) -> DecodedImage:
 
 
 def _open_and_load(data: bytes, spec: PreprocessSpec) -> tuple[Image.Image, tuple[int, int]]:
-    """``_open`` + ``_load`` -> (loaded image, header size); a PNG that fails is retried once without its droppable chunks.
+    """``_open`` + ``_load`` -> (loaded image, header size); a PNG that fails is retried once
+    without its droppable chunks.
 
     Metadata must not cost the pixels: a PNG whose text or ICC chunks exceed Pillow's
     ``MAX_TEXT_CHUNK`` / ``MAX_TEXT_MEMORY`` (a 1.2 MB print ICC profile), whose metadata
     chunks are malformed (unknown compression method, an empty sRGB chunk), or whose
     ancillary chunks have a bad CRC (libpng and browsers drop those with a warning) is
-    decoded from a copy without them (``_png_without_droppable_chunks``). Pillow's limits are never changed; the dropped
-    chunks are never inflated. When the copy fails too, the first failure is reported
-    (or the copy's ``too_many_pixels``: pixel limits stay).
+    decoded from a copy without them (``_png_without_droppable_chunks``). Pillow's limits are
+    never changed; the dropped chunks are never inflated. When the copy fails too, the first
+    failure is reported (or the copy's ``too_many_pixels``: pixel limits stay).
     """
     try:
         return _open_load_once(data, spec)

@@ -189,12 +189,12 @@ def _jpeg_precision(data: bytes) -> int | None:
     """Sample precision in bits from a JPEG's frame header (8 for ordinary JPEGs, 12 or 16 for
     extended/lossless ones), or None when no frame header is found. Walks the marker segments
     by their lengths: cost independent of the image size."""
-    data = memoryview(data)
-    pos, n = 2, len(data)
+    view = memoryview(data)
+    pos, n = 2, len(view)
     while pos + 4 < n:
-        if data[pos] != 0xFF:
+        if view[pos] != 0xFF:
             return None
-        marker = data[pos + 1]
+        marker = view[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
@@ -202,10 +202,10 @@ def _jpeg_precision(data: bytes) -> int | None:
             pos += 2
             continue
         if marker in _JPEG_SOF:
-            return int(data[pos + 4])
+            return int(view[pos + 4])
         if marker in (0xD9, 0xDA):  # EOI, or start of scan before any frame header
             return None
-        pos += 2 + (data[pos + 2] << 8 | data[pos + 3])
+        pos += 2 + (view[pos + 2] << 8 | view[pos + 3])
     return None
 
 
@@ -219,6 +219,7 @@ def _open(data: bytes, spec: PreprocessSpec) -> Image.Image:
     fmt = sniff_format(data)
     if fmt is not None and not _has_decoder(fmt):
         raise _DecodeFailure(UNSUPPORTED_FORMAT, f"{fmt} (no decoder installed)")
+    im: Image.Image
     try:
         try:
             im = Image.open(io.BytesIO(data), formats=_allowed_formats())
@@ -262,7 +263,7 @@ def _open_without_bomb_check(data: bytes, spec: PreprocessSpec, exc: Exception) 
         if accept and not accept(prefix):
             continue
         try:
-            im = factory(io.BytesIO(data), None)
+            im = factory(io.BytesIO(data), "")  # the file name Image.open passes for a file object
         except (SyntaxError, IndexError, TypeError, struct.error, OSError):
             continue
         w, h = im.size

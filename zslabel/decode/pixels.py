@@ -130,7 +130,8 @@ def _to_rgb(im: Image.Image, background: tuple[int, int, int], fmt: str | None =
     ``transformers.image_utils.load_image`` does.
     """
     mode = im.mode
-    if mode == "RGBA" and fmt in _ALPHA_OFTEN_UNUSED and im.getextrema()[3] == (0, 0):
+    # getextrema: one (min, max) per band, so an RGBA image's last is the alpha band's.
+    if mode == "RGBA" and fmt in _ALPHA_OFTEN_UNUSED and im.getextrema()[-1] == (0, 0):
         return im.convert("RGB")
     if mode in _DEEP_GRAY_MODES:
         gray = _deep_gray_to_l(im)

@@ -24,6 +24,7 @@ def _draft_target(size: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int
     """Smallest (width, height) the JPEG may be DCT-scaled to; None when not worth it."""
     w, h = size
     if spec.resize_mode == "exact":
+        assert spec.size_hw is not None  # PreprocessSpec: "exact" has size_hw
         side = max(spec.size_hw)  # orientation may swap the axes later
         tw = th = side
     else:
@@ -41,8 +42,10 @@ def _resize_dims(w: int, h: int, spec: PreprocessSpec) -> tuple[int, int]:
     ``default_to_square=False``: short side -> S, long side -> ``int(S * long / short)``.
     """
     if spec.resize_mode == "exact":
+        assert spec.size_hw is not None  # PreprocessSpec: "exact" has size_hw
         return spec.size_hw[1], spec.size_hw[0]
     s = spec.shortest_edge
+    assert s is not None  # PreprocessSpec: "shortest_edge" has shortest_edge
     if w <= h:
         return s, int(s * h / w)
     return int(s * w / h), s
@@ -199,6 +202,7 @@ def _windowed_resize_crop(im: Image.Image, spec: PreprocessSpec, rw: int, rh: in
     rows/columns it treats independently. Bit-identical to ``im.resize((rw, rh))`` followed by
     ``_center_crop`` (including its zero padding where the crop exceeds the resized image).
     """
+    assert spec.crop_hw is not None  # only called for a spec with a crop (_resize_crop)
     ch, cw = min(spec.crop_hw[0], rh), min(spec.crop_hw[1], rw)
     top, left = _crop_start(rh, ch, spec.crop_offset), _crop_start(rw, cw, spec.crop_offset)
     w, h = im.size
@@ -229,7 +233,8 @@ def _resize_crop(im: Image.Image, spec: PreprocessSpec, orig_size: tuple[int, in
     """
     rw, rh = _resize_dims(*orig_size, spec)
     crop = spec.crop_hw
-    if (not spec.fast and crop is not None and spec.resize_mode == "shortest_edge"
+    # (shortest_edge is never None in mode "shortest_edge"; the test is for the type checker.)
+    if (not spec.fast and crop is not None and spec.resize_mode == "shortest_edge" and spec.shortest_edge is not None
             and min(orig_size) < spec.shortest_edge and im.size == orig_size
             and rw * rh > _WINDOWED_MIN_RATIO * crop[0] * crop[1] and spec.resample in _FILTERS):
         arr = _windowed_resize_crop(im, spec, rw, rh)

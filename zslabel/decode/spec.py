@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -136,6 +137,7 @@ class PreprocessSpec:
         """The fixed (height, width) of every decoded image's pixels."""
         if self.crop_hw is not None:
             return self.crop_hw
+        assert self.size_hw is not None  # __post_init__: without a crop the mode is "exact", which has size_hw
         return self.size_hw
 
     @classmethod
@@ -173,6 +175,7 @@ class PreprocessSpec:
                 raise ValueError(f"unsupported crop_size {crop_size!r}: need height and width")
             crop = (int(ch), int(cw))
         resample = _resample_value(getattr(proc, "resample", None))
+        spec: dict[str, Any]  # the constructor's keyword arguments, checked by __post_init__
         if _field(size, "shortest_edge"):
             if crop is None:
                 raise ValueError("a shortest_edge resize without centre crop has no fixed output size")
