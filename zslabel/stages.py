@@ -102,9 +102,10 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
                 if err is not None:
                     errors[i] = err
                     continue
+                assert data is not None  # a fetch returns its bytes or an error
             result = decode_image(bytes(data), spec, timeout=decode_timeout)
             errors[i] = result.error or ""
-            if result.width is not None:
+            if result.width is not None and result.height is not None:  # both or neither
                 widths[i], heights[i] = result.width, result.height
             if result.pixels is not None:
                 pixels[i] = result.pixels
@@ -123,8 +124,9 @@ def decode_block(block: dict[str, np.ndarray], spec: PreprocessSpec, storage_opt
                  decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT) -> Iterator[dict[str, np.ndarray]]:
     """The decode stage: one whole input block in, its rows decoded ``batch_size`` at a time out
     (``decode_batch`` on each slice). The inputs of the next slice are fetched while this one
-    decodes (one slice ahead: at most ``2 * batch_size`` fetched files in memory). Ray Data's output block shaping joins the slices into
-    blocks of at most ``DataContext.target_max_block_size`` (128 MiB), which bounds a task's
+    decodes (one slice ahead: at most ``2 * batch_size`` fetched files in memory). Ray Data's
+    output block shaping joins the slices into blocks of at most
+    ``DataContext.target_max_block_size`` (128 MiB), which bounds a task's
     decoded pixels however large the input block (a 1,024-row input block at 32 x 32 model
     resolution reaches the labeler whole; at 224 x 224 it leaves as blocks of ~890 rows).
 

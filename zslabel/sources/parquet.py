@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -203,7 +203,7 @@ def _resolve_paths(paths: pa.Array, uri: str) -> pa.Array:
 
 
 def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict, *,
-                 image_column: str, carried_columns: list[str]) -> Iterator[pa.Table]:
+                 image_column: str, carried_columns: list[str]) -> Generator[pa.Table, None, None]:
     """Stream one Parquet file by record batches of ``EMIT_ROWS``; fills ``counts["listed"]``.
 
     Never raises: an unreadable file ends with one ``read_error`` row for the file URI; a bug
