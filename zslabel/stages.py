@@ -126,9 +126,9 @@ def decode_block(block: dict[str, np.ndarray], spec: PreprocessSpec, storage_opt
     (``decode_batch`` on each slice). The inputs of the next slice are fetched while this one
     decodes (one slice ahead: at most ``2 * batch_size`` fetched files in memory). Ray Data's
     output block shaping joins the slices into blocks of at most
-    ``DataContext.target_max_block_size`` (128 MiB), which bounds a task's
-    decoded pixels however large the input block (a 1,024-row input block at 32 x 32 model
-    resolution reaches the labeler whole; at 224 x 224 it leaves as blocks of ~890 rows).
+    ``DataContext.target_max_block_size`` (128 MiB), which bounds a task's decoded pixels
+    however large the input block (a 1,024-row input block at 32 x 32 model resolution reaches
+    the labeler whole; at 224 x 224 it leaves as blocks of ~890 rows).
 
     Ray Data fuses the read of a block into this stage only because it takes whole blocks (a
     stage with a batch size is never fused with a read); read, fetch and decode of a block then

@@ -16,8 +16,8 @@ import logging
 import os
 import posixpath
 
-import pyarrow as pa
 import fsspec
+import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from .. import storage

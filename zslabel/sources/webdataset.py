@@ -16,9 +16,10 @@ Sidecars of one key that are not next to its image (WebDataset only groups adjac
 still join a later image of that key. A sidecar's kind is its last suffix, as an image's is
 (``22.05.json`` belongs to ``22.05.png``); a second sidecar of one kind for one key (``a.txt``
 and ``a.caption.txt``) is a counted skip (``sidecar_repeated``), the first is carried. A member
-above ``MAX_MEMBER_BYTES`` is a ``too_many_pixels`` row, never read into memory. Tars are read with ``ignore_zeros``, so the
-members of concatenated tars (``cat a.tar b.tar``) after the first end-of-archive marker are
-read too; damaged member headers are skipped and the shard gets a ``read_error`` row saying so.
+above ``MAX_MEMBER_BYTES`` is a ``too_many_pixels`` row, never read into memory. Tars are read
+with ``ignore_zeros``, so the members of concatenated tars (``cat a.tar b.tar``) after the first
+end-of-archive marker are read too; damaged member headers are skipped and the shard gets a
+``read_error`` row saying so.
 
 Counts (``listed == rows + skipped``): every member is listed except a sidecar that is part of
 its image's row; skips are counted by reason (``common.SKIP_REASONS``). An unreadable shard is
@@ -39,8 +40,19 @@ import pyarrow as pa
 from .. import storage
 from ..errors import INTERNAL_ERROR, READ_ERROR, TOO_MANY_PIXELS, InputError, error_string
 from .blocks import EMIT_BYTES, EMIT_ROWS, STREAM_BLOCK_SIZE, schema_with, streaming_plan
-from .common import (FILE_INDEX_STRIDE, IMAGE_EXTENSIONS, InputKind, InputOptions, InputPlan, count_skip,
-                     error_row_detail, extension, internal_error_detail, is_hidden, member_name)
+from .common import (
+    FILE_INDEX_STRIDE,
+    IMAGE_EXTENSIONS,
+    InputKind,
+    InputOptions,
+    InputPlan,
+    count_skip,
+    error_row_detail,
+    extension,
+    internal_error_detail,
+    is_hidden,
+    member_name,
+)
 
 logger = logging.getLogger(__name__)
 
