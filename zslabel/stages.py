@@ -185,6 +185,13 @@ class LabelerSettings:
     hierarchy: Any = None
 
 
+def _none_where_negative(values: np.ndarray) -> np.ndarray:
+    """``values`` as an object array with None where negative (-1: never decoded), a null in the output."""
+    out = values.astype(object)
+    out[values < 0] = None
+    return out
+
+
 class Labeler:
     """Ray Data callable class: holds the image tower and the (C, D) label embeddings.
 
@@ -229,10 +236,10 @@ class Labeler:
         """Label the decoded rows of ``batch`` (see ``decode_batch``); returns output rows."""
         scored = score_rows(self.classifier, batch["error"],
                             lambda rows: self.model.encode_images(batch["pixels"][rows]))
-        columns = dict(batch)
+        columns: dict[str, Any] = dict(batch)  # arrays, and the hierarchy columns' lists
         columns["error"] = scored.errors
-        columns["width"] = np.where(batch["width"] < 0, None, batch["width"]).astype(object)
-        columns["height"] = np.where(batch["height"] < 0, None, batch["height"]).astype(object)
+        columns["width"] = _none_where_negative(batch["width"])
+        columns["height"] = _none_where_negative(batch["height"])
         columns.update(scored.hierarchy_columns)
         ranked = scored.ranked
         emb_out = None
