@@ -159,8 +159,8 @@ def write_tasks(cluster_cpus: float) -> int:
 def initial_actors(config: JobConfig, pool: tuple[int, int], inputs: int | None,
                    nodes: list[dict[str, float]]) -> int:
     """Labeler actors to start with: for CPU actors sized by the cluster, as many as the live
-    ``nodes`` (``ClusterResources.nodes``) hold, but no more than gives each two batches and ``MIN_IMAGES_PER_CPU_ACTOR`` images
-    of ``inputs``; else ``pool[0]``.
+    ``nodes`` (``ClusterResources.nodes``) hold, but no more than gives each two batches and
+    ``MIN_IMAGES_PER_CPU_ACTOR`` images of ``inputs``; else ``pool[0]``.
 
     Ray Data grows an actor pool only while the running actors stay busy with work queued, one
     actor at a time: in benchmarks a 2-core run of 320 images never got its second CPU actor.
@@ -186,7 +186,8 @@ def actor_pool_strategy(config: JobConfig, pool: tuple[int, int], inputs: int | 
 
     import ray.data
 
-    kwargs: dict[str, Any] = {"min_size": pool[0], "max_size": pool[1], "initial_size": initial_actors(config, pool, inputs, nodes)}
+    kwargs: dict[str, Any] = {"min_size": pool[0], "max_size": pool[1],
+                              "initial_size": initial_actors(config, pool, inputs, nodes)}
     params = inspect.signature(ray.data.ActorPoolStrategy.__init__).parameters
     if config.num_gpus_per_actor and "max_concurrent_calls_per_actor" in params:
         kwargs["max_concurrent_calls_per_actor"] = GPU_CALLS_PER_ACTOR

@@ -16,11 +16,10 @@ from typing import Any
 from .decode import DEFAULT_DECODE_TIMEOUT
 from .errors import ConfigError
 from .labels import TEMPLATE_SETS
-from .sources import INPUT_FORMATS  # noqa: F401 - re-exported; the registry is the only list
 from .options import DEFAULT_MODEL, OUTPUT_MODES, LabelingOptions  # noqa: F401 - re-exported
+from .sources import INPUT_FORMATS  # noqa: F401 - re-exported; the registry is the only list
 from .storage import DEFAULT_IO_RETRIES, DEFAULT_IO_TIMEOUT, IOPolicy
 from .textfiles import read_lines, read_text
-
 
 
 @dataclass

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
-from .textfiles import read_lines, read_text
 from .hierarchy import SEPARATOR, prompt_name
+from .textfiles import read_lines, read_text
 
 log = logging.getLogger(__name__)
 

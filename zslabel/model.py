@@ -169,6 +169,7 @@ def resolve_checkpoint(model: str, revision: str | None = None,
         raise ModelLoadError(f"model {model!r} is not a checkpoint folder (it is a file)")
     for family in FAMILIES:
         if family.claims is not None and family.claims(model):
+            assert family.resolve is not None  # a family that claims values resolves them (Family)
             return family.resolve(model, revision, storage_options)
     if _looks_like_path(model):
         raise ModelLoadError(f"no such checkpoint folder: {local} (--model {model!r} looks like a local path, "
@@ -275,16 +276,24 @@ class ZeroShotModel:
             cannot load it (the message says why).
     """
 
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
     library: str
     architecture: str
     model_type: str
     score_kind: str
     preprocess: PreprocessSpec
+    # The pinned host buffer and its last copy's CUDA event (``_to_device_pinned``), set on first use.
+    _pinned: torch.Tensor
+    _copied: torch.cuda.Event | None
 
     def __new__(cls, path: str | Path | None = None, *args, **kwargs):
         # ZeroShotModel(path) picks the family's class, so callers never name a family.
         # (path defaults to None so that copy/pickle, which call cls.__new__(cls), still work.)
         if cls is ZeroShotModel:
+            if path is None:
+                raise TypeError("ZeroShotModel() needs the path of a checkpoint folder")
             family = family_of(path)
             if family is None:
                 raise ModelLoadError(f"{path} holds no {_marker_names()}: not a checkpoint zslabel can load")
@@ -368,8 +377,9 @@ class ZeroShotModel:
         if buf is None or buf.shape[0] < n or buf.shape[1:] != x.shape[1:]:
             buf = self._pinned = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
             self._copied = None
-        if getattr(self, "_copied", None) is not None:
-            self._copied.synchronize()
+        copied = getattr(self, "_copied", None)
+        if copied is not None:
+            copied.synchronize()
         buf[:n].copy_(x)
         out = buf[:n].to(self.device, non_blocking=True)
         self._copied = torch.cuda.Event()

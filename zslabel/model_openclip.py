@@ -40,6 +40,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -119,7 +120,9 @@ def resolve(model: str, revision: str | None = None) -> Path:
                                  f"(for a transformers checkpoint pass --model {repo})")
         _fetch_hf_text_config(path)
         return path
-    arch, tag = _ARCH_TAG.match(model).groups()
+    match = _ARCH_TAG.match(model)
+    assert match is not None, model  # only called for values claims() accepts
+    arch, tag = match.groups()
     return _pretrained_folder(open_clip, arch, tag)
 
 
@@ -220,6 +223,7 @@ def preprocess_spec(cfg: dict, **overrides) -> PreprocessSpec:
     if cfg.get("mode", "RGB") != "RGB":
         raise ValueError(f"unsupported image mode {cfg.get('mode')!r}; expected RGB")
     resample = _INTERPOLATION[interpolation]
+    spec: dict[str, Any]  # PreprocessSpec's keyword arguments, checked by its __post_init__
     if mode == "shortest" and h == w:
         spec = dict(resize_mode="shortest_edge", shortest_edge=h, crop_hw=(h, w), crop_offset="round")
     elif mode == "squash":
@@ -292,7 +296,8 @@ class OpenClipModel(ZeroShotModel):
         except ModelLoadError:
             raise
         except Exception as exc:  # noqa: BLE001 - open_clip/timm/transformers raise many types
-            raise ModelLoadError(f"cannot load open_clip checkpoint at {self.path}: {type(exc).__name__}: {exc}") from exc
+            raise ModelLoadError(f"cannot load open_clip checkpoint at {self.path}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
         self.library = OPEN_CLIP
         self.architecture = arch or _describe(model_cfg, self.model)
         self.model_type = f"{OPEN_CLIP}:{self.architecture}"

@@ -42,9 +42,22 @@ from .errors import ConfigError, InputError
 from .hierarchy import with_hierarchy_fields
 from .labels import DEFAULT_TEMPLATE
 from .options import DEFAULT_TOP_K, LabelingOptions
-from .output import (ABSTAINED, EMBEDDING, ERROR, INPUT_INDEX, LABELS, MANIFEST_NAME, OWNED_COLUMNS, PATH, SCORES,
-                     output_filesystem,
-                     output_parquet_files, output_schema, read_manifest, result_table)
+from .output import (
+    ABSTAINED,
+    EMBEDDING,
+    ERROR,
+    INPUT_INDEX,
+    LABELS,
+    MANIFEST_NAME,
+    OWNED_COLUMNS,
+    PATH,
+    SCORES,
+    output_filesystem,
+    output_parquet_files,
+    output_schema,
+    read_manifest,
+    result_table,
+)
 from .progress import Progress
 from .scoring import ZeroShotClassifier, score_rows
 from .store import Accounting, drop_committed, not_done, open_part, stamped_metadata
@@ -420,7 +433,8 @@ class _Scorer:
                             lambda rows: torch.from_numpy(emb[rows]))
         errors, ok, ranked, hier_cols = list(scored.errors), scored.ok, scored.ranked, scored.hierarchy_columns
         new_errors = errors != given
-        part = result_table(self.ranked_schema, {}, self.classifier.label_names, None if ranked is None else ranked.indices,
+        part = result_table(self.ranked_schema, {}, self.classifier.label_names,
+                            None if ranked is None else ranked.indices,
                             None if ranked is None else ranked.scores, ok,
                             counts=None if ranked is None else ranked.counts,
                             abstained=None if ranked is None else ranked.abstained)

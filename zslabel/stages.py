@@ -102,9 +102,10 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
                 if err is not None:
                     errors[i] = err
                     continue
+                assert data is not None  # a fetch returns its bytes or an error
             result = decode_image(bytes(data), spec, timeout=decode_timeout)
             errors[i] = result.error or ""
-            if result.width is not None:
+            if result.width is not None and result.height is not None:  # both or neither
                 widths[i], heights[i] = result.width, result.height
             if result.pixels is not None:
                 pixels[i] = result.pixels
@@ -123,10 +124,11 @@ def decode_block(block: dict[str, np.ndarray], spec: PreprocessSpec, storage_opt
                  decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT) -> Iterator[dict[str, np.ndarray]]:
     """The decode stage: one whole input block in, its rows decoded ``batch_size`` at a time out
     (``decode_batch`` on each slice). The inputs of the next slice are fetched while this one
-    decodes (one slice ahead: at most ``2 * batch_size`` fetched files in memory). Ray Data's output block shaping joins the slices into
-    blocks of at most ``DataContext.target_max_block_size`` (128 MiB), which bounds a task's
-    decoded pixels however large the input block (a 1,024-row input block at 32 x 32 model
-    resolution reaches the labeler whole; at 224 x 224 it leaves as blocks of ~890 rows).
+    decodes (one slice ahead: at most ``2 * batch_size`` fetched files in memory). Ray Data's
+    output block shaping joins the slices into blocks of at most
+    ``DataContext.target_max_block_size`` (128 MiB), which bounds a task's decoded pixels
+    however large the input block (a 1,024-row input block at 32 x 32 model resolution reaches
+    the labeler whole; at 224 x 224 it leaves as blocks of ~890 rows).
 
     Ray Data fuses the read of a block into this stage only because it takes whole blocks (a
     stage with a batch size is never fused with a read); read, fetch and decode of a block then
@@ -185,6 +187,13 @@ class LabelerSettings:
     head: Any = None
 
 
+def _none_where_negative(values: np.ndarray) -> np.ndarray:
+    """``values`` as an object array with None where negative (-1: never decoded), a null in the output."""
+    out = values.astype(object)
+    out[values < 0] = None
+    return out
+
+
 class Labeler:
     """Ray Data callable class: holds the image tower and the (C, D) label embeddings.
 
@@ -229,10 +238,10 @@ class Labeler:
         """Label the decoded rows of ``batch`` (see ``decode_batch``); returns output rows."""
         scored = score_rows(self.classifier, batch["error"],
                             lambda rows: self.model.encode_images(batch["pixels"][rows]))
-        columns = dict(batch)
+        columns: dict[str, Any] = dict(batch)  # arrays, and the hierarchy columns' lists
         columns["error"] = scored.errors
-        columns["width"] = np.where(batch["width"] < 0, None, batch["width"]).astype(object)
-        columns["height"] = np.where(batch["height"] < 0, None, batch["height"]).astype(object)
+        columns["width"] = _none_where_negative(batch["width"])
+        columns["height"] = _none_where_negative(batch["height"])
         columns.update(scored.hierarchy_columns)
         ranked = scored.ranked
         emb_out = None

@@ -11,8 +11,9 @@ store. :func:`display_name` writes each such byte as ``%XX`` (``caf%E9.png``) an
 other character, ``%`` included, as it is, so ordinary names are unchanged. Reading a local
 path that does not exist retries it with the ``%XX`` escapes of bytes >= 0x80 turned back into
 bytes (:func:`open_path`): the ``path`` column, or a manifest line copied from it, finds
-the file; the same retry tries the name's other Unicode normalisation (NFC/NFD). The one ambiguity: when both ``caf%E9.png`` (literally) and ``caf\\xe9.png`` exist,
-both rows say ``caf%E9.png`` and the literal file is the one read.
+the file; the same retry tries the name's other Unicode normalisation (NFC/NFD). The one
+ambiguity: when both ``caf%E9.png`` (literally) and ``caf\\xe9.png`` exist, both rows say
+``caf%E9.png`` and the literal file is the one read.
 
 Bounded time per input (:class:`IOPolicy`, :func:`fetch_many`). Every filesystem made here gets
 connect and read timeouts (``IOPolicy.timeout``, default 30 s) in the form its library takes

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .store import RunCounts
 from .errors import ErrorBudgetExceeded
+from .store import RunCounts
 
 MANIFEST_VERSION = 1
 

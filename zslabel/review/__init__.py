@@ -115,7 +115,7 @@ def build_report(output: str, report_dir: str, *, ground_truth: str | None = Non
     sections = [d for d in table if d["id"] is not None and d["count"] > 0][:max_label_sections]
     # Rows to read and picture: only the sectioned labels' grids, the error and abstained samples
     # and the confusion examples (not every label's kept rows).
-    shown = set()
+    shown: set[int] = set()
     for d in sections:
         for s in (scan.confident, scan.unsure, scan.sample):
             shown.update(s.of(d["id"]))
@@ -181,6 +181,7 @@ def _write(scan, result, sections, table, shown, report_dir: str, *, output: str
     for d in sections:
         i = d["id"]
         fig = f"figures/label-{i}.png"
+        assert histograms is not None  # made whenever there are sections
         histograms.save(os.path.join(report_dir, fig), scan.hist[i])
         section_views.append({**render.format_table([d])[0], "figure": fig, "grids": [
             {"title": "most confident", "explain": "highest top-1 score",

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,7 +111,7 @@ class SmallestPerGroup:
 class Interner:
     """Strings -> dense ids in order of first appearance (label names, error codes)."""
 
-    def __init__(self, names: list[str] = ()):
+    def __init__(self, names: Iterable[str] = ()):
         self.ids: dict[str, int] = {}
         self.names: list[str] = []
         for name in names:
@@ -165,19 +165,21 @@ class Scan:
     has_abstained: bool = False
     abstained: int = 0
     labels: list[str] = field(default_factory=list)
-    top1_count: np.ndarray | None = None
-    abstained_count: np.ndarray | None = None
-    close_count: np.ndarray | None = None
-    score_sum: np.ndarray | None = None
-    margin_sum: np.ndarray | None = None
-    hist: np.ndarray | None = None
+    # The per-label arrays and the samples are filled in by ``scan_outputs``; their defaults are
+    # those of an empty scan (no label, nothing kept), so they are never None.
+    top1_count: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    abstained_count: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    close_count: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    score_sum: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    margin_sum: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    hist: np.ndarray = field(default_factory=lambda: np.zeros((0, SCORE_BINS), np.int64))
     errors_by_code: dict[str, int] = field(default_factory=dict)
     error_codes: list[str] = field(default_factory=list)
-    confident: SmallestPerGroup | None = None
-    unsure: SmallestPerGroup | None = None
-    sample: SmallestPerGroup | None = None
-    error_sample: SmallestPerGroup | None = None
-    abstained_sample: SmallestPerGroup | None = None
+    confident: SmallestPerGroup = field(default_factory=lambda: SmallestPerGroup(0))
+    unsure: SmallestPerGroup = field(default_factory=lambda: SmallestPerGroup(0))
+    sample: SmallestPerGroup = field(default_factory=lambda: SmallestPerGroup(0))
+    error_sample: SmallestPerGroup = field(default_factory=lambda: SmallestPerGroup(0))
+    abstained_sample: SmallestPerGroup = field(default_factory=lambda: SmallestPerGroup(0))
     truth_rows: dict[str, list] | None = None
     max_labels_per_row: int = 0
     close_pairs: dict[tuple[int, int], int] = field(default_factory=dict)
@@ -389,6 +391,7 @@ def _keep_truth_rows(scan: Scan, batch: pa.RecordBatch, refs: np.ndarray, truth_
     sub = batch.take(pa.array(idx))
     d = sub.to_pydict()
     t = scan.truth_rows
+    assert t is not None  # rows are kept for ground truth only, and scan_outputs then made truth_rows
     t["ref"] += [int(x) for x in refs[idx]]
     t["path"] += d[PATH]
     t["labels"] += d[LABELS]

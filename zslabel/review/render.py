@@ -161,7 +161,8 @@ def attention_key(d: dict) -> tuple:
     f1 = d.get("f1")
     if "support" in d:
         # Ties (often F1 0) by the images the label got wrong: missed plus wrongly given.
-        wrong = (d["support"] - (d["recall"] or 0) * d["support"]) + (d["predicted"] - (d["precision"] or 0) * d["predicted"])
+        wrong = ((d["support"] - (d["recall"] or 0) * d["support"])
+                 + (d["predicted"] - (d["precision"] or 0) * d["predicted"]))
         return (0 if f1 is not None else 1, f1 if f1 is not None else 0.0, -round(wrong), -d["count"], d["name"])
     close = d["close"] if d["close"] is not None else -1.0
     margin = d["mean_margin"] if d["mean_margin"] is not None else 1.0

@@ -90,6 +90,7 @@ def _save(data: bytes | None, row: Row, report_dir: str) -> Thumb:
     decoded = decode_image(data, thumb_spec(row.width, row.height))
     if decoded.error is not None:
         return Thumb(PLACEHOLDER, decoded.error)
+    assert decoded.pixels is not None  # DecodedImage: no pixels only with an error
     from PIL import Image
 
     buf = io.BytesIO()
@@ -124,8 +125,12 @@ class ImageReader:
 
     def read_container(self, uri: str, rows: list[Row]) -> dict[int, bytes | None]:
         """``{input_index: bytes or None}`` for ``rows`` of one tar shard or Parquet file."""
-        file_index = rows[0].input_index // FILE_INDEX_STRIDE
-        wanted = {r.input_index for r in rows}
+        indexes: list[int] = []
+        for r in rows:
+            assert r.input_index is not None  # container_of chose this container by the row's input_index
+            indexes.append(r.input_index)
+        file_index = indexes[0] // FILE_INDEX_STRIDE
+        wanted = set(indexes)
         found: dict[int, bytes | None] = {}
         counts = {"listed": 0, "skipped": 0, "examples": []}
         if uri.lower().endswith(webdataset_source.SUFFIXES):
@@ -150,7 +155,9 @@ class ImageReader:
         fs, path = storage.url_to_fs(uri, self.storage_options)
         with fs.open(storage.open_path(fs, path), "rb") as fh:
             schema = pq.read_schema(fh)
-        return parquet_source.find_image_column(schema, self.image_column, uri)
+        column = parquet_source.find_image_column(schema, self.image_column, uri)
+        assert column is not None  # required=True (the default): raises instead of returning None
+        return column
 
 
 def make_thumbnails(rows: list[Row], reader: ImageReader, report_dir: str, *, workers: int = 8,
@@ -193,7 +200,8 @@ def make_thumbnails(rows: list[Row], reader: ImageReader, report_dir: str, *, wo
         done = {}
         for r in members:
             try:
-                done[r.path] = _save(found.get(r.input_index), r, report_dir)
+                data = found.get(r.input_index) if r.input_index is not None else None
+                done[r.path] = _save(data, r, report_dir)
             except Exception as exc:  # noqa: BLE001
                 done[r.path] = Thumb(PLACEHOLDER, f"{type(exc).__name__}: {exc}")
         return done

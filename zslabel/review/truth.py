@@ -158,7 +158,7 @@ def confusion_matrix(m: Matched, max_labels: int = 30) -> tuple[list[str], np.nd
     names = sorted(set(m.truth) | set(m.predicted))
     cut = len(names) > max_labels
     if cut:
-        errors = Counter()
+        errors: Counter[str] = Counter()
         for t, p in zip(m.truth, m.predicted):
             if t != p:
                 errors[t] += 1

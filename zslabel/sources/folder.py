@@ -16,6 +16,7 @@ import logging
 import os
 import posixpath
 
+import fsspec
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
@@ -82,7 +83,7 @@ def local_find(root: str) -> tuple[list[str], list[str], list[str]]:
 
 
 def _list(uri: str, pattern: bool, storage_options: dict
-          ) -> tuple[object, str, str, list[str], list[str], list[str]]:
+          ) -> tuple[fsspec.AbstractFileSystem, str, str, list[str], list[str], list[str]]:
     """(fs, fs_path, root, files sorted, unreadable folders, skipped folder links) for a folder
     or a glob pattern."""
     fs, fs_path = storage.url_to_fs(uri, storage_options)

@@ -43,8 +43,16 @@ from .. import storage
 from ..errors import InputError, ZslabelError
 from ..textfiles import decode_text
 from .blocks import core_table, planned_dataset
-from .common import (MAX_EXAMPLES, PATH_COLUMN_CANDIDATES, RESERVED_COLUMNS, InputKind, InputOptions,
-                     InputPlan, strip_compression, to_text)
+from .common import (
+    MAX_EXAMPLES,
+    PATH_COLUMN_CANDIDATES,
+    RESERVED_COLUMNS,
+    InputKind,
+    InputOptions,
+    InputPlan,
+    strip_compression,
+    to_text,
+)
 
 SUFFIXES = (".txt", ".csv", ".tsv")
 

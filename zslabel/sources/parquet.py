@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,8 +31,17 @@ import pyarrow.compute as pc
 from .. import storage
 from ..errors import INTERNAL_ERROR, READ_ERROR, InputError, error_string
 from .blocks import EMIT_ROWS, STREAM_BLOCK_SIZE, error_table, schema_with, streaming_plan
-from .common import (FILE_INDEX_STRIDE, InputKind, InputOptions, InputPlan, error_row_detail,
-                     internal_error_detail, is_hidden, strip_compression, to_text)
+from .common import (
+    FILE_INDEX_STRIDE,
+    InputKind,
+    InputOptions,
+    InputPlan,
+    error_row_detail,
+    internal_error_detail,
+    is_hidden,
+    strip_compression,
+    to_text,
+)
 from .manifest import plan_manifest, plan_manifest_files
 
 logger = logging.getLogger(__name__)
@@ -203,7 +212,7 @@ def _resolve_paths(paths: pa.Array, uri: str) -> pa.Array:
 
 
 def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict, *,
-                 image_column: str, carried_columns: list[str]) -> Iterator[pa.Table]:
+                 image_column: str, carried_columns: list[str]) -> Generator[pa.Table, None, None]:
     """Stream one Parquet file by record batches of ``EMIT_ROWS``; fills ``counts["listed"]``.
 
     Never raises: an unreadable file ends with one ``read_error`` row for the file URI; a bug

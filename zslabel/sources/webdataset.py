@@ -15,10 +15,11 @@ links with other names, directories and special files (devices, FIFOs) are count
 Sidecars of one key that are not next to its image (WebDataset only groups adjacent members)
 still join a later image of that key. A sidecar's kind is its last suffix, as an image's is
 (``22.05.json`` belongs to ``22.05.png``); a second sidecar of one kind for one key (``a.txt``
-and ``a.caption.txt``) is a counted skip (``sidecar_repeated``), the first is carried. A member above ``MAX_MEMBER_BYTES`` is a
-``too_many_pixels`` row, never read into memory. Tars are read with ``ignore_zeros``, so the
-members of concatenated tars (``cat a.tar b.tar``) after the first end-of-archive marker are
-read too; damaged member headers are skipped and the shard gets a ``read_error`` row saying so.
+and ``a.caption.txt``) is a counted skip (``sidecar_repeated``), the first is carried. A member
+above ``MAX_MEMBER_BYTES`` is a ``too_many_pixels`` row, never read into memory. Tars are read
+with ``ignore_zeros``, so the members of concatenated tars (``cat a.tar b.tar``) after the first
+end-of-archive marker are read too; damaged member headers are skipped and the shard gets a
+``read_error`` row saying so.
 
 Counts (``listed == rows + skipped``): every member is listed except a sidecar that is part of
 its image's row; skips are counted by reason (``common.SKIP_REASONS``). An unreadable shard is
@@ -32,15 +33,26 @@ import logging
 import posixpath
 import re
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import pyarrow as pa
 
 from .. import storage
 from ..errors import INTERNAL_ERROR, READ_ERROR, TOO_MANY_PIXELS, InputError, error_string
 from .blocks import EMIT_BYTES, EMIT_ROWS, STREAM_BLOCK_SIZE, schema_with, streaming_plan
-from .common import (FILE_INDEX_STRIDE, IMAGE_EXTENSIONS, InputKind, InputOptions, InputPlan, count_skip,
-                     error_row_detail, extension, internal_error_detail, is_hidden, member_name)
+from .common import (
+    FILE_INDEX_STRIDE,
+    IMAGE_EXTENSIONS,
+    InputKind,
+    InputOptions,
+    InputPlan,
+    count_skip,
+    error_row_detail,
+    extension,
+    internal_error_detail,
+    is_hidden,
+    member_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -215,12 +227,14 @@ class _Sample:
               repeated: Callable[[str], None]) -> None:
         """Rows for the images (links wait in ``links``); a sample of sidecars only is kept in
         ``held`` in case an image of its key comes later in the shard."""
+        if not self.images and not self.sidecar_names:
+            return
+        assert self.key is not None  # only read_tar's first sample has none, and it stays empty
         if not self.images:
-            if self.sidecar_names:
-                if self.key in held:
-                    held[self.key].adopt(self, repeated)
-                else:
-                    held[self.key] = self
+            if self.key in held:
+                held[self.key].adopt(self, repeated)
+            else:
+                held[self.key] = self
             return
         for name, data in self.images:
             try:
@@ -338,9 +352,10 @@ def _resolve(target: str, symlinks: dict[str, str | None], regular: set[str]) ->
     for _ in range(MAX_LINK_HOPS):
         if target in regular:
             return target
-        if target not in symlinks or symlinks[target] is None:
+        next_target = symlinks.get(target)
+        if next_target is None:  # not a symbolic link, or one pointing outside the tar
             return None
-        target = symlinks[target]
+        target = next_target
     return None
 
 
@@ -365,7 +380,7 @@ def _too_large(size: int, limit: int) -> str:
 
 
 def read_tar(uri: str, file_index: int, storage_options: dict, counts: dict, *,
-             max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[pa.Table]:
+             max_member_bytes: int = MAX_MEMBER_BYTES) -> Generator[pa.Table, None, None]:
     """Stream one tar shard: batches of image rows (``_SCHEMA``); fills ``counts``
     (``common.new_counts``). Runs without Ray (tests call it directly).
 
@@ -427,6 +442,7 @@ def read_tar(uri: str, file_index: int, storage_options: dict, counts: dict, *,
                 if key != sample.key:
                     sample.flush(rows, links, held, repeated)
                     if sample.images:
+                        assert sample.key is not None  # a sample with members has their key
                         emitted.add(sample.key)
                     sample = _Sample(key)
                     if key in held:
@@ -454,6 +470,7 @@ def read_tar(uri: str, file_index: int, storage_options: dict, counts: dict, *,
         failure = f"tar {error_row_detail(exc)}"
     sample.flush(rows, links, held, repeated)
     if sample.images:
+        assert sample.key is not None  # a sample with members has their key
         emitted.add(sample.key)
     for key, orphan in held.items():
         for name in orphan.sidecar_names:
