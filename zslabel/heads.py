@@ -85,7 +85,6 @@ Details that make the promises hold:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import struct
@@ -172,7 +171,6 @@ class Head:
         if isinstance(image_embeddings, np.ndarray):
             x = np.asarray(image_embeddings, np.float32)
             return (np.float32(self.scale) * (x @ self.weights.T) + self.bias).astype(np.float32)
-        import torch
 
         w, b = self._on(image_embeddings.device)
         return float(self.scale) * (image_embeddings.float() @ w.T) + b
@@ -676,7 +674,6 @@ def fit_head(x: np.ndarray, y: np.ndarray, zs: ZeroShot, *, lambdas: tuple[float
     Raises:
         InputError: ``check_sample``'s refusals.
     """
-    import torch
 
     x = np.asarray(x, np.float32)
     y = np.asarray(y, np.int64)

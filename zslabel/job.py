@@ -26,11 +26,10 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from .calibration import Calibration, load_for_run
+from .calibration import Calibration, load_calibration, load_for_run
 from .errors import ConfigError
 from .hierarchy import Hierarchy
 from .labels import LabelSet
-from .calibration import load_calibration
 from .options import LabelingOptions, local_stamp
 from .output import MANIFEST_NAME
 from .ranking import RankingRule

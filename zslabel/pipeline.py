@@ -17,10 +17,18 @@ from typing import Any
 
 from . import job
 from .calibration import manifest_entry as calibration_manifest_entry
-from .heads import manifest_entry as head_manifest_entry
-from .cluster import (ACTOR_MAX_TASK_RETRIES, DECODE_MAX_RETRIES, WRITE_CPUS_PER_TASK, ClusterResources,
-                      actor_pool_strategy, bound_in_flight, init_ray, write_tasks)
+from .cluster import (
+    ACTOR_MAX_TASK_RETRIES,
+    DECODE_MAX_RETRIES,
+    WRITE_CPUS_PER_TASK,
+    ClusterResources,
+    actor_pool_strategy,
+    bound_in_flight,
+    init_ray,
+    write_tasks,
+)
 from .config import JobConfig
+from .heads import manifest_entry as head_manifest_entry
 from .hierarchy import with_hierarchy_fields
 from .options import check_input_exists
 from .output import output_schema

@@ -37,8 +37,8 @@ import pyarrow.parquet as pq
 
 from . import job
 from .calibration import manifest_entry as calibration_manifest_entry
-from .heads import manifest_entry as head_manifest_entry
 from .errors import ConfigError, InputError
+from .heads import manifest_entry as head_manifest_entry
 from .hierarchy import with_hierarchy_fields
 from .labels import DEFAULT_TEMPLATE
 from .options import DEFAULT_TOP_K, LabelingOptions

@@ -42,8 +42,19 @@ from .checks import check_same_files, check_same_inputs, refuse_resume
 from .claim import Claim
 from .files import WriteTarget
 from .fingerprint import describe_changes, fingerprint_digest
-from .layout import (INPUT_FILES, RUN_RECORD, STAGING_DIR, STATE_DIR, SWAP_RECORD, OutputState, inspect_output,
-                     is_store_file, remove, remove_debris, write_json)
+from .layout import (
+    INPUT_FILES,
+    RUN_RECORD,
+    STAGING_DIR,
+    STATE_DIR,
+    SWAP_RECORD,
+    OutputState,
+    inspect_output,
+    is_store_file,
+    remove,
+    remove_debris,
+    write_json,
+)
 from .scan import RunCounts, Scan, count_rows, drop_error_rows, resolve_duplicates, scan_files
 
 log = logging.getLogger(__name__)
