@@ -391,7 +391,8 @@ class Calibration:
         if score_kind != self.score_kind:
             problems.append(f"score kind {self.score_kind} vs this run's {score_kind}")
         if (head or None) != (self.head or None):
-            problems.append(f"fitted on the logits of {f'head {self.head}' if self.head else 'the zero-shot classifier'}, "
+            fitted = f"head {self.head}" if self.head else "the zero-shot classifier"
+            problems.append(f"fitted on the logits of {fitted}, "
                             f"this run uses {f'head {head}' if head else 'no head (zero-shot)'}")
         if problems:
             raise ConfigError(f"{source} (id {self.id}) was fitted for another setup: " + "; ".join(problems)

@@ -69,7 +69,8 @@ def _add_labeling_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     t.add_argument("--template", dest="templates", type=lambda text: [text],
                    help=f"prompt template with one {{}} (default: {DEFAULT_TEMPLATE!r})")
     t.add_argument("--templates", type=_checked(resolve_templates),
-                   help="prompt ensemble: a file of templates, one per line, or a named set: " + ", ".join(TEMPLATE_SETS))
+                   help="prompt ensemble: a file of templates, one per line, or a named set: "
+                   + ", ".join(TEMPLATE_SETS))
     g.add_argument("--model", help=model_help)
     g.add_argument("--revision", help="hub revision (branch, tag or commit) of --model")
     g.add_argument("--top-k", type=int, help="labels kept per image (default 5; capped at the number of labels)")

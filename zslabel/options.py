@@ -303,7 +303,8 @@ def remote_access_message(uri: str, exc: BaseException) -> str:
     detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
     endpoint = "the endpoint (--storage-options client_kwargs.endpoint_url for S3-compatible stores) and "
     if names & _NO_CREDENTIALS:
-        return f"cannot read {uri}: no credentials for {key}:// ({detail}); {_CREDENTIAL_FIX.get(key, 'pass them in --storage-options')}"
+        fix = _CREDENTIAL_FIX.get(key, "pass them in --storage-options")
+        return f"cannot read {uri}: no credentials for {key}:// ({detail}); {fix}"
     status = getattr(exc, "status", None) or getattr(exc, "code", None)
     if isinstance(exc, PermissionError) or status in (401, 403) or "AccessDenied" in str(exc):
         return (f"cannot read {uri}: access denied ({detail}); check that the credentials in use (environment, "

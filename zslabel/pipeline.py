@@ -263,7 +263,8 @@ def stage_timings(ds, since_epoch_s: float, config: JobConfig) -> dict[str, floa
         busy = {"decode": 0.0, "model": 0.0}
         images = 0
         for op in ops:
-            stage = "decode" if "decode_block" in op.operator_name else "model" if "Labeler" in op.operator_name else None
+            name = op.operator_name
+            stage = "decode" if "decode_block" in name else "model" if "Labeler" in name else None
             if stage and op.wall_time is not None:
                 busy[stage] += op.wall_time.sum
                 if stage == "model" and op.output_num_rows is not None:

@@ -261,8 +261,8 @@ def _truth_view(result, report_dir: str, view, scan) -> dict:
             ("in ground truth but not in the output", f"{rep.unmatched_ground_truth:,}"),
             ("matched rows with an error", f"{rep.errored:,}"),
             ("top-1 accuracy", f"{frac(rep.top1_accuracy)} ({rep.top1_correct:,}/{rep.labeled:,})"),
-            ("top-5 accuracy", f"{frac(rep.top5_accuracy)} ({rep.top5_correct:,}/{rep.labeled:,})"
-             + (f", only {rep.max_labels_per_row} labels per row were written" if rep.max_labels_per_row < 5 else "")),
+            # top-k for the k the run wrote (evaluate: top-5, or the run's --top-k when smaller)
+            (f"top-{rep.top_k} accuracy", f"{frac(rep.topk_accuracy)} ({rep.topk_correct:,}/{rep.labeled:,})"),
             ("top-1 including errors", frac(rep.top1_including_errors)),
             ("macro precision / recall", f"{frac(rep.macro_precision)} / {frac(rep.macro_recall)}"),
         ] + ([("coverage / top-1 when answering", f"{frac(rep.coverage)} / {frac(rep.top1_accuracy_answered)}")]
