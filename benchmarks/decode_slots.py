@@ -6,7 +6,7 @@ decode task, because a GPU run is decode-bound. This script starts a local Ray i
 ``zslabel``'s labeling job on small JPEGs with one 1-CPU labeler actor (the tiny test checkpoint,
 built offline), and reads the decode tasks' start and end times from Ray's task timeline. Side by
 side in one run, it does so with the write stage as shipped (``0`` CPUs per write task, at most
-``pipeline.write_tasks`` at once) and as before (``0.25`` CPUs, no cap: Ray Data's resource
+``cluster.write_tasks`` at once) and as before (``0.25`` CPUs, no cap: Ray Data's resource
 allocator then hands the CPUs that no operator reserved to the uncapped write operator, not to
 decoding).
 

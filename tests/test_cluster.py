@@ -230,7 +230,7 @@ def test_actor_pool_counts_nodes_the_autoscaler_can_start():
     """cluster.yaml's shape: a head that takes no work, GPU and CPU workers scaling from zero."""
     from zslabel import JobConfig
     from zslabel.errors import ConfigError
-    from zslabel.pipeline import UNLIMITED_NODES, plan_actor_pool
+    from zslabel.cluster import UNLIMITED_NODES, plan_actor_pool
 
     head = [{"CPU": 0.0}]
     g5, c6i = {"CPU": 8.0, "GPU": 1.0, "memory": 3e10}, {"CPU": 16.0}
