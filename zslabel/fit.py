@@ -1,4 +1,4 @@
-"""``zslabel fit``: fit a few-shot head (``heads.py``) on a run's stored embeddings and ground truth.
+"""``zslabel fit``: fit a few-shot head (``zslabel.heads``) on a run's stored embeddings and ground truth.
 
     run output (--store-embeddings) + run manifest     ground truth (evaluate.load_ground_truth)
       -> pass 1: path and error columns, a record batch at a time -> rows matching the ground
@@ -136,8 +136,8 @@ def read_labeled_embeddings(run: str, ground_truth: str, storage_options: dict |
                         x[slot[(fi, int(r))]] = emb[j]
                     missing += int((~present).sum())
                     if (~present).any():
-                        for j in np.flatnonzero(~present):
-                            y[slot[(fi, int(rows_here[lo + j]))]] = -1
+                        for gap in np.flatnonzero(~present):
+                            y[slot[(fi, int(rows_here[lo + gap]))]] = -1
                 start += batch.num_rows
     counts["without_embedding"] = missing
     keep = y >= 0
