@@ -90,7 +90,7 @@ class LabelingOptions:
     # calibration file (``zslabel calibrate``) and label-path roll-up (``hierarchy.py``)
     calibration: str | None = None
     hierarchy: bool = False
-    # a fitted head (``zslabel fit``, ``heads.py``) whose logits replace the zero-shot ones
+    # a fitted head (``zslabel fit``, ``zslabel.heads``) whose logits replace the zero-shot ones
     head: str | None = None
 
     # ---- construction -------------------------------------------------------------------
