@@ -376,20 +376,8 @@ class Calibration:
         Raises:
             ConfigError: naming every difference (checkpoint digest, labels, templates, score kind).
         """
-        problems = []
-        if checkpoint_digest != self.checkpoint_digest:
-            problems.append(f"checkpoint digest {self.checkpoint_digest} (model {self.model!r}) vs this run's "
-                            f"{checkpoint_digest}")
-        if list(labels) != list(self.labels):
-            added = [x for x in labels if x not in self.labels]
-            removed = [x for x in self.labels if x not in labels]
-            detail = ", ".join(filter(None, [f"run adds {added[:5]!r}" if added else "",
-                                             f"run lacks {removed[:5]!r}" if removed else ""])) or "other order"
-            problems.append(f"labels differ ({detail})")
-        if list(templates) != list(self.templates):
-            problems.append(f"templates {self.templates!r} vs this run's {list(templates)!r}")
-        if score_kind != self.score_kind:
-            problems.append(f"score kind {self.score_kind} vs this run's {score_kind}")
+        problems = fit_differences(self, checkpoint_digest=checkpoint_digest, labels=labels, templates=templates,
+                                   score_kind=score_kind)
         if (head or None) != (self.head or None):
             fitted = f"head {self.head}" if self.head else "the zero-shot classifier"
             problems.append(f"fitted on the logits of {fitted}, "
@@ -397,6 +385,28 @@ class Calibration:
         if problems:
             raise ConfigError(f"{source} (id {self.id}) was fitted for another setup: " + "; ".join(problems)
                               + ". Fit one for this run with `zslabel calibrate`")
+
+
+def fit_differences(fitted: Any, *, checkpoint_digest: str, labels: list[str], templates: list[str],
+                    score_kind: str) -> list[str]:
+    """What differs between the run a file was fitted on (``fitted``: a calibration or a head,
+    with ``checkpoint_digest``, ``model``, ``labels``, ``templates``, ``score_kind``) and this
+    run: one human phrase per difference, empty when it fits."""
+    problems = []
+    if checkpoint_digest != fitted.checkpoint_digest:
+        problems.append(f"checkpoint digest {fitted.checkpoint_digest} (model {fitted.model!r}) vs this run's "
+                        f"{checkpoint_digest}")
+    if list(labels) != list(fitted.labels):
+        added = [x for x in labels if x not in fitted.labels]
+        removed = [x for x in fitted.labels if x not in labels]
+        detail = ", ".join(filter(None, [f"run adds {added[:5]!r}" if added else "",
+                                         f"run lacks {removed[:5]!r}" if removed else ""])) or "other order"
+        problems.append(f"labels differ ({detail})")
+    if list(templates) != list(fitted.templates):
+        problems.append(f"templates {fitted.templates!r} vs this run's {list(templates)!r}")
+    if score_kind != fitted.score_kind:
+        problems.append(f"score kind {fitted.score_kind} vs this run's {score_kind}")
+    return problems
 
 
 def load_calibration(path: str, storage_options: dict | None = None) -> Calibration:

@@ -28,7 +28,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -263,6 +263,7 @@ class ZeroShotModel:
             (transformers' ``model_type``, e.g. ``"clip"``; ``"open_clip:<architecture>"``).
         score_kind: ``"sigmoid"`` for SigLIP-family checkpoints, ``"softmax"`` otherwise.
         preprocess: the ``PreprocessSpec`` the decode stage brings images to (model size, uint8).
+        model: the family's torch module (with ``logit_scale`` and, for SigLIP, ``logit_bias``).
         logit_scale, logit_bias, max_text_length: see the properties.
 
     Methods: ``prompt_token_ids``, ``encode_texts`` ((T, D) float32 numpy, L2-normalised),
@@ -284,6 +285,8 @@ class ZeroShotModel:
     model_type: str
     score_kind: str
     preprocess: PreprocessSpec
+    # The family's torch module (transformers' CLIPModel/SiglipModel, open_clip's CLIP).
+    model: Any  # typed loosely: each library adds its own methods (get_text_features, encode_image)
     # The pinned host buffer and its last copy's CUDA event (``_to_device_pinned``), set on first use.
     _pinned: torch.Tensor
     _copied: torch.cuda.Event | None
@@ -300,15 +303,18 @@ class ZeroShotModel:
             cls = family.model_class()
         return super().__new__(cls)
 
+    # Both libraries keep the learned scale as a log (``model.logit_scale``) and SigLIP-style
+    # models a ``model.logit_bias`` parameter on the torch module every family holds as ``model``.
     @property
     def logit_scale(self) -> float:
-        """The exponentiated scale multiplying cosine similarities (CLIP: <= 100)."""
-        raise NotImplementedError
+        """``exp(model.logit_scale)``, the multiplier of cosine similarities (CLIP: <= 100)."""
+        return float(self.model.logit_scale.detach().float().exp())
 
     @property
     def logit_bias(self) -> float:
         """SigLIP's ``logit_bias``; 0.0 for checkpoints without one."""
-        raise NotImplementedError
+        bias = getattr(self.model, "logit_bias", None)
+        return 0.0 if bias is None else float(bias.detach().float())
 
     @property
     def max_text_length(self) -> int:
@@ -433,17 +439,6 @@ class TransformersModel(ZeroShotModel):
         mean = processor.image_mean if processor.do_normalize else [0.0, 0.0, 0.0]
         std = processor.image_std if processor.do_normalize else [1.0, 1.0, 1.0]
         self._set_normalisation(mean, std, float(processor.rescale_factor) if processor.do_rescale else 1.0)
-
-    @property
-    def logit_scale(self) -> float:
-        """``exp(model.logit_scale)``, the multiplier of cosine similarities (CLIP: <= 100)."""
-        return float(self.model.logit_scale.detach().float().exp())
-
-    @property
-    def logit_bias(self) -> float:
-        """SigLIP's ``logit_bias``; 0.0 for checkpoints without one."""
-        bias = getattr(self.model, "logit_bias", None)
-        return 0.0 if bias is None else float(bias.detach().float())
 
     @property
     def max_text_length(self) -> int:

@@ -328,17 +328,6 @@ class OpenClipModel(ZeroShotModel):
         return open_clip.get_tokenizer(f"local-dir:{self.path}")
 
     @property
-    def logit_scale(self) -> float:
-        """``exp(model.logit_scale)``, the multiplier of cosine similarities (CLIP: <= 100)."""
-        return float(self.model.logit_scale.detach().float().exp())
-
-    @property
-    def logit_bias(self) -> float:
-        """The model's ``logit_bias`` (SigLIP ports); 0.0 when it has none."""
-        bias = getattr(self.model, "logit_bias", None)
-        return 0.0 if bias is None else float(bias.detach().float())
-
-    @property
     def max_text_length(self) -> int:
         """The tokenizer's context length (open_clip pads and truncates every prompt to it)."""
         return int(getattr(self.tokenizer, "context_length", None) or 77)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..calibration import fit_differences
 from ..errors import ConfigError
 
 FORMAT = "zslabel-head"
@@ -129,20 +130,8 @@ class Head:
             ConfigError: naming every difference (checkpoint digest, labels, templates, score kind,
                 embedding size).
         """
-        problems = []
-        if checkpoint_digest != self.checkpoint_digest:
-            problems.append(f"checkpoint digest {self.checkpoint_digest} (model {self.model!r}) vs this run's "
-                            f"{checkpoint_digest}")
-        if list(labels) != list(self.labels):
-            added = [x for x in labels if x not in self.labels]
-            removed = [x for x in self.labels if x not in labels]
-            detail = ", ".join(filter(None, [f"run adds {added[:5]!r}" if added else "",
-                                             f"run lacks {removed[:5]!r}" if removed else ""])) or "other order"
-            problems.append(f"labels differ ({detail})")
-        if list(templates) != list(self.templates):
-            problems.append(f"templates {self.templates!r} vs this run's {list(templates)!r}")
-        if score_kind != self.score_kind:
-            problems.append(f"score kind {self.score_kind} vs this run's {score_kind}")
+        problems = fit_differences(self, checkpoint_digest=checkpoint_digest, labels=labels, templates=templates,
+                                   score_kind=score_kind)
         if dim is not None and dim != self.weights.shape[1]:
             problems.append(f"embedding size {self.weights.shape[1]} vs this run's {dim}")
         if problems:
