@@ -9,6 +9,7 @@ figures and examples, per matched image: its truth, first label, top-1 score and
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections import Counter
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 from ..calibration import ECE_BINS, expected_calibration_error
 from ..errors import InputError
 from ..evaluate import EvalReport, GroundTruth, evaluate, match_ground_truth, normalise_path, read_predictions
-from ..output import ABSTAINED, ERROR, LABELS, PATH
+from ..output import ABSTAINED, ERROR, LABELS, MANIFEST_NAME, PATH
 from .collect import Scan, basename_of
 
 # Confusions shown with example pairs, and misclassified examples per confusion.
@@ -79,10 +80,13 @@ def evaluate_scan(scan: Scan, gt: GroundTruth, output_uri: str, top_confusions: 
     if scan.has_abstained:
         cols[ABSTAINED] = pa.array(rows["abstained"], pa.bool_())
     with tempfile.TemporaryDirectory(prefix="zslabel-report-") as tmp:
-        path = os.path.join(tmp, "candidates.parquet")
-        pq.write_table(pa.table(cols), path)
-        report = evaluate(path, gt, top_confusions=top_confusions)
-        preds, _, _, _ = read_predictions(path)
+        pq.write_table(pa.table(cols), os.path.join(tmp, "candidates.parquet"))
+        if scan.manifest is not None:
+            # The run's manifest beside the subset, so that evaluate decides top-k as for the run.
+            with open(os.path.join(tmp, MANIFEST_NAME), "w") as fh:
+                json.dump(scan.manifest, fh)
+        report = evaluate(tmp, gt, top_confusions=top_confusions)
+        preds, _, _, _ = read_predictions(tmp)
     report.predictions = output_uri
     labels = (scan.manifest or {}).get("labels")
     not_candidates = sorted(set(gt.labels) - set(labels)) if labels is not None else None
