@@ -21,7 +21,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +36,10 @@ from .ranking import RankingRule
 from .scoring import ZeroShotClassifier
 from .store import Accounting, OutputStore, WriteSession, fingerprint_fields
 from .summary import RunFacts, RunSummary, check_error_budget, run_manifest, summary_of_finished
+
+if TYPE_CHECKING:
+    from .decode import PreprocessSpec
+    from .heads import Head
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +74,12 @@ class PreparedJob:
     model_type: str
     logit_scale: float
     logit_bias: float
-    preprocess: Any
+    preprocess: PreprocessSpec
     library: str = "transformers"
     architecture: str | None = None
     calibration: Calibration | None = None
     hierarchy: Hierarchy | None = None
-    head: Any = None  # heads.Head replacing the zero-shot logits, checked against the model and labels
+    head: Head | None = None  # replacing the zero-shot logits, checked against the model and labels
 
     @property
     def labels(self) -> list[str]:
@@ -182,7 +186,7 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
 
 
 def begin(job: PreparedJob, schema: pa.Schema, *, preprocess: dict | None,
-          extra_fields: dict[str, Any] | None = None, planned_paths: Any = None,
+          extra_fields: dict[str, Any] | None = None, planned_paths: pa.Array | pa.ChunkedArray | None = None,
           planned_files: list[str] | None = None) -> WriteSession:
     """Start the write session: the fingerprint of every setting that changes rows (the
     options' ``result_settings`` plus what the model and the output schema add), then

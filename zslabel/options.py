@@ -32,6 +32,9 @@ from .textfiles import read_text
 
 log = logging.getLogger(__name__)
 
+if typing.TYPE_CHECKING:
+    from .storage import IOPolicy
+
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 
 SINGLE_LABEL_WARNING = (
@@ -219,7 +222,7 @@ class LabelingOptions:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def check_input_exists(uri: str, storage_options: dict | None = None, io: Any = None) -> None:
+def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPolicy | None = None) -> None:
     """Fail in seconds, before Ray starts, on an input that does not exist or cannot be read: a
     path or URI that is not there, a glob that matches nothing, a local folder holding no
     (non-hidden) file at all, or a remote input whose store refuses the credentials, has none

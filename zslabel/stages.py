@@ -11,7 +11,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +22,11 @@ from .output import result_table
 from .ranking import RankingRule
 from .scoring import ZeroShotClassifier, score_rows
 from .storage import IOPolicy, PendingFetch, start_fetch
+
+if TYPE_CHECKING:
+    from .calibration import Calibration
+    from .heads import Head
+    from .hierarchy import Hierarchy
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +183,13 @@ class LabelerSettings:
     store_embeddings: bool = False
     spec_overrides: dict[str, Any] = field(default_factory=dict)
     # Multi-label / abstention rule (``ranking.RankingRule``); None keeps plain top-k.
-    ranking: Any = None
+    ranking: RankingRule | None = None
     # ``calibration.Calibration`` applied to the logits, and ``hierarchy.Hierarchy`` for the
     # hier_* columns (needs ``ranking.min_score``); None for neither.
-    calibration: Any = None
-    hierarchy: Any = None
+    calibration: Calibration | None = None
+    hierarchy: Hierarchy | None = None
     # ``heads.Head`` whose logits replace the zero-shot ones (moved to the actor's device once)
-    head: Any = None
+    head: Head | None = None
 
 
 def _none_where_negative(values: np.ndarray) -> np.ndarray:

@@ -21,7 +21,6 @@ import json
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -65,7 +64,7 @@ class OutputState:
     """
 
     uri: str
-    fs: Any
+    fs: fsspec.AbstractFileSystem
     root: str
     files: list[str]
     manifest: dict | None
