@@ -230,6 +230,7 @@ def finish(job: PreparedJob, session: WriteSession, facts: RunFacts, *, files_th
                          errors_by_code=counts.errors_by_code, skipped=facts.input_counts.get("skipped", 0),
                          listed=facts.input_counts.get("listed"), wall_seconds=wall,
                          images_per_second=counts.rows / wall if wall else 0.0, manifest_path=path,
-                         timings=job.timings, model_images=counts.model_images, carried_over=counts.carried_over)
+                         timings=job.timings, model_images=counts.model_images, carried_over=counts.carried_over,
+                         skipped_by_reason=dict(facts.input_counts.get("skipped_by_reason") or {}))
     check_error_budget(summary, job.options.max_error_fraction)
     return summary

@@ -31,12 +31,15 @@ class RunSummary:
     timings: dict[str, Any] = field(default_factory=dict)   # seconds, plus stage_timings' facts
     model_images: int = 0      # rows this run sent to the model (resume: fewer than ``rows``)
     carried_over: int = 0      # rows kept from earlier runs of this output (``--resume``)
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)  # ``sources.SKIP_REASONS`` keys
 
     def line(self) -> str:
         """One human line for the end of a run."""
         errs = ", ".join(f"{c}={n}" for c, n in sorted(self.errors_by_code.items())) or "none"
+        why = ", ".join(f"{r}={n}" for r, n in sorted(self.skipped_by_reason.items()))
         return (f"labeled {self.labeled} of {self.rows} images; errors: {errs}; skipped {self.skipped} "
-                f"non-image files; {self.wall_seconds:.1f} s, {self.images_per_second:.1f} images/s; "
+                f"listed {'entry' if self.skipped == 1 else 'entries'}"
+                f"{f' ({why})' if why else ''}; {self.wall_seconds:.1f} s, {self.images_per_second:.1f} images/s; "
                 f"output: {self.output}"
                 + (f" ({self.carried_over} rows kept from earlier runs; the model ran on {self.model_images})"
                    if self.carried_over else ""))
