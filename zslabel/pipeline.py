@@ -66,20 +66,22 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         # breaks libraries that resolve relative paths at import time (transformers does).
         init_ray(config.address)
         cluster = ClusterResources.read()
+        # Before the output changes: a pool no node can hold fails here, leaving nothing behind.
+        pool = cluster.actor_pool_size(config)
         plan = plan_inputs(config, cluster)
         prepared.timings["planning_s"] = plan.planning_seconds
         schema = label_output_schema(config, prepared, plan.carried_columns)
         session = job.begin(prepared, schema, preprocess=prepared.preprocess.fingerprint_dict(),
                             planned_paths=plan.planned_paths, planned_files=plan.planned_files)
         plan.planned_paths = None  # checked; the rows themselves are in the object store (~100 B a path)
-        ds = compose(config, prepared, plan, session, cluster, schema, spec_overrides)
+        ds = compose(config, prepared, plan, session, cluster, pool, schema, spec_overrides)
         t_run, t_run_epoch = time.perf_counter(), time.time()
         written = _consume_with_progress(ds, Progress(planned_rows(plan, session), enabled=progress))
         plan.finalize()  # tars / Parquet inputs: listed and skipped counts are known only now
         plan.check_has_inputs(config.input)  # e.g. tars of sidecars only: exit 2, never an empty success
         prepared.timings["labeling_s"] = time.perf_counter() - t_run
         prepared.timings.update(stage_timings(ds, since_epoch_s=t_run_epoch, config=config))
-        return job.finish(prepared, session, label_facts(config, prepared, plan, cluster), files_this_run=len(written),
+        return job.finish(prepared, session, label_facts(config, prepared, plan, pool), files_this_run=len(written),
                           accounting=Accounting(plan.listed, plan.skipped, plan.duplicates_removed))
 
 
@@ -124,7 +126,7 @@ def decode_task_options(config: JobConfig) -> dict:
 
 
 def compose(config: JobConfig, prepared: job.PreparedJob, plan, session, cluster: ClusterResources,
-            schema, spec_overrides: dict[str, Any]):
+            pool: tuple[int, int], schema, spec_overrides: dict[str, Any]):
     """The Ray Data chain: planned inputs -> drop committed -> decode tasks -> labeler actors ->
     one committed Parquet file per ``rows_per_file`` rows. Returns the (lazy) dataset whose
     rows name the committed files (``store.WRITE_RESULT_SCHEMA``)."""
@@ -134,7 +136,6 @@ def compose(config: JobConfig, prepared: job.PreparedJob, plan, session, cluster
     from .stages import Labeler, LabelerSettings, decode_block
 
     decode_args = decode_task_options(config)
-    pool = cluster.actor_pool_size(config)
     spec = prepared.preprocess
     settings = LabelerSettings(
         model=prepared.options.model or "", revision=config.revision, storage_options=config.storage_options,
@@ -191,7 +192,7 @@ def compose(config: JobConfig, prepared: job.PreparedJob, plan, session, cluster
                           compute=ray.data.TaskPoolStrategy(size=write_tasks(cluster.cpus())))
 
 
-def label_facts(config: JobConfig, prepared: job.PreparedJob, plan, cluster: ClusterResources) -> RunFacts:
+def label_facts(config: JobConfig, prepared: job.PreparedJob, plan, pool: tuple[int, int]) -> RunFacts:
     """What the run manifest records besides the counts."""
     return RunFacts(
         kind="label", config=config.public_dict(),
@@ -202,7 +203,7 @@ def label_facts(config: JobConfig, prepared: job.PreparedJob, plan, cluster: Clu
         labels=prepared.labels, templates=prepared.templates, preprocess=prepared.preprocess.fingerprint_dict(),
         input_counts={"skipped": plan.skipped, "listed": plan.listed, "duplicates_removed": plan.duplicates_removed,
                       "skipped_by_reason": plan.skipped_by_reason},
-        extra={"actor_pool": list(cluster.actor_pool_size(config)), "input_stamp": prepared.stamps["input"],
+        extra={"actor_pool": list(pool), "input_stamp": prepared.stamps["input"],
                **({INPUT_FILES: plan.planned_files} if plan.planned_files is not None else {}),
                "calibration": calibration_manifest_entry(prepared.calibration, config.calibration),
                "head": head_manifest_entry(prepared.head, config.head)})
