@@ -38,3 +38,16 @@ def make_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
 def list_requests(log: list[dict]) -> list[dict]:
     """The ListObjectsV2 calls in a moto request log."""
     return [r for r in log if "list-type=2" in r["url"]]
+
+
+def check_plan(plan, rows: list[dict]) -> None:
+    """The accounting every finalized plan must keep: each listed entry is a row, a counted
+    skip (with a known reason) or a counted duplicate, and each row has its own input_index."""
+    from zslabel.sources import SKIP_REASONS
+
+    plan.finalize()
+    assert plan.listed == len(rows) + plan.skipped + plan.duplicates_removed
+    assert plan.expected_rows() == len(rows)
+    assert sum(plan.skipped_by_reason.values()) == plan.skipped
+    assert set(plan.skipped_by_reason) <= set(SKIP_REASONS)
+    assert len({r["input_index"] for r in rows}) == len(rows)

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from source_files import check_plan
 
 from zslabel.errors import error_code
 from zslabel.sources import SKIP_REASONS, plan_inputs
@@ -59,14 +60,6 @@ def names(min_size: int = 1):
                      EXTS)
 
 
-def check_plan(plan, rows: list[dict]) -> None:
-    """The accounting every plan must keep."""
-    plan.finalize()
-    assert plan.listed == len(rows) + plan.skipped + plan.duplicates_removed
-    assert plan.expected_rows() == len(rows)
-    assert sum(plan.skipped_by_reason.values()) == plan.skipped
-    assert set(plan.skipped_by_reason) <= set(SKIP_REASONS)
-    assert len({r["input_index"] for r in rows}) == len(rows)
 
 
 def is_image_name(name: str) -> bool:

@@ -19,10 +19,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from source_files import jpeg, write
+from source_files import check_plan, jpeg, write
 
 from zslabel.errors import InputError, error_code
-from zslabel.sources import SKIP_REASONS, fetch_bytes, plan_inputs
+from zslabel.sources import fetch_bytes, plan_inputs
 from zslabel.sources.common import new_counts
 from zslabel.sources.webdataset import MAX_MEMBER_BYTES, read_tar
 
@@ -31,12 +31,7 @@ def planned(uri: str, **kwargs) -> tuple[object, list[dict]]:
     """(finalized plan, rows) planned and read without Ray; asserts the invariant."""
     plan = plan_inputs(uri, use_ray=False, **kwargs)
     rows = plan.read_locally()
-    plan.finalize()
-    assert plan.listed == len(rows) + plan.skipped + plan.duplicates_removed
-    assert plan.expected_rows() == len(rows)
-    assert sum(plan.skipped_by_reason.values()) == plan.skipped
-    assert set(plan.skipped_by_reason) <= set(SKIP_REASONS)
-    assert len({r["input_index"] for r in rows}) == len(rows)
+    check_plan(plan, rows)
     return plan, rows
 
 

@@ -213,6 +213,15 @@ def _relabel_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _add_io_flags(p: argparse.ArgumentParser, quiet: str | None = None) -> None:
+    """``--storage-options``, ``-v`` and (with its help text) ``-q`` of the read-only commands."""
+    p.add_argument("--storage-options", type=_checked(parse_storage_options),
+                   help="fsspec options as JSON/YAML text or file")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    if quiet is not None:
+        p.add_argument("-q", "--quiet", action="store_true", help=quiet)
+
+
 def _eval_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="measure an output against ground truth", allow_abbrev=False,
                        description="Top-1/top-5 accuracy, per-label precision and recall, confusions.",
@@ -342,10 +351,7 @@ def _fit_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, folds and subsamples (default 0)")
     p.add_argument("--no-learning-curve", action="store_true", help="skip the learning curve (faster)")
-    p.add_argument("--storage-options", type=_checked(parse_storage_options),
-                   help="fsspec options as JSON/YAML text or file")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    _add_io_flags(p, quiet="no progress lines")
     return p
 
 
@@ -389,10 +395,7 @@ def _report_parser(sub) -> argparse.ArgumentParser:
                    help="labels with thumbnail grids, worst first (default 60); the table lists all")
     p.add_argument("--workers", type=int, default=8, help="threads making thumbnails (default 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in that folder")
-    p.add_argument("--storage-options", type=_checked(parse_storage_options),
-                   help="fsspec options as JSON/YAML text or file")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_io_flags(p, quiet="no progress display")
     return p
 
 
