@@ -20,13 +20,13 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
-from .calibration import Calibration, load_calibration, load_for_run
+from .calibration import Calibration, load_for_run
 from .errors import ConfigError
 from .hierarchy import Hierarchy
 from .labels import LabelSet
@@ -77,6 +77,7 @@ class PreparedJob:
     preprocess: PreprocessSpec
     library: str = "transformers"
     architecture: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # options.result_settings(), once in prepare
     calibration: Calibration | None = None
     hierarchy: Hierarchy | None = None
     head: Head | None = None  # replacing the zero-shot logits, checked against the model and labels
@@ -133,14 +134,11 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
     """
     started = time.perf_counter()
     rule = options.validate()
-    if options.calibration:  # a missing or damaged file fails here; its fit is checked with the model
-        load_calibration(options.calibration, options.storage_options)
-    if options.head:  # likewise for a head file
-        from .heads import load_head
-
-        load_head(options.head, options.storage_options)
+    # Read once: it loads the calibration and head files (by content id), so a missing or
+    # damaged one fails here; their fit is checked with the model below.
+    settings = options.result_settings()
     store = OutputStore.open(options.output, options.storage_options)
-    store.check(options.mode, options.result_settings())
+    store.check(options.mode, settings)
     if check_input is not None:
         check_input()
     if not options.model:
@@ -181,7 +179,8 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
                                    head=job.head.id if job.head is not None else None)
     job.hierarchy = Hierarchy.from_labels(job.labels) if options.hierarchy else None
     job.timings["model_and_labels_s"] = time.perf_counter() - started
-    store.claim(options.mode, options.result_settings())
+    store.claim(options.mode, settings)
+    job.settings = settings
     return job
 
 
@@ -202,7 +201,7 @@ def begin(job: PreparedJob, schema: pa.Schema, *, preprocess: dict | None,
         OutputError: see ``store.session.begin``.
     """
     opts = job.options
-    fields = fingerprint_fields(opts.result_settings(job.labels, job.templates), checkpoint_digest=job.digest,
+    fields = fingerprint_fields(job.settings, checkpoint_digest=job.digest,
                                 model_type=job.model_type, score_kind=job.score_kind, preprocess=preprocess,
                                 schema=schema)
     fields.update(extra_fields or {})
