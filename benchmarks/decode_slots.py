@@ -34,6 +34,7 @@ os.environ.pop("RAY_ADDRESS", None)
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # + zslabel_dev
 
 import throughput  # noqa: E402  (same folder: image writer and tiny checkpoint)
+
 from zslabel_dev.timeline import concurrency, task_intervals  # noqa: E402
 
 

@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from zslabel.output import MANIFEST_NAME, output_schema  # noqa: E402
+from zslabel.output import output_schema  # noqa: E402
+from zslabel.store import MANIFEST_NAME
 
 
 def make_output(out: Path, rows: int, dim: int, rows_per_file: int, labels: int, seed: int = 0) -> None:

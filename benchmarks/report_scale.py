@@ -54,7 +54,8 @@ def make_images(folder: Path, n: int) -> None:
 
 def synthesise(work: Path, rows: int, images: int, rows_per_file: int, seed: int = 0) -> Path:
     """The output folder (made once per row count)."""
-    from zslabel.output import MANIFEST_NAME, output_schema
+    from zslabel.output import output_schema
+    from zslabel.store import MANIFEST_NAME
 
     out = work / f"out_{rows}"
     if (out / MANIFEST_NAME).exists():

@@ -46,8 +46,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import math
+import os
 import platform
 import re
 import shlex

@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import photo
 from PIL import Image
 
-from conftest import photo
 from zslabel.decode import DECODED_FORMATS, PreprocessSpec, decode_image
 from zslabel.errors import error_code
 

@@ -18,9 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import photo
+
 from zslabel import storage
 from zslabel.decode import PreprocessSpec
 from zslabel.errors import error_code
@@ -284,9 +283,9 @@ def test_backoff_doubles_with_jitter_and_honours_a_short_retry_after():
 
 
 def test_label_job_over_stalled_urls_is_bounded(tiny_clip, ray_local, tmp_path, http):
-    from zslabel import JobConfig, run_label_job
-
     import pyarrow.parquet as pq
+
+    from zslabel import JobConfig, run_label_job
 
     stalled = [f"{http.url}/stall/{i}.jpg" for i in range(16)]
     good = [f"{http.url}/ok/{i}.jpg" for i in range(3)] + [f"{http.url}/fail-1-503/x.jpg"]

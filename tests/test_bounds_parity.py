@@ -4,12 +4,11 @@ same files, and the option is part of the run's fingerprint."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
+from conftest import photo, pipeline_score_gap
 from PIL import Image
 
-from conftest import photo, pipeline_score_gap
 from zslabel import JobConfig, run_label_job
 from zslabel.errors import OutputError
 

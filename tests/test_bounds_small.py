@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 from zslabel import JobConfig
 from zslabel.decode import DECODED_FORMATS
 from zslabel.evaluate import evaluate
-from zslabel.output import MANIFEST_NAME, output_schema
+from zslabel.output import output_schema
 from zslabel.sources import IMAGE_EXTENSIONS
+from zslabel.store import MANIFEST_NAME
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 LABELS = [f"l{i}" for i in range(10)]

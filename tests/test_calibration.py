@@ -7,11 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from zslabel.calibration import (Calibration, accuracy_at_coverage, expected_calibration_error, fit_calibration,
-                                 fit_logistic, fit_temperature, load_calibration, split_indices)
+from zslabel.calibrate import label_index, logits_from_scores
+from zslabel.calibration import (
+    accuracy_at_coverage,
+    expected_calibration_error,
+    fit_calibration,
+    fit_logistic,
+    fit_temperature,
+    load_calibration,
+    split_indices,
+)
 from zslabel.errors import ConfigError
 from zslabel.hierarchy import Hierarchy, prompt_name
-from zslabel.calibrate import label_index, logits_from_scores
 
 
 def test_ece_by_hand():

@@ -19,7 +19,6 @@ from zslabel.hierarchy import Hierarchy
 from zslabel.labels import build_label_set
 from zslabel.model import ZeroShotModel
 from zslabel.ranking import zero_shot_logits
-
 from zslabel_dev import shapes
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-clip"

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zslabel.decode import PreprocessSpec, decode_image, _has_decoder
+from zslabel.decode import PreprocessSpec, _has_decoder, decode_image
 from zslabel.errors import error_code
 
 MAKE_CASES = Path("/work/shared/cases/make_cases.py")

@@ -5,10 +5,10 @@ Ray job, on images smaller and larger than 336 pixels, with odd crop margins."""
 import json
 
 import pytest
-
 from conftest import photo, pipeline_score_gap
+
 from zslabel import JobConfig, run_label_job
-from zslabel.output import MANIFEST_NAME
+from zslabel.store import MANIFEST_NAME
 
 LABELS = ["cat", "dog", "bird", "a red car", "tree"]
 

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import photo
 
-from zslabel.output import MANIFEST_NAME
+from zslabel.store import MANIFEST_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
@@ -229,8 +229,8 @@ def job_tasks(cluster: LoopbackCluster, client, submission_id: str) -> list:
 def test_actor_pool_counts_nodes_the_autoscaler_can_start():
     """cluster.yaml's shape: a head that takes no work, GPU and CPU workers scaling from zero."""
     from zslabel import JobConfig
-    from zslabel.errors import ConfigError
     from zslabel.cluster import UNLIMITED_NODES, plan_actor_pool
+    from zslabel.errors import ConfigError
 
     head = [{"CPU": 0.0}]
     g5, c6i = {"CPU": 8.0, "GPU": 1.0, "memory": 3e10}, {"CPU": 16.0}

@@ -13,9 +13,9 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import photo
 from PIL import Image, ImageFile
 
-from conftest import photo
 from zslabel import decode as D
 from zslabel.decode import DecodedImage, PreprocessSpec, decode_image, sniff_format
 from zslabel.errors import error_code

@@ -10,11 +10,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import photo
+
 from zslabel.errors import InputError
 from zslabel.evaluate import evaluate, load_ground_truth, normalise_path
-from zslabel.output import MANIFEST_NAME, output_schema
+from zslabel.output import output_schema
+from zslabel.store import MANIFEST_NAME
 
 CANDIDATES = ["cat", "dog", "bird", "fish", "tree", "frog"]
 

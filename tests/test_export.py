@@ -22,7 +22,8 @@ from zslabel.errors import ConfigError, InputError
 from zslabel.evaluate import evaluate, load_ground_truth
 from zslabel.exports import FORMATS, get
 from zslabel.exports.label_studio import ImageRefs, export_label_studio, margin, path_from_reference
-from zslabel.output import MANIFEST_NAME, output_schema
+from zslabel.output import output_schema
+from zslabel.store import MANIFEST_NAME
 
 LABELS = ["cat", "dog", "bird", "fish"]
 RUN_ID = "20261205T000000-abcdef12"

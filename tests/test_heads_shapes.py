@@ -19,7 +19,6 @@ from zslabel import heads
 from zslabel.decode import decode_image
 from zslabel.labels import build_label_set
 from zslabel.model import ZeroShotModel
-
 from zslabel_dev import shapes
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-clip"

@@ -25,8 +25,8 @@ open_clip = pytest.importorskip(
     "open_clip", reason="open_clip is not installed here: the open_clip tests run in .venv-openclip "
                         "(scripts/setup.sh --open-clip; CI: scripts/ci_open_clip.sh)")
 import torch  # noqa: E402
-
 from conftest import photo  # noqa: E402
+
 from zslabel import JobConfig, run_label_job  # noqa: E402
 from zslabel.decode import decode_image  # noqa: E402
 from zslabel.errors import ModelLoadError  # noqa: E402

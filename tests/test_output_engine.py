@@ -15,9 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
 from zslabel import JobConfig, run_label_job
-from zslabel.output import MANIFEST_NAME
+from zslabel.store import MANIFEST_NAME
 
 LABELS_A = ["red", "green", "blue"]
 LABELS_B = ["cat", "dog", "bird", "tree"]

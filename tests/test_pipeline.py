@@ -7,12 +7,12 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import photo
 from PIL import Image
 
-from conftest import photo
 from zslabel import JobConfig, run_label_job
 from zslabel.errors import ConfigError, InputError, OutputError
-from zslabel.output import MANIFEST_NAME
+from zslabel.store import MANIFEST_NAME
 
 LABELS = ["cat", "dog", "bird", "a red car", "tree"]
 

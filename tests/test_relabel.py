@@ -10,12 +10,12 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import photo
+
 from zslabel import JobConfig, run_label_job
 from zslabel.errors import ConfigError, InputError, OutputError
-from zslabel.output import MANIFEST_NAME
 from zslabel.relabel import RelabelConfig, run_relabel_job
+from zslabel.store import MANIFEST_NAME
 
 LABELS_A = ["red", "green", "blue", "yellow"]
 LABELS_B = ["cat", "dog", "bird", "a red car", "tree"]

@@ -13,14 +13,24 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import photo
 from s3_server import s3, s3_endpoint  # noqa: F401  (fixtures)
+
 from zslabel import JobConfig, run_label_job
 from zslabel.errors import ConfigError, OutputError
-from zslabel.output import MANIFEST_NAME, output_schema
-from zslabel.store import (FINGERPRINT_KEY, STATE_DIR, OutputStore, WriteSession, WriteTarget, describe_changes,
-                           fingerprint_digest, fingerprint_fields, inspect_output)
+from zslabel.output import output_schema
+from zslabel.store import (
+    FINGERPRINT_KEY,
+    MANIFEST_NAME,
+    STATE_DIR,
+    OutputStore,
+    WriteSession,
+    WriteTarget,
+    describe_changes,
+    fingerprint_digest,
+    fingerprint_fields,
+    inspect_output,
+)
 
 N_MANY = 240
 LABELS = ["cat", "dog", "bird"]

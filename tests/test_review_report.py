@@ -47,7 +47,8 @@ def write_output(folder: Path, rows: list[dict], labels: list[str], *, manifest_
     ``rows``: dicts with path, labels, scores, error (and abstained); input_index defaults to
     the row number; width/height default to null.
     """
-    from zslabel.output import MANIFEST_NAME, output_schema
+    from zslabel.output import output_schema
+    from zslabel.store import MANIFEST_NAME
 
     folder.mkdir(parents=True, exist_ok=True)
     schema = output_schema(abstained=abstained)
@@ -265,8 +266,8 @@ def test_report_reads_tar_members_and_parquet_image_bytes(tmp_path):
     """Rows of tar shards and Parquet image-bytes files: bytes found through the run manifest's
     ``input_files`` and ``input_index`` with the sources' own readers; a member that is not
     in the shard any more gets the placeholder."""
-    from zslabel.sources import FILE_INDEX_STRIDE
     from zslabel.review import build_report
+    from zslabel.sources import FILE_INDEX_STRIDE
 
     images = example_images()[:6]
     shard = tmp_path / "shard-000.tar"

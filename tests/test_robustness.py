@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import photo
+
 from zslabel import JobConfig, run_label_job
 from zslabel.errors import CODES, ErrorBudgetExceeded, InputError
 

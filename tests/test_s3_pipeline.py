@@ -8,11 +8,11 @@ import tarfile
 import fsspec
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import photo
 from s3_server import s3, s3_endpoint  # noqa: F401  (fixtures)
+
 from zslabel import JobConfig, run_label_job
-from zslabel.output import MANIFEST_NAME
+from zslabel.store import MANIFEST_NAME
 
 LABELS = ["cat", "dog", "bird"]
 

@@ -9,8 +9,8 @@ import csv
 from pathlib import Path
 
 from zslabel import JobConfig, run_label_job
-from zslabel_dev import shapes
 from zslabel.evaluate import evaluate
+from zslabel_dev import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "shapes-clip"

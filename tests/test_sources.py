@@ -7,11 +7,11 @@ import pickle
 import shutil
 import tempfile
 from pathlib import Path
+
 from source_files import jpeg, write
 
 from zslabel.errors import error_code
 from zslabel.sources import IMAGE_EXTENSIONS, detect_kind, expand_braces, fetch_bytes
-
 
 # ------------------------------------------------------------------------------------------
 # pure helpers (no Ray)

@@ -10,10 +10,9 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import ray
 from source_files import jpeg, list_requests, rows_of, write
 

@@ -10,7 +10,6 @@ from source_files import jpeg, rows_of, write
 from zslabel.errors import InputError, error_code
 from zslabel.sources import FILE_INDEX_STRIDE, plan_inputs
 
-
 # ------------------------------------------------------------------------------------------
 # Parquet with image bytes
 

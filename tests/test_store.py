@@ -14,12 +14,19 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from s3_server import s3, s3_endpoint  # noqa: F401  (fixtures)
+
 from zslabel.errors import OutputError
-from zslabel.output import MANIFEST_NAME
-from zslabel.store import (Accounting, AccountingError, OutputInUse, OutputStore, fingerprint_digest, is_store_file,
-                           write_block)
+from zslabel.store import (
+    MANIFEST_NAME,
+    Accounting,
+    AccountingError,
+    OutputInUse,
+    OutputStore,
+    fingerprint_digest,
+    is_store_file,
+    write_block,
+)
 from zslabel.store.claim import CLAIM_RECORD, acquire, claim_is_stale
 from zslabel.store.layout import inspect_output
 

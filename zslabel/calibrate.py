@@ -7,7 +7,7 @@
 Logits from embeddings: the run's checkpoint (its digest checked as ``relabel`` does) embeds the
 run's labels and templates (``labels.build_label_set``), and ``ranking.zero_shot_logits`` of the
 stored, renormalised image embeddings gives the logits a full run computes (``relabel``'s
-reading code: ``output.output_parquet_files``, ``relabel.embedding_matrix``).
+reading code: ``store.output_parquet_files``, ``relabel.embedding_matrix``).
 
 Logits from scores (outputs without ``embedding``): softmax scores give logits up to a per-row
 constant, ``log(score)``, which is all temperature scaling needs; sigmoid scores give them
@@ -32,7 +32,7 @@ from .calibration import Calibration, fit_calibration
 from .errors import ConfigError, InputError
 from .evaluate import _basename, load_ground_truth, match_ground_truth, normalise_path
 from .hierarchy import prompt_name
-from .output import output_parquet_files, read_manifest
+from .store import output_parquet_files, read_manifest
 
 log = logging.getLogger(__name__)
 # Score clip before log/logit: float32 scores of 0 or 1 must not become infinite logits.

@@ -496,7 +496,8 @@ def show_output(uri: str, rows: int, storage_options: dict) -> str:
     """
     import pyarrow.dataset as pads
 
-    from .output import ERROR, INPUT_INDEX, LABELS, PATH, SCORES, output_parquet_files
+    from .output import ERROR, INPUT_INDEX, LABELS, PATH, SCORES
+    from .store import output_parquet_files
 
     fs, files, _ = output_parquet_files(uri, storage_options)
     try:

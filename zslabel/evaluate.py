@@ -55,8 +55,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError, error_code
-from .output import ABSTAINED, ERROR, LABELS, PATH, output_filesystem, output_parquet_files, read_manifest
+from .output import ABSTAINED, ERROR, LABELS, PATH
 from .storage import uri_maker
+from .store import output_filesystem, output_parquet_files, read_manifest
 from .textfiles import decode_text
 
 log = logging.getLogger(__name__)

@@ -47,8 +47,8 @@ def read_labeled_embeddings(run: str, ground_truth: str, storage_options: dict |
     """
     from .calibrate import label_index
     from .evaluate import _basename, load_ground_truth, match_ground_truth, normalise_path
-    from .output import output_parquet_files, read_manifest
     from .relabel import embedding_matrix
+    from .store import output_parquet_files, read_manifest
 
     fs, files, root = output_parquet_files(run, storage_options)
     manifest = read_manifest(root, storage_options)

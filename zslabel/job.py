@@ -31,10 +31,9 @@ from .errors import ConfigError
 from .hierarchy import Hierarchy
 from .labels import LabelSet
 from .options import LabelingOptions, local_stamp
-from .output import MANIFEST_NAME
 from .ranking import RankingRule
 from .scoring import ZeroShotClassifier
-from .store import Accounting, OutputStore, WriteSession, fingerprint_fields
+from .store import MANIFEST_NAME, Accounting, OutputStore, WriteSession, fingerprint_fields
 from .summary import RunFacts, RunSummary, check_error_budget, run_manifest, summary_of_finished
 
 if TYPE_CHECKING:

@@ -1,5 +1,5 @@
-"""Output contract: the column names and Parquet schema, row tables, which files of an output
-are visible, the output location and the run manifest.
+"""Output contract: the column names, the Parquet schema and the row tables. (Which files of an
+output are data, atomic writes and the run manifest: ``store.fsio``.)
 
 This module is the only place that spells the output's column names; every other module uses
 the constants below.
@@ -12,23 +12,11 @@ leading underscore makes Parquet readers skip it) and is written last.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import os
-import posixpath
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
-
-from .errors import InputError, OutputError
-from .storage import url_to_fs
-
-MANIFEST_NAME = "_run_manifest.json"
 
 # Column names of the output contract.
 PATH = "path"                  # string: the input's URI (tar members: "<shard>#<member>")
@@ -144,110 +132,3 @@ def _clean(values: Any) -> list:
         else:
             out.append(v)
     return out
-
-
-def output_filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``(fsspec filesystem, path without protocol)`` for an output URI or local path."""
-    return url_to_fs(uri, storage_options, error=OutputError)
-
-
-def is_visible(rel: str) -> bool:
-    """Whether a Parquet reader of an output folder reads ``rel`` (a path relative to it): no part
-    of the path starts with ``_`` or ``.`` (state, staging, manifest and temporary files)."""
-    return not any(part.startswith(("_", ".")) for part in rel.split("/"))
-
-
-def visible_parquet_files(rel_paths: list[str]) -> list[str]:
-    """The data files of an output: the visible ``.parquet`` paths among ``rel_paths``, sorted.
-
-    The one definition of "which Parquet files of an output are read" (store, relabel,
-    evaluate and show all use it)."""
-    return sorted(r for r in rel_paths if r.endswith(".parquet") and is_visible(r))
-
-
-def output_parquet_files(uri: str, storage_options: dict | None = None
-                         ) -> tuple[fsspec.AbstractFileSystem, list[str], str]:
-    """The data files of an output folder (or the one Parquet file ``uri`` names), in name order,
-    and the folder holding its run manifest.
-
-    Returns:
-        ``(fsspec filesystem, [file paths without protocol], folder path)``.
-
-    Raises:
-        InputError: ``uri`` does not exist, cannot be listed, or holds no visible Parquet file.
-    """
-    fs, root = output_filesystem(uri, storage_options)
-    try:
-        if fs.isfile(root):
-            return fs, [root], posixpath.dirname(root)
-        if not fs.exists(root):
-            raise InputError(f"{uri} does not exist")
-        root = root.rstrip("/") or root
-        rel = visible_parquet_files([posixpath.relpath(f, root) for f in fs.find(root)])
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - storage errors differ per backend
-        raise InputError(f"cannot list {uri}: {type(exc).__name__}: {exc}") from exc
-    if not rel:
-        raise InputError(f"no Parquet files under {uri}; pass the output folder of a zslabel run")
-    return fs, [posixpath.join(root, r) for r in rel], root
-
-
-@contextlib.contextmanager
-def open_atomic(fs: fsspec.AbstractFileSystem, path: str):
-    """A binary file handle whose content appears at ``path`` whole when the block exits without
-    an exception, and not at all otherwise: readers see the old file or the whole new one.
-
-    Local (and network-mounted) filesystems: a hidden ``.<name>.<uuid>.tmp`` beside ``path``
-    (Parquet readers skip dot files), fsync, then ``os.replace`` (atomic on POSIX); the data
-    streams to disk. Other fsspec filesystems (s3, gs, az, memory): buffered in memory, then one
-    upload; an object becomes visible only when its upload completes (an fsspec file closed by
-    an exception would still publish what was written, hence the buffer). A crash can leave a
-    hidden ``.tmp`` file, never a torn ``path``.
-    """
-    from fsspec.implementations.local import LocalFileSystem
-
-    if isinstance(fs, LocalFileSystem):
-        parent, name = posixpath.split(fs._strip_protocol(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = posixpath.join(parent, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-        try:
-            with open(tmp, "wb") as fh:
-                yield fh
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, posixpath.join(parent, name))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
-    else:
-        buffer = io.BytesIO()
-        yield buffer
-        with fs.open(path, "wb") as fh:
-            fh.write(buffer.getvalue())
-
-
-def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`open_atomic`)."""
-    with open_atomic(fs, path) as fh:
-        fh.write(data)
-
-
-def write_manifest(uri: str, manifest: dict, storage_options: dict | None = None) -> str:
-    """Write the run manifest JSON beside the data, atomically; returns its path. Called last
-    (commit marker)."""
-    fs, root = output_filesystem(uri, storage_options)
-    path = posixpath.join(root, MANIFEST_NAME)
-    write_bytes_atomic(fs, path, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
-    return path
-
-
-def read_manifest(uri: str, storage_options: dict | None = None) -> dict | None:
-    """The run manifest under ``uri``, or None when there is none."""
-    fs, root = output_filesystem(uri, storage_options)
-    path = posixpath.join(root, MANIFEST_NAME)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as fh:
-        return json.load(fh)

@@ -48,19 +48,25 @@ from .output import (
     ERROR,
     INPUT_INDEX,
     LABELS,
-    MANIFEST_NAME,
     OWNED_COLUMNS,
     PATH,
     SCORES,
-    output_filesystem,
-    output_parquet_files,
     output_schema,
-    read_manifest,
     result_table,
 )
 from .progress import Progress
 from .scoring import ZeroShotClassifier, score_rows
-from .store import Accounting, drop_committed, not_done, open_part, stamped_metadata
+from .store import (
+    MANIFEST_NAME,
+    Accounting,
+    drop_committed,
+    not_done,
+    open_part,
+    output_filesystem,
+    output_parquet_files,
+    read_manifest,
+    stamped_metadata,
+)
 from .summary import RunFacts, RunSummary
 
 log = logging.getLogger(__name__)

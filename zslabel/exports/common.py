@@ -13,17 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import InputError, OutputError
-from ..output import (
-    EMBEDDING,
-    ERROR,
-    LABELS,
-    MANIFEST_NAME,
-    PATH,
-    SCORES,
-    output_filesystem,
-    output_parquet_files,
-    read_manifest,
-)
+from ..output import EMBEDDING, ERROR, LABELS, PATH, SCORES
+from ..store import MANIFEST_NAME, output_filesystem, output_parquet_files, read_manifest
 
 # Rows per record batch read from the run's Parquet files: the unit of memory of every export
 # (8,192 rows of a 512-d float16 embedding are ~8 MB).

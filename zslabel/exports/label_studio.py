@@ -61,7 +61,8 @@ from urllib.parse import quote
 import numpy as np
 
 from ..errors import ConfigError, InputError
-from ..output import ERROR, INPUT_INDEX, LABELS, PATH, SCORES, open_atomic, output_filesystem
+from ..output import ERROR, INPUT_INDEX, LABELS, PATH, SCORES
+from ..store import open_atomic, output_filesystem
 from .common import ExportResult, check_free, open_run
 
 log = logging.getLogger(__name__)

@@ -43,8 +43,9 @@ import time
 import pyarrow as pa
 
 from ..errors import ConfigError, OutputError, ZslabelError
-from ..output import EMBEDDING, ERROR, PATH, output_filesystem
+from ..output import EMBEDDING, ERROR, PATH
 from ..storage import is_local
+from ..store import output_filesystem
 from .common import BATCH_ROWS, ExportResult, check_free, embedding_dim, open_run
 
 log = logging.getLogger(__name__)

@@ -37,18 +37,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import InputError
-from ..output import (
-    ABSTAINED,
-    ERROR,
-    HEIGHT,
-    INPUT_INDEX,
-    LABELS,
-    MANIFEST_NAME,
-    PATH,
-    SCORES,
-    WIDTH,
-    output_parquet_files,
-)
+from ..output import ABSTAINED, ERROR, HEIGHT, INPUT_INDEX, LABELS, PATH, SCORES, WIDTH
+from ..store import MANIFEST_NAME, output_parquet_files
 
 # Rows per record batch: large enough that the per-batch numpy work dominates Python overhead,
 # small enough that a batch of paths and label lists stays a few tens of MB.

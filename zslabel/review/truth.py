@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 from ..calibration import ECE_BINS, expected_calibration_error
 from ..errors import InputError
 from ..evaluate import EvalReport, GroundTruth, evaluate, match_ground_truth, normalise_path, read_predictions
-from ..output import ABSTAINED, ERROR, LABELS, MANIFEST_NAME, PATH
+from ..output import ABSTAINED, ERROR, LABELS, PATH
+from ..store import MANIFEST_NAME
 from .collect import Scan, basename_of
 
 # Confusions shown with example pairs, and misclassified examples per confusion.

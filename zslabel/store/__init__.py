@@ -15,7 +15,9 @@ Lifecycle (in the spirit of Ray Data's ``Datasink``: ``on_write_start`` / ``writ
 
 Plain values in (mode, settings dicts), never the options object. Modules: ``layout`` (names,
 snapshot), ``fingerprint``, ``claim`` (one run at a time), ``checks`` (before anything changes),
-``session`` (begin/commit/swap), ``scan`` (reading committed rows back), ``files`` (task side).
+``session`` (begin/commit/swap), ``scan`` (reading committed rows back), ``files`` (task side),
+``fsio`` (an output's files on any filesystem: data files, atomic writes, the manifest; also what
+the read-only commands use).
 """
 
 from __future__ import annotations
@@ -28,6 +30,16 @@ from .checks import check_mode, check_resumable, finished_unchanged
 from .claim import Claim, OutputInUse, acquire, remove_if_empty
 from .files import WRITE_RESULT_SCHEMA, WriteTarget, drop_committed, not_done, open_part, stamped_metadata, write_block
 from .fingerprint import describe_changes, fingerprint_digest, fingerprint_fields, settings_view
+from .fsio import (
+    MANIFEST_NAME,
+    is_visible,
+    open_atomic,
+    output_filesystem,
+    output_parquet_files,
+    read_manifest,
+    visible_parquet_files,
+    write_bytes_atomic,
+)
 from .layout import FINGERPRINT_KEY, INPUT_FILES, STATE_DIR, OutputState, inspect_output, is_store_file
 from .scan import RunCounts
 from .session import Accounting, AccountingError, WriteSession, begin, new_run_id
@@ -121,4 +133,7 @@ __all__ = [
     "RunCounts", "STATE_DIR", "WRITE_RESULT_SCHEMA", "WriteSession", "WriteTarget", "describe_changes",
     "drop_committed", "fingerprint_digest", "fingerprint_fields", "inspect_output", "is_store_file", "not_done",
     "open_part", "settings_view", "stamped_metadata", "write_block",
+    # fsio: an output's files (also for the read-only commands)
+    "MANIFEST_NAME", "is_visible", "open_atomic", "output_filesystem", "output_parquet_files", "read_manifest",
+    "visible_parquet_files", "write_bytes_atomic",
 ]

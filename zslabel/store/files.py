@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import OutputError
-from ..output import ERROR, INPUT_INDEX, open_atomic, output_filesystem
+from ..output import ERROR, INPUT_INDEX
+from .fsio import open_atomic, output_filesystem
 from .layout import FINGERPRINT_KEY, RUN_ID_KEY, RUN_RECORD, parquet_bytes, read_json_or_none
 
 
@@ -103,7 +104,7 @@ def stamped_metadata(schema: pa.Schema, target: WriteTarget) -> dict:
 def open_part(target: WriteTarget, input_index: np.ndarray):
     """Commit one data file of this run: yields ``(binary file handle, file name)``; the file is
     published under its final name when the block exits without an exception (atomically, see
-    ``output.open_atomic``) and never otherwise.
+    ``fsio.open_atomic``) and never otherwise.
 
     The name is ``part-<run_id>-<sha1 of input_index>``: a retried writer rewrites the same file.
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import OutputError
-from ..output import MANIFEST_NAME, is_visible, output_filesystem, visible_parquet_files, write_bytes_atomic
+from .fsio import MANIFEST_NAME, is_visible, output_filesystem, visible_parquet_files, write_bytes_atomic
 
 FINGERPRINT_KEY = b"zslabel.fingerprint"
 RUN_ID_KEY = b"zslabel.run_id"
@@ -40,7 +40,7 @@ STAGING_DIR = f"{STATE_DIR}/staging"
 INPUT_FILES = "input_files"
 TMP_SUFFIX = ".tmp"
 # Data files (``files.part_name``) and the hidden temporary files of their atomic writes
-# (``output.open_atomic``: ``.<name>.<uuid>.tmp``).
+# (``fsio.open_atomic``: ``.<name>.<uuid>.tmp``).
 _DATA_FILE = re.compile(r"part-[^/]+\.parquet")
 _TMP_FILE = re.compile(r"\.part-[^/]+\.parquet\.[0-9a-f]+\.tmp")
 

@@ -15,7 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import NON_FINITE_SCORES, OutputError, error_code
-from ..output import ERROR, INPUT_INDEX, write_bytes_atomic
+from ..output import ERROR, INPUT_INDEX
+from .fsio import write_bytes_atomic
 from .layout import FINGERPRINT_KEY, OutputState, arrow_fs, inspect_output, parquet_bytes
 
 log = logging.getLogger(__name__)
