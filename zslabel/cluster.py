@@ -295,3 +295,24 @@ def plan_actor_pool(config: JobConfig, nodes: list[dict[str, float]],
         most = max(most, capacity([r for r, _ in node_types],
                                   [UNLIMITED_NODES if n < 0 else n for _, n in node_types]))
     return 1, max(1, most)
+
+
+def decode_task_options(config: JobConfig) -> dict:
+    """Ray task options of every task stage in front of the labeler (read, drop committed,
+    decode): the same resources, strategy and retries, so that Ray Data fuses them into one
+    task per block ("ReadPlannedBlocks->MapBatches(drop_committed)->MapBatches(decode_block)").
+    Unfused, reading a block took a CPU slot of its own: on 2 cores decoding then ran at half
+    rate (benchmarks/README.md, "Decode-bound overhead")."""
+    return {
+        "num_cpus": config.decode_cpus_per_task,
+        # Decode tasks spread over the cluster (near the data, off the GPU nodes' hot CPUs) and
+        # actors pack; the differing strategies also keep Ray Data from fusing decoding into
+        # the actors, where it would run serially in front of the model.
+        "scheduling_strategy": "SPREAD",
+        # Retried only for system failures (node lost, worker killed; Ray Data adds
+        # RaySystemError to retry_exceptions): a decode never raises for a bad image. Ray
+        # Data's default is -1 (forever), which turns a block that crashes its worker
+        # every time into an endless loop; several node losses in a row hitting the
+        # same block is that, not bad luck. Lost outputs are rebuilt by lineage
+        # re-execution, which counts against this too.
+        "max_retries": DECODE_MAX_RETRIES}

@@ -86,6 +86,11 @@ class PreparedJob:
         return list(self.label_set.names)
 
     @property
+    def embedding_dim(self) -> int:
+        """D, the width of the label (and image) embeddings."""
+        return int(self.label_set.embeddings.shape[1])
+
+    @property
     def templates(self) -> list[str]:
         return list(self.label_set.templates)
 
@@ -135,14 +140,14 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
     rule = options.validate()
     # Read once: it loads the calibration and head files (by content id), so a missing or
     # damaged one fails here; their fit is checked with the model below.
+    if not options.model:
+        raise ConfigError("no model given: pass --model")
+    stamps = {"input": local_stamp(input_uri), "model": local_stamp(options.model)}
     settings = options.result_settings()
     store = OutputStore.open(options.output, options.storage_options)
     store.check(options.mode, settings)
     if check_input is not None:
         check_input()
-    if not options.model:
-        raise ConfigError("no model given: pass --model")
-    stamps = {"input": local_stamp(input_uri), "model": local_stamp(options.model)}
     done = store.finished_unchanged(options.mode, options.retry_errors, stamps)
     if done is not None:
         log.info("%s holds a finished run of this job with unchanged input and model: nothing to do", options.output)

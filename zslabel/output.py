@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .hierarchy import with_hierarchy_fields
+
 # Column names of the output contract.
 PATH = "path"                  # string: the input's URI (tar members: "<shard>#<member>")
 INPUT_INDEX = "input_index"    # int64: the input's stable position in the plan (resume key)
@@ -45,10 +47,11 @@ ABSTAINED_FIELD = pa.field(ABSTAINED, pa.bool_())
 
 
 def output_schema(carried_columns: Sequence[str] = (), embedding_dim: int | None = None,
-                  embedding_dtype: str = "float16", abstained: bool = False) -> pa.Schema:
+                  embedding_dtype: str = "float16", abstained: bool = False, hierarchy: bool = False) -> pa.Schema:
     """The fixed output schema: base columns, optional ``abstained`` (bool: best score below
     ``--min-score``; null on error rows), carried string columns, optional ``embedding``
-    (fixed-size list of ``embedding_dim`` float16/float32, L2-normalised)."""
+    (fixed-size list of ``embedding_dim`` float16/float32, L2-normalised), and with
+    ``hierarchy`` the roll-up columns (``hierarchy.HIERARCHY_FIELDS``)."""
     fields = list(BASE_FIELDS)
     if abstained:
         fields.append(ABSTAINED_FIELD)
@@ -56,7 +59,8 @@ def output_schema(carried_columns: Sequence[str] = (), embedding_dim: int | None
     if embedding_dim:
         value = pa.float16() if embedding_dtype == "float16" else pa.float32()
         fields.append(pa.field(EMBEDDING, pa.list_(value, embedding_dim)))
-    return pa.schema(fields)
+    schema = pa.schema(fields)
+    return with_hierarchy_fields(schema) if hierarchy else schema
 
 
 def result_table(schema: pa.Schema, columns: dict[str, Any], label_names: np.ndarray,

@@ -19,17 +19,16 @@ from . import job
 from .calibration import manifest_entry as calibration_manifest_entry
 from .cluster import (
     ACTOR_MAX_TASK_RETRIES,
-    DECODE_MAX_RETRIES,
     WRITE_CPUS_PER_TASK,
     ClusterResources,
     actor_pool_strategy,
     bound_in_flight,
+    decode_task_options,
     init_ray,
     write_tasks,
 )
 from .config import JobConfig
 from .heads import manifest_entry as head_manifest_entry
-from .hierarchy import with_hierarchy_fields
 from .options import check_input_exists
 from .output import output_schema
 from .progress import Progress
@@ -53,11 +52,11 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         listed input (nothing committed), and ErrorBudgetExceeded after writing when more than
         ``max_error_fraction`` rows failed.
     """
+    io = config.io_policy()
     spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode,
                       "reference_pixels": config.reference_pixels}
     prepared = job.prepare(config, config.input, device="auto", spec_overrides=spec_overrides,
-                           check_input=lambda: check_input_exists(config.input, config.storage_options,
-                                                                  io=config.io_policy()))
+                           check_input=lambda: check_input_exists(config.input, config.storage_options, io=io))
     if isinstance(prepared, RunSummary):
         return prepared  # a finished run with nothing left to do
     with prepared.claimed():
@@ -70,13 +69,16 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         pool = cluster.actor_pool_size(config)
         plan = plan_inputs(config, cluster)
         prepared.timings["planning_s"] = plan.planning_seconds
-        schema = label_output_schema(config, prepared, plan.carried_columns)
+        schema = output_schema(plan.carried_columns, prepared.embedding_dim if config.store_embeddings else None,
+                               config.embedding_dtype, abstained=config.min_score is not None,
+                               hierarchy=prepared.hierarchy is not None)
         session = job.begin(prepared, schema, preprocess=prepared.preprocess.fingerprint_dict(),
                             planned_paths=plan.planned_paths, planned_files=plan.planned_files)
         plan.planned_paths = None  # checked; the rows themselves are in the object store (~100 B a path)
         ds = compose(config, prepared, plan, session, cluster, pool, schema, spec_overrides)
         t_run, t_run_epoch = time.perf_counter(), time.time()
-        written = _consume_with_progress(ds, Progress(planned_rows(plan, session), enabled=progress))
+        total = planned_rows(plan, session)
+        written = _consume_with_progress(ds, Progress(total, enabled=progress))
         plan.finalize()  # tars / Parquet inputs: listed and skipped counts are known only now
         plan.check_has_inputs(config.input)  # e.g. tars of sidecars only: exit 2, never an empty success
         prepared.timings["labeling_s"] = time.perf_counter() - t_run
@@ -90,39 +92,12 @@ def plan_inputs(config: JobConfig, cluster: ClusterResources):
     (``decode_task_options``) so that Ray Data fuses them into one task per block."""
     from . import sources
 
+    task_options = decode_task_options(config)
     return sources.plan_inputs(
         config.input, input_format=config.input_format, storage_options=config.storage_options,
         path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,
-        image_column=config.image_column, task_options=decode_task_options(config), cluster_cpus=cluster.cpus())
+        image_column=config.image_column, task_options=task_options, cluster_cpus=cluster.cpus())
 
-
-def label_output_schema(config: JobConfig, prepared: job.PreparedJob, carried_columns: list[str]):
-    """The output schema of this job: carried input columns, optional embedding, abstention
-    flag and hierarchy columns."""
-    schema = output_schema(carried_columns, prepared.label_set.embeddings.shape[1] if config.store_embeddings else None,
-                           config.embedding_dtype, abstained=config.min_score is not None)
-    return with_hierarchy_fields(schema) if prepared.hierarchy is not None else schema
-
-
-def decode_task_options(config: JobConfig) -> dict:
-    """Ray task options of every task stage in front of the labeler (read, drop committed,
-    decode): the same resources, strategy and retries, so that Ray Data fuses them into one
-    task per block ("ReadPlannedBlocks->MapBatches(drop_committed)->MapBatches(decode_block)").
-    Unfused, reading a block took a CPU slot of its own: on 2 cores decoding then ran at half
-    rate (benchmarks/README.md, "Decode-bound overhead")."""
-    return {
-        "num_cpus": config.decode_cpus_per_task,
-        # Decode tasks spread over the cluster (near the data, off the GPU nodes' hot CPUs) and
-        # actors pack; the differing strategies also keep Ray Data from fusing decoding into
-        # the actors, where it would run serially in front of the model.
-        "scheduling_strategy": "SPREAD",
-        # Retried only for system failures (node lost, worker killed; Ray Data adds
-        # RaySystemError to retry_exceptions): a decode never raises for a bad image. Ray
-        # Data's default is -1 (forever), which turns a block that crashes its worker
-        # every time into an endless loop; several node losses in a row hitting the
-        # same block is that, not bad luck. Lost outputs are rebuilt by lineage
-        # re-execution, which counts against this too.
-        "max_retries": DECODE_MAX_RETRIES}
 
 
 def compose(config: JobConfig, prepared: job.PreparedJob, plan, session, cluster: ClusterResources,

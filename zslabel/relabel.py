@@ -39,7 +39,6 @@ from . import job
 from .calibration import manifest_entry as calibration_manifest_entry
 from .errors import ConfigError, InputError
 from .heads import manifest_entry as head_manifest_entry
-from .hierarchy import with_hierarchy_fields
 from .labels import DEFAULT_TEMPLATE
 from .options import DEFAULT_TOP_K, LabelingOptions
 from .output import (
@@ -355,8 +354,8 @@ def relabel_output_schema(config: RelabelConfig, prepared: job.PreparedJob, sour
     emb_type = source.schema.field(EMBEDDING).type
     emb_dtype = "float32" if pa.types.is_float32(emb_type.value_type) else "float16"
     schema = output_schema(carried, dim if config.store_embeddings else None, emb_dtype,
-                           abstained=config.min_score is not None)
-    return (with_hierarchy_fields(schema) if prepared.hierarchy is not None else schema), emb_dtype
+                           abstained=config.min_score is not None, hierarchy=prepared.hierarchy is not None)
+    return schema, emb_dtype
 
 
 def _relabel_files(config: RelabelConfig, source: RelabelSource, session, scorer: "_Scorer", schema: pa.Schema,

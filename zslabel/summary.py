@@ -10,9 +10,26 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ErrorBudgetExceeded
-from .store import RunCounts
 
 MANIFEST_VERSION = 1
+
+
+@dataclass
+class RunCounts:
+    """Counts over the committed output of a run (all rows, not only this run's).
+
+    ``model_images``: rows this run passed to the model (written by this run and decoded:
+    labeled or ``non_finite_scores``); ``written``: rows this run wrote; ``carried_over``: rows
+    kept from earlier runs.
+    """
+
+    rows: int
+    labeled: int
+    errors_by_code: dict[str, int]
+    written: int
+    model_images: int
+    carried_over: int
+    files: int
 
 
 @dataclass

@@ -98,7 +98,7 @@ class OutputStore:
         self.state.fs.makedirs(self.state.root, exist_ok=True)
         self._claim = acquire(self.state, self.run_id)
         try:
-            self.state = inspect_output(self.uri, self.storage_options)
+            self.state = self.state.refreshed()
             self.state.claim = None  # ours
             self.check(mode, settings)
         except BaseException:

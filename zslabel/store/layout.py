@@ -72,6 +72,12 @@ class OutputState:
     swap_record: dict | None
     claim: dict | None = None
 
+    def refreshed(self) -> "OutputState":
+        """A new snapshot of the same output, through the same filesystem object."""
+        if hasattr(self.fs, "invalidate_cache"):
+            self.fs.invalidate_cache()  # another process may have written since (s3fs caches listings)
+        return snapshot(self.uri, self.fs, self.root)
+
     @property
     def is_empty(self) -> bool:
         return not self.files
@@ -123,6 +129,16 @@ def inspect_output(uri: str, storage_options: dict | None = None) -> OutputState
         OutputError: ``uri`` is a file, cannot be listed, or holds an unreadable record.
     """
     fs, root = output_filesystem(uri, storage_options)
+    return snapshot(uri, fs, root)
+
+
+def snapshot(uri: str, fs: fsspec.AbstractFileSystem, root: str) -> OutputState:
+    """:func:`inspect_output` through a filesystem already made (``OutputState.refreshed``: one
+    filesystem object per run, so credentials are resolved once).
+
+    Raises:
+        OutputError: as :func:`inspect_output`.
+    """
     root = root.rstrip("/") or root
     try:
         if not fs.exists(root):

@@ -16,28 +16,11 @@ import pyarrow.parquet as pq
 
 from ..errors import NON_FINITE_SCORES, OutputError, error_code
 from ..output import ERROR, INPUT_INDEX
+from ..summary import RunCounts
 from .fsio import write_bytes_atomic
-from .layout import FINGERPRINT_KEY, OutputState, arrow_fs, inspect_output, parquet_bytes
+from .layout import FINGERPRINT_KEY, OutputState, arrow_fs, parquet_bytes
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunCounts:
-    """Counts over the committed output of a run (all rows, not only this run's).
-
-    ``model_images``: rows this run passed to the model (written by this run and decoded:
-    labeled or ``non_finite_scores``); ``written``: rows this run wrote; ``carried_over``: rows
-    kept from earlier runs.
-    """
-
-    rows: int
-    labeled: int
-    errors_by_code: dict[str, int]
-    written: int
-    model_images: int
-    carried_over: int
-    files: int
 
 
 @dataclass
@@ -95,8 +78,7 @@ def of_run(scan: "Scan", run_id: str) -> np.ndarray:
                      for f in scan.table.column("file").to_pylist()], bool)
 
 
-def resolve_duplicates(uri: str, storage_options: dict, data_dir: str, run_id: str, state: OutputState,
-                       scan: "Scan") -> "Scan":
+def resolve_duplicates(data_dir: str, run_id: str, state: OutputState, scan: "Scan") -> "Scan":
     """Keep each ``input_index`` once before the commit: rows of earlier runs win, then this
     run's files in name order; this run's files losing rows are rewritten under the same name
     (or deleted when emptied). Returns the scan of the result.
@@ -114,7 +96,7 @@ def resolve_duplicates(uri: str, storage_options: dict, data_dir: str, run_id: s
         return scan
     mine = of_run(scan, run_id)
     carried = Scan(scan.table.filter(pa.array(~mine)), [], {})
-    carried.check_unique(uri)
+    carried.check_unique(state.uri)
     files = np.array(scan.table.column("file").to_pylist(), dtype=object)
     dup = np.flatnonzero(np.isin(idx, uniq[counts > 1]))
     seen = set(idx[dup][~mine[dup]].tolist())
@@ -135,7 +117,7 @@ def resolve_duplicates(uri: str, storage_options: dict, data_dir: str, run_id: s
             state.fs.rm(path)
     log.warning("run %s: %d duplicate rows removed from %d of its files before the commit",
                 run_id, sum(map(len, drop.values())), len(drop))
-    state = inspect_output(uri, storage_options)
+    state = state.refreshed()
     return scan_files(state, state.data_files(data_dir))
 
 

@@ -49,7 +49,6 @@ from .layout import (
     STATE_DIR,
     SWAP_RECORD,
     OutputState,
-    inspect_output,
     is_store_file,
     remove,
     remove_debris,
@@ -138,7 +137,7 @@ class WriteSession:
                 appeared (nothing is committed).
         """
         t = self.target
-        state = inspect_output(t.uri, t.storage_options)
+        state = self.state.refreshed()
         files = state.data_files(t.data_dir)
         mine = f"part-{self.run_id}-"
         strangers = [f for f in files if f not in self.carried_files and not posixpath.basename(f).startswith(mine)]
@@ -150,7 +149,7 @@ class WriteSession:
         if other:
             raise OutputError(f"output {t.uri}: files {other[:3]} carry another fingerprint than run "
                               f"{self.run_id}'s; not committed. Run again with --overwrite")
-        scan = resolve_duplicates(t.uri, t.storage_options, t.data_dir, self.run_id, state, scan)
+        scan = resolve_duplicates(t.data_dir, self.run_id, state, scan)
         return count_rows(scan, self.run_id)
 
     def commit(self, manifest: dict) -> str:
@@ -171,7 +170,7 @@ class WriteSession:
         if self.claim is not None:
             self.claim.check()
             self.claim.stop()  # the cleanup below removes the state folder, claim included
-        state = inspect_output(self.target.uri, self.target.storage_options)
+        state = self.state.refreshed()
         if (state.run_record or {}).get("run_id") != self.run_id:
             raise OutputError(f"output {self.target.uri} was taken over by run "
                               f"{(state.run_record or {}).get('run_id')} before run {self.run_id} committed")
@@ -216,7 +215,7 @@ def begin(state: OutputState, mode: str, fields: dict[str, Any], *, claim: Claim
         # A decided swap was cut short: finish it so the output is one complete run again.
         log.info("finishing the interrupted swap of run %s in %s", state.swap_record.get("run_id"), state.uri)
         roll_forward(state, state.swap_record)
-        state = inspect_output(state.uri, storage_options)
+        state = state.refreshed()
     target = WriteTarget(state.uri, dict(storage_options), "", run_id, fingerprint_digest(fields))
     record = {} if planned_files is None else {INPUT_FILES: list(planned_files)}
     try:
@@ -285,7 +284,7 @@ def _begin_resume(state: OutputState, fields: dict, target: WriteTarget, retry_e
                   previous_run=run_record.get("run_id") if run_record else (manifest or {}).get("run_id"),
                   **record)
     # Files published by tasks of the earlier run between the scan and the record (the fence).
-    state = inspect_output(state.uri, target.storage_options)
+    state = state.refreshed()
     late = sorted(set(state.data_files(data_dir)) - set(committed.paths))
     if late:
         committed = committed.merged(scan_files(state, late))
@@ -297,7 +296,7 @@ def _begin_resume(state: OutputState, fields: dict, target: WriteTarget, retry_e
                            carried_files=tuple(committed.paths))
     if retry_errors:
         session.retried_rows = drop_error_rows(state, committed)
-        state = inspect_output(state.uri, target.storage_options)
+        state = state.refreshed()
         session.carried_files = tuple(f for f in committed.paths if f in set(state.data_files(data_dir)))
     done = committed.done_indices(keep_errors=not retry_errors)
     session.done, session.carried_rows = done, len(done)
