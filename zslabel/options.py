@@ -226,7 +226,7 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPoli
     """Fail in seconds, before Ray starts, on an input that does not exist or cannot be read: a
     path or URI that is not there, a glob that matches nothing, a local folder holding no
     (non-hidden) file at all, or a remote input whose store refuses the credentials, has none
-    to use, or cannot be reached (:func:`remote_access_message`). Brace patterns
+    to use, or cannot be reached (``storage.remote_access_message``). Brace patterns
     (``shard-{000..009}.tar``) are left to the planner, which turns a missing named shard into
     an error row (for a remote one, the first shard is asked for, to check access); what a
     non-empty folder holds is the planner's to judge.
@@ -260,7 +260,7 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPoli
         raise
     except Exception as exc:  # noqa: BLE001 - storage errors differ per backend
         if remote:
-            raise InputError(remote_access_message(uri, exc)) from None
+            raise InputError(storage.remote_access_message(uri, exc)) from None
         return  # a local oddity (permissions on a parent, ...): the planner reports it per path
     if not found and remote and not pattern:
         # Some backends answer "no" when they were refused (s3fs's exists() on a bucket swallows
@@ -270,52 +270,11 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPoli
         except FileNotFoundError:
             pass
         except Exception as exc:  # noqa: BLE001 - storage errors differ per backend
-            raise InputError(remote_access_message(uri, exc)) from None
+            raise InputError(storage.remote_access_message(uri, exc)) from None
     if not found:
         raise InputError(f"no images found: {uri} does not exist")
     if not pattern and storage.is_local(fs) and os.path.isdir(path) and not _has_visible_file(path):
         raise InputError(f"no images found: {uri} is an empty folder")
-
-
-# Exception class names (anywhere in the MRO) by what they mean; names, so that no optional
-# backend (botocore, google-auth, azure-core) has to be importable here.
-_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
-                   "CredentialUnavailableError", "ClientAuthenticationError", "RefreshError"}
-_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError",
-                "ServerTimeoutError", "ServiceRequestError", "ConnectionError", "TimeoutError", "gaierror"}
-_CREDENTIAL_FIX = {
-    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass --storage-options "
-          "'{\"key\": \"...\", \"secret\": \"...\"}'; for a public bucket pass --storage-options '{\"anon\": true}'",
-    "gs": "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS; for a public "
-          "bucket pass --storage-options '{\"token\": \"anon\"}'",
-    "az": "set AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN or "
-          "AZURE_STORAGE_CONNECTION_STRING, or pass them in --storage-options",
-}
-
-
-def remote_access_message(uri: str, exc: BaseException) -> str:
-    """One line saying why a remote input cannot be read and how to fix it.
-
-    By the exception: no credentials found, credentials refused (403, ``PermissionError``),
-    the store not reachable (connection refused, unknown host, timeout), or anything else
-    (its type and message).
-    """
-    names = {c.__name__ for c in type(exc).__mro__}
-    proto = uri.split("://", 1)[0].split("::")[-1].lower() if "://" in uri else "file"
-    key = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}.get(proto, proto)
-    detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-    endpoint = "the endpoint (--storage-options client_kwargs.endpoint_url for S3-compatible stores) and "
-    if names & _NO_CREDENTIALS:
-        fix = _CREDENTIAL_FIX.get(key, "pass them in --storage-options")
-        return f"cannot read {uri}: no credentials for {key}:// ({detail}); {fix}"
-    status = getattr(exc, "status", None) or getattr(exc, "code", None)
-    if isinstance(exc, PermissionError) or status in (401, 403) or "AccessDenied" in str(exc):
-        return (f"cannot read {uri}: access denied ({detail}); check that the credentials in use (environment, "
-                f"profile or --storage-options) are valid and may list and read it")
-    if names & _UNREACHABLE:
-        return (f"cannot reach {uri} ({detail}); check {endpoint if key == 's3' else ''}the network, "
-                "or raise --io-timeout for a slow store")
-    return f"cannot read {uri} ({detail}); check the URI and --storage-options"
 
 
 def _has_visible_file(folder: str) -> bool:

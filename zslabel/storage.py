@@ -531,3 +531,44 @@ def fetch_many(paths: Sequence[str], storage_options: dict | None = None,
     """:func:`start_fetch` and wait: one ``(bytes, None)`` or ``(None, "read_error: ...")`` per
     path, in order. Never raises for one input."""
     return start_fetch(paths, storage_options, io).result()
+
+
+# Exception class names (anywhere in the MRO) by what they mean; names, so that no optional
+# backend (botocore, google-auth, azure-core) has to be importable here.
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
+                   "CredentialUnavailableError", "ClientAuthenticationError", "RefreshError"}
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError",
+                "ServerTimeoutError", "ServiceRequestError", "ConnectionError", "TimeoutError", "gaierror"}
+_CREDENTIAL_FIX = {
+    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass --storage-options "
+          "'{\"key\": \"...\", \"secret\": \"...\"}'; for a public bucket pass --storage-options '{\"anon\": true}'",
+    "gs": "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS; for a public "
+          "bucket pass --storage-options '{\"token\": \"anon\"}'",
+    "az": "set AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN or "
+          "AZURE_STORAGE_CONNECTION_STRING, or pass them in --storage-options",
+}
+
+
+def remote_access_message(uri: str, exc: BaseException) -> str:
+    """One line saying why a remote input cannot be read and how to fix it.
+
+    By the exception: no credentials found, credentials refused (403, ``PermissionError``),
+    the store not reachable (connection refused, unknown host, timeout), or anything else
+    (its type and message).
+    """
+    names = {c.__name__ for c in type(exc).__mro__}
+    proto = uri.split("://", 1)[0].split("::")[-1].lower() if "://" in uri else "file"
+    key = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}.get(proto, proto)
+    detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    endpoint = "the endpoint (--storage-options client_kwargs.endpoint_url for S3-compatible stores) and "
+    if names & _NO_CREDENTIALS:
+        fix = _CREDENTIAL_FIX.get(key, "pass them in --storage-options")
+        return f"cannot read {uri}: no credentials for {key}:// ({detail}); {fix}"
+    status = getattr(exc, "status", None) or getattr(exc, "code", None)
+    if isinstance(exc, PermissionError) or status in (401, 403) or "AccessDenied" in str(exc):
+        return (f"cannot read {uri}: access denied ({detail}); check that the credentials in use (environment, "
+                f"profile or --storage-options) are valid and may list and read it")
+    if names & _UNREACHABLE:
+        return (f"cannot reach {uri} ({detail}); check {endpoint if key == 's3' else ''}the network, "
+                "or raise --io-timeout for a slow store")
+    return f"cannot read {uri} ({detail}); check the URI and --storage-options"
