@@ -91,7 +91,7 @@ def plan_inputs(config: JobConfig, cluster: ClusterResources):
     from . import sources
 
     return sources.plan_inputs(
-        config.input, input_format=config.input_format, storage_options=config.storage_options,
+        config.input, input_format=config.input_format, storage_options=config.storage_options, io=config.io_policy(),
         path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,
         image_column=config.image_column, task_options=decode_task_options(config), cluster_cpus=cluster.cpus())
 
