@@ -1,6 +1,7 @@
 """Bounded time per input (issue 23): real HTTP servers on 127.0.0.1 that stall, trickle, fail
 transiently, reset connections and redirect; fetched through ``storage.fetch_many`` and the
-decode stage, and once end to end through Ray.
+decode stage, and once end to end through Ray. The inputs' own files (manifests, tar shards,
+Parquet files) are read within the job's ``--io-timeout`` too (``sources.plan_inputs(io=...)``).
 
 Each wall-time bound is generous (the machine running the suite is shared) but far below what
 one-after-another fetching or aiohttp's 300 s default would take.
@@ -39,7 +40,9 @@ def jpeg(seed: int = 0) -> bytes:
 class Server:
     """A threaded HTTP server whose behaviour is chosen by the first path segment:
 
-    ``/ok/X`` the image; ``/stall/X`` reads the request and never answers; ``/endless/X``
+    ``/ok/X`` the image; ``/stall/X`` reads the request and never answers; ``/stall-body/X``
+    answers HEAD (4096 bytes) and GET's status line and headers, sends 16 bytes of the body and
+    then nothing (a manifest that passes the existence check, then stalls); ``/endless/X``
     streams JPEG frames as fast as it can, forever (multipart, no length); ``/huge/X`` declares
     a 50 GiB body; ``/trickle/X``
     sends headers then one body byte every 0.2 s, never finishing; ``/fail-N-CODE/X`` answers
@@ -71,6 +74,15 @@ class Server:
                 kind = self.path.split("/")[1]
                 if kind == "stall":
                     server.stop.wait(60)
+                    return
+                if kind == "stall-body":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "4096")
+                    self.end_headers()
+                    if self.command == "GET":
+                        self.wfile.write(b"path\n00000.jpg\n")
+                        self.wfile.flush()
+                        server.stop.wait(60)
                     return
                 if kind == "endless":  # an IP camera's MJPEG stream: frames forever, fast, no length
                     self.send_response(200)
@@ -249,6 +261,57 @@ def test_decode_batch_without_a_started_fetch_fetches_itself(http):
     out = decode_batch(batch, SPEC, io=IOPolicy(timeout=5))
     assert out["error"][0] == "" and out["pixels"][0].any()
     assert error_code(out["error"][1]) == "read_error"
+
+
+# ------------------------------------------------------------------------------------------
+# the inputs' own files: manifests, tar shards and Parquet files are read within --io-timeout
+
+
+@pytest.mark.parametrize("name", ["urls.txt", "urls.csv", "urls.jsonl", "parts.parquet"])
+def test_a_stalled_manifest_fails_within_the_jobs_io_timeout(http, name):
+    from zslabel.cluster import ClusterResources
+    from zslabel.config import JobConfig
+    from zslabel.errors import InputError
+    from zslabel.options import check_input_exists
+    from zslabel.pipeline import plan_inputs
+
+    url = f"{http.url}/stall-body/{name}"
+    config = JobConfig(input=url, io_timeout=1.0, io_retries=3)
+    check_input_exists(url, config.storage_options, io=config.io_policy())  # it exists: the check passes
+    t0 = time.perf_counter()
+    with pytest.raises(InputError) as info:
+        plan_inputs(config, ClusterResources([{"CPU": 2.0}], []))  # fails while reading, before any Ray call
+    took = time.perf_counter() - t0
+    text = str(info.value)
+    print(f"stalled {name}, --io-timeout 1: InputError after {took:.1f} s: {text}")
+    # ~1 s of waiting; with the default policy (the sources' only one before) 30 s or more.
+    assert took < 15, took
+    assert text.startswith("cannot ") and url in text and "\n" not in text, text
+    assert "Timeout" in text and text.endswith("(no answer within --io-timeout 1 s)"), text
+
+
+def test_stalled_tar_shards_become_error_rows_within_the_io_timeout(http):
+    import pickle
+
+    from zslabel import sources
+
+    policy = IOPolicy(timeout=1.0, retries=3)
+    # /stall-body/: status and headers, then nothing; /stall/: no answer to HEAD or GET, which
+    # fsspec reports as FileNotFoundError raised from the timeout: still named a timeout here.
+    for kind in ("stall-body", "stall"):
+        uri = f"{http.url}/{kind}/a.tar"
+        t0 = time.perf_counter()
+        rows = sources.plan_inputs(uri, io=policy, use_ray=False).read_locally()
+        took = time.perf_counter() - t0
+        print(f"{kind} tar, --io-timeout 1: error row after {took:.1f} s: {rows[0]['read_error']}")
+        assert took < 15, took  # one or two waits of 1 s; 30 s each by default
+        assert [r["path"] for r in rows] == [uri]
+        err = rows[0]["read_error"]
+        assert err.startswith("read_error: tar ") and "Timeout" in err, err
+        assert err.endswith("(no answer within --io-timeout)"), err
+    # With Ray the options travel to the read tasks pickled: the timeout must survive that.
+    options = storage.io_storage_options(uri, {}, policy)
+    assert pickle.loads(pickle.dumps(options))["client_kwargs"]["timeout"].sock_read == 1.0
 
 
 def test_timeouts_reach_each_filesystem_in_its_own_form():

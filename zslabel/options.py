@@ -254,7 +254,7 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPoli
                 first = storage.url_to_fs(expand_braces(uri)[0], storage_options, io=io)[1]
                 fs.exists(first)  # only its failure counts: a missing shard is the planner's row
             return
-        pattern = storage.is_pattern(uri, storage_options)
+        pattern = storage.is_pattern(uri, storage_options, io=io)
         found = bool(fs.glob(path)) if pattern else fs.exists(path)
     except InputError:
         raise

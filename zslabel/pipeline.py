@@ -94,7 +94,7 @@ def plan_inputs(config: JobConfig, cluster: ClusterResources):
 
     task_options = decode_task_options(config)
     return sources.plan_inputs(
-        config.input, input_format=config.input_format, storage_options=config.storage_options,
+        config.input, input_format=config.input_format, storage_options=config.storage_options, io=config.io_policy(),
         path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,
         image_column=config.image_column, task_options=task_options, cluster_cpus=cluster.cpus())
 

@@ -234,15 +234,16 @@ def glob_start(path: str) -> int | None:
     return match.start() if match else None
 
 
-def is_pattern(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
+def is_pattern(uri: str, storage_options: dict[str, Any] | None = None, io: IOPolicy | None = None) -> bool:
     """True when ``uri`` should be globbed: it holds metacharacters and does not exist as named.
 
     An existing folder or file called ``photos [2021]`` is that folder or file; only a name that
-    does not exist is a pattern. One ``exists`` call, made only when metacharacters are present.
+    does not exist is a pattern. One ``exists`` call, made only when metacharacters are present,
+    within the timeouts of ``io`` (default ``IOPolicy()``; see :func:`url_to_fs`).
     """
     if not has_glob(uri):
         return False
-    fs, path = url_to_fs(uri, storage_options)
+    fs, path = url_to_fs(uri, storage_options, io=io)
     try:
         return not fs.exists(path)
     except Exception:  # noqa: BLE001 - a backend that cannot answer: keep the pattern meaning
@@ -327,6 +328,37 @@ def retry_after(exc: BaseException) -> float | None:
         return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError, OverflowError):
         return None
+
+
+def timeout_cause(exc: BaseException) -> TimeoutError | None:
+    """The timeout behind a storage failure, or None: the innermost ``TimeoutError`` (aiohttp's
+    and asyncio's are) among ``exc`` and the exceptions it was raised from.
+
+    Why the chain: fsspec's HTTP ``info`` (run by every ``open``) turns a server that answers
+    neither HEAD nor GET in time into ``FileNotFoundError(url) from <the timeout>``, which read
+    as it is calls a stalled server a missing file; and fsspec's ``sync`` raises a bare
+    ``FSTimeoutError`` from aiohttp's ``ServerTimeoutError``, which says what timed out."""
+    found: TimeoutError | None = None
+    cause: BaseException | None = exc
+    for _ in range(8):  # a chain is short; the bound only guards against a cycle
+        if cause is None:
+            break
+        if isinstance(cause, TimeoutError):
+            found = cause
+        cause = cause.__cause__
+    return found
+
+
+def describe_error(exc: BaseException, io: IOPolicy | None = None) -> str:
+    """``"<Type>: <message>"`` for a failed storage call; a timeout (see :func:`timeout_cause`)
+    is described as itself, naming ``--io-timeout`` (with ``io``'s value when given), so that
+    the user knows which setting bounded the wait."""
+    timeout = timeout_cause(exc)
+    if timeout is None:
+        return f"{type(exc).__name__}: {exc}"
+    limit = f"--io-timeout {io.timeout:g} s" if io is not None else "--io-timeout"
+    text = str(timeout) or "timed out"
+    return f"{type(timeout).__name__}: {text} (no answer within {limit})"
 
 
 def _read_error(exc: BaseException, io: IOPolicy, attempts: int) -> str:

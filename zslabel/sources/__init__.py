@@ -13,7 +13,7 @@ import logging
 import time
 
 from .. import storage
-from ..errors import READ_ERROR, InputError, error_string
+from ..errors import READ_ERROR, InputError, ZslabelError, error_string
 from . import folder, jsonl, manifest, parquet, webdataset
 from .common import FILE_INDEX_STRIDE, IMAGE_EXTENSIONS, SKIP_REASONS, InputKind, InputOptions, InputPlan, file_uri_path
 from .webdataset import expand_braces
@@ -61,7 +61,7 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan | None:
 
 
 def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict | None = None,
-                path_column: str | None = None, id_column: str | None = None,
+                io: storage.IOPolicy | None = None, path_column: str | None = None, id_column: str | None = None,
                 dedupe: bool = False, image_column: str | None = None,
                 task_options: dict | None = None, cluster_cpus: float | None = None,
                 use_ray: bool = True) -> InputPlan:
@@ -76,6 +76,11 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
             :func:`detect_kind`).
         storage_options: passed to the fsspec filesystem (endpoint, anon, ...); credentials come
             from each filesystem's standard chain otherwise.
+        io: connect/read timeout (seconds) and retries for every listing and every manifest,
+            tar or Parquet file read for this input, in read tasks too (the job's
+            ``--io-timeout``/``--io-retries``; default ``storage.IOPolicy()``: 30 s, 3 retries).
+            Added to ``storage_options`` once, here (``storage.io_storage_options``); the
+            user's own timeout settings there win.
         path_column: manifest column holding the URIs (default: first of path/url/uri).
         id_column: manifest column carried to the output as a string column.
         dedupe: manifests only: keep the first row of each repeated URI.
@@ -96,7 +101,8 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
 
     Raises:
         InputError: unknown format, nothing found, unreadable manifest, missing column,
-            a filesystem protocol whose package is not installed.
+            a filesystem protocol whose package is not installed, a listing or file that did
+            not answer within ``io.timeout`` (the message names ``--io-timeout``).
         TextDecodeError: a text manifest that is not UTF-8.
     """
     start = time.perf_counter()
@@ -105,25 +111,42 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
     auto = input_format == "auto"
     # A local file: URI (RFC 8089) names a percent-decoded path; fsspec would keep the escapes.
     uri = file_uri_path(uri) or uri
-    options = InputOptions(storage_options=dict(storage_options or {}), path_column=path_column,
-                           id_column=id_column, dedupe=dedupe, image_column=image_column, auto=auto,
-                           plan_files=plan_files, task_options=dict(task_options or {}),
+    io = io or storage.IOPolicy()
+    # The one place sources get their storage options: with the job's timeouts built in, so no
+    # kind can open a listing, manifest, tar or Parquet file (here or in a read task) with the
+    # 30 s default while the user asked for --io-timeout 5. Every file a kind opens is on the
+    # input's own filesystem (shards beside shards, parts beside parts), which these fit.
+    options = InputOptions(storage_options=storage.io_storage_options(uri, storage_options, io), io=io,
+                           path_column=path_column, id_column=id_column, dedupe=dedupe, image_column=image_column,
+                           auto=auto, plan_files=plan_files, task_options=dict(task_options or {}),
                            cluster_cpus=cluster_cpus, use_ray=use_ray)
     name = detect_kind(uri, pattern=storage.is_pattern(uri, options.storage_options)) if auto else input_format
-    plan = _BY_NAME[name].plan(uri, options)
+    try:
+        plan = _BY_NAME[name].plan(uri, options)
+    except ZslabelError:
+        raise
+    except Exception as exc:
+        # A listing that stalled (kinds turn their own read failures into InputError or rows):
+        # one line naming the limit, not a traceback. Other errors keep their traceback.
+        if storage.timeout_cause(exc) is None:
+            raise
+        raise InputError(f"cannot plan input {uri}: {storage.describe_error(exc, io)}") from exc
     plan.planning_seconds = time.perf_counter() - start
     logger.info("planned %s input %s: listed=%s skipped=%d duplicates_removed=%d in %.2fs",
                 plan.kind, uri, plan.listed, plan.skipped, plan.duplicates_removed, plan.planning_seconds)
     return plan
 
 
-def fetch_bytes(path: str, storage_options: dict | None = None) -> tuple[bytes | None, str | None]:
+def fetch_bytes(path: str, storage_options: dict | None = None,
+                io: storage.IOPolicy | None = None) -> tuple[bytes | None, str | None]:
     """Read one whole file through fsspec; never raises.
 
     Args:
         path: a plain local path or any fsspec URI (as produced in the ``path`` column; a local
             name with ``%XX`` escapes of undecodable bytes finds the file, see ``zslabel.storage``).
         storage_options: the same options given to :func:`plan_inputs`.
+        io: connect/read timeout (seconds) of the filesystem (default ``storage.IOPolicy()``);
+            no retries and no byte limit here (``storage.fetch_many`` has both).
 
     Returns:
         ``(data, None)`` on success, else ``(None, "read_error: <ExceptionType>: <message>")``.
@@ -139,7 +162,7 @@ def fetch_bytes(path: str, storage_options: dict | None = None) -> tuple[bytes |
                     return f.read(), None
             except FileNotFoundError:
                 pass
-        fs, fs_path = storage.url_to_fs(path, storage_options)
+        fs, fs_path = storage.url_to_fs(path, storage_options, io=io)
         try:
             return fs.cat_file(fs_path), None
         except FileNotFoundError:
@@ -148,4 +171,4 @@ def fetch_bytes(path: str, storage_options: dict | None = None) -> tuple[bytes |
                 raise
             return fs.cat_file(other), None
     except Exception as exc:  # noqa: BLE001 - every storage failure becomes a row error
-        return None, error_string(READ_ERROR, f"{type(exc).__name__}: {exc}")
+        return None, error_string(READ_ERROR, storage.describe_error(exc, io))

@@ -33,6 +33,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 import pyarrow as pa
 
 from ..errors import InputError
+from ..storage import IOPolicy, describe_error
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({
     ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
@@ -67,9 +68,15 @@ class InputOptions:
     pipeline gives its decode stage's, so Ray Data fuses the two into one task per block.
     ``cluster_cpus``: the CPUs the cluster has or may scale to, which sizes those blocks
     (``blocks.rows_per_block``); None sizes them by the row count alone.
+
+    ``storage_options`` already hold ``io``'s timeouts in the form the input's filesystem
+    takes (``plan_inputs`` builds them with ``storage.io_storage_options``), so every listing
+    and every manifest, tar or Parquet file a kind opens with them, in read tasks too, is
+    bounded by the job's ``--io-timeout``/``--io-retries``. ``io`` itself is kept for messages.
     """
 
     storage_options: dict = field(default_factory=dict)
+    io: IOPolicy = field(default_factory=IOPolicy)
     path_column: str | None = None
     id_column: str | None = None
     dedupe: bool = False
@@ -293,9 +300,10 @@ def member_name(name: str) -> str:
     return name.lstrip("/")
 
 
-def error_row_detail(exc: BaseException) -> str:
-    """``"<ExceptionType>: <message>"`` for a row's error detail."""
-    return f"{type(exc).__name__}: {exc}"
+def error_row_detail(exc: BaseException, io: IOPolicy | None = None) -> str:
+    """``"<ExceptionType>: <message>"`` for a row's error detail; a storage timeout is named as
+    one, with ``--io-timeout`` (and ``io``'s value when given): ``storage.describe_error``."""
+    return describe_error(exc, io)
 
 
 def internal_error_detail(where: str, exc: BaseException, log) -> str:

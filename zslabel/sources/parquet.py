@@ -88,7 +88,7 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan:
     Raises:
         InputError: unreadable first file, no image column (when not auto), manifest errors.
     """
-    schema = _schema(files[0], options.storage_options)
+    schema = _schema(files[0], options)
     if options.auto and options.image_column is None and find_image_column(
             schema, None, files[0], required=False) is None:
         return plan_manifest(files[0], options) if len(files) == 1 else plan_manifest_files(files, options)
@@ -98,15 +98,15 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan:
                           image_column=image_col, carried_columns=carried)
 
 
-def _schema(uri: str, storage_options: dict) -> pa.Schema:
+def _schema(uri: str, options: InputOptions) -> pa.Schema:
     import pyarrow.parquet as pq
 
-    fs, fs_path = storage.url_to_fs(uri, storage_options)
+    fs, fs_path = storage.url_to_fs(uri, options.storage_options)
     try:
         with fs.open(storage.open_path(fs, fs_path), "rb") as f:
             return pq.read_schema(f)
     except Exception as exc:
-        raise InputError(f"cannot read Parquet file {uri}: {error_row_detail(exc)}") from exc
+        raise InputError(f"cannot read Parquet file {uri}: {error_row_detail(exc, options.io)}") from exc
 
 
 def is_image_struct(kind: pa.DataType) -> bool:
