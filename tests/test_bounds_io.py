@@ -290,6 +290,27 @@ def test_a_stalled_manifest_fails_within_the_jobs_io_timeout(http, name):
     assert "Timeout" in text and text.endswith("(no answer within --io-timeout 1 s)"), text
 
 
+def test_a_stalled_s3_manifest_fails_within_the_jobs_io_timeout(http):
+    """s3fs retries a stalled read in nested loops of its own (25 tries): they must not multiply
+    the job's --io-timeout. The loopback server plays an S3 endpoint whose object answers HEAD
+    and the GET's headers, then stalls."""
+    from zslabel.cluster import ClusterResources
+    from zslabel.config import JobConfig
+    from zslabel.errors import InputError
+    from zslabel.pipeline import plan_inputs
+
+    config = JobConfig(input="s3://stall-body/urls.txt", io_timeout=1.0, io_retries=0,
+                       storage_options={"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": http.url}})
+    t0 = time.perf_counter()
+    with pytest.raises(InputError) as info:
+        plan_inputs(config, ClusterResources([{"CPU": 2.0}], []))
+    took = time.perf_counter() - t0
+    print(f"stalled S3 manifest, --io-timeout 1 --io-retries 0: InputError after {took:.1f} s: {info.value}")
+    assert took < 15, took  # 40 s with s3fs's own retries
+    text = str(info.value)
+    assert "s3://stall-body/urls.txt" in text and text.endswith("(no answer within --io-timeout 1 s)"), text
+
+
 def test_stalled_tar_shards_become_error_rows_within_the_io_timeout(http):
     import pickle
 

@@ -181,13 +181,22 @@ def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None, *,
         ``error``: the protocol is unknown or its package (s3fs, gcsfs, ...) is not installed.
     """
     try:
-        return fsspec.core.url_to_fs(uri, **io_storage_options(uri, storage_options, io or IOPolicy()))
+        fs, path = fsspec.core.url_to_fs(uri, **io_storage_options(uri, storage_options, io or IOPolicy()))
     except ImportError as exc:
         raise error(f"cannot open {uri}: {exc}") from exc
     except ValueError as exc:
         if "protocol" in str(exc).lower():
             raise error(f"cannot open {uri}: {exc}") from exc
         raise
+    if "s3" in protocols(fs) and "::" not in uri:
+        # s3fs wraps every call, and every body read, in retry loops of its own (class attribute
+        # ``retries`` = 5, nested: up to 25 tries of a stalled read, each after botocore's own
+        # ``max_attempts``): a stalled manifest took 40 s at --io-timeout 1 --io-retries 0 and
+        # ~3,000 s at the defaults. botocore already retries throttling, 5xx and connection
+        # errors (``config_kwargs.retries`` above) and zslabel's own layer retries image reads,
+        # so s3fs tries once. Filesystems are cached per options: this is every S3 filesystem.
+        fs.retries = 1
+    return fs, path
 
 
 def protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -337,7 +346,10 @@ def timeout_cause(exc: BaseException) -> TimeoutError | None:
     Why the chain: fsspec's HTTP ``info`` (run by every ``open``) turns a server that answers
     neither HEAD nor GET in time into ``FileNotFoundError(url) from <the timeout>``, which read
     as it is calls a stalled server a missing file; and fsspec's ``sync`` raises a bare
-    ``FSTimeoutError`` from aiohttp's ``ServerTimeoutError``, which says what timed out."""
+    ``FSTimeoutError`` from aiohttp's ``ServerTimeoutError``, which says what timed out. An
+    exception raised while handling a timeout counts too (``__context__``): s3fs's ``S3File``
+    reads ``args[0]`` of every ``OSError`` and so turns fsspec's ``FSTimeoutError`` (no args)
+    into an ``IndexError``."""
     found: TimeoutError | None = None
     cause: BaseException | None = exc
     for _ in range(8):  # a chain is short; the bound only guards against a cycle
@@ -345,7 +357,7 @@ def timeout_cause(exc: BaseException) -> TimeoutError | None:
             break
         if isinstance(cause, TimeoutError):
             found = cause
-        cause = cause.__cause__
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
     return found
 
 
