@@ -138,11 +138,11 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
     """
     started = time.perf_counter()
     rule = options.validate()
-    # Read once: it loads the calibration and head files (by content id), so a missing or
-    # damaged one fails here; their fit is checked with the model below.
     if not options.model:
         raise ConfigError("no model given: pass --model")
     stamps = {"input": local_stamp(input_uri), "model": local_stamp(options.model)}
+    # Read once: it loads the calibration and head files (by content id), so a missing or
+    # damaged one fails here; their fit is checked with the model below.
     settings = options.result_settings()
     store = OutputStore.open(options.output, options.storage_options)
     store.check(options.mode, settings)

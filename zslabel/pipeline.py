@@ -99,7 +99,6 @@ def plan_inputs(config: JobConfig, cluster: ClusterResources):
         image_column=config.image_column, task_options=task_options, cluster_cpus=cluster.cpus())
 
 
-
 def compose(config: JobConfig, prepared: job.PreparedJob, plan, session, cluster: ClusterResources,
             pool: tuple[int, int], schema, spec_overrides: dict[str, Any]):
     """The Ray Data chain: planned inputs -> drop committed -> decode tasks -> labeler actors ->
