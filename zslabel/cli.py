@@ -230,9 +230,7 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--ground-truth", required=True, help="CSV/TSV/Parquet (path,label) or folder-per-class root")
     p.add_argument("--json", help="also write the report as JSON here")
     p.add_argument("--top-confusions", type=int, default=10, help="confused pairs to list (default 10)")
-    p.add_argument("--storage-options", type=_checked(parse_storage_options),
-                   help="fsspec options as JSON/YAML text or file")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_io_flags(p)
     return p
 
 
@@ -261,9 +259,7 @@ def _calibrate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.3, help="fraction of the sample held out to measure "
                    "before/after (default 0.3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fit/held-out split (default 0)")
-    p.add_argument("--storage-options", type=_checked(parse_storage_options),
-                   help="fsspec options as JSON/YAML text or file")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_io_flags(p)
     return p
 
 
