@@ -33,7 +33,7 @@ from zslabel.errors import ModelLoadError  # noqa: E402
 from zslabel.labels import build_label_set  # noqa: E402
 from zslabel.model import ZeroShotModel, checkpoint_digest, resolve_checkpoint  # noqa: E402
 from zslabel.model_openclip import OpenClipModel, preprocess_spec  # noqa: E402
-from zslabel.output import MANIFEST_NAME  # noqa: E402
+from zslabel.store import MANIFEST_NAME  # noqa: E402
 from zslabel.ranking import scores_from_logits, zero_shot_logits  # noqa: E402
 from zslabel.relabel import RelabelConfig, run_relabel_job  # noqa: E402
 from zslabel_dev.tiny_openclip import build_tiny_openclip, in_folder  # noqa: E402
