@@ -151,6 +151,24 @@ def test_stratified_folds_and_holdout_split():
     assert heads.curve_shots(y) == [1, 2, 4]
 
 
+def test_tempered_nll_and_delta_logits():
+    from zslabel.calibration import _softmax_nll, fit_temperature
+
+    rng = np.random.default_rng(4)
+    for scale in (0.3, 3.0, 30.0):                      # best temperature below, near and above 1
+        z = (scale * rng.standard_normal((200, 7))).astype(np.float32)
+        t = rng.integers(0, 7, 200)
+        z[np.arange(100), t[:100]] += scale              # half of the rows lean to their truth
+        want = _softmax_nll(z.astype(np.float64) / fit_temperature(z, t), t)
+        got = heads._tempered_nll(torch.from_numpy(z), torch.from_numpy(t))
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    # a head's logits are zero-shot's plus its low-rank change
+    x, y, zs = _toy(per_label=10)
+    res = heads.fit_head(x, y, zs, lam=0.1)
+    np.testing.assert_allclose(zs.logits(x) + res.delta_logits(x, zs), heads._head_logits(res, zs)(x),
+                               rtol=1e-5, atol=1e-4)
+
+
 def test_stacking_offset_matches_zero_shot_share():
     z0 = np.array([[3.0, 1.0, 0.0], [0.0, 1.0, 2.0], [2.0, 0.0, 1.0], [0.0, 3.0, 1.0]])
     unex = np.array([False, False, True])

@@ -1,7 +1,8 @@
 """Few-shot heads on the bundled shapes model (models/shapes-clip), in-process (no Ray).
 
 The README's learning curve ("Few-shot heads") comes from ``shapes_head_figures`` (also printed,
-and its plot drawn, by ``python tests/test_heads_shapes.py [PLOT.png]``). Images are generated
+and its plot drawn, by ``python tests/test_heads_shapes.py [PLOT.png]``), and so do the halves:
+heads fitted with examples of half of the labels only, the other half measured against zero-shot. Images are generated
 deterministically (``zslabel_dev.shapes``) and embedded as ``test_calibration_shapes`` does
 (PNG bytes -> ``decode_image`` -> ``encode_images``), so the figures are the same on every run;
 the floors leave room for float/thread differences.
@@ -25,6 +26,10 @@ MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-clip"
 PER_LABEL, POOL_SEED, EVAL_N, EVAL_SEED, SIZE = 16, 101, 960, 202, 64
 SIXTEEN_SHOT_FLOOR = 0.80
 UNEXAMPLED_TOLERANCE = 0.02
+# Random halves of the labels (``default_rng(seed).permutation``) besides the odd-numbered half:
+# the promise holds for any half, and a half drawn at random groups labels unevenly (a colour
+# whose labels are all but one without examples), which a fixed alternating half never does.
+HALF_SEEDS = (0, 1, 2, 3, 4)
 
 
 def _embed(model, samples) -> np.ndarray:
@@ -39,8 +44,9 @@ def _embed(model, samples) -> np.ndarray:
 
 def shapes_head_figures() -> dict:
     """Learning curve of heads fitted on 1..16 generated images per label (all 48 labels),
-    measured on a fresh set of 960 images; and a head fitted with examples of every other label
-    only (the odd-numbered ones in ``shapes.all_labels()`` order), measured on both halves."""
+    measured on a fresh set of 960 images; and heads fitted with examples of half of the labels
+    only (the odd-numbered ones in ``shapes.all_labels()`` order, then the random halves of
+    ``HALF_SEEDS``), each measured on both halves (``halves``; ``half_labels`` is the odd one)."""
     torch.manual_seed(0)
     model = ZeroShotModel(MODEL)
     names = shapes.all_labels()
@@ -53,17 +59,27 @@ def shapes_head_figures() -> dict:
     xp, yp = _embed(model, pool), np.array([index[s.label] for s in pool])
     xe, ye = _embed(model, fresh), np.array([index[s.label] for s in fresh])
     curve = heads.learning_curve(xp, yp, xe, ye, zs, shots=heads.SHOTS, seed=0)
-    # Half of the labels with examples (all 16 of each), the other half none.
-    has = np.arange(len(names)) % 2 == 1
-    res = heads.fit_head(xp[has[yp]], yp[has[yp]], zs, seed=0)
+    # Half of the labels with examples (all 16 of each), the other half none: the odd-numbered
+    # half, then random ones.
+    halves = {"odd": np.arange(len(names)) % 2 == 1}
+    for seed in HALF_SEEDS:
+        has = np.zeros(len(names), bool)
+        has[np.random.default_rng(seed).permutation(len(names))[:len(names) // 2]] = True
+        halves[f"seed {seed}"] = has
     pred0 = zs.logits(xe).argmax(1)
-    pred = heads._head_logits(res, zs)(xe).argmax(1)
-    half = {}
-    for key, sel in (("with_examples", has[ye]), ("without_examples", ~has[ye])):
-        half[key] = {"zero_shot_top1": float((pred0[sel] == ye[sel]).mean()),
-                     "head_top1": float((pred[sel] == ye[sel]).mean()), "images": int(sel.sum())}
-    half.update(lam=res.params["lam"], unexampled_offset=res.params["unexampled_offset"])
-    return {"zero_shot_top1": curve[0]["zero_shot_top1"], "curve": curve, "half_labels": half}
+    half_figures = {}
+    for name, has in halves.items():
+        res = heads.fit_head(xp[has[yp]], yp[has[yp]], zs, seed=0)
+        pred = heads._head_logits(res, zs)(xe).argmax(1)
+        half = {}
+        for key, sel in (("with_examples", has[ye]), ("without_examples", ~has[ye])):
+            half[key] = {"zero_shot_top1": float((pred0[sel] == ye[sel]).mean()),
+                         "head_top1": float((pred[sel] == ye[sel]).mean()), "images": int(sel.sum())}
+        half.update(lam=res.params["lam"], unexampled_offset=res.params["unexampled_offset"],
+                    kept_zero_shot_weights=bool(np.array_equal(res.weights[~has], zs.weights[~has])))
+        half_figures[name] = half
+    return {"zero_shot_top1": curve[0]["zero_shot_top1"], "curve": curve, "half_labels": half_figures["odd"],
+            "halves": half_figures}
 
 
 def test_head_learning_curve_on_shapes():
@@ -76,10 +92,11 @@ def test_head_learning_curve_on_shapes():
         assert row["top1"] >= zs, (k, row)                     # never below zero-shot
     assert by_shots[16]["top1"] >= SIXTEEN_SHOT_FLOOR, by_shots[16]
     assert by_shots[16]["top1"] >= by_shots[4]["top1"] >= by_shots[1]["top1"]
-    half = fig["half_labels"]
-    without = half["without_examples"]
-    assert without["head_top1"] >= without["zero_shot_top1"] - UNEXAMPLED_TOLERANCE, half
-    assert half["with_examples"]["head_top1"] >= half["with_examples"]["zero_shot_top1"], half
+    for name, half in fig["halves"].items():
+        without, with_ = half["without_examples"], half["with_examples"]
+        assert without["head_top1"] >= without["zero_shot_top1"] - UNEXAMPLED_TOLERANCE, (name, half)
+        assert with_["head_top1"] >= with_["zero_shot_top1"], (name, half)
+        assert half["kept_zero_shot_weights"], (name, half)
 
 
 def draw_curve(fig: dict, path: str) -> None:

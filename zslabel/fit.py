@@ -10,8 +10,11 @@
       -> heads.fit_report (split, cross-validation, held-out before/after, learning curve, refit)
       -> head file (safetensors + metadata), report on stdout
 
-Memory: the matched rows' embeddings (M x D float32) and their zero-shot logits (M x C float32),
-plus one record batch; never the whole output table. Every refusal (no embeddings, ground truth
+Memory: the matched rows' embeddings (M x D float32), plus one record batch while reading (never
+the whole output table); then ``heads.fit_report``'s: a copy of the fit rows' embeddings and
+their zero-shot logits (0.7 M x C float32 with the default 30% held out), one chunk of rows at a
+time for everything else. At 100,000 x 1,000 (D = 512) the process peaked at about 1.2 GB
+(``benchmarks/fit_scale.py``). Every refusal (no embeddings, ground truth
 naming no label of the run, one label only, NaN embeddings, another checkpoint) happens before
 anything is written. No Ray.
 """
@@ -112,14 +115,17 @@ def read_labeled_embeddings(run: str, ground_truth: str, storage_options: dict |
         log.warning("%d ground-truth images name %d labels that are not labels of the run and are left out: %s",
                     sum(unknown.values()), len(unknown), sorted(unknown)[:10])
 
-    # Pass 2: only the chosen rows' embeddings, into one preallocated matrix.
+    # Pass 2: only the chosen rows' embeddings, into one preallocated matrix. ``keys`` are sorted by
+    # (file, row), so a file's chosen rows fill consecutive slots from its first one.
     keys = sorted(chosen)
     x = None
     y = np.array([chosen[k] for k in keys], np.int64)
-    slot = {k: i for i, k in enumerate(keys)}
+    key_files = np.array([k[0] for k in keys], np.int64)
+    key_rows = np.array([k[1] for k in keys], np.int64)
     missing = 0
-    for fi in sorted({k[0] for k in keys}):
-        rows_here = np.array(sorted(r for f, r in keys if f == fi), np.int64)
+    for fi in np.unique(key_files):
+        first = int(np.searchsorted(key_files, fi, side="left"))
+        rows_here = key_rows[first:int(np.searchsorted(key_files, fi, side="right"))]
         with fs.open(files[fi], "rb") as fh:
             reader = pq.ParquetFile(fh)
             start = 0
@@ -132,12 +138,9 @@ def read_labeled_embeddings(run: str, ground_truth: str, storage_options: dict |
                     emb, present = embedding_matrix(col, d)
                     if x is None:
                         x = np.zeros((len(keys), d), np.float32)
-                    for j, r in enumerate(rows_here[lo:hi]):
-                        x[slot[(fi, int(r))]] = emb[j]
+                    x[first + lo:first + hi] = emb
                     missing += int((~present).sum())
-                    if (~present).any():
-                        for gap in np.flatnonzero(~present):
-                            y[slot[(fi, int(rows_here[lo + gap]))]] = -1
+                    y[first + lo + np.flatnonzero(~present)] = -1
                 start += batch.num_rows
     counts["without_embedding"] = missing
     keep = y >= 0

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 LAMBDAS = tuple(float(v) for v in 10.0 ** np.arange(3.0, -2.01, -0.5))
 PATIENCE = 2
 FOLDS = 5
-LARGE_CV = 1_000_000
+LARGE_CV = 250_000
 
 
 def stratified_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -132,9 +132,13 @@ def cross_validate(u: np.ndarray, z0: np.ndarray, t: np.ndarray, score_kind: str
     weak strength that needs a large offset pays for it in the held-out NLL (images of labels with
     examples lost to the offset).
 
+    With softmax scores and labels without any example, each fold's head is also fitted with
+    the distillation term of those labels (``_Problem``'s ``zu``), as the final head is; the
+    labels that only lack rows in a fold's training part are masked, as before.
+
     Args:
-        u: (N, r) reduced embeddings; z0: (N, C) zero-shot logits of all the run's labels; t: (N,)
-            label index of each row.
+        u: (N, r) reduced embeddings; z0: (N, C) float32 zero-shot logits of all the run's labels;
+            t: (N,) label index of each row.
 
     Returns:
         ``(lam, info)``: the strength with the smallest mean held-out NLL (``inf``: zero-shot
@@ -149,11 +153,13 @@ def cross_validate(u: np.ndarray, z0: np.ndarray, t: np.ndarray, score_kind: str
     fold = stratified_folds(t, k, seed)
     unexampled = np.bincount(t, minlength=c) == 0
     stacking = score_kind == SOFTMAX and unexampled.any()
+    zu = torch.logsumexp(torch.from_numpy(z0[:, unexampled]), dim=1).numpy() if stacking else None
     splits: list[_Split] = []
     for f in range(k):
         tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
         if len(te) and len(np.unique(t[tr])) >= 2:
-            splits.append(_Split(_Problem(u[tr], z0[tr], t[tr], score_kind, trained=True),
+            splits.append(_Split(_Problem(u[tr], z0[tr], t[tr], score_kind, trained=True,
+                                          zu=None if zu is None else zu[tr]),
                                  _Problem(u[te], z0[te], t[te], score_kind), len(te),
                                  torch.zeros((c, u.shape[1] + 1), dtype=torch.float32)))
     n_te = max(1, sum(sp.n_test for sp in splits))
@@ -162,7 +168,7 @@ def cross_validate(u: np.ndarray, z0: np.ndarray, t: np.ndarray, score_kind: str
         total, offsets = 0.0, []
         for sp in splits:
             tr, te, m, th = sp.train, sp.test, sp.n_test, sp.theta
-            gamma = stacking_offset(tr.logits(th), tr.z0.numpy(), unexampled) if stacking else 0.0
+            gamma = stacking_offset(tr.logits(th).numpy(), tr.z0.numpy(), unexampled) if stacking else 0.0
             te.offset = torch.from_numpy((gamma * unexampled).astype(np.float32)) if gamma else None
             total += (te.tempered_nll(th) if score_kind == SOFTMAX else te.mean_nll(th)) * m
             offsets.append(gamma)

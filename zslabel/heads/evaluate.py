@@ -12,7 +12,7 @@ import numpy as np
 from .cv import holdout_split, per_label_subsample
 from .fitting import check_sample, fit_head
 from .head import SOFTMAX
-from .solve import CHUNK, FitResult, ZeroShot, _head_logits
+from .solve import FitResult, ZeroShot, _chunk_rows
 
 # Above this many examples the head fitted on the fit split is the one saved (no refit on every
 # example): the held-out 30% then add little, and a refit of 100,000 x 1,000 costs a minute.
@@ -22,12 +22,57 @@ TOP_K = 5
 WORST = 10
 
 
-def _scores_np(z: np.ndarray, score_kind: str) -> np.ndarray:
-    if score_kind == SOFTMAX:
-        z = z - z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
+class _Metrics:
+    """Held-out metrics of one classifier, accumulated over row chunks: per row only the top-1
+    confidence and whether top-1 / top-5 are right (``evaluate_logits``' figures)."""
+
+    def __init__(self, n: int, num_labels: int, score_kind: str):
+        self.n, self.c, self.kind = n, num_labels, score_kind
+        self.conf = np.zeros(n, np.float64)
+        self.right1 = np.zeros(n, bool)
+        self.right5 = np.zeros(n, bool)
+        self.nll = 0.0
+        self.y = np.zeros(n, np.int64)
+
+    def add(self, s: int, z, y: np.ndarray) -> None:
+        """Rows ``s .. s + len(y)``: ``z`` (n, C) float32 logits (numpy or torch), ``y`` (n,) int64.
+
+        float32 throughout (a fused log-softmax; ``topk`` instead of a float64 softmax and
+        ``argpartition``): the figures are reported to 3-4 digits."""
+        import torch
+
+        z = torch.as_tensor(z, dtype=torch.float32)
+        yy = torch.from_numpy(np.asarray(y, np.int64))
+        rows = torch.arange(len(yy))
+        if self.kind == SOFTMAX:
+            ls = torch.log_softmax(z, dim=1)
+            best, top = ls.max(dim=1)
+            conf = best.exp()
+            self.nll -= float(ls[rows, yy].double().sum())
+        else:
+            best, top = z.max(dim=1)
+            conf = torch.sigmoid(best)
+            t = torch.zeros_like(z)
+            t[rows, yy] = 1.0
+            self.nll += float((torch.nn.functional.softplus(z) - t * z).double().mean(dim=1).sum())
+        k = min(TOP_K, z.shape[1])
+        top5 = torch.topk(z, k, dim=1).indices
+        e = s + len(yy)
+        self.conf[s:e] = conf.double().numpy()
+        self.right1[s:e] = (top == yy).numpy()
+        self.right5[s:e] = (top5 == yy[:, None]).any(dim=1).numpy()
+        self.y[s:e] = y
+
+    def result(self) -> dict[str, Any]:
+        from ..calibration import expected_calibration_error
+
+        n, y = self.n, self.y
+        per_n = np.bincount(y, minlength=self.c)
+        per_ok = np.bincount(y[self.right1], minlength=self.c)
+        return {"n": int(n), "top1": float(self.right1.mean()) if n else None,
+                "top5": float(self.right5.mean()) if n else None,
+                "ece": expected_calibration_error(self.conf, self.right1), "nll": self.nll / n if n else None,
+                "per_label": {"correct": per_ok.tolist(), "n": per_n.tolist()}}
 
 
 def evaluate_logits(logits_fn, x: np.ndarray, y: np.ndarray, score_kind: str, num_labels: int) -> dict[str, Any]:
@@ -42,35 +87,27 @@ def evaluate_logits(logits_fn, x: np.ndarray, y: np.ndarray, score_kind: str, nu
         top-5 accuracy, ECE (15 bins on the top-1 score, ``calibration.expected_calibration_error``),
         NLL (softmax: mean -log p_y over all C; sigmoid: mean binary cross-entropy over all pairs).
     """
-    from ..calibration import expected_calibration_error
+    m = _Metrics(len(y), num_labels, score_kind)
+    step = _chunk_rows(num_labels)
+    for s in range(0, len(y), step):
+        m.add(s, logits_fn(x[s:s + step]), y[s:s + step])
+    return m.result()
 
-    n = len(y)
-    conf = np.zeros(n, np.float64)
-    right1 = np.zeros(n, bool)
-    right5 = np.zeros(n, bool)
-    nll = 0.0
-    for s in range(0, n, CHUNK):
-        z = np.asarray(logits_fn(x[s:s + CHUNK]), np.float64)
-        yy = y[s:s + CHUNK]
-        p = _scores_np(z, score_kind)
-        top = p.argmax(axis=1)
-        conf[s:s + len(yy)] = p[np.arange(len(yy)), top]
-        right1[s:s + len(yy)] = top == yy
-        k = min(TOP_K, z.shape[1])
-        top5 = np.argpartition(-z, k - 1, axis=1)[:, :k]
-        right5[s:s + len(yy)] = (top5 == yy[:, None]).any(axis=1)
-        if score_kind == SOFTMAX:
-            m = z.max(axis=1)
-            nll += float((m + np.log(np.exp(z - m[:, None]).sum(axis=1)) - z[np.arange(len(yy)), yy]).sum())
-        else:
-            t = np.zeros_like(z)
-            t[np.arange(len(yy)), yy] = 1.0
-            nll += float((np.logaddexp(0.0, z) - t * z).mean(axis=1).sum())
-    per_n = np.bincount(y, minlength=num_labels)
-    per_ok = np.bincount(y[right1], minlength=num_labels)
-    return {"n": int(n), "top1": float(right1.mean()) if n else None, "top5": float(right5.mean()) if n else None,
-            "ece": expected_calibration_error(conf, right1), "nll": nll / n if n else None,
-            "per_label": {"correct": per_ok.tolist(), "n": per_n.tolist()}}
+
+def _evaluate_heads(x: np.ndarray, y: np.ndarray, zs: ZeroShot, fits: list[FitResult]) -> list[dict[str, Any]]:
+    """``evaluate_logits`` of zero-shot and of each head in ``fits``, in one pass over ``x``: per
+    chunk the zero-shot logits once (the (n, D) x (D, C) product), each head's as those plus its
+    ``FitResult.delta_logits`` (rank r). Returns ``[zero-shot metrics] + [metrics of each fit]``."""
+    c = zs.weights.shape[0]
+    ms = [_Metrics(len(y), c, zs.score_kind) for _ in range(len(fits) + 1)]
+    step = _chunk_rows(c)
+    for s in range(0, len(y), step):
+        xc, yc = x[s:s + step], y[s:s + step]
+        z0 = zs.logits(xc)
+        ms[0].add(s, z0, yc)
+        for m, res in zip(ms[1:], fits):
+            m.add(s, z0 + res.delta_logits(xc, zs), yc)
+    return [m.result() for m in ms]
 
 
 def worst_labels(before: dict, after: dict, labels: list[str], n: int = WORST) -> list[dict[str, Any]]:
@@ -98,31 +135,57 @@ def curve_shots(y_fit: np.ndarray, shots: tuple[int, ...] = SHOTS) -> list[int]:
     return [k for k in shots if k <= median]
 
 
-def learning_curve(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, y_eval: np.ndarray, zs: ZeroShot,
-                   *, shots: tuple[int, ...] = SHOTS, seed: int = 0, log=None, **fit_kw) -> list[dict[str, Any]]:
-    """Fit a head on ``k`` examples per label (fewer where a label has fewer) of the fit rows, for
-    each ``k`` in ``shots``, and measure it on the evaluation rows (zero-shot alongside).
-
-    Returns:
-        ``[{"shots", "examples", "lam", "top1", "top5", "ece", "nll", "zero_shot_top1", ...}]``.
-    """
-    c = zs.weights.shape[0]
-    before = evaluate_logits(zs.logits, x_eval, y_eval, zs.score_kind, c)
+def _curve_fits(x_fit, y_fit, zs, shots, seed, shared, zs_logits, log, fit_kw) -> list[tuple[int, int, FitResult]]:
     out = []
     for k in shots:
         rows = per_label_subsample(y_fit, k, seed)
         if len(np.unique(y_fit[rows])) < 2:
             continue
-        res = fit_head(x_fit[rows], y_fit[rows], zs, seed=seed, **fit_kw)
-        m = evaluate_logits(_head_logits(res, zs), x_eval, y_eval, zs.score_kind, c)
-        out.append({"shots": int(k), "examples": int(len(rows)), "lam": res.params["lam"],
+        kw = dict(fit_kw)
+        if shared is not None and k >= shared[0]:
+            kw["lam"] = shared[1]
+        res = fit_head(x_fit[rows], y_fit[rows], zs, seed=seed,
+                       zs_logits=None if zs_logits is None else zs_logits[rows], **kw)
+        res.params["cv_shared"] = "lam" in kw
+        out.append((int(k), int(len(rows)), res))
+        if log:
+            log(f"  learning curve: fitted {k} per label ({len(rows)} examples), lam {res.params['lam']}"
+                + (" (the main fit's cross-validation)" if "lam" in kw else ""))
+    return out
+
+
+def _curve_rows(fits, before: dict, after: list[dict], log=None) -> list[dict[str, Any]]:
+    out = []
+    for (k, n, res), m in zip(fits, after):
+        out.append({"shots": k, "examples": n, "lam": res.params["lam"],
                     "top1": m["top1"], "top5": m["top5"], "ece": m["ece"], "nll": m["nll"],
                     "zero_shot_top1": before["top1"], "zero_shot_top5": before["top5"],
-                    "zero_shot_ece": before["ece"], "fit_seconds": res.params["fit_seconds"]})
+                    "zero_shot_ece": before["ece"], "fit_seconds": res.params["fit_seconds"],
+                    "lam_from_main_fit": bool(res.params.get("cv_shared"))})
         if log:
-            log(f"  learning curve: {k} per label ({len(rows)} examples): top-1 {m['top1']:.3f} "
+            log(f"  learning curve: {k} per label ({n} examples): top-1 {m['top1']:.3f} "
                 f"(zero-shot {before['top1']:.3f}), lam {res.params['lam']}")
     return out
+
+
+def learning_curve(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, y_eval: np.ndarray, zs: ZeroShot,
+                   *, shots: tuple[int, ...] = SHOTS, seed: int = 0, log=None, shared: tuple[int, float] | None = None,
+                   **fit_kw) -> list[dict[str, Any]]:
+    """Fit a head on ``k`` examples per label (fewer where a label has fewer) of the fit rows, for
+    each ``k`` in ``shots``, and measure it on the evaluation rows (zero-shot alongside; all heads
+    in one pass over them, ``_evaluate_heads``).
+
+    Args:
+        shared: ``(per_label, lam)``: points with at least ``per_label`` shots take strength ``lam``
+            instead of cross-validating (``fit_report`` passes its main fit's: their
+            cross-validation would run on a subsample of that same size drawn from the same rows).
+
+    Returns:
+        ``[{"shots", "examples", "lam", "top1", "top5", "ece", "nll", "zero_shot_top1", ...}]``.
+    """
+    fits = _curve_fits(x_fit, y_fit, zs, shots, seed, shared, None, log, fit_kw)
+    metrics = _evaluate_heads(x_eval, y_eval, zs, [res for _, _, res in fits])
+    return _curve_rows(fits, metrics[0], metrics[1:], log)
 
 
 def fit_report(x: np.ndarray, y: np.ndarray, zs: ZeroShot, labels: list[str], *, holdout: float = 0.3,
@@ -131,12 +194,17 @@ def fit_report(x: np.ndarray, y: np.ndarray, zs: ZeroShot, labels: list[str], *,
     """The whole ``zslabel fit`` computation on an in-memory sample.
 
     1. a stratified fit / held-out split (``holdout_split``);
-    2. a head fitted on the fit rows (strength by cross-validation), measured on the held-out rows
-       against zero-shot: top-1, top-5, ECE, NLL, worst labels;
-    3. the learning curve (``learning_curve``) on the same held-out rows;
-    4. the returned head: refitted on every row with the strength chosen in step 2 (more
+    2. a head fitted on the fit rows (strength by cross-validation);
+    3. the learning curve's heads (``learning_curve``), on subsamples of the fit rows; points
+       whose cross-validation would run on a subsample as large as step 2's take its strength;
+    4. one pass over the held-out rows measures zero-shot, step 2's head and the curve's heads:
+       top-1, top-5, ECE, NLL, worst labels;
+    5. the returned head: refitted on every row with the strength chosen in step 2 (more
        examples; the held-out figures are those of step 2's head); above ``REFIT_MAX_ROWS``
        examples, step 2's head itself.
+
+    Memory: ``x``, the fit rows' copy and their (rows, C) float32 zero-shot logits (computed once,
+    shared by steps 2 and 3), one chunk of held-out rows.
 
     Returns:
         ``(FitResult of the final head, fit facts for ``Head.fit``)``.
@@ -152,17 +220,27 @@ def fit_report(x: np.ndarray, y: np.ndarray, zs: ZeroShot, labels: list[str], *,
     t0 = time.perf_counter()
     if len(np.unique(y[fit_idx])) < 2:
         fit_idx, held_idx = np.arange(len(y)), np.zeros(0, np.int64)
-    split_fit = fit_head(x[fit_idx], y[fit_idx], zs, seed=seed, log=log, **fit_kw)
+    x_fit, y_fit = x[fit_idx], y[fit_idx]
+    zl_fit = zs.logits(x_fit)
+    split_fit = fit_head(x_fit, y_fit, zs, seed=seed, log=log, zs_logits=zl_fit, **fit_kw)
+    curve: list[tuple[int, int, FitResult]] = []
+    if len(held_idx) and learning_curve_shots:
+        shared = None
+        if split_fit.params.get("cv_per_label"):
+            shared = (int(split_fit.params["cv_per_label"]),
+                      math.inf if split_fit.params["lam"] is None else float(split_fit.params["lam"]))
+        curve = _curve_fits(x_fit, y_fit, zs, tuple(curve_shots(y_fit, learning_curve_shots)), seed, shared,
+                            zl_fit, log, fit_kw)
+    del zl_fit, x_fit
     if len(held_idx):
-        before = evaluate_logits(zs.logits, x[held_idx], y[held_idx], zs.score_kind, c)
-        after = evaluate_logits(_head_logits(split_fit, zs), x[held_idx], y[held_idx], zs.score_kind, c)
+        xh, yh = x[held_idx], y[held_idx]
+        metrics = _evaluate_heads(xh, yh, zs, [split_fit] + [res for _, _, res in curve])
+        before, after = metrics[0], metrics[1]
         facts["metrics"] = {"before": {k: v for k, v in before.items() if k != "per_label"},
                             "after": {k: v for k, v in after.items() if k != "per_label"}}
         facts["worst_labels"] = worst_labels(before, after, labels)
         if learning_curve_shots:
-            facts["learning_curve"] = learning_curve(
-                x[fit_idx], y[fit_idx], x[held_idx], y[held_idx], zs,
-                shots=tuple(curve_shots(y[fit_idx], learning_curve_shots)), seed=seed, log=log, **fit_kw)
+            facts["learning_curve"] = _curve_rows(curve, before, metrics[2:], log)
     facts["split_params"] = {k: v for k, v in split_fit.params.items() if k != "lambdas"}
     facts["refit_on_all"] = bool(len(held_idx) and len(y) <= REFIT_MAX_ROWS)
     if not facts["refit_on_all"]:

@@ -17,7 +17,8 @@ from ..errors import ConfigError
 
 FORMAT = "zslabel-head"
 VERSION = 1
-METHOD = "zero-shot-prior linear probe (L2-SP toward the zero-shot weights; CLAP-style init), lam by k-fold CV"
+METHOD = ("zero-shot-prior linear probe (L2-SP toward the zero-shot weights; CLAP-style init; labels without "
+          "examples kept by distillation and calibrated stacking), lam by k-fold CV")
 SOFTMAX, SIGMOID = "softmax", "sigmoid"
 
 

@@ -48,7 +48,8 @@ def report_text(head: Head, path: str | None = None) -> str:
                      f"{zs['zero_shot_top5']:>7.3f} {zs['zero_shot_ece']:>7.4f}")
         for row in f["learning_curve"]:
             lines.append(f"    {'head':<24}{row['shots']:>9} {row['examples']:>8} {row['top1']:>7.3f} "
-                         f"{row['top5']:>7.3f} {row['ece']:>7.4f}  {_lam(row['lam'])}")
+                         f"{row['top5']:>7.3f} {row['ece']:>7.4f}  {_lam(row['lam'])}"
+                         + (" (the main fit's)" if row.get("lam_from_main_fit") else ""))
     if path:
         lines.append(f"  written to {path}")
     return "\n".join(lines)
