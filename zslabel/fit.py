@@ -13,8 +13,8 @@
 Memory: the matched rows' embeddings (M x D float32), plus one record batch while reading (never
 the whole output table); then ``heads.fit_report``'s: a copy of the fit rows' embeddings and
 their zero-shot logits (0.7 M x C float32 with the default 30% held out), one chunk of rows at a
-time for everything else. At 100,000 x 1,000 (D = 512) the process peaked at about 1.2 GB
-(``benchmarks/fit_scale.py``). Every refusal (no embeddings, ground truth
+time for everything else. At 100,000 x 1,000 (D = 512) the process peaked at 1,470 MB
+(``benchmarks/fit_scale.py``, 2026-12-05). Every refusal (no embeddings, ground truth
 naming no label of the run, one label only, NaN embeddings, another checkpoint) happens before
 anything is written. No Ray.
 """

@@ -300,12 +300,6 @@ def member_name(name: str) -> str:
     return name.lstrip("/")
 
 
-def error_row_detail(exc: BaseException, io: IOPolicy | None = None) -> str:
-    """``"<ExceptionType>: <message>"`` for a row's error detail; a storage timeout is named as
-    one, with ``--io-timeout`` (and ``io``'s value when given): ``storage.describe_error``."""
-    return describe_error(exc, io)
-
-
 def internal_error_detail(where: str, exc: BaseException, log) -> str:
     """Log the traceback of an unexpected exception while reading one input; return the detail.
 
@@ -314,7 +308,7 @@ def internal_error_detail(where: str, exc: BaseException, log) -> str:
     """
     log.error("internal error while reading %s:\n%s", where,
               "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-    return f"while reading {where}: {error_row_detail(exc)}"
+    return f"while reading {where}: {describe_error(exc)}"
 
 
 def file_uri_path(uri: str) -> str | None:

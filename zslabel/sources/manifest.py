@@ -50,7 +50,6 @@ from .common import (
     InputKind,
     InputOptions,
     InputPlan,
-    error_row_detail,
     strip_compression,
     to_text,
 )
@@ -77,7 +76,7 @@ def read_table(uri: str, options: InputOptions, reader):
     except ZslabelError:
         raise
     except Exception as exc:
-        raise InputError(f"cannot read manifest {uri}: {error_row_detail(exc, options.io)}") from exc
+        raise InputError(f"cannot read manifest {uri}: {storage.describe_error(exc, options.io)}") from exc
 
 
 def plan_manifest(uri: str, options: InputOptions) -> InputPlan:

@@ -36,7 +36,6 @@ from .common import (
     InputKind,
     InputOptions,
     InputPlan,
-    error_row_detail,
     internal_error_detail,
     is_hidden,
     strip_compression,
@@ -106,7 +105,7 @@ def _schema(uri: str, options: InputOptions) -> pa.Schema:
         with fs.open(storage.open_path(fs, fs_path), "rb") as f:
             return pq.read_schema(f)
     except Exception as exc:
-        raise InputError(f"cannot read Parquet file {uri}: {error_row_detail(exc, options.io)}") from exc
+        raise InputError(f"cannot read Parquet file {uri}: {storage.describe_error(exc, options.io)}") from exc
 
 
 def is_image_struct(kind: pa.DataType) -> bool:
@@ -241,9 +240,9 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
                 counts["listed"] = row
                 yield table
     except Exception as exc:  # noqa: BLE001 - a bad file is one error row, not a failed job
-        logger.warning("cannot read Parquet %s: %s", uri, error_row_detail(exc))
+        logger.warning("cannot read Parquet %s: %s", uri, storage.describe_error(exc))
         counts["listed"] = row + 1
-        yield error_table([uri], [base + row], error_string(READ_ERROR, f"parquet {error_row_detail(exc)}"),
+        yield error_table([uri], [base + row], error_string(READ_ERROR, f"parquet {storage.describe_error(exc)}"),
                           carried)
 
 

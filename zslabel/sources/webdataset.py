@@ -47,7 +47,6 @@ from .common import (
     InputOptions,
     InputPlan,
     count_skip,
-    error_row_detail,
     extension,
     internal_error_detail,
     is_hidden,
@@ -466,8 +465,8 @@ def read_tar(uri: str, file_index: int, storage_options: dict, counts: dict, *,
                     yield rows.take()
         failure = log.problem(members)
     except Exception as exc:  # noqa: BLE001 - a bad shard is one error row, not a failed job
-        logger.warning("cannot read tar %s: %s", uri, error_row_detail(exc))
-        failure = f"tar {error_row_detail(exc)}"
+        logger.warning("cannot read tar %s: %s", uri, storage.describe_error(exc))
+        failure = f"tar {storage.describe_error(exc)}"
     sample.flush(rows, links, held, repeated)
     if sample.images:
         assert sample.key is not None  # a sample with members has their key
@@ -497,7 +496,7 @@ def _link_rows(uri: str, storage_options: dict, rows: _Rows, links: list[tuple[s
         try:
             found = _read_targets(uri, storage_options, wanted, max_member_bytes)
         except Exception as exc:  # noqa: BLE001 - costs the link rows, not the shard
-            second = f"tar {error_row_detail(exc)} (second pass for link targets)"
+            second = f"tar {storage.describe_error(exc)} (second pass for link targets)"
     for path, link in links:
         target = targets[path]
         data = found.get(target) if target is not None else None
