@@ -167,6 +167,7 @@ def test_show_names_stay_apart():
     (["--labels", ""], "empty label"),
     (["--labels", "a", "--model", "/nonexistent/ckpt"], "no such checkpoint folder: /nonexistent/ckpt"),
     (["--labels", "a", "--model", "tests/nonexistent"], "no such checkpoint folder: tests/nonexistent"),
+    (["--labels", "a", "--io-timeout", "-1"], "--io-timeout must be > 0 seconds"),
 ])
 def test_cli_validation_errors_exit_2_and_write_nothing(args, message, tiny_clip, ray_local, tmp_path, image_folder):
     out = tmp_path / "out"

@@ -52,11 +52,13 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         listed input (nothing committed), and ErrorBudgetExceeded after writing when more than
         ``max_error_fraction`` rows failed.
     """
-    io = config.io_policy()
     spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode,
                       "reference_pixels": config.reference_pixels}
     prepared = job.prepare(config, config.input, device="auto", spec_overrides=spec_overrides,
-                           check_input=lambda: check_input_exists(config.input, config.storage_options, io=io))
+                           # The I/O policy only inside: ``prepare`` validates the options first (a bad --io-timeout
+                           # is a clear exit 2, not IOPolicy's ValueError).
+                           check_input=lambda: check_input_exists(config.input, config.storage_options,
+                                                                  io=config.io_policy()))
     if isinstance(prepared, RunSummary):
         return prepared  # a finished run with nothing left to do
     with prepared.claimed():
