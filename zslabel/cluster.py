@@ -10,9 +10,8 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from .config import JobConfig
 from .errors import ConfigError, RayStartError
 from .quiet import quiet_ray_logs
 
@@ -43,6 +42,18 @@ UNLIMITED_NODES = 64
 # benchmarks/README.md, "Actor start-up"), about 25 s of ViT-B/32 work on a CPU, so a run of a
 # few dozen images gains nothing from a second actor and pays for it on a small machine.
 MIN_IMAGES_PER_CPU_ACTOR = 256
+
+
+class ResourceAsk(Protocol):
+    """What one job asks of the cluster, the only settings sizing reads (``config.JobConfig``
+    has them): logical GPUs and CPUs per labeler actor, CPUs per decode task, rows per model
+    batch, and the ``--concurrency`` bounds ``(min, max)`` of the actor pool (None: sized here)."""
+
+    num_gpus_per_actor: float
+    num_cpus_per_actor: float
+    decode_cpus_per_task: float
+    batch_size: int
+    concurrency: tuple[int, int] | None
 
 
 def init_ray(address: str | None) -> None:
@@ -131,13 +142,13 @@ class ClusterResources:
 
         return cls([dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")], _autoscaler_node_types())
 
-    def actor_pool_size(self, config: JobConfig) -> tuple[int, int]:
+    def actor_pool_size(self, ask: ResourceAsk) -> tuple[int, int]:
         """``(min, max)`` labeler actors for this cluster; see ``plan_actor_pool``.
 
         Raises:
             ConfigError: as ``plan_actor_pool``.
         """
-        return plan_actor_pool(config, self.nodes, self.node_types)
+        return plan_actor_pool(ask, self.nodes, self.node_types)
 
     def cpus(self) -> float:
         """The CPUs of the live nodes, or of the autoscaler's node types at their maximum counts
@@ -156,7 +167,7 @@ def write_tasks(cluster_cpus: float) -> int:
     return max(MIN_WRITE_TASKS, math.ceil(cluster_cpus / CPUS_PER_WRITE_TASK))
 
 
-def initial_actors(config: JobConfig, pool: tuple[int, int], inputs: int | None,
+def initial_actors(ask: ResourceAsk, pool: tuple[int, int], inputs: int | None,
                    nodes: list[dict[str, float]]) -> int:
     """Labeler actors to start with: for CPU actors sized by the cluster, as many as the live
     ``nodes`` (``ClusterResources.nodes``) hold, but no more than gives each two batches and
@@ -167,15 +178,15 @@ def initial_actors(config: JobConfig, pool: tuple[int, int], inputs: int | None,
     ``inputs`` (None when unknown, e.g. tar shards) keeps a run of a few images from paying for
     a model load per core. GPU pools and ``--concurrency`` start at their minimum, as configured.
     """
-    if config.concurrency or config.num_gpus_per_actor:
+    if ask.concurrency or ask.num_gpus_per_actor:
         return pool[0]
-    live = plan_actor_pool(config, nodes)[1]
-    per_actor = max(2 * config.batch_size, MIN_IMAGES_PER_CPU_ACTOR)
+    live = plan_actor_pool(ask, nodes)[1]
+    per_actor = max(2 * ask.batch_size, MIN_IMAGES_PER_CPU_ACTOR)
     wanted = live if inputs is None else math.ceil(inputs / per_actor)
     return max(pool[0], min(pool[1], live, wanted))
 
 
-def actor_pool_strategy(config: JobConfig, pool: tuple[int, int], inputs: int | None,
+def actor_pool_strategy(ask: ResourceAsk, pool: tuple[int, int], inputs: int | None,
                         nodes: list[dict[str, float]]):
     """Ray Data's ``ActorPoolStrategy`` for the labeler: ``pool`` sizes, ``initial_actors``, and
     for GPU actors two calls in flight per actor, so that Ray Data batches the next input and
@@ -187,14 +198,14 @@ def actor_pool_strategy(config: JobConfig, pool: tuple[int, int], inputs: int | 
     import ray.data
 
     kwargs: dict[str, Any] = {"min_size": pool[0], "max_size": pool[1],
-                              "initial_size": initial_actors(config, pool, inputs, nodes)}
+                              "initial_size": initial_actors(ask, pool, inputs, nodes)}
     params = inspect.signature(ray.data.ActorPoolStrategy.__init__).parameters
-    if config.num_gpus_per_actor and "max_concurrent_calls_per_actor" in params:
+    if ask.num_gpus_per_actor and "max_concurrent_calls_per_actor" in params:
         kwargs["max_concurrent_calls_per_actor"] = GPU_CALLS_PER_ACTOR
     return ray.data.ActorPoolStrategy(**kwargs)
 
 
-def bound_in_flight(config: JobConfig, output_hw: tuple[int, int], pool: tuple[int, int]) -> int:
+def bound_in_flight(ask: ResourceAsk, output_hw: tuple[int, int], pool: tuple[int, int]) -> int:
     """Cap the object store memory this job's dataset may use (Ray Data backpressure) at
     ``IN_FLIGHT_BATCHES_PER_ACTOR`` decoded batches per labeler actor, at least
     ``MIN_IN_FLIGHT_BYTES``; returns the cap in bytes.
@@ -208,7 +219,7 @@ def bound_in_flight(config: JobConfig, output_hw: tuple[int, int], pool: tuple[i
     import ray.data
 
     h, w = output_hw
-    cap = max(MIN_IN_FLIGHT_BYTES, IN_FLIGHT_BATCHES_PER_ACTOR * pool[1] * config.batch_size * h * w * 3)
+    cap = max(MIN_IN_FLIGHT_BYTES, IN_FLIGHT_BATCHES_PER_ACTOR * pool[1] * ask.batch_size * h * w * 3)
     # Never above Ray Data's own default (half the cluster's object store), e.g. for a pool
     # sized by an autoscaler's node types that are not up yet.
     store = ray.cluster_resources().get("object_store_memory", 0.0)
@@ -238,7 +249,7 @@ def _per_node(shapes: list[dict[str, float]], key: str) -> str:
     return ", ".join(f"{x:g}" for x in sorted({r.get(key, 0.0) for r in shapes})) or "none"
 
 
-def plan_actor_pool(config: JobConfig, nodes: list[dict[str, float]],
+def plan_actor_pool(ask: ResourceAsk, nodes: list[dict[str, float]],
                     node_types: Sequence[tuple[dict[str, float], int]] = ()) -> tuple[int, int]:
     """``(min, max)`` labeler actors: the configured bounds, else what the cluster can hold.
 
@@ -256,7 +267,7 @@ def plan_actor_pool(config: JobConfig, nodes: list[dict[str, float]],
             the CPUs one decode task asks for (fails now, instead of waiting forever for
             resources that never come).
     """
-    g, c, d = config.num_gpus_per_actor, config.num_cpus_per_actor, config.decode_cpus_per_task
+    g, c, d = ask.num_gpus_per_actor, ask.num_cpus_per_actor, ask.decode_cpus_per_task
     shapes = list(nodes) + [r for r, _ in node_types]
 
     def fits(r: dict[str, float]) -> bool:
@@ -274,8 +285,8 @@ def plan_actor_pool(config: JobConfig, nodes: list[dict[str, float]],
     if not any(r.get("CPU", 0.0) >= d for r in shapes):
         raise ConfigError(f"--decode-cpus-per-task {d:g} but no node of this Ray cluster has that many CPUs "
                           f"(CPUs per node: {_per_node(shapes, 'CPU')})")
-    if config.concurrency:
-        return config.concurrency
+    if ask.concurrency:
+        return ask.concurrency
 
     def capacity(rs: list[dict[str, float]], counts: list[int]) -> int:
         if g > 0:  # GPU actors: per node, as many as its GPUs (and CPUs) allow
@@ -297,14 +308,14 @@ def plan_actor_pool(config: JobConfig, nodes: list[dict[str, float]],
     return 1, max(1, most)
 
 
-def decode_task_options(config: JobConfig) -> dict:
+def decode_task_options(ask: ResourceAsk) -> dict:
     """Ray task options of every task stage in front of the labeler (read, drop committed,
     decode): the same resources, strategy and retries, so that Ray Data fuses them into one
     task per block ("ReadPlannedBlocks->MapBatches(drop_committed)->MapBatches(decode_block)").
     Unfused, reading a block took a CPU slot of its own: on 2 cores decoding then ran at half
     rate (benchmarks/README.md, "Decode-bound overhead")."""
     return {
-        "num_cpus": config.decode_cpus_per_task,
+        "num_cpus": ask.decode_cpus_per_task,
         # Decode tasks spread over the cluster (near the data, off the GPU nodes' hot CPUs) and
         # actors pack; the differing strategies also keep Ray Data from fusing decoding into
         # the actors, where it would run serially in front of the model.

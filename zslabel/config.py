@@ -16,7 +16,7 @@ from typing import Any
 from .decode import DEFAULT_DECODE_TIMEOUT
 from .errors import ConfigError
 from .labels import TEMPLATE_SETS
-from .options import DEFAULT_MODEL, OUTPUT_MODES, LabelingOptions  # noqa: F401 - re-exported
+from .options import DEFAULT_MODEL, OUTPUT_MODES, LabelingOptions, check_input_exists  # noqa: F401 - re-exported
 from .sources import INPUT_FORMATS  # noqa: F401 - re-exported; the registry is the only list
 from .storage import DEFAULT_IO_RETRIES, DEFAULT_IO_TIMEOUT, IOPolicy
 from .textfiles import read_lines, read_text
@@ -127,6 +127,16 @@ class JobConfig(LabelingOptions):
     def io_policy(self) -> IOPolicy:
         """The fetch time limits and retries (``storage.IOPolicy``) of this job."""
         return IOPolicy(timeout=float(self.io_timeout), retries=int(self.io_retries))
+
+    def check_input(self) -> None:
+        """The input exists and is readable, within this job's I/O policy
+        (``options.check_input_exists``); called by ``job.prepare`` once the options are valid
+        and the output checked, before the model loads.
+
+        Raises:
+            InputError: as ``options.check_input_exists``.
+        """
+        check_input_exists(self.input, self.storage_options, io=self.io_policy())
 
     def decode_time_limit(self) -> float | None:
         """Seconds per image for ``decode.decode_image``, None for no limit (``decode_timeout`` 0)."""

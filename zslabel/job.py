@@ -27,14 +27,16 @@ import numpy as np
 import pyarrow as pa
 
 from .calibration import Calibration, load_for_run
+from .calibration import manifest_entry as calibration_manifest_entry
 from .errors import ConfigError
+from .heads import manifest_entry as head_manifest_entry
 from .hierarchy import Hierarchy
 from .labels import LabelSet
 from .options import LabelingOptions, local_stamp
 from .ranking import RankingRule
 from .scoring import ZeroShotClassifier
 from .store import MANIFEST_NAME, Accounting, OutputStore, WriteSession, fingerprint_fields
-from .summary import RunFacts, RunSummary, check_error_budget, run_manifest, summary_of_finished
+from .summary import RunFacts, RunSummary, check_error_budget, model_id, run_manifest, summary_of_finished
 
 if TYPE_CHECKING:
     from .decode import PreprocessSpec
@@ -102,6 +104,28 @@ class PreparedJob:
                                   np.asarray(self.label_set.names, dtype=object), self.logit_scale,
                                   self.logit_bias, self.score_kind, self.rule, calibration=self.calibration,
                                   hierarchy=self.hierarchy, head=self.head)
+
+    def run_facts(self, kind: str, *, config: dict[str, Any], preprocess: dict | None,
+                  input_counts: dict[str, Any], extra: dict[str, Any]) -> RunFacts:
+        """The manifest facts of this run (``summary.RunFacts``): what every command records of
+        its model, labels, templates, input stamp, calibration and head, plus the command's own.
+
+        Args:
+            kind: "label" or "relabel". config: the options as recorded (``public_dict``).
+            preprocess: the preprocessing
+                fingerprint dict. input_counts: ``skipped``, ``listed``, ``duplicates_removed``
+                (and ``skipped_by_reason``). extra: further top-level manifest keys.
+        """
+        opts = self.options
+        # A local checkpoint is recorded absolute (``summary.model_id``), so relabel finds it from any folder.
+        model = {"id": model_id(opts.model or ""), "revision": opts.revision, "local_path": self.checkpoint,
+                 "digest": self.digest, "model_type": self.model_type, "score_kind": self.score_kind,
+                 "stamp": self.stamps["model"], "library": self.library, "architecture": self.architecture}
+        return RunFacts(kind=kind, config=config, model=model, labels=self.labels, templates=self.templates,
+                        preprocess=preprocess, input_counts=input_counts,
+                        extra={**extra, "input_stamp": self.stamps["input"],
+                               "calibration": calibration_manifest_entry(self.calibration, opts.calibration),
+                               "head": head_manifest_entry(self.head, opts.head)})
 
     @contextmanager
     def claimed(self):

@@ -15,8 +15,7 @@ import logging
 import time
 from typing import Any
 
-from . import job
-from .calibration import manifest_entry as calibration_manifest_entry
+from . import job, sources
 from .cluster import (
     ACTOR_MAX_TASK_RETRIES,
     WRITE_CPUS_PER_TASK,
@@ -28,12 +27,10 @@ from .cluster import (
     write_tasks,
 )
 from .config import JobConfig
-from .heads import manifest_entry as head_manifest_entry
-from .options import check_input_exists
 from .output import output_schema
 from .progress import Progress
 from .store import INPUT_FILES, Accounting, drop_committed, write_block
-from .summary import RunFacts, RunSummary, model_id
+from .summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +51,9 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     """
     spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode,
                       "reference_pixels": config.reference_pixels}
+
     prepared = job.prepare(config, config.input, device="auto", spec_overrides=spec_overrides,
-                           # The I/O policy only inside: ``prepare`` validates the options first (a bad --io-timeout
-                           # is a clear exit 2, not IOPolicy's ValueError).
-                           check_input=lambda: check_input_exists(config.input, config.storage_options,
-                                                                  io=config.io_policy()))
+                           check_input=config.check_input)
     if isinstance(prepared, RunSummary):
         return prepared  # a finished run with nothing left to do
     with prepared.claimed():
@@ -78,27 +73,26 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
                             planned_paths=plan.planned_paths, planned_files=plan.planned_files)
         plan.planned_paths = None  # checked; the rows themselves are in the object store (~100 B a path)
         ds = compose(config, prepared, plan, session, cluster, pool, schema, spec_overrides)
-        t_run, t_run_epoch = time.perf_counter(), time.time()
-        total = planned_rows(plan, session)
-        written = _consume_with_progress(ds, Progress(total, enabled=progress))
-        plan.finalize()  # tars / Parquet inputs: listed and skipped counts are known only now
-        plan.check_has_inputs(config.input)  # e.g. tars of sidecars only: exit 2, never an empty success
-        prepared.timings["labeling_s"] = time.perf_counter() - t_run
-        prepared.timings.update(stage_timings(ds, since_epoch_s=t_run_epoch, config=config))
-        return job.finish(prepared, session, label_facts(config, prepared, plan, pool), files_this_run=len(written),
+        written = consume(ds, config, plan, session, prepared.timings, progress)
+        facts = prepared.run_facts(
+            "label", config=config.public_dict(),
+            preprocess=prepared.preprocess.fingerprint_dict(),
+            input_counts={"skipped": plan.skipped, "listed": plan.listed, "duplicates_removed": plan.duplicates_removed,
+                          "skipped_by_reason": plan.skipped_by_reason},
+            extra={"actor_pool": list(pool),
+                   **({INPUT_FILES: plan.planned_files} if plan.planned_files is not None else {})})
+        return job.finish(prepared, session, facts, files_this_run=len(written),
                           accounting=Accounting(plan.listed, plan.skipped, plan.duplicates_removed))
 
 
 def plan_inputs(config: JobConfig, cluster: ClusterResources):
-    """``sources.plan_inputs`` for this job: the read stages run with decoding's task options
-    (``decode_task_options``) so that Ray Data fuses them into one task per block."""
-    from . import sources
-
-    task_options = decode_task_options(config)
+    """``sources.plan_inputs`` for this job, within its I/O policy (``config.io_policy``): the
+    read stages run with decoding's task options (``decode_task_options``) so that Ray Data
+    fuses them into one task per block."""
     return sources.plan_inputs(
-        config.input, input_format=config.input_format, storage_options=config.storage_options, io=config.io_policy(),
-        path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,
-        image_column=config.image_column, task_options=task_options, cluster_cpus=cluster.cpus())
+        config.input, input_format=config.input_format, storage_options=config.storage_options,
+        io=config.io_policy(), path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,
+        image_column=config.image_column, task_options=decode_task_options(config), cluster_cpus=cluster.cpus())
 
 
 def compose(config: JobConfig, prepared: job.PreparedJob, plan, session, cluster: ClusterResources,
@@ -168,39 +162,29 @@ def compose(config: JobConfig, prepared: job.PreparedJob, plan, session, cluster
                           compute=ray.data.TaskPoolStrategy(size=write_tasks(cluster.cpus())))
 
 
-def label_facts(config: JobConfig, prepared: job.PreparedJob, plan, pool: tuple[int, int]) -> RunFacts:
-    """What the run manifest records besides the counts."""
-    return RunFacts(
-        kind="label", config=config.public_dict(),
-        # A local checkpoint is recorded absolute, so relabel finds it from any folder.
-        model={"id": model_id(config.model or ""), "revision": config.revision, "local_path": prepared.checkpoint,
-               "digest": prepared.digest, "model_type": prepared.model_type, "score_kind": prepared.score_kind,
-               "stamp": prepared.stamps["model"], "library": prepared.library, "architecture": prepared.architecture},
-        labels=prepared.labels, templates=prepared.templates, preprocess=prepared.preprocess.fingerprint_dict(),
-        input_counts={"skipped": plan.skipped, "listed": plan.listed, "duplicates_removed": plan.duplicates_removed,
-                      "skipped_by_reason": plan.skipped_by_reason},
-        extra={"actor_pool": list(pool), "input_stamp": prepared.stamps["input"],
-               **({INPUT_FILES: plan.planned_files} if plan.planned_files is not None else {}),
-               "calibration": calibration_manifest_entry(prepared.calibration, config.calibration),
-               "head": head_manifest_entry(prepared.head, config.head)})
+def consume(ds, config: JobConfig, plan, session, timings: dict[str, Any], progress: bool) -> list[dict]:
+    """Run ``ds`` (the pipeline ending in ``write_block``) to the end, showing images done out of
+    those this run will write (planned inputs minus those committed earlier; unknown for tars
+    and Parquet with image bytes, counted only while read); returns the rows naming the
+    committed files (``store.WRITE_RESULT_SCHEMA``). Then the plan's counts are final, and
+    ``timings`` gains ``labeling_s`` and the stages' (``stage_timings``).
 
-
-def planned_rows(plan, session) -> int | None:
-    """Images this run will write: planned inputs minus those committed earlier (``--resume``);
-    None when the inputs are counted only while they are read (tars, Parquet with image bytes)."""
-    if plan.listed is None or plan.kind in ("webdataset", "parquet"):
-        return None
-    return max(0, plan.listed - plan.skipped - plan.duplicates_removed - len(session.done))
-
-
-def _consume_with_progress(ds, progress: Progress) -> list[dict]:
-    """Run ``ds`` (the pipeline ending in ``write_block``) to the end, feeding ``progress`` as
-    each committed file's row comes back; returns those rows (``store.WRITE_RESULT_SCHEMA``)."""
+    Raises:
+        InputError: the inputs held no image at all (e.g. tars of sidecars only).
+    """
+    t_run, t_run_epoch = time.perf_counter(), time.time()
+    total = None
+    if plan.listed is not None and plan.kind not in ("webdataset", "parquet"):
+        total = max(0, plan.listed - plan.skipped - plan.duplicates_removed - len(session.done))
     written = []
-    with progress:
+    with Progress(total, enabled=progress) as shown:
         for row in ds.iter_rows():
             written.append(row)
-            progress.update(row["rows"], row["errors"])
+            shown.update(row["rows"], row["errors"])
+    plan.finalize()  # tars / Parquet inputs: listed and skipped counts are known only now
+    plan.check_has_inputs(config.input)  # e.g. tars of sidecars only: exit 2, never an empty success
+    timings["labeling_s"] = time.perf_counter() - t_run
+    timings.update(stage_timings(ds, since_epoch_s=t_run_epoch, config=config))
     return written
 
 

@@ -36,9 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import job
-from .calibration import manifest_entry as calibration_manifest_entry
 from .errors import ConfigError, InputError
-from .heads import manifest_entry as head_manifest_entry
 from .labels import DEFAULT_TEMPLATE
 from .options import DEFAULT_TOP_K, LabelingOptions
 from .output import (
@@ -396,19 +394,11 @@ def relabel_facts(config: RelabelConfig, prepared: job.PreparedJob, source: Rela
                       embedding_dtype=emb_dtype, calibration=config.calibration, hierarchy=config.hierarchy,
                       head=config.head)
     recorded = src_manifest.get("model") or {}
-    return RunFacts(
-        kind="relabel", config=run_config,
-        model={"id": config.model, "revision": config.revision, "local_path": prepared.checkpoint,
-               "digest": prepared.digest, "model_type": prepared.model_type, "score_kind": prepared.score_kind,
-               "stamp": prepared.stamps["model"], "library": prepared.library, "architecture": prepared.architecture},
-        labels=prepared.labels, templates=prepared.templates,
-        preprocess=src_manifest.get("preprocess"),
+    return prepared.run_facts(
+        "relabel", config=run_config, preprocess=src_manifest.get("preprocess"),
         input_counts=src_manifest.get("counts") or {},
         extra={"relabel": {"source": config.source, "source_model_digest": recorded.get("digest"),
-                           "model_checked": source.manifest is not None, "settings": config.public_dict()},
-               "input_stamp": prepared.stamps["input"],
-               "calibration": calibration_manifest_entry(prepared.calibration, config.calibration),
-               "head": head_manifest_entry(prepared.head, config.head)})
+                           "model_checked": source.manifest is not None, "settings": config.public_dict()}})
 
 
 class _Scorer:
