@@ -6,6 +6,7 @@ import os
 
 import fsspec
 import pytest
+from s3_server import s3, s3_endpoint  # noqa: F401  (fixtures)
 
 from zslabel import storage
 from zslabel.errors import InputError, OutputError
@@ -63,3 +64,37 @@ def test_unknown_protocol_is_the_callers_error_type():
         storage.url_to_fs("nosuchproto://x")
     with pytest.raises(OutputError):
         storage.url_to_fs("nosuchproto://x", error=OutputError)
+
+
+def test_every_store_cuts_an_image_read_at_the_byte_limit(tmp_path, s3):
+    """A file far larger than any image (a video or disk image named .jpg) is a read_error row
+    as soon as its size is known, on every kind of filesystem, never read whole into a decode
+    task's memory: local files by their size, object stores by a ranged read of limit + 1 bytes
+    (one request, as many as a whole read), sync filesystems likewise. Files at the limit, and
+    empty ones, are read as they are."""
+    from zslabel.errors import error_code
+
+    limit = 1000
+    io = storage.IOPolicy(timeout=5, retries=0, max_bytes=limit)
+    sizes = {"big.jpg": limit + 1, "at_limit.jpg": limit, "empty.jpg": 0}
+    local, memory = [], []
+    mem = fsspec.filesystem("memory")
+    for name, n in sizes.items():
+        body = bytes(range(256)) * (n // 256) + bytes(n % 256)
+        (tmp_path / name).write_bytes(body)
+        local.append(str(tmp_path / name))
+        s3.put(name, body)
+        mem.pipe(f"/capped/{name}", body)
+        memory.append(f"memory:///capped/{name}")
+    huge = tmp_path / "sparse.jpg"  # 8 GiB on paper, no disk: reading it whole would exhaust memory
+    with open(huge, "wb") as fh:
+        fh.truncate(8 << 30)
+    for paths, options in ((local + [str(huge)], None), ([s3.uri(n) for n in sizes], s3.storage_options),
+                           (memory, None)):
+        out = storage.fetch_many(paths, options, io=io)
+        (d0, e0), (d1, e1), (d2, e2) = out[:3]
+        assert d0 is None and error_code(e0) == "read_error" and "InputTooLarge" in e0 and "1,000" in e0, (paths[0], e0)
+        assert e1 is None and len(d1) == limit, paths[1]
+        assert e2 is None and d2 == b"", paths[2]
+        if len(out) > 3:
+            assert out[3][0] is None and "8,589,934,592 bytes" in out[3][1], out[3]

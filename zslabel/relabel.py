@@ -386,13 +386,13 @@ def relabel_facts(config: RelabelConfig, prepared: job.PreparedJob, source: Rela
     """What the run manifest records besides the counts: the source run's settings with this
     relabel's own, and where the embeddings came from."""
     src_manifest = source.manifest or {}
-    run_config = dict(src_manifest.get("config") or {})
-    run_config.update(output=config.output, labels=prepared.labels, labels_file=None,
-                      templates=prepared.templates, model=config.model, revision=config.revision,
-                      top_k=config.top_k, min_score=config.min_score, multi_label=bool(config.multi_label),
-                      threshold=config.threshold, mode=config.mode, store_embeddings=config.store_embeddings,
-                      embedding_dtype=emb_dtype, calibration=config.calibration, hierarchy=config.hierarchy,
-                      head=config.head)
+    run_config = {**(src_manifest.get("config") or {}),
+                  **dict(output=config.output, labels=prepared.labels, labels_file=None,
+                         templates=prepared.templates, model=config.model, revision=config.revision,
+                         top_k=config.top_k, min_score=config.min_score, multi_label=bool(config.multi_label),
+                         threshold=config.threshold, mode=config.mode, store_embeddings=config.store_embeddings,
+                         embedding_dtype=emb_dtype, calibration=config.calibration, hierarchy=config.hierarchy,
+                         head=config.head)}
     recorded = src_manifest.get("model") or {}
     return prepared.run_facts(
         "relabel", config=run_config, preprocess=src_manifest.get("preprocess"),

@@ -385,7 +385,67 @@ def _read_error(exc: BaseException, io: IOPolicy, attempts: int) -> str:
 
 
 class InputTooLarge(OSError):
-    """An HTTP(S) response longer than ``IOPolicy.max_bytes``."""
+    """An input longer than ``IOPolicy.max_bytes`` (an HTTP(S) response, an object, a file)."""
+
+
+def _beyond(max_bytes: int) -> InputTooLarge:
+    return InputTooLarge(f"more than {max_bytes:,} bytes: too large for an image, not read further")
+
+
+def _is_empty_range_error(exc: BaseException) -> bool:
+    # S3 answers a Range request on a zero-byte object with 416 InvalidRange (s3fs raises it as
+    # OSError EINVAL "The requested range is not satisfiable").
+    text = str(exc)
+    return "InvalidRange" in text or "range is not satisfiable" in text or getattr(exc, "status", None) == 416
+
+
+async def _cat_capped_async(fs, path: str, max_bytes: int) -> bytes:
+    """``fs._cat_file`` of at most ``max_bytes + 1`` bytes (one ranged GET, the request count of a
+    whole read; s3fs's whole read even adds a HEAD); more than ``max_bytes`` raises."""
+    try:
+        data = await fs._cat_file(path, start=0, end=max_bytes + 1)
+    except Exception as exc:
+        if not _is_empty_range_error(exc):
+            raise
+        data = await fs._cat_file(path)
+    if len(data) > max_bytes:
+        raise _beyond(max_bytes)
+    return data
+
+
+def cat_capped(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int) -> bytes:
+    """``fs.cat_file(path)``, but never more than ``max_bytes`` bytes read (see
+    :func:`_cat_capped_async`); a file on the local disk is refused by its size, unread.
+
+    Raises:
+        InputTooLarge: the file holds more than ``max_bytes`` bytes. Others: as ``cat_file``.
+    """
+    if "file" in protocols(fs):
+        size = fs.size(path)
+        if size is not None and size > max_bytes:
+            raise InputTooLarge(f"{size:,} bytes > {max_bytes:,}: too large for an image, not read")
+    try:
+        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+    except Exception as exc:
+        if not _is_empty_range_error(exc):
+            raise
+        data = fs.cat_file(path)
+    if len(data) > max_bytes:
+        raise _beyond(max_bytes)
+    return data
+
+
+def read_local_capped(path: str, max_bytes: int) -> bytes:
+    """A plain local file's bytes; one larger than ``max_bytes`` is refused by its size, unread.
+
+    Raises:
+        InputTooLarge, OSError (FileNotFoundError, ...).
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise InputTooLarge(f"{size:,} bytes > {max_bytes:,}: too large for an image, not read")
+        return f.read(max_bytes + 1)  # a file that grew since: still bounded
 
 
 async def _http_cat_capped(fs, url: str, max_bytes: int) -> bytes:
@@ -416,7 +476,7 @@ async def _fetch_one_async(fs: fsspec.AbstractFileSystem, path: str, io: IOPolic
     http = _is_http(fs)
     while True:
         try:
-            read = _http_cat_capped(fs, path, io.max_bytes) if http else fs._cat_file(path)
+            read = (_http_cat_capped if http else _cat_capped_async)(fs, path, io.max_bytes)
             # wait_for really cancels the request (the coroutine is abandoned at its next await).
             return await asyncio.wait_for(read, io.attempt_limit), None
         except Exception as exc:  # noqa: BLE001 - every storage failure becomes a row error
@@ -445,12 +505,12 @@ def _fetch_one_sync(fs: fsspec.AbstractFileSystem, path: str, io: IOPolicy) -> t
     while True:
         try:
             try:
-                return fs.cat_file(path), None
+                return cat_capped(fs, path, io.max_bytes), None
             except FileNotFoundError:
                 other = open_path(fs, path)  # %XX escapes, NFC/NFD: only on a miss
                 if other == path:
                     raise
-                return fs.cat_file(other), None
+                return cat_capped(fs, other, io.max_bytes), None
         except Exception as exc:  # noqa: BLE001 - every storage failure becomes a row error
             if retry < io.retries and is_transient(exc):
                 time.sleep(io.delay(retry, retry_after(exc)))
@@ -459,20 +519,20 @@ def _fetch_one_sync(fs: fsspec.AbstractFileSystem, path: str, io: IOPolicy) -> t
             return None, _read_error(exc, io, retry + 1)
 
 
-def read_local(path: str, storage_options: dict | None = None) -> tuple[bytes | None, str | None]:
+def read_local(path: str, storage_options: dict | None = None,
+               max_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> tuple[bytes | None, str | None]:
     """Read a plain local path (no ``://``); a name with ``%XX`` escapes of undecodable bytes or
-    in the other Unicode normalisation finds its file (:func:`open_path`). Never raises."""
+    in the other Unicode normalisation finds its file (:func:`open_path`); a file larger than
+    ``max_bytes`` is a ``read_error``, unread (:func:`read_local_capped`). Never raises."""
     try:
         try:
-            with open(path, "rb") as f:
-                return f.read(), None
+            return read_local_capped(path, max_bytes), None
         except FileNotFoundError:
             fs, fs_path = url_to_fs(path, storage_options)
             other = open_path(fs, fs_path)
             if other == fs_path:
                 raise
-            with open(other, "rb") as f:
-                return f.read(), None
+            return read_local_capped(other, max_bytes), None
     except Exception as exc:  # noqa: BLE001 - every storage failure becomes a row error
         return None, error_string(READ_ERROR, f"{type(exc).__name__}: {exc}")
 
@@ -504,7 +564,7 @@ class PendingFetch:
         hand-off). Never raises for one input.
         """
         for i, path, so in self._local:
-            self._results[i] = read_local(path, so)
+            self._results[i] = read_local(path, so, self._io.max_bytes)
         self._local = []
         # Each coroutine bounds itself (wait_for per attempt); this is a guard against a stalled
         # event loop, long enough never to fire before them.

@@ -145,12 +145,13 @@ def fetch_bytes(path: str, storage_options: dict | None = None,
         path: a plain local path or any fsspec URI (as produced in the ``path`` column; a local
             name with ``%XX`` escapes of undecodable bytes finds the file, see ``zslabel.storage``).
         storage_options: the same options given to :func:`plan_inputs`.
-        io: connect/read timeout (seconds) of the filesystem (default ``storage.IOPolicy()``);
-            no retries and no byte limit here (``storage.fetch_many`` has both).
+        io: connect/read timeout (seconds) of the filesystem and the byte limit of one input
+            (default ``storage.IOPolicy()``); no retries here (``storage.fetch_many`` has them).
 
     Returns:
         ``(data, None)`` on success, else ``(None, "read_error: <ExceptionType>: <message>")``.
     """
+    max_bytes = (io or storage.IOPolicy()).max_bytes
     try:
         path = file_uri_path(path) or path  # file:///a%20b.jpg is /a b.jpg (RFC 8089)
         if "://" not in path:
@@ -158,17 +159,16 @@ def fetch_bytes(path: str, storage_options: dict | None = None,
             # read it directly; fsspec's resolution costs ~90 us per call, 15 % of decoding a
             # small JPEG. A miss goes on to the %XX-escape and NFC/NFD handling below.
             try:
-                with open(path, "rb") as f:
-                    return f.read(), None
+                return storage.read_local_capped(path, max_bytes), None
             except FileNotFoundError:
                 pass
         fs, fs_path = storage.url_to_fs(path, storage_options, io=io)
         try:
-            return fs.cat_file(fs_path), None
+            return storage.cat_capped(fs, fs_path, max_bytes), None
         except FileNotFoundError:
             other = storage.open_path(fs, fs_path)  # %XX escapes, NFC/NFD: only on a miss
             if other == fs_path:
                 raise
-            return fs.cat_file(other), None
+            return storage.cat_capped(fs, other, max_bytes), None
     except Exception as exc:  # noqa: BLE001 - every storage failure becomes a row error
         return None, error_string(READ_ERROR, storage.describe_error(exc, io))
