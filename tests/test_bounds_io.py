@@ -267,6 +267,25 @@ def test_decode_batch_without_a_started_fetch_fetches_itself(http):
 # the inputs' own files: manifests, tar shards and Parquet files are read within --io-timeout
 
 
+@pytest.mark.parametrize("name", ["photos/", "urls.txt"])
+def test_an_input_that_never_answers_is_called_unreachable_not_missing(http, name):
+    """fsspec's HTTP ``exists``/``info`` turn a server that answers neither HEAD nor GET in time
+    into "not found": the check must say that the server did not answer, and name the setting."""
+    from zslabel.errors import InputError
+    from zslabel.options import check_input_exists
+
+    url = f"{http.url}/stall/{name}"
+    t0 = time.perf_counter()
+    with pytest.raises(InputError) as info:
+        check_input_exists(url, io=IOPolicy(timeout=1.0, retries=0))
+    took, text = time.perf_counter() - t0, str(info.value)
+    assert took < 15, took
+    assert "does not exist" not in text and url in text and "--io-timeout" in text, text
+    check_input_exists(f"{http.url}/ok/a.jpg", io=IOPolicy(timeout=1.0, retries=0))  # an answer: it exists
+    with pytest.raises(InputError, match="does not exist"):
+        check_input_exists(f"{http.url}/missing/a.jpg", io=IOPolicy(timeout=1.0, retries=0))
+
+
 @pytest.mark.parametrize("name", ["urls.txt", "urls.csv", "urls.jsonl", "parts.parquet"])
 def test_a_stalled_manifest_fails_within_the_jobs_io_timeout(http, name):
     from zslabel.cluster import ClusterResources

@@ -267,8 +267,12 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPoli
         # every error): ask once more in a way that says why.
         try:
             fs.info(path)
-        except FileNotFoundError:
-            pass
+        except FileNotFoundError as exc:
+            # fsspec's HTTP info calls a server that answered neither HEAD nor GET in time
+            # "not found" (raised from the timeout): that input was not looked at at all.
+            timeout = storage.timeout_cause(exc)
+            if timeout is not None:
+                raise InputError(storage.remote_access_message(uri, timeout)) from None
         except Exception as exc:  # noqa: BLE001 - storage errors differ per backend
             raise InputError(storage.remote_access_message(uri, exc)) from None
     if not found:
