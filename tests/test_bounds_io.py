@@ -373,6 +373,26 @@ def test_timeouts_reach_each_filesystem_in_its_own_form():
     assert fs.client_kwargs["timeout"].sock_read == 7
     fs, _ = storage.url_to_fs("s3://bucket/x", {"key": "k", "secret": "s"}, io=policy)
     assert fs.config_kwargs["connect_timeout"] == 7
+    # A chain (simplecache::s3://...): fsspec gives the remote link only the options keyed by its
+    # protocol, so the timeouts go there, beside the user's own for that link.
+    chain = storage.io_storage_options("simplecache::s3://b/k", {"s3": {"key": "k"}, "simplecache": {"x": 1}}, policy)
+    assert chain["s3"]["key"] == "k" and chain["s3"]["config_kwargs"]["connect_timeout"] == 7
+    assert chain["simplecache"] == {"x": 1}
+    fs, _ = storage.url_to_fs("simplecache::s3://bucket/x", {"s3": {"key": "k", "secret": "s"}}, io=policy)
+    assert fs.fs.config_kwargs["read_timeout"] == 7 and fs.fs.retries == 1
+
+
+def test_a_stalled_server_behind_a_cache_chain_is_cut_within_the_io_timeout(http, tmp_path):
+    url = f"simplecache::{http.url}/stall/a.jpg"
+    so = {"simplecache": {"cache_storage": str(tmp_path)}}
+    t0 = time.perf_counter()
+    (data, err), (good, err2) = storage.fetch_many([url, f"simplecache::{http.url}/ok/b.jpg"], so,
+                                                   io=IOPolicy(timeout=1.0, retries=0))
+    took = time.perf_counter() - t0
+    assert data is None and error_code(err) == "read_error", err
+    assert good == http.body and err2 is None
+    # the link's own read timeout (1 s; 10 s, the attempt limit, when the chain's link had none)
+    assert "--io-timeout 1 s" in err and took < 8, (took, err)
 
 
 def test_backoff_doubles_with_jitter_and_honours_a_short_retry_after():

@@ -146,10 +146,16 @@ def io_storage_options(uri: str, storage_options: dict[str, Any] | None, io: IOP
     - ``az``/``abfs``/``abfss`` (adlfs >= 2023.10): ``connection_timeout``, ``read_timeout``.
     - anything else (local files, memory, ...): unchanged.
 
-    The last link of a ``::`` chain is the remote one; options for a chain are left unchanged.
+    A ``::`` chain (``simplecache::s3://...``): fsspec hands the remote (last) link only the
+    options keyed by its protocol (``{"s3": {...}}``), so the timeouts are added there.
     """
     so = dict(storage_options or {})
     if "::" in uri:
+        last = uri.rsplit("::", 1)[1]
+        proto = (fsspec.core.split_protocol(last)[0] or "file").lower()
+        inner = io_storage_options(last, so.get(proto), io)
+        if inner:
+            so[proto] = inner
         return so
     proto = (fsspec.core.split_protocol(uri)[0] or "file").lower()
     t = float(io.timeout)
@@ -188,14 +194,15 @@ def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None, *,
         if "protocol" in str(exc).lower():
             raise error(f"cannot open {uri}: {exc}") from exc
         raise
-    if "s3" in protocols(fs) and "::" not in uri:
+    remote = getattr(fs, "fs", fs) if "::" in uri else fs  # a chain: the cache's target
+    if "s3" in protocols(remote):
         # s3fs wraps every call, and every body read, in retry loops of its own (class attribute
         # ``retries`` = 5, nested: up to 25 tries of a stalled read, each after botocore's own
         # ``max_attempts``): a stalled manifest took 40 s at --io-timeout 1 --io-retries 0 and
         # ~3,000 s at the defaults. botocore already retries throttling, 5xx and connection
         # errors (``config_kwargs.retries`` above) and zslabel's own layer retries image reads,
         # so s3fs tries once. Filesystems are cached per options: this is every S3 filesystem.
-        fs.retries = 1
+        remote.retries = 1
     return fs, path
 
 
