@@ -112,9 +112,9 @@ class PreparedJob:
 
         Args:
             kind: "label" or "relabel". config: the options as recorded (``public_dict``).
-            preprocess: the preprocessing
-                fingerprint dict. input_counts: ``skipped``, ``listed``, ``duplicates_removed``
-                (and ``skipped_by_reason``). extra: further top-level manifest keys.
+            preprocess: the preprocessing fingerprint dict. input_counts: ``skipped``,
+                ``listed``, ``duplicates_removed`` (and ``skipped_by_reason``).
+            extra: further top-level manifest keys.
         """
         opts = self.options
         # A local checkpoint is recorded absolute (``summary.model_id``), so relabel finds it from any folder.

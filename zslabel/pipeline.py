@@ -51,7 +51,6 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     """
     spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode,
                       "reference_pixels": config.reference_pixels}
-
     prepared = job.prepare(config, config.input, device="auto", spec_overrides=spec_overrides,
                            check_input=config.check_input)
     if isinstance(prepared, RunSummary):
