@@ -73,15 +73,14 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         plan.planned_paths = None  # checked; the rows themselves are in the object store (~100 B a path)
         ds = compose(config, prepared, plan, session, cluster, pool, schema, spec_overrides)
         written = consume(ds, config, plan, session, prepared.timings, progress)
-        facts = prepared.run_facts(
-            "label", config=config.public_dict(),
+        return job.finish(
+            prepared, session, "label", config=config.public_dict(),
             preprocess=prepared.preprocess.fingerprint_dict(),
             input_counts={"skipped": plan.skipped, "listed": plan.listed, "duplicates_removed": plan.duplicates_removed,
                           "skipped_by_reason": plan.skipped_by_reason},
             extra={"actor_pool": list(pool),
-                   **({INPUT_FILES: plan.planned_files} if plan.planned_files is not None else {})})
-        return job.finish(prepared, session, facts, files_this_run=len(written),
-                          accounting=Accounting(plan.listed, plan.skipped, plan.duplicates_removed))
+                   **({INPUT_FILES: plan.planned_files} if plan.planned_files is not None else {})},
+            files_this_run=len(written), accounting=Accounting(plan.listed, plan.skipped, plan.duplicates_removed))
 
 
 def plan_inputs(config: JobConfig, cluster: ClusterResources):
