@@ -331,11 +331,14 @@ def run_relabel_job(config: RelabelConfig, progress: bool = True):
             raise ConfigError(f"the source embeddings have {source.dim} dimensions but {config.model} embeds labels "
                               f"in {dim}; they come from another model")
         schema, emb_dtype = relabel_output_schema(config, prepared, source, dim)
+        # Made before the output changes: a classifier that cannot be built (torch, the device)
+        # leaves no write session behind.
+        scorer = _Scorer(prepared.classifier(), schema)
         src_manifest = source.manifest or {}
         session = job.begin(prepared, schema, preprocess=src_manifest.get("preprocess"),
                             extra_fields={"source_fingerprint": src_manifest.get("fingerprint")})
         t_run = time.perf_counter()
-        written = _relabel_files(config, source, session, _Scorer(prepared.classifier(), schema), schema, progress)
+        written = _relabel_files(config, source, session, scorer, progress)
         prepared.timings["labeling_s"] = time.perf_counter() - t_run
         facts = relabel_facts(config, prepared, source, emb_dtype)
         return job.finish(prepared, session, "relabel", **facts, files_this_run=written,
@@ -357,10 +360,10 @@ def relabel_output_schema(config: RelabelConfig, prepared: job.PreparedJob, sour
     return schema, emb_dtype
 
 
-def _relabel_files(config: RelabelConfig, source: RelabelSource, session, scorer: "_Scorer", schema: pa.Schema,
-                   progress: bool) -> int:
-    """Score every source file not yet committed into one committed output file each; returns
-    the number of files written."""
+def _relabel_files(config: RelabelConfig, source: RelabelSource, session, scorer: "_Scorer", progress: bool) -> int:
+    """Score every source file not yet committed into one committed output file each (rows of
+    ``scorer.schema``); returns the number of files written."""
+    schema = scorer.schema
     # Only what the output needs: the source's labels/scores are never read.
     columns = [n for n in source.schema.names if n in schema.names or n in (ERROR, EMBEDDING)]
     stamped = schema.with_metadata(stamped_metadata(schema, session.target))
