@@ -288,18 +288,18 @@ def test_an_input_that_never_answers_is_called_unreachable_not_missing(http, nam
 
 @pytest.mark.parametrize("name", ["urls.txt", "urls.csv", "urls.jsonl", "parts.parquet"])
 def test_a_stalled_manifest_fails_within_the_jobs_io_timeout(http, name):
-    from zslabel.cluster import ClusterResources
     from zslabel.config import JobConfig
     from zslabel.errors import InputError
     from zslabel.options import check_input_exists
-    from zslabel.pipeline import plan_inputs
+    from zslabel.sources import plan_inputs
 
     url = f"{http.url}/stall-body/{name}"
     config = JobConfig(input=url, io_timeout=1.0, io_retries=3)
     check_input_exists(url, config.storage_options, io=config.io_policy())  # it exists: the check passes
     t0 = time.perf_counter()
     with pytest.raises(InputError) as info:
-        plan_inputs(config, ClusterResources([{"CPU": 2.0}], []))  # fails while reading, before any Ray call
+        # As the job plans it, within its I/O policy; fails while reading, before any Ray call.
+        plan_inputs(config.input, storage_options=config.storage_options, io=config.io_policy(), cluster_cpus=2.0)
     took = time.perf_counter() - t0
     text = str(info.value)
     print(f"stalled {name}, --io-timeout 1: InputError after {took:.1f} s: {text}")
@@ -313,16 +313,15 @@ def test_a_stalled_s3_manifest_fails_within_the_jobs_io_timeout(http):
     """s3fs retries a stalled read in nested loops of its own (25 tries): they must not multiply
     the job's --io-timeout. The loopback server plays an S3 endpoint whose object answers HEAD
     and the GET's headers, then stalls."""
-    from zslabel.cluster import ClusterResources
     from zslabel.config import JobConfig
     from zslabel.errors import InputError
-    from zslabel.pipeline import plan_inputs
+    from zslabel.sources import plan_inputs
 
     config = JobConfig(input="s3://stall-body/urls.txt", io_timeout=1.0, io_retries=0,
                        storage_options={"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": http.url}})
     t0 = time.perf_counter()
     with pytest.raises(InputError) as info:
-        plan_inputs(config, ClusterResources([{"CPU": 2.0}], []))
+        plan_inputs(config.input, storage_options=config.storage_options, io=config.io_policy(), cluster_cpus=2.0)
     took = time.perf_counter() - t0
     print(f"stalled S3 manifest, --io-timeout 1 --io-retries 0: InputError after {took:.1f} s: {info.value}")
     assert took < 15, took  # 40 s with s3fs's own retries

@@ -8,7 +8,8 @@
     begin     the write session: fingerprint of everything that changes rows, resume set,
               staging (``store.OutputStore.begin``)
     finish    counts over the committed rows, the accounting check (every listed input is a
-              row, a counted skip or a counted duplicate), the run manifest (the commit), the
+              row, a counted skip or a counted duplicate), the run manifest (what every command
+              records, ``PreparedJob.run_facts``, with the command's own facts; the commit), the
               error budget
 
 The commands add only what is theirs in between (``pipeline``: the Ray Data chain; ``relabel``:
@@ -237,10 +238,17 @@ def begin(job: PreparedJob, schema: pa.Schema, *, preprocess: dict | None,
                                      planned_paths=planned_paths, planned_files=planned_files)
 
 
-def finish(job: PreparedJob, session: WriteSession, facts: RunFacts, *, files_this_run: int,
+def finish(job: PreparedJob, session: WriteSession, kind: str, *, config: dict[str, Any], preprocess: dict | None,
+           input_counts: dict[str, Any], extra: dict[str, Any], files_this_run: int,
            accounting: Accounting) -> RunSummary:
     """Count the committed rows, check them against the inputs, commit the manifest, and
     apply the error budget.
+
+    Args:
+        kind, config, preprocess, input_counts, extra: the command's own facts, recorded with
+            what every command records (:meth:`PreparedJob.run_facts`, which says what each is).
+        files_this_run: files this run committed. accounting: the listed, skipped and duplicate
+            inputs the committed rows must account for.
 
     Raises:
         AccountingError: the rows do not account for every listed input (nothing committed;
@@ -249,6 +257,7 @@ def finish(job: PreparedJob, session: WriteSession, facts: RunFacts, *, files_th
     """
     counts = session.counts()
     accounting.check(session.target.uri, counts.rows)
+    facts = job.run_facts(kind, config=config, preprocess=preprocess, input_counts=input_counts, extra=extra)
     job.timings["wall_s"] = wall = time.perf_counter() - job.started
     manifest = run_manifest(facts, counts, timings=job.timings, retried_rows=session.retried_rows,
                             files_this_run=files_this_run)

@@ -1,12 +1,17 @@
-"""The one place that composes the Ray Data pipeline for a labeling job.
+"""The one place that composes the Ray Data pipeline for a labeling job, and its driver.
 
     job.prepare (options, output checks, --resume short-cut, model + label embeddings, claim)
-    -> start/join Ray (``cluster``) -> plan inputs (``sources``) -> job.begin (write session)
-    -> [drop committed inputs] -> [decode tasks] -> [labeler actors] -> [commit one Parquet
-    file per block] -> job.finish (counts, accounting check, run manifest, error budget)
+    -> start/join Ray and size every stage (``cluster``) -> plan inputs (``sources``)
+    -> job.begin (write session) -> [drop committed inputs] -> [decode tasks] -> [labeler
+    actors] -> [commit one Parquet file per block], run to the end -> job.finish (counts,
+    accounting check, run manifest, error budget)
 
 Everything that can fail for the whole job fails before the first image is read, and what
-needs neither Ray nor the model fails before either starts (``job.prepare``).
+needs neither Ray nor the model fails before either starts (``job.prepare``). What the stages
+share is derived from the config once, in ``run_label_job``, before the output changes: the
+cluster's sizing (actor pool and its strategy, decode task options, decoded bytes in flight,
+write tasks) and the I/O policy the inputs are planned and fetched with; ``compose`` only wires
+the stages with those values.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from .cluster import (
 from .config import JobConfig
 from .output import output_schema
 from .progress import Progress
+from .storage import IOPolicy
 from .store import INPUT_FILES, Accounting, drop_committed, write_block
 from .summary import RunSummary
 
@@ -56,6 +62,7 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     if isinstance(prepared, RunSummary):
         return prepared  # a finished run with nothing left to do
     with prepared.claimed():
+        # Ray, and each stage's resources sized from the cluster's (``cluster``), once.
         # After the model: in a `ray job submit` driver, joining the cluster can replace the
         # job's unpacked working_dir under the process (its cwd then no longer exists), which
         # breaks libraries that resolve relative paths at import time (transformers does).
@@ -63,48 +70,53 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         cluster = ClusterResources.read()
         # Before the output changes: a pool no node can hold fails here, leaving nothing behind.
         pool = cluster.actor_pool_size(config)
-        plan = plan_inputs(config, cluster)
+        task_options = decode_task_options(config)
+        # The inputs, listed within the job's I/O policy (decoding fetches them within it too)
+        # and read in the decode tasks (with their task options, so that Ray Data fuses the two
+        # into one task per block), in blocks sized for the cluster.
+        io = config.io_policy()
+        plan = sources.plan_inputs(
+            config.input, input_format=config.input_format, storage_options=config.storage_options, io=io,
+            path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,
+            image_column=config.image_column, task_options=task_options, cluster_cpus=cluster.cpus())
         prepared.timings["planning_s"] = plan.planning_seconds
+        labelers = actor_pool_strategy(config, pool, plan.listed, cluster.nodes)
+        bound_in_flight(config, prepared.preprocess.output_hw, pool)
+        # The write session: the output schema is part of the run's fingerprint.
         schema = output_schema(plan.carried_columns, prepared.embedding_dim if config.store_embeddings else None,
                                config.embedding_dtype, abstained=config.min_score is not None,
                                hierarchy=prepared.hierarchy is not None)
         session = job.begin(prepared, schema, preprocess=prepared.preprocess.fingerprint_dict(),
                             planned_paths=plan.planned_paths, planned_files=plan.planned_files)
         plan.planned_paths = None  # checked; the rows themselves are in the object store (~100 B a path)
-        ds = compose(config, prepared, plan, session, cluster, pool, schema, spec_overrides)
+        ds = compose(config, prepared, plan, session, schema, spec_overrides, io=io, task_options=task_options,
+                     labelers=labelers, writers=write_tasks(cluster.cpus()))
         written = consume(ds, config, plan, session, prepared.timings, progress)
-        facts = prepared.run_facts(
-            "label", config=config.public_dict(),
+        return job.finish(
+            prepared, session, "label", config=config.public_dict(),
             preprocess=prepared.preprocess.fingerprint_dict(),
             input_counts={"skipped": plan.skipped, "listed": plan.listed, "duplicates_removed": plan.duplicates_removed,
                           "skipped_by_reason": plan.skipped_by_reason},
             extra={"actor_pool": list(pool),
-                   **({INPUT_FILES: plan.planned_files} if plan.planned_files is not None else {})})
-        return job.finish(prepared, session, facts, files_this_run=len(written),
-                          accounting=Accounting(plan.listed, plan.skipped, plan.duplicates_removed))
+                   **({INPUT_FILES: plan.planned_files} if plan.planned_files is not None else {})},
+            files_this_run=len(written), accounting=Accounting(plan.listed, plan.skipped, plan.duplicates_removed))
 
 
-def plan_inputs(config: JobConfig, cluster: ClusterResources):
-    """``sources.plan_inputs`` for this job, within its I/O policy (``config.io_policy``): the
-    read stages run with decoding's task options (``decode_task_options``) so that Ray Data
-    fuses them into one task per block."""
-    return sources.plan_inputs(
-        config.input, input_format=config.input_format, storage_options=config.storage_options,
-        io=config.io_policy(), path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,
-        image_column=config.image_column, task_options=decode_task_options(config), cluster_cpus=cluster.cpus())
-
-
-def compose(config: JobConfig, prepared: job.PreparedJob, plan, session, cluster: ClusterResources,
-            pool: tuple[int, int], schema, spec_overrides: dict[str, Any]):
+def compose(config: JobConfig, prepared: job.PreparedJob, plan, session, schema, spec_overrides: dict[str, Any], *,
+            io: IOPolicy, task_options: dict, labelers, writers: int):
     """The Ray Data chain: planned inputs -> drop committed -> decode tasks -> labeler actors ->
     one committed Parquet file per ``rows_per_file`` rows. Returns the (lazy) dataset whose
-    rows name the committed files (``store.WRITE_RESULT_SCHEMA``)."""
+    rows name the committed files (``store.WRITE_RESULT_SCHEMA``).
+
+    The stages' resources come decided (``run_label_job``, from ``cluster``): ``task_options``
+    of the decode tasks (``decode_task_options``), ``labelers`` the actor pool's strategy
+    (``actor_pool_strategy``), ``writers`` the most write tasks at once (``write_tasks``); ``io``
+    is the I/O policy the inputs were planned with, which every fetch keeps."""
     import ray
     import ray.data
 
     from .stages import Labeler, LabelerSettings, decode_block
 
-    decode_args = decode_task_options(config)
     spec = prepared.preprocess
     settings = LabelerSettings(
         model=prepared.options.model or "", revision=config.revision, storage_options=config.storage_options,
@@ -114,28 +126,26 @@ def compose(config: JobConfig, prepared: job.PreparedJob, plan, session, cluster
         hierarchy=prepared.hierarchy, head=prepared.head)
     # One copy of the (C, D) label embeddings in the object store, shared by every actor.
     label_ref = ray.put(prepared.label_set.embeddings)
-    bound_in_flight(config, spec.output_hw, pool)
 
     ds = plan.dataset
     # Inputs committed by an earlier run (--resume) are dropped in the decode task before any
     # byte is fetched or decoded.
     ds = ds.map_batches(drop_committed, fn_kwargs={"done": session.done}, batch_size=None,
-                        batch_format="pyarrow", **decode_args)
+                        batch_format="pyarrow", **task_options)
     ds = ds.map_batches(
         decode_block, fn_kwargs={"spec": spec, "storage_options": config.storage_options,
-                                 "batch_size": config.batch_size, "io": config.io_policy(),
+                                 "batch_size": config.batch_size, "io": io,
                                  "decode_timeout": config.decode_time_limit()},
         # The CPU:GPU split is not configured: every CPU the actors leave free can run a decode
         # task (decode_cpus_per_task each; 1 suits single-threaded Pillow, < 1 overlaps remote
         # reads), and Ray Data's backpressure (the actors' input queue budget) stops decoding
         # from running ahead of the model. The manifest's timings say which side was the limit.
         # Whole blocks (batch_size=None, see decode_block); the labeler takes batch_size rows.
-        batch_size=None, batch_format="numpy", **decode_args)
+        batch_size=None, batch_format="numpy", **task_options)
     ds = ds.map_batches(
         Labeler, fn_constructor_kwargs={"settings": settings, "label_refs": [label_ref],
                                         "label_names": prepared.labels},
-        batch_size=config.batch_size, batch_format="numpy",
-        compute=actor_pool_strategy(config, pool, plan.listed, cluster.nodes),
+        batch_size=config.batch_size, batch_format="numpy", compute=labelers,
         num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor or None,
         scheduling_strategy="DEFAULT",
         # An actor lost with its node is recreated wherever resources are (model reloaded
@@ -157,8 +167,7 @@ def compose(config: JobConfig, prepared: job.PreparedJob, plan, session, cluster
                           # The cap stops Ray from starting a worker process per write in flight
                           # while decoding holds every CPU (~1.5 s of CPU each). benchmarks/README.md,
                           # "Decode-bound".
-                          num_cpus=WRITE_CPUS_PER_TASK,
-                          compute=ray.data.TaskPoolStrategy(size=write_tasks(cluster.cpus())))
+                          num_cpus=WRITE_CPUS_PER_TASK, compute=ray.data.TaskPoolStrategy(size=writers))
 
 
 def consume(ds, config: JobConfig, plan, session, timings: dict[str, Any], progress: bool) -> list[dict]:

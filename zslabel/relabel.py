@@ -64,7 +64,7 @@ from .store import (
     read_manifest,
     stamped_metadata,
 )
-from .summary import RunFacts, RunSummary
+from .summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -331,14 +331,18 @@ def run_relabel_job(config: RelabelConfig, progress: bool = True):
             raise ConfigError(f"the source embeddings have {source.dim} dimensions but {config.model} embeds labels "
                               f"in {dim}; they come from another model")
         schema, emb_dtype = relabel_output_schema(config, prepared, source, dim)
+        # Made before the output changes: a classifier that cannot be built (torch, the device)
+        # leaves no write session behind.
+        scorer = _Scorer(prepared.classifier(), schema)
         src_manifest = source.manifest or {}
         session = job.begin(prepared, schema, preprocess=src_manifest.get("preprocess"),
                             extra_fields={"source_fingerprint": src_manifest.get("fingerprint")})
         t_run = time.perf_counter()
-        written = _relabel_files(config, source, session, _Scorer(prepared.classifier(), schema), schema, progress)
+        written = _relabel_files(config, source, session, scorer, progress)
         prepared.timings["labeling_s"] = time.perf_counter() - t_run
-        return job.finish(prepared, session, relabel_facts(config, prepared, source, emb_dtype),
-                          files_this_run=written, accounting=Accounting(int(sum(source.rows))))
+        facts = relabel_facts(config, prepared, source, emb_dtype)
+        return job.finish(prepared, session, "relabel", **facts, files_this_run=written,
+                          accounting=Accounting(int(sum(source.rows))))
 
 
 def relabel_output_schema(config: RelabelConfig, prepared: job.PreparedJob, source: RelabelSource,
@@ -356,10 +360,10 @@ def relabel_output_schema(config: RelabelConfig, prepared: job.PreparedJob, sour
     return schema, emb_dtype
 
 
-def _relabel_files(config: RelabelConfig, source: RelabelSource, session, scorer: "_Scorer", schema: pa.Schema,
-                   progress: bool) -> int:
-    """Score every source file not yet committed into one committed output file each; returns
-    the number of files written."""
+def _relabel_files(config: RelabelConfig, source: RelabelSource, session, scorer: "_Scorer", progress: bool) -> int:
+    """Score every source file not yet committed into one committed output file each (rows of
+    ``scorer.schema``); returns the number of files written."""
+    schema = scorer.schema
     # Only what the output needs: the source's labels/scores are never read.
     columns = [n for n in source.schema.names if n in schema.names or n in (ERROR, EMBEDDING)]
     stamped = schema.with_metadata(stamped_metadata(schema, session.target))
@@ -382,9 +386,11 @@ def _relabel_files(config: RelabelConfig, source: RelabelSource, session, scorer
     return written
 
 
-def relabel_facts(config: RelabelConfig, prepared: job.PreparedJob, source: RelabelSource, emb_dtype: str) -> RunFacts:
-    """What the run manifest records besides the counts: the source run's settings with this
-    relabel's own, and where the embeddings came from."""
+def relabel_facts(config: RelabelConfig, prepared: job.PreparedJob, source: RelabelSource,
+                  emb_dtype: str) -> dict[str, Any]:
+    """What the run manifest records of this relabel besides the counts, as ``job.finish`` takes
+    them (``config``, ``preprocess``, ``input_counts``, ``extra``): the source run's settings
+    with this relabel's own, and where the embeddings came from."""
     src_manifest = source.manifest or {}
     run_config = {**(src_manifest.get("config") or {}),
                   **dict(output=config.output, labels=prepared.labels, labels_file=None,
@@ -394,8 +400,8 @@ def relabel_facts(config: RelabelConfig, prepared: job.PreparedJob, source: Rela
                          embedding_dtype=emb_dtype, calibration=config.calibration, hierarchy=config.hierarchy,
                          head=config.head)}
     recorded = src_manifest.get("model") or {}
-    return prepared.run_facts(
-        "relabel", config=run_config, preprocess=src_manifest.get("preprocess"),
+    return dict(
+        config=run_config, preprocess=src_manifest.get("preprocess"),
         input_counts=src_manifest.get("counts") or {},
         extra={"relabel": {"source": config.source, "source_model_digest": recorded.get("digest"),
                            "model_checked": source.manifest is not None, "settings": config.public_dict()}})

@@ -112,6 +112,9 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
     # A local file: URI (RFC 8089) names a percent-decoded path; fsspec would keep the escapes.
     uri = file_uri_path(uri) or uri
     io = io or storage.IOPolicy()
+    # The kind that reads it, from its name (and, for glob characters, whether that name exists:
+    # asked within io's timeouts, ``storage.is_pattern``); then what that kind's plan receives.
+    name = detect_kind(uri, pattern=storage.is_pattern(uri, storage_options, io=io)) if auto else input_format
     # The one place sources get their storage options: with the job's timeouts built in, so no
     # kind can open a listing, manifest, tar or Parquet file (here or in a read task) with the
     # 30 s default while the user asked for --io-timeout 5. Every file a kind opens is on the
@@ -120,7 +123,6 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
                            path_column=path_column, id_column=id_column, dedupe=dedupe, image_column=image_column,
                            auto=auto, plan_files=plan_files, task_options=dict(task_options or {}),
                            cluster_cpus=cluster_cpus, use_ray=use_ray)
-    name = detect_kind(uri, pattern=storage.is_pattern(uri, options.storage_options)) if auto else input_format
     try:
         plan = _BY_NAME[name].plan(uri, options)
     except ZslabelError:
