@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import photo
 
+from zslabel.cluster import MIN_IN_FLIGHT_BYTES
 from zslabel.store import MANIFEST_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,7 +280,32 @@ def test_manifest_says_model_bound_when_the_model_is_the_limit(ray_local, tmp_pa
     assert t["model_actors"] == 1 and t["model_need_s"] == t["model_busy_s"]
     # Observed too: the one actor was busy nearly all of its life (it never waited for images).
     assert 0.7 <= t["model_utilisation"] <= 1, t
+    # The run executed under the in-flight cap (the floor, for 8-image batches of tiny images).
+    assert t["object_store_limit_mb"] == MIN_IN_FLIGHT_BYTES / 2**20, t
     print(f"model-bound run: {t}")
+
+
+def test_in_flight_cap_is_the_datasets_own_and_reaches_its_execution(ray_local):
+    """Ray Data copies the process-wide DataContext into a dataset when it is created: a cap set
+    there after planning never reached the run. bound_in_flight sets it on the planned dataset's
+    own context, which every dataset derived from it (the composed chain) executes with."""
+    import types
+
+    import ray.data
+
+    from zslabel.cluster import IN_FLIGHT_BATCHES_PER_ACTOR, bound_in_flight
+
+    process_wide = ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory
+    planned = ray.data.range(32)
+    ask = types.SimpleNamespace(batch_size=64, num_gpus_per_actor=0.0, num_cpus_per_actor=1.0,
+                                decode_cpus_per_task=1.0, concurrency=(1, 4))
+    cap = bound_in_flight(ask, (224, 224), (1, 4), planned)
+    assert cap == IN_FLIGHT_BATCHES_PER_ACTOR * 4 * 64 * 224 * 224 * 3 > MIN_IN_FLIGHT_BYTES
+    composed = planned.map_batches(lambda batch: {"id": batch["id"] * 2})
+    assert composed.context.execution_options.resource_limits.object_store_memory == cap
+    assert sorted(r["id"] for r in composed.iter_rows()) == list(range(0, 64, 2))
+    assert ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory == process_wide
+    assert bound_in_flight(ask, (8, 8), (1, 1), planned) == MIN_IN_FLIGHT_BYTES  # the floor
 
 
 @pytest.mark.slow

@@ -205,7 +205,7 @@ def actor_pool_strategy(ask: ResourceAsk, pool: tuple[int, int], inputs: int | N
     return ray.data.ActorPoolStrategy(**kwargs)
 
 
-def bound_in_flight(ask: ResourceAsk, output_hw: tuple[int, int], pool: tuple[int, int]) -> int:
+def bound_in_flight(ask: ResourceAsk, output_hw: tuple[int, int], pool: tuple[int, int], dataset) -> int:
     """Cap the object store memory this job's dataset may use (Ray Data backpressure) at
     ``IN_FLIGHT_BATCHES_PER_ACTOR`` decoded batches per labeler actor, at least
     ``MIN_IN_FLIGHT_BYTES``; returns the cap in bytes.
@@ -214,6 +214,13 @@ def bound_in_flight(ask: ResourceAsk, output_hw: tuple[int, int], pool: tuple[in
     machine), which decode tasks fill when the model is slower than decoding, so the peak memory
     of a run grew with its input up to that cap (+20 % PSS from 2,000 to 20,000 images,
     benchmarks/README.md). A few batches per actor keep the actors fed.
+
+    The cap is set on ``dataset``'s own ``DataContext`` (``Dataset.context``, shared by every
+    dataset derived from it), which is the one its execution reads: Ray Data copies the current
+    context into a dataset when the dataset is created, so a change to the process-wide context
+    after the inputs are planned never reaches the run (it executed with no cap: Ray Data's
+    debug log of the executed context said ``object_store_memory=inf``). The process-wide
+    context is left as it is.
     """
     import ray
     import ray.data
@@ -225,8 +232,8 @@ def bound_in_flight(ask: ResourceAsk, output_hw: tuple[int, int], pool: tuple[in
     store = ray.cluster_resources().get("object_store_memory", 0.0)
     if store:
         cap = int(min(cap, max(MIN_IN_FLIGHT_BYTES, store / 2)))
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=cap)
+    options = dataset.context.execution_options
+    options.resource_limits = options.resource_limits.copy(object_store_memory=cap)
     return cap
 
 

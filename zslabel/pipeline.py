@@ -17,6 +17,7 @@ the stages with those values.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -81,7 +82,7 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
             image_column=config.image_column, task_options=task_options, cluster_cpus=cluster.cpus())
         prepared.timings["planning_s"] = plan.planning_seconds
         labelers = actor_pool_strategy(config, pool, plan.listed, cluster.nodes)
-        bound_in_flight(config, prepared.preprocess.output_hw, pool)
+        bound_in_flight(config, prepared.preprocess.output_hw, pool, plan.dataset)
         # The write session: the output schema is part of the run's fingerprint.
         schema = output_schema(plan.carried_columns, prepared.embedding_dim if config.store_embeddings else None,
                                config.embedding_dtype, abstained=config.min_score is not None,
@@ -216,6 +217,8 @@ def stage_timings(ds, since_epoch_s: float, config: JobConfig) -> dict[str, floa
       has already run ahead.
     - ``model_actor_s``, ``model_utilisation`` = model_busy_s / model_actor_s in [0, 1]: the
       observed busy share of the actors' lifetime (low: they waited for images).
+    - ``object_store_limit_mb``: the object store memory Ray Data let the run hold (the
+      executed dataset's own limit: ``cluster.bound_in_flight``'s cap), absent when unlimited.
 
     Empty when the stats are unavailable (nothing labeled); never raises.
     """
@@ -249,6 +252,7 @@ def stage_timings(ds, since_epoch_s: float, config: JobConfig) -> dict[str, floa
                         if "Labeler" in a.get("ActorClassName", "") and a.get("StartTime")
                         and a["StartTime"] >= since_epoch_s * 1000]
         cpus = ray.cluster_resources().get("CPU", 0.0)
+        limit = ds.context.execution_options.resource_limits.object_store_memory
     except Exception as exc:  # noqa: BLE001 - reporting only; a Ray upgrade must not fail the job
         log.debug("no stage timings: %s", exc)
         return {}
@@ -263,4 +267,5 @@ def stage_timings(ds, since_epoch_s: float, config: JobConfig) -> dict[str, floa
             "decode_need_s": round(decode_need, 3), "model_need_s": round(model_need, 3),
             "model_actor_s": round(actor_s, 3),
             "model_utilisation": round(min(1.0, busy["model"] / actor_s) if actor_s > 0 else 0.0, 3),
-            "bound": "model" if model_need >= decode_need else "decode"}
+            "bound": "model" if model_need >= decode_need else "decode",
+            **({"object_store_limit_mb": round(limit / 2**20, 1)} if math.isfinite(limit) else {})}
