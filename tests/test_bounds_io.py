@@ -1,5 +1,5 @@
 """Bounded time per input (issue 23): real HTTP servers on 127.0.0.1 that stall, trickle, fail
-transiently, reset connections and redirect; fetched through ``storage.fetch_many`` and the
+transiently, reset connections and redirect; fetched through ``fetch.fetch_many`` and the
 decode stage, and once end to end through Ray. The inputs' own files (manifests, tar shards,
 Parquet files) are read within the job's ``--io-timeout`` too (``sources.plan_inputs(io=...)``).
 
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from conftest import photo
 
-from zslabel import storage
+from zslabel import fetch, storage
 from zslabel.decode import PreprocessSpec
 from zslabel.errors import error_code
 from zslabel.stages import decode_batch, decode_block
@@ -176,7 +176,7 @@ def test_stalled_urls_are_fetched_at_once_each_within_the_timeout(http):
     n = 12
     urls = [f"{http.url}/stall/{i}.jpg" for i in range(n)] + [f"{http.url}/ok/a.jpg"]
     t0 = time.perf_counter()
-    out = storage.fetch_many(urls, io=IOPolicy(timeout=1.0, retries=3, **FAST))
+    out = fetch.fetch_many(urls, io=IOPolicy(timeout=1.0, retries=3, **FAST))
     took = time.perf_counter() - t0
     # One after another this is n timeouts (12 s); aiohttp's default would wait 300 s each.
     assert took < 6, took
@@ -190,7 +190,7 @@ def test_stalled_urls_are_fetched_at_once_each_within_the_timeout(http):
 def test_transient_failures_are_retried_with_backoff(http):
     urls = [f"{http.url}/fail-2-503/a.jpg", f"{http.url}/fail-2-429/b.jpg", f"{http.url}/fail-1-502/c.jpg",
             f"{http.url}/reset-2/d.jpg", f"{http.url}/redirect/e.jpg"]
-    out = storage.fetch_many(urls, io=IOPolicy(timeout=5, retries=3, **FAST))
+    out = fetch.fetch_many(urls, io=IOPolicy(timeout=5, retries=3, **FAST))
     assert [err for _, err in out] == [None] * len(urls)
     assert all(data == http.body for data, _ in out)
     assert http.hits["/fail-2-503/a.jpg"] == 3 and http.hits["/fail-2-429/b.jpg"] == 3
@@ -202,7 +202,7 @@ def test_retries_are_bounded_and_permanent_errors_not_retried(http):
     urls = [f"{http.url}/fail-99-503/a.jpg", f"{http.url}/missing/b.jpg", f"{http.url}/fail-9-403/c.jpg",
             f"{http.url}/loop/d.jpg"]
     t0 = time.perf_counter()
-    out = storage.fetch_many(urls, io=io_policy)
+    out = fetch.fetch_many(urls, io=io_policy)
     assert time.perf_counter() - t0 < 10
     errs = [err for _, err in out]
     assert all(error_code(e) == "read_error" for e in errs), errs
@@ -217,7 +217,7 @@ def test_a_trickling_server_is_cut_after_the_attempt_limit(http):
     # A byte every 0.2 s never trips a 0.3 s read timeout; the attempt limit (10 x 0.3 s) ends it.
     policy = IOPolicy(timeout=0.3, retries=3, **FAST)
     t0 = time.perf_counter()
-    (data, err), = storage.fetch_many([f"{http.url}/trickle/a.jpg"], io=policy)
+    (data, err), = fetch.fetch_many([f"{http.url}/trickle/a.jpg"], io=policy)
     took = time.perf_counter() - t0
     assert data is None and error_code(err) == "read_error" and "gave up after 3 s" in err, err
     assert policy.attempt_limit <= took < policy.attempt_limit + 5
@@ -227,7 +227,7 @@ def test_a_trickling_server_is_cut_after_the_attempt_limit(http):
 def test_endless_and_huge_responses_are_cut_at_the_byte_limit(http):
     policy = IOPolicy(timeout=5, retries=3, max_bytes=8 << 20, **FAST)
     t0 = time.perf_counter()
-    out = storage.fetch_many([f"{http.url}/endless/cam.jpg", f"{http.url}/huge/a.jpg", f"{http.url}/ok/b.jpg"],
+    out = fetch.fetch_many([f"{http.url}/endless/cam.jpg", f"{http.url}/huge/a.jpg", f"{http.url}/ok/b.jpg"],
                              io=policy)
     assert time.perf_counter() - t0 < 20
     (d0, e0), (d1, e1), (d2, e2) = out
@@ -385,7 +385,7 @@ def test_a_stalled_server_behind_a_cache_chain_is_cut_within_the_io_timeout(http
     url = f"simplecache::{http.url}/stall/a.jpg"
     so = {"simplecache": {"cache_storage": str(tmp_path)}}
     t0 = time.perf_counter()
-    (data, err), (good, err2) = storage.fetch_many([url, f"simplecache::{http.url}/ok/b.jpg"], so,
+    (data, err), (good, err2) = fetch.fetch_many([url, f"simplecache::{http.url}/ok/b.jpg"], so,
                                                    io=IOPolicy(timeout=1.0, retries=0))
     took = time.perf_counter() - t0
     assert data is None and error_code(err) == "read_error", err

@@ -8,7 +8,7 @@ import fsspec
 import pytest
 from s3_server import s3, s3_endpoint  # noqa: F401  (fixtures)
 
-from zslabel import storage
+from zslabel import fetch, storage
 from zslabel.errors import InputError, OutputError
 
 
@@ -91,10 +91,58 @@ def test_every_store_cuts_an_image_read_at_the_byte_limit(tmp_path, s3):
         fh.truncate(8 << 30)
     for paths, options in ((local + [str(huge)], None), ([s3.uri(n) for n in sizes], s3.storage_options),
                            (memory, None)):
-        out = storage.fetch_many(paths, options, io=io)
+        out = fetch.fetch_many(paths, options, io=io)
         (d0, e0), (d1, e1), (d2, e2) = out[:3]
         assert d0 is None and error_code(e0) == "read_error" and "InputTooLarge" in e0 and "1,000" in e0, (paths[0], e0)
         assert e1 is None and len(d1) == limit, paths[1]
         assert e2 is None and d2 == b"", paths[2]
         if len(out) > 3:
             assert out[3][0] is None and "8,589,934,592 bytes" in out[3][1], out[3]
+
+
+def test_special_files_named_like_images_are_read_errors_never_read(tmp_path):
+    """A named pipe blocks whoever opens it for reading until a writer comes (a decode task
+    hung for good on one); /dev/zero and /dev/urandom never end (1 GiB was read before the byte
+    limit cut it, and the row said unidentified_image). Each is a read_error naming what it is,
+    unread, next to a normal image that still reads."""
+    import os
+    import socket
+    import threading
+
+    from zslabel.errors import error_code
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    (tmp_path / "random.png").symlink_to("/dev/urandom")
+    (tmp_path / "folder.jpg").mkdir()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock.jpg"))
+    (tmp_path / "ok.jpg").write_bytes(b"\xff\xd8 jpeg bytes")
+    names = ["pipe.jpg", "zero.jpg", "random.png", "folder.jpg", "sock.jpg", "ok.jpg"]
+    out: list = []
+    reader = threading.Thread(target=lambda: out.extend(fetch.fetch_many([str(tmp_path / n) for n in names])),
+                              daemon=True)
+    reader.start()
+    reader.join(30)
+    sock.close()
+    assert not reader.is_alive(), "fetching hung on a special file"
+    errors = dict(zip(names, (e for _, e in out)))
+    for name, kind in (("pipe.jpg", "named pipe (FIFO)"), ("zero.jpg", "character device"),
+                       ("random.png", "character device"), ("folder.jpg", "directory")):
+        assert error_code(errors[name]) == "read_error" and f"NotARegularFile: a {kind}" in errors[name], errors[name]
+    assert error_code(errors["sock.jpg"]) == "read_error"  # a socket cannot even be opened (ENXIO)
+    assert out[-1] == (b"\xff\xd8 jpeg bytes", None)
+
+
+def test_file_uris_name_the_local_file_they_percent_encode(tmp_path):
+    """RFC 8089 file URIs in a manifest (file:///a%20b.png, file:/..., file://localhost/...) read
+    the file they name; one whose name, as written, exists (a literal %20) reads that file."""
+    (tmp_path / "b c.png").write_bytes(b"space")
+    (tmp_path / "a.png").write_bytes(b"plain a")
+    (tmp_path / "lit%20eral.png").write_bytes(b"literal")
+    base = str(tmp_path)
+    uris = [f"file://{base}/b%20c.png", f"file:{base}/b%20c.png", f"file://localhost{base}/b%20c.png",
+            f"file://{base}/%61.png", f"file://{base}/b c.png", f"file://{base}/lit%20eral.png"]
+    assert fetch.fetch_many(uris) == [(b"space", None)] * 3 + [(b"plain a", None), (b"space", None),
+                                                               (b"literal", None)]

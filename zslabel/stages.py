@@ -18,10 +18,11 @@ import pyarrow as pa
 
 from .decode import DEFAULT_DECODE_TIMEOUT, PreprocessSpec, decode_image
 from .errors import INTERNAL_ERROR, error_string
+from .fetch import PendingFetch, start_fetch
 from .output import result_table
 from .ranking import RankingRule
 from .scoring import ZeroShotClassifier, score_rows
-from .storage import IOPolicy, PendingFetch, start_fetch
+from .storage import IOPolicy
 
 if TYPE_CHECKING:
     from .calibration import Calibration
@@ -59,7 +60,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
     """Fetch (when ``data`` is null) and decode each row of a batch.
 
     The rows to fetch are read concurrently, each within ``io``'s time limits and retries
-    (``storage.start_fetch``); then each row is decoded in turn, each within
+    (``fetch.start_fetch``); then each row is decoded in turn, each within
     ``decode_timeout`` seconds (``decode.decode_image``).
 
     Args:

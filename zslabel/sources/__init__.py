@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import time
 
-from .. import storage
+from .. import fetch, storage
 from ..errors import READ_ERROR, InputError, ZslabelError, error_string
+from ..fetch import file_uri_path
 from . import folder, jsonl, manifest, parquet, webdataset
-from .common import FILE_INDEX_STRIDE, IMAGE_EXTENSIONS, SKIP_REASONS, InputKind, InputOptions, InputPlan, file_uri_path
+from .common import FILE_INDEX_STRIDE, IMAGE_EXTENSIONS, SKIP_REASONS, InputKind, InputOptions, InputPlan
 from .webdataset import expand_braces
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def fetch_bytes(path: str, storage_options: dict | None = None,
             name with ``%XX`` escapes of undecodable bytes finds the file, see ``zslabel.storage``).
         storage_options: the same options given to :func:`plan_inputs`.
         io: connect/read timeout (seconds) of the filesystem and the byte limit of one input
-            (default ``storage.IOPolicy()``); no retries here (``storage.fetch_many`` has them).
+            (default ``storage.IOPolicy()``); no retries here (``fetch.fetch_many`` has them).
 
     Returns:
         ``(data, None)`` on success, else ``(None, "read_error: <ExceptionType>: <message>")``.
@@ -161,16 +162,16 @@ def fetch_bytes(path: str, storage_options: dict | None = None,
             # read it directly; fsspec's resolution costs ~90 us per call, 15 % of decoding a
             # small JPEG. A miss goes on to the %XX-escape and NFC/NFD handling below.
             try:
-                return storage.read_local_capped(path, max_bytes), None
+                return fetch.read_local_capped(path, max_bytes), None
             except FileNotFoundError:
                 pass
         fs, fs_path = storage.url_to_fs(path, storage_options, io=io)
         try:
-            return storage.cat_capped(fs, fs_path, max_bytes), None
+            return fetch.cat_capped(fs, fs_path, max_bytes), None
         except FileNotFoundError:
             other = storage.open_path(fs, fs_path)  # %XX escapes, NFC/NFD: only on a miss
             if other == fs_path:
                 raise
-            return storage.cat_capped(fs, other, max_bytes), None
+            return fetch.cat_capped(fs, other, max_bytes), None
     except Exception as exc:  # noqa: BLE001 - every storage failure becomes a row error
         return None, error_string(READ_ERROR, storage.describe_error(exc, io))

@@ -22,13 +22,11 @@ Core columns of every planned dataset, then the kind's carried string columns:
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote_to_bytes, urlsplit
 
 import pyarrow as pa
 
@@ -309,32 +307,6 @@ def internal_error_detail(where: str, exc: BaseException, log) -> str:
     log.error("internal error while reading %s:\n%s", where,
               "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     return f"while reading {where}: {describe_error(exc)}"
-
-
-def file_uri_path(uri: str) -> str | None:
-    """The local path a ``file:`` URI names, or None when ``uri`` is no local file URI.
-
-    Two readings, in order: the name as written after ``file://`` (fsspec's reading, which
-    keeps ``%``, ``#`` and spaces: ``file:///a b #1.jpg``), when that file exists; else RFC 8089:
-    ``file:///a/b%20c.jpg``, ``file:/a/b%20c.jpg`` and ``file://localhost/a/b%20c.jpg`` all name
-    ``/a/b c.jpg``, the path percent-decoded as bytes (``urllib.parse.unquote_to_bytes``) that
-    are the OS name, so ``%E9`` finds a Latin-1 ``\xe9`` and ``%C3%A9`` finds ``é``; a
-    ``#fragment`` or ``?query`` is then not part of the name. One ``lstat`` when the name as
-    written exists. None for another host (``file://server/share/x``): fsspec reports that one.
-    """
-    if uri[:5].lower() != "file:":
-        return None
-    parts = urlsplit(uri)
-    if parts.netloc.lower() not in ("", "localhost"):
-        return None
-    written = uri[5:]
-    if written.startswith("//"):
-        written = written[2:]
-        if written.lower().startswith("localhost/"):
-            written = written[len("localhost"):]
-    if os.path.lexists(written):
-        return written
-    return os.fsdecode(unquote_to_bytes(parts.path))
 
 
 def to_text(column) -> pa.Array:

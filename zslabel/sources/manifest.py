@@ -23,7 +23,7 @@ All columns are strings (ids like ``00042`` keep their zeros); carried columns o
 rules (UTF-8 with or without BOM, UTF-16 with BOM); one that is not UTF-8 is refused with the
 byte offset. Relative entries are relative to the manifest's folder; an entry is absolute when
 it starts with ``/``, holds ``://``, or is a ``file:`` URI (RFC 8089 allows ``file:/a.jpg``);
-``file:`` URIs are percent-decoded when read (``common.file_uri_path``); a ``%XX`` escape of a
+``file:`` URIs are percent-decoded when read (``fetch.file_uri_path``); a ``%XX`` escape of a
 byte >= 0x80 in a plain local entry finds a file whose name is not UTF-8
 (``zslabel.storage.display_name``).
 """
