@@ -15,13 +15,13 @@ the file; the same retry tries the name's other Unicode normalisation (NFC/NFD).
 ambiguity: when both ``caf%E9.png`` (literally) and ``caf\\xe9.png`` exist, both rows say
 ``caf%E9.png`` and the literal file is the one read.
 
-Bounded time per input (:class:`IOPolicy`, :func:`fetch_many`). Every filesystem made here gets
+Bounded time per input (:class:`IOPolicy`, ``fetch.fetch_many``). Every filesystem made here gets
 connect and read timeouts (``IOPolicy.timeout``, default 30 s) in the form its library takes
 (:func:`io_storage_options`), unless the user's storage options set them: aiohttp's
 ``ClientTimeout(connect, sock_connect, sock_read)`` for HTTP(S) and GCS (aiohttp's default is
 300 s in all per request, which a server that never answers spends in full), botocore's
 ``connect_timeout``/``read_timeout`` and retry count for S3, adlfs's
-``connection_timeout``/``read_timeout`` for Azure. :func:`fetch_many` reads the inputs of a
+``connection_timeout``/``read_timeout`` for Azure. ``zslabel.fetch.fetch_many`` reads the inputs of a
 batch concurrently (one coroutine per input on fsspec's event loop for the async filesystems
 every remote backend is; threads for the others), retries transient failures (HTTP 408, 425,
 429, 500, 502, 503, 504, connection resets) with exponential backoff and jitter (honouring a
@@ -132,7 +132,7 @@ def io_storage_options(uri: str, storage_options: dict[str, Any] | None, io: IOP
 
     - ``http``/``https`` (fsspec ``HTTPFileSystem``): ``client_kwargs.timeout`` =
       ``aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)``. No total here:
-      a tar streamed over HTTP may take hours; :func:`fetch_many` bounds single inputs.
+      a tar streamed over HTTP may take hours; ``fetch.fetch_many`` bounds single inputs.
     - ``s3``/``s3a`` (s3fs): ``config_kwargs`` ``connect_timeout``, ``read_timeout`` and
       ``retries={"max_attempts": retries, "mode": "standard"}`` (botocore retries throttling,
       5xx and connection errors itself). s3fs's own retry loop (5 tries, not configurable per
