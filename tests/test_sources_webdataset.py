@@ -63,10 +63,16 @@ def test_corrupt_and_missing_tars_give_one_error_row_each(ray_local, tmp_path):
     rows = rows_of(plan)
     assert [r["path"] for r in rows[:2]] == [f"{good}#a.jpg", f"{good}#b.png"]
     errors = {r["path"]: r for r in rows[2:]}
-    assert set(errors) == {str(tmp_path / f"p-{i}.tar") for i in (1, 2, 3)}
+    # p-1.tar listed a.jpg (its header is whole) before its bytes ran out: a.jpg's own row,
+    # then the shard's, as for the unreadable and the missing shard.
+    cut_member = f"{tmp_path / 'p-1.tar'}#a.jpg"
+    assert set(errors) == {str(tmp_path / f"p-{i}.tar") for i in (1, 2, 3)} | {cut_member}
     for r in errors.values():
         assert r["data"] is None and error_code(r["read_error"]) == "read_error"
+    assert "tar member cut short" in errors[cut_member]["read_error"]
     assert "FileNotFoundError" in errors[str(tmp_path / "p-3.tar")]["read_error"]
+    plan.finalize()
+    assert plan.listed == len(rows) + plan.skipped  # every listed member has its row
 
 
 def test_folder_of_tars_is_read_as_webdataset(ray_local, tmp_path):

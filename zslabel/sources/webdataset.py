@@ -393,7 +393,8 @@ def read_tar(uri: str, file_index: int, storage_options: dict, counts: dict, *,
     Never raises for a bad shard or member: an unreadable shard ends with one ``read_error``
     row for the shard URI, after the rows read before the failure; damaged member headers
     in the middle (skipped, the members after them read) or a shard cut short also add one
-    ``read_error`` row for the shard URI.
+    ``read_error`` row for the shard URI; an image member cut short is its own ``read_error``
+    row first (listed, so it has a row).
     """
     rows = _Rows(uri, file_index)
     sample = _Sample()
@@ -452,15 +453,27 @@ def read_tar(uri: str, file_index: int, storage_options: dict, counts: dict, *,
                     elif not sample.add_sidecar(ext, name, sidecar_text(tar.extractfile(info).read())):
                         repeated(name)
                     continue
-                counts["listed"] += 1
+                # Listed and given its entry (bytes, link or error) together: a member whose
+                # bytes end early (a shard cut inside it) is this row's read_error, then the
+                # shard's failure; counted before the read, it had no row (an accounting failure).
+                cut: Exception | None = None
+                entry: bytes | str | _Link
                 if not info.isfile():
                     target = _link_target(info, name)
-                    sample.images.append((name, _Link(target, info.issym()) if target is not None else error_string(
-                        READ_ERROR, f"tar link {name} -> {info.linkname} points outside the tar")))
+                    entry = _Link(target, info.issym()) if target is not None else error_string(
+                        READ_ERROR, f"tar link {name} -> {info.linkname} points outside the tar")
                 elif info.size > max_member_bytes:
-                    sample.images.append((name, _too_large(info.size, max_member_bytes)))
+                    entry = _too_large(info.size, max_member_bytes)
                 else:
-                    sample.images.append((name, tar.extractfile(info).read()))
+                    try:
+                        entry = tar.extractfile(info).read()
+                    except Exception as exc:  # noqa: BLE001 - re-raised below, after the row exists
+                        cut = exc
+                        entry = error_string(READ_ERROR, f"tar member cut short: {storage.describe_error(exc)}")
+                counts["listed"] += 1
+                sample.images.append((name, entry))
+                if cut is not None:
+                    raise cut
                 if rows.full():
                     yield rows.take()
         failure = log.problem(members)
