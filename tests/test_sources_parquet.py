@@ -63,3 +63,30 @@ def test_spark_style_folder_named_like_a_parquet_file(ray_local, tmp_path):
     plan = plan_inputs(str(folder))
     assert plan.kind == "parquet"
     assert [r["data"] for r in rows_of(plan)] == [jpeg(1), jpeg(2)]
+
+
+def test_a_folder_mixing_image_columns_reads_each_files_own(tmp_path):
+    """img2dataset's ``jpg`` column in one file, a Hugging Face ``image`` struct in the next: the
+    column picked from the first file's schema was applied to every file, and each row of the
+    second became an internal_error (KeyError). Each file now finds its own image column; a
+    file with none is one read_error row naming its columns; a column the user named is never
+    swapped for another."""
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"jpg": [jpeg(0), jpeg(1)], "caption": ["a", "b"]}), tmp_path / "0.parquet")
+    pq.write_table(pa.table({"image": pa.array([{"bytes": jpeg(2), "path": "x.jpg"}], struct)}), tmp_path / "1.parquet")
+    pq.write_table(pa.table({"other": [1, 2, 3]}), tmp_path / "2.parquet")
+    plan = plan_inputs(str(tmp_path), use_ray=False)
+    rows = plan.read_locally()
+    plan.finalize()
+    assert [r["data"] for r in rows[:3]] == [jpeg(0), jpeg(1), jpeg(2)]
+    assert [r["caption"] for r in rows[:3]] == ["a", "b", None]
+    assert all(r["read_error"] is None for r in rows[:3])
+    assert rows[3]["path"] == str(tmp_path / "2.parquet") and rows[3]["data"] is None
+    assert error_code(rows[3]["read_error"]) == "read_error" and "no image column 'jpg' (columns: other)" in rows[3]["read_error"]
+    assert plan.listed == len(rows) == 4
+
+    named = plan_inputs(str(tmp_path), use_ray=False, image_column="jpg")
+    rows = named.read_locally()
+    assert [r["data"] for r in rows[:2]] == [jpeg(0), jpeg(1)]
+    assert [error_code(r["read_error"]) for r in rows[2:]] == ["read_error", "read_error"]
+    assert "no image column 'jpg'" in rows[2]["read_error"]

@@ -81,7 +81,8 @@ def plan_parquet(uri: str, options: InputOptions) -> InputPlan:
 
 
 def plan_files(files: list[str], options: InputOptions) -> InputPlan:
-    """Plan the given Parquet file URIs (no listing); the first file's schema picks the columns.
+    """Plan the given Parquet file URIs (no listing); the first file's schema picks the columns
+    (a file without the image column picked so finds its own, unless ``image_column`` named it).
     In auto mode, files without an image column are a manifest (one file, or Spark's parts).
 
     Raises:
@@ -94,7 +95,8 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan:
     image_col = find_image_column(schema, options.image_column, files[0])
     carried = [c for c in CARRIED if c in schema.names]
     return streaming_plan("parquet", files, read_parquet, options.storage_options, carried, use_ray=options.use_ray,
-                          image_column=image_col, carried_columns=carried)
+                          image_column=image_col, carried_columns=carried,
+                          find_own_column=options.image_column is None)
 
 
 def _schema(uri: str, options: InputOptions) -> pa.Schema:
@@ -211,11 +213,18 @@ def _resolve_paths(paths: pa.Array, uri: str) -> pa.Array:
 
 
 def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict, *,
-                 image_column: str, carried_columns: list[str]) -> Generator[pa.Table, None, None]:
+                 image_column: str, carried_columns: list[str],
+                 find_own_column: bool = False) -> Generator[pa.Table, None, None]:
     """Stream one Parquet file by record batches of ``EMIT_ROWS``; fills ``counts["listed"]``.
 
-    Never raises: an unreadable file ends with one ``read_error`` row for the file URI; a bug
-    while handling one record batch makes each of its rows an ``internal_error``.
+    ``image_column``: the column of encoded images; a file without it finds its own
+    (``find_image_column``) when ``find_own_column`` (the column was picked from another file's
+    schema, not named by the user: a folder mixing img2dataset's ``jpg`` and a Hugging Face
+    ``image`` struct), else it is that file's ``read_error`` row.
+
+    Never raises: an unreadable file, or one without an image column, ends with one
+    ``read_error`` row for the file URI; a bug while handling one record batch makes each of its
+    rows an ``internal_error``.
     """
     import pyarrow.parquet as pq
 
@@ -226,6 +235,11 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
         fs, fs_path = storage.url_to_fs(uri, storage_options)
         with fs.open(storage.open_path(fs, fs_path), "rb", block_size=STREAM_BLOCK_SIZE) as f:
             pf = pq.ParquetFile(f)
+            if image_column not in pf.schema_arrow.names:
+                own = find_image_column(pf.schema_arrow, None, uri, required=False) if find_own_column else None
+                if own is None:
+                    raise InputError(f"no image column {image_column!r} (columns: {', '.join(pf.schema_arrow.names)})")
+                image_column = own
             columns = [image_column, *[c for c in carried if c in pf.schema_arrow.names]]
             for rb in pf.iter_batches(batch_size=EMIT_ROWS, columns=columns):
                 n = rb.num_rows
