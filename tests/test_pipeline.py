@@ -135,8 +135,16 @@ def test_cli_end_to_end_with_yaml_config(tiny_clip, ray_local, tmp_path, image_f
     assert shown.returncode == 0 and len(lines) == 3
     assert "(showing 3 of 12 rows; --rows N for more)" in shown.stderr
     assert "showing" not in run_cli(["show", str(out), "--rows", "12"], ray_local).stderr
+    assert "warning" not in shown.stderr
     first = min(rows.values(), key=lambda r: r["input_index"])
     assert lines[0].split()[:2] == [first["path"].rsplit("/", 1)[-1], first["labels"][0]]
+    bad = run_cli(["show", str(out), "--rows", "-1"], ray_local)
+    assert bad.returncode == 2 and "must be >= 0 (got -1)" in bad.stderr
+    # Rows of a run that never committed (no run manifest): shown, with a warning saying so.
+    (out / MANIFEST_NAME).unlink()
+    unfinished = run_cli(["show", str(out), "-n", "3"], ray_local)
+    assert unfinished.returncode == 0 and unfinished.stdout == shown.stdout
+    assert f"warning: {out} holds no finished run (no {MANIFEST_NAME})" in unfinished.stderr
 
 
 def test_cli_warns_when_nothing_was_labeled(tiny_clip, ray_local, tmp_path):
@@ -168,6 +176,7 @@ def test_show_names_stay_apart():
     (["--labels", "a", "--model", "/nonexistent/ckpt"], "no such checkpoint folder: /nonexistent/ckpt"),
     (["--labels", "a", "--model", "tests/nonexistent"], "no such checkpoint folder: tests/nonexistent"),
     (["--labels", "a", "--io-timeout", "-1"], "--io-timeout must be > 0 seconds"),
+    (["--labels", "a", "--io-timeout", "inf"], "--io-timeout must be > 0 seconds, finite"),
 ])
 def test_cli_validation_errors_exit_2_and_write_nothing(args, message, tiny_clip, ray_local, tmp_path, image_folder):
     out = tmp_path / "out"

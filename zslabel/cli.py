@@ -60,11 +60,22 @@ def _checked(convert):
     return parse
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ZslabelError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise ZslabelError(f"must be >= 0 (got {value})")
+    return value
+
+
 def _add_labeling_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     """Flags of ``options.LabelingOptions`` (shared by label and relabel); dest == field name."""
     g = p.add_argument_group("labels and model")
     g.add_argument("--labels", type=parse_label_list, help="comma-separated candidate labels, e.g. 'cat,dog,bird'")
-    g.add_argument("--labels-file", help="file with one label per line ('#' comments allowed)")
+    g.add_argument("--labels-file", help="file with one label per line ('#' comments allowed); with --labels "
+                   "too, the labels of both (--labels first)")
     t = g.add_mutually_exclusive_group()
     t.add_argument("--template", dest="templates", type=lambda text: [text],
                    help=f"prompt template with one {{}} (default: {DEFAULT_TEMPLATE!r})")
@@ -477,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Print rows of a zslabel output in input order: the path relative to the "
                           "shown rows' common folder, then labels with scores, or the error.")
     show.add_argument("output", help="output folder or fsspec URI of a label/relabel run")
-    show.add_argument("-n", "--rows", type=int, default=20, help="rows to print (default 20)")
+    show.add_argument("-n", "--rows", type=_checked(_non_negative_int), default=20, help="rows to print (default 20)")
     show.add_argument("--storage-options", type=_checked(parse_storage_options),
                       help="fsspec options as JSON/YAML text or file")
     return parser
@@ -485,7 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def show_output(uri: str, rows: int, storage_options: dict) -> str:
     """A plain-text table of the first ``rows`` rows of an output, in input order; when rows are
-    left out, says so on stderr ("showing R of N rows").
+    left out, says so on stderr ("showing R of N rows"), and when the folder holds no run
+    manifest (a run that stopped or failed before its commit) warns there that the rows are
+    an unfinished run's.
 
     Raises:
         ZslabelError: ``uri`` holds no readable zslabel output.
@@ -493,9 +506,12 @@ def show_output(uri: str, rows: int, storage_options: dict) -> str:
     import pyarrow.dataset as pads
 
     from .output import ERROR, INPUT_INDEX, LABELS, PATH, SCORES
-    from .store import output_parquet_files
+    from .store import MANIFEST_NAME, output_parquet_files
 
-    fs, files, _ = output_parquet_files(uri, storage_options)
+    fs, files, folder = output_parquet_files(uri, storage_options)
+    if not fs.exists(f"{folder.rstrip('/')}/{MANIFEST_NAME}"):
+        print(f"warning: {uri} holds no finished run (no {MANIFEST_NAME}): these rows are an unfinished or "
+              "failed run's; rerun the label command with --resume to finish it", file=sys.stderr)
     try:
         table = pads.dataset(files, filesystem=fs, format="parquet").to_table(
             columns=[PATH, INPUT_INDEX, LABELS, SCORES, ERROR])

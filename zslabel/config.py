@@ -101,8 +101,8 @@ class JobConfig(LabelingOptions):
             raise ConfigError(f"--input-format must be one of {INPUT_FORMATS} (got {self.input_format!r})")
         if self.max_pixels < 1 or self.min_side < 1:
             raise ConfigError("--max-pixels and --min-side must be >= 1")
-        if not self.io_timeout > 0 or self.io_retries < 0:
-            raise ConfigError(f"--io-timeout must be > 0 seconds and --io-retries >= 0 "
+        if not 0 < self.io_timeout < float("inf") or self.io_retries < 0:
+            raise ConfigError("--io-timeout must be > 0 seconds, finite (it bounds every read), and --io-retries >= 0 "
                               f"(got {self.io_timeout}, {self.io_retries})")
         if self.decode_timeout < 0:
             raise ConfigError(f"--decode-timeout must be >= 0 seconds, 0 for no limit (got {self.decode_timeout})")
