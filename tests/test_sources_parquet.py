@@ -90,3 +90,27 @@ def test_a_folder_mixing_image_columns_reads_each_files_own(tmp_path):
     assert [r["data"] for r in rows[:2]] == [jpeg(0), jpeg(1)]
     assert [error_code(r["read_error"]) for r in rows[2:]] == ["read_error", "read_error"]
     assert "no image column 'jpg'" in rows[2]["read_error"]
+
+
+def test_a_damaged_row_group_costs_only_its_own_rows(tmp_path):
+    """A page of the middle row group overwritten (a bad disk block, a partial upload of a
+    part): its two rows are read_error rows, named and counted from the footer, and the row
+    groups after it are read (before, the rest of the file after the damage was one file-level
+    error row, and the images of the later row groups were never labeled)."""
+    f = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"jpg": [jpeg(i) for i in range(6)], "caption": [str(i) for i in range(6)]}), f,
+                   row_group_size=2, compression="zstd")
+    chunk = pq.ParquetFile(f).metadata.row_group(1).column(0)  # the image column's pages
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    damaged = bytearray(f.read_bytes())
+    damaged[start + 20: start + chunk.total_compressed_size - 5] = b"\xab" * (chunk.total_compressed_size - 25)
+    f.write_bytes(bytes(damaged))
+    plan = plan_inputs(str(f), use_ray=False)
+    rows = plan.read_locally()
+    plan.finalize()
+    assert [r["path"] for r in rows] == [f"{f}#{i}" for i in range(6)]
+    assert [r["input_index"] for r in rows] == list(range(6)) and plan.listed == 6
+    assert [r["data"] for r in rows] == [jpeg(0), jpeg(1), None, None, jpeg(4), jpeg(5)]
+    assert [r["caption"] for r in rows] == ["0", "1", None, None, "4", "5"]
+    for r in rows[2:4]:
+        assert error_code(r["read_error"]) == "read_error" and "parquet row group 1: " in r["read_error"]

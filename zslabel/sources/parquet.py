@@ -222,15 +222,23 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
     schema, not named by the user: a folder mixing img2dataset's ``jpg`` and a Hugging Face
     ``image`` struct), else it is that file's ``read_error`` row.
 
-    Never raises: an unreadable file, or one without an image column, ends with one
-    ``read_error`` row for the file URI; a bug while handling one record batch makes each of its
-    rows an ``internal_error``.
+    Never raises. Read one row group at a time: a row group that cannot be read (a damaged
+    page, a checksum or decompression error) makes each of its rows, whose number the footer
+    gives, a ``read_error`` row (``URI#ROW``), and the next row group is read; only a file whose
+    footer cannot be read (or without an image column) is one ``read_error`` row for the file
+    URI, as its rows are unknown. A bug while handling one record batch makes each of its rows
+    an ``internal_error``.
     """
     import pyarrow.parquet as pq
 
     carried = carried_columns
     row = 0
     base = file_index * FILE_INDEX_STRIDE
+
+    def failed_rows(first: int, n: int, error: str) -> pa.Table:
+        return error_table([f"{uri}#{i}" for i in range(first, first + n)], list(range(base + first, base + first + n)),
+                           error, carried)
+
     try:
         fs, fs_path = storage.url_to_fs(uri, storage_options)
         with fs.open(storage.open_path(fs, fs_path), "rb", block_size=STREAM_BLOCK_SIZE) as f:
@@ -241,18 +249,28 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
                     raise InputError(f"no image column {image_column!r} (columns: {', '.join(pf.schema_arrow.names)})")
                 image_column = own
             columns = [image_column, *[c for c in carried if c in pf.schema_arrow.names]]
-            for rb in pf.iter_batches(batch_size=EMIT_ROWS, columns=columns):
-                n = rb.num_rows
-                index = pa.array(range(base + row, base + row + n), pa.int64())
+            for group in range(pf.num_row_groups):
+                group_end = row + pf.metadata.row_group(group).num_rows
                 try:
-                    table = _rows(rb, uri, row, index, image_column, carried)
-                except Exception as exc:  # noqa: BLE001 - a bug costs these rows, not the file
-                    detail = internal_error_detail(f"{uri} rows {row}..{row + n - 1}", exc, logger)
-                    table = error_table([f"{uri}#{i}" for i in range(row, row + n)], index.to_pylist(),
-                                        error_string(INTERNAL_ERROR, detail), carried)
-                row += n
+                    for rb in pf.iter_batches(batch_size=EMIT_ROWS, row_groups=[group], columns=columns):
+                        n = rb.num_rows
+                        index = pa.array(range(base + row, base + row + n), pa.int64())
+                        try:
+                            table = _rows(rb, uri, row, index, image_column, carried)
+                        except Exception as exc:  # noqa: BLE001 - a bug costs these rows, not the file
+                            detail = internal_error_detail(f"{uri} rows {row}..{row + n - 1}", exc, logger)
+                            table = failed_rows(row, n, error_string(INTERNAL_ERROR, detail))
+                        row += n
+                        counts["listed"] = row
+                        yield table
+                except Exception as exc:  # noqa: BLE001 - a damaged row group costs its own rows
+                    logger.warning("cannot read row group %d of Parquet %s: %s", group, uri,
+                                   storage.describe_error(exc))
+                    if group_end > row:
+                        yield failed_rows(row, group_end - row, error_string(
+                            READ_ERROR, f"parquet row group {group}: {storage.describe_error(exc)}"))
+                row = group_end
                 counts["listed"] = row
-                yield table
     except Exception as exc:  # noqa: BLE001 - a bad file is one error row, not a failed job
         logger.warning("cannot read Parquet %s: %s", uri, storage.describe_error(exc))
         counts["listed"] = row + 1
