@@ -221,3 +221,19 @@ def test_registry_is_the_only_list_of_kinds():
     assert sorted(in_table) == sorted(names)
     with pytest.raises(InputError, match="unknown input format 'zip'"):
         plan_inputs("x", input_format="zip")
+
+
+def test_dedupe_knows_spellings_of_one_local_file(tmp_path):
+    """--dedupe removes the other spellings of a local file too: its file: URI (percent-encoded
+    or not), a doubled slash, ``x/..``; the first spelling is the row's path. Remote URIs and
+    distinct files stay."""
+    a = write(tmp_path / "im gs" / "a.jpg", jpeg(1))
+    b = write(tmp_path / "im gs" / "b.jpg", jpeg(2))
+    d = str(tmp_path / "im gs")
+    manifest = write(tmp_path / "list.txt", "\n".join([
+        str(a), f"file://{d.replace(' ', '%20')}/a.jpg", f"file:{d}/a.jpg", f"{d}//a.jpg", f"{d}/x/../a.jpg",
+        str(b), "s3://bucket/a.jpg", "s3://bucket//a.jpg"]).encode())
+    plan = plan_inputs(str(manifest), dedupe=True, use_ray=False)
+    rows = plan.read_locally()
+    assert [r["path"] for r in rows] == [str(a), str(b), "s3://bucket/a.jpg", "s3://bucket//a.jpg"]
+    assert plan.duplicates_removed == 4 and plan.listed == 8

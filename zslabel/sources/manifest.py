@@ -33,6 +33,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import os
 import posixpath
 import re
 
@@ -41,6 +42,7 @@ import pyarrow.compute as pc
 
 from .. import storage
 from ..errors import InputError, ZslabelError
+from ..fetch import file_uri_path
 from ..textfiles import decode_text
 from .blocks import core_table, planned_dataset
 from .common import (
@@ -156,7 +158,7 @@ def plan_path_table(uri: str, fs, fs_path: str, table: pa.Table, path_col: str |
     paths = resolve_relative(paths, uri, fs, fs_path)
     removed = 0
     if options.dedupe and len(paths):
-        first = (pa.table({"p": paths, "i": pa.array(range(len(paths)), pa.int64())})
+        first = (pa.table({"p": same_file_keys(paths), "i": pa.array(range(len(paths)), pa.int64())})
                  .group_by("p", use_threads=False).aggregate([("i", "min")]))
         take = first.column("i_min").take(pc.sort_indices(first.column("i_min")))
         removed = len(paths) - len(take)
@@ -175,6 +177,18 @@ def plan_path_table(uri: str, fs, fs_path: str, table: pa.Table, path_col: str |
                      skipped_examples=examples,
                      duplicates_removed=removed, planning_seconds=0.0, carried_columns=list(cols),
                      planned_paths=table.column("path"), _local=local)
+
+
+def same_file_keys(paths: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One key per path for ``--dedupe``, equal for two spellings of one local file: a ``file:``
+    URI and the path it names (``fetch.file_uri_path``), ``a/./b.jpg``, ``a/x/../b.jpg`` and
+    ``a//b.jpg`` (``os.path.normpath``; a symlink is not resolved). Remote URIs are compared
+    as written. (N,) string array in, (N,) string array out."""
+    keys = []
+    for p in paths.to_pylist():
+        local = file_uri_path(p) if p[:5].lower() == "file:" else p if "://" not in p else None
+        keys.append(os.path.normpath(local) if local is not None else p)
+    return pa.array(keys, pa.string())
 
 
 def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], uri: str,
