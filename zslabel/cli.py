@@ -148,7 +148,9 @@ def _label_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--path-column", help="manifest column holding URIs (default: path, url or uri)")
     g.add_argument("--id-column", help="manifest column carried into the output")
     g.add_argument("--image-column", help="Parquet column holding image bytes (default: jpg/png/image/bytes)")
-    g.add_argument("--dedupe", action="store_true", default=None, help="label each distinct URI once (a local file's file: URI and a//b or x/.. spellings count as the same file)")
+    g.add_argument("--dedupe", action="store_true", default=None,
+                   help="label each distinct URI once (a local file's file: URI and a//b or x/.. spellings count "
+                   "as the same file)")
     g.add_argument("--io-timeout", type=float,
                    help="seconds to connect to a remote input and to wait for its next bytes (default 30); "
                    "a silent server costs one timeout per input, the inputs of a batch are fetched at once")
