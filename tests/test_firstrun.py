@@ -138,10 +138,10 @@ def test_version_and_exit_codes_in_help():
     proc = _cli(["--version"], dict(os.environ), timeout=60)
     assert proc.returncode == 0 and re.fullmatch(r"zslabel \S+\n", proc.stdout), proc
     help_text = build_parser().format_help()
-    for code in ("0 ", "1 ", "2 ", "3 ", "130"):
+    for code in ("0 ", "1 ", "2 ", "3 ", "130", "143"):
         assert f"\n  {code}" in help_text
     readme = (ROOT / "README.md").read_text()
-    assert "| 3 |" in readme and "--version" in readme
+    assert "| 3 |" in readme and "| 143 |" in readme and "--version" in readme
 
 
 # --------------------------------------------------------------------------- install lock

@@ -173,6 +173,36 @@ def test_finished_run_resume_and_refused_resume_need_no_ray(tiny_clip, ray_local
     assert len(set(paths)) == 13 and str(new) in paths
 
 
+def test_output_inside_the_input_folder_is_no_input_of_a_rerun(tiny_clip, ray_local, image_folder):
+    """`zslabel label /data --output /data/out`: the output's own files (parts, manifest, state)
+    are one skipped entry, not inputs, so a --resume of the finished run returns at once (input
+    stamp unchanged, no Ray) and an --overwrite counts what the first run counted."""
+    out = image_folder / "out"
+    base = dict(input=str(image_folder), output=str(out), labels=LABELS_A, model=str(tiny_clip), top_k=2,
+                batch_size=4)
+    first = run_label_job(JobConfig(**base))
+    def input_counts():
+        c = json.loads((out / MANIFEST_NAME).read_text())["counts"]
+        return {k: c.get(k) for k in ("rows", "listed", "skipped", "skipped_by_reason", "duplicates_removed")}
+
+    counts = input_counts()
+    assert (first.rows, first.skipped, first.skipped_by_reason) == (12, 1, {"output_folder": 1})
+    assert counts["listed"] == 13 and counts["skipped_by_reason"] == {"output_folder": 1}
+
+    args = [image_folder, "--labels", ",".join(LABELS_A), "--model", tiny_clip, "-o", out, "--top-k", "2"]
+    done = zslabel("label", *args, "--resume")
+    assert done.returncode == 0 and "labeled 12 of 12 images" in done.stdout, done.stderr[-3000:]
+    assert "nothing to do" in done.stderr
+    assert done.modules == {"ray": False, "torch": False, "transformers": False}
+
+    again = run_label_job(JobConfig(**base, mode="overwrite"))
+    assert (again.rows, again.listed, again.skipped, again.skipped_by_reason) == (
+        first.rows, first.listed, first.skipped, first.skipped_by_reason)
+    assert input_counts() == counts
+    paths = pq.read_table(str(out), columns=["path"]).column(0).to_pylist()
+    assert len(paths) == 12 and not [p for p in paths if p.startswith(str(out))]
+
+
 def test_every_label_and_relabel_flag_is_an_option_field():
     import dataclasses
 

@@ -66,16 +66,17 @@ def start_cli(args, ray_address, log_path):
                             stderr=subprocess.STDOUT, env=env)
 
 
-def kill_when(proc, folder, pattern, at_least, log_path, timeout=240):
-    """SIGKILL ``proc`` as soon as ``at_least`` files match ``folder/pattern``."""
+def kill_when(proc, folder, pattern, at_least, log_path, timeout=240, sig=signal.SIGKILL):
+    """Send ``sig`` to ``proc`` as soon as ``at_least`` files match ``folder/pattern``; wait
+    for it to end (at most ``timeout`` s more)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"the run ended (rc {proc.returncode}) before it could be killed:\n"
                         + log_path.read_text()[-3000:])
         if len(list(folder.glob(pattern))) >= at_least:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+            os.kill(proc.pid, sig)
+            proc.wait(timeout=timeout)
             return
         time.sleep(0.01)
     proc.kill()
@@ -112,6 +113,31 @@ def test_killed_run_resumes_exactly_once_without_recomputing(tiny_clip, ray_loca
     assert counts["carried_over"] == summary.carried_over and counts["written_this_run"] == summary.model_images
     leftovers = [p for p in out.rglob("*") if p.name != MANIFEST_NAME and not p.name.startswith("part-")]
     assert leftovers == []  # state folder and hidden temp files are gone after the commit
+
+
+def test_sigterm_mid_run_exits_143_like_ctrl_c_and_resumes_exactly_once(tiny_clip, ray_local, many_images, tmp_path):
+    """`timeout`, Kubernetes and Slurm stop a job with SIGTERM: it unwinds as after Ctrl-C (one
+    message, the claim given up, committed files kept), exit 143, and --resume completes it.
+    Ray's own handler used to abort the driver (exit 134, a C++ stack on stderr)."""
+    out, log = tmp_path / "out", tmp_path / "terminated.log"
+    proc = start_cli(cli_args(many_images, out, tiny_clip, LABELS, "--rows-per-file", "1", "--batch-size", "1"),
+                     ray_local, log)
+    kill_when(proc, out, "part-*.parquet", 1, log, sig=signal.SIGTERM)
+    text = log.read_text()
+    assert proc.returncode == 143, text[-3000:]
+    assert "zslabel: interrupted by SIGTERM; committed files are kept: rerun with --resume to continue" in text
+    for dump in ("SIGTERM received", "Aborted", "Traceback", "*** "):
+        assert dump not in text, text[-3000:]
+    assert not (out / MANIFEST_NAME).exists(), "stopped too late: the run had committed"
+    assert not (out / STATE_DIR / "claim.json").exists()  # given up: the next run needs no lease to expire
+    before = indices(out)
+    assert 0 < len(before) < N_MANY and len(set(before)) == len(before)
+
+    resumed = start_cli(cli_args(many_images, out, tiny_clip, LABELS, "--resume"), ray_local, log)
+    assert resumed.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert indices(out) == list(range(N_MANY))  # every input exactly once
+    counts = manifest_of(out)["counts"]
+    assert counts["rows"] == N_MANY and counts["carried_over"] >= len(before)
 
 
 def test_refusals_touch_nothing_resume_keeps_errors_and_retry_errors_recomputes_them(

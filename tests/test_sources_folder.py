@@ -82,6 +82,74 @@ def test_empty_or_imageless_input_raises(ray_local, tmp_path):
 
 
 
+def output_files(out: Path) -> None:
+    """What a zslabel output holds mid-run or after it: parts, manifest, state, a hidden temp file."""
+    for rel in ["part-R1-a.parquet", "part-R1-b.parquet", "_run_manifest.json", "_zslabel/run.json",
+                "_zslabel/claim.json", ".part-R1-c.parquet.0a1b.tmp", "_zslabel/staging/R2/part-R2-x.png"]:
+        write(out / rel, b"zslabel's own")
+
+
+def test_output_inside_a_folder_or_glob_input_is_one_counted_skip(tree, tmp_path):
+    """`label /data --output /data/out`: the run's own files are never inputs; the output folder
+    is one listed entry skipped as output_folder, however many files it holds (so a rerun's
+    counts equal the first run's), named by any path that reaches it."""
+    plain = plan_inputs(str(tree), use_ray=False)
+    output_files(tree / "out")
+    for output in [tree / "out", f"file://{tree}/out", tree / "sub" / ".." / "out"]:
+        plan = plan_inputs(str(tree), use_ray=False, output=str(output))
+        assert [r["path"] for r in plan.read_locally()] == [r["path"] for r in plain.read_locally()]
+        assert (plan.listed, plan.skipped) == (plain.listed + 1, plain.skipped + 1)
+        assert plan.skipped_by_reason == {**plain.skipped_by_reason, "output_folder": 1}
+        assert str(tree / "out") in plan.skipped_examples
+    (tree / "out" / "_zslabel" / "more.json").write_bytes(b"{}")  # more files: the same counts
+    again = plan_inputs(str(tree), use_ray=False, output=str(tree / "out"))
+    assert (again.listed, again.skipped_by_reason) == (plan.listed, plan.skipped_by_reason)
+
+    # The input named through a link, the output by its real path (and the reverse).
+    link = tmp_path / "tree_link"
+    link.symlink_to(tree, target_is_directory=True)
+    via_link = plan_inputs(str(link), use_ray=False, output=str(tree / "out"))
+    assert (via_link.listed, via_link.skipped_by_reason) == (plan.listed, plan.skipped_by_reason)
+    via_link = plan_inputs(str(tree), use_ray=False, output=str(link / "out"))
+    assert (via_link.listed, via_link.skipped_by_reason) == (plan.listed, plan.skipped_by_reason)
+
+    globbed = plan_inputs(str(tree / "**"), use_ray=False, output=str(tree / "out"))
+    assert globbed.kind == "glob" and globbed.skipped_by_reason.get("output_folder") == 1
+    assert not [r for r in globbed.read_locally() if "/out/" in r["path"]]
+
+    # An output elsewhere, or a sibling whose name starts the same, changes nothing.
+    for output in [tmp_path / "elsewhere", tree / "ou", tree / "out2"]:
+        other = plan_inputs(str(tree), use_ray=False, output=str(output))
+        assert "output_folder" not in other.skipped_by_reason
+
+
+def test_output_inside_a_folder_of_parquet_shards_is_not_read_as_shards(tmp_path):
+    """The output's part-*.parquet files are Parquet too: inside a folder of shards they must not
+    become shards of the input."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "shards"
+    root.mkdir()
+    pq.write_table(pa.table({"jpg": [jpeg(1), jpeg(2)]}), root / "00000.parquet")
+    output_files(root / "out")
+    plan = plan_inputs(str(root), use_ray=False, output=str(root / "out"))
+    assert plan.kind == "parquet" and plan.planned_files == [str(root / "00000.parquet")]
+    assert len(plan.read_locally()) == 2
+    plan.finalize()
+    assert plan.skipped_by_reason == {"output_folder": 1} and plan.expected_rows() == 2
+
+
+def test_output_inside_an_s3_folder_input_is_one_counted_skip(s3):
+    for i, key in enumerate(["in/a.jpg", "in/b.jpg", "in/out/part-R1-a.parquet", "in/out/_run_manifest.json",
+                             "in/out/_zslabel/run.json", "in/outer/c.jpg"]):
+        s3.put(key, jpeg(i))
+    plan = plan_inputs(s3.uri("in/"), storage_options=s3.storage_options, use_ray=False, output=s3.uri("in/out/"))
+    assert [r["path"] for r in plan.read_locally()] == [s3.uri(k) for k in ["in/a.jpg", "in/b.jpg", "in/outer/c.jpg"]]
+    assert (plan.listed, plan.skipped_by_reason) == (4, {"output_folder": 1})
+    assert plan.skipped_examples == [s3.uri("in/out")]
+
+
 def test_s3_folder_one_listing_call_and_full_uris(ray_local, s3):
     names = ["img/a.jpg", "img/sub/b #1 ü.PNG", "img/x/same.jpg", "img/y/same.jpg",
              "img/.hidden/h.jpg", "img/readme.md", "imgs-other/z.jpg"]

@@ -7,12 +7,15 @@ see ``EXIT_CODES``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
+import signal
 import sys
+import threading
 
 from .config import INPUT_FORMATS, JobConfig, parse_concurrency, parse_storage_options, resolve_templates
-from .errors import AccountingError, ErrorBudgetExceeded, RayStartError, ZslabelError
+from .errors import AccountingError, ErrorBudgetExceeded, RayStartError, Terminated, ZslabelError
 from .labels import DEFAULT_TEMPLATE, TEMPLATE_SETS, parse_label_list
 from .options import DEFAULT_MODEL
 from .sources import KINDS as INPUT_KINDS
@@ -29,7 +32,8 @@ EXIT_CODES = """exit codes:
   2    bad configuration, input, model or output (nothing written)
   3    Ray could not be started or joined (unreachable --address, node start timed out)
   4    the rows do not account for every input (a zslabel bug): nothing committed, rows kept
-  130  interrupted (committed files are kept: rerun with --resume)
+  130  interrupted by Ctrl-C (SIGINT): committed files are kept, rerun with --resume
+  143  stopped by SIGTERM (timeout, Kubernetes, Slurm), label and relabel: as 130
 """
 
 EPILOG = """examples:
@@ -437,6 +441,27 @@ def _print_evaluation(args, output: str, ground_truth, storage_options: dict, js
         report.write_json(json_path, storage_options)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises ``errors.Terminated`` (a ``KeyboardInterrupt``) in the
+    main thread, so that a job stopped by ``timeout``, Kubernetes or Slurm unwinds as after
+    Ctrl-C. A second SIGTERM ends the process at once (the default action), so that cleanup
+    cannot hold it. The previous handler is restored afterwards. No-op outside the main thread.
+    """
+    if threading.current_thread() is threading.main_thread():
+        def terminated(signum, frame):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            raise Terminated()
+
+        previous = signal.signal(signal.SIGTERM, terminated)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    else:
+        yield
+
+
 def _run_and_evaluate(args, run, config) -> int:
     """Run a label/relabel job; with --ground-truth (read before the run, so a bad file fails
     fast) evaluate the output afterwards, also when the error budget was exceeded."""
@@ -559,7 +584,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (``EXIT_CODES``: 0 ok, 1 error budget exceeded,
-    2 usage/config error, 3 Ray did not start, 4 accounting check failed, 130 interrupted)."""
+    2 usage/config error, 3 Ray did not start, 4 accounting check failed, 130 interrupted,
+    143 SIGTERM during label or relabel)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -567,13 +593,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "label":
             from .pipeline import run_label_job
 
-            return _run_and_evaluate(args, functools.partial(run_label_job, progress=not args.quiet),
-                                     config_from_args(args))
+            with sigterm_as_interrupt():  # cluster.init_ray keeps this handler over Ray's
+                return _run_and_evaluate(args, functools.partial(run_label_job, progress=not args.quiet),
+                                         config_from_args(args))
         if args.command == "relabel":
             from .relabel import run_relabel_job
 
-            return _run_and_evaluate(args, functools.partial(run_relabel_job, progress=not args.quiet),
-                                     relabel_config_from_args(args))
+            with sigterm_as_interrupt():
+                return _run_and_evaluate(args, functools.partial(run_relabel_job, progress=not args.quiet),
+                                         relabel_config_from_args(args))
         if args.command == "show":
             print(show_output(args.output, args.rows, args.storage_options or {}))
             return 0
@@ -588,10 +616,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             _print_evaluation(args, args.predictions, args.ground_truth, args.storage_options or {}, args.json)
             return 0
-    except KeyboardInterrupt:
-        print("zslabel: interrupted; committed files are kept: rerun with --resume to continue",
+    except KeyboardInterrupt as exc:
+        by = " by SIGTERM" if isinstance(exc, Terminated) else ""
+        print(f"zslabel: interrupted{by}; committed files are kept: rerun with --resume to continue",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     except ErrorBudgetExceeded as exc:
         print(f"zslabel: error: {exc}", file=sys.stderr)
         return 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -63,7 +65,8 @@ def init_ray(address: str | None) -> None:
         RayStartError: Ray did not start or could not be joined (exit code 3 in the CLI).
 
     Also sets this driver's Ray Data failure policy (``DataContext``): a few labeler actors may
-    die during start-up before the job fails, and no failed block is ever dropped.
+    die during start-up before the job fails, and no failed block is ever dropped. The
+    process's SIGTERM handler is left as the caller set it (``ray.init`` replaces it).
     """
     import ray
     import ray.data
@@ -92,6 +95,7 @@ def init_ray(address: str | None) -> None:
         # model in a plain process (benchmarks/README.md, "Actor vs plain process"). An
         # explicit RAY_worker_niceness is kept; clusters started by `ray start` keep theirs.
         os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
+    keep = _sigterm_handler()
     try:
         ray.init(**kwargs)
     except Exception as exc:  # noqa: BLE001 - Ray raises bare Exception/ConnectionError/TimeoutError here
@@ -104,6 +108,29 @@ def init_ray(address: str | None) -> None:
         raise RayStartError(
             f"could not {where}: {type(exc).__name__}: {exc} (a busy machine can make Ray's node start "
             "time out: retry, or start Ray once with `ray start --head` and pass --address)") from exc
+    finally:
+        _restore_sigterm_handler(keep)
+
+
+def _sigterm_handler() -> Any:
+    """This process's Python-level SIGTERM handler, or None when it cannot be read or set here
+    (a thread other than the main one, or a handler installed outside Python)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.getsignal(signal.SIGTERM)
+
+
+def _restore_sigterm_handler(handler: Any) -> None:
+    """Put back what :func:`_sigterm_handler` returned, replacing what ``ray.init`` set.
+
+    ``ray.init`` replaces SIGTERM's handling twice (Ray 2.60): a Python handler
+    (``sys.exit(15)``), then its core worker's C++ failure-signal handler, which prints a
+    ``*** SIGTERM received`` stack and aborts (exit 134), skipping every ``finally`` of the
+    job. What SIGTERM does is the caller's choice (the CLI: unwind like Ctrl-C,
+    ``errors.Terminated``; a Python API user: whatever they had), so it is restored; setting
+    it through ``signal.signal`` replaces the C++ handler too."""
+    if handler is not None:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _check_reachable(address: str, timeout_s: float = 10.0) -> None:

@@ -65,3 +65,11 @@ class ErrorBudgetExceeded(ZslabelError):
 class RayStartError(ZslabelError):
     """Ray could not be started or joined (no cluster at ``--address``, a local node that timed
     out starting under load); the CLI prints it and exits 3. Nothing was written."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, Kubernetes, Slurm) received by a label or relabel command.
+
+    A ``KeyboardInterrupt`` so that it unwinds a job exactly as Ctrl-C does: Ray Data's
+    executor and the output's claim are shut down and released by the same handlers, and
+    committed files stay for ``--resume``. The CLI exits 143 (128 + SIGTERM)."""

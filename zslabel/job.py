@@ -165,7 +165,8 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
     rule = options.validate()
     if not options.model:
         raise ConfigError("no model given: pass --model")
-    stamps = {"input": local_stamp(input_uri), "model": local_stamp(options.model)}
+    # Without the output: an output inside the input folder changes with every run.
+    stamps = {"input": local_stamp(input_uri, exclude=options.output), "model": local_stamp(options.model)}
     # Read once: it loads the calibration and head files (by content id), so a missing or
     # damaged one fails here; their fit is checked with the model below.
     settings = options.result_settings()

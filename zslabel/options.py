@@ -290,24 +290,37 @@ def _has_visible_file(folder: str) -> bool:
     return False
 
 
-def local_stamp(uri: str | None) -> str | None:
+def _local_path(uri: str | None) -> Path | None:
+    """``uri`` as a local path (plain or ``file://``), None for anything else."""
+    if not uri or "://" in uri and not uri.startswith("file://"):
+        return None
+    return Path(uri.removeprefix("file://")).expanduser()
+
+
+def local_stamp(uri: str | None, exclude: str | None = None) -> str | None:
     """A cheap digest of a local file or folder (every file's relative name, size and mtime in
     ns; sha256, 16 hex digits), or None for anything not local (hub ids, remote URIs).
 
     Used to tell, without reading file contents, that an input or a checkpoint folder is
     unchanged since a finished run: a finished run's ``--resume`` then returns without Ray.
+
+    ``exclude``: a local folder left out of the digest (the job's output, when it lies inside
+    the input folder: its files change with every run), matched by real path.
     """
-    if not uri or "://" in uri and not uri.startswith("file://"):
+    path = _local_path(uri)
+    if path is None or not path.exists():
         return None
-    path = Path(uri.removeprefix("file://")).expanduser()
-    if not path.exists():
-        return None
+    skip = _local_path(exclude)
+    skip_real = os.path.realpath(skip) if skip is not None else None
     h = hashlib.sha256()
     if path.is_file():
         st = path.stat()
         h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     else:
         for dirpath, dirnames, filenames in os.walk(path):
+            if skip_real is not None:
+                # realpath per folder, not per file: folders are few.
+                dirnames[:] = [d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) != skip_real]
             dirnames.sort()
             for name in sorted(filenames):
                 full = os.path.join(dirpath, name)

@@ -79,7 +79,8 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         plan = sources.plan_inputs(
             config.input, input_format=config.input_format, storage_options=config.storage_options, io=io,
             path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,
-            image_column=config.image_column, task_options=task_options, cluster_cpus=cluster.cpus())
+            image_column=config.image_column, task_options=task_options, cluster_cpus=cluster.cpus(),
+            output=config.output)
         prepared.timings["planning_s"] = plan.planning_seconds
         labelers = actor_pool_strategy(config, pool, plan.listed, cluster.nodes)
         bound_in_flight(config, prepared.preprocess.output_hw, pool, plan.dataset)

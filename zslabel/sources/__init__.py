@@ -65,7 +65,7 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
                 io: storage.IOPolicy | None = None, path_column: str | None = None, id_column: str | None = None,
                 dedupe: bool = False, image_column: str | None = None,
                 task_options: dict | None = None, cluster_cpus: float | None = None,
-                use_ray: bool = True) -> InputPlan:
+                use_ray: bool = True, output: str | None = None) -> InputPlan:
     """Discover the inputs at ``uri`` and return a lazy Ray Dataset of them plus counts.
 
     Args:
@@ -93,6 +93,9 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
             (``blocks.rows_per_block``). None: by the row count alone.
         use_ray: False plans without Ray: ``dataset`` is None and ``plan.read_locally()``
             gives the rows (tars and Parquet are read then, in this process).
+        output: the job's output URI (``--output``). A folder or glob input that holds it lists
+            nothing under it: it is one skipped entry (``output_folder``), so that a rerun does
+            not read the run's own Parquet files, manifest and state as inputs.
 
     Returns:
         An :class:`InputPlan`. Folder/glob/manifest rows are in deterministic order (listing
@@ -123,7 +126,7 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
     options = InputOptions(storage_options=storage.io_storage_options(uri, storage_options, io), io=io,
                            path_column=path_column, id_column=id_column, dedupe=dedupe, image_column=image_column,
                            auto=auto, plan_files=plan_files, task_options=dict(task_options or {}),
-                           cluster_cpus=cluster_cpus, use_ray=use_ray)
+                           cluster_cpus=cluster_cpus, use_ray=use_ray, output=output)
     try:
         plan = _BY_NAME[name].plan(uri, options)
     except ZslabelError:

@@ -86,6 +86,9 @@ class InputOptions:
     # False: plan without Ray (no dataset; InputPlan.read_locally gives the rows), for tests
     # and tools that check planning and counting on their own.
     use_ray: bool = True
+    # The job's output (``--output``): a folder or glob input that holds it skips what lies
+    # under it (``output_folder``), so the run's own files are never its inputs.
+    output: str | None = None
 
 
 # Why an entry was skipped (``InputPlan.skipped_by_reason`` keys; README "Counts").
@@ -104,6 +107,7 @@ SKIP_REASONS: dict[str, str] = {
     "tar_special": "a tar member that is a device, FIFO or other special file",
     "tar_link_not_image": "a tar hard/symbolic link whose name is not an image",
     "not_a_shard": "a file beside tar/Parquet shards in their folder (_SUCCESS, stats .json, ...)",
+    "output_folder": "the job's own output folder (--output) inside a folder or glob input: one entry, not read",
 }
 
 

@@ -7,7 +7,9 @@ a sub-folder that cannot be read (``unreadable_folder``) and a symlink to a fold
 followed because it loops back or points into the input (``folder_link``, see
 :func:`local_find`) are listed and skipped too. Object keys ending in ``/`` are folder
 markers, not files, and are not listed. A folder holding only tar or Parquet shards is handed
-to that kind (auto mode); its other files are then skipped as ``not_a_shard``.
+to that kind (auto mode); its other files are then skipped as ``not_a_shard``. The job's own
+output folder, when it lies inside the input, is not listed: it is one skipped entry
+(``output_folder``), so that its part files, manifest and state never become inputs.
 """
 
 from __future__ import annotations
@@ -23,13 +25,23 @@ from fsspec.implementations.local import LocalFileSystem
 from .. import storage
 from ..errors import InputError
 from .blocks import core_table, planned_dataset
-from .common import IMAGE_EXTENSIONS, MAX_EXAMPLES, InputKind, InputOptions, InputPlan, extension, is_hidden
+from .common import (
+    IMAGE_EXTENSIONS,
+    MAX_EXAMPLES,
+    InputKind,
+    InputOptions,
+    InputPlan,
+    extension,
+    file_uri_path,
+    is_hidden,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def local_find(root: str) -> tuple[list[str], list[str], list[str]]:
-    """All files below a local folder: (files, unreadable_dirs, skipped_folder_links).
+def local_find(root: str, skip: str | None = None) -> tuple[list[str], list[str], list[str], list[str]]:
+    """All files below a local folder: (files, unreadable_dirs, skipped_folder_links,
+    skipped_folders).
 
     ``os.scandir`` walk: file types come from the directory entries, so no per-file ``stat``
     (fsspec's local ``find`` stats every entry: 5.9 s vs 0.3 s for 200,000 files).
@@ -39,21 +51,27 @@ def local_find(root: str) -> tuple[list[str], list[str], list[str]]:
     a link back to an ancestor (a loop) or into the input itself would list the same images
     twice. Such links are returned in ``skipped_folder_links`` (counted as skips, reason
     ``folder_link``), never silently dropped. Links to folders elsewhere are walked once each.
+
+    ``skip``: the real path (``os.path.realpath``) of a folder not to walk (the job's output);
+    each folder or folder link found with that real path is returned in ``skipped_folders``.
     """
     if os.path.isfile(root):
-        return [root], [], []
+        return [root], [], [], []
     files: list[str] = []
     bad: list[str] = []
     links: list[str] = []
+    skipped: list[str] = []
     trees = [os.path.realpath(root)]  # real paths of the trees walked: the root, followed links
 
     def overlaps(real: str) -> bool:
         return any(real == t or real.startswith(t.rstrip("/") + "/") or t.startswith(real.rstrip("/") + "/")
                    for t in trees)
 
-    stack = [root]
+    # Each folder with its real path, known without a realpath call per folder: a sub-folder
+    # that is no link is its parent's real path plus its name.
+    stack = [(root, trees[0])]
     while stack:
-        folder = stack.pop()
+        folder, real_folder = stack.pop()
         try:
             with os.scandir(folder) as entries:
                 for entry in entries:
@@ -63,32 +81,66 @@ def local_find(root: str) -> tuple[list[str], list[str], list[str]]:
                         is_dir = False
                     if not is_dir:
                         files.append(entry.path)
-                    elif not entry.is_symlink():
-                        stack.append(entry.path)
+                        continue
+                    link = entry.is_symlink()
+                    real = os.path.realpath(entry.path) if link else real_folder.rstrip("/") + "/" + entry.name
+                    if real == skip:
+                        skipped.append(entry.path)
+                    elif not link:
+                        stack.append((entry.path, real))
+                    elif overlaps(real):
+                        links.append(entry.path)
                     else:
-                        real = os.path.realpath(entry.path)
-                        if overlaps(real):
-                            links.append(entry.path)
-                        else:
-                            trees.append(real)
-                            stack.append(entry.path)
+                        trees.append(real)
+                        stack.append((entry.path, real))
         except OSError as exc:
             if folder == root:
                 if isinstance(exc, FileNotFoundError):
-                    return [], [], []
+                    return [], [], [], []
                 raise InputError(f"cannot list {root}: {exc}") from exc
             logger.warning("cannot list %s: %s", folder, exc)
             bad.append(folder)
-    return files, bad, links
+    return files, bad, links, skipped
 
 
-def _list(uri: str, pattern: bool, storage_options: dict
-          ) -> tuple[fsspec.AbstractFileSystem, str, str, list[str], list[str], list[str]]:
-    """(fs, fs_path, root, files sorted, unreadable folders, skipped folder links) for a folder
-    or a glob pattern."""
-    fs, fs_path = storage.url_to_fs(uri, storage_options)
+def output_path(fs: fsspec.AbstractFileSystem, output: str | None, storage_options: dict) -> str | None:
+    """The job's ``output`` as a normalised path of ``fs`` (local: ``os.path.realpath``, so
+    links and ``..`` do not hide it; else the filesystem's own path without a trailing ``/``),
+    or None when there is no output or it is on another filesystem.
+
+    Never raises: an output URI that cannot be opened here is on no input's filesystem.
+    """
+    if not output:
+        return None
+    try:
+        out_fs, path = storage.url_to_fs(file_uri_path(output) or output, storage_options)
+    except Exception:  # noqa: BLE001 - the output's own checks report a bad output URI
+        return None
+    if set(storage.protocols(out_fs)) != set(storage.protocols(fs)):
+        return None
+    return os.path.realpath(path) if storage.is_local(fs) else path.rstrip("/")
+
+
+def output_inside(fs: fsspec.AbstractFileSystem, root: str, output: str | None, storage_options: dict) -> str | None:
+    """The job's ``output`` as the listing of an input's ``root`` (a path of ``fs``) names it,
+    when it lies strictly below ``root`` (compared normalised, :func:`output_path`); else None."""
+    real_out = output_path(fs, output, storage_options)
+    if real_out is None:
+        return None
+    real_root = (os.path.realpath(root) if storage.is_local(fs) else root).rstrip("/")
+    if not real_out.startswith(real_root + "/"):
+        return None
+    return root.rstrip("/") + real_out[len(real_root):]
+
+
+def _list(uri: str, pattern: bool, options: InputOptions
+          ) -> tuple[fsspec.AbstractFileSystem, str, str, list[str], list[str], list[str], list[str]]:
+    """(fs, fs_path, root, files sorted, unreadable folders, skipped folder links, output
+    folders skipped) for a folder or a glob pattern."""
+    fs, fs_path = storage.url_to_fs(uri, options.storage_options)
     unreadable: list[str] = []
     links: list[str] = []
+    outputs: list[str] = []
     if pattern:
         root = fs_path[: storage.glob_start(fs_path) or len(fs_path)].rsplit("/", 1)[0]
         try:
@@ -99,11 +151,20 @@ def _list(uri: str, pattern: bool, storage_options: dict
     else:
         root = fs_path.rstrip("/") or fs_path
         if storage.is_local(fs) and type(fs).find is LocalFileSystem.find:
-            files, unreadable, links = local_find(root)
+            # By real path: also an output reached through a folder link the walk follows.
+            files, unreadable, links, outputs = local_find(
+                root, skip=output_path(fs, options.output, options.storage_options))
         else:
             files = fs.find(root, detail=False)
+    if not outputs:
+        inside = output_inside(fs, root, options.output, options.storage_options)
+        if inside is not None:
+            kept = [p for p in files if not p.startswith(inside + "/")]
+            if len(kept) < len(files):
+                files, outputs = kept, [inside]
     # Zero-byte "folder/" objects (S3 consoles make them) are folder markers, not files.
-    return fs, fs_path, root, sorted(p for p in files if not p.endswith("/")), unreadable, sorted(links)
+    return (fs, fs_path, root, sorted(p for p in files if not p.endswith("/")), unreadable, sorted(links),
+            outputs)
 
 
 def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan:
@@ -112,7 +173,7 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
     Raises:
         InputError: nothing exists at ``uri``, no images among the files, a malformed pattern.
     """
-    fs, fs_path, root, files, unreadable, links = _list(uri, pattern, options.storage_options)
+    fs, fs_path, root, files, unreadable, links, outputs = _list(uri, pattern, options)
     to_uri = storage.uri_maker(uri, fs)
     images: list[str] = []
     skipped: list[tuple[str, str]] = []  # (path, reason)
@@ -126,6 +187,11 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
             skipped.append((p, "not_an_image"))
     # A sub-folder that cannot be listed, or a folder link not followed, is counted, never dropped.
     skipped += [(p, "unreadable_folder") for p in unreadable] + [(p, "folder_link") for p in links]
+    # The job's own output: one entry however many files it holds, so that the counts of a
+    # rerun (its part files, manifest and state there now) equal the first run's.
+    for p in outputs:
+        logger.info("skipping the output folder %s inside the input %s", to_uri(p), uri)
+        skipped.append((p, "output_folder"))
     if not images and options.auto and options.plan_files is not None:
         # img2dataset / WebDataset output folders hold shards, not loose images.
         shards = [to_uri(p) for p, reason in skipped if reason == "not_an_image"]
