@@ -24,6 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .. import storage
 from ..errors import InputError
+from ..fetch import file_uri_path
 from .blocks import core_table, planned_dataset
 from .common import (
     IMAGE_EXTENSIONS,
@@ -32,7 +33,6 @@ from .common import (
     InputOptions,
     InputPlan,
     extension,
-    file_uri_path,
     is_hidden,
 )
 
