@@ -116,6 +116,9 @@ def test_quiet_prints_no_progress(ray_local, image_folder, tiny_clip, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "labeling:" not in proc.stderr and "Total Progress" not in proc.stderr
     assert "labeled 12 of 12 images" in proc.stdout
+    # No INFO lines either, ours (input planned) or Ray Data's (execution plan, end).
+    info = [line for line in proc.stderr.splitlines() if re.search(r"\bINFO\b|Starting execution|execution finished", line)]
+    assert not info, "\n".join(info)
 
 
 def test_unreachable_ray_address_exits_3_with_a_message(image_folder, tiny_clip, tmp_path):

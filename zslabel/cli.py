@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import functools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -128,7 +129,8 @@ def _add_labeling_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     g.add_argument("--eval-json", help="also write the evaluation report as JSON here")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress display (the summary line and errors still print)")
+                   help="no progress display and no INFO log lines (the summary line, warnings and errors "
+                   "still print)")
 
 
 def _label_parser(sub) -> argparse.ArgumentParser:
@@ -577,6 +579,19 @@ def display_names(paths: list[str]) -> list[str]:
     return out
 
 
+def _quiet_ray() -> None:
+    """--quiet: Ray's and Ray Data's INFO lines (local instance started, dashboard URL, each
+    dataset's execution plan and end) are left out too; warnings and errors still print. Ray
+    reads its log level when it is imported, Ray Data configures its logger then: so the level
+    is set before the one and after the other, and the execution start lines are switched off
+    in the DataContext every dataset of this process copies."""
+    os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().print_on_execution_start = False
+
+
 def config_from_args(args: argparse.Namespace) -> JobConfig:
     """Merge ``--config`` YAML (if any) with the flags that were given (by field name); flags win."""
     return JobConfig.from_args(args, JobConfig.from_yaml(args.config) if args.config else None)
@@ -587,8 +602,12 @@ def main(argv: list[str] | None = None) -> int:
     2 usage/config error, 3 Ray did not start, 4 accounting check failed, 130 interrupted,
     143 SIGTERM during label or relabel)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+    quiet = getattr(args, "quiet", False) and not getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else
+                        logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if quiet and args.command in ("label", "relabel"):
+        _quiet_ray()
     try:
         if args.command == "label":
             from .pipeline import run_label_job
