@@ -167,3 +167,20 @@ def test_s3_folder_one_listing_call_and_full_uris(ray_local, s3):
     assert data is None and error_code(err) == "read_error"
     with pytest.raises(InputError, match="no images found"):
         plan_inputs(s3.uri("nothing-here/"), storage_options=s3.storage_options)
+
+
+def test_glob_under_a_folder_with_brackets_in_its_name(tmp_path):
+    """``photos [2021]/*.jpg``: the folder exists under that name, so its brackets are literal
+    (the pattern found nothing: "does not exist"); a bracket in a file name part that does not
+    exist as written stays a character class."""
+    d = tmp_path / "g [2021]"
+    for name in ("a.jpg", "sub/b.jpg"):
+        write(d / name, jpeg(1))
+    for name in ("img1.jpg", "img7.jpg", "imgx.jpg"):
+        write(tmp_path / name, jpeg(2))
+    plan = plan_inputs(f"{d}/*.jpg", use_ray=False)
+    assert [r["path"] for r in plan.read_locally()] == [str(d / "a.jpg")]
+    plan = plan_inputs(f"{d}/**/*.jpg", use_ray=False)
+    assert [r["path"] for r in plan.read_locally()] == [str(d / "a.jpg"), str(d / "sub" / "b.jpg")]
+    plan = plan_inputs(f"{tmp_path}/img[0-9].jpg", use_ray=False)
+    assert [r["path"] for r in plan.read_locally()] == [str(tmp_path / "img1.jpg"), str(tmp_path / "img7.jpg")]

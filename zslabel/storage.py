@@ -246,6 +246,30 @@ def glob_start(path: str) -> int | None:
     return match.start() if match else None
 
 
+def literal_brackets(fs: fsspec.AbstractFileSystem, pattern: str) -> str:
+    """``pattern`` (a glob of ``fs``) with the brackets of each leading folder that exists under
+    its own name escaped (``[`` -> ``[[]``, ``]`` -> ``[]]``), so that ``photos [2021]/*.jpg``
+    globs inside the folder ``photos [2021]`` instead of reading ``[2021]`` as a character
+    class (and finding nothing); a bracket in a name that does not exist stays a class. Stops
+    at the first folder with ``*`` or ``?``; one ``exists`` call per folder name with brackets.
+    """
+    parts = pattern.split("/")
+    escaped: list[str] = []
+    for i, part in enumerate(parts[:-1]):
+        if "*" in part or "?" in part:
+            break
+        if "[" in part or "]" in part:
+            try:
+                literal = fs.exists("/".join(parts[: i + 1]))
+            except Exception:  # noqa: BLE001 - cannot tell: keep the pattern meaning
+                literal = False
+            if not literal:
+                break
+            part = re.sub(r"[\[\]]", lambda m: f"[{m.group(0)}]", part)
+        escaped.append(part)
+    return "/".join(escaped + parts[len(escaped):])
+
+
 def is_pattern(uri: str, storage_options: dict[str, Any] | None = None, io: IOPolicy | None = None) -> bool:
     """True when ``uri`` should be globbed: it holds metacharacters and does not exist as named.
 

@@ -144,7 +144,7 @@ def _list(uri: str, pattern: bool, options: InputOptions
     if pattern:
         root = fs_path[: storage.glob_start(fs_path) or len(fs_path)].rsplit("/", 1)[0]
         try:
-            found = fs.glob(fs_path, detail=True)
+            found = fs.glob(storage.literal_brackets(fs, fs_path), detail=True)
         except ValueError as exc:  # fsspec rejects malformed patterns ("a**b")
             raise InputError(f"invalid glob pattern {uri}: {exc}") from exc
         files = [p for p, info in found.items() if info.get("type") != "directory"]
