@@ -254,7 +254,7 @@ def _fetch_one_sync(fs: fsspec.AbstractFileSystem, path: str, io: IOPolicy) -> t
 def read_local(path: str, storage_options: dict | None = None,
                max_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> tuple[bytes | None, str | None]:
     """Read a plain local path (no ``://``); a name with ``%XX`` escapes of undecodable bytes or
-    in the other Unicode normalisation finds its file (:func:`open_path`); a file larger than
+    in the other Unicode normalisation finds its file (``storage.open_path``); a file larger than
     ``max_bytes`` is a ``read_error``, unread (:func:`read_local_capped`). Never raises."""
     try:
         try:
@@ -322,7 +322,7 @@ def start_fetch(paths: Sequence[str], storage_options: dict | None = None,
 
     Remote inputs are read concurrently, at most ``FETCH_CONCURRENCY`` at once per filesystem:
     for async filesystems (HTTP(S), S3, GCS, Azure) as coroutines on fsspec's event loop, for
-    others in a thread pool. Each input is retried on a transient failure (:func:`is_transient`)
+    others in a thread pool. Each input is retried on a transient failure (``storage.is_transient``)
     up to ``io.retries`` times with backoff; one attempt is cut after ``io.attempt_limit``
     seconds. So a batch of N inputs from a server that never answers costs about one
     ``io.timeout`` in all (not N of them, and not 300 s each).
@@ -330,7 +330,7 @@ def start_fetch(paths: Sequence[str], storage_options: dict | None = None,
     Args:
         paths: plain local paths, ``file:`` URIs or fsspec URIs (the ``path`` column).
         storage_options: fsspec options (credentials, endpoints); with ``io``'s timeouts added
-            where they set none (:func:`io_storage_options`).
+            where they set none (``storage.io_storage_options``).
         io: time limits and retries; default ``IOPolicy()``.
     """
     io = io or IOPolicy()
