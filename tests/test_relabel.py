@@ -331,3 +331,21 @@ def test_relabel_keeps_the_source_templates_and_top_k_unless_given(runs, tmp_pat
                                   templates=["{}"], top_k=2))
     manifest = json.loads((tmp_path / "given" / "_run_manifest.json").read_text())
     assert manifest["templates"] == ["{}"] and manifest["config"]["top_k"] == 2
+
+
+def test_output_that_names_the_source_another_way_is_refused(tmp_path):
+    """Validation only (no run): every spelling of the source folder, or of a folder inside it,
+    is refused before anything is read or written. ``/r//run``, ``/r/./run``, ``/r/x/../run``
+    and a symlink to the source passed the string comparison, and ``--overwrite`` replaced the
+    source run with its own relabel."""
+    src = tmp_path / "r" / "run"
+    (src / "sub").mkdir(parents=True)
+    (tmp_path / "r" / "x").mkdir()
+    (tmp_path / "link").symlink_to(src)
+    r = str(tmp_path / "r")
+    given = dict(labels=LABELS_A, templates=["a photo of a {}."], top_k=1, model="any")  # what the source gives
+    for output in (f"{r}//run", f"{r}/./run", f"{r}/x/../run", str(tmp_path / "link"), f"{r}/run/",
+                   f"file://{r}/run", f"{r}//run/sub", str(tmp_path / "link" / "new")):
+        with pytest.raises(ConfigError, match="is the source .or inside it."):
+            RelabelConfig(source=str(src), output=output, mode="overwrite", **given).validate()
+    RelabelConfig(source=str(src), output=f"{r}/run2", **given).validate()  # a sibling is fine
