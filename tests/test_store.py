@@ -218,3 +218,40 @@ def test_commit_refuses_files_of_another_run(tmp_path):
 def test_fingerprint_is_the_digest_of_the_fields(tmp_path):
     session = run_once(str(tmp_path / "out"), [0])
     assert session.fingerprint == fingerprint_digest(FIELDS)
+
+
+def test_readers_and_the_resume_short_cut_see_files_added_or_deleted_since_the_run(tmp_path):
+    """A finished run's manifest records how many data files it committed. A Parquet file put
+    there since (a copy, another tool's stats.parquet) was read as rows by show, report, export
+    and relabel, and a deleted part file silently lost its rows; a --resume of such an output
+    said 'nothing to do'. Now readers refuse the folder, naming both numbers, and the short-cut
+    lets the run go ahead (it rescans and labels what is missing)."""
+    import json
+    import shutil
+
+    from zslabel.errors import InputError
+    from zslabel.store import output_parquet_files
+
+    out = tmp_path / "out"
+    run_once(str(out), [0, 1, 2])
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    parts = sorted(out.glob("*.parquet"))
+    manifest["counts"]["files"] = len(parts)
+    manifest.update(input_stamp="in", model={"stamp": "ckpt"})
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    stamps = {"input": "in", "model": "ckpt"}
+    assert len(output_parquet_files(str(out))[1]) == len(parts) == 1
+    assert OutputStore.open(str(out)).finished_unchanged("resume", False, stamps) is not None
+
+    shutil.copy(parts[0], out / "extra.parquet")
+    with pytest.raises(InputError, match="holds 2 Parquet files but its run manifest records 1: files were added"):
+        output_parquet_files(str(out))
+    assert OutputStore.open(str(out)).finished_unchanged("resume", False, stamps) is None
+    assert output_parquet_files(str(out / "extra.parquet"))[1]  # one file named on its own is read
+
+    (out / "extra.parquet").unlink()
+    manifest["counts"]["files"] = 2  # as if a second part file had been deleted
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="records 2: files were deleted .* would lose rows.*--resume"):
+        output_parquet_files(str(out))
+    assert OutputStore.open(str(out)).finished_unchanged("resume", False, stamps) is None

@@ -92,7 +92,8 @@ def finished_unchanged(state: OutputState, mode: str, retry_errors: bool, stamps
 
     Nothing to do: ``state`` holds a finished run (manifest, no unfinished run, swap or live
     claim), its settings are this run's (:func:`check_resumable` passed), there are no error rows
-    to retry, and the input (or relabel source) and the model checkpoint are local and
+    to retry, the output holds as many data files as that run committed, and the input (or
+    relabel source) and the model checkpoint are local and
     unchanged: the same ``options.local_stamp`` (file names, sizes and mtimes) as recorded by
     that run in ``input_stamp`` and ``model.stamp``. A hub model id or a remote input or model
     is never assumed unchanged.
@@ -109,6 +110,8 @@ def finished_unchanged(state: OutputState, mode: str, retry_errors: bool, stamps
         return None
     if m.get("input_stamp") != stamps["input"] or (m.get("model") or {}).get("stamp") != stamps["model"]:
         return None
+    if len(state.data_files()) != (m.get("counts") or {}).get("files"):
+        return None  # a part file deleted or added since: the run goes ahead, rescans and repairs
     return m
 
 

@@ -69,7 +69,35 @@ def output_parquet_files(uri: str, storage_options: dict | None = None
         raise InputError(f"cannot list {uri}: {type(exc).__name__}: {exc}") from exc
     if not rel:
         raise InputError(f"no Parquet files under {uri}; pass the output folder of a zslabel run")
+    _check_files_against_manifest(fs, root, uri, len(rel))
     return fs, [posixpath.join(root, r) for r in rel], root
+
+
+def _check_files_against_manifest(fs: fsspec.AbstractFileSystem, root: str, uri: str, found: int) -> None:
+    """A finished run's readers (show, report, export, eval, calibrate, fit, relabel) read every
+    visible Parquet file of the folder: a part file deleted since, or a Parquet file another
+    tool (or a copy) put there, would silently lose or add rows. The run manifest records how
+    many data files the run committed (``counts.files``); a folder holding another number is
+    refused. Folders without a manifest (an unfinished run) are read as they are; ``show``
+    warns about those.
+
+    Raises:
+        InputError: naming both numbers and the way to repair.
+    """
+    path = posixpath.join(root, MANIFEST_NAME)
+    try:
+        with fs.open(path, "r") as fh:
+            recorded = (json.load(fh).get("counts") or {}).get("files")
+    except FileNotFoundError:
+        return
+    except Exception:  # noqa: BLE001 - an unreadable manifest is the store's to report, not a reader's
+        return
+    if isinstance(recorded, int) and recorded != found:
+        raise InputError(
+            f"{uri} holds {found} Parquet files but its run manifest records {recorded}: files were "
+            f"{'added' if found > recorded else 'deleted'} since the run finished, and reading it would "
+            f"{'add' if found > recorded else 'lose'} rows. Remove files zslabel did not write, or rerun the "
+            "label command with --resume to label what is missing")
 
 
 @contextlib.contextmanager
