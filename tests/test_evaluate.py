@@ -127,6 +127,10 @@ def test_eval_cli_prints_and_writes_json(known_case, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "zslabel", "eval", str(pred), "--ground-truth",
                           str(tmp_path / "missing.csv")], capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+    # --json naming a folder: one line and exit 2, no traceback (IsADirectoryError was raised)
+    folder = subprocess.run([sys.executable, "-m", "zslabel", "eval", str(pred), "--ground-truth", str(gt),
+                             "--json", str(tmp_path)], capture_output=True, text=True)
+    assert folder.returncode == 2 and "Is a directory" in folder.stderr and "Traceback" not in folder.stderr
 
 
 def test_folder_per_class_ground_truth(tmp_path):

@@ -168,3 +168,14 @@ def test_check_lock_finds_a_pin_outside_the_range_and_a_missing_pin():
             check_lock.read_lock(bad)
         finally:
             bad.unlink()
+
+
+@pytest.mark.parametrize("command", ["fit", "calibrate", "report"])
+def test_a_negative_seed_is_a_usage_error_not_a_traceback(command, tmp_path):
+    """numpy's SeedSequence raised ValueError (a traceback, exit 1) on --seed -1."""
+    args = [command, str(tmp_path), "--seed", "-1"]
+    args += {"fit": ["--ground-truth", "gt.csv", "--output", "h.safetensors"],
+             "calibrate": ["--ground-truth", "gt.csv", "--output", "c.json"], "report": ["--output", "r"]}[command]
+    proc = _cli(args, dict(os.environ))
+    assert proc.returncode == 2 and "must be >= 0 (got -1)" in proc.stderr and "Traceback" not in proc.stderr, \
+        proc.stderr[-1000:]

@@ -41,11 +41,11 @@ def test_fit_then_label_and_relabel_with_the_head(ray_local, tmp_path, capsys):
     assert head.labels == [x for x in LABELS.read_text().splitlines() if x.strip()] and head.score_kind == "softmax"
     assert head.fit["examples"] == 24 and head.fit["matching"]["used"] == 24
 
-    # label --head (images, float32 embeddings) == relabel --head (stored float16 embeddings)
+    # label --head (images, float32 embeddings) == relabel --head (stored float16 embeddings);
+    # relabel as `fit --help` shows it: the labels (and top-k) are the source run's
     run2, rel = tmp_path / "run2", tmp_path / "rel"
     assert main(["label", *common, "--head", str(head_path), "--output", str(run2)]) == 0
-    assert main(["relabel", str(run1), "--labels-file", str(LABELS), "--top-k", "48", "--head", str(head_path),
-                 "--output", str(rel)]) == 0
+    assert main(["relabel", str(run1), "--head", str(head_path), "--output", str(rel)]) == 0
     a, b = _scores(run2), _scores(rel)
     assert a.keys() == b.keys() and len(a) == 24
     worst = max(abs(a[p][lab] - b[p][lab]) for p in a for lab in a[p])

@@ -277,7 +277,8 @@ def _calibrate_parser(sub) -> argparse.ArgumentParser:
                    "(default calibration.json)")
     p.add_argument("--holdout", type=float, default=0.3, help="fraction of the sample held out to measure "
                    "before/after (default 0.3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fit/held-out split (default 0)")
+    p.add_argument("--seed", type=_checked(_non_negative_int), default=0,
+                   help="seed of the fit/held-out split (default 0)")
     _add_io_flags(p)
     return p
 
@@ -364,7 +365,8 @@ def _fit_parser(sub) -> argparse.ArgumentParser:
                    "measure before/after and the learning curve (default 0.3; 0: measure nothing); the saved head "
                    "is refitted on every example")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, folds and subsamples (default 0)")
+    p.add_argument("--seed", type=_checked(_non_negative_int), default=0,
+                   help="seed of the split, folds and subsamples (default 0)")
     p.add_argument("--no-learning-curve", action="store_true", help="skip the learning curve (faster)")
     _add_io_flags(p, quiet="no progress lines")
     return p
@@ -404,7 +406,7 @@ def _report_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("output", help="output folder (or Parquet file) of `zslabel label` or `relabel`")
     p.add_argument("--output", "-o", dest="report_dir", required=True, help="local folder to write the report to")
     p.add_argument("--ground-truth", help="CSV/TSV/Parquet (path,label) or folder-per-class root")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random samples (default 0)")
+    p.add_argument("--seed", type=_checked(_non_negative_int), default=0, help="seed of the random samples (default 0)")
     p.add_argument("--per-label", type=int, default=6, help="thumbnails per grid (default 6)")
     p.add_argument("--max-label-sections", type=int, default=60,
                    help="labels with thumbnail grids, worst first (default 60); the table lists all")
@@ -650,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zslabel: error: {exc}", file=sys.stderr)
         return 4
     except ZslabelError as exc:
+        print(f"zslabel: error: {exc}", file=sys.stderr)
+        return 2
+    except (IsADirectoryError, NotADirectoryError) as exc:  # e.g. --output or --json naming a folder
         print(f"zslabel: error: {exc}", file=sys.stderr)
         return 2
     return 2

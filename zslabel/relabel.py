@@ -202,6 +202,19 @@ class RelabelSource:
             log.info("top-k from the source run: %d", top_k)
         return templates, top_k
 
+    def recorded_labels(self) -> list[str]:
+        """The source run's labels (its run manifest), for ``relabel --head`` without ``--labels``:
+        a head is fitted on a run's labels, so they are the ones it scores.
+
+        Raises:
+            ConfigError: no run manifest beside the source records labels.
+        """
+        labels = (self.manifest or {}).get("labels")
+        if not labels:
+            raise ConfigError(f"no run manifest beside {self.uri} records its labels: pass --labels or --labels-file")
+        log.info("labels from the source run: %d labels", len(labels))
+        return list(labels)
+
     def input_index(self, i: int) -> np.ndarray:
         """(rows[i],) int64 ``input_index`` of file ``i``'s rows: the source's own column when it
         has one (a zslabel output), else the file's rows numbered from ``starts[i]``."""
@@ -328,6 +341,8 @@ def run_relabel_job(config: RelabelConfig, progress: bool = True):
     source = RelabelSource.open(config.source, so)
     config.model, config.revision = source.recorded_model(config.model, config.revision)
     config.templates, config.top_k = source.recorded_settings(config.templates, config.top_k)
+    if config.head and not config.labels and not config.labels_file:
+        config.labels = source.recorded_labels()
     prepared = job.prepare(config, config.source,
                            check_model=lambda digest: check_same_model(source.manifest, config.model,
                                                                       config.revision, digest))
