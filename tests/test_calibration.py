@@ -285,3 +285,26 @@ def test_calibrate_from_written_scores_and_clear_errors(tmp_path):
     other.write_text("path,label\nelsewhere/x.jpg,a\n")
     assert main(["calibrate", str(run), "--ground-truth", str(other), "--output", str(tmp_path / "x.json")]) == 2
     assert not (tmp_path / "x.json").exists()
+
+
+def test_calibrate_refuses_damaged_stored_embeddings(tmp_path):
+    """One NaN embedding row: the fit ran on it and wrote T = 1000 as if all were well (fit, the
+    head command, already refused such samples)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from zslabel.calibrate import read_sample
+    from zslabel.errors import InputError
+
+    emb = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    emb[2] = np.nan
+    run = tmp_path / "run"
+    run.mkdir()
+    pq.write_table(pa.table({"path": [str(tmp_path / f"{i}.jpg") for i in range(6)], "error": [None] * 6,
+                             "embedding": pa.array(emb.tolist(), pa.list_(pa.float32(), 4))}), run / "part.parquet")
+    (run / "_run_manifest.json").write_text(json.dumps({
+        "labels": ["a", "b"], "templates": ["{}"], "model": {"id": "m", "digest": "abc", "score_kind": "softmax"}}))
+    gt = tmp_path / "gt.csv"
+    gt.write_text("path,label\n" + "".join(f"{i}.jpg,{'ab'[i % 2]}\n" for i in range(6)))
+    with pytest.raises(InputError, match="1 of 6 sample embeddings are NaN/infinite"):
+        read_sample(str(run), str(gt))

@@ -159,6 +159,10 @@ def read_sample(output: str, ground_truth: str, storage_options: dict | None = N
     y = np.asarray(ys, np.int64)
     if use_embeddings:
         emb = np.stack([rows[k][1] for k in keep_paths]).astype(np.float32)
+        bad = ~np.isfinite(emb).all(axis=1)
+        if bad.any():  # a damaged embedding gave a calibration fitted to it (T = 1000), written as fine
+            raise InputError(f"{int(bad.sum())} of {len(emb)} sample embeddings are NaN/infinite; the run's "
+                             "stored embeddings are damaged: relabel or re-embed those images")
         return Sample(keep_paths, y, emb, None, None, counts), manifest
     return Sample(keep_paths, y, None, [rows[k][1][0] for k in keep_paths],
                   [rows[k][1][1] for k in keep_paths], counts), manifest
