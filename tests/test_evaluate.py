@@ -131,6 +131,14 @@ def test_eval_cli_prints_and_writes_json(known_case, tmp_path):
     folder = subprocess.run([sys.executable, "-m", "zslabel", "eval", str(pred), "--ground-truth", str(gt),
                              "--json", str(tmp_path)], capture_output=True, text=True)
     assert folder.returncode == 2 and "Is a directory" in folder.stderr and "Traceback" not in folder.stderr
+    # a truncated Parquet file of the predictions: one line and exit 2 (pyarrow's ArrowInvalid was a traceback)
+    for part in (pred.glob("*.parquet") if pred.is_dir() else [pred]):
+        part.write_bytes(part.read_bytes()[:100])
+    cut = subprocess.run([sys.executable, "-m", "zslabel", "eval", str(pred), "--ground-truth", str(gt)],
+                         capture_output=True, text=True)
+    assert cut.returncode == 2 and "cannot read a Parquet file of the output: ArrowInvalid" in cut.stderr, \
+        cut.stderr[-2000:]
+    assert "Traceback" not in cut.stderr
 
 
 def test_folder_per_class_ground_truth(tmp_path):

@@ -657,6 +657,14 @@ def main(argv: list[str] | None = None) -> int:
     except (IsADirectoryError, NotADirectoryError) as exc:  # e.g. --output or --json naming a folder
         print(f"zslabel: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # A damaged Parquet file (a truncated part) met by a reading command (eval, calibrate,
+        # fit) is bad input, said in one line; anything else is a bug and keeps its traceback.
+        if not type(exc).__module__.startswith("pyarrow"):
+            raise
+        print(f"zslabel: error: cannot read a Parquet file of the output: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 2
     return 2
 
 
