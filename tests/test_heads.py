@@ -194,3 +194,14 @@ def test_calibration_records_and_checks_its_head():
     assert "head" not in plain.content()                 # files without heads keep their ids
     with pytest.raises(ConfigError, match="zero-shot classifier"):
         plain.check_compatible(**ok, head="h1")
+
+
+def test_a_sample_of_one_label_is_refused_naming_it():
+    from zslabel.errors import InputError
+    from zslabel.heads import check_sample
+
+    x = np.ones((3, 4), np.float32)
+    with pytest.raises(InputError, match="examples of one label .'dog'."):
+        check_sample(x, np.array([1, 1, 1]), 2, ["cat", "dog"])
+    with pytest.raises(InputError, match="examples of one label .1."):  # no names given: the index
+        check_sample(x, np.array([1, 1, 1]), 2)

@@ -177,7 +177,7 @@ def run_fit(run: str, ground_truth: str, *, head_path: str, holdout: float = 0.3
     t0 = time.perf_counter()
     x, y, manifest, counts = read_labeled_embeddings(run, ground_truth, storage_options)
     labels, templates = list(manifest["labels"]), list(manifest.get("templates") or [])
-    heads.check_sample(x, y, len(labels))  # NaN, single label: before the model loads
+    heads.check_sample(x, y, len(labels), labels)  # NaN, single label: before the model loads
     read_s = time.perf_counter() - t0
     model = manifest["model"]
     path = resolve_checkpoint(model["id"], model.get("revision"), storage_options)

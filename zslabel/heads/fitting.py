@@ -38,8 +38,9 @@ FINAL_TOL = 1e-4
 SMALL_WORK = 5e7
 
 
-def check_sample(x: np.ndarray, y: np.ndarray, num_labels: int) -> None:
-    """Refuse samples a head cannot be fitted on.
+def check_sample(x: np.ndarray, y: np.ndarray, num_labels: int, labels: list[str] | None = None) -> None:
+    """Refuse samples a head cannot be fitted on. ``labels``: the (C,) label names, to name a
+    lone label in the message (else its index).
 
     Raises:
         InputError: non-finite embeddings (count), label indices out of range, fewer than two
@@ -53,7 +54,7 @@ def check_sample(x: np.ndarray, y: np.ndarray, num_labels: int) -> None:
     if len(y) and (y.min() < 0 or y.max() >= num_labels):
         raise InputError("ground-truth label index out of range")
     if len(np.unique(y)) < 2:
-        which = "no label" if not len(y) else f"one label ({int(y[0])})"
+        which = "no label" if not len(y) else f"one label ({labels[int(y[0])] if labels else int(y[0])!r})"
         raise InputError(f"the sample's ground truth has examples of {which}: a head needs at least two "
                          "labels with examples (it learns to tell labels apart)")
 
