@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import photo
@@ -349,3 +350,18 @@ def test_output_that_names_the_source_another_way_is_refused(tmp_path):
         with pytest.raises(ConfigError, match="is the source .or inside it."):
             RelabelConfig(source=str(src), output=output, mode="overwrite", **given).validate()
     RelabelConfig(source=str(src), output=f"{r}/run2", **given).validate()  # a sibling is fine
+
+
+def test_a_source_file_without_embeddings_is_refused_before_anything_is_written(tmp_path):
+    """Every source file's columns are checked when the source is opened (footers only): a
+    foreign Parquet file was met mid-relabel, after part files had been committed (exit 2 with
+    an output left behind that a rerun called 'an unfinished run')."""
+    from zslabel.relabel import RelabelSource
+
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"path": ["a.jpg"], "embedding": pa.array([[0.5, 0.5]], pa.list_(pa.float32(), 2))}),
+                   src / "part-0.parquet")
+    pq.write_table(pa.table({"a": [1], "b": [2]}), src / "stats.parquet")
+    with pytest.raises(InputError, match="stats.parquet has no 'embedding' column"):
+        RelabelSource.open(str(src), {})

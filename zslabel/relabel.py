@@ -170,7 +170,14 @@ class RelabelSource:
             except (pa.ArrowException, OSError) as exc:
                 raise InputError(f"cannot read relabel source file {f}: {type(exc).__name__}: {exc}") from exc
             rows[i] = meta.num_rows
-            schema = schema or meta.schema.to_arrow_schema()
+            # Every file's columns, here, before anything is written: a foreign Parquet file
+            # (another tool's stats.parquet) was met only while relabeling, after part files
+            # had been committed to the new output.
+            file_schema = meta.schema.to_arrow_schema()
+            if schema is None:
+                schema = file_schema
+            elif _embedding_dim(file_schema, f) != _embedding_dim(schema, uri):
+                raise InputError(f"relabel source file {f} holds embeddings of another size than {files[0]}")
         starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
         manifest = read_manifest(root, storage_options)
         if manifest is None:
