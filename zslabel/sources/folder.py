@@ -144,7 +144,9 @@ def _list(uri: str, pattern: bool, options: InputOptions
     if pattern:
         root = fs_path[: storage.glob_start(fs_path) or len(fs_path)].rsplit("/", 1)[0]
         try:
-            found = fs.glob(storage.literal_brackets(fs, fs_path), detail=True)
+            # auto: a folder that exists under its bracketed name is itself, as a whole input
+            # is; --input-format glob keeps every bracket a character class.
+            found = fs.glob(storage.literal_brackets(fs, fs_path) if options.auto else fs_path, detail=True)
         except ValueError as exc:  # fsspec rejects malformed patterns ("a**b")
             raise InputError(f"invalid glob pattern {uri}: {exc}") from exc
         files = [p for p, info in found.items() if info.get("type") != "directory"]
