@@ -100,6 +100,29 @@ def test_refusals_and_overwrite(tmp_path):
     assert manifest["run_id"]
 
 
+def test_overwrite_never_writes_into_a_folder_of_other_files(tmp_path):
+    """--overwrite replaces a Lance dataset or fills an empty folder; a folder holding a user's
+    files (or the run itself, or a plain file) is refused and left as it was."""
+    out, _ = write_run(tmp_path / "out", rows_for(5))
+    before = sorted(p.name for p in out.iterdir())
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "keep.txt").write_text("mine")
+    plain = tmp_path / "notes.lance"
+    plain.write_text("not a dataset")
+    for target in (photos, out, plain):
+        proc = zslabel("export", out, "--format", "lance", "--output", target, "--overwrite")
+        assert proc.returncode == 2, proc.stderr
+        assert "--overwrite replaces only an earlier Lance dataset or an empty folder" in proc.stderr
+    assert sorted(p.name for p in photos.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == before and plain.read_text() == "not a dataset"
+    empty = tmp_path / "empty.lance"
+    empty.mkdir()
+    proc = zslabel("export", out, "--format", "lance", "--output", empty, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert lance.dataset(str(empty)).count_rows() == 5
+
+
 def test_unreadable_run_file_fails_cleanly(tmp_path):
     """A damaged Parquet file half-way: exit 2 naming it, and no half-written table left behind."""
     out, _ = write_run(tmp_path / "out", rows_for(40), dim=8, files=4)

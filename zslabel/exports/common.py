@@ -4,7 +4,7 @@ batches, the export's result line, and the "output already exists" check. No Ray
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,16 +113,27 @@ def embedding_dim(schema: pa.Schema) -> int | None:
     return getattr(schema.field(EMBEDDING).type, "list_size", None)
 
 
-def check_free(uri: str, overwrite: bool, storage_options: dict | None = None, what: str = "export") -> None:
+def check_free(uri: str, overwrite: bool, storage_options: dict | None = None, what: str = "export", *,
+               replaceable: Callable[[Any, str], bool] | None = None) -> None:
     """Refuse to replace an existing file or folder at ``uri`` unless ``overwrite`` (the same
     rule as ``zslabel label``'s output: nothing is replaced by accident).
 
+    Args:
+        replaceable: ``(fs, path) -> bool`` for an existing ``uri``: whether ``--overwrite`` may
+            replace it (a format that writes a folder says "an earlier export of mine, or an
+            empty folder", so that a folder holding other files is never written into).
+
     Raises:
-        OutputError: ``uri`` exists and ``overwrite`` is False.
+        OutputError: ``uri`` exists and ``overwrite`` is False, or ``replaceable`` says no.
     """
     fs, path = output_filesystem(uri, storage_options)
-    if not overwrite and fs.exists(path):
+    if not fs.exists(path):
+        return
+    if not overwrite:
         raise OutputError(f"{what} {uri} already exists; pass --overwrite to replace it")
+    if replaceable is not None and not replaceable(fs, path):
+        raise OutputError(f"{what} {uri} exists and is not one: --overwrite replaces only an earlier {what} or "
+                          "an empty folder, never other files; choose a new path")
 
 
 @dataclass

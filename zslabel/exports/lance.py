@@ -100,6 +100,16 @@ def index_params(vectors: int, dim: int, index_type: str = "auto", num_partition
     return params
 
 
+def _is_lance_or_empty(fs, path: str) -> bool:
+    """Whether ``--overwrite`` may write a new version at ``path``: a Lance dataset (its
+    ``_versions`` folder) or an empty folder. Lance's ``mode="overwrite"`` writes into whatever
+    folder it is given, beside the files already there."""
+    if not fs.isdir(path):
+        return False
+    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+    return not names or "_versions" in names
+
+
 def export_lance(source: str, output: str, *, index: bool = False, index_type: str = "auto",
                  num_partitions: int | None = None, num_sub_vectors: int | None = None,
                  overwrite: bool = False, storage_options: dict | None = None,
@@ -122,7 +132,8 @@ def export_lance(source: str, output: str, *, index: bool = False, index_type: s
         ConfigError: pylance not installed; ``index`` without an ``embedding`` column (the
             message says to rerun with ``--store-embeddings``); bad index parameters.
         InputError: not a finished run, or unreadable files.
-        OutputError: ``output`` exists and ``overwrite`` is False.
+        OutputError: ``output`` exists and ``overwrite`` is False; ``output`` is something
+            other than a Lance dataset or an empty folder (even with ``overwrite``).
     """
     started = time.perf_counter()
     lance = _lance()
@@ -134,7 +145,7 @@ def export_lance(source: str, output: str, *, index: bool = False, index_type: s
                           f"{source} --overwrite), then export again")
     if index and dim is not None:
         index_params(max(1, run.rows or 1), dim, index_type, num_partitions, num_sub_vectors)  # fail before writing
-    check_free(output, overwrite, storage_options, "Lance dataset")
+    check_free(output, overwrite, storage_options, "Lance dataset", replaceable=_is_lance_or_empty)
     # The Parquet files' metadata (fingerprint, run id) describes the run's files, not the table.
     schema = run.schema.remove_metadata()
     counts = {"rows": 0, "errors": 0, "vectors": 0}
