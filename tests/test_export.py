@@ -311,3 +311,31 @@ def test_calibrate_takes_a_label_studio_export(tmp_path):
     sample, _ = read_sample(str(out), str(gt))
     assert sample.counts["matched"] == 30 and sample.counts["unmatched_ground_truth"] == 1
     assert sample.counts["used"] == 30
+
+
+def test_no_command_writes_its_own_file_inside_a_run(run, tmp_path):
+    """export, calibrate, fit and report refuse a destination inside a zslabel output (a finished
+    run, or an unfinished one holding only its state folder), through a symlink too, and write
+    nothing there: the file would be read as part of the run or block its next --overwrite."""
+    out, img, rows = run
+    gt = tmp_path / "gt.csv"
+    gt.write_text("path,label\n" + "".join(f"{p},{labels[0]}\n" for p, labels, _, _ in rows if labels))
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "_zslabel").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(out)
+    before = {d: sorted(p.name for p in d.rglob("*")) for d in (out, unfinished)}
+    for inside in (out / "tasks.json", tmp_path / "link" / "sub" / "tasks.json", unfinished / "t.json"):
+        commands = [
+            ("export", out, "--format", "label-studio", "--output", inside, "--image-root", img),
+            ("export", out, "--format", "lance", "--output", inside.with_suffix(".lance")),
+            ("calibrate", out, "--ground-truth", gt, "--output", inside.with_name("cal.json")),
+            ("fit", out, "--ground-truth", gt, "--output", inside.with_name("head.safetensors")),
+            ("report", out, "--output", inside.with_name("report")),
+        ]
+        for args in commands:
+            proc = zslabel(*args)
+            assert proc.returncode == 2, (args, proc.stderr)
+            assert "is inside the zslabel output" in proc.stderr and "write it outside" in proc.stderr, proc.stderr
+    assert {d: sorted(p.name for p in d.rglob("*")) for d in (out, unfinished)} == before
+    assert zslabel("export", out, "--format", "label-studio", "--output", tmp_path / "fine.json",
+                   "--image-root", img).returncode == 0

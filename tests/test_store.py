@@ -179,6 +179,27 @@ def test_overwrite_deletes_only_what_the_store_wrote(tmp_path):
     assert pq.read_table(str(out)).num_rows == 2
 
 
+def test_no_run_is_written_inside_another_run(tmp_path):
+    """An output below a finished run, or below an unfinished one (its state folder only), is
+    refused in every mode before anything is written: its part files would be read as the outer
+    run's rows. Beside a run, and the run's own folder, are fine."""
+    outer = tmp_path / "outer"
+    run_once(str(outer), [0, 1])
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "_zslabel").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(outer)
+    for inner in (outer / "sub", outer / "a" / "b", unfinished / "sub", tmp_path / "link" / "sub"):
+        for mode in ("error", "resume", "overwrite"):
+            with pytest.raises(OutputError, match="is inside the zslabel output"):
+                OutputStore.open(str(inner)).check(mode)
+        assert not inner.exists()
+    assert sorted(p.name for p in outer.iterdir() if not p.name.startswith("_")) == \
+        sorted(p.name for p in outer.glob("part-*.parquet"))
+    run_once(str(tmp_path / "beside"), [0])
+    run_once(str(outer), [0, 1, 2], mode="overwrite")
+    assert pq.read_table(str(outer)).num_rows == 3
+
+
 def test_store_file_names():
     for name in ("part-20261205T000000-abcdef12-0123456789abcdef.parquet", "_run_manifest.json",
                  "_zslabel/run.json", "_zslabel/staging/R/part-R-1.parquet",

@@ -32,7 +32,7 @@ from .calibration import Calibration, fit_calibration
 from .errors import ConfigError, InputError
 from .evaluate import _basename, load_ground_truth, match_ground_truth, normalise_path
 from .hierarchy import prompt_name
-from .store import output_parquet_files, read_manifest
+from .store import output_parquet_files, read_manifest, refuse_inside_output
 
 log = logging.getLogger(__name__)
 # Score clip before log/logit: float32 scores of 0 or 1 must not become infinite logits.
@@ -212,6 +212,7 @@ def run_calibrate(output: str, ground_truth: str, *, calibration_path: str = "ca
     from .ranking import zero_shot_logits
     from .relabel import check_same_model
 
+    refuse_inside_output(calibration_path, storage_options, "a calibration file")
     sample, manifest = read_sample(output, ground_truth, storage_options)
     model = manifest["model"]
     labels, templates = list(manifest["labels"]), list(manifest.get("templates") or [])

@@ -169,11 +169,13 @@ def run_fit(run: str, ground_truth: str, *, head_path: str, holdout: float = 0.3
     from .labels import build_label_set
     from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint
     from .relabel import check_same_model
+    from .store import refuse_inside_output
 
     if not 0.0 <= holdout < 1.0:
         raise ConfigError(f"--holdout must be in [0, 1) (got {holdout})")
     if folds < 2:
         raise ConfigError(f"--folds must be >= 2 (got {folds})")
+    refuse_inside_output(head_path, storage_options, "a head file")
     t0 = time.perf_counter()
     x, y, manifest, counts = read_labeled_embeddings(run, ground_truth, storage_options)
     labels, templates = list(manifest["labels"]), list(manifest.get("templates") or [])

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from ..errors import InputError, OutputError
 from ..output import EMBEDDING, ERROR, LABELS, PATH, SCORES
-from ..store import MANIFEST_NAME, output_filesystem, output_parquet_files, read_manifest
+from ..store import MANIFEST_NAME, output_filesystem, output_parquet_files, read_manifest, refuse_inside_output
 
 # Rows per record batch read from the run's Parquet files: the unit of memory of every export
 # (8,192 rows of a 512-d float16 embedding are ~8 MB).
@@ -126,6 +126,7 @@ def check_free(uri: str, overwrite: bool, storage_options: dict | None = None, w
     Raises:
         OutputError: ``uri`` exists and ``overwrite`` is False, or ``replaceable`` says no.
     """
+    refuse_inside_output(uri, storage_options, f"a {what}")
     fs, path = output_filesystem(uri, storage_options)
     if not fs.exists(path):
         return

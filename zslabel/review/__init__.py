@@ -25,6 +25,7 @@ import tempfile
 from dataclasses import dataclass
 
 from ..errors import ConfigError, OutputError
+from ..store import refuse_inside_output
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def build_report(output: str, report_dir: str, *, ground_truth: str | None = Non
         raise ConfigError("--per-label and --workers must be >= 1, --max-label-sections >= 0")
     t0 = time.perf_counter()
     _check_folder(report_dir, overwrite)
+    refuse_inside_output(report_dir, None, "a report")  # a local folder
     opened = collect.open_output(output, storage_options)  # fails before anything is written
     gt = load_ground_truth(ground_truth, storage_options) if ground_truth else None
     total = ((opened[2] or {}).get("counts") or {}).get("rows")

@@ -40,7 +40,16 @@ from .fsio import (
     visible_parquet_files,
     write_bytes_atomic,
 )
-from .layout import FINGERPRINT_KEY, INPUT_FILES, STATE_DIR, OutputState, inspect_output, is_store_file
+from .layout import (
+    FINGERPRINT_KEY,
+    INPUT_FILES,
+    STATE_DIR,
+    OutputState,
+    enclosing_output,
+    inspect_output,
+    is_store_file,
+    refuse_inside_output,
+)
 from .scan import RunCounts
 from .session import Accounting, AccountingError, WriteSession, begin, new_run_id
 
@@ -131,8 +140,9 @@ class OutputStore:
 __all__ = [
     "Accounting", "AccountingError", "FINGERPRINT_KEY", "INPUT_FILES", "OutputInUse", "OutputState", "OutputStore",
     "RunCounts", "STATE_DIR", "WRITE_RESULT_SCHEMA", "WriteSession", "WriteTarget", "describe_changes",
-    "drop_committed", "fingerprint_digest", "fingerprint_fields", "inspect_output", "is_store_file", "not_done",
-    "open_part", "settings_view", "stamped_metadata", "write_block",
+    "drop_committed", "enclosing_output", "fingerprint_digest", "fingerprint_fields", "inspect_output",
+    "is_store_file", "not_done", "open_part", "refuse_inside_output", "settings_view", "stamped_metadata",
+    "write_block",
     # fsio: an output's files (also for the read-only commands)
     "MANIFEST_NAME", "is_visible", "open_atomic", "output_filesystem", "output_parquet_files", "read_manifest",
     "visible_parquet_files", "write_bytes_atomic",

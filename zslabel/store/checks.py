@@ -5,6 +5,7 @@ hold the committed rows where they were. Plain values in (mode, settings dict); 
 
 from __future__ import annotations
 
+import posixpath
 from typing import Any
 
 import numpy as np
@@ -14,25 +15,32 @@ from ..errors import OutputError
 from ..output import INPUT_INDEX, PATH
 from .claim import check_not_claimed
 from .fingerprint import describe_changes, settings_view
-from .layout import OutputState, arrow_fs
+from .layout import OutputState, arrow_fs, output_holding
 
 
 def check_mode(state: OutputState, mode: str) -> None:
     """Checks before the model is loaded: refuse an output another live run holds, refuse an
     occupied output in the default mode, and never let --resume or --overwrite touch a folder
     that holds something other than a zslabel output (an input folder given as output by
-    mistake must not be deleted), nor let --overwrite delete files the store did not write.
+    mistake must not be deleted), nor let --overwrite delete files the store did not write; and
+    never write a run inside another (its files would be read as the outer run's).
 
     Args:
         mode: "error", "resume" or "overwrite".
 
     Raises:
         OutputInUse: another live run claims the output.
-        OutputError: ``mode == "error"`` and ``state`` is not empty; another mode and ``state``
-            holds files but no zslabel run; ``overwrite`` and ``state`` holds files the store
-            did not write (listed; nothing is touched).
+        OutputError: the output lies inside another zslabel output; ``mode == "error"`` and
+            ``state`` is not empty; another mode and ``state`` holds files but no zslabel run;
+            ``overwrite`` and ``state`` holds files the store did not write (listed; nothing is
+            touched).
     """
     check_not_claimed(state)
+    parent = posixpath.dirname(state.root.rstrip("/"))
+    outer = output_holding(state.fs, parent) if parent else None
+    if outer is not None:
+        # Its data files would be read as the outer run's, and block that run's --overwrite.
+        raise OutputError(f"output {state.uri} is inside the zslabel output {outer}; write to a folder outside it")
     if state.is_empty:
         return
     examples = ", ".join(state.files[:3]) + (", ..." if len(state.files) > 3 else "")

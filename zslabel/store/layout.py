@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 import re
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import OutputError
+from ..storage import is_local
 from .fsio import MANIFEST_NAME, is_visible, output_filesystem, visible_parquet_files, write_bytes_atomic
 
 FINGERPRINT_KEY = b"zslabel.fingerprint"
@@ -120,6 +122,42 @@ class OutputState:
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel) if rel else self.root
+
+
+def enclosing_output(uri: str, storage_options: dict | None = None) -> str | None:
+    """The zslabel output folder that holds ``uri`` (``uri`` itself or a folder above it), or
+    None. An output is a folder with a run manifest or a ``_zslabel`` state folder (an
+    unfinished run). Local paths are compared by real path, so a symlink does not hide one.
+
+    For the commands that write files of their own (report, calibrate, fit, export): a file
+    written into a run's folder would be taken for part of the run, or refused as a foreign file
+    by the next ``label --overwrite`` of it.
+    """
+    fs, path = output_filesystem(uri, storage_options)
+    return output_holding(fs, path)
+
+
+def output_holding(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """:func:`enclosing_output` for a path of ``fs`` (without protocol)."""
+    if is_local(fs):
+        path = os.path.realpath(path)
+    path = path.rstrip("/") or path
+    while True:
+        for marker in (MANIFEST_NAME, STATE_DIR):
+            if fs.exists(posixpath.join(path, marker)):
+                return path
+        parent = posixpath.dirname(path)
+        if parent in ("", path):
+            return None  # past the filesystem's root, or the bucket
+        path = parent
+
+
+def refuse_inside_output(uri: str, storage_options: dict | None = None, what: str = "this file") -> None:
+    """Raise ``OutputError`` when ``uri`` lies in a zslabel output folder (:func:`enclosing_output`)."""
+    found = enclosing_output(uri, storage_options)
+    if found is not None:
+        raise OutputError(f"{uri} is inside the zslabel output {found}: {what} written there would be taken for "
+                          "part of the run (or block its next --overwrite); write it outside the run's folder")
 
 
 def inspect_output(uri: str, storage_options: dict | None = None) -> OutputState:
