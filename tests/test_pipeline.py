@@ -169,6 +169,19 @@ def test_show_names_stay_apart():
     assert display_names(["/d/only.jpg"]) == ["only.jpg"]
 
 
+def test_show_on_parquet_files_of_another_tool_is_one_line(tmp_path):
+    """`show` on a folder of someone else's Parquet files: one line naming the missing columns
+    and what the files hold (no schema dump, no "unfinished run" advice), exit 2."""
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"a": [1, 2], "b": ["x", "y"]}), tmp_path / "f1.parquet")
+    proc = subprocess.run([sys.executable, "-m", "zslabel", "show", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"zslabel: error: {tmp_path} is not a zslabel output: its Parquet files "
+                                        "have no column path, input_index, labels, scores, error (they hold a, b)"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--labels", "a,b,a"], "duplicate labels: 'a'"),
     (["--labels", "a", "--template", "no field here"], "exactly one"),

@@ -540,14 +540,23 @@ def show_output(uri: str, rows: int, storage_options: dict) -> str:
     from .store import MANIFEST_NAME, output_parquet_files
 
     fs, files, folder = output_parquet_files(uri, storage_options)
-    if not fs.exists(f"{folder.rstrip('/')}/{MANIFEST_NAME}"):
-        print(f"warning: {uri} holds no finished run (no {MANIFEST_NAME}): these rows are an unfinished or "
-              "failed run's; rerun the label command with --resume to finish it", file=sys.stderr)
+    columns = [PATH, INPUT_INDEX, LABELS, SCORES, ERROR]
     try:
-        table = pads.dataset(files, filesystem=fs, format="parquet").to_table(
-            columns=[PATH, INPUT_INDEX, LABELS, SCORES, ERROR])
+        dataset = pads.dataset(files, filesystem=fs, format="parquet")
+        missing = [c for c in columns if c not in dataset.schema.names]
+        if missing:
+            raise ZslabelError(f"{uri} is not a zslabel output: its Parquet files have no column "
+                               f"{', '.join(missing)} (they hold {', '.join(dataset.schema.names[:8]) or 'none'})")
+        if not fs.exists(f"{folder.rstrip('/')}/{MANIFEST_NAME}"):
+            print(f"warning: {uri} holds no finished run (no {MANIFEST_NAME}): these rows are an unfinished or "
+                  "failed run's; rerun the label command with --resume to finish it", file=sys.stderr)
+        table = dataset.to_table(columns=columns)
+    except ZslabelError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure here means "not an output"
-        raise ZslabelError(f"cannot read output {uri}: {exc}") from exc
+        # pyarrow's messages can go on for lines (a schema dump): the first says what failed.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ZslabelError(f"cannot read output {uri}: {type(exc).__name__}: {first}") from exc
     total = table.num_rows
     table = table.sort_by(INPUT_INDEX).slice(0, rows)
     if total > table.num_rows:
