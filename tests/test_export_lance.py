@@ -118,6 +118,9 @@ def test_overwrite_never_writes_into_a_folder_of_other_files(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert sorted(p.name for p in photos.iterdir()) == ["keep.txt"]
     assert sorted(p.name for p in out.iterdir()) == before and plain.read_text() == "not a dataset"
+    proc = zslabel("export", out, "--format", "lance", "--output", plain / "t.lance")   # under a plain file
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "cannot write Lance dataset" in proc.stderr and ".rs:" not in proc.stderr, proc.stderr
     empty = tmp_path / "empty.lance"
     empty.mkdir()
     proc = zslabel("export", out, "--format", "lance", "--output", empty, "--overwrite")

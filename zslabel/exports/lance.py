@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import shutil
 import time
 
@@ -98,6 +99,12 @@ def index_params(vectors: int, dim: int, index_type: str = "auto", num_partition
             raise ConfigError(f"--num-sub-vectors must divide the embedding dimension {dim}, not {num_sub_vectors}")
         params["num_sub_vectors"] = int(num_sub_vectors)
     return params
+
+
+def _without_source(exc: BaseException) -> str:
+    """Lance's message without the Rust source location it ends with (``, /.../object_store.rs:1576:42``):
+    a path on the machine that built the wheel, which tells the user nothing."""
+    return re.sub(r",\s*\S+\.rs:\d+:\d+\s*$", "", str(exc).strip())
 
 
 def _is_lance_or_empty(fs, path: str) -> bool:
@@ -175,7 +182,7 @@ def export_lance(source: str, output: str, *, index: bool = False, index_type: s
             shutil.rmtree(path, ignore_errors=True)
         if failed:
             raise failed[0] from None
-        raise OutputError(f"cannot write Lance dataset {output}: {type(exc).__name__}: {exc}") from exc
+        raise OutputError(f"cannot write Lance dataset {output}: {type(exc).__name__}: {_without_source(exc)}") from exc
     notes = [f"{counts['errors']} error rows included (null labels/embedding)"] if counts["errors"] else []
     if dim:
         notes.append(f"embedding: {dim}-d vectors, {counts['vectors']} non-null")
