@@ -375,6 +375,77 @@ def test_parquet_hf_structs_and_list_captions(cells):
                 assert error_code(row["read_error"]) == "read_error"
 
 
+@st.composite
+def damaged_parquet(draw):
+    """A Parquet input file as writers leave them (row groups of any size, any codec, maybe
+    empty) and a damage: none, bytes overwritten inside one column chunk of one row group (a
+    bad disk block), or the file cut short (an interrupted upload)."""
+    n = draw(st.integers(0, 9))
+    group = draw(st.integers(1, 4))
+    codec = draw(st.sampled_from(["none", "snappy", "zstd", "gzip"]))
+    damage = draw(st.sampled_from(["none", "chunk", "cut"]))
+    where = draw(st.tuples(st.integers(0, 10**6), st.integers(0, 1), st.floats(0, 1), st.floats(0, 1)))
+    fill = draw(st.binary(min_size=1, max_size=4))
+    return n, group, codec, damage, where, fill
+
+
+def _damaged_parquet_property(spec) -> None:
+    from source_files import jpeg
+
+    n, group, codec, damage, (g_pick, col, start_f, len_f), fill = spec
+    images = [jpeg(i, size=(4 + i % 3, 5)) for i in range(n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / "x.parquet"
+        pq.write_table(pa.table({"jpg": pa.array(images, pa.binary()), "caption": [str(i) for i in range(n)]}), f,
+                       row_group_size=group, compression=codec)
+        meta = pq.ParquetFile(f).metadata
+        raw = bytearray(f.read_bytes())
+        bad_group = None
+        if damage == "chunk" and meta.num_row_groups:
+            bad_group = g_pick % meta.num_row_groups
+            chunk = meta.row_group(bad_group).column(col)
+            first = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+            lo = first + int(start_f * (chunk.total_compressed_size - 1))
+            hi = min(first + chunk.total_compressed_size, lo + 1 + int(len_f * chunk.total_compressed_size))
+            raw[lo:hi] = (fill * (hi - lo))[: hi - lo]
+        elif damage == "cut":
+            raw = raw[: int(start_f * len(raw))]
+        f.write_bytes(bytes(raw))
+        # The damaged file first, as the folder lists it: its schema must not decide the job.
+        pq.write_table(pa.table({"jpg": [images[0] if n else jpeg(0)], "caption": ["y"]}), Path(tmp) / "y.parquet")
+        plan = plan_inputs(tmp, use_ray=False)
+        rows = plan.read_locally()
+        check_plan(plan, rows)
+        intact = rows.pop()
+        assert intact["path"] == f"{Path(tmp) / 'y.parquet'}#0" and intact["read_error"] is None
+        if damage == "cut":
+            # The footer is gone or damaged: the file is one read_error row naming it (or its
+            # rows, should a cut leave a readable footer); never an exception, never a lost file.
+            assert rows, "a cut file vanished"
+            if len(rows) == 1 and rows[0]["path"] == str(f):
+                assert error_code(rows[0]["read_error"]) == "read_error"
+            else:
+                assert [r["path"] for r in rows] == [f"{f}#{i}" for i in range(len(rows))]
+            return
+        assert [r["path"] for r in rows] == [f"{f}#{i}" for i in range(n)]
+        for i, r in enumerate(rows):
+            in_bad = bad_group is not None and i // group == bad_group
+            if not in_bad:
+                assert r["read_error"] is None and r["data"] == images[i] and r["caption"] == str(i)
+            elif r["read_error"] is not None:
+                assert error_code(r["read_error"]) == "read_error" and r["data"] is None
+                assert f"parquet row group {bad_group}: " in r["read_error"]
+
+
+@QUICK
+@given(damaged_parquet())
+def test_parquet_damaged_anywhere_has_one_row_per_footer_row(spec):
+    """Rows in footer order, one per row: a damaged row group costs only its own rows (as
+    read_error rows, or as altered bytes the decoder then refuses), the other groups' rows come
+    through intact, and a cut file is never lost."""
+    _damaged_parquet_property(spec)
+
+
 # ------------------------------------------------------------------------------------------
 # through Ray, end to end (few examples: each runs Ray tasks)
 
@@ -421,6 +492,13 @@ def test_slow_tar_cut_anywhere(members, mode):
 @given(trees())
 def test_slow_folder_one_row_per_image(data):
     _folder_property(data)
+
+
+@pytest.mark.slow
+@SLOW
+@given(damaged_parquet())
+def test_slow_parquet_damaged_anywhere(spec):
+    _damaged_parquet_property(spec)
 
 
 @pytest.mark.slow

@@ -114,3 +114,22 @@ def test_a_damaged_row_group_costs_only_its_own_rows(tmp_path):
     assert [r["caption"] for r in rows] == ["0", "1", None, None, "4", "5"]
     for r in rows[2:4]:
         assert error_code(r["read_error"]) == "read_error" and "parquet row group 1: " in r["read_error"]
+
+
+def test_the_schema_comes_from_the_first_readable_file(tmp_path):
+    """A folder whose first file is cut short: that file is one read_error row and the others
+    are labeled (its schema used to decide the job, and the whole job failed). A folder of
+    nothing but unreadable files is refused up front, naming how many."""
+    pq.write_table(pa.table({"jpg": [jpeg(0), jpeg(1)]}), tmp_path / "b.parquet")
+    cut = tmp_path / "a.parquet"
+    cut.write_bytes((tmp_path / "b.parquet").read_bytes()[:-30])
+    plan = plan_inputs(str(tmp_path), use_ray=False)
+    rows = plan.read_locally()
+    plan.finalize()
+    assert [r["path"] for r in rows] == [str(cut), f"{tmp_path / 'b.parquet'}#0", f"{tmp_path / 'b.parquet'}#1"]
+    assert error_code(rows[0]["read_error"]) == "read_error" and [r["data"] for r in rows[1:]] == [jpeg(0), jpeg(1)]
+    assert plan.listed == 3
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(InputError, match="none of the 2 Parquet files can be read; the first: cannot read Parquet "
+                                         f"file {cut}"):
+        plan_inputs(str(tmp_path), use_ray=False)

@@ -85,18 +85,40 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan:
     (a file without the image column picked so finds its own, unless ``image_column`` named it).
     In auto mode, files without an image column are a manifest (one file, or Spark's parts).
 
+    The schema is the first readable file's: a damaged file (cut short, a bad footer) is that
+    file's ``read_error`` row when the rows are read (``read_parquet``), not a failed job.
+
     Raises:
-        InputError: unreadable first file, no image column (when not auto), manifest errors.
+        InputError: no file's schema can be read, no image column (when not auto), manifest errors.
     """
-    schema = _schema(files[0], options)
+    first, schema = _first_schema(files, options)
     if options.auto and options.image_column is None and find_image_column(
-            schema, None, files[0], required=False) is None:
+            schema, None, first, required=False) is None:
         return plan_manifest(files[0], options) if len(files) == 1 else plan_manifest_files(files, options)
-    image_col = find_image_column(schema, options.image_column, files[0])
+    image_col = find_image_column(schema, options.image_column, first)
     carried = [c for c in CARRIED if c in schema.names]
     return streaming_plan("parquet", files, read_parquet, options.storage_options, carried, use_ray=options.use_ray,
                           image_column=image_col, carried_columns=carried,
                           find_own_column=options.image_column is None)
+
+
+def _first_schema(files: list[str], options: InputOptions) -> tuple[str, pa.Schema]:
+    """``(uri, schema)`` of the first file whose schema can be read.
+
+    Raises:
+        InputError: none can be read (the first file's error, and how many failed).
+    """
+    failure: InputError | None = None
+    for uri in files:
+        try:
+            return uri, _schema(uri, options)
+        except InputError as exc:
+            failure = failure or exc
+            logger.warning("%s", exc)
+    assert failure is not None  # files is not empty
+    if len(files) == 1:
+        raise failure
+    raise InputError(f"none of the {len(files)} Parquet files can be read; the first: {failure}") from failure
 
 
 def _schema(uri: str, options: InputOptions) -> pa.Schema:
