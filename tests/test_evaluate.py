@@ -184,6 +184,10 @@ def test_ground_truth_tables_and_refusals(tmp_path):
         load_ground_truth(str(tmp_path / "empty.csv"))
     assert normalise_path("s3://b/x/../y.jpg") == "s3://b/y.jpg"
     assert normalise_path("file:///a/./b.jpg") == "/a/b.jpg"
+    # The same reading of file: URIs as the inputs' (RFC 8089), so such ground truth matches rows.
+    assert normalise_path(" file:/no/such%20dir/b%C3%A9.jpg ") == normalise_path("file://localhost/no/such dir/bé.jpg") \
+        == "/no/such dir/bé.jpg"
+    assert normalise_path("s3://b//x.jpg") == "s3://b/x.jpg"
 
 
 def test_label_with_ground_truth_in_one_run(tiny_clip, ray_local, tmp_path, image_folder):

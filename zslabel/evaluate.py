@@ -45,7 +45,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ import pyarrow.parquet as pq
 
 from .errors import InputError, error_code
 from .output import ABSTAINED, ERROR, LABELS, PATH
-from .storage import uri_maker
+from .storage import comparable_path, uri_maker
 from .store import output_filesystem, output_parquet_files, read_manifest
 from .textfiles import decode_text
 
@@ -69,15 +68,10 @@ EXAMPLES = 5
 
 
 def normalise_path(path: str) -> str:
-    """A comparable form of a path or URI: ``file://`` dropped, local paths absolute, ``.``/``..``
-    resolved, the protocol of a remote URI kept (``s3://b/x/../y.jpg`` -> ``s3://b/y.jpg``)."""
-    path = path.strip()
-    if path.startswith("file://"):
-        path = path[len("file://"):]
-    if "://" in path:
-        proto, rest = path.split("://", 1)
-        return f"{proto}://{posixpath.normpath(rest)}"
-    return os.path.normpath(os.path.abspath(path))
+    """A comparable form of a ground-truth or output path (``storage.comparable_path``): local
+    paths (and ``file:`` URIs) absolute and collapsed, remote URIs collapsed with their protocol
+    kept (``s3://b/x/../y.jpg`` -> ``s3://b/y.jpg``); surrounding blanks dropped."""
+    return comparable_path(path.strip(), normalise_remote=True)
 
 
 def _basename(path: str) -> str:

@@ -8,7 +8,7 @@ up past the limit. :func:`start_fetch` reads the inputs of a batch concurrently 
 fsspec's event loop for the async filesystems, threads for the others), retries transient
 failures with backoff and cuts each attempt after ``IOPolicy.attempt_limit`` seconds (see
 ``zslabel.storage`` for the time limits). A ``file:`` URI is read as the local path it names
-(:func:`file_uri_path`, RFC 8089). Nothing here raises for one input: a failure is the row's
+(``storage.file_uri_path``, RFC 8089). Nothing here raises for one input: a failure is the row's
 ``read_error``. No Ray here.
 """
 
@@ -21,7 +21,6 @@ import os
 import stat
 import time
 from collections.abc import Sequence
-from urllib.parse import unquote_to_bytes, urlsplit
 
 import fsspec
 
@@ -31,6 +30,7 @@ from .storage import (
     DEFAULT_MAX_INPUT_BYTES,
     MAX_RETRY_AFTER,
     IOPolicy,
+    file_uri_path,
     is_local,
     is_transient,
     open_path,
@@ -43,34 +43,6 @@ log = logging.getLogger(__name__)
 
 # Inputs of one batch fetched at once (coroutines for async filesystems, else threads).
 FETCH_CONCURRENCY = 32
-
-
-def file_uri_path(uri: str) -> str | None:
-    """The local path a ``file:`` URI names, or None when ``uri`` is no local file URI.
-
-    Two readings, in order: the name as written after ``file://`` (fsspec's reading, which
-    keeps ``%``, ``#`` and spaces: ``file:///a b #1.jpg``), when that file exists; else RFC 8089:
-    ``file:///a/b%20c.jpg``, ``file:/a/b%20c.jpg`` and ``file://localhost/a/b%20c.jpg`` all name
-    ``/a/b c.jpg``, the path percent-decoded as bytes (``urllib.parse.unquote_to_bytes``) that
-    are the OS name, so ``%E9`` finds a Latin-1 ``\xe9`` and ``%C3%A9`` finds ``é``; a
-    ``#fragment`` or ``?query`` is then not part of the name. One ``lstat`` when the name as
-    written exists. None for another host (``file://server/share/x``): fsspec reports that one.
-    """
-    if uri[:5].lower() != "file:":
-        return None
-    parts = urlsplit(uri)
-    if parts.netloc.lower() not in ("", "localhost"):
-        return None
-    written = uri[5:]
-    if written.startswith("//"):
-        written = written[2:]
-        if written.lower().startswith("localhost/"):
-            written = written[len("localhost"):]
-    if os.path.lexists(written):
-        return written
-    return os.fsdecode(unquote_to_bytes(parts.path))
-
-
 
 
 def _read_error(exc: BaseException, io: IOPolicy, attempts: int) -> str:

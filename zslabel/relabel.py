@@ -27,8 +27,6 @@ quarter of its logit's change); measured on the tiny test checkpoints (scale e^2
 from __future__ import annotations
 
 import logging
-import os
-import posixpath
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +53,7 @@ from .output import (
 )
 from .progress import Progress
 from .scoring import ZeroShotClassifier, score_rows
-from .storage import is_local
+from .storage import canonical_location, protocols
 from .store import (
     MANIFEST_NAME,
     Accounting,
@@ -119,15 +117,11 @@ class RelabelConfig(LabelingOptions):
 
 
 def _location(uri: str, storage_options: dict) -> str:
-    """``protocol://path`` of ``uri``, to compare two locations: a local path by its real path
-    (``os.path.realpath``: ``a//b``, ``a/./b``, ``a/x/../b`` and symlinks name one folder);
-    another filesystem's path with ``//``, ``.`` and ``..`` collapsed (``posixpath.normpath``).
+    """``protocol://path`` of ``uri``, to compare two locations (``storage.canonical_location``).
     Compared as written, ``/r//run`` was not the source ``/r/run``, and ``relabel --overwrite``
     replaced the source run it was reading."""
     fs, path = output_filesystem(uri, storage_options)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    path = os.path.realpath(path) if is_local(fs) else posixpath.normpath(path)
-    return f"{protocol}://{path.rstrip('/')}"
+    return f"{protocols(fs)[0]}://{canonical_location(fs, path)}"
 
 
 @dataclass

@@ -35,6 +35,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import os
+import posixpath
 import random
 import re
 import time
@@ -42,7 +43,7 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 import fsspec
 
@@ -211,6 +212,58 @@ def protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     """True for the local filesystem (paths are plain OS paths)."""
     return bool({"file", "local"} & set(protocols(fs)))
+
+
+def file_uri_path(uri: str) -> str | None:
+    """The local path a ``file:`` URI names, or None when ``uri`` is no local file URI.
+
+    Two readings, in order: the name as written after ``file://`` (fsspec's reading, which
+    keeps ``%``, ``#`` and spaces: ``file:///a b #1.jpg``), when that file exists; else RFC 8089:
+    ``file:///a/b%20c.jpg``, ``file:/a/b%20c.jpg`` and ``file://localhost/a/b%20c.jpg`` all name
+    ``/a/b c.jpg``, the path percent-decoded as bytes (``urllib.parse.unquote_to_bytes``) that
+    are the OS name, so ``%E9`` finds a Latin-1 ``\xe9`` and ``%C3%A9`` finds ``é``; a
+    ``#fragment`` or ``?query`` is then not part of the name. One ``lstat`` when the name as
+    written exists. None for another host (``file://server/share/x``): fsspec reports that one.
+    """
+    if uri[:5].lower() != "file:":
+        return None
+    parts = urlsplit(uri)
+    if parts.netloc.lower() not in ("", "localhost"):
+        return None
+    written = uri[5:]
+    if written.startswith("//"):
+        written = written[2:]
+        if written.lower().startswith("localhost/"):
+            written = written[len("localhost"):]
+    if os.path.lexists(written):
+        return written
+    return os.fsdecode(unquote_to_bytes(parts.path))
+
+
+def comparable_path(path: str, *, normalise_remote: bool = False) -> str:
+    """One spelling of a path or URI, to compare two as strings (``--dedupe`` keys, matching
+    ground truth to rows): a local path (or a ``file:`` URI, :func:`file_uri_path`) absolute
+    with ``//``, ``.`` and ``..`` collapsed (``os.path.normpath``; a symlink is not resolved);
+    a remote URI as written, or with ``normalise_remote`` its path collapsed the same way
+    (``s3://b/x/../y.jpg`` -> ``s3://b/y.jpg``). As written, two spellings of an object key
+    are two objects (S3 keeps ``a//b`` and ``a/b`` apart)."""
+    local = file_uri_path(path) if path[:5].lower() == "file:" else path if "://" not in path else None
+    if local is not None:
+        return os.path.normpath(os.path.abspath(local))
+    if not normalise_remote:
+        return path
+    proto, rest = path.split("://", 1)
+    return f"{proto}://{posixpath.normpath(rest)}"
+
+
+def canonical_location(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A folder of ``fs`` in one spelling, to tell whether two locations are one (an output and
+    its source, an output inside an input): local by real path (``os.path.realpath``: links,
+    ``a//b``, ``a/./b`` and ``a/x/../b`` name one folder); another filesystem's path with those
+    collapsed (``posixpath.normpath``) and no trailing ``/``."""
+    if is_local(fs):
+        return os.path.realpath(path)
+    return posixpath.normpath(path) if path.strip("/") else path
 
 
 def uri_maker(uri: str, fs: fsspec.AbstractFileSystem) -> Callable[[str], str]:

@@ -14,7 +14,6 @@ import time
 
 from .. import fetch, storage
 from ..errors import READ_ERROR, InputError, ZslabelError, error_string
-from ..fetch import file_uri_path
 from . import folder, jsonl, manifest, parquet, webdataset
 from .common import FILE_INDEX_STRIDE, IMAGE_EXTENSIONS, SKIP_REASONS, InputKind, InputOptions, InputPlan
 from .webdataset import expand_braces
@@ -114,7 +113,7 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
         raise InputError(f"unknown input format {input_format!r}; expected one of {', '.join(INPUT_FORMATS)}")
     auto = input_format == "auto"
     # A local file: URI (RFC 8089) names a percent-decoded path; fsspec would keep the escapes.
-    uri = file_uri_path(uri) or uri
+    uri = storage.file_uri_path(uri) or uri
     io = io or storage.IOPolicy()
     # The kind that reads it, from its name (and, for glob characters, whether that name exists:
     # asked within io's timeouts, ``storage.is_pattern``); then what that kind's plan receives.
@@ -159,7 +158,7 @@ def fetch_bytes(path: str, storage_options: dict | None = None,
     """
     max_bytes = (io or storage.IOPolicy()).max_bytes
     try:
-        path = file_uri_path(path) or path  # file:///a%20b.jpg is /a b.jpg (RFC 8089)
+        path = storage.file_uri_path(path) or path  # file:///a%20b.jpg is /a b.jpg (RFC 8089)
         if "://" not in path:
             # A plain local path (what folder, glob and manifest plans hold for local inputs):
             # read it directly; fsspec's resolution costs ~90 us per call, 15 % of decoding a

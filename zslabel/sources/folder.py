@@ -24,7 +24,6 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .. import storage
 from ..errors import InputError
-from ..fetch import file_uri_path
 from .blocks import core_table, planned_dataset
 from .common import (
     IMAGE_EXTENSIONS,
@@ -113,12 +112,12 @@ def output_path(fs: fsspec.AbstractFileSystem, output: str | None, storage_optio
     if not output:
         return None
     try:
-        out_fs, path = storage.url_to_fs(file_uri_path(output) or output, storage_options)
+        out_fs, path = storage.url_to_fs(storage.file_uri_path(output) or output, storage_options)
     except Exception:  # noqa: BLE001 - the output's own checks report a bad output URI
         return None
     if set(storage.protocols(out_fs)) != set(storage.protocols(fs)):
         return None
-    return os.path.realpath(path) if storage.is_local(fs) else path.rstrip("/")
+    return storage.canonical_location(fs, path)
 
 
 def output_inside(fs: fsspec.AbstractFileSystem, root: str, output: str | None, storage_options: dict) -> str | None:

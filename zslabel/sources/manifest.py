@@ -23,7 +23,7 @@ All columns are strings (ids like ``00042`` keep their zeros); carried columns o
 rules (UTF-8 with or without BOM, UTF-16 with BOM); one that is not UTF-8 is refused with the
 byte offset. Relative entries are relative to the manifest's folder; an entry is absolute when
 it starts with ``/``, holds ``://``, or is a ``file:`` URI (RFC 8089 allows ``file:/a.jpg``);
-``file:`` URIs are percent-decoded when read (``fetch.file_uri_path``); a ``%XX`` escape of a
+``file:`` URIs are percent-decoded when read (``storage.file_uri_path``); a ``%XX`` escape of a
 byte >= 0x80 in a plain local entry finds a file whose name is not UTF-8
 (``zslabel.storage.display_name``).
 """
@@ -33,7 +33,6 @@ from __future__ import annotations
 import codecs
 import csv
 import io
-import os
 import posixpath
 import re
 
@@ -42,7 +41,6 @@ import pyarrow.compute as pc
 
 from .. import storage
 from ..errors import InputError, ZslabelError
-from ..fetch import file_uri_path
 from ..textfiles import decode_text
 from .blocks import core_table, planned_dataset
 from .common import (
@@ -180,15 +178,11 @@ def plan_path_table(uri: str, fs, fs_path: str, table: pa.Table, path_col: str |
 
 
 def same_file_keys(paths: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """One key per path for ``--dedupe``, equal for two spellings of one local file: a ``file:``
-    URI and the path it names (``fetch.file_uri_path``), ``a/./b.jpg``, ``a/x/../b.jpg`` and
-    ``a//b.jpg`` (``os.path.normpath``; a symlink is not resolved). Remote URIs are compared
-    as written. (N,) string array in, (N,) string array out."""
-    keys = []
-    for p in paths.to_pylist():
-        local = file_uri_path(p) if p[:5].lower() == "file:" else p if "://" not in p else None
-        keys.append(os.path.normpath(local) if local is not None else p)
-    return pa.array(keys, pa.string())
+    """One key per path for ``--dedupe``, equal for two spellings of one local file
+    (``storage.comparable_path``: a ``file:`` URI and the path it names, ``a/./b.jpg``,
+    ``a/x/../b.jpg``, ``a//b.jpg``; a symlink is not resolved). Remote URIs are compared as
+    written. (N,) string array in, (N,) string array out."""
+    return pa.array([storage.comparable_path(p) for p in paths.to_pylist()], pa.string())
 
 
 def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], uri: str,
