@@ -5,7 +5,6 @@ hold the committed rows where they were. Plain values in (mode, settings dict); 
 
 from __future__ import annotations
 
-import posixpath
 from typing import Any
 
 import numpy as np
@@ -15,7 +14,7 @@ from ..errors import OutputError
 from ..output import INPUT_INDEX, PATH
 from .claim import check_not_claimed
 from .fingerprint import describe_changes, settings_view
-from .layout import OutputState, arrow_fs, output_holding
+from .layout import OutputState, arrow_fs
 
 
 def check_mode(state: OutputState, mode: str) -> None:
@@ -36,11 +35,10 @@ def check_mode(state: OutputState, mode: str) -> None:
             touched).
     """
     check_not_claimed(state)
-    parent = posixpath.dirname(state.root.rstrip("/"))
-    outer = output_holding(state.fs, parent) if parent else None
-    if outer is not None:
+    if state.outer is not None:
         # Its data files would be read as the outer run's, and block that run's --overwrite.
-        raise OutputError(f"output {state.uri} is inside the zslabel output {outer}; write to a folder outside it")
+        raise OutputError(f"output {state.uri} is inside the zslabel output {state.outer}; write to a folder "
+                          "outside it")
     if state.is_empty:
         return
     examples = ", ".join(state.files[:3]) + (", ..." if len(state.files) > 3 else "")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import posixpath
 import re
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import OutputError
-from ..storage import is_local
+from ..storage import canonical_location
 from .fsio import MANIFEST_NAME, is_visible, output_filesystem, visible_parquet_files, write_bytes_atomic
 
 FINGERPRINT_KEY = b"zslabel.fingerprint"
@@ -62,7 +61,8 @@ class OutputState:
     ``files`` are all file paths under ``root`` relative to it, except the claim (which says who
     writes, not what is there); ``run_record`` is None when the last run finished (a record
     whose run id equals the manifest's is a finished run's leftover); ``claim`` is the live or
-    stale claim record, None when unclaimed.
+    stale claim record, None when unclaimed; ``outer`` the zslabel output a folder above
+    ``root`` holds (:func:`output_holding`), None when none does (found when first inspected).
     """
 
     uri: str
@@ -73,12 +73,15 @@ class OutputState:
     run_record: dict | None
     swap_record: dict | None
     claim: dict | None = None
+    outer: str | None = None
 
     def refreshed(self) -> "OutputState":
         """A new snapshot of the same output, through the same filesystem object."""
         if hasattr(self.fs, "invalidate_cache"):
             self.fs.invalidate_cache()  # another process may have written since (s3fs caches listings)
-        return snapshot(self.uri, self.fs, self.root)
+        state = snapshot(self.uri, self.fs, self.root)
+        state.outer = self.outer
+        return state
 
     @property
     def is_empty(self) -> bool:
@@ -139,9 +142,7 @@ def enclosing_output(uri: str, storage_options: dict | None = None) -> str | Non
 
 def output_holding(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
     """:func:`enclosing_output` for a path of ``fs`` (without protocol)."""
-    if is_local(fs):
-        path = os.path.realpath(path)
-    path = path.rstrip("/") or path
+    path = canonical_location(fs, path)
     while True:
         for marker in (MANIFEST_NAME, STATE_DIR):
             if fs.exists(posixpath.join(path, marker)):
@@ -167,7 +168,10 @@ def inspect_output(uri: str, storage_options: dict | None = None) -> OutputState
         OutputError: ``uri`` is a file, cannot be listed, or holds an unreadable record.
     """
     fs, root = output_filesystem(uri, storage_options)
-    return snapshot(uri, fs, root)
+    state = snapshot(uri, fs, root)
+    parent = posixpath.dirname(root.rstrip("/"))
+    state.outer = output_holding(fs, parent) if parent else None
+    return state
 
 
 def snapshot(uri: str, fs: fsspec.AbstractFileSystem, root: str) -> OutputState:
