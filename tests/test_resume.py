@@ -289,18 +289,20 @@ def test_swap_cut_short_is_finished_by_the_next_run(tmp_path):
     """A crash inside an overwrite's swap (some old files deleted, some staged files moved) is
     rolled forward by the next --resume/--overwrite; the default mode refuses and touches nothing."""
     out = tmp_path / "out"
-    staging = out / STATE_DIR / "staging" / "R2"
+    r1, r2 = "20261205T000001-aaaaaaaa", "20261205T000002-bbbbbbbb"  # run ids as the store makes them
+    a, x, y = (f"part-{r}-{h * 16}.parquet" for r, h in ((r1, "a"), (r2, "b"), (r2, "c")))
+    staging = out / STATE_DIR / "staging" / r2
     staging.mkdir(parents=True)
     fields = {"labels": ["new"]}
     fp = fingerprint_digest(fields)
 
-    write_part(out / "part-R1-a.parquet", [0, 1], "old")   # old output: part-R1-b and its manifest already deleted
-    write_part(out / "part-R2-x.parquet", [0, 1], fp)      # staged file already moved in
-    write_part(staging / "part-R2-y.parquet", [2, 3], fp)  # staged file not yet moved
-    manifest = {"run_id": "R2", "fingerprint": fp, "fingerprint_fields": fields}
-    record = {"run_id": "R2", "data_dir": "_zslabel/staging/R2", "fingerprint": fp, "fingerprint_fields": fields}
+    write_part(out / a, [0, 1], "old")   # old output: its other part and its manifest already deleted
+    write_part(out / x, [0, 1], fp)      # staged file already moved in
+    write_part(staging / y, [2, 3], fp)  # staged file not yet moved
+    manifest = {"run_id": r2, "fingerprint": fp, "fingerprint_fields": fields}
+    record = {"run_id": r2, "data_dir": f"_zslabel/staging/{r2}", "fingerprint": fp, "fingerprint_fields": fields}
     (out / STATE_DIR / "run.json").write_text(json.dumps(record))
-    (out / STATE_DIR / "swap.json").write_text(json.dumps(dict(record, files=["part-R2-x.parquet", "part-R2-y.parquet"],
+    (out / STATE_DIR / "swap.json").write_text(json.dumps(dict(record, files=[x, y],
                                                                manifest=manifest)))
     before = snapshot(out)
     with pytest.raises(OutputError, match="unfinished run"):
@@ -308,7 +310,7 @@ def test_swap_cut_short_is_finished_by_the_next_run(tmp_path):
     assert snapshot(out) == before
 
     plan = begin_in(out, "resume", fields)
-    assert sorted(p.name for p in out.glob("*.parquet")) == ["part-R2-x.parquet", "part-R2-y.parquet"]
+    assert sorted(p.name for p in out.glob("*.parquet")) == [x, y]
     assert indices(out) == [0, 1, 2, 3] and plan.done.tolist() == [0, 1, 2, 3] and not plan.staged
     assert not staging.exists()
 

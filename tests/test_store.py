@@ -203,9 +203,10 @@ def test_no_run_is_written_inside_another_run(tmp_path):
 def test_store_file_names():
     for name in ("part-20261205T000000-abcdef12-0123456789abcdef.parquet", "_run_manifest.json",
                  "_zslabel/run.json", "_zslabel/staging/R/part-R-1.parquet",
-                 ".part-R-1.parquet.0123456789ab.tmp"):
+                 ".part-20261205T000000-abcdef12-0123456789abcdef.parquet.0123456789ab.tmp"):
         assert is_store_file(name), name
-    for name in ("notes.csv", "plots/hist.png", "sub/part-R-1.parquet", "data.parquet", ".DS_Store"):
+    for name in ("notes.csv", "plots/hist.png", "sub/part-R-1.parquet", "data.parquet", ".DS_Store",
+                 "part-0.parquet", "part-R-1.parquet", ".part-R-1.parquet.0123456789ab.tmp"):
         assert not is_store_file(name), name
 
 
@@ -276,3 +277,18 @@ def test_readers_and_the_resume_short_cut_see_files_added_or_deleted_since_the_r
     with pytest.raises(InputError, match="records 2: files were deleted .* would lose rows.*--resume"):
         output_parquet_files(str(out))
     assert OutputStore.open(str(out)).finished_unchanged("resume", False, stamps) is None
+
+
+def test_overwrite_never_takes_a_users_part_file_for_its_own(tmp_path):
+    """Ownership is the exact names the store writes: ``part-0.parquet`` (pyarrow's
+    ``write_dataset`` default), ``part-x.parquet`` or a temp-like name dropped into an output are
+    the user's, so --overwrite refuses, naming them, and deletes nothing."""
+    out = tmp_path / "out"
+    run_once(str(out), [0, 1])
+    ours = sorted(p.name for p in out.iterdir())
+    for name in ("part-0.parquet", "part-x.parquet", ".part-0.parquet.abc.tmp"):
+        pq.write_table(pa.table({"my_notes": ["keep me"]}), out / name)
+    with pytest.raises(OutputError, match="did not write.*part-0.parquet.*part-x.parquet"):
+        OutputStore.open(str(out)).check("overwrite")
+    assert pq.read_table(out / "part-0.parquet").column("my_notes").to_pylist() == ["keep me"]
+    assert all(is_store_file(n) for n in ours) and not is_store_file("part-0.parquet")

@@ -40,10 +40,13 @@ STAGING_DIR = f"{STATE_DIR}/staging"
 # Run record and manifest key: the files an input kind reads in tasks (``begin``).
 INPUT_FILES = "input_files"
 TMP_SUFFIX = ".tmp"
-# Data files (``files.part_name``) and the hidden temporary files of their atomic writes
-# (``fsio.open_atomic``: ``.<name>.<uuid>.tmp``).
-_DATA_FILE = re.compile(r"part-[^/]+\.parquet")
-_TMP_FILE = re.compile(r"\.part-[^/]+\.parquet\.[0-9a-f]+\.tmp")
+# Data files (``files.part_name``: ``part-<run id>-<16 hex>.parquet``, the run id as
+# ``session.new_run_id`` makes it) and the hidden temporary files of their atomic writes
+# (``fsio.open_atomic``: ``.<name>.<uuid>.tmp``). Exactly these names: ``part-0.parquet`` is what
+# pyarrow's ``write_dataset`` names a user's file, and --overwrite must not take it for its own.
+_PART = r"part-\d{8}T\d{6}-[0-9a-f]{8}-[0-9a-f]{16}\.parquet"
+_DATA_FILE = re.compile(_PART)
+_TMP_FILE = re.compile(rf"\.{_PART}\.[0-9a-f]+\.tmp")
 
 
 def is_store_file(rel: str) -> bool:
