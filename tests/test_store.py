@@ -292,3 +292,38 @@ def test_overwrite_never_takes_a_users_part_file_for_its_own(tmp_path):
         OutputStore.open(str(out)).check("overwrite")
     assert pq.read_table(out / "part-0.parquet").column("my_notes").to_pylist() == ["keep me"]
     assert all(is_store_file(n) for n in ours) and not is_store_file("part-0.parquet")
+
+
+def test_a_run_that_fails_before_writing_leaves_the_output_as_it_found_it(tmp_path):
+    """No images found, a refused input, Ctrl-C before the first file: a fresh run leaves no
+    folder and no run record (the next plain run is not refused as "an unfinished run"), an
+    overwrite leaves the old output as it was; a run that wrote a file keeps its record for
+    --resume."""
+    def fail_after_begin(uri, mode, write=()):
+        store = OutputStore.open(uri)
+        store.check(mode)
+        try:
+            session = store.begin(mode, {"labels": ["x"]})
+            if len(write):
+                write_block(rows(list(write)), session.target)
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            pass
+        finally:
+            store.release()
+
+    fresh = tmp_path / "fresh"
+    fail_after_begin(str(fresh), "error")
+    assert not fresh.exists()
+    run_once(str(fresh), [0, 1])                                   # the next plain run goes ahead
+
+    before = {p.name: p.read_bytes() for p in fresh.iterdir() if p.is_file()}
+    fail_after_begin(str(fresh), "overwrite")
+    assert {p.name: p.read_bytes() for p in fresh.iterdir()} == before   # no _zslabel/, old run intact
+    assert pq.read_table(str(fresh)).num_rows == 2
+
+    started = tmp_path / "started"
+    fail_after_begin(str(started), "error", write=[0])
+    assert (started / "_zslabel" / "run.json").exists()           # a row is committed: --resume finishes it
+    with pytest.raises(OutputError, match="unfinished run"):
+        OutputStore.open(str(started)).check("error")

@@ -22,6 +22,7 @@ the read-only commands use).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pyarrow as pa
@@ -53,6 +54,8 @@ from .layout import (
 from .scan import RunCounts
 from .session import Accounting, AccountingError, WriteSession, begin, new_run_id
 
+log = logging.getLogger(__name__)
+
 
 class OutputStore:
     """One output location (fsspec URI) as seen by one run.
@@ -66,6 +69,7 @@ class OutputStore:
         self.storage_options = dict(storage_options or {})
         self.state = inspect_output(uri, self.storage_options)
         self._claim: Claim | None = None
+        self._session: WriteSession | None = None
         self._created_root = False
         self.run_id = new_run_id()
 
@@ -124,12 +128,20 @@ class OutputStore:
         """
         if self._claim is None:
             self.claim(mode)
-        return begin(self.state, mode, fields, claim=self._claim, run_id=self.run_id,
-                     storage_options=self.storage_options, retry_errors=retry_errors,
-                     planned_paths=planned_paths, planned_files=planned_files)
+        self._session = begin(self.state, mode, fields, claim=self._claim, run_id=self.run_id,
+                              storage_options=self.storage_options, retry_errors=retry_errors,
+                              planned_paths=planned_paths, planned_files=planned_files)
+        return self._session
 
     def release(self) -> None:
-        """Give up the claim, if held (idempotent)."""
+        """Give up the claim, if held (idempotent); a session that failed before writing
+        anything is abandoned first (``WriteSession.abandon``)."""
+        if self._session is not None and not self._session.committed:
+            try:
+                self._session.abandon()
+            except Exception as exc:  # noqa: BLE001 - never hide the failure that ended the run
+                log.warning("could not remove the run record of %s: %s", self.uri, exc)
+            self._session = None
         if self._claim is not None:
             self._claim.release()
             self._claim = None

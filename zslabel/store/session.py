@@ -118,6 +118,7 @@ class WriteSession:
     retried_rows: int = 0
     staged: bool = False
     carried_files: tuple[str, ...] = ()
+    committed: bool = False
 
     @property
     def run_id(self) -> str:
@@ -175,6 +176,7 @@ class WriteSession:
             raise OutputError(f"output {self.target.uri} was taken over by run "
                               f"{(state.run_record or {}).get('run_id')} before run {self.run_id} committed")
         manifest = dict(manifest, run_id=self.run_id, fingerprint=self.fingerprint, fingerprint_fields=self.fields)
+        self.committed = True
         if not self.staged:
             path = write_json(state, MANIFEST_NAME, manifest)
             finish_state(state)
@@ -183,6 +185,24 @@ class WriteSession:
         swap = {"run_id": self.run_id, "data_dir": self.target.data_dir, "files": files, "manifest": manifest}
         write_json(state, SWAP_RECORD, swap)
         return roll_forward(state, swap)
+
+    def abandon(self) -> bool:
+        """After a failure before the commit (no images found, a refused input, Ctrl-C early):
+        a run that carried nothing over and committed no data file removes its run record (and
+        its empty staging folder), so the output is as the run found it: a fresh run leaves
+        nothing, an overwrite leaves the old output, and the next plain run is not refused as
+        "an unfinished run". Otherwise the record stays, for ``--resume``. Returns whether the
+        record was removed. The claim is released separately (:meth:`release`).
+        """
+        if self.committed or self.carried_files:
+            return False
+        state = self.state.refreshed()
+        if state.data_files(self.target.data_dir) or (state.run_record or {}).get("run_id") != self.run_id:
+            return False
+        remove(state, RUN_RECORD)
+        if self.staged:  # begin removed earlier runs' staging: only this run's, empty, is left
+            remove(state, STAGING_DIR, recursive=True)
+        return True
 
     def release(self) -> None:
         """Give up the claim (after a commit or a failure); the run record stays for --resume."""
