@@ -237,3 +237,22 @@ def test_dedupe_knows_spellings_of_one_local_file(tmp_path):
     rows = plan.read_locally()
     assert [r["path"] for r in rows] == [str(a), str(b), "s3://bucket/a.jpg", "s3://bucket//a.jpg"]
     assert plan.duplicates_removed == 4 and plan.listed == 8
+
+
+def test_no_output_column_is_carried_from_the_input(tmp_path):
+    """Every column of the widest output schema (hierarchy, abstention, embeddings) is the
+    writer's: a JSONL key of that name is not carried, and an --id-column of that name is
+    refused in one line. A carried ``hier_label`` used to collide with the roll-up column of
+    that name and fail the job mid-run."""
+    from zslabel.output import output_schema
+
+    owned = [n for n in output_schema(["caption"], 4, abstained=True, hierarchy=True).names if n != "caption"]
+    assert {"hier_label", "hier_score", "hier_path", "embedding", "abstained"} <= set(owned)
+    line = {"path": "/d/a.jpg", "caption": "kept", **{n: "x" for n in owned if n != "path"}}
+    write(tmp_path / "m.jsonl", (json.dumps(line) + "\n").encode())
+    plan = plan_inputs(str(tmp_path / "m.jsonl"), use_ray=False)
+    assert plan.carried_columns == ["caption"]
+    for name in owned:
+        write(tmp_path / "m.csv", f"path,{name}\n/d/a.jpg,x\n".encode())
+        with pytest.raises(InputError, match="reserved"):
+            plan_inputs(str(tmp_path / "m.csv"), use_ray=False, id_column=name)

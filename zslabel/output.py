@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .hierarchy import with_hierarchy_fields
+from .hierarchy import HIERARCHY_FIELDS, with_hierarchy_fields
 
 # Column names of the output contract.
 PATH = "path"                  # string: the input's URI (tar members: "<shard>#<member>")
@@ -30,8 +30,10 @@ WIDTH = "width"                # int32 pixels of the decoded image (after EXIF o
 HEIGHT = "height"              # int32 pixels
 ABSTAINED = "abstained"        # bool, only with --min-score
 EMBEDDING = "embedding"        # fixed_size_list<float16|float32>[D], only with --store-embeddings
-# Columns the writer owns; any other (string) column is carried from the input.
-OWNED_COLUMNS = (PATH, INPUT_INDEX, LABELS, SCORES, ERROR, WIDTH, HEIGHT, ABSTAINED, EMBEDDING)
+# Columns the writer owns, the hierarchy's included; any other (string) column is carried from
+# the input (a carried ``hier_label`` collided with the roll-up column of that name).
+OWNED_COLUMNS = (PATH, INPUT_INDEX, LABELS, SCORES, ERROR, WIDTH, HEIGHT, ABSTAINED, EMBEDDING,
+                 *(f.name for f in HIERARCHY_FIELDS))
 
 BASE_FIELDS = [
     pa.field(PATH, pa.string(), nullable=False),

@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 
 from ..errors import InputError
+from ..output import OWNED_COLUMNS
 from ..storage import IOPolicy, describe_error
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({
@@ -39,9 +40,9 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({
     ".jfif", ".pjpeg", ".heic", ".heif", ".avif",
 })
 
-# Names the output writer owns; a carried column may not shadow them.
-RESERVED_COLUMNS = frozenset({"path", "input_index", "data", "read_error", "labels", "scores", "abstained",
-                              "error", "width", "height", "embedding"})
+# Names the output writer owns (the output contract's) and the rows' own: a carried column may
+# not shadow them.
+RESERVED_COLUMNS = frozenset(OWNED_COLUMNS) | {"data", "read_error"}
 
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 PATH_COLUMN_CANDIDATES = ("path", "url", "uri")
