@@ -256,3 +256,13 @@ def test_no_output_column_is_carried_from_the_input(tmp_path):
         write(tmp_path / "m.csv", f"path,{name}\n/d/a.jpg,x\n".encode())
         with pytest.raises(InputError, match="reserved"):
             plan_inputs(str(tmp_path / "m.csv"), use_ray=False, id_column=name)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("dup.csv", "path,path\n/d/a.jpg,/d/b.jpg\n"),
+    ("dup.tsv", "path\tcaption\tcaption\n/d/a.jpg\tx\ty\n"),
+])
+def test_a_column_named_twice_is_one_line_naming_it(tmp_path, name, text):
+    write(tmp_path / name, text.encode())
+    with pytest.raises(InputError, match=r"has the column '(path|caption)' more than once; rename one"):
+        plan_inputs(str(tmp_path / name), use_ray=False)

@@ -72,11 +72,17 @@ def read_table(uri: str, options: InputOptions, reader):
     rows)`` (:func:`_read_manifest`)."""
     fs, fs_path = storage.url_to_fs(uri, options.storage_options)
     try:
-        return fs, fs_path, reader(fs, storage.open_path(fs, fs_path), uri)
+        result = reader(fs, storage.open_path(fs, fs_path), uri)
     except ZslabelError:
         raise
     except Exception as exc:
         raise InputError(f"cannot read manifest {uri}: {storage.describe_error(exc, options.io)}") from exc
+    names = (result[0] if isinstance(result, tuple) else result).column_names
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # a column picked by name would be ambiguous (pyarrow: KeyError)
+        raise InputError(f"manifest {uri} has the column {', '.join(map(repr, twice))} more than once; "
+                         "rename one (columns: " + ", ".join(names) + ")")
+    return fs, fs_path, result
 
 
 def plan_manifest(uri: str, options: InputOptions) -> InputPlan:
