@@ -21,6 +21,10 @@ from .sources import INPUT_FORMATS  # noqa: F401 - re-exported; the registry is 
 from .storage import DEFAULT_IO_RETRIES, DEFAULT_IO_TIMEOUT, IOPolicy
 from .textfiles import read_lines, read_text
 
+# The longest time limit taken (a day): larger ones overflow the clocks of thread joins and
+# future waits (OverflowError: every row failed), and mean "no limit" anyway (--decode-timeout 0).
+MAX_TIMEOUT_S = 86400.0
+
 
 @dataclass
 class JobConfig(LabelingOptions):
@@ -101,11 +105,12 @@ class JobConfig(LabelingOptions):
             raise ConfigError(f"--input-format must be one of {INPUT_FORMATS} (got {self.input_format!r})")
         if self.max_pixels < 1 or self.min_side < 1:
             raise ConfigError("--max-pixels and --min-side must be >= 1")
-        if not 0 < self.io_timeout < float("inf") or self.io_retries < 0:
-            raise ConfigError("--io-timeout must be > 0 seconds, finite (it bounds every read), and --io-retries >= 0 "
-                              f"(got {self.io_timeout}, {self.io_retries})")
-        if self.decode_timeout < 0:
-            raise ConfigError(f"--decode-timeout must be >= 0 seconds, 0 for no limit (got {self.decode_timeout})")
+        if not 0 < self.io_timeout <= MAX_TIMEOUT_S or self.io_retries < 0:
+            raise ConfigError(f"--io-timeout must be > 0 and at most {MAX_TIMEOUT_S:.0f} seconds (it bounds every "
+                              f"read), and --io-retries >= 0 (got {self.io_timeout}, {self.io_retries})")
+        if not 0 <= self.decode_timeout <= MAX_TIMEOUT_S:
+            raise ConfigError(f"--decode-timeout must be 0 (no limit) to {MAX_TIMEOUT_S:.0f} seconds "
+                              f"(got {self.decode_timeout})")
         if self.reference_pixels and self.fast_decode:
             raise ConfigError("--reference-pixels reproduces transformers' load_image exactly; --fast-decode "
                               "changes pixels: use one of them")
