@@ -184,3 +184,16 @@ def test_glob_under_a_folder_with_brackets_in_its_name(tmp_path):
     assert [r["path"] for r in plan.read_locally()] == [str(d / "a.jpg"), str(d / "sub" / "b.jpg")]
     plan = plan_inputs(f"{tmp_path}/img[0-9].jpg", use_ray=False)
     assert [r["path"] for r in plan.read_locally()] == [str(tmp_path / "img1.jpg"), str(tmp_path / "img7.jpg")]
+
+
+@pytest.mark.parametrize("name", ["photos.tar", "imgs.jsonl", "list.csv", "shards.tgz"])
+def test_a_folder_named_like_a_file_is_a_folder(tmp_path, name):
+    """In auto mode a folder called photos.tar/ (or imgs.jsonl/, list.csv/) is listed as a
+    folder: its images are labeled (it was one read_error row, or exit 2)."""
+    folder = tmp_path / name
+    write(folder / "a.jpg", jpeg(0))
+    write(folder / "sub" / "b.png", jpeg(1))
+    plan = plan_inputs(str(folder), use_ray=False)
+    rows = plan.read_locally()
+    assert plan.kind == "folder" and sorted(r["path"] for r in rows) == [str(folder / "a.jpg"),
+                                                                         str(folder / "sub" / "b.png")]

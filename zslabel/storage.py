@@ -339,6 +339,14 @@ def is_pattern(uri: str, storage_options: dict[str, Any] | None = None, io: IOPo
         return True
 
 
+def is_local_folder(uri: str) -> bool:
+    """True when ``uri`` is a local path (or ``file:`` URI) naming an existing folder; no call
+    to any remote store (a manifest on S3 is planned without a listing)."""
+    if "://" in uri and not uri.lower().startswith("file:"):
+        return False
+    return os.path.isdir(file_uri_path(uri) or uri)
+
+
 def display_name(path: str) -> str:
     """``path`` with each undecodable byte (a lone surrogate from the OS) written as ``%XX``."""
     if path.isascii():

@@ -118,6 +118,10 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
     # The kind that reads it, from its name (and, for glob characters, whether that name exists:
     # asked within io's timeouts, ``storage.is_pattern``); then what that kind's plan receives.
     name = detect_kind(uri, pattern=storage.is_pattern(uri, storage_options, io=io)) if auto else input_format
+    if auto and name not in ("folder", "glob") and storage.is_local_folder(uri):
+        # A folder named like a file (photos.tar/, imgs.jsonl/, Spark's table.parquet/): its
+        # files are the input (loose images, else its shards or parts), never one unreadable file.
+        name = "folder"
     # The one place sources get their storage options: with the job's timeouts built in, so no
     # kind can open a listing, manifest, tar or Parquet file (here or in a read task) with the
     # 30 s default while the user asked for --io-timeout 5. Every file a kind opens is on the
