@@ -294,6 +294,47 @@ def test_report_reads_tar_members_and_parquet_image_bytes(tmp_path):
     assert (result.thumbnails, result.placeholders) == (8, 0)
 
 
+def test_report_thumbnails_of_tars_with_skipped_and_repeated_members_and_hf_path_rows(tmp_path):
+    """A shard made by plain ``tar -cf`` (a directory entry, which the reader counts as a skip),
+    two members of one name (two images), and Hugging Face Image rows that hold only a path:
+    every labeled row gets its own picture, none a placeholder."""
+    import io
+
+    from zslabel.review import build_report
+
+    images = example_images()[:4]
+    shard = tmp_path / "plain.tar"
+    with tarfile.open(shard, "w") as tar:
+        info = tarfile.TarInfo("img")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        for p in images[:2]:
+            tar.add(p, arcname=f"img/{p.name}")
+        for p in images[2:4]:  # the same member name twice
+            data = p.read_bytes()
+            info = tarfile.TarInfo("img/dup.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    # input_index: the skipped directory entry takes no index; members in shard order
+    names = [f"img/{images[0].name}", f"img/{images[1].name}", "img/dup.png", "img/dup.png"]
+    rows = [{"path": f"{shard}#{n}", "input_index": i, "labels": ["a", "b"], "scores": [0.6, 0.4]}
+            for i, n in enumerate(names)]
+    out = write_output(tmp_path / "tar_out", rows, ["a", "b"], manifest_extra={"input_files": [str(shard)]})
+    result = build_report(str(out), str(tmp_path / "tar_rep"), per_label=6, progress=False)
+    assert (result.thumbnails, result.placeholders) == (4, 0)
+    thumbs = sorted((tmp_path / "tar_rep" / "thumbs").glob("*.jpg"))
+    assert len(thumbs) == 4  # the two dup.png members are two pictures
+
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    hf = tmp_path / "train-0.parquet"
+    pq.write_table(pa.table({"image": pa.array([{"bytes": None, "path": str(p)} for p in images], struct)}), hf)
+    rows = [{"path": str(p), "input_index": i, "labels": ["a", "b"], "scores": [0.6, 0.4]}
+            for i, p in enumerate(images)]
+    out = write_output(tmp_path / "hf_out", rows, ["a", "b"], manifest_extra={"input_files": [str(hf)]})
+    result = build_report(str(out), str(tmp_path / "hf_rep"), per_label=6, progress=False)
+    assert (result.thumbnails, result.placeholders) == (4, 0)
+
+
 def test_report_of_an_output_on_s3_with_images_on_s3(s3, tmp_path):
     """Output files, run manifest and images all in a bucket (moto's S3 API): the scan reads the
     output through fsspec, thumbnails come through ``fetch_bytes``; a deleted object is a

@@ -36,6 +36,7 @@ from ..decode import PreprocessSpec, decode_image
 from ..sources import FILE_INDEX_STRIDE, fetch_bytes
 from ..sources import parquet as parquet_source
 from ..sources import webdataset as webdataset_source
+from ..sources.common import new_counts
 from .collect import Row
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def thumb_name(path: str) -> str:
     return f"{THUMB_DIR}/{hashlib.sha1(path.encode('utf-8', 'surrogatepass')).hexdigest()[:20]}.jpg"
 
 
-def _save(data: bytes | None, row: Row, report_dir: str) -> Thumb:
+def _save(data: bytes | None, row: Row, report_dir: str, key: str) -> Thumb:
     if data is None:
         return Thumb(PLACEHOLDER, "image could not be read")
     decoded = decode_image(data, thumb_spec(row.width, row.height))
@@ -95,7 +96,7 @@ def _save(data: bytes | None, row: Row, report_dir: str) -> Thumb:
 
     buf = io.BytesIO()
     Image.fromarray(decoded.pixels).save(buf, "JPEG", quality=JPEG_QUALITY, optimize=True)
-    name = thumb_name(row.path)
+    name = thumb_name(key)
     with open(os.path.join(report_dir, name), "wb") as fh:
         fh.write(buf.getvalue())
     return Thumb(name)
@@ -132,7 +133,7 @@ class ImageReader:
         file_index = indexes[0] // FILE_INDEX_STRIDE
         wanted = set(indexes)
         found: dict[int, bytes | None] = {}
-        counts = {"listed": 0, "skipped": 0, "examples": []}
+        counts = new_counts()  # the readers count skipped members by reason
         if uri.lower().endswith(webdataset_source.SUFFIXES):
             tables = webdataset_source.read_tar(uri, file_index, self.storage_options, counts)
         else:
@@ -141,7 +142,10 @@ class ImageReader:
         try:
             for table in tables:
                 sel = table.filter(pc.is_in(table.column("input_index"), pa.array(sorted(wanted), pa.int64())))
-                for idx, data in zip(sel.column("input_index").to_pylist(), sel.column("data").to_pylist()):
+                for idx, data, path, error in zip(*(sel.column(c).to_pylist()
+                                                    for c in ("input_index", "data", "path", "read_error"))):
+                    if data is None and error is None:  # a Hugging Face Image row naming its file
+                        data, _ = fetch_bytes(path, self.storage_options)
                     found[idx] = data
                 if len(found) >= len(wanted):
                     break
@@ -171,22 +175,30 @@ def make_thumbnails(rows: list[Row], reader: ImageReader, report_dir: str, *, wo
     """
     write_placeholder(report_dir)
     out: dict[int, Thumb] = {}
+    # One thumbnail per image: rows naming one file share it; in a tar or Parquet file two rows
+    # may share a path (a repeated member name, a shared url) and are two images.
     by_path: dict[str, list[Row]] = {}
+    where: dict[str, str | None] = {}
+    key_of: dict[int, str] = {}
     for r in rows:
         if r.error is not None:
             out[r.ref] = Thumb(PLACEHOLDER, r.error.split(":", 1)[0])
-        else:
-            by_path.setdefault(r.path, []).append(r)
+            continue
+        uri = reader.container_of(r)
+        key = r.path if uri is None else f"{r.path}\0{r.input_index}"
+        by_path.setdefault(key, []).append(r)
+        where[key] = uri
+        key_of[r.ref] = key
     containers: dict[str, list[Row]] = {}
     direct: list[Row] = []
-    for same in by_path.values():
-        uri = reader.container_of(same[0])
+    for key, same in by_path.items():
+        uri = where[key]
         (containers.setdefault(uri, []) if uri else direct).append(same[0])
 
     def one(row: Row) -> dict[str, Thumb]:
         try:
             data, err = fetch_bytes(row.path, reader.storage_options)
-            return {row.path: _save(data, row, report_dir) if err is None else Thumb(PLACEHOLDER, err)}
+            return {row.path: _save(data, row, report_dir, row.path) if err is None else Thumb(PLACEHOLDER, err)}
         except Exception as exc:  # noqa: BLE001 - one picture never fails the report
             log.debug("thumbnail of %s failed: %s", row.path, exc, exc_info=True)
             return {row.path: Thumb(PLACEHOLDER, f"{type(exc).__name__}: {exc}")}
@@ -201,9 +213,9 @@ def make_thumbnails(rows: list[Row], reader: ImageReader, report_dir: str, *, wo
         for r in members:
             try:
                 data = found.get(r.input_index) if r.input_index is not None else None
-                done[r.path] = _save(data, r, report_dir)
+                done[key_of[r.ref]] = _save(data, r, report_dir, key_of[r.ref])
             except Exception as exc:  # noqa: BLE001
-                done[r.path] = Thumb(PLACEHOLDER, f"{type(exc).__name__}: {exc}")
+                done[key_of[r.ref]] = Thumb(PLACEHOLDER, f"{type(exc).__name__}: {exc}")
         return done
 
     if on_done and len(out):
@@ -212,7 +224,7 @@ def make_thumbnails(rows: list[Row], reader: ImageReader, report_dir: str, *, wo
     with cf.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="zslabel-thumb") as pool:
         # per task: the output rows it pictures (rows sharing a path share the thumbnail)
         futures = {pool.submit(one, r): len(by_path[r.path]) for r in direct}
-        futures.update({pool.submit(container, uri, members): sum(len(by_path[r.path]) for r in members)
+        futures.update({pool.submit(container, uri, members): sum(len(by_path[key_of[r.ref]]) for r in members)
                         for uri, members in containers.items()})
         for fut in cf.as_completed(futures):
             done = fut.result()
