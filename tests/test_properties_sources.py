@@ -377,8 +377,8 @@ def test_parquet_hf_structs_and_list_captions(cells):
 
 @st.composite
 def damaged_parquet(draw):
-    """A Parquet input file as writers leave them (row groups of any size, any codec, maybe
-    empty) and a damage: none, bytes overwritten inside one column chunk of one row group (a
+    """A Parquet input file as writers leave them (row groups of any size, any codec, the image
+    bytes in any of Arrow's binary layouts, maybe empty) and a damage: none, bytes overwritten inside one column chunk of one row group (a
     bad disk block), or the file cut short (an interrupted upload)."""
     n = draw(st.integers(0, 9))
     group = draw(st.integers(1, 4))
@@ -386,17 +386,18 @@ def damaged_parquet(draw):
     damage = draw(st.sampled_from(["none", "chunk", "cut"]))
     where = draw(st.tuples(st.integers(0, 10**6), st.integers(0, 1), st.floats(0, 1), st.floats(0, 1)))
     fill = draw(st.binary(min_size=1, max_size=4))
-    return n, group, codec, damage, where, fill
+    kind = draw(st.sampled_from([pa.binary(), pa.large_binary(), pa.binary_view()]))  # writers differ
+    return n, group, codec, damage, where, fill, kind
 
 
 def _damaged_parquet_property(spec) -> None:
     from source_files import jpeg
 
-    n, group, codec, damage, (g_pick, col, start_f, len_f), fill = spec
+    n, group, codec, damage, (g_pick, col, start_f, len_f), fill, kind = spec
     images = [jpeg(i, size=(4 + i % 3, 5)) for i in range(n)]
     with tempfile.TemporaryDirectory() as tmp:
         f = Path(tmp) / "x.parquet"
-        pq.write_table(pa.table({"jpg": pa.array(images, pa.binary()), "caption": [str(i) for i in range(n)]}), f,
+        pq.write_table(pa.table({"jpg": pa.array(images, kind), "caption": [str(i) for i in range(n)]}), f,
                        row_group_size=group, compression=codec)
         meta = pq.ParquetFile(f).metadata
         raw = bytearray(f.read_bytes())

@@ -314,6 +314,12 @@ def internal_error_detail(where: str, exc: BaseException, log) -> str:
     return f"while reading {where}: {describe_error(exc)}"
 
 
+def is_bytes_type(kind: pa.DataType) -> bool:
+    """Whether ``kind`` holds variable-length bytes in any of Arrow's layouts: ``binary``,
+    ``large_binary`` or ``binary_view`` (what Polars and newer Arrow writers produce)."""
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind)
+
+
 def to_text(column) -> pa.Array:
     """A carried column (``pa.Array``/``pa.ChunkedArray``, any type) as a (N,) string array.
 
@@ -330,7 +336,7 @@ def to_text(column) -> pa.Array:
         column, kind = column.dictionary_decode(), kind.value_type
     if pa.types.is_string(kind):
         return column
-    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
+    if is_bytes_type(kind) or pa.types.is_fixed_size_binary(kind):
         return pa.array([None if v is None else v.decode("utf-8", errors="replace")
                          for v in column.to_pylist()], pa.string())
     if not pa.types.is_nested(kind):

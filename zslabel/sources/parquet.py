@@ -37,6 +37,7 @@ from .common import (
     InputOptions,
     InputPlan,
     internal_error_detail,
+    is_bytes_type,
     is_hidden,
     strip_compression,
     to_text,
@@ -138,7 +139,7 @@ def is_image_struct(kind: pa.DataType) -> bool:
     if not pa.types.is_struct(kind) or kind.get_field_index("bytes") < 0:
         return False
     inner = kind.field(kind.get_field_index("bytes")).type
-    return pa.types.is_binary(inner) or pa.types.is_large_binary(inner)
+    return is_bytes_type(inner)
 
 
 def _hf_image_columns(schema: pa.Schema) -> list[str]:
@@ -164,7 +165,7 @@ def find_image_column(schema: pa.Schema, wanted: str | None, uri: str, *, requir
     """
     def usable(name: str) -> bool:
         kind = schema.field(name).type
-        return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or is_image_struct(kind)
+        return is_bytes_type(kind) or is_image_struct(kind)
 
     if wanted is not None:
         if wanted not in schema.names:
