@@ -133,3 +133,17 @@ def test_the_schema_comes_from_the_first_readable_file(tmp_path):
     with pytest.raises(InputError, match="none of the 2 Parquet files can be read; the first: cannot read Parquet "
                                          f"file {cut}"):
         plan_inputs(str(tmp_path), use_ray=False)
+
+
+def test_a_file_whose_image_column_holds_no_bytes_is_its_read_error_row(tmp_path):
+    """A folder where one file's ``jpg`` column is list<binary>: that file is one read_error
+    row naming the type (it was an internal_error row, "please report it"), the others are read."""
+    pq.write_table(pa.table({"jpg": [jpeg(0)]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"jpg": pa.array([[jpeg(1)]], pa.list_(pa.binary()))}), tmp_path / "b.parquet")
+    plan = plan_inputs(str(tmp_path), use_ray=False)
+    rows = plan.read_locally()
+    plan.finalize()
+    assert rows[0]["data"] == jpeg(0) and rows[0]["read_error"] is None
+    assert rows[1]["path"] == str(tmp_path / "b.parquet")
+    assert error_code(rows[1]["read_error"]) == "read_error" and "is list<element: binary>, not binary" in rows[1]["read_error"]
+    assert plan.listed == 2

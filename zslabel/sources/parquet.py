@@ -271,6 +271,8 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
                 if own is None:
                     raise InputError(f"no image column {image_column!r} (columns: {', '.join(pf.schema_arrow.names)})")
                 image_column = own
+            else:  # this file's column of that name must hold bytes too (a list<binary> one did not)
+                find_image_column(pf.schema_arrow, image_column, uri)
             columns = [image_column, *[c for c in carried if c in pf.schema_arrow.names]]
             for group in range(pf.num_row_groups):
                 group_end = row + pf.metadata.row_group(group).num_rows
