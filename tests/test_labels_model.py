@@ -122,3 +122,16 @@ def test_a_hub_id_still_goes_to_the_hub():
     # HF_HUB_OFFLINE=1 (conftest): the hub is asked and refuses, with the hub message.
     with pytest.raises(ModelLoadError, match="cannot download model 'openai-nonexistent/clip'"):
         resolve_checkpoint("openai-nonexistent/clip")
+
+
+def test_labels_the_tokenizer_reads_alike_are_refused(tiny_clip):
+    """CLIP's tokenizer lower-cases and normalises Unicode: 'Red Circle' and 'red circle', or
+    NFC and NFD 'café', are one prompt and would split one score. Refused, naming them, before
+    the text tower runs; distinct labels pass."""
+    model = ZeroShotModel(tiny_clip)
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    with pytest.raises(ConfigError, match="read alike.*'Red Circle' = 'red circle'.*" + nfc + "' = '" + nfd):
+        build_label_set(["Red Circle", "red circle", "blue", nfc, nfd], ["a {}."], model, cache=False)
+    with pytest.raises(ConfigError, match="'animal/dog' = 'toy/dog'"):
+        build_label_set(["animal/dog", "toy/dog"], ["a {}.", "{}"], model, cache=False)
+    assert build_label_set(["red circle", "blue circle"], ["a {}."], model, cache=False).embeddings.shape[0] == 2

@@ -151,8 +151,8 @@ def build_label_set(names: list[str], templates: list[str], model, *, digest: st
         LabelSet with (C, D) float32 L2-normalised embeddings.
 
     Raises:
-        ConfigError: invalid labels/templates, or a prompt longer than the text tower's maximum
-            length (the message names the label and template).
+        ConfigError: invalid labels/templates; labels read alike by the tokenizer; a prompt
+            longer than the text tower's maximum length (the message names the label and template).
     """
     validate_prompts(names, templates)
     # A path label ("animal/mammal/dog") is prompted by its leaf name (hierarchy.prompt_name).
@@ -161,6 +161,9 @@ def build_label_set(names: list[str], templates: list[str], model, *, digest: st
     if len(set(prompts)) > 1 and len(set(map(tuple, token_ids))) == 1:
         raise ConfigError(f"the checkpoint's tokenizer maps every prompt to the same tokens {token_ids[0]}; "
                           "is the tokenizer missing from the checkpoint folder (tokenizer.json / vocab.json)?")
+    per_label = len(templates)  # prompts are label-major: label i's are [i * T, (i + 1) * T)
+    _refuse_labels_read_alike(names, [tuple(tuple(ids) for ids in token_ids[i * per_label:(i + 1) * per_label])
+                                      for i in range(len(names))])
     limit = model.max_text_length
     for prompt, length in zip(prompts, map(len, token_ids)):
         if length > limit:
@@ -181,6 +184,26 @@ def build_label_set(names: list[str], templates: list[str], model, *, digest: st
     if path is not None:
         _write_cached(path, label_set.embeddings)
     return label_set
+
+
+def _refuse_labels_read_alike(names: list[str], tokens: list[tuple]) -> None:
+    """Refuse labels whose prompts are the same tokens for every template (``tokens[i]``: label
+    i's token ids per template): ``Red Circle`` and ``red circle`` for CLIP's lower-casing
+    tokenizer, NFC and NFD ``café``, two hierarchy paths ending in the same leaf. They get one
+    label embedding, so softmax splits one score between them (each shows half) and a sigmoid
+    reports it twice.
+
+    Raises:
+        ConfigError: naming each group of such labels.
+    """
+    groups: dict[tuple, list[str]] = {}
+    for name, key in zip(names, tokens):
+        groups.setdefault(key, []).append(name)
+    alike = [g for g in groups.values() if len(g) > 1]
+    if alike:
+        raise ConfigError("labels read alike by this checkpoint's tokenizer (case, Unicode form, or the same "
+                          "leaf of a path): " + "; ".join(" = ".join(map(repr, g)) for g in alike)
+                          + "; they would share one label embedding and split its score: keep one of each")
 
 
 def label_cache_dir() -> Path:
