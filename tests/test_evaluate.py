@@ -235,3 +235,20 @@ def test_nothing_matched_is_an_error_showing_both_sides(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "zslabel", "eval", str(pred), "--ground-truth", str(gt)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "no prediction matches" in proc.stderr and "matched 0" not in proc.stdout
+
+
+def test_class_folders_in_nfd_match_labels_in_nfc(tmp_path):
+    """macOS writes folder names in NFD: a class folder 'café' (NFD) is the label 'café' (NFC),
+    a hit, not "a ground-truth label that was not a candidate"; the other way round too."""
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    root = tmp_path / "gt"
+    for folder, name in ((nfd, "a.jpg"), (nfd, "b.jpg"), ("tea", "c.jpg")):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / name).write_bytes(b"x")
+    rows = [(str(root / nfd / "a.jpg"), [nfc, "tea"], None, False),
+            (str(root / nfd / "b.jpg"), ["tea", nfc], None, False),
+            (str(root / "tea" / "c.jpg"), ["tea", nfd], None, False)]
+    out = write_predictions(tmp_path / "out", rows, files=1, manifest_labels=[nfc, "tea"])
+    report = evaluate(str(out), str(root))
+    assert report.matched == 3 and report.top1_correct == 2
+    assert not report.ground_truth_labels_not_candidates

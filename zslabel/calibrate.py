@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from .calibration import Calibration, fit_calibration
 from .errors import ConfigError, InputError
-from .evaluate import _basename, load_ground_truth, match_ground_truth, normalise_path
+from .evaluate import _basename, label_key, load_ground_truth, match_ground_truth, normalise_path
 from .hierarchy import prompt_name
 from .store import output_parquet_files, read_manifest, refuse_inside_output
 
@@ -61,11 +61,11 @@ class Sample:
 def label_index(labels: list[str]) -> dict[str, int]:
     """Ground-truth label text -> label index: a label's full name, and also its leaf name
     (``hierarchy.prompt_name``) when that leaf is unique, so ground truth written ``"dog"``
-    matches a run label ``"animal/mammal/dog"``."""
-    index = {name: i for i, name in enumerate(labels)}
+    matches a run label ``"animal/mammal/dog"``; keys compared as ``evaluate.label_key``."""
+    index = {label_key(name): i for i, name in enumerate(labels)}
     leaves: dict[str, list[int]] = {}
     for i, name in enumerate(labels):
-        leaves.setdefault(prompt_name(name), []).append(i)
+        leaves.setdefault(label_key(prompt_name(name)), []).append(i)
     for leaf, where in leaves.items():
         if len(where) == 1 and leaf not in index:
             index[leaf] = where[0]

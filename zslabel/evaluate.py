@@ -46,6 +46,7 @@ import io
 import json
 import logging
 import posixpath
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,12 @@ def normalise_path(path: str) -> str:
     paths (and ``file:`` URIs) absolute and collapsed, remote URIs collapsed with their protocol
     kept (``s3://b/x/../y.jpg`` -> ``s3://b/y.jpg``); surrounding blanks dropped."""
     return comparable_path(path.strip(), normalise_remote=True)
+
+
+def label_key(name: str) -> str:
+    """A label's text as ground truth is matched to a run's labels: stripped and in Unicode NFC,
+    so a class folder named on macOS (NFD ``café``) is the label typed ``café``."""
+    return unicodedata.normalize("NFC", name.strip())
 
 
 def _basename(path: str) -> str:
@@ -252,7 +259,7 @@ def _folder_ground_truth(uri: str, fs, root: str, to_uri) -> GroundTruth:
 
 def _dedupe(uri: str, kind: str, pairs: list[tuple[str, str]], skipped: int) -> GroundTruth:
     seen: dict[str, str] = {}
-    for p, label in pairs:
+    for p, label in ((p, label_key(label)) for p, label in pairs):
         if p in seen and seen[p] != label:
             raise InputError(f"ground truth {uri} gives {p} two labels: {seen[p]!r} and {label!r}")
         seen.setdefault(p, label)
@@ -475,7 +482,7 @@ def evaluate(predictions: str, ground_truth: GroundTruth | str, *, storage_optio
             errors_by_code[error_code(pred.error)] += 1
             continue
         labeled += 1
-        labels = [x.strip() for x in (pred.labels or [])]
+        labels = [label_key(x) for x in (pred.labels or [])]
         max_k = max(max_k, len(labels))
         first = labels[0] if labels else None
         hit = first == truth
@@ -509,7 +516,7 @@ def evaluate(predictions: str, ground_truth: GroundTruth | str, *, storage_optio
     confusions = [{"true": t, "predicted": p, "count": n}
                   for (t, p), n in sorted(confused.items(), key=lambda kv: (-kv[1], kv[0]))[:top_confusions]]
     candidates = (manifest or {}).get("labels")
-    not_candidates = sorted(set(gt.labels) - set(candidates)) if candidates is not None else None
+    not_candidates = sorted(set(gt.labels) - set(map(label_key, candidates))) if candidates is not None else None
     matched = len(matches)
     errored = sum(errors_by_code.values())
     k = _report_k(manifest, max_k)

@@ -21,7 +21,15 @@ import pyarrow.parquet as pq
 
 from ..calibration import ECE_BINS, expected_calibration_error
 from ..errors import InputError
-from ..evaluate import EvalReport, GroundTruth, evaluate, match_ground_truth, normalise_path, read_predictions
+from ..evaluate import (
+    EvalReport,
+    GroundTruth,
+    evaluate,
+    label_key,
+    match_ground_truth,
+    normalise_path,
+    read_predictions,
+)
 from ..output import ABSTAINED, ERROR, LABELS, PATH
 from ..store import MANIFEST_NAME
 from .collect import Scan, basename_of
@@ -109,7 +117,7 @@ def evaluate_scan(scan: Scan, gt: GroundTruth, output_uri: str, top_confusions: 
         refs.append(rows["ref"][i])
         scores.append(float(rows["scores"][i][0]))
         truth.append(gt.labels[gi])
-        predicted.append(rows["labels"][i][0].strip())
+        predicted.append(label_key(rows["labels"][i][0]))
     matched = Matched(np.array(refs, np.int64), np.array(scores, np.float64), truth, predicted)
     result = TruthResult(report=report, matched=matched, not_candidates=not_candidates)
     result.reliability = reliability(matched)
