@@ -266,3 +266,20 @@ def test_a_column_named_twice_is_one_line_naming_it(tmp_path, name, text):
     write(tmp_path / name, text.encode())
     with pytest.raises(InputError, match=r"has the column '(path|caption)' more than once; rename one"):
         plan_inputs(str(tmp_path / name), use_ray=False)
+
+
+def test_a_stray_quote_joining_entries_is_warned_about(tmp_path, caplog):
+    """RFC 4180: an unbalanced quote in a caption joins the following lines into its value, so
+    those entries are not entries. The reading stays RFC 4180 (a caption may hold line breaks),
+    but a warning names the row, so the images do not vanish without a word."""
+    text = ('url,caption\n/d/red.png,"Hello\n/d/blue.png,world\n/d/green.png,"quoted"\n/d/yellow.png,fine\n')
+    write(tmp_path / "m.csv", text.encode())
+    with caplog.at_level("WARNING", logger="zslabel.sources.manifest"):
+        plan = plan_inputs(str(tmp_path / "m.csv"), use_ray=False)
+    assert plan.listed == 2
+    assert "1 rows have a value spanning several lines (the first: data row 1)" in caplog.text
+    caplog.clear()
+    write(tmp_path / "ok.csv", b"url,caption\n/d/red.png,fine\n/d/blue.png,also fine\n")
+    with caplog.at_level("WARNING", logger="zslabel.sources.manifest"):
+        plan_inputs(str(tmp_path / "ok.csv"), use_ray=False)
+    assert "spanning" not in caplog.text

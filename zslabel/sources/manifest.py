@@ -33,6 +33,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import logging
 import posixpath
 import re
 
@@ -53,6 +54,8 @@ from .common import (
     strip_compression,
     to_text,
 )
+
+logger = logging.getLogger(__name__)
 
 SUFFIXES = (".txt", ".csv", ".tsv")
 
@@ -303,7 +306,27 @@ def _read_manifest(fs, fs_path: str, uri: str) -> tuple[pa.Table, list[str]]:
         io.BytesIO(b), parse_options=parse,
         convert_options=pacsv.ConvertOptions(column_types={h: pa.string() for h in header},
                                              strings_can_be_null=True)))
+    if fmt == "csv":
+        _warn_multiline_values(table, uri)
     return table, malformed
+
+
+def _warn_multiline_values(table: pa.Table, uri: str) -> None:
+    """Say how many rows hold a value spanning lines. RFC 4180 allows it (a caption with a line
+    break), but a stray opening quote (``"Hello``) joins every following line into one value
+    until the next quote: those entries vanish into a caption, uncounted. The warning names the
+    first such row so that the user can look."""
+    spanning = None
+    for column in table.columns:
+        has_break = pc.fill_null(pc.match_substring_regex(column, "[\r\n]"), False)
+        spanning = has_break if spanning is None else pc.or_(spanning, has_break)
+    count = pc.sum(spanning).as_py() if spanning is not None else 0
+    if count:
+        first = pc.index(spanning, True).as_py()
+        logger.warning("%s: %d rows have a value spanning several lines (the first: data row %d). A quoted "
+                       "value may hold line breaks, but an unbalanced quote (\") joins the lines after it into "
+                       "one value: check those rows if the manifest lists fewer entries than it has lines",
+                       uri, count, first + 1)
 
 
 KIND = InputKind(
