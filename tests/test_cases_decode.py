@@ -349,6 +349,13 @@ def make_extra_cases(out: Path) -> None:
     put("decode/bomb_bmp_40000.bmp",
         b"BM" + struct.pack("<IHHI", 54, 0, 0, 54) + struct.pack("<IiiHHIIiiII", 40, 40000, 40000, 1, 24, 0, 0, 0, 0, 0, 0),
         "too_many_pixels")
+    # An ICO whose one frame is a PNG declaring 100000 x 100000 (Pillow's bomb check meets it
+    # when the frame opens, at load).
+    png = bytearray(_enc(Image.new("RGB", (1, 1)), "PNG"))
+    png[16:24] = struct.pack(">II", 100000, 100000)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])) & 0xFFFFFFFF)
+    put("decode/bomb_ico_png_frame.ico", struct.pack("<HHH", 0, 1, 1)
+        + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 22) + bytes(png), "too_many_pixels")
     put("decode/large_12000x8000.jpg", _enc(Image.new("RGB", (12000, 8000), (40, 90, 140)), "JPEG"), "ok")
 
     # --- colour modes

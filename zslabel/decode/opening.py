@@ -242,6 +242,7 @@ def _open(data: bytes, spec: PreprocessSpec) -> Image.Image:
         what = f"{fmt} data Pillow cannot read" if fmt else "not a recognised image"
         raise _DecodeFailure(UNIDENTIFIED_IMAGE, f"{what} ({len(data)} bytes)") from exc
     except Exception as exc:  # noqa: BLE001 - plugins raise OSError/SyntaxError/ValueError/struct.error
+        _raise_if_bomb(exc)
         if _is_truncated(exc, data, fmt):
             raise _DecodeFailure(TRUNCATED, f"{fmt or 'image'}: {exc}") from exc
         raise _DecodeFailure(UNIDENTIFIED_IMAGE, f"{type(exc).__name__}: {exc}") from exc
@@ -249,6 +250,14 @@ def _open(data: bytes, spec: PreprocessSpec) -> Image.Image:
     if w * h > spec.max_pixels:
         raise _DecodeFailure(TOO_MANY_PIXELS, f"{w}x{h} = {w * h} pixels > limit {spec.max_pixels}")
     return im
+
+
+def _raise_if_bomb(exc: BaseException) -> None:
+    """Pillow's ``DecompressionBombError`` met anywhere but ``Image.open``'s own header check (an
+    ICO or ICNS frame that is an embedded PNG of 100000 x 100000 declared pixels, checked when the
+    frame is opened at load) is ``too_many_pixels``, like every other pixel-limit refusal."""
+    if isinstance(exc, Image.DecompressionBombError):
+        raise _DecodeFailure(TOO_MANY_PIXELS, f"an embedded frame: {exc}") from exc
 
 
 def _open_without_bomb_check(data: bytes, spec: PreprocessSpec, exc: Exception) -> Image.Image:
@@ -286,6 +295,7 @@ def _load(im: Image.Image, data: bytes, spec: PreprocessSpec) -> None:
     try:
         im.load()
     except Exception as exc:  # noqa: BLE001 - decoders raise OSError/ValueError/SyntaxError/...
+        _raise_if_bomb(exc)
         fmt = sniff_format(data)
         if _is_truncated(exc, data, fmt):
             raise _DecodeFailure(TRUNCATED, f"{im.format or fmt}: {exc}") from exc
