@@ -98,3 +98,22 @@ def test_s3_tars_are_read_in_ray_tasks(ray_local, s3, tmp_path):
     rows = rows_of(plan)
     assert [r["path"] for r in rows] == [s3.uri("wds/t0.tar#k0.jpg"), s3.uri("wds/t1.tar#k1.jpg")]
     assert [r["data"] for r in rows] == [jpeg(0), jpeg(1)] and rows[0]["txt"] == "hi"
+
+
+def test_relative_shards_and_parquet_files_give_absolute_paths(tmp_path, monkeypatch):
+    """Inputs named relative to the working folder: rows (``shard.tar#member``, ``file#row``)
+    and the recorded input files are absolute, so report and relabel find them from anywhere."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "wds").mkdir()
+    make_tar(tmp_path / "wds" / "a-000.tar", [("s1.jpg", jpeg(0))])
+    pq.write_table(pa.table({"jpg": [jpeg(1)]}), tmp_path / "t.parquet")
+    monkeypatch.chdir(tmp_path)
+    for given, path in (("wds/a-00{0..0}.tar", f"{tmp_path}/wds/a-000.tar#s1.jpg"),
+                        ("./wds/a-000.tar", f"{tmp_path}/wds/a-000.tar#s1.jpg"),
+                        ("t.parquet", f"{tmp_path}/t.parquet#0")):
+        plan = plan_inputs(given, use_ray=False)
+        rows = plan.read_locally()
+        assert [r["path"] for r in rows] == [path]
+        assert all(f.startswith(str(tmp_path)) for f in plan.planned_files)

@@ -61,3 +61,11 @@ def test_cli_refuses_cp1252_labels_file_with_exit_2(tmp_path):
                            "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "byte offset 3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_labels_files_read_lines_as_manifests_do(tmp_path):
+    """One rule for every line-based file: lines end at LF, CRLF or CR only (a label may hold
+    U+2028 or a form feed), comments are '# ...' or a lone '#', so '#1 pick' is a label."""
+    f = tmp_path / "labels.txt"
+    f.write_bytes("# my labels\n#1 pick\r\nline\u2028sep\rform\x0cfeed\n#\n\n  red circle  \n".encode())
+    assert merge_labels_file([], str(f)) == ["#1 pick", "line\u2028sep", "form\x0cfeed", "red circle"]

@@ -11,6 +11,7 @@ names, and label names are the output.
 from __future__ import annotations
 
 import codecs
+import re
 from typing import Any
 
 import fsspec
@@ -84,6 +85,18 @@ def read_text(uri: str, storage_options: dict[str, Any] | None = None, *, what: 
     return decode_text(data, uri)
 
 
+# Lines end at LF, CRLF or CR, nothing else: ``str.splitlines`` also splits at form feeds and
+# U+2028, which a name or label may hold.
+LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def is_comment(line: str) -> bool:
+    """A comment line (already stripped): only ``#``, or ``#`` and a space first. ``#1 pick`` or
+    ``#1.jpg`` is a label or an entry, not a comment."""
+    return line == "#" or line.startswith("# ")
+
+
 def read_lines(text: str) -> list[str]:
-    """Non-empty, non-comment (``#``) lines of a labels or templates file, stripped."""
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    """The labels (or templates) of a labels or templates file: its lines, stripped, without
+    blank and comment lines (:func:`is_comment`); the same rules as a ``.txt`` manifest's."""
+    return [ln for ln in (line.strip() for line in LINE_END.split(text)) if ln and not is_comment(ln)]

@@ -35,14 +35,13 @@ import csv
 import io
 import logging
 import posixpath
-import re
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import storage
 from ..errors import InputError, ZslabelError
-from ..textfiles import decode_text
+from ..textfiles import LINE_END, decode_text, is_comment
 from .blocks import core_table, planned_dataset
 from .common import (
     MAX_EXAMPLES,
@@ -256,15 +255,14 @@ def parse_text(raw: bytes, uri: str, parse):
 # Spaces, tabs and line breaks around a path are not part of it (a CSV cell "a.jpg\r\n" from a
 # spreadsheet); every other character is, NBSP and form feed included.
 ASCII_SPACE = " \t\r\n"
-_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 def txt_entries(text: str) -> list[str]:
     """The entries of a ``.txt`` manifest's text, by the rules in the module docstring."""
     entries = []
-    for line in _LINE_END.split(text):
+    for line in LINE_END.split(text):
         entry = line.lstrip("\ufeff").strip(" \t")
-        if not entry or entry == "#" or entry.startswith("# "):
+        if not entry or is_comment(entry):
             continue
         entries.append(entry)
     if entries and entries[0] in PATH_COLUMN_CANDIDATES:
