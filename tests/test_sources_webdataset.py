@@ -117,3 +117,21 @@ def test_relative_shards_and_parquet_files_give_absolute_paths(tmp_path, monkeyp
         rows = plan.read_locally()
         assert [r["path"] for r in rows] == [path]
         assert all(f.startswith(str(tmp_path)) for f in plan.planned_files)
+
+
+@pytest.mark.parametrize("name, mode", [("s.tar.bz2", "w:bz2"), ("s.tbz2", "w:bz2"), ("s.tar.xz", "w:xz"),
+                                        ("s.txz", "w:xz")])
+def test_every_compression_tarfile_streams_is_a_shard(tmp_path, name, mode):
+    """A folder of bzip2 or xz shards: read as shards (they were skipped as not_a_shard)."""
+    import io
+    import tarfile
+
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / name, mode) as tar:
+        info = tarfile.TarInfo("k1.jpg")
+        info.size = len(jpeg(0))
+        tar.addfile(info, io.BytesIO(jpeg(0)))
+    plan = plan_inputs(str(tmp_path / "shards"), use_ray=False)
+    rows = plan.read_locally()
+    plan.finalize()
+    assert [r["data"] for r in rows] == [jpeg(0)] and plan.skipped == 0

@@ -146,3 +146,16 @@ def test_file_uris_name_the_local_file_they_percent_encode(tmp_path):
             f"file://{base}/%61.png", f"file://{base}/b c.png", f"file://{base}/lit%20eral.png"]
     assert fetch.fetch_many(uris) == [(b"space", None)] * 3 + [(b"plain a", None), (b"space", None),
                                                                (b"literal", None)]
+
+
+def test_file_uris_name_their_rfc_8089_path_for_outputs_and_models(tmp_path):
+    """--output and --model given as file: URIs are read as inputs are (percent-decoded): an
+    output file:///…/out%20sp is the folder 'out sp', not one literally named out%20sp."""
+    from zslabel.model import resolve_checkpoint
+    from zslabel.storage import url_to_fs
+
+    fs, path = url_to_fs(f"file://{tmp_path}/out%20sp")
+    assert path == f"{tmp_path}/out sp"
+    (tmp_path / "my model").mkdir()
+    (tmp_path / "my model" / "config.json").write_text('{"model_type": "clip"}')
+    assert str(resolve_checkpoint(f"file://{tmp_path}/my%20model")) == f"{tmp_path}/my model"

@@ -155,8 +155,9 @@ def resolve_checkpoint(model: str, revision: str | None = None,
             given without the ``open-clip`` extra installed, or names an unknown architecture
             or tag; the message says which and how to fix it.
     """
-    if model.startswith("file://"):
-        model = model[len("file://"):]
+    from .storage import file_uri_path
+
+    model = file_uri_path(model) or model  # RFC 8089, as inputs and outputs read it
     if _is_remote_uri(model):
         return _copy_remote_checkpoint(model, storage_options or {})
     local = Path(model).expanduser()

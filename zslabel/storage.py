@@ -176,13 +176,16 @@ def io_storage_options(uri: str, storage_options: dict[str, Any] | None, io: IOP
 def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None, *,
               error: type[ZslabelError] = InputError,
               io: IOPolicy | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``(filesystem, path inside it)`` for a local path or fsspec URI, with the connect/read
+    """``(filesystem, path inside it)`` for a local path or fsspec URI (a ``file:`` URI read as
+    :func:`file_uri_path` reads it), with the connect/read
     timeouts of ``io`` (default: ``IOPolicy()``, 30 s) unless ``storage_options`` sets them
     (:func:`io_storage_options`).
 
     Raises:
         ``error``: the protocol is unknown or its package (s3fs, gcsfs, ...) is not installed.
     """
+    # A local file: URI names its RFC 8089 path here as everywhere (--output file:///a%20b is "/a b").
+    uri = file_uri_path(uri) or uri
     try:
         fs, path = fsspec.core.url_to_fs(uri, **io_storage_options(uri, storage_options, io or IOPolicy()))
     except ImportError as exc:

@@ -55,7 +55,7 @@ from .common import (
 
 logger = logging.getLogger(__name__)
 
-SUFFIXES = (".tar", ".tar.gz", ".tgz")
+SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")  # all that tarfile streams
 SIDECARS = ("json", "txt", "cls")
 # The largest encoded image a row can hold: one Arrow binary value has 32-bit offsets. Nothing
 # decodable within the default --max-pixels is that large (16-bit RGBA at 178,956,970 pixels
