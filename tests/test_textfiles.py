@@ -69,3 +69,20 @@ def test_labels_files_read_lines_as_manifests_do(tmp_path):
     f = tmp_path / "labels.txt"
     f.write_bytes("# my labels\n#1 pick\r\nline\u2028sep\rform\x0cfeed\n#\n\n  red circle  \n".encode())
     assert merge_labels_file([], str(f)) == ["#1 pick", "line\u2028sep", "form\x0cfeed", "red circle"]
+
+
+def test_labels_and_templates_files_may_be_pipes(tmp_path):
+    """``--labels-file <(grep ...)`` and ``--templates <(...)``: bash hands over a pipe, which
+    cannot seek; it is read as a stream ("File or stream is not seekable" before)."""
+    import os
+    import threading
+
+    for read, text, expected in ((lambda p: merge_labels_file([], p), "cat\ndog\n", ["cat", "dog"]),
+                                 (resolve_templates, "a {}.\n", ["a {}."])):
+        fifo = tmp_path / "pipe"
+        os.mkfifo(fifo)
+        writer = threading.Thread(target=lambda: fifo.write_text(text), daemon=True)  # never blocks the exit
+        writer.start()
+        assert read(str(fifo)) == expected
+        writer.join(timeout=10)
+        fifo.unlink()

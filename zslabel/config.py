@@ -188,7 +188,7 @@ def resolve_templates(value: str) -> list[str]:
     """``--templates`` argument: a named set (see ``labels.TEMPLATE_SETS``) or a file of lines."""
     if value in TEMPLATE_SETS:
         return list(TEMPLATE_SETS[value])
-    if not Path(value).is_file() and "://" not in value:
+    if not Path(value).exists() and "://" not in value:  # a file, or a pipe (<(...))
         raise ConfigError(f"--templates {value!r} is neither a named set ({', '.join(TEMPLATE_SETS)}) "
                           "nor a file")
     return read_lines(read_text(value, what="templates file"))

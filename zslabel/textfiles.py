@@ -11,6 +11,7 @@ names, and label names are the output.
 from __future__ import annotations
 
 import codecs
+import os
 import re
 from typing import Any
 
@@ -78,8 +79,13 @@ def read_text(uri: str, storage_options: dict[str, Any] | None = None, *, what: 
         TextDecodeError: the file is not UTF-8 / BOM-marked UTF-16.
     """
     try:
-        with fsspec.open(uri, "rb", compression="infer", **(storage_options or {})) as fh:
-            data = fh.read()
+        if "://" not in uri and os.path.exists(uri) and not os.path.isfile(uri) and not os.path.isdir(uri):
+            # A pipe (--labels-file <(grep ... classes.txt)): read as a stream; fsspec seeks.
+            with open(uri, "rb") as fh:
+                data = fh.read()
+        else:
+            with fsspec.open(uri, "rb", compression="infer", **(storage_options or {})) as fh:
+                data = fh.read()
     except (OSError, ValueError) as exc:
         raise error(f"cannot read {what} {uri}: {exc}") from exc
     return decode_text(data, uri)
