@@ -283,3 +283,13 @@ def test_a_stray_quote_joining_entries_is_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="zslabel.sources.manifest"):
         plan_inputs(str(tmp_path / "ok.csv"), use_ray=False)
     assert "spanning" not in caplog.text
+
+
+def test_jsonl_files_concatenated_with_their_boms(tmp_path):
+    """``cat a.jsonl b.jsonl`` of two files saved with a BOM: the second BOM starts a line and
+    is not part of the JSON (the whole manifest was refused)."""
+    one = '\ufeff{"path": "/d/a.jpg"}\n'.encode()
+    two = '\ufeff{"path": "/d/b.jpg"}\n'.encode()
+    write(tmp_path / "m.jsonl", one + two)
+    rows = plan_inputs(str(tmp_path / "m.jsonl"), use_ray=False).read_locally()
+    assert [r["path"] for r in rows] == ["/d/a.jpg", "/d/b.jpg"]

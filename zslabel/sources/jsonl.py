@@ -37,6 +37,7 @@ def _read(fs, fs_path: str, uri: str) -> pa.Table:
         text = decode_text(f.read(), uri)
     records: list[dict] = []
     for number, line in enumerate(text.split("\n"), 1):
+        line = line.lstrip("\ufeff")  # files concatenated with cat keep each one's BOM
         if not line.strip():
             continue
         try:
