@@ -197,3 +197,14 @@ def test_a_folder_named_like_a_file_is_a_folder(tmp_path, name):
     rows = plan.read_locally()
     assert plan.kind == "folder" and sorted(r["path"] for r in rows) == [str(folder / "a.jpg"),
                                                                          str(folder / "sub" / "b.png")]
+
+
+def test_a_folder_of_hidden_files_only_says_so(tmp_path):
+    from zslabel.options import check_input_exists
+
+    write(tmp_path / "only" / ".x.png", jpeg(0))
+    with pytest.raises(InputError, match="holds only hidden files"):
+        check_input_exists(str(tmp_path / "only"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="is an empty folder"):
+        check_input_exists(str(tmp_path / "empty"))

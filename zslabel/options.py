@@ -278,6 +278,9 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPoli
     if not found:
         raise InputError(f"no images found: {uri} does not exist")
     if not pattern and storage.is_local(fs) and os.path.isdir(path) and not _has_visible_file(path):
+        if any(files for _, _, files in os.walk(path)):
+            raise InputError(f"no images found: {uri} holds only hidden files (names starting with '.', which are "
+                             "never read)")
         raise InputError(f"no images found: {uri} is an empty folder")
 
 
