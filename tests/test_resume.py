@@ -315,6 +315,25 @@ def test_swap_cut_short_is_finished_by_the_next_run(tmp_path):
     assert not staging.exists()
 
 
+def test_one_job_from_any_folder_has_one_fingerprint(tmp_path, monkeypatch):
+    """The input and a local model folder are fingerprinted by one spelling (absolute), so a
+    --resume from another working folder, or with the path written another way, is the same job
+    (it was refused: "input: 'photos' -> '/data/photos'"). Hub ids and URIs stay as written."""
+    (tmp_path / "data" / "photos").mkdir(parents=True)
+    (tmp_path / "models" / "clip").mkdir(parents=True)
+
+    def settings(cwd, photos, model):
+        monkeypatch.chdir(cwd)
+        return JobConfig(input=photos, output="out", labels=LABELS, model=model).result_settings()
+
+    here = settings(tmp_path / "data", "photos", "../models/clip")
+    assert here == settings(tmp_path, "data/photos/", "models/clip") == settings(
+        tmp_path / "models", f"file://{tmp_path}/data/photos", str(tmp_path / "models" / "clip"))
+    assert here["input"] == str(tmp_path / "data" / "photos")
+    hub = settings(tmp_path, "s3://b/photos/", "openai/clip-vit-base-patch32")
+    assert hub["input"] == "s3://b/photos/" and hub["model"]["id"] == "openai/clip-vit-base-patch32"
+
+
 def test_fingerprint_covers_results_not_execution():
     schema = output_schema()
 
