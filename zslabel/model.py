@@ -155,11 +155,11 @@ def resolve_checkpoint(model: str, revision: str | None = None,
             given without the ``open-clip`` extra installed, or names an unknown architecture
             or tag; the message says which and how to fix it.
     """
+    if _is_remote_uri(model):
+        return _copy_remote_checkpoint(model, storage_options or {})
     from .storage import file_uri_path
 
     model = file_uri_path(model) or model  # RFC 8089, as inputs and outputs read it
-    if _is_remote_uri(model):
-        return _copy_remote_checkpoint(model, storage_options or {})
     local = Path(model).expanduser()
     if local.is_dir():
         if family_of(local) is None:

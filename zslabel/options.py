@@ -202,9 +202,12 @@ class LabelingOptions:
         import json
 
         fields = {k: v for k, v in self.public_dict().items() if k not in NON_RESULT_FIELDS}
+        from . import storage
+
+        # One spelling of local locations: a rerun from another working folder is the same job.
         if "input" in fields:
-            fields["input"] = _local_spelling(fields["input"], existing_only=False)
-        fields.update(model={"id": _local_spelling(self.model, existing_only=True), "revision": self.revision},
+            fields["input"] = storage.local_spelling(fields["input"])
+        fields.update(model={"id": storage.local_spelling(self.model, existing_only=True), "revision": self.revision},
                       labels=list(self.labels if labels is None else labels),
                       templates=list(self.templates if templates is None else templates))
         if self.calibration:
@@ -284,21 +287,6 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPoli
             raise InputError(f"no images found: {uri} holds only hidden files (names starting with '.', which are "
                              "never read)")
         raise InputError(f"no images found: {uri} is an empty folder")
-
-
-def _local_spelling(value: str | None, *, existing_only: bool) -> str | None:
-    """One spelling of a local location for the resume fingerprint: absolute, ``~`` and
-    ``file:`` resolved, so a rerun from another folder (``photos`` there, ``../x/photos`` here)
-    is the same job. ``existing_only``: leave a value that names no local path as written (a
-    hub model id such as ``openai/clip-vit-base-patch32``). URIs are kept as written."""
-    from .storage import file_uri_path
-
-    if not value or "://" in value and not value.lower().startswith("file:"):
-        return value
-    path = os.path.expanduser(file_uri_path(value) or value)
-    if existing_only and not os.path.exists(path):
-        return value
-    return os.path.abspath(path)
 
 
 def _has_visible_file(folder: str) -> bool:

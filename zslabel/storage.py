@@ -259,6 +259,19 @@ def comparable_path(path: str, *, normalise_remote: bool = False) -> str:
     return f"{proto}://{posixpath.normpath(rest)}"
 
 
+def local_spelling(value: str | None, *, existing_only: bool = False) -> str | None:
+    """One spelling of a user's local location, for fingerprints: absolute, with ``~`` and a
+    ``file:`` URI resolved (``photos`` here and ``../x/photos`` there name one folder); a URI of
+    another filesystem as written. ``existing_only``: a value that names no local path stays as
+    written (a hub model id such as ``openai/clip-vit-base-patch32``)."""
+    if not value or "://" in value and value[:5].lower() != "file:":
+        return value
+    path = os.path.expanduser(file_uri_path(value) or value)
+    if existing_only and not os.path.exists(path):
+        return value
+    return comparable_path(path)
+
+
 def canonical_location(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A folder of ``fs`` in one spelling, to tell whether two locations are one (an output and
     its source, an output inside an input): local by real path (``os.path.realpath``: links,
