@@ -141,7 +141,7 @@ def test_empty_folder_fails_in_seconds_without_ray(tiny_clip, tmp_path):
     (tmp_path / "empty" / ".hidden").mkdir(parents=True)
     (tmp_path / "empty" / ".hidden" / "x.png").write_bytes(b"not counted: hidden")
     proc = zslabel("label", tmp_path / "empty", "--labels", "a,b", "--model", tiny_clip, "-o", tmp_path / "out")
-    assert proc.returncode == 2 and "is an empty folder" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2 and "holds only hidden files" in proc.stderr, proc.stderr[-3000:]
     assert proc.modules == {"ray": False, "torch": False, "transformers": False}
     assert not (tmp_path / "out").exists()
 
