@@ -124,14 +124,22 @@ def test_a_hub_id_still_goes_to_the_hub():
         resolve_checkpoint("openai-nonexistent/clip")
 
 
-def test_labels_the_tokenizer_reads_alike_are_refused(tiny_clip):
+def test_labels_the_tokenizer_reads_alike_are_refused(tiny_clip, caplog):
     """CLIP's tokenizer lower-cases and normalises Unicode: 'Red Circle' and 'red circle', or
     NFC and NFD 'café', are one prompt and would split one score. Refused, naming them, before
-    the text tower runs; distinct labels pass."""
+    the text tower runs; distinct labels pass. Labels whose texts differ but whose tokens do not
+    (outside the vocabulary) are warned about, not refused."""
     model = ZeroShotModel(tiny_clip)
     nfc, nfd = "caf\u00e9", "cafe\u0301"
-    with pytest.raises(ConfigError, match="read alike.*'Red Circle' = 'red circle'.*" + nfc + "' = '" + nfd):
+    with pytest.raises(ConfigError, match="written two ways.*'Red Circle' = 'red circle'.*" + nfc + "' = '" + nfd):
         build_label_set(["Red Circle", "red circle", "blue", nfc, nfd], ["a {}."], model, cache=False)
     with pytest.raises(ConfigError, match="'animal/dog' = 'toy/dog'"):
         build_label_set(["animal/dog", "toy/dog"], ["a {}.", "{}"], model, cache=False)
     assert build_label_set(["red circle", "blue circle"], ["a {}."], model, cache=False).embeddings.shape[0] == 2
+    # A WordPiece vocabulary without these words reads both as [CLS] [UNK] [SEP] (BiomedCLIP's
+    # tokenizer for words it lacks): a warning, not a refusal.
+    from zslabel.labels import _refuse_labels_read_alike
+
+    with caplog.at_level("WARNING", logger="zslabel.labels"):
+        _refuse_labels_read_alike(["\u4e2d", "\u6587", "cat"], [((2, 1, 3),), ((2, 1, 3),), ((2, 7, 3),)])
+    assert "reads the labels '\u4e2d', '\u6587' as the same tokens" in caplog.text

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import string
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,23 +188,42 @@ def build_label_set(names: list[str], templates: list[str], model, *, digest: st
 
 
 def _refuse_labels_read_alike(names: list[str], tokens: list[tuple]) -> None:
-    """Refuse labels whose prompts are the same tokens for every template (``tokens[i]``: label
-    i's token ids per template): ``Red Circle`` and ``red circle`` for CLIP's lower-casing
-    tokenizer, NFC and NFD ``café``, two hierarchy paths ending in the same leaf. They get one
-    label embedding, so softmax splits one score between them (each shows half) and a sigmoid
-    reports it twice.
+    """Labels whose prompts are the same tokens for every template (``tokens[i]``: label i's
+    token ids per template) get one label embedding, so softmax splits one score between them
+    (each shows half) and a sigmoid reports it twice.
+
+    Refused when their texts are one label written two ways: case (``Red Circle`` and
+    ``red circle`` for CLIP's lower-casing tokenizer), Unicode form (NFC and NFD ``café``),
+    spaces, or two paths ending in one leaf. Only warned about when the texts differ and the
+    tokenizer cannot tell them apart (words outside its vocabulary, all ``[UNK]``): that is the
+    checkpoint's limit, and its scores for them carry no information.
 
     Raises:
-        ConfigError: naming each group of such labels.
+        ConfigError: naming each group of labels written two ways.
     """
+    def text(name: str) -> str:
+        return " ".join(unicodedata.normalize("NFC", prompt_name(name)).casefold().split())
+
     groups: dict[tuple, list[str]] = {}
     for name, key in zip(names, tokens):
         groups.setdefault(key, []).append(name)
-    alike = [g for g in groups.values() if len(g) > 1]
-    if alike:
-        raise ConfigError("labels read alike by this checkpoint's tokenizer (case, Unicode form, or the same "
-                          "leaf of a path): " + "; ".join(" = ".join(map(repr, g)) for g in alike)
-                          + "; they would share one label embedding and split its score: keep one of each")
+    twice, unreadable = [], []
+    for group in (g for g in groups.values() if len(g) > 1):
+        by_text: dict[str, list[str]] = {}
+        for name in group:
+            by_text.setdefault(text(name), []).append(name)
+        twice += [g for g in by_text.values() if len(g) > 1]
+        if len(by_text) > 1:
+            unreadable.append(group)
+    if twice:
+        raise ConfigError("labels written two ways (case, Unicode form, spaces, or the same leaf of a path): "
+                          + "; ".join(" = ".join(map(repr, g)) for g in twice)
+                          + ": the checkpoint's tokenizer reads them alike, so they would share one label "
+                          "embedding and split its score; keep one of each")
+    for group in unreadable:
+        log.warning("the checkpoint's tokenizer reads the labels %s as the same tokens (words outside its "
+                    "vocabulary?): they share one label embedding, and their scores say nothing between them",
+                    ", ".join(map(repr, group)))
 
 
 def label_cache_dir() -> Path:
