@@ -193,6 +193,7 @@ def test_show_on_parquet_files_of_another_tool_is_one_line(tmp_path):
     (["--labels", "a", "--io-timeout", "1e10"], "--io-timeout must be > 0 and at most 86400 seconds"),
     (["--labels", "a", "--decode-timeout", "inf"], "--decode-timeout must be 0 (no limit) to 86400 seconds"),
     (["--labels", "a", "--decode-timeout", "nan"], "--decode-timeout must be 0 (no limit) to 86400 seconds"),
+    (["--labels", "a", "--io-retries", "-1"], "--io-retries must be >= 0 (got -1)"),
 ])
 def test_cli_validation_errors_exit_2_and_write_nothing(args, message, tiny_clip, ray_local, tmp_path, image_folder):
     out = tmp_path / "out"

@@ -79,8 +79,8 @@ def _add_labeling_flags(p: argparse.ArgumentParser, model_help: str) -> None:
     """Flags of ``options.LabelingOptions`` (shared by label and relabel); dest == field name."""
     g = p.add_argument_group("labels and model")
     g.add_argument("--labels", type=parse_label_list, help="comma-separated candidate labels, e.g. 'cat,dog,bird'")
-    g.add_argument("--labels-file", help="file with one label per line ('#' comments allowed); with --labels "
-                   "too, the labels of both (--labels first)")
+    g.add_argument("--labels-file", help="file with one label per line ('# ...' or a lone '#' is a comment; "
+                   "'#1 pick' is a label); with --labels too, the labels of both (--labels first)")
     t = g.add_mutually_exclusive_group()
     t.add_argument("--template", dest="templates", type=lambda text: [text],
                    help=f"prompt template with one {{}} (default: {DEFAULT_TEMPLATE!r})")
@@ -159,7 +159,8 @@ def _label_parser(sub) -> argparse.ArgumentParser:
                    "as the same file)")
     g.add_argument("--io-timeout", type=float,
                    help="seconds to connect to a remote input and to wait for its next bytes (default 30); "
-                   "a silent server costs one timeout per input, the inputs of a batch are fetched at once")
+                   "a silent server costs one timeout per input, the inputs of a batch are fetched at once; "
+                   "at most 86400")
     g.add_argument("--io-retries", type=int,
                    help="retries of a transient failure (HTTP 408/425/429/5xx, connection reset) with "
                    "exponential backoff (default 3); timeouts are not retried")
@@ -169,7 +170,8 @@ def _label_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--fast-decode", action="store_true", default=None,
                    help="let libjpeg downscale large JPEGs while decoding (faster; pixels differ slightly)")
     g.add_argument("--decode-timeout", type=float,
-                   help="seconds to decode one image before it becomes a decode_timeout row (default 60; 0: no limit)")
+                   help="seconds to decode one image before it becomes a decode_timeout row (default 60; 0: no limit; "
+                   "at most 86400)")
     g.add_argument("--reference-pixels", action="store_true", default=None,
                    help="colours exactly as transformers' load_image (alpha dropped, 16/32-bit samples clipped) "
                    "instead of alpha on white and deep samples scaled (README: Parity)")

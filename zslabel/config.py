@@ -105,9 +105,11 @@ class JobConfig(LabelingOptions):
             raise ConfigError(f"--input-format must be one of {INPUT_FORMATS} (got {self.input_format!r})")
         if self.max_pixels < 1 or self.min_side < 1:
             raise ConfigError("--max-pixels and --min-side must be >= 1")
-        if not 0 < self.io_timeout <= MAX_TIMEOUT_S or self.io_retries < 0:
+        if not 0 < self.io_timeout <= MAX_TIMEOUT_S:
             raise ConfigError(f"--io-timeout must be > 0 and at most {MAX_TIMEOUT_S:.0f} seconds (it bounds every "
-                              f"read), and --io-retries >= 0 (got {self.io_timeout}, {self.io_retries})")
+                              f"read; got {self.io_timeout})")
+        if self.io_retries < 0:
+            raise ConfigError(f"--io-retries must be >= 0 (got {self.io_retries})")
         if not 0 <= self.decode_timeout <= MAX_TIMEOUT_S:
             raise ConfigError(f"--decode-timeout must be 0 (no limit) to {MAX_TIMEOUT_S:.0f} seconds "
                               f"(got {self.decode_timeout})")
