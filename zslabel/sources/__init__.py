@@ -10,7 +10,6 @@ in ``KINDS``. Shared pieces: ``common`` (plan, options, naming rules, columns), 
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from .. import fetch, storage
@@ -114,11 +113,9 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
         raise InputError(f"unknown input format {input_format!r}; expected one of {', '.join(INPUT_FORMATS)}")
     auto = input_format == "auto"
     # A local file: URI (RFC 8089) names a percent-decoded path; fsspec would keep the escapes.
-    uri = storage.file_uri_path(uri) or uri
-    if "://" not in uri:
-        # Absolute, so that every row's path is (tar members and Parquet rows are named after
-        # their file, "shard.tar#key.jpg"): a report or relabel run from another folder finds them.
-        uri = os.path.abspath(os.path.expanduser(uri))
+    # Local paths absolute, so that every row's path is (tar members and Parquet rows are named
+    # after their file, "shard.tar#key.jpg"): a report or relabel from another folder finds them.
+    uri = storage.local_spelling(uri) or uri
     io = io or storage.IOPolicy()
     # The kind that reads it, from its name (and, for glob characters, whether that name exists:
     # asked within io's timeouts, ``storage.is_pattern``); then what that kind's plan receives.

@@ -112,7 +112,7 @@ def output_path(fs: fsspec.AbstractFileSystem, output: str | None, storage_optio
     if not output:
         return None
     try:
-        out_fs, path = storage.url_to_fs(storage.file_uri_path(output) or output, storage_options)
+        out_fs, path = storage.url_to_fs(output, storage_options)
     except Exception:  # noqa: BLE001 - the output's own checks report a bad output URI
         return None
     if set(storage.protocols(out_fs)) != set(storage.protocols(fs)):
