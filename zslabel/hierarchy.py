@@ -31,14 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
+
+from .output import HIER_LABEL, HIER_PATH, HIER_SCORE
 
 SEPARATOR = "/"
-HIERARCHY_FIELDS = [
-    pa.field("hier_label", pa.string()),
-    pa.field("hier_score", pa.float32()),
-    pa.field("hier_path", pa.list_(pa.string())),
-]
 
 
 def prompt_name(label: str) -> str:
@@ -146,7 +142,7 @@ class Hierarchy:
         return self.nodes[node].split(SEPARATOR)
 
     def columns(self, scores: np.ndarray, ok: np.ndarray, score_kind: str, min_score: float) -> dict[str, list]:
-        """The ``HIERARCHY_FIELDS`` columns of a batch.
+        """The ``output.HIERARCHY_FIELDS`` columns of a batch.
 
         Args:
             scores: (M, C) float32 scores of the M rows where ``ok`` is True.
@@ -166,15 +162,7 @@ class Hierarchy:
             for r, i, v in zip(rows, idx, val):
                 if i >= 0:
                     labels[r], values[r], paths[r] = self.nodes[i], float(v), self.path_of(int(i))
-        return {"hier_label": labels, "hier_score": values, "hier_path": paths}
-
-
-def with_hierarchy_fields(schema: pa.Schema) -> pa.Schema:
-    """``schema`` with the ``HIERARCHY_FIELDS`` appended (idempotent)."""
-    for f in HIERARCHY_FIELDS:
-        if f.name not in schema.names:
-            schema = schema.append(f)
-    return schema
+        return {HIER_LABEL: labels, HIER_SCORE: values, HIER_PATH: paths}
 
 
 def check_options(hierarchy: bool, min_score: float | None) -> None:

@@ -18,8 +18,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .hierarchy import HIERARCHY_FIELDS, with_hierarchy_fields
-
 # Column names of the output contract.
 PATH = "path"                  # string: the input's URI (tar members: "<shard>#<member>")
 INPUT_INDEX = "input_index"    # int64: the input's stable position in the plan (resume key)
@@ -30,10 +28,15 @@ WIDTH = "width"                # int32 pixels of the decoded image (after EXIF o
 HEIGHT = "height"              # int32 pixels
 ABSTAINED = "abstained"        # bool, only with --min-score
 EMBEDDING = "embedding"        # fixed_size_list<float16|float32>[D], only with --store-embeddings
+# Only with --hierarchy (``hierarchy.Hierarchy``): the deepest label path whose rolled-up score
+# reaches --min-score, that score, and the path's components; nulls when none does.
+HIER_LABEL = "hier_label"      # string
+HIER_SCORE = "hier_score"      # float32
+HIER_PATH = "hier_path"        # list<string>
 # Columns the writer owns, the hierarchy's included; any other (string) column is carried from
 # the input (a carried ``hier_label`` collided with the roll-up column of that name).
 OWNED_COLUMNS = (PATH, INPUT_INDEX, LABELS, SCORES, ERROR, WIDTH, HEIGHT, ABSTAINED, EMBEDDING,
-                 *(f.name for f in HIERARCHY_FIELDS))
+                 HIER_LABEL, HIER_SCORE, HIER_PATH)
 
 BASE_FIELDS = [
     pa.field(PATH, pa.string(), nullable=False),
@@ -46,6 +49,12 @@ BASE_FIELDS = [
 ]
 # Present only when the run was given --min-score, so runs without it keep the base schema.
 ABSTAINED_FIELD = pa.field(ABSTAINED, pa.bool_())
+# Present only with --hierarchy, appended last.
+HIERARCHY_FIELDS = [
+    pa.field(HIER_LABEL, pa.string()),
+    pa.field(HIER_SCORE, pa.float32()),
+    pa.field(HIER_PATH, pa.list_(pa.string())),
+]
 
 
 def output_schema(carried_columns: Sequence[str] = (), embedding_dim: int | None = None,
@@ -53,7 +62,7 @@ def output_schema(carried_columns: Sequence[str] = (), embedding_dim: int | None
     """The fixed output schema: base columns, optional ``abstained`` (bool: best score below
     ``--min-score``; null on error rows), carried string columns, optional ``embedding``
     (fixed-size list of ``embedding_dim`` float16/float32, L2-normalised), and with
-    ``hierarchy`` the roll-up columns (``hierarchy.HIERARCHY_FIELDS``)."""
+    ``hierarchy`` the roll-up columns (``HIERARCHY_FIELDS``)."""
     fields = list(BASE_FIELDS)
     if abstained:
         fields.append(ABSTAINED_FIELD)
@@ -63,6 +72,14 @@ def output_schema(carried_columns: Sequence[str] = (), embedding_dim: int | None
         fields.append(pa.field(EMBEDDING, pa.list_(value, embedding_dim)))
     schema = pa.schema(fields)
     return with_hierarchy_fields(schema) if hierarchy else schema
+
+
+def with_hierarchy_fields(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with the ``HIERARCHY_FIELDS`` appended (idempotent)."""
+    for f in HIERARCHY_FIELDS:
+        if f.name not in schema.names:
+            schema = schema.append(f)
+    return schema
 
 
 def result_table(schema: pa.Schema, columns: dict[str, Any], label_names: np.ndarray,

@@ -60,6 +60,25 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan | None:
     return None
 
 
+def _locate(uri: str, input_format: str, storage_options: dict | None, io: storage.IOPolicy) -> tuple[str, str]:
+    """The input's one spelling and the kind that reads it (``input_format``, or detected)."""
+    # A local file: URI (RFC 8089) names a percent-decoded path; fsspec would keep the escapes.
+    # Local paths absolute, so that every row's path is (tar members and Parquet rows are named
+    # after their file, "shard.tar#key.jpg"): a report or relabel from another folder finds them.
+    uri = storage.local_spelling(uri) or uri
+    if input_format != "auto":
+        return uri, input_format
+    # The kind that reads it, from its name (and, for glob characters, whether that name exists:
+    # asked within io's timeouts, ``storage.is_pattern``).
+    pattern = storage.is_pattern(uri, storage_options, io=io)
+    name = next(k.name for k in KINDS if k.detect(uri, pattern))  # detect_kind, on the spelled name
+    if name not in ("folder", "glob") and storage.is_local_folder(uri):
+        # A folder named like a file (photos.tar/, imgs.jsonl/, Spark's table.parquet/): its
+        # files are the input (loose images, else its shards or parts), never one unreadable file.
+        name = "folder"
+    return uri, name
+
+
 def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict | None = None,
                 io: storage.IOPolicy | None = None, path_column: str | None = None, id_column: str | None = None,
                 dedupe: bool = False, image_column: str | None = None,
@@ -112,18 +131,8 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
     if input_format != "auto" and input_format not in _BY_NAME:
         raise InputError(f"unknown input format {input_format!r}; expected one of {', '.join(INPUT_FORMATS)}")
     auto = input_format == "auto"
-    # A local file: URI (RFC 8089) names a percent-decoded path; fsspec would keep the escapes.
-    # Local paths absolute, so that every row's path is (tar members and Parquet rows are named
-    # after their file, "shard.tar#key.jpg"): a report or relabel from another folder finds them.
-    uri = storage.local_spelling(uri) or uri
     io = io or storage.IOPolicy()
-    # The kind that reads it, from its name (and, for glob characters, whether that name exists:
-    # asked within io's timeouts, ``storage.is_pattern``); then what that kind's plan receives.
-    name = detect_kind(uri, pattern=storage.is_pattern(uri, storage_options, io=io)) if auto else input_format
-    if auto and name not in ("folder", "glob") and storage.is_local_folder(uri):
-        # A folder named like a file (photos.tar/, imgs.jsonl/, Spark's table.parquet/): its
-        # files are the input (loose images, else its shards or parts), never one unreadable file.
-        name = "folder"
+    uri, name = _locate(uri, input_format, storage_options, io)
     # The one place sources get their storage options: with the job's timeouts built in, so no
     # kind can open a listing, manifest, tar or Parquet file (here or in a read task) with the
     # 30 s default while the user asked for --io-timeout 5. Every file a kind opens is on the
