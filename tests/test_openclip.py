@@ -33,9 +33,9 @@ from zslabel.errors import ModelLoadError  # noqa: E402
 from zslabel.labels import build_label_set  # noqa: E402
 from zslabel.model import ZeroShotModel, checkpoint_digest, resolve_checkpoint  # noqa: E402
 from zslabel.model_openclip import OpenClipModel, preprocess_spec  # noqa: E402
-from zslabel.store import MANIFEST_NAME  # noqa: E402
 from zslabel.ranking import scores_from_logits, zero_shot_logits  # noqa: E402
 from zslabel.relabel import RelabelConfig, run_relabel_job  # noqa: E402
+from zslabel.store import MANIFEST_NAME  # noqa: E402
 from zslabel_dev.tiny_openclip import build_tiny_openclip, in_folder  # noqa: E402
 
 LABELS = ["cat", "dog", "bird", "a red car", "tree"]
@@ -108,6 +108,9 @@ def test_scores_match_open_clip_recipe(name, ckpts, tmp_path):
     MEASURED[name] = float(np.abs(got - expected).max())
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
     assert (got.argmax(1) == expected.argmax(1)).all()
+    # The labels' scores lie well apart (the text tower reads the words): a prompt embedded
+    # otherwise than open_clip embeds it would move its score past TOL.
+    assert (np.ptp(expected, axis=1) > 10 * TOL).all(), np.ptp(expected, axis=1)
 
 
 def test_decoded_pixels_equal_open_clip_transform(ckpts, tmp_path):
@@ -152,6 +155,25 @@ def test_biomed_shape_and_model_facts(ckpts):
     assert ids[1][0] != ids[1][1] and len(ids[0]) > len(ids[1])  # [CLS] ... [SEP], not all [UNK]
     with pytest.raises(Exception, match="longer than the text tower's maximum"):
         build_label_set(["cat " * 300], ["{}"], model, cache=False)
+
+
+def test_biomed_tokenizer_gives_words_their_ids(ckpts):
+    """The tiny BiomedCLIP's tokenizer, loaded as zslabel and open_clip load it, gives the words of
+    its vocabulary their own ids (no [UNK]), so the biomed parity cases compare text embeddings of
+    different prompts, not of one all-[UNK] prompt."""
+    ckpt = ckpts["biomed"]
+    vocab = (ckpt / "vocab.txt").read_text().splitlines()
+    with in_folder(ckpt):
+        reference = open_clip.get_tokenizer(f"local-dir:{ckpt}")
+    model = ZeroShotModel(ckpt)
+    prompts = [t.format(label) for label in LABELS for t in TEMPLATES]
+    ids = model.tokenizer(prompts)
+    assert torch.equal(ids, reference(prompts))
+    assert vocab.index("[UNK]") not in ids
+    assert len({tuple(row.tolist()) for row in ids}) == len(prompts)  # every prompt its own ids
+    cat, dog = model.prompt_token_ids(["This is a photo of a cat.", "This is a photo of a Dog."])
+    assert [vocab[i] for i in cat] == ["[CLS]", "this", "is", "a", "photo", "of", "a", "cat", ".", "[SEP]"]
+    assert [vocab[i] for i in dog] == ["[CLS]", "this", "is", "a", "photo", "of", "a", "dog", ".", "[SEP]"]
 
 
 def test_fsspec_uri_is_copied_once_and_scores_the_same(ckpts, tmp_path):
@@ -303,7 +325,9 @@ def test_label_job_and_relabel_match_open_clip(ckpts, ray_local, tmp_path):
                                             top_k=3, min_score=0.05, hierarchy=True), progress=False)
     assert summary.rows == len(files)
     rerows = {r["path"]: r for r in pq.read_table(str(tmp_path / "re")).to_pylist()}
-    expected = reference_scores(ckpt, files, ["cat", "dog", "a red car"], ["This is a photo of {}."])
+    # The relabel keeps the source run's templates (no templates given): both of TEMPLATES.
+    assert json.loads((tmp_path / "re" / MANIFEST_NAME).read_text())["templates"] == TEMPLATES
+    expected = reference_scores(ckpt, files, ["cat", "dog", "a red car"], TEMPLATES)
     worst = 0.0
     for f, exp in zip(files, expected):
         by_label = dict(zip(rerows[str(f)]["labels"], rerows[str(f)]["scores"]))

@@ -10,8 +10,9 @@ Two shapes, both saved as ``open_clip_config.json`` + ``open_clip_pytorch_model.
   (``timm_model_name``, ``timm_pool=""``, ``timm_proj="linear"``) and a BERT text tower through
   transformers (``hf_model_name``, ``hf_proj_type="mlp"``,
   ``hf_pooler_type="cls_last_hidden_state_pooler"``, context length 256), tokenized by a
-  ``BertTokenizerFast`` from a small ``vocab.txt`` whose files lie in the checkpoint folder (as
-  in BiomedCLIP's repo; open_clip's ``HFTokenizer`` loads them with ``AutoTokenizer``). The
+  WordPiece ``BertTokenizerFast`` over a small ``vocab.txt`` (whole test words, and single
+  characters for any other word) whose files lie in the checkpoint folder (as in BiomedCLIP's
+  repo; open_clip's ``HFTokenizer`` loads them with ``AutoTokenizer``). The
   BERT config lies in the sub-folder ``hf_text/`` and ``hf_model_name`` is ``"hf_text"``: the
   checkpoint is self-contained (see ``zslabel.model_openclip``); open_clip itself resolves it
   from the current folder, so a reference load runs with the checkpoint as working folder.
@@ -22,6 +23,7 @@ Needs the ``open-clip`` extra (``scripts/setup.sh --open-clip``).
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,17 +52,37 @@ def in_folder(path: str | Path):
 
 
 def _write_bert_tokenizer(out: Path, max_length: int) -> int:
-    """Write a lowercase WordPiece tokenizer (vocab.txt + tokenizer files) to ``out``; return its size."""
-    from transformers import BertTokenizerFast
+    """Write a lowercase WordPiece tokenizer (vocab.txt + tokenizer files) to ``out``; return its size.
+
+    The ``tokenizers`` backend is built here over the vocabulary (BERT's normaliser, pre-tokenizer
+    and ``[CLS] ... [SEP]`` template) and saved through ``BertTokenizerFast``: transformers 5's
+    ``BertTokenizerFast(vocab_file=...)`` ignores the file and saves a ``tokenizer.json`` of the 5
+    special tokens only, so every word of every prompt read back as ``[UNK]``. The saved files are
+    read back as open_clip's ``HFTokenizer`` reads them (``AutoTokenizer``) and checked.
+    """
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+    from transformers import AutoTokenizer, BertTokenizerFast
 
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     punct = list(".,'-/()")
     vocab = specials + punct + chars + [f"##{c}" for c in chars] + [w for w in _WORDS if w not in chars + punct]
+    ids = {token: i for i, token in enumerate(vocab)}
+    backend = Tokenizer(WordPiece(ids, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    backend.decoder = decoders.WordPiece()
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True, model_max_length=max_length)
-    tok.save_pretrained(out)
+    BertTokenizerFast(tokenizer_object=backend, do_lower_case=True, model_max_length=max_length).save_pretrained(out)
+    got = AutoTokenizer.from_pretrained(str(out))("This is a photo of the Cat.")["input_ids"]
+    want = [ids[t] for t in ("[CLS]", "this", "is", "a", "photo", "of", "the", "cat", ".", "[SEP]")]
+    if got != want:  # a transformers release that saves or loads these files differently
+        raise RuntimeError(f"the tiny BERT tokenizer in {out} reads back as {got}, expected {want}")
     return len(vocab)
 
 
@@ -130,8 +152,10 @@ def build_tiny_openclip(out: str | Path, shape: str = "vit", *, seed: int = 0, i
     else:
         raise ValueError(f"unknown shape {shape!r}; expected 'vit' or 'biomed'")
     with torch.no_grad():
-        # Spread the scale so that scores are not uniform (init is log(1/0.07)).
-        model.logit_scale.fill_(2.0)
+        # Spread the scale so that scores are not uniform (init is log(1/0.07)). The tiny random
+        # BERT's prompt embeddings lie close together (labels' scores ~3e-4 apart at 2.0, barely
+        # over the parity tests' 1e-4): log(100), BiomedCLIP's trained scale, spreads them ~13x.
+        model.logit_scale.fill_(math.log(100.0) if shape == "biomed" else 2.0)
     torch.save(model.state_dict(), out / "open_clip_pytorch_model.bin")
     (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess},
                                                           indent=2))
