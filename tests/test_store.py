@@ -200,6 +200,31 @@ def test_no_run_is_written_inside_another_run(tmp_path):
     assert pq.read_table(str(outer)).num_rows == 3
 
 
+def test_no_run_is_written_above_another_run(tmp_path):
+    """A folder holding an output one or more levels down (finished, or unfinished: its state
+    folder only) is refused as an output in every mode, and by every reader, naming the inner
+    output: its part files would be read as the outer folder's rows. Files are left as they were."""
+    from zslabel.errors import InputError
+    from zslabel.store.fsio import output_parquet_files
+
+    parent = tmp_path / "parent"
+    run_once(str(parent / "inner"), [0, 1])
+    (parent / "a" / "b" / "_zslabel").mkdir(parents=True)
+    (parent / "a" / "b" / "_zslabel" / "run.json").write_text("{}")
+    before = sorted(str(p) for p in parent.rglob("*"))
+    for mode in ("error", "resume", "overwrite"):
+        with pytest.raises(OutputError, match=r"holds zslabel outputs in folders below it \(.*parent/a/b, "
+                                              r".*parent/inner\)"):
+            OutputStore.open(str(parent)).check(mode)
+    with pytest.raises(InputError, match=r"below it.*parent/inner.*would be read as"):
+        output_parquet_files(str(parent))
+    assert sorted(str(p) for p in parent.rglob("*")) == before
+    # The inner output itself reads and resumes as before; a run's own state folder is no inner output.
+    assert len(output_parquet_files(str(parent / "inner"))[1]) == 1
+    OutputStore.open(str(parent / "inner")).check("resume")
+    run_once(str(parent / "inner"), [0, 1, 2], mode="overwrite")
+
+
 def test_store_file_names():
     for name in ("part-20261205T000000-abcdef12-0123456789abcdef.parquet", "_run_manifest.json",
                  "_zslabel/run.json", "_zslabel/staging/R/part-R-1.parquet",

@@ -14,6 +14,7 @@ from ..errors import OutputError
 from ..output import INPUT_INDEX, PATH
 from .claim import check_not_claimed
 from .fingerprint import describe_changes, settings_view
+from .fsio import describe_nested, nested_outputs
 from .layout import OutputState, arrow_fs
 
 
@@ -29,7 +30,7 @@ def check_mode(state: OutputState, mode: str) -> None:
 
     Raises:
         OutputInUse: another live run claims the output.
-        OutputError: the output lies inside another zslabel output; ``mode == "error"`` and
+        OutputError: the output lies inside another zslabel output, or holds one below it; ``mode == "error"`` and
             ``state`` is not empty; another mode and ``state`` holds files but no zslabel run;
             ``overwrite`` and ``state`` holds files the store did not write (listed; nothing is
             touched).
@@ -39,6 +40,11 @@ def check_mode(state: OutputState, mode: str) -> None:
         # Its data files would be read as the outer run's, and block that run's --overwrite.
         raise OutputError(f"output {state.uri} is inside the zslabel output {state.outer}; write to a folder "
                           "outside it")
+    nested = nested_outputs(state.files)
+    if nested:
+        # The same the other way round: the inner run's files would be read as this one's.
+        raise OutputError(f"output {describe_nested(state.uri, nested)}; write to another folder, or to that "
+                          "output itself (--resume, --overwrite)")
     if state.is_empty:
         return
     examples = ", ".join(state.files[:3]) + (", ..." if len(state.files) > 3 else "")

@@ -23,6 +23,9 @@ from ..storage import url_to_fs
 # The commit marker of a finished run, beside the data; its leading underscore makes Parquet
 # readers skip it. Written last.
 MANIFEST_NAME = "_run_manifest.json"
+# An output's own state (the unfinished run's record, its claim, staged files): a folder holding
+# one is a zslabel output even before its first manifest.
+STATE_DIR = "_zslabel"
 
 
 def output_filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -44,6 +47,34 @@ def visible_parquet_files(rel_paths: list[str]) -> list[str]:
     return sorted(r for r in rel_paths if r.endswith(".parquet") and is_visible(r))
 
 
+def nested_outputs(rel_paths: list[str]) -> list[str]:
+    """The folders below an output's root that are zslabel outputs themselves (they hold a run
+    manifest or a ``STATE_DIR``), outermost only, relative and sorted. ``rel_paths``: every file
+    under the root, relative to it. The root's own state folder is not one.
+
+    Their data files are visible to a reader of the root (``is_visible`` looks at names, not
+    depth), so reading or writing the root would mix their rows with its own.
+    """
+    found = set()
+    for rel in rel_paths:
+        parts = rel.split("/")
+        if parts[0] == STATE_DIR:
+            continue
+        if STATE_DIR in parts[1:]:
+            found.add("/".join(parts[:parts.index(STATE_DIR, 1)]))
+        elif len(parts) > 1 and parts[-1] == MANIFEST_NAME:
+            found.add("/".join(parts[:-1]))
+    return sorted(f for f in found if not any(f.startswith(other + "/") for other in found))
+
+
+def describe_nested(uri: str, nested: list[str]) -> str:
+    """One line naming the outputs ``nested_outputs`` found below ``uri`` (the first three)."""
+    shown = ", ".join(posixpath.join(uri.rstrip("/"), n) for n in nested[:3])
+    more = f" and {len(nested) - 3} more" if len(nested) > 3 else ""
+    what = "zslabel outputs in folders" if len(nested) > 1 else "a zslabel output in a folder"
+    return f"{uri} holds {what} below it ({shown}{more})"
+
+
 def output_parquet_files(uri: str, storage_options: dict | None = None
                          ) -> tuple[fsspec.AbstractFileSystem, list[str], str]:
     """The data files of an output folder (or the one Parquet file ``uri`` names), in name order,
@@ -62,11 +93,16 @@ def output_parquet_files(uri: str, storage_options: dict | None = None
         if not fs.exists(root):
             raise InputError(f"{uri} does not exist")
         root = root.rstrip("/") or root
-        rel = visible_parquet_files([posixpath.relpath(f, root) for f in fs.find(root)])
+        found = [posixpath.relpath(f, root) for f in fs.find(root)]
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - storage errors differ per backend
         raise InputError(f"cannot list {uri}: {type(exc).__name__}: {exc}") from exc
+    nested = nested_outputs(found)
+    if nested:
+        raise InputError(f"{describe_nested(uri, nested)}: their rows would be read as {uri}'s. Pass that "
+                         "output's folder")
+    rel = visible_parquet_files(found)
     if not rel:
         raise InputError(f"no Parquet files under {uri}; pass the output folder of a zslabel run")
     _check_files_against_manifest(fs, root, uri, len(rel))

@@ -28,11 +28,10 @@ import pyarrow.parquet as pq
 
 from ..errors import OutputError
 from ..storage import canonical_location
-from .fsio import MANIFEST_NAME, is_visible, output_filesystem, visible_parquet_files, write_bytes_atomic
+from .fsio import MANIFEST_NAME, STATE_DIR, is_visible, output_filesystem, visible_parquet_files, write_bytes_atomic
 
 FINGERPRINT_KEY = b"zslabel.fingerprint"
 RUN_ID_KEY = b"zslabel.run_id"
-STATE_DIR = "_zslabel"
 RUN_RECORD = f"{STATE_DIR}/run.json"
 SWAP_RECORD = f"{STATE_DIR}/swap.json"
 CLAIM_RECORD = f"{STATE_DIR}/claim.json"
