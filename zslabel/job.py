@@ -22,7 +22,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +37,7 @@ from .options import LabelingOptions, local_stamp
 from .ranking import RankingRule
 from .scoring import ZeroShotClassifier
 from .store import MANIFEST_NAME, Accounting, OutputStore, WriteSession, fingerprint_fields
-from .summary import RunFacts, RunSummary, check_error_budget, model_id, run_manifest, summary_of_finished
+from .summary import RunFacts, RunSummary, check_error_budget, model_id, run_manifest
 
 if TYPE_CHECKING:
     from .decode import PreprocessSpec
@@ -137,10 +137,21 @@ class PreparedJob:
             self.store.release()
 
 
+class FinishedRun(NamedTuple):
+    """A finished run that a ``--resume`` with unchanged settings, input and model found: the
+    arguments of ``summary.summary_of_finished`` (output, its manifest dict, the manifest's path,
+    and the ``time.perf_counter()`` the command started at)."""
+
+    output: str
+    manifest: dict
+    manifest_path: str
+    started: float
+
+
 def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
             spec_overrides: dict[str, Any] | None = None,
             check_input: Callable[[], None] | None = None,
-            check_model: Callable[[str], None] | None = None) -> PreparedJob | RunSummary:
+            check_model: Callable[[str], None] | None = None) -> PreparedJob | FinishedRun:
     """Everything before Ray and images (see the module docstring), ending with the claim.
 
     Args:
@@ -155,7 +166,8 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
 
     Returns:
         The prepared job, holding the output's claim; or, for a ``--resume`` of a finished run
-        with unchanged settings, input and model, that run's summary (nothing claimed or run).
+        with unchanged settings, input and model, that run (:class:`FinishedRun`: nothing
+        claimed or run; the command answers with ``summary.summary_of_finished``).
 
     Raises:
         ConfigError, ModelLoadError, OutputError (OutputInUse when another run holds the
@@ -177,7 +189,7 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
     done = store.finished_unchanged(options.mode, options.retry_errors, stamps)
     if done is not None:
         log.info("%s holds a finished run of this job with unchanged input and model: nothing to do", options.output)
-        return summary_of_finished(options.output, done, store.state.path(MANIFEST_NAME), started)
+        return FinishedRun(options.output, done, store.state.path(MANIFEST_NAME), started)
     # torch and transformers only now: everything above fails (or finishes) without them, in seconds.
     from .labels import build_label_set
     from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint

@@ -37,7 +37,7 @@ from .progress import Progress
 from .stage_timings import stage_timings
 from .storage import IOPolicy
 from .store import INPUT_FILES, Accounting, drop_committed, write_block
-from .summary import RunSummary
+from .summary import RunSummary, summary_of_finished
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
                       "reference_pixels": config.reference_pixels}
     prepared = job.prepare(config, config.input, device="auto", spec_overrides=spec_overrides,
                            check_input=config.check_input)
-    if isinstance(prepared, RunSummary):
-        return prepared  # a finished run with nothing left to do
+    if isinstance(prepared, job.FinishedRun):
+        return summary_of_finished(*prepared)  # nothing left to do
     with prepared.claimed():
         # Ray, and each stage's resources sized from the cluster's (``cluster``), once.
         # After the model: in a `ray job submit` driver, joining the cluster can replace the

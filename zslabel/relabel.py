@@ -65,7 +65,7 @@ from .store import (
     read_manifest,
     stamped_metadata,
 )
-from .summary import RunSummary
+from .summary import summary_of_finished
 
 log = logging.getLogger(__name__)
 
@@ -347,8 +347,8 @@ def run_relabel_job(config: RelabelConfig, progress: bool = True):
     prepared = job.prepare(config, config.source,
                            check_model=lambda digest: check_same_model(source.manifest, config.model,
                                                                       config.revision, digest))
-    if isinstance(prepared, RunSummary):
-        return prepared  # a finished run with nothing left to do
+    if isinstance(prepared, job.FinishedRun):
+        return summary_of_finished(*prepared)  # nothing left to do
     with prepared.claimed():
         dim = prepared.label_set.embeddings.shape[1]
         if source.dim is not None and source.dim != dim:
