@@ -308,3 +308,29 @@ def test_calibrate_refuses_damaged_stored_embeddings(tmp_path):
     gt.write_text("path,label\n" + "".join(f"{i}.jpg,{'ab'[i % 2]}\n" for i in range(6)))
     with pytest.raises(InputError, match="1 of 6 sample embeddings are NaN/infinite"):
         read_sample(str(run), str(gt))
+
+
+def test_a_calibration_that_hurts_held_out_scores_is_warned_about():
+    """The fit split's logits point at the true label, the held-out split's at another: the fit
+    sharpens the scores (T < 1) and so makes the held-out NLL worse, which the warning names
+    with both numbers; a fit on rows alike on both sides draws no warning."""
+    from zslabel.calibrate import worse_on_held_out
+    from zslabel.calibration import split_indices
+
+    n, c = 40, 3
+    y = np.arange(n) % c
+    _, held = split_indices(n, 0.3, 0)
+    z = np.zeros((n, c), np.float32)
+    z[np.arange(n), y] = 1.0
+    z[held] = 0.0
+    z[held, (y[held] + 1) % c] = 1.0
+    kw = dict(labels=["a", "b", "c"], templates=["{}"], checkpoint_digest="d", holdout=0.3, seed=0)
+    hurt = fit_calibration(z, y, "softmax", **kw)
+    assert hurt.params["temperature"] < 1.0
+    assert hurt.metrics["after"]["nll"] > hurt.metrics["before"]["nll"]
+    message = worse_on_held_out(hurt)
+    assert message is not None and "worse" in message and f"{hurt.metrics['after']['nll']:.4f}" in message
+    assert f"fitted on {n - len(held)} images" in message
+    z_alike = np.zeros((n, c), np.float32)
+    z_alike[np.arange(n), y] = 1.0
+    assert worse_on_held_out(fit_calibration(z_alike, y, "softmax", **kw)) is None

@@ -252,7 +252,23 @@ def run_calibrate(output: str, ground_truth: str, *, calibration_path: str = "ca
                             checkpoint_digest=digest, model=model.get("id"), holdout=holdout, seed=seed,
                             fit_info=info, head=head_id)
     calib.save(calibration_path, storage_options)
+    worse = worse_on_held_out(calib)
+    if worse:
+        log.warning("%s", worse)
     return calib
+
+
+def worse_on_held_out(calib: Calibration) -> str | None:
+    """A warning when the fitted calibration makes the held-out scores worse (a higher NLL, the
+    quantity both fits minimise): the fit split was too small or unlike the held-out images, and
+    labeling with it would hurt. None when it does not."""
+    before, after = calib.metrics["before"]["nll"], calib.metrics["after"]["nll"]
+    if not after > before:
+        return None
+    f = calib.fit
+    return (f"this calibration makes the held-out scores worse (NLL {before:.4f} -> {after:.4f}); it was fitted on "
+            f"{f['fit_images']} images and measured on {f['held_out_images']}. Give more ground truth (a few "
+            "hundred images) before labeling with it, or label without --calibration")
 
 
 def _run_head(manifest: dict, output: str, storage_options: dict | None, **expected):
