@@ -91,6 +91,35 @@ def test_yaml_values_of_the_wrong_type_are_config_errors(data, key):
         JobConfig.from_dict(data)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 4])
+def test_token_checks_hold_across_chunks(tiny_clip, tmp_path, monkeypatch, chunk):
+    """The prompts are tokenized a chunk of labels at a time (``TOKEN_CHECK_PROMPTS``, here as
+    small as one label's prompts): labels read alike in different chunks, a long prompt in a
+    later chunk, and a missing tokenizer are found as in one chunk. A missing tokenizer with
+    templates of other lengths (every label alike, not every prompt) went on with a warning."""
+    import shutil
+
+    from zslabel import labels as labels_module
+
+    monkeypatch.setattr(labels_module, "TOKEN_CHECK_PROMPTS", chunk)
+    model = ZeroShotModel(tiny_clip)
+    templates = ["a {}.", "the {}"]
+    with pytest.raises(ConfigError, match="'Red Circle' = 'red circle'"):
+        build_label_set(["Red Circle", "blue", "green", "red circle"], templates, model, cache=False)
+    with pytest.raises(ConfigError, match="x{20}.*longer than the text tower"):
+        build_label_set(["cat", "dog", "bird", "x" * 200], templates, model, cache=False)
+    assert build_label_set(["cat", "dog", "bird"], templates, model, cache=False).embeddings.shape[0] == 3
+    broken = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny_clip, broken, ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt",
+                                                                      "special_tokens_map.json"))
+    # Without its files the tokenizer reads one [UNK]-like id per character: templates of other
+    # lengths give other prompts, but every label's prompts are alike.
+    with pytest.raises(ConfigError, match="maps every label to the same tokens"):
+        build_label_set(["cat", "dog", "owl"], templates, ZeroShotModel(broken), cache=False)
+    with pytest.raises(ConfigError, match="maps every prompt to the same tokens"):
+        build_label_set(["cat", "dog", "owl"], ["a {}."], ZeroShotModel(broken), cache=False)
+
+
 def test_checkpoint_without_tokenizer_files_is_refused(tiny_clip, tmp_path):
     import shutil
 
@@ -141,5 +170,5 @@ def test_labels_the_tokenizer_reads_alike_are_refused(tiny_clip, caplog):
     from zslabel.labels import _refuse_labels_read_alike
 
     with caplog.at_level("WARNING", logger="zslabel.labels"):
-        _refuse_labels_read_alike(["\u4e2d", "\u6587", "cat"], [((2, 1, 3),), ((2, 1, 3),), ((2, 7, 3),)])
+        _refuse_labels_read_alike(["\u4e2d", "\u6587", "cat"], [b"[2, 1, 3]", b"[2, 1, 3]", b"[2, 7, 3]"])
     assert "reads the labels '\u4e2d', '\u6587' as the same tokens" in caplog.text

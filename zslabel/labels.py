@@ -14,6 +14,7 @@ import logging
 import os
 import string
 import unicodedata
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,18 +159,7 @@ def build_label_set(names: list[str], templates: list[str], model, *, digest: st
     validate_prompts(names, templates)
     # A path label ("animal/mammal/dog") is prompted by its leaf name (hierarchy.prompt_name).
     prompts = [t.format(prompt_name(n)) for n in names for t in templates]
-    token_ids = model.prompt_token_ids(prompts)
-    if len(set(prompts)) > 1 and len(set(map(tuple, token_ids))) == 1:
-        raise ConfigError(f"the checkpoint's tokenizer maps every prompt to the same tokens {token_ids[0]}; "
-                          "is the tokenizer missing from the checkpoint folder (tokenizer.json / vocab.json)?")
-    per_label = len(templates)  # prompts are label-major: label i's are [i * T, (i + 1) * T)
-    _refuse_labels_read_alike(names, [tuple(tuple(ids) for ids in token_ids[i * per_label:(i + 1) * per_label])
-                                      for i in range(len(names))])
-    limit = model.max_text_length
-    for prompt, length in zip(prompts, map(len, token_ids)):
-        if length > limit:
-            raise ConfigError(f"prompt {prompt!r} is {length} tokens, longer than the text tower's "
-                              f"maximum of {limit}; shorten that label or template")
+    _check_prompt_tokens(names, templates, prompts, model)
     path = None
     if cache:
         from .model import checkpoint_digest
@@ -187,9 +177,47 @@ def build_label_set(names: list[str], templates: list[str], model, *, digest: st
     return label_set
 
 
-def _refuse_labels_read_alike(names: list[str], tokens: list[tuple]) -> None:
-    """Labels whose prompts are the same tokens for every template (``tokens[i]``: label i's
-    token ids per template) get one label embedding, so softmax splits one score between them
+_NO_TOKENIZER = "is the tokenizer missing from the checkpoint folder (tokenizer.json / vocab.json)?"
+# Prompts tokenized at a time by the checks: bounds the token lists held (a 21,843-label x
+# 80-template ensemble is 1.7 M prompts, ~1 GB as Python lists).
+TOKEN_CHECK_PROMPTS = 16384
+
+
+def _check_prompt_tokens(names: list[str], templates: list[str], prompts: list[str], model) -> None:
+    """The checks on the prompts' token ids, label by label in chunks (``TOKEN_CHECK_PROMPTS``):
+    every prompt fits the text tower; not every prompt, nor every label, reads as the same
+    tokens (a missing tokenizer); no two labels read alike (:func:`_refuse_labels_read_alike`). ``prompts`` are
+    label-major: label i's are ``[i * T, (i + 1) * T)`` for T templates.
+
+    Raises:
+        ConfigError: naming the prompt, or the labels.
+    """
+    per_label, limit = len(templates), model.max_text_length
+    step = max(1, TOKEN_CHECK_PROMPTS // per_label) * per_label
+    keys: list[bytes] = []  # per label: a digest of its prompts' token ids
+    first, all_same = None, True
+    for start in range(0, len(prompts), step):
+        token_ids = model.prompt_token_ids(prompts[start:start + step])
+        first = token_ids[0] if first is None else first
+        all_same = all_same and all(ids == first for ids in token_ids)
+        for prompt, ids in zip(prompts[start:start + step], token_ids):
+            if len(ids) > limit:
+                raise ConfigError(f"prompt {prompt!r} is {len(ids)} tokens, longer than the text tower's "
+                                  f"maximum of {limit}; shorten that label or template")
+        for i in range(0, len(token_ids), per_label):
+            h = hashlib.blake2b(digest_size=16)
+            for ids in token_ids[i:i + per_label]:
+                h.update(len(ids).to_bytes(4, "little") + array("q", ids).tobytes())
+            keys.append(h.digest())
+    if all_same and len(set(prompts)) > 1:
+        raise ConfigError(f"the checkpoint's tokenizer maps every prompt to the same tokens {first}; "
+                          f"{_NO_TOKENIZER}")
+    _refuse_labels_read_alike(names, keys)
+
+
+def _refuse_labels_read_alike(names: list[str], tokens: list[bytes]) -> None:
+    """Labels whose prompts are the same tokens for every template (``tokens[i]``: a digest of
+    label i's token ids per template) get one label embedding, so softmax splits one score between them
     (each shows half) and a sigmoid reports it twice.
 
     Refused when their texts are one label written two ways: case (``Red Circle`` and
@@ -199,12 +227,13 @@ def _refuse_labels_read_alike(names: list[str], tokens: list[tuple]) -> None:
     checkpoint's limit, and its scores for them carry no information.
 
     Raises:
-        ConfigError: naming each group of labels written two ways.
+        ConfigError: naming each group of labels written two ways; or when every label reads
+            alike (a checkpoint without its tokenizer files).
     """
     def text(name: str) -> str:
         return " ".join(unicodedata.normalize("NFC", prompt_name(name)).casefold().split())
 
-    groups: dict[tuple, list[str]] = {}
+    groups: dict[bytes, list[str]] = {}
     for name, key in zip(names, tokens):
         groups.setdefault(key, []).append(name)
     twice, unreadable = [], []
@@ -220,6 +249,10 @@ def _refuse_labels_read_alike(names: list[str], tokens: list[tuple]) -> None:
                           + "; ".join(" = ".join(map(repr, g)) for g in twice)
                           + ": the checkpoint's tokenizer reads them alike, so they would share one label "
                           "embedding and split its score; keep one of each")
+    if len(unreadable) == 1 and len(unreadable[0]) == len(names):
+        # Every label alike though their texts differ (templates of other lengths still differ):
+        # what a checkpoint folder without its tokenizer files gives; no score would mean anything.
+        raise ConfigError(f"the checkpoint's tokenizer maps every label to the same tokens; {_NO_TOKENIZER}")
     for group in unreadable:
         log.warning("the checkpoint's tokenizer reads the labels %s as the same tokens (words outside its "
                     "vocabulary?): they share one label embedding, and their scores say nothing between them",

@@ -1,0 +1,75 @@
+"""Peak memory and time of the prompt-token checks in ``labels.build_label_set`` (every prompt
+fits the text tower, no two labels read alike, the tokenizer is not missing): today's, which
+tokenizes a chunk of labels at a time and keeps a 16-byte digest per label
+(``labels._check_prompt_tokens``), against the earlier whole-list form (every prompt's token
+list at once, each label keyed by a tuple of its prompts' token tuples), side by side, each in
+a fresh process so that peak RSS is its own.
+
+    python benchmarks/label_checks.py --labels 21843     # ImageNet-21k x openai-imagenet-80
+
+Needs no model download: the bundled models/shapes-clip (a CLIP BPE tokenizer). The text tower
+does not run. Measured 2026-12-05 on the 2-core dev machine (load ~4): 21,843 labels x 80
+templates (1.75 M prompts): earlier form 7,690 MB peak growth and 89 s, chunked 107 MB and
+102 s (tokenizing dominates both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def measure(form: str, labels: int) -> dict:
+    """Run one form in this process; return its time and peak RSS growth."""
+    from zslabel.labels import TEMPLATE_SETS, _check_prompt_tokens
+    from zslabel.model import ZeroShotModel
+
+    model = ZeroShotModel(ROOT / "models" / "shapes-clip")
+    names = [f"class {i} thing" for i in range(labels)]
+    templates = list(TEMPLATE_SETS["openai-imagenet-80"])
+    prompts = [t.format(n) for n in names for t in templates]
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    if form == "chunked":
+        _check_prompt_tokens(names, templates, prompts, model)
+    else:  # the earlier form, as it was written
+        token_ids = model.prompt_token_ids(prompts)
+        assert len(set(map(tuple, token_ids))) > 1 and max(map(len, token_ids)) <= model.max_text_length
+        per = len(templates)
+        groups: dict[tuple, list[str]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(tuple(tuple(ids) for ids in token_ids[i * per:(i + 1) * per]), []).append(name)
+    return {"form": form, "prompts": len(prompts), "seconds": time.perf_counter() - t,
+            "peak_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--labels", type=int, default=5000, help="labels, each with the 80 templates (default 5000)")
+    p.add_argument("--form", choices=["chunked", "whole"], help=argparse.SUPPRESS)  # one child's run
+    args = p.parse_args()
+    if args.form:
+        print(json.dumps(measure(args.form, args.labels)))
+        return
+    got = {}
+    for form in ("whole", "chunked"):
+        out = subprocess.run([sys.executable, __file__, "--labels", str(args.labels), "--form", form],
+                             capture_output=True, text=True, check=True).stdout
+        got[form] = json.loads(out.strip().splitlines()[-1])
+        print(f"{form:>8}: {got[form]['prompts']:,} prompts, {got[form]['seconds']:.1f} s, "
+              f"peak RSS growth {got[form]['peak_growth_mb']:,.0f} MB", flush=True)
+    w, c = got["whole"], got["chunked"]
+    print(f"chunked / whole: memory {c['peak_growth_mb'] / max(w['peak_growth_mb'], 1):.3f}, "
+          f"time {c['seconds'] / w['seconds']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
