@@ -216,6 +216,19 @@ def test_csv_quoted_newlines_commas_and_malformed_rows(tmp_path):
     assert plan.skipped_by_reason == {"malformed_row": 1} and "c.jpg,too" in plan.skipped_examples[0]
 
 
+@pytest.mark.parametrize("name, sep", [("cat.csv", ","), ("cat.tsv", "\t")])
+def test_a_repeated_header_row_is_a_counted_skip(tmp_path, name, sep):
+    """Two manifests joined with ``cat`` carry the second's header as a data row: a counted
+    ``repeated_header`` skip, not an unreadable image row; a row that only partly matches the
+    header is an entry."""
+    lines = ["path,label", "a.jpg,cat", "path,label", "b.jpg,dog", "path,other", "path,label"]
+    manifest = write(tmp_path / name, ("\n".join(ln.replace(",", sep) for ln in lines) + "\n").encode())
+    plan, rows = planned(str(manifest))
+    assert [r["path"] for r in rows] == [str(tmp_path / n) for n in ("a.jpg", "b.jpg", "path")]
+    assert plan.listed == 5 and plan.skipped_by_reason == {"repeated_header": 2}
+    assert plan.listed == len(rows) + plan.skipped + plan.duplicates_removed
+
+
 def test_tsv_is_not_quoted(tmp_path):
     manifest = write(tmp_path / "cc3m.tsv", b'caption\turl\n"quoted start\ta.jpg\nb "c\tb.jpg\n')
     _, rows = planned(str(manifest))

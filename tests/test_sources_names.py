@@ -83,6 +83,24 @@ def test_folder_with_a_latin1_name_plans_every_file_and_reads_it(ray_local, tmp_
     assert fetch_bytes(str(root / "lit%41.png")) == (png(4), None)
 
 
+def test_a_name_ending_in_white_space_keeps_its_image_extension(ray_local, tmp_path):
+    """"a.png " (Linux and macOS allow it; a copy from a spreadsheet makes it) was skipped as
+    not_an_image in folders and tars; it is an image whose bytes are read as they are."""
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a.png ").write_bytes(png(1))
+    (root / "b.txt ").write_bytes(b"not an image")
+    plan = plan_inputs(str(root))
+    rows = rows_of(plan)
+    assert [r["path"] for r in rows] == [str(root / "a.png ")] and plan.skipped_by_reason == {"not_an_image": 1}
+    assert fetch_bytes(rows[0]["path"]) == (png(1), None)
+    shard = tar_of(tmp_path / "shard.tar", [("k1.png\t", png(2)), ("k2.jpg ", png(3))])
+    plan = plan_inputs(str(shard))
+    rows = rows_of(plan)
+    assert [r["data"] for r in rows] == [png(2), png(3)]
+    counts_add_up(plan, rows)
+
+
 def test_tar_members_not_utf8_and_dot_slash_prefixes(ray_local, tmp_path):
     # `tar -C dir -cf shard.tar .` writes "./" before every member name
     shard = tar_of(tmp_path / "shard.tar", [

@@ -240,13 +240,14 @@ def _read_table(uri: str, fs, root: str) -> pa.Table:
 
 def _folder_ground_truth(uri: str, fs, root: str, to_uri) -> GroundTruth:
     from .sources import IMAGE_EXTENSIONS
+    from .sources.common import extension
 
     root = root.rstrip("/")
     pairs, skipped = [], 0
     for f in sorted(fs.find(root)):
         rel = posixpath.relpath(f, root)
         parts = rel.split("/")
-        if any(p.startswith(".") for p in parts) or posixpath.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
+        if any(p.startswith(".") for p in parts) or extension(f) not in IMAGE_EXTENSIONS:
             continue
         if len(parts) < 2:
             skipped += 1  # directly under the root: no class folder

@@ -100,6 +100,7 @@ SKIP_REASONS: dict[str, str] = {
     "folder_link": "a symlink to a folder already listed (a loop, or a folder inside the input)",
     "empty_path": "a manifest row or line whose path is empty or null",
     "malformed_row": "a CSV/TSV manifest row with the wrong number of fields",
+    "repeated_header": "a CSV/TSV manifest row repeating the header (manifests concatenated)",
     "sidecar_without_image": "a tar sidecar (.json/.txt/.cls) whose key has no image member",
     "sidecar_not_adjacent": "a tar sidecar that comes after its image, with other keys between",
     "sidecar_repeated": "a second tar sidecar of one kind for one key (the first is carried)",
@@ -284,8 +285,9 @@ def strip_compression(name: str) -> str:
 
 
 def extension(path: str) -> str:
-    """Lower-case extension with the dot (``.jpg``), ``""`` when none."""
-    return posixpath.splitext(path)[1].lower()
+    """Lower-case extension with the dot (``.jpg``), ``""`` when none. Trailing white space is
+    not part of it: ``"a.png "`` (a name Linux and macOS allow) is a PNG to Pillow too."""
+    return posixpath.splitext(path.rstrip())[1].lower()
 
 
 def is_hidden(rel: str) -> bool:

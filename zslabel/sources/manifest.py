@@ -70,7 +70,7 @@ def manifest_format(name: str) -> str:
 def read_table(uri: str, options: InputOptions, reader):
     """``(fs, fs_path, reader(fs, fs_path, uri))``, any failure but ours as ``InputError``.
 
-    ``reader`` returns what its kind needs: a ``pa.Table`` (jsonl) or ``(table, malformed
+    ``reader`` returns what its kind needs: a ``pa.Table`` (jsonl) or ``(table, dropped
     rows)`` (:func:`_read_manifest`)."""
     fs, fs_path = storage.url_to_fs(uri, options.storage_options)
     try:
@@ -94,13 +94,13 @@ def plan_manifest(uri: str, options: InputOptions) -> InputPlan:
         InputError: unreadable or empty manifest, missing column, no entries.
         TextDecodeError: a text manifest that is not UTF-8 (names the byte offset).
     """
-    fs, fs_path, (table, malformed) = read_table(uri, options, _read_manifest)
+    fs, fs_path, (table, dropped) = read_table(uri, options, _read_manifest)
     if manifest_format(fs_path.lower()) == "txt":
         path_col = "path"
     else:
         path_col = pick_column(table.column_names, options.path_column, PATH_COLUMN_CANDIDATES, uri, "path")
     return plan_path_table(uri, fs, fs_path, table, path_col, id_columns(table, options, uri), options,
-                           malformed=malformed)
+                           dropped=dropped)
 
 
 def id_columns(table: pa.Table, options: InputOptions, uri: str) -> list[str]:
@@ -127,7 +127,7 @@ def plan_manifest_files(files: list[str], options: InputOptions, kind: str = "ma
     """
     tables = []
     for f in files:
-        fs, fs_path, (table, _) = read_table(f, options, _read_manifest)
+        fs, fs_path, (table, _) = read_table(f, options, _read_manifest)  # Parquet parts: nothing dropped
         tables.append(table)
     try:
         table = pa.concat_tables(tables, promote_options="permissive")
@@ -140,17 +140,19 @@ def plan_manifest_files(files: list[str], options: InputOptions, kind: str = "ma
 
 
 def plan_path_table(uri: str, fs, fs_path: str, table: pa.Table, path_col: str | pa.Array, carried: list[str],
-                    options: InputOptions, kind: str = "manifest", malformed: list[str] | None = None) -> InputPlan:
+                    options: InputOptions, kind: str = "manifest",
+                    dropped: dict[str, list[str]] | None = None) -> InputPlan:
     """Plan rows naming images: ``table[path_col]`` URIs (or ``path_col`` itself, an (N,) string
     array), ``carried`` columns copied as strings (nested types as JSON text).
 
     Every row is listed; a row with an empty path is skipped and counted (``empty_path``: it
-    cannot become an output row); ``malformed`` (examples of rows the parser could not split)
-    are listed and skipped (``malformed_row``); with ``options.dedupe`` later rows of a
-    repeated URI are removed and counted.
+    cannot become an output row); ``dropped`` (the text of rows the reader took out of
+    ``table``, by skip reason: ``malformed_row``, ``repeated_header``) are listed and skipped;
+    with ``options.dedupe`` later rows of a repeated URI are removed and counted.
     """
-    malformed = malformed or []
-    listed = table.num_rows + len(malformed)
+    dropped = {reason: rows for reason, rows in (dropped or {}).items() if rows}
+    n_dropped = sum(map(len, dropped.values()))
+    listed = table.num_rows + n_dropped
     column = table.column(path_col) if isinstance(path_col, str) else path_col
     paths = pc.utf8_trim(to_text(column), ASCII_SPACE)
     cols = {c: to_text(table.column(c)) for c in carried}
@@ -172,14 +174,18 @@ def plan_path_table(uri: str, fs, fs_path: str, table: pa.Table, path_col: str |
         cols = {k: v.take(take) for k, v in cols.items()}
     if not len(paths):
         raise InputError(f"no images found in manifest {uri} ({listed} entries, "
-                         f"{len(empty_rows)} with an empty path, {len(malformed)} malformed)")
+                         f"{len(empty_rows)} with an empty path, "
+                         + ", ".join([f"{len(dropped.get('malformed_row', []))} malformed",
+                                      *(f"{len(v)} {k.replace('_', ' ')}" for k, v in dropped.items()
+                                        if k != "malformed_row")]) + ")")
     table = core_table(paths, cols)
     dataset, local = planned_dataset(table, options)
-    reasons = {k: v for k, v in (("empty_path", len(empty_rows)), ("malformed_row", len(malformed))) if v}
+    reasons = {k: v for k, v in (("empty_path", len(empty_rows)), *((k, len(v)) for k, v in dropped.items())) if v}
     examples = [f"{uri} row {i}" for i in empty_rows[:MAX_EXAMPLES]]
-    examples += [f"{uri} malformed row {m!r}" for m in malformed[: MAX_EXAMPLES - len(examples)]]
+    for reason, rows in dropped.items():
+        examples += [f"{uri} {reason.replace('_', ' ')} {m!r}" for m in rows[: max(0, MAX_EXAMPLES - len(examples))]]
     return InputPlan(dataset=dataset, kind=kind, listed=listed,
-                     skipped=len(empty_rows) + len(malformed), skipped_by_reason=reasons,
+                     skipped=len(empty_rows) + n_dropped, skipped_by_reason=reasons,
                      skipped_examples=examples,
                      duplicates_removed=removed, planning_seconds=0.0, carried_columns=list(cols),
                      planned_paths=table.column("path"), _local=local)
@@ -270,18 +276,20 @@ def txt_entries(text: str) -> list[str]:
     return entries
 
 
-def _read_manifest(fs, fs_path: str, uri: str) -> tuple[pa.Table, list[str]]:
-    """``(table of strings, malformed rows' text)`` of one manifest file."""
+def _read_manifest(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list[str]]]:
+    """``(table of strings, {skip reason: dropped rows' text})`` of one manifest file: rows with
+    the wrong number of fields (``malformed_row``), and CSV/TSV rows repeating the header
+    (``repeated_header``: manifests concatenated with ``cat``)."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     fmt = manifest_format(fs_path.lower())
     with fs.open(fs_path, "rb", compression="infer") as f:
         if fmt == "parquet":
-            return pq.read_table(f), []
+            return pq.read_table(f), {}
         raw = f.read()
     if fmt == "txt":
-        return pa.table({"path": pa.array(txt_entries(decode_text(raw, uri)), pa.string())}), []
+        return pa.table({"path": pa.array(txt_entries(decode_text(raw, uri)), pa.string())}), {}
     raw = utf8_bytes(raw, uri)
     # All columns as strings: ids like "00042" must not become integers. The header is parsed
     # with the csv module (quoting, line breaks in quoted names) to name the columns first.
@@ -306,7 +314,21 @@ def _read_manifest(fs, fs_path: str, uri: str) -> tuple[pa.Table, list[str]]:
                                              strings_can_be_null=True)))
     if fmt == "csv":
         _warn_multiline_values(table, uri)
-    return table, malformed
+    table, repeated = _drop_repeated_header(table)
+    return table, {"malformed_row": malformed, "repeated_header": repeated}
+
+
+def _drop_repeated_header(table: pa.Table) -> tuple[pa.Table, list[str]]:
+    """``table`` without the rows whose every value is its column's name (the header again, as
+    in manifests concatenated with ``cat``: never an image path), and those rows' text."""
+    same = None
+    for i, name in enumerate(table.column_names):  # by position: a name may be there twice (refused later)
+        eq = pc.fill_null(pc.equal(table.column(i), name), False)
+        same = eq if same is None else pc.and_(same, eq)
+    count = pc.sum(same).as_py() if same is not None else 0
+    if not count:
+        return table, []
+    return table.filter(pc.invert(same)), [",".join(table.column_names)] * count
 
 
 def _warn_multiline_values(table: pa.Table, uri: str) -> None:
