@@ -147,3 +147,35 @@ def test_a_file_whose_image_column_holds_no_bytes_is_its_read_error_row(tmp_path
     assert rows[1]["path"] == str(tmp_path / "b.parquet")
     assert error_code(rows[1]["read_error"]) == "read_error" and "is list<element: binary>, not binary" in rows[1]["read_error"]
     assert plan.listed == 2
+
+
+def test_carried_columns_and_paths_of_every_file(tmp_path):
+    """Parts written with and without ``url``/``caption`` (img2dataset runs that differ): the
+    columns came from the first file's schema only, so the later files' urls and captions were
+    dropped and their rows' path changed (``FILE#ROW`` instead of the url) with the company a
+    file kept. Now every file's columns are carried (null where a file lacks one) and a row's
+    path is the same as when its file is read alone."""
+    pq.write_table(pa.table({"jpg": [jpeg(0)], "key": ["000"]}), tmp_path / "00000.parquet")
+    pq.write_table(pa.table({"jpg": [jpeg(1)], "key": ["001"], "url": ["http://x/1.jpg"],
+                             "caption": ["a red circle"]}), tmp_path / "00001.parquet")
+    plan = plan_inputs(str(tmp_path), use_ray=False)
+    rows = plan.read_locally()
+    assert plan.carried_columns == ["key", "url", "caption"]
+    assert [(r["path"], r["key"], r["url"], r["caption"]) for r in rows] == [
+        (f"{tmp_path / '00000.parquet'}#0", "000", None, None), ("http://x/1.jpg", "001", "http://x/1.jpg", "a red circle")]
+    alone = plan_inputs(str(tmp_path / "00001.parquet"), use_ray=False).read_locally()
+    assert alone[0]["path"] == rows[1]["path"]
+
+
+def test_an_image_struct_path_is_relative_to_its_files_folder_even_with_a_hash(tmp_path):
+    """A Hugging Face image struct with null bytes and a relative path, in a folder named with
+    ``#``: the folder was cut at the ``#``, so the row read another file of the same name in
+    the parent folder (a wrong label, no error), or none."""
+    folder = tmp_path / "p#h"
+    folder.mkdir()
+    write(folder / "side.jpg", jpeg(1))
+    write(tmp_path / "side.jpg", jpeg(2))  # the look-alike in the parent folder
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"image": pa.array([{"bytes": None, "path": "side.jpg"}], struct)}), folder / "hf.parquet")
+    rows = plan_inputs(str(folder / "hf.parquet"), use_ray=False).read_locally()
+    assert rows[0]["path"] == str(folder / "side.jpg")

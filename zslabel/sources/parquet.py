@@ -82,44 +82,65 @@ def plan_parquet(uri: str, options: InputOptions) -> InputPlan:
 
 
 def plan_files(files: list[str], options: InputOptions) -> InputPlan:
-    """Plan the given Parquet file URIs (no listing); the first file's schema picks the columns
-    (a file without the image column picked so finds its own, unless ``image_column`` named it).
+    """Plan the given Parquet file URIs (no listing); the first file's schema picks the image
+    column (a file without the image column picked so finds its own, unless ``image_column``
+    named it), every file's the carried columns.
     In auto mode, files without an image column are a manifest (one file, or Spark's parts).
 
-    The schema is the first readable file's: a damaged file (cut short, a bad footer) is that
-    file's ``read_error`` row when the rows are read (``read_parquet``), not a failed job.
+    The first schema is the first readable file's: a damaged file (cut short, a bad footer) is
+    that file's ``read_error`` row when the rows are read (``read_parquet``), not a failed job.
 
     Raises:
         InputError: no file's schema can be read, no image column (when not auto), manifest errors.
     """
-    first, schema = _first_schema(files, options)
+    schemas = _schemas(files, options)
+    first, schema = schemas[0]
     if options.auto and options.image_column is None and find_image_column(
             schema, None, first, required=False) is None:
         return plan_manifest(files[0], options) if len(files) == 1 else plan_manifest_files(files, options)
     image_col = find_image_column(schema, options.image_column, first)
-    carried = [c for c in CARRIED if c in schema.names]
+    # Every file's: a column some parts lack (img2dataset shards written with and without
+    # captions) is null in their rows, not dropped from all of them.
+    carried = [c for c in CARRIED if any(c in s.names for _, s in schemas)]
     return streaming_plan("parquet", files, read_parquet, options.storage_options, carried, use_ray=options.use_ray,
                           image_column=image_col, carried_columns=carried,
                           find_own_column=options.image_column is None)
 
 
-def _first_schema(files: list[str], options: InputOptions) -> tuple[str, pa.Schema]:
-    """``(uri, schema)`` of the first file whose schema can be read.
+# Footers read at once while planning (each is one small ranged read; on object stores the
+# latency, not the bytes, is the cost).
+SCHEMA_READERS = 16
+
+
+def _schemas(files: list[str], options: InputOptions) -> list[tuple[str, pa.Schema]]:
+    """``(uri, schema)`` of every file whose schema can be read, in file order (at least one).
+    A file that cannot be read is left out here (a warning names the first few) and becomes its
+    ``read_error`` row when the rows are read.
 
     Raises:
         InputError: none can be read (the first file's error, and how many failed).
     """
-    failure: InputError | None = None
-    for uri in files:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(uri: str) -> pa.Schema | InputError:
         try:
-            return uri, _schema(uri, options)
+            return _schema(uri, options)
         except InputError as exc:
-            failure = failure or exc
-            logger.warning("%s", exc)
-    assert failure is not None  # files is not empty
+            return exc
+
+    with ThreadPoolExecutor(max_workers=min(SCHEMA_READERS, len(files))) as pool:
+        got = list(pool.map(read, files))
+    failures = [g for g in got if isinstance(g, InputError)]
+    for exc in failures[:3]:
+        logger.warning("%s", exc)
+    if len(failures) > 3:
+        logger.warning("... and %d more Parquet files whose schema cannot be read", len(failures) - 3)
+    readable = [(uri, g) for uri, g in zip(files, got) if not isinstance(g, InputError)]
+    if readable:
+        return readable
     if len(files) == 1:
-        raise failure
-    raise InputError(f"none of the {len(files)} Parquet files can be read; the first: {failure}") from failure
+        raise failures[0]
+    raise InputError(f"none of the {len(files)} Parquet files can be read; the first: {failures[0]}") from failures[0]
 
 
 def _schema(uri: str, options: InputOptions) -> pa.Schema:
@@ -225,7 +246,7 @@ def _rows(rb: pa.RecordBatch, uri: str, first: int, index: pa.Array, image_colum
 def _resolve_paths(paths: pa.Array, uri: str) -> pa.Array:
     """Image-struct paths as readable URIs: absolute paths and URIs as they are, relative ones
     relative to the Parquet file's folder (``datasets`` writes both)."""
-    base = posixpath.dirname(uri.split("#", 1)[0])
+    base = posixpath.dirname(uri)  # the file's own URI: a "#" in it is part of a name
     out = []
     for p in paths.to_pylist():
         if p is None or p == "" or p.startswith("/") or "://" in p or p.lower().startswith("file:"):
@@ -273,7 +294,10 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
                 image_column = own
             else:  # this file's column of that name must hold bytes too (a list<binary> one did not)
                 find_image_column(pf.schema_arrow, image_column, uri)
+            # url too when not carried: a row's path is its url wherever this file has one.
             columns = [image_column, *[c for c in carried if c in pf.schema_arrow.names]]
+            if "url" in pf.schema_arrow.names and "url" not in columns:
+                columns.append("url")
             for group in range(pf.num_row_groups):
                 group_end = row + pf.metadata.row_group(group).num_rows
                 try:
