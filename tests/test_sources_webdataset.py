@@ -135,3 +135,18 @@ def test_every_compression_tarfile_streams_is_a_shard(tmp_path, name, mode):
     rows = plan.read_locally()
     plan.finalize()
     assert [r["data"] for r in rows] == [jpeg(0)] and plan.skipped == 0
+
+
+@pytest.mark.parametrize("pattern", ["s-{000,001,000}.tar", "s-00{0..1}{,}.tar", "s-00{0,0}.tar"])
+def test_a_shard_the_pattern_names_twice_is_read_once(tmp_path, pattern, caplog):
+    """``{000,001,000}`` names shard 000 twice: its members were read twice and counted once,
+    so every run (and every --resume) failed the accounting check with exit 4. Each shard is
+    read once, with a warning; the counts add up."""
+    for i in range(2):
+        make_tar(tmp_path / f"s-00{i}.tar", [(f"k{i}.jpg", jpeg(i))])
+    with caplog.at_level("WARNING", logger="zslabel.sources.webdataset"):
+        plan = plan_inputs(str(tmp_path / pattern), use_ray=False)
+    rows = plan.read_locally()
+    plan.finalize()
+    assert len({r["path"] for r in rows}) == len(rows) and plan.listed == len(rows)
+    assert "more than once; each is read once" in caplog.text

@@ -133,7 +133,17 @@ def _shards(uri: str, options: InputOptions) -> tuple[list[str], list[tuple[str,
                     others.append((to_uri(p), "hidden" if hidden else "not_a_shard"))
     if not shards:
         raise InputError(f"no tar shards match {uri}")
-    return shards, others
+    # A shard the pattern names twice ({000..009,005}, overlapping globs) would be read twice
+    # and its members counted once: read once.
+    once, seen = [], set()
+    for shard in shards:
+        key = storage.comparable_path(shard)
+        if key not in seen:
+            seen.add(key)
+            once.append(shard)
+    if len(once) < len(shards):
+        logger.warning("%s names %d shard(s) more than once; each is read once", uri, len(shards) - len(once))
+    return once, others
 
 
 def _exists(uri: str, storage_options: dict) -> bool:
