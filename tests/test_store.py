@@ -196,6 +196,9 @@ def test_no_run_is_written_inside_another_run(tmp_path):
     assert sorted(p.name for p in outer.iterdir() if not p.name.startswith("_")) == \
         sorted(p.name for p in outer.glob("part-*.parquet"))
     run_once(str(tmp_path / "beside"), [0])
+    # The run itself, however spelled, is not inside itself.
+    for same in (f"{outer}/.", f"{outer}/", f"{outer}//", f"{tmp_path}/x/../outer"):
+        OutputStore.open(same).check("resume")
     run_once(str(outer), [0, 1, 2], mode="overwrite")
     assert pq.read_table(str(outer)).num_rows == 3
 

@@ -171,8 +171,10 @@ def inspect_output(uri: str, storage_options: dict | None = None) -> OutputState
     """
     fs, root = output_filesystem(uri, storage_options)
     state = snapshot(uri, fs, root)
-    parent = posixpath.dirname(root.rstrip("/"))
-    state.outer = output_holding(fs, parent) if parent else None
+    # The folder above the output itself, whatever its spelling ("RUN/." names RUN, not a folder in it).
+    canon = canonical_location(fs, root.rstrip("/") or root)
+    parent = posixpath.dirname(canon)
+    state.outer = output_holding(fs, parent) if parent and parent != canon else None  # none above "/"
     return state
 
 
