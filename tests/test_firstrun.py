@@ -179,3 +179,17 @@ def test_a_negative_seed_is_a_usage_error_not_a_traceback(command, tmp_path):
     proc = _cli(args, dict(os.environ))
     assert proc.returncode == 2 and "must be >= 0 (got -1)" in proc.stderr and "Traceback" not in proc.stderr, \
         proc.stderr[-1000:]
+
+
+def test_ctrl_c_while_ray_is_imported_is_one_line_and_exit_130(monkeypatch, tmp_path, capsys):
+    """A Ctrl-C in the first seconds of `label -q` (Ray being imported) printed a
+    KeyboardInterrupt traceback and could exit 1 (the error-budget code)."""
+    from zslabel import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_quiet_ray", interrupted)
+    assert cli.main(["label", str(tmp_path), "--labels", "a,b", "--output", str(tmp_path / "o"), "-q"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("zslabel: interrupted;")

@@ -159,3 +159,18 @@ def test_file_uris_name_their_rfc_8089_path_for_outputs_and_models(tmp_path):
     (tmp_path / "my model").mkdir()
     (tmp_path / "my model" / "config.json").write_text('{"model_type": "clip"}')
     assert str(resolve_checkpoint(f"file://{tmp_path}/my%20model")) == f"{tmp_path}/my model"
+
+
+def test_an_upper_case_scheme_names_the_same_filesystem():
+    """``HTTP://host/x.jpg`` in a manifest was a read_error ("Protocol not known: HTTP"):
+    schemes are case-insensitive (RFC 3986 3.1)."""
+    import fsspec
+
+    from zslabel.sources import fetch_bytes
+    from zslabel.storage import url_to_fs
+
+    fs, path = url_to_fs("HTTP://127.0.0.1:9/x.jpg")
+    assert "http" in fs.protocol and path == "http://127.0.0.1:9/x.jpg"
+    fsspec.filesystem("memory").pipe("/upper-scheme/a.bin", b"abc")
+    assert fetch_bytes("MEMORY://upper-scheme/a.bin") == (b"abc", None)
+    assert fetch_bytes("Memory://upper-scheme/a.bin") == (b"abc", None)

@@ -622,9 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else
                         logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if quiet and args.command in ("label", "relabel"):
-        _quiet_ray()
     try:
+        if quiet and args.command in ("label", "relabel"):
+            _quiet_ray()  # imports Ray (seconds): a Ctrl-C here is an interrupt like any other
         if args.command == "label":
             from .pipeline import run_label_job
 

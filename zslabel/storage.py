@@ -185,7 +185,7 @@ def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None, *,
         ``error``: the protocol is unknown or its package (s3fs, gcsfs, ...) is not installed.
     """
     # A local file: URI names its RFC 8089 path here as everywhere (--output file:///a%20b is "/a b").
-    uri = file_uri_path(uri) or uri
+    uri = file_uri_path(uri) or _lower_scheme(uri)
     try:
         fs, path = fsspec.core.url_to_fs(uri, **io_storage_options(uri, storage_options, io or IOPolicy()))
     except ImportError as exc:
@@ -204,6 +204,16 @@ def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None, *,
         # so s3fs tries once. Filesystems are cached per options: this is every S3 filesystem.
         remote.retries = 1
     return fs, path
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _lower_scheme(uri: str) -> str:
+    """``uri`` with its scheme in lower case (``HTTP://h/x`` -> ``http://h/x``): schemes are
+    case-insensitive (RFC 3986 3.1), fsspec's protocol names are lower case."""
+    m = _SCHEME.match(uri)
+    return uri if m is None or m.group(1).islower() else m.group(1).lower() + uri[m.end(1):]
 
 
 def protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
