@@ -179,3 +179,18 @@ def test_an_image_struct_path_is_relative_to_its_files_folder_even_with_a_hash(t
     pq.write_table(pa.table({"image": pa.array([{"bytes": None, "path": "side.jpg"}], struct)}), folder / "hf.parquet")
     rows = plan_inputs(str(folder / "hf.parquet"), use_ray=False).read_locally()
     assert rows[0]["path"] == str(folder / "side.jpg")
+
+
+@pytest.mark.parametrize("layout", ["dictionary", "fixed_size"])
+def test_image_bytes_in_a_dictionary_or_fixed_size_column_are_read(tmp_path, layout):
+    """A ``jpg`` column written from a pandas Categorical (dictionary of binary) or as
+    ``fixed_size_binary``: one read_error row for the whole file ("not binary"); each image is
+    its own row now, as with plain binary."""
+    images = [jpeg(0), jpeg(0), jpeg(1)] if layout == "dictionary" else [jpeg(0)] * 3
+    column = (pa.array(images).dictionary_encode() if layout == "dictionary"
+              else pa.array(images, pa.binary(len(jpeg(0)))))
+    pq.write_table(pa.table({"jpg": column, "caption": ["a", "b", "c"]}), tmp_path / "x.parquet")
+    plan = plan_inputs(str(tmp_path / "x.parquet"), use_ray=False)
+    rows = plan.read_locally()
+    assert [r["data"] for r in rows] == images and all(r["read_error"] is None for r in rows)
+    assert [r["caption"] for r in rows] == ["a", "b", "c"]

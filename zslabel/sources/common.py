@@ -317,9 +317,13 @@ def internal_error_detail(where: str, exc: BaseException, log) -> str:
 
 
 def is_bytes_type(kind: pa.DataType) -> bool:
-    """Whether ``kind`` holds variable-length bytes in any of Arrow's layouts: ``binary``,
-    ``large_binary`` or ``binary_view`` (what Polars and newer Arrow writers produce)."""
-    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind)
+    """Whether ``kind`` holds bytes in any of Arrow's layouts, each castable to ``binary``:
+    ``binary``, ``large_binary``, ``binary_view`` (Polars, newer Arrow writers),
+    ``fixed_size_binary``, or a dictionary of those (pandas' Categorical of bytes)."""
+    if pa.types.is_dictionary(kind):
+        return is_bytes_type(kind.value_type)
+    return (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind)
+            or pa.types.is_fixed_size_binary(kind))
 
 
 def to_text(column) -> pa.Array:
@@ -338,7 +342,7 @@ def to_text(column) -> pa.Array:
         column, kind = column.dictionary_decode(), kind.value_type
     if pa.types.is_string(kind):
         return column
-    if is_bytes_type(kind) or pa.types.is_fixed_size_binary(kind):
+    if is_bytes_type(kind):
         return pa.array([None if v is None else v.decode("utf-8", errors="replace")
                          for v in column.to_pylist()], pa.string())
     if not pa.types.is_nested(kind):
