@@ -88,6 +88,9 @@ def test_calibrate_refuses_outputs_it_cannot_use(tmp_path, capsys):
     gt = EXAMPLE / "ground_truth.csv"
     assert main(["calibrate", str(tmp_path / "nothing"), "--ground-truth", str(gt)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # A held-out fraction it cannot use: said first, before the run is read.
+    assert main(["calibrate", str(tmp_path / "nothing"), "--ground-truth", str(gt), "--holdout", "1"]) == 2
+    assert "--holdout must be in (0, 1) (got 1.0)" in capsys.readouterr().err
     # An output without embeddings or scores columns.
     out = tmp_path / "out"
     out.mkdir()

@@ -120,6 +120,24 @@ def test_token_checks_hold_across_chunks(tiny_clip, tmp_path, monkeypatch, chunk
         build_label_set(["cat", "dog", "owl"], ["a {}."], ZeroShotModel(broken), cache=False)
 
 
+@pytest.mark.parametrize("key, value", [("num_cpus_per_actor", float("nan")), ("num_cpus_per_actor", float("inf")),
+                                        ("num_gpus_per_actor", -1.0), ("decode_cpus_per_task", 0.0)])
+def test_resources_per_actor_or_task_must_be_finite(key, value):
+    """``--num-cpus-per-actor nan`` passed validation and was refused later as "no node has nan
+    CPUs"; each flag is now named with its range."""
+    flag = "--" + key.replace("_", "-")
+    with pytest.raises(ConfigError, match=f"{flag} must be a finite number"):
+        JobConfig.from_dict({"input": "x", "output": "o", "labels": ["a", "b"], key: value}).validate()
+
+
+def test_storage_options_that_are_neither_json_nor_yaml_are_one_line():
+    from zslabel.config import parse_storage_options
+
+    with pytest.raises(ConfigError) as info:
+        parse_storage_options("{bad")
+    assert "\n" not in str(info.value) and "(line 1, column 5)" in str(info.value)
+
+
 def test_checkpoint_without_tokenizer_files_is_refused(tiny_clip, tmp_path):
     import shutil
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from .calibration import Calibration, fit_calibration
+from .calibration import Calibration, check_holdout, fit_calibration
 from .errors import ConfigError, InputError
 from .evaluate import _basename, label_key, load_ground_truth, match_ground_truth, normalise_path
 from .hierarchy import prompt_name
@@ -212,6 +212,7 @@ def run_calibrate(output: str, ground_truth: str, *, calibration_path: str = "ca
     from .ranking import zero_shot_logits
     from .relabel import check_same_model
 
+    check_holdout(holdout)  # before the sample and the model are read
     refuse_inside_output(calibration_path, storage_options, "a calibration file")
     sample, manifest = read_sample(output, ground_truth, storage_options)
     model = manifest["model"]

@@ -458,6 +458,12 @@ def load_calibration(path: str, storage_options: dict | None = None) -> Calibrat
     return calib
 
 
+def check_holdout(holdout: float) -> None:
+    """Raise ConfigError unless the held-out fraction is in (0, 1): the metrics need held-out rows."""
+    if not 0.0 < holdout < 1.0:
+        raise ConfigError(f"--holdout must be in (0, 1) (got {holdout})")
+
+
 def fit_calibration(logits: np.ndarray, y: np.ndarray, score_kind: str, *, labels: list[str],
                     templates: list[str], checkpoint_digest: str, model: str | None = None,
                     holdout: float = 0.3, seed: int = 0, fit_info: dict | None = None,
@@ -480,8 +486,7 @@ def fit_calibration(logits: np.ndarray, y: np.ndarray, score_kind: str, *, label
     Raises:
         ConfigError: holdout outside (0, 1), or fewer than 2 rows on either side of the split.
     """
-    if not 0.0 < holdout < 1.0:
-        raise ConfigError(f"--holdout must be in (0, 1) (got {holdout})")
+    check_holdout(holdout)
     logits = np.asarray(logits, np.float64)
     y = np.asarray(y, np.int64)
     fit_idx, held_idx = split_indices(len(y), holdout, seed)

@@ -236,13 +236,13 @@ def _relabel_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _add_io_flags(p: argparse.ArgumentParser, quiet: str | None = None) -> None:
-    """``--storage-options``, ``-v`` and (with its help text) ``-q`` of the read-only commands."""
+def _add_io_flags(p: argparse.ArgumentParser, quiet: str = "no INFO log lines (warnings and errors still print)"
+                  ) -> None:
+    """``--storage-options``, ``-v`` and ``-q`` (with its help text) of the commands besides label."""
     p.add_argument("--storage-options", type=_checked(parse_storage_options),
                    help="fsspec options as JSON/YAML text or file")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    if quiet is not None:
-        p.add_argument("-q", "--quiet", action="store_true", help=quiet)
+    p.add_argument("-q", "--quiet", action="store_true", help=quiet)
 
 
 def _eval_parser(sub) -> argparse.ArgumentParser:
@@ -319,6 +319,7 @@ def _export_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--storage-options", type=_checked(parse_storage_options),
                    help="fsspec options (JSON/YAML text or file) for reading the run and writing files")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="no INFO log lines (warnings and errors still print)")
     owners: dict[str, str] = {}
     for fmt in FORMATS:
         before = {a.dest for a in p._actions}
@@ -525,8 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "shown rows' common folder, then labels with scores, or the error.")
     show.add_argument("output", help="output folder or fsspec URI of a label/relabel run")
     show.add_argument("-n", "--rows", type=_checked(_non_negative_int), default=20, help="rows to print (default 20)")
-    show.add_argument("--storage-options", type=_checked(parse_storage_options),
-                      help="fsspec options as JSON/YAML text or file")
+    _add_io_flags(show)
     return parser
 
 

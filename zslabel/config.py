@@ -9,6 +9,7 @@ does not change results; every other field enters the run fingerprint.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,12 @@ class JobConfig(LabelingOptions):
             raise ConfigError(f"--rows-per-file must be >= 1 (got {self.rows_per_file})")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
-        if self.num_gpus_per_actor < 0 or self.num_cpus_per_actor < 0 or self.decode_cpus_per_task <= 0:
-            raise ConfigError("resources per actor/task must be positive")
+        for flag, value, low in (("--num-gpus-per-actor", self.num_gpus_per_actor, 0.0),
+                                 ("--num-cpus-per-actor", self.num_cpus_per_actor, 0.0),
+                                 ("--decode-cpus-per-task", self.decode_cpus_per_task, None)):
+            # NaN fails every comparison, and inf asks more than any node has: both refused here.
+            if not math.isfinite(value) or value < 0 or (low is None and value == 0):
+                raise ConfigError(f"{flag} must be a finite number {'> 0' if low is None else '>= 0'} (got {value})")
         if self.num_gpus_per_actor == 0 and self.num_cpus_per_actor == 0:
             raise ConfigError("a CPU actor needs --num-cpus-per-actor > 0")
         if self.concurrency is not None:
@@ -180,7 +185,10 @@ def parse_storage_options(text: str) -> dict[str, Any]:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--storage-options is neither JSON nor YAML: {exc}") from exc
+            where = getattr(exc, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            raise ConfigError(f"--storage-options is neither JSON nor YAML: {getattr(exc, 'problem', None) or exc}{at}"
+                              ) from exc
     if not isinstance(data, dict):
         raise ConfigError("--storage-options must be a JSON/YAML mapping")
     return data

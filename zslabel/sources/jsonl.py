@@ -90,7 +90,7 @@ def _first_key(table: pa.Table, uri: str) -> tuple[pa.Array, set[str]]:
     keys = [c for k in JSONL_PATH_KEYS for c in by_lower.get(k, [])]
     if not keys:
         raise InputError(f"no path column in {uri} (no line has a key of {', '.join(JSONL_PATH_KEYS)}); keys: "
-                         f"{', '.join(table.column_names)}; name one with path_column")
+                         f"{', '.join(table.column_names)}; name one with --path-column")
     values = [table.column(k).to_pylist() for k in keys]
     paths: list[str | None] = []
     used: set[str] = set()

@@ -218,7 +218,7 @@ def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, .
         if cand in lower:
             return lower[cand]
     raise InputError(f"no {what} column in {uri} (looked for {', '.join(candidates)}); "
-                     f"columns: {', '.join(columns)}; name one with path_column")
+                     f"columns: {', '.join(columns)}; name one with --path-column")
 
 
 def resolve_relative(paths: pa.Array, uri: str, fs, fs_path: str) -> pa.Array:

@@ -208,7 +208,7 @@ def find_image_column(schema: pa.Schema, wanted: str | None, uri: str, *, requir
     if required:
         raise InputError(f"no image column in {uri} (looked for binary columns or Hugging Face Image "
                          f"structs named {', '.join(IMAGE_COLUMN_CANDIDATES)}); columns: "
-                         f"{', '.join(schema.names)}; name one with image_column")
+                         f"{', '.join(schema.names)}; name one with --image-column")
     return None
 
 
