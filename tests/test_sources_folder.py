@@ -208,3 +208,36 @@ def test_a_folder_of_hidden_files_only_says_so(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="is an empty folder"):
         check_input_exists(str(tmp_path / "empty"))
+
+
+def test_a_folder_mixing_kinds_names_the_files_it_does_not_read(tmp_path, caplog):
+    """Loose images beside tar shards, or tar shards beside Parquet files: the folder is read one
+    way and the other files are counted skips, which a summary line hides; a warning names them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from source_files import jpeg, make_tar, write
+
+    from zslabel.sources import plan_inputs
+
+    mixed, shards = tmp_path / "mixed", tmp_path / "shards"
+    shards.mkdir()
+    write(mixed / "a.jpg", jpeg(0))
+    make_tar(mixed / "s-000.tar", [("k.jpg", jpeg(1))])
+    with caplog.at_level("WARNING", logger="zslabel.sources.folder"):
+        plan = plan_inputs(str(mixed), use_ray=False)
+    assert plan.kind == "folder" and plan.skipped_by_reason == {"not_an_image": 1}
+    assert "holds 1 webdataset file(s) that this run does not read, as it is read as loose images" in caplog.text
+    caplog.clear()
+    make_tar(shards / "s-000.tar", [("k.jpg", jpeg(1))])
+    pq.write_table(pa.table({"jpg": [jpeg(2)]}), shards / "p.parquet")
+    with caplog.at_level("WARNING", logger="zslabel.sources.folder"):
+        plan = plan_inputs(str(shards), use_ray=False)
+    assert plan.kind == "webdataset"
+    assert "holds 1 parquet file(s) that this run does not read, as it is read as webdataset files" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="zslabel.sources.folder"):
+        plan_inputs(str(mixed / "a.jpg"), use_ray=False)
+        write(tmp_path / "only" / "b.jpg", jpeg(3))
+        write(tmp_path / "only" / "notes.txt", b"x")
+        plan_inputs(str(tmp_path / "only"), use_ray=False)
+    assert "does not read" not in caplog.text

@@ -139,7 +139,9 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
     # input's own filesystem (shards beside shards, parts beside parts), which these fit.
     options = InputOptions(storage_options=storage.io_storage_options(uri, storage_options, io), io=io,
                            path_column=path_column, id_column=id_column, dedupe=dedupe, image_column=image_column,
-                           auto=auto, plan_files=plan_files, task_options=dict(task_options or {}),
+                           auto=auto, plan_files=plan_files,
+                           container_suffixes={k.name: k.file_suffixes for k in KINDS if k.plan_files is not None},
+                           task_options=dict(task_options or {}),
                            cluster_cpus=cluster_cpus, use_ray=use_ray, output=output)
     try:
         plan = _BY_NAME[name].plan(uri, options)

@@ -82,6 +82,9 @@ class InputOptions:
     image_column: str | None = None
     auto: bool = True
     plan_files: Callable[[list[str], InputOptions], InputPlan | None] | None = None
+    # Set by the registry too: the file suffixes of each kind that reads container files
+    # (``{"webdataset": (".tar", ...), "parquet": (".parquet",)}``), to name those a folder skips.
+    container_suffixes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     task_options: dict = field(default_factory=dict)
     cluster_cpus: float | None = None
     # False: plan without Ray (no dataset; InputPlan.read_locally gives the rows), for tests

@@ -202,6 +202,9 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
             for p, reason in skipped:
                 if to_uri(p) not in taken:
                     handed.add_planned_skip("not_a_shard" if reason == "not_an_image" else reason, to_uri(p))
+            _warn_unread_containers(uri, [to_uri(p) for p, reason in skipped
+                                          if reason == "not_an_image" and to_uri(p) not in taken], options,
+                                    f"it is read as {handed.kind} files")
             return handed
     if not images:
         if not files and not fs.exists((root or fs_path) if pattern else fs_path):
@@ -209,6 +212,8 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
         raise InputError(f"no images found under {uri} ({len(skipped)} files skipped"
                          + (": " + ", ".join(to_uri(p) for p, _ in skipped[:5]) if skipped else "")
                          + ")")
+    _warn_unread_containers(uri, [to_uri(p) for p, reason in skipped if reason == "not_an_image"], options,
+                            "it is read as loose images")
     table = core_table(pa.array([to_uri(p) for p in images], pa.string()))
     dataset, local = planned_dataset(table, options)
     reasons: dict[str, int] = {}
@@ -219,6 +224,16 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
                      skipped_examples=[to_uri(p) for p, _ in skipped[:MAX_EXAMPLES]],
                      duplicates_removed=0, planning_seconds=0.0, carried_columns=[],
                      planned_paths=table.column("path"), _local=local)
+
+
+def _warn_unread_containers(uri: str, skipped: list[str], options: InputOptions, how: str) -> None:
+    """Warn when a folder read one way skips files another kind reads (tars beside loose images,
+    Parquet beside tars): counted as skips, but easy to miss in a summary line."""
+    for kind, suffixes in options.container_suffixes.items():
+        unread = [p for p in skipped if p.lower().endswith(suffixes)]
+        if unread:
+            logger.warning("%s holds %d %s file(s) that this run does not read, as %s (the first: %s); "
+                           "label them in a run of their own", uri, len(unread), kind, how, unread[0])
 
 
 FOLDER = InputKind(
