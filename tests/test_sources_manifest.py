@@ -175,7 +175,7 @@ def test_manifest_not_utf8_names_the_file_and_byte_offset(tmp_path, name):
 # jsonl: the example of a kind added with one module and one registry line
 
 
-def test_jsonl_manifest_carries_other_keys(ray_local, tmp_path):
+def test_jsonl_manifest_carries_other_keys(ray_local, tmp_path, caplog):
     lines = [{"url": "https://h/a.jpg", "id": 7, "caption": "a cat", "labels": ["x"]},
              {"url": "rel/b.jpg", "id": "08", "meta": {"w": 3}},
              {"url": "", "id": 9},
@@ -191,12 +191,19 @@ def test_jsonl_manifest_carries_other_keys(ray_local, tmp_path):
     assert (plan.listed, plan.skipped, plan.duplicates_removed) == (4, 1, 1)
     assert plan.listed == len(rows) + plan.skipped + plan.duplicates_removed
 
+    # A line that is no JSON object is a counted malformed_row skip (a whole job failed on one),
+    # with a warning naming the first; a file of nothing else has no images.
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"path": "a.jpg"}\n[1, 2]\n')
-    with pytest.raises(InputError, match="bad.jsonl line 2: expected a JSON object"):
-        plan_inputs(str(bad))
-    bad.write_text('{"path": "a.jpg"}\n{"path": \n')
-    with pytest.raises(InputError, match="bad.jsonl line 2: not JSON"):
+    for second, problem in (("[1, 2]", "expected a JSON object, got list"), ('{"path": ', "not JSON")):
+        bad.write_text(f'{{"path": "a.jpg"}}\n{second}\n{{"path": "b.jpg"}}\n')
+        with caplog.at_level("WARNING", logger="zslabel.sources.jsonl"):
+            plan = plan_inputs(str(bad))
+        assert [r["path"] for r in rows_of(plan)] == [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
+        assert plan.listed == 3 and plan.skipped_by_reason == {"malformed_row": 1}
+        assert f"bad.jsonl line 2: {problem}" in caplog.text
+        caplog.clear()
+    bad.write_text("[1]\nnot json\n")
+    with pytest.raises(InputError, match="no JSON objects; 2 lines are not: the first, line 1: \\[1\\]"):
         plan_inputs(str(bad))
     bad.write_text('{"file": "a.jpg"}\n')
     with pytest.raises(InputError, match="no path column"):

@@ -102,7 +102,7 @@ SKIP_REASONS: dict[str, str] = {
     "unreadable_folder": "a sub-folder that could not be listed",
     "folder_link": "a symlink to a folder already listed (a loop, or a folder inside the input)",
     "empty_path": "a manifest row or line whose path is empty or null",
-    "malformed_row": "a CSV/TSV manifest row with the wrong number of fields",
+    "malformed_row": "a CSV/TSV manifest row with the wrong number of fields, a JSONL line that is no JSON object",
     "repeated_header": "a CSV/TSV manifest row repeating the header (manifests concatenated)",
     "sidecar_without_image": "a tar sidecar (.json/.txt/.cls) whose key has no image member",
     "sidecar_not_adjacent": "a tar sidecar that comes after its image, with other keys between",

@@ -32,23 +32,32 @@ logger = logging.getLogger(__name__)
 SUFFIXES = (".jsonl", ".ndjson")
 
 
-def _read(fs, fs_path: str, uri: str) -> pa.Table:
+def _read(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list[str]]]:
+    """``(table of strings, {"malformed_row": text of the lines that are no JSON object})``: a
+    bad line is a counted skip, as a CSV row with the wrong number of fields is."""
     with fs.open(fs_path, "rb", compression="infer") as f:
         text = decode_text(f.read(), uri)
     records: list[dict] = []
+    malformed: list[str] = []
     for number, line in enumerate(text.split("\n"), 1):
         line = line.lstrip("\ufeff")  # files concatenated with cat keep each one's BOM
         if not line.strip():
             continue
         try:
             record = json.loads(line)
+            problem = None if isinstance(record, dict) else f"expected a JSON object, got {type(record).__name__}"
         except json.JSONDecodeError as exc:
-            raise InputError(f"{uri} line {number}: not JSON ({exc.msg} at column {exc.colno})") from exc
-        if not isinstance(record, dict):
-            raise InputError(f"{uri} line {number}: expected a JSON object, got {type(record).__name__}")
+            problem = f"not JSON ({exc.msg} at column {exc.colno})"
+        if problem is not None:
+            if not malformed:
+                logger.warning("%s line %d: %s; such lines are skipped and counted (malformed_row)", uri, number,
+                               problem)
+            malformed.append(f"line {number}: {line[:200]}")
+            continue
         records.append(record)
     keys = list(dict.fromkeys(k for r in records for k in r))
-    return pa.table({k: pa.array([_text(r.get(k)) for r in records], pa.string()) for k in keys})
+    table = pa.table({k: pa.array([_text(r.get(k)) for r in records], pa.string()) for k in keys})
+    return table, {"malformed_row": malformed}
 
 
 def _text(value) -> str | None:
@@ -59,12 +68,14 @@ def plan_jsonl(uri: str, options: InputOptions) -> InputPlan:
     """Plan a JSON-lines manifest; see the module docstring.
 
     Raises:
-        InputError: unreadable file, a line that is not a JSON object, no path key, no entries.
+        InputError: unreadable file, no JSON object at all, no path key, no entries.
         TextDecodeError: the file is not UTF-8 (names the byte offset).
     """
-    fs, fs_path, table = read_table(uri, options, _read)
+    fs, fs_path, (table, dropped) = read_table(uri, options, _read)
     if table.num_columns == 0:
-        raise InputError(f"no images found in manifest {uri} (no JSON objects)")
+        bad = len(dropped["malformed_row"])
+        raise InputError(f"no images found in manifest {uri} (no JSON objects"
+                         + (f"; {bad} lines are not: the first, {dropped['malformed_row'][0]})" if bad else ")"))
     if options.path_column is not None:
         path_col = pick_column(table.column_names, options.path_column, (), uri, "path")
         paths, used = table.column(path_col).combine_chunks(), {path_col}
@@ -74,7 +85,7 @@ def plan_jsonl(uri: str, options: InputOptions) -> InputPlan:
     if reserved:
         logger.warning("%s: keys %s are output columns and are not carried", uri, ", ".join(reserved))
     carried = [c for c in table.column_names if c not in used and c not in RESERVED_COLUMNS]
-    return plan_path_table(uri, fs, fs_path, table, paths, carried, options, kind="jsonl")
+    return plan_path_table(uri, fs, fs_path, table, paths, carried, options, kind="jsonl", dropped=dropped)
 
 
 def _first_key(table: pa.Table, uri: str) -> tuple[pa.Array, set[str]]:
