@@ -70,8 +70,8 @@ def manifest_format(name: str) -> str:
 def read_table(uri: str, options: InputOptions, reader):
     """``(fs, fs_path, reader(fs, fs_path, uri))``, any failure but ours as ``InputError``.
 
-    ``reader`` returns what its kind needs: a ``pa.Table`` (jsonl) or ``(table, dropped
-    rows)`` (:func:`_read_manifest`)."""
+    ``reader`` returns ``(table, {skip reason: dropped rows' text})`` (:func:`_read_manifest`,
+    ``jsonl._read``)."""
     fs, fs_path = storage.url_to_fs(uri, options.storage_options)
     try:
         result = reader(fs, storage.open_path(fs, fs_path), uri)
@@ -79,7 +79,7 @@ def read_table(uri: str, options: InputOptions, reader):
         raise
     except Exception as exc:
         raise InputError(f"cannot read manifest {uri}: {storage.describe_error(exc, options.io)}") from exc
-    names = (result[0] if isinstance(result, tuple) else result).column_names
+    names = result[0].column_names
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:  # a column picked by name would be ambiguous (pyarrow: KeyError)
         raise InputError(f"manifest {uri} has the column {', '.join(map(repr, twice))} more than once; "

@@ -100,8 +100,8 @@ def output_parquet_files(uri: str, storage_options: dict | None = None
         raise InputError(f"cannot list {uri}: {type(exc).__name__}: {exc}") from exc
     nested = nested_outputs(found)
     if nested:
-        raise InputError(f"{describe_nested(uri, nested)}: their rows would be read as {uri}'s. Pass that "
-                         "output's folder")
+        raise InputError(f"{describe_nested(uri, nested)}: their rows would be read as {uri}'s. Pass "
+                         + ("that output's folder" if len(nested) == 1 else "one of those folders"))
     rel = visible_parquet_files(found)
     if not rel:
         raise InputError(f"no Parquet files under {uri}; pass the output folder of a zslabel run")
