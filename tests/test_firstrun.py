@@ -179,6 +179,8 @@ def test_a_negative_seed_is_a_usage_error_not_a_traceback(command, tmp_path):
     proc = _cli(args, dict(os.environ))
     assert proc.returncode == 2 and "must be >= 0 (got -1)" in proc.stderr and "Traceback" not in proc.stderr, \
         proc.stderr[-1000:]
+    # A bad value is one line, naming the way to the usage (the usage block above it buried it).
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.rstrip().endswith(f"(see zslabel {command} --help)")
 
 
 def test_ctrl_c_while_ray_is_imported_is_one_line_and_exit_130(monkeypatch, tmp_path, capsys):

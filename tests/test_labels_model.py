@@ -136,6 +136,8 @@ def test_storage_options_that_are_neither_json_nor_yaml_are_one_line():
     with pytest.raises(ConfigError) as info:
         parse_storage_options("{bad")
     assert "\n" not in str(info.value) and "(line 1, column 5)" in str(info.value)
+    with pytest.raises(ConfigError, match="--storage-options file nofile.json does not exist"):
+        parse_storage_options("nofile.json")
 
 
 def test_checkpoint_without_tokenizer_files_is_refused(tiny_clip, tmp_path):

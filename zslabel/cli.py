@@ -53,6 +53,16 @@ terminal, else a line every 15 s and one at the end (--quiet: none).
 """ + EXIT_CODES
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad value of one option said in one line (the usage block above it buried
+    the message); other usage errors (a missing or unknown argument) keep the usage lines."""
+
+    def error(self, message: str):
+        if message.startswith("argument "):
+            self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        super().error(message)
+
+
 def _checked(convert):
     """``convert`` as an argparse ``type``: a ZslabelError becomes argparse's usage error (exit 2)."""
     def parse(text: str):
@@ -508,7 +518,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zslabel", allow_abbrev=False,
         description="Zero-shot image labeling at scale (Ray Data + CLIP-family models -> ranked labels in Parquet).",
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)

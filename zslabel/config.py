@@ -179,6 +179,8 @@ def parse_storage_options(text: str) -> dict[str, Any]:
 
     if Path(text).is_file():
         text = read_text(text, what="--storage-options file")
+    elif text.lower().endswith((".json", ".yaml", ".yml")) and "{" not in text:
+        raise ConfigError(f"--storage-options file {text} does not exist")
     try:
         data = json.loads(text)
     except json.JSONDecodeError:

@@ -320,10 +320,12 @@ def _read_manifest(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list
 
 def _drop_repeated_header(table: pa.Table) -> tuple[pa.Table, list[str]]:
     """``table`` without the rows whose every value is its column's name (the header again, as
-    in manifests concatenated with ``cat``: never an image path), and those rows' text."""
+    in manifests concatenated with ``cat``: never an image path), and those rows' text. Compared
+    as headers are written: in any case, around spaces, and after the BOM each file may start with."""
     same = None
     for i, name in enumerate(table.column_names):  # by position: a name may be there twice (refused later)
-        eq = pc.fill_null(pc.equal(table.column(i), name), False)
+        value = pc.utf8_lower(pc.utf8_trim_whitespace(pc.replace_substring_regex(table.column(i), "^\ufeff", "")))
+        eq = pc.fill_null(pc.equal(value, name.strip().lower()), False)
         same = eq if same is None else pc.and_(same, eq)
     count = pc.sum(same).as_py() if same is not None else 0
     if not count:
