@@ -458,3 +458,14 @@ def test_two_jobs_into_one_output_second_is_refused_first_is_whole(tiny_clip, ra
     manifest = manifest_of(out)
     assert manifest["run_id"] == first_run and manifest["labels"] == LABELS
     assert set(pq.read_table(str(out), columns=["labels"]).column(0).combine_chunks().flatten().to_pylist()) <= set(LABELS)
+
+
+def test_the_summary_of_a_finished_run_keeps_its_skip_reasons():
+    """A --resume with nothing to do said "skipped 2 listed entries" where the run itself had
+    said why (not_an_image=2)."""
+    from zslabel.summary import summary_of_finished
+
+    manifest = {"counts": {"rows": 24, "labeled": 24, "skipped": 2, "listed": 26,
+                           "skipped_by_reason": {"not_an_image": 2}}}
+    summary = summary_of_finished("out", manifest, "out/_run_manifest.json", 0.0)
+    assert summary.skipped_by_reason == {"not_an_image": 2} and "not_an_image=2" in summary.line()

@@ -129,7 +129,7 @@ def summary_of_finished(uri: str, manifest: dict, manifest_path: str, started: f
     return RunSummary(output=uri, rows=rows, labeled=c.get("labeled", 0), errors_by_code=c.get("errors_by_code", {}),
                       skipped=c.get("skipped", 0), listed=c.get("listed"), wall_seconds=wall,
                       images_per_second=0.0, manifest_path=manifest_path, timings={"wall_s": wall},
-                      model_images=0, carried_over=rows)
+                      model_images=0, carried_over=rows, skipped_by_reason=dict(c.get("skipped_by_reason") or {}))
 
 
 def check_error_budget(summary: RunSummary, max_error_fraction: float | None) -> None:
