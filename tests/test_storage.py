@@ -174,3 +174,24 @@ def test_an_upper_case_scheme_names_the_same_filesystem():
     fsspec.filesystem("memory").pipe("/upper-scheme/a.bin", b"abc")
     assert fetch_bytes("MEMORY://upper-scheme/a.bin") == (b"abc", None)
     assert fetch_bytes("Memory://upper-scheme/a.bin") == (b"abc", None)
+
+
+def test_one_rule_for_the_local_path_a_value_names(tmp_path):
+    """``storage.local_path`` is the one reading of "a local path or a file: URI": the input and
+    model stamps read ``file:///a%20b`` as ``/a b`` (they kept ``%20`` and stamped nothing, so
+    a --resume of a finished run reran it), and ``FILE:///x`` is a local model, not one to copy."""
+    from zslabel.model import _is_remote_uri
+    from zslabel.options import local_stamp
+    from zslabel.storage import is_local_folder, local_path, local_spelling
+
+    folder = tmp_path / "a b"
+    folder.mkdir()
+    (folder / "x.jpg").write_bytes(b"x")
+    uri = "file://" + str(folder).replace(" ", "%20")
+    assert local_path(uri) == str(folder) and local_path("FILE://" + str(folder)) == str(folder)
+    assert local_path("s3://b/x") is None and local_path("file://server/share/x") is None
+    assert local_path("photos/x.jpg") == "photos/x.jpg"
+    assert local_stamp(uri) == local_stamp(str(folder)) is not None
+    assert is_local_folder(uri) and local_spelling(uri) == str(folder)
+    assert not _is_remote_uri("FILE://" + str(folder)) and _is_remote_uri("s3://b/m")
+    assert not _is_remote_uri("openai/clip-vit-base-patch32")

@@ -136,7 +136,9 @@ def cache_root() -> Path:
 
 
 def _is_remote_uri(model: str) -> bool:
-    return "://" in model and not model.startswith("file://")
+    from .storage import local_path
+
+    return local_path(model) is None  # a URI of another filesystem than this machine's
 
 
 def resolve_checkpoint(model: str, revision: str | None = None,
@@ -157,9 +159,9 @@ def resolve_checkpoint(model: str, revision: str | None = None,
     """
     if _is_remote_uri(model):
         return _copy_remote_checkpoint(model, storage_options or {})
-    from .storage import file_uri_path
+    from .storage import local_path
 
-    model = file_uri_path(model) or model  # RFC 8089, as inputs and outputs read it
+    model = local_path(model) or model  # a file: URI read per RFC 8089, as inputs and outputs read it
     local = Path(model).expanduser()
     if local.is_dir():
         if family_of(local) is None:

@@ -299,10 +299,12 @@ def _has_visible_file(folder: str) -> bool:
 
 
 def _local_path(uri: str | None) -> Path | None:
-    """``uri`` as a local path (plain or ``file://``), None for anything else."""
-    if not uri or "://" in uri and not uri.startswith("file://"):
-        return None
-    return Path(uri.removeprefix("file://")).expanduser()
+    """``uri`` as a local path (plain, or a ``file:`` URI read as ``storage.local_path`` reads
+    it), None for anything else."""
+    from .storage import local_path
+
+    local = local_path(uri) if uri else None
+    return Path(local).expanduser() if local else None
 
 
 def local_stamp(uri: str | None, exclude: str | None = None) -> str | None:

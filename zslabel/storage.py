@@ -227,6 +227,15 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return bool({"file", "local"} & set(protocols(fs)))
 
 
+def local_path(value: str) -> str | None:
+    """The local path ``value`` names: a plain path as written, a ``file:`` URI (any case) as
+    :func:`file_uri_path` reads it; None for a URI of another filesystem (``s3://``,
+    ``https://``, a ``file:`` URI of another host). ``~`` is not expanded here."""
+    if value[:5].lower() == "file:":
+        return file_uri_path(value)
+    return None if "://" in value else value
+
+
 def file_uri_path(uri: str) -> str | None:
     """The local path a ``file:`` URI names, or None when ``uri`` is no local file URI.
 
@@ -260,7 +269,7 @@ def comparable_path(path: str, *, normalise_remote: bool = False) -> str:
     a remote URI as written, or with ``normalise_remote`` its path collapsed the same way
     (``s3://b/x/../y.jpg`` -> ``s3://b/y.jpg``). As written, two spellings of an object key
     are two objects (S3 keeps ``a//b`` and ``a/b`` apart)."""
-    local = file_uri_path(path) if path[:5].lower() == "file:" else path if "://" not in path else None
+    local = local_path(path)
     if local is not None:
         return os.path.normpath(os.path.abspath(local))
     if not normalise_remote:
@@ -274,9 +283,10 @@ def local_spelling(value: str | None, *, existing_only: bool = False) -> str | N
     ``file:`` URI resolved (``photos`` here and ``../x/photos`` there name one folder); a URI of
     another filesystem as written. ``existing_only``: a value that names no local path stays as
     written (a hub model id such as ``openai/clip-vit-base-patch32``)."""
-    if not value or "://" in value and value[:5].lower() != "file:":
+    local = local_path(value) if value else None
+    if local is None:
         return value
-    path = os.path.expanduser(file_uri_path(value) or value)
+    path = os.path.expanduser(local)
     if existing_only and not os.path.exists(path):
         return value
     return comparable_path(path)
@@ -368,9 +378,8 @@ def is_pattern(uri: str, storage_options: dict[str, Any] | None = None, io: IOPo
 def is_local_folder(uri: str) -> bool:
     """True when ``uri`` is a local path (or ``file:`` URI) naming an existing folder; no call
     to any remote store (a manifest on S3 is planned without a listing)."""
-    if "://" in uri and not uri.lower().startswith("file:"):
-        return False
-    return os.path.isdir(file_uri_path(uri) or uri)
+    local = local_path(uri)
+    return local is not None and os.path.isdir(local)
 
 
 def display_name(path: str) -> str:
