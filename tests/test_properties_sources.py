@@ -251,11 +251,14 @@ CAPTIONS = st.text(st.sampled_from(list('ab ,"\n\r\t\'ü')), max_size=12)
 @st.composite
 def csv_rows(draw):
     rows = draw(st.lists(st.tuples(PATH_TEXT | st.just(""), CAPTIONS), min_size=1, max_size=12))
-    return rows, draw(st.sampled_from(["\r\n", "\n"])), draw(st.booleans())
+    # The header again before some rows (manifests joined with cat), after a BOM or in capitals.
+    repeats = draw(st.lists(st.tuples(st.integers(0, len(rows) - 1), st.sampled_from(["path", "\ufeffpath", "PATH"])),
+                            max_size=2))
+    return rows, draw(st.sampled_from(["\r\n", "\n"])), draw(st.booleans()), repeats
 
 
 def _csv_property(data) -> None:
-    rows, line_end, dedupe = data
+    rows, line_end, dedupe, repeats = data
     with tempfile.TemporaryDirectory() as tmp:
         buf = io.StringIO()
         # With "\n" line ends the csv module leaves a field holding a lone "\r" unquoted (not
@@ -264,7 +267,9 @@ def _csv_property(data) -> None:
                             quoting=csv.QUOTE_MINIMAL if line_end == "\r\n" else csv.QUOTE_ALL)
         writer.writerow(["path", "caption"])
         # absolute paths: the manifest's folder plays no part; "/" keeps them whole
-        for path, caption in rows:
+        for i, (path, caption) in enumerate(rows):
+            for header in (name for at, name in repeats if at == i):
+                writer.writerow([header, "caption"])
             writer.writerow(["/d/" + path if path else "", caption])
         manifest = Path(tmp) / "m.csv"
         manifest.write_text(buf.getvalue(), encoding="utf-8")
@@ -272,14 +277,15 @@ def _csv_property(data) -> None:
         try:
             plan = plan_inputs(str(manifest), use_ray=False, id_column="caption", dedupe=dedupe)
         except Exception as exc:
-            assert not wanted and "no images" in str(exc)
+            assert not wanted and "no images" in str(exc), exc
             return
         got = plan.read_locally()
         check_plan(plan, got)
         expected = list(dict.fromkeys(wanted)) if dedupe else wanted
         assert [r["path"] for r in got] == expected
         assert plan.duplicates_removed == len(wanted) - len(expected)
-        assert plan.skipped_by_reason == ({"empty_path": len(rows) - len(wanted)} if len(rows) > len(wanted) else {})
+        skips = {"empty_path": len(rows) - len(wanted), "repeated_header": len(repeats)}
+        assert plan.skipped_by_reason == {k: v for k, v in skips.items() if v}
         captions = [c if c else None for p, c in rows if p]
         if not dedupe:
             assert [r["caption"] for r in got] == captions
@@ -301,17 +307,23 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(m
 @given(st.lists(st.tuples(st.sampled_from(["path", "url", "uri", "file_name", "URL", None]),
                           st.text(st.sampled_from(list("ab#%é ,")), min_size=1, max_size=6),
                           st.dictionaries(st.sampled_from(["caption", "meta", "n"]), JSON_VALUES, max_size=2)),
-                min_size=1, max_size=10))
-def test_jsonl_any_key_names_the_image(lines):
+                min_size=1, max_size=10),
+       st.lists(st.tuples(st.integers(0, 10), st.sampled_from(['[1, 2]', '{"path": ', 'not json', '"a.jpg"'])),
+                max_size=3))
+def test_jsonl_any_key_names_the_image(lines, bad):
+    """Every line is a row or a counted skip: one without a path key, or (``bad``, put in
+    before some lines) one that is no JSON object (``malformed_row``)."""
     with tempfile.TemporaryDirectory() as tmp:
         records = []
-        for key, value, extra in lines:
+        for i, (key, value, extra) in enumerate(lines):
+            records += [text for at, text in bad if at == i]
             record = dict(extra)
             if key is not None:
                 record[key] = "/d/" + value
-            records.append(record)
+            records.append(json.dumps(record))
+        records += [text for at, text in bad if at >= len(lines)]
         manifest = Path(tmp) / "m.jsonl"
-        manifest.write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+        manifest.write_text("\n".join(records), encoding="utf-8")
         wanted = [("/d/" + v).strip(" ") for k, v, _ in lines if k is not None]
         try:
             plan = plan_inputs(str(manifest), use_ray=False)
@@ -321,7 +333,8 @@ def test_jsonl_any_key_names_the_image(lines):
         rows = plan.read_locally()
         check_plan(plan, rows)
         assert [r["path"] for r in rows] == wanted
-        assert plan.skipped == len(lines) - len(wanted)
+        assert plan.skipped == len(lines) - len(wanted) + len(bad)
+        assert plan.skipped_by_reason.get("malformed_row", 0) == len(bad)
 
 
 @QUICK
