@@ -8,9 +8,11 @@ a fresh process so that peak RSS is its own.
     python benchmarks/label_checks.py --labels 21843     # ImageNet-21k x openai-imagenet-80
 
 Needs no model download: the bundled models/shapes-clip (a CLIP BPE tokenizer). The text tower
-does not run. Measured 2026-12-05 with this script on the 2-core dev machine (load ~4),
-``--labels 21843`` (1.75 M prompts): whole 7,690 MB peak RSS growth, 152 s; chunked 107 MB,
-157 s; chunked / whole: memory 0.014, time 1.03 (tokenizing dominates both).
+does not run. Measured 2026-12-05 with this script on the 2-core dev machine, nothing else
+running (load 1.3), ``--labels 21843`` (1.75 M prompts): whole 7,691 MB peak RSS growth,
+64.7 s; chunked 98 MB, 76.1 s; chunked / whole: memory 0.013, time 1.18. Tokenizing is most of
+both; the per-label digests cost ~0.4 s per 400 k prompts, and the chunk size (16 k or 64 k
+prompts) does not change the time.
 """
 
 from __future__ import annotations
