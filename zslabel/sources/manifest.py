@@ -327,9 +327,11 @@ def _drop_repeated_header(table: pa.Table) -> tuple[pa.Table, list[str]]:
         value = pc.utf8_lower(pc.utf8_trim_whitespace(pc.replace_substring_regex(table.column(i), "^\ufeff", "")))
         eq = pc.fill_null(pc.equal(value, name.strip().lower()), False)
         same = eq if same is None else pc.and_(same, eq)
-    count = pc.sum(same).as_py() if same is not None else 0
-    if not count:
+        if not pc.any(same).as_py():
+            return table, []  # most manifests: no row matches the first column's name
+    if same is None:  # no columns
         return table, []
+    count = pc.sum(same).as_py()
     return table.filter(pc.invert(same)), [",".join(table.column_names)] * count
 
 
