@@ -51,3 +51,20 @@ def check_plan(plan, rows: list[dict]) -> None:
     assert sum(plan.skipped_by_reason.values()) == plan.skipped
     assert set(plan.skipped_by_reason) <= set(SKIP_REASONS)
     assert len({r["input_index"] for r in rows}) == len(rows)
+
+
+def silently_short_parquet(path: Path, images: list[bytes]) -> Path:
+    """A Parquet file (``jpg``, ``caption``; one row group per row, zstd) whose first row group's
+    ``caption`` data page header has one byte overwritten: pyarrow's ``iter_batches`` then ends
+    that group without a batch and without raising (found by the damaged-Parquet property
+    test), while ``read_table`` raises."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"jpg": pa.array(images, pa.binary()), "caption": [str(i) for i in range(len(images))]}),
+                   path, row_group_size=1, compression="zstd")
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(1)
+    raw = bytearray(path.read_bytes())
+    raw[chunk.data_page_offset + 1] = 1
+    path.write_bytes(bytes(raw))
+    return path

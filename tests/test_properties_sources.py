@@ -31,7 +31,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from source_files import check_plan
 
@@ -455,6 +455,9 @@ def _damaged_parquet_property(spec) -> None:
 
 @QUICK
 @given(damaged_parquet())
+# CI found it: a caption page header byte overwritten, and pyarrow ended the group without a
+# batch or an error; the row was lost until the footer's count was held.
+@example((1, 1, "zstd", "chunk", (0, 1, 0.3984375, 0.0), b"\x01", pa.binary()))
 def test_parquet_damaged_anywhere_has_one_row_per_footer_row(spec):
     """Rows in footer order, one per row: a damaged row group costs only its own rows (as
     read_error rows, or as altered bytes the decoder then refuses), the other groups' rows come

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from source_files import jpeg, rows_of, write
+from source_files import check_plan, jpeg, rows_of, silently_short_parquet, write
 
 from zslabel.errors import InputError, error_code
 from zslabel.sources import FILE_INDEX_STRIDE, plan_inputs
@@ -194,3 +194,16 @@ def test_image_bytes_in_a_dictionary_or_fixed_size_column_are_read(tmp_path, lay
     rows = plan.read_locally()
     assert [r["data"] for r in rows] == images and all(r["read_error"] is None for r in rows)
     assert [r["caption"] for r in rows] == ["a", "b", "c"]
+
+
+def test_a_row_group_that_ends_early_without_an_error_is_read_error_rows(tmp_path):
+    """pyarrow can end a damaged group's batches without raising: the footer's row count still
+    holds, the missing row is a read_error row naming its group, the next group is read."""
+    f = silently_short_parquet(tmp_path / "x.parquet", [jpeg(0), jpeg(1)])
+    plan = plan_inputs(str(f), use_ray=False)
+    rows = plan.read_locally()
+    check_plan(plan, rows)
+    assert [r["path"] for r in rows] == [f"{f}#0", f"{f}#1"]
+    assert error_code(rows[0]["read_error"]) == "read_error"
+    assert "parquet row group 0: gave 0 of its 1 rows" in rows[0]["read_error"]
+    assert rows[1]["read_error"] is None and rows[1]["data"] == jpeg(1)

@@ -355,3 +355,30 @@ def test_a_run_that_fails_before_writing_leaves_the_output_as_it_found_it(tmp_pa
     assert (started / "_zslabel" / "run.json").exists()           # a row is committed: --resume finishes it
     with pytest.raises(OutputError, match="unfinished run"):
         OutputStore.open(str(started)).check("error")
+
+
+def test_readers_of_output_files_hold_each_file_to_its_footer(tmp_path):
+    """A file whose damaged row group pyarrow ends without a batch or an error is refused,
+    naming it, by the reader every command uses on an output's files (relabel, export, report,
+    eval, calibrate, fit); an intact file reads whole, a row group subset counts only its groups."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from source_files import jpeg, silently_short_parquet
+
+    from zslabel.errors import InputError
+    from zslabel.store import footer_checked_batches
+
+    bad = silently_short_parquet(tmp_path / "bad.parquet", [jpeg(0), jpeg(1), jpeg(2)])
+    with pytest.raises(InputError, match=r"cannot read .*bad\.parquet: it gave 2 rows where its footer gives 3"):
+        list(footer_checked_batches(pq.ParquetFile(bad), str(bad), columns=["caption"]))
+    # With another column beside it the short column no longer lines up: pyarrow raises, and
+    # the error names the file (fit, eval and calibrate caught no pyarrow error of their own).
+    with pytest.raises(InputError, match=r"cannot read .*bad\.parquet: ArrowInvalid: columns do not have the same"):
+        list(footer_checked_batches(pq.ParquetFile(bad), str(bad), columns=["jpg", "caption"]))
+    got = list(footer_checked_batches(pq.ParquetFile(bad), str(bad), row_groups=[1, 2], columns=["caption"]))
+    assert sum(b.num_rows for b in got) == 2
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"x": list(range(10))}), good, row_group_size=3)
+    assert sum(b.num_rows for b in footer_checked_batches(pq.ParquetFile(good), str(good), batch_size=4)) == 10

@@ -32,7 +32,7 @@ from .calibration import Calibration, check_holdout, fit_calibration
 from .errors import ConfigError, InputError
 from .evaluate import _basename, label_key, load_ground_truth, match_ground_truth, normalise_path
 from .hierarchy import prompt_name
-from .store import output_parquet_files, read_manifest, refuse_inside_output
+from .store import footer_checked_batches, output_parquet_files, read_manifest, refuse_inside_output
 
 log = logging.getLogger(__name__)
 # Score clip before log/logit: float32 scores of 0 or 1 must not become infinite logits.
@@ -110,7 +110,7 @@ def read_sample(output: str, ground_truth: str, storage_options: dict | None = N
             missing = [c for c in cols if c not in names]
             if missing:
                 raise InputError(f"{f} lacks column(s) {', '.join(missing)}")
-            for batch in reader.iter_batches(columns=cols):
+            for batch in footer_checked_batches(reader, f, columns=cols):
                 paths = [normalise_path(p) for p in batch.column(0).to_pylist()]
                 examples += paths[:2 - len(examples)]
                 keep = [i for i, p in enumerate(paths)

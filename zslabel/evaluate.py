@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 from .errors import InputError, error_code
 from .output import ABSTAINED, ERROR, LABELS, PATH
 from .storage import comparable_path, uri_maker
-from .store import output_filesystem, output_parquet_files, read_manifest
+from .store import footer_checked_batches, output_filesystem, output_parquet_files, read_manifest
 from .textfiles import decode_text
 
 log = logging.getLogger(__name__)
@@ -395,7 +395,7 @@ def read_predictions(uri: str, storage_options: dict | None = None
                 raise InputError(f"{f} is not a zslabel output: no {', '.join(missing)} column")
             has_abstained = has_abstained or ABSTAINED in names
             cols = wanted + ([ABSTAINED] if ABSTAINED in names else [])
-            for batch in reader.iter_batches(columns=cols):
+            for batch in footer_checked_batches(reader, f, columns=cols):
                 d = batch.to_pydict()
                 abst = d.get(ABSTAINED, [None] * batch.num_rows)
                 for p, labels, err, a in zip(d[PATH], d[LABELS], d[ERROR], abst):

@@ -51,7 +51,7 @@ def read_labeled_embeddings(run: str, ground_truth: str, storage_options: dict |
     from .calibrate import label_index
     from .evaluate import _basename, load_ground_truth, match_ground_truth, normalise_path
     from .relabel import embedding_matrix
-    from .store import output_parquet_files, read_manifest
+    from .store import footer_checked_batches, output_parquet_files, read_manifest
 
     fs, files, root = output_parquet_files(run, storage_options)
     manifest = read_manifest(root, storage_options)
@@ -77,7 +77,7 @@ def read_labeled_embeddings(run: str, ground_truth: str, storage_options: dict |
             dim = dim or getattr(reader.schema_arrow.field("embedding").type, "list_size", None)
             cols = ["path"] + (["error"] if "error" in names else [])
             row = 0
-            for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=cols):
+            for batch in footer_checked_batches(reader, f, batch_size=BATCH_ROWS, columns=cols):
                 paths = [normalise_path(p) for p in batch.column(0).to_pylist()]
                 errs = batch.column(1).to_pylist() if len(cols) > 1 else [None] * len(paths)
                 examples += paths[:2 - len(examples)]
@@ -129,7 +129,7 @@ def read_labeled_embeddings(run: str, ground_truth: str, storage_options: dict |
         with fs.open(files[fi], "rb") as fh:
             reader = pq.ParquetFile(fh)
             start = 0
-            for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=["embedding"]):
+            for batch in footer_checked_batches(reader, files[fi], batch_size=BATCH_ROWS, columns=["embedding"]):
                 lo, hi = np.searchsorted(rows_here, [start, start + batch.num_rows])
                 if hi > lo:
                     take = rows_here[lo:hi] - start

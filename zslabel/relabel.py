@@ -58,6 +58,7 @@ from .store import (
     MANIFEST_NAME,
     Accounting,
     drop_committed,
+    footer_checked_batches,
     not_done,
     open_part,
     output_filesystem,
@@ -239,7 +240,8 @@ class RelabelSource:
                 if file_dim is not None and self.dim is not None and file_dim != self.dim:
                     raise InputError(f"{f} holds {file_dim}-dimensional embeddings, other files {self.dim}")
                 names = reader.schema_arrow.names
-                yield from reader.iter_batches(batch_size=batch_size, columns=[c for c in columns if c in names])
+                yield from footer_checked_batches(reader, f, batch_size=batch_size,
+                                                  columns=[c for c in columns if c in names])
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"cannot read relabel source file {f}: {type(exc).__name__}: {exc}; the files "
                              "committed so far are kept (with --overwrite, the previous output is unchanged): "

@@ -14,7 +14,14 @@ import pyarrow.parquet as pq
 
 from ..errors import InputError, OutputError
 from ..output import EMBEDDING, ERROR, LABELS, PATH, SCORES
-from ..store import MANIFEST_NAME, output_filesystem, output_parquet_files, read_manifest, refuse_inside_output
+from ..store import (
+    MANIFEST_NAME,
+    footer_checked_batches,
+    output_filesystem,
+    output_parquet_files,
+    read_manifest,
+    refuse_inside_output,
+)
 
 # Rows per record batch read from the run's Parquet files: the unit of memory of every export
 # (8,192 rows of a 512-d float16 embedding are ~8 MB).
@@ -77,7 +84,7 @@ class RunOutput:
                     if missing:
                         raise InputError(f"{f} has no column(s) {', '.join(missing)}: the files of {self.uri} "
                                          "are not one run's output")
-                    yield from reader.iter_batches(batch_size=batch_size, columns=names)
+                    yield from footer_checked_batches(reader, f, batch_size=batch_size, columns=names)
             except (OSError, pa.ArrowInvalid) as exc:
                 raise InputError(f"cannot read {f}: {type(exc).__name__}: {exc}") from exc
 

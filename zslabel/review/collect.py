@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from ..errors import InputError
 from ..output import ABSTAINED, ERROR, HEIGHT, INPUT_INDEX, LABELS, PATH, SCORES, WIDTH
-from ..store import MANIFEST_NAME, output_parquet_files
+from ..store import MANIFEST_NAME, footer_checked_batches, output_parquet_files
 
 # Rows per record batch: large enough that the per-batch numpy work dominates Python overhead,
 # small enough that a batch of paths and label lists stays a few tens of MB.
@@ -288,7 +288,7 @@ def scan_output(uri: str, *, storage_options: dict | None = None, seed: int = 0,
             if truth_filter is not None:
                 cols.append(PATH)
             first_row = 0
-            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
+            for batch in footer_checked_batches(pf, f, batch_size=BATCH_ROWS, columns=cols):
                 n = batch.num_rows
                 if pending and (pending[0][0].schema != batch.schema):
                     flush()

@@ -271,7 +271,9 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
     gives, a ``read_error`` row (``URI#ROW``), and the next row group is read; only a file whose
     footer cannot be read (or without an image column) is one ``read_error`` row for the file
     URI, as its rows are unknown. A bug while handling one record batch makes each of its rows
-    an ``internal_error``.
+    an ``internal_error``. Each group is held to its footer's row count: rows a group does not
+    give (pyarrow can end a damaged group early without raising) are ``read_error`` rows, rows
+    beyond the count are dropped with a warning.
     """
     import pyarrow.parquet as pq
 
@@ -299,10 +301,19 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
             if "url" in pf.schema_arrow.names and "url" not in columns:
                 columns.append("url")
             for group in range(pf.num_row_groups):
-                group_end = row + pf.metadata.row_group(group).num_rows
+                group_rows = pf.metadata.row_group(group).num_rows
+                group_end = row + group_rows
                 try:
                     for rb in pf.iter_batches(batch_size=EMIT_ROWS, row_groups=[group], columns=columns):
+                        if row + rb.num_rows > group_end:
+                            # More rows than the footer gives: the extra ones have no URI#ROW
+                            # of their own (the next group's rows would be named twice).
+                            logger.warning("row group %d of Parquet %s gives more rows than its footer (%d): "
+                                           "the extra rows are dropped", group, uri, group_rows)
+                            rb = rb.slice(0, group_end - row)
                         n = rb.num_rows
+                        if n == 0:
+                            continue
                         index = pa.array(range(base + row, base + row + n), pa.int64())
                         try:
                             table = _rows(rb, uri, row, index, image_column, carried)
@@ -318,6 +329,17 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
                     if group_end > row:
                         yield failed_rows(row, group_end - row, error_string(
                             READ_ERROR, f"parquet row group {group}: {storage.describe_error(exc)}"))
+                else:
+                    if group_end > row:
+                        # pyarrow can end a damaged group's batches early without an error
+                        # (a page header whose value count was overwritten): the footer's
+                        # count, not the reader, says how many rows the group has.
+                        got = group_rows - (group_end - row)
+                        logger.warning("row group %d of Parquet %s gave %d of its %d rows", group, uri, got,
+                                       group_rows)
+                        yield failed_rows(row, group_end - row, error_string(
+                            READ_ERROR, f"parquet row group {group}: gave {got} of its {group_rows} rows "
+                                        "(damaged pages)"))
                 row = group_end
                 counts["listed"] = row
     except Exception as exc:  # noqa: BLE001 - a bad file is one error row, not a failed job

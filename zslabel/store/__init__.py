@@ -33,6 +33,7 @@ from .files import WRITE_RESULT_SCHEMA, WriteTarget, drop_committed, not_done, o
 from .fingerprint import describe_changes, fingerprint_digest, fingerprint_fields, settings_view
 from .fsio import (
     MANIFEST_NAME,
+    footer_checked_batches,
     is_visible,
     open_atomic,
     output_filesystem,
@@ -156,6 +157,6 @@ __all__ = [
     "is_store_file", "not_done", "open_part", "refuse_inside_output", "settings_view", "stamped_metadata",
     "write_block",
     # fsio: an output's files (also for the read-only commands)
-    "MANIFEST_NAME", "is_visible", "open_atomic", "output_filesystem", "output_parquet_files", "read_manifest",
-    "visible_parquet_files", "write_bytes_atomic",
+    "MANIFEST_NAME", "footer_checked_batches", "is_visible", "open_atomic", "output_filesystem",
+    "output_parquet_files", "read_manifest", "visible_parquet_files", "write_bytes_atomic",
 ]

@@ -1,6 +1,7 @@
 """An output's files on any fsspec filesystem: where it is (``output_filesystem``), which of its
 files are data (``is_visible``, ``visible_parquet_files``, ``output_parquet_files``), atomic
-writes (``open_atomic``) and the run manifest (``MANIFEST_NAME``, ``read_manifest``).
+writes (``open_atomic``), the run manifest (``MANIFEST_NAME``, ``read_manifest``) and reading a
+file's rows whole (``footer_checked_batches``).
 
 Every command that reads or writes an output goes through these (the store itself, relabel,
 evaluate, calibrate, fit, export, report), so "which files are the run's" has one definition.
@@ -14,8 +15,10 @@ import json
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
 
 import fsspec
+import pyarrow as pa
 
 from ..errors import InputError, OutputError
 from ..storage import url_to_fs
@@ -185,3 +188,34 @@ def read_manifest(uri: str, storage_options: dict | None = None) -> dict | None:
         return None
     with fs.open(path, "r") as fh:
         return json.load(fh)
+
+
+def footer_checked_batches(reader, uri: str, **kwargs) -> Iterator[pa.RecordBatch]:
+    """``reader.iter_batches(**kwargs)`` (a ``pyarrow.parquet.ParquetFile``), held to the rows
+    its footer gives for the row groups read.
+
+    pyarrow can end a damaged row group's batches early without raising (a data page header
+    whose value count was overwritten): without this check a reader of such a file would go on
+    with rows silently missing.
+
+    Raises:
+        InputError: the batches gave another number of rows than the footer, or pyarrow could
+            not read them (the file named).
+    """
+    groups = kwargs.get("row_groups")
+    meta = reader.metadata
+    expected = sum(meta.row_group(g).num_rows for g in (range(meta.num_row_groups) if groups is None else groups))
+    got = 0
+    batches = reader.iter_batches(**kwargs)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from exc
+        if batch is None:
+            break
+        got += batch.num_rows
+        yield batch
+    if got != expected:
+        raise InputError(f"cannot read {uri}: it gave {got} rows where its footer gives {expected} "
+                         "(damaged pages)")
