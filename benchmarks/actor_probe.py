@@ -31,7 +31,7 @@ def measure(ckpt: str, batch: int, batches: int, threads: int | None, mode: str 
     import numpy as np
     import torch
 
-    from zslabel.model import ZeroShotModel
+    from zslabel.model import load_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -40,7 +40,7 @@ def measure(ckpt: str, batch: int, batches: int, threads: int | None, mode: str 
             torch.set_num_interop_threads(interop)
         except RuntimeError:
             pass
-    model = ZeroShotModel(ckpt)
+    model = load_model(ckpt)
     h, w = model.preprocess.output_hw
     px = np.random.default_rng(0).integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
     if layout == "channels_last":

@@ -48,7 +48,7 @@ ROWS_PER_FILE = 10_000
 def build(work: Path, rows: int, n_labels: int, seed: int = 0) -> tuple[Path, Path]:
     """Checkpoint, run output and ground truth under ``work``; returns (run, ground truth)."""
     from zslabel.labels import build_label_set
-    from zslabel.model import ZeroShotModel, checkpoint_digest
+    from zslabel.model import load_model, checkpoint_digest
     from zslabel_dev.tiny import build_tiny_checkpoint
 
     config = {"text_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
@@ -59,7 +59,7 @@ def build(work: Path, rows: int, n_labels: int, seed: int = 0) -> tuple[Path, Pa
     ckpt = build_tiny_checkpoint(work / "ckpt", "clip", config=config)
     labels = [f"label {i:04d}" for i in range(n_labels)]
     templates = ["This is a photo of {}."]
-    model = ZeroShotModel(ckpt)
+    model = load_model(ckpt)
     t = np.asarray(build_label_set(labels, templates, model, cache=False).embeddings, np.float32)
     rng = np.random.default_rng(seed)
     # CLIP embeddings are far from isotropic: a power-law spectrum (component j ~ j^-0.5 in

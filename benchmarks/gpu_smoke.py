@@ -68,7 +68,7 @@ def sweep(workdir: Path, batch_size: int, seconds: float, cpu: bool) -> list[dic
     """images/s of the model path (no Ray, no decoding) per shape and label count; see the docstring."""
     import torch
 
-    from zslabel.model import ZeroShotModel
+    from zslabel.model import load_model
     from zslabel.ranking import RankingRule, rank, scores_from_logits, zero_shot_logits
     from zslabel_dev.tiny import VIT_B32_CLIP_CONFIG, build_tiny_checkpoint
 
@@ -77,7 +77,7 @@ def sweep(workdir: Path, batch_size: int, seconds: float, cpu: bool) -> list[dic
     for shape, cfg in (("ViT-B/32", VIT_B32_CLIP_CONFIG), ("ViT-L/14", VIT_L14_CLIP_CONFIG)):
         t0 = time.perf_counter()
         ckpt = build_tiny_checkpoint(workdir / shape.replace("/", ""), "clip", config=cfg)
-        model = ZeroShotModel(ckpt, device=device, dtype=dtype)
+        model = load_model(ckpt, device=device, dtype=dtype)
         print(f"sweep: {shape} built and loaded in {time.perf_counter() - t0:.1f} s", flush=True)
         pixels = np.random.default_rng(0).integers(0, 256, (batch_size, 224, 224, 3), dtype=np.uint8)
         for n_labels in (3, MANY):

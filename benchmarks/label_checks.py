@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 def measure(form: str, labels: int) -> dict:
     """Run one form in this process; return its time and peak RSS growth."""
     from zslabel.labels import TEMPLATE_SETS, _check_prompt_tokens
-    from zslabel.model import ZeroShotModel
+    from zslabel.model import load_model
 
-    model = ZeroShotModel(ROOT / "models" / "shapes-clip")
+    model = load_model(ROOT / "models" / "shapes-clip")
     names = [f"class {i} thing" for i in range(labels)]
     templates = list(TEMPLATE_SETS["openai-imagenet-80"])
     prompts = [t.format(n) for n in names for t in templates]

@@ -414,13 +414,13 @@ def child_limit(p: dict) -> dict:
     import torch
 
     from zslabel.decode import decode_image
-    from zslabel.model import ZeroShotModel
+    from zslabel.model import load_model
     from zslabel.ranking import scores_from_logits, zero_shot_logits
 
     device, dtype = _device_dtype(p["device"])
     cores = os.cpu_count() or 1
     torch.set_num_threads(p.get("threads") or cores)
-    model = ZeroShotModel(p["ckpt"], device=str(device), dtype=dtype)
+    model = load_model(p["ckpt"], device=str(device), dtype=dtype)
     spec = dataclasses.replace(model.preprocess, fast=p["fast"])
     other = dataclasses.replace(spec, fast=not p["fast"])
     label_embs = {}
@@ -493,11 +493,11 @@ def child_bare(p: dict) -> dict:
     import torch
 
     from zslabel.decode import decode_image
-    from zslabel.model import ZeroShotModel
+    from zslabel.model import load_model
     from zslabel.ranking import scores_from_logits, top_k, zero_shot_logits
 
     torch.set_num_threads(1)
-    model = ZeroShotModel(p["ckpt"])
+    model = load_model(p["ckpt"])
     labels = torch.from_numpy(model.encode_texts([f"This is a photo of {n}." for n in label_set(p["labels"])]))
     scale, bias, bs = model.logit_scale, model.logit_bias, p["batch_size"]
 

@@ -206,13 +206,13 @@ def test_platt_file_from_a_sigmoid_run_applied_by_relabel(tiny_siglip, tmp_path)
 
     from zslabel.calibrate import run_calibrate
     from zslabel.labels import build_label_set
-    from zslabel.model import ZeroShotModel, checkpoint_digest
+    from zslabel.model import load_model, checkpoint_digest
     from zslabel.ranking import zero_shot_logits
     from zslabel.relabel import RelabelConfig, run_relabel_job
 
     rng = np.random.default_rng(5)
     n, labels = 150, ["cat", "dog", "bird"]
-    model = ZeroShotModel(tiny_siglip)
+    model = load_model(tiny_siglip)
     label_set = build_label_set(labels, ["a photo of a {}."], model)
     y = rng.integers(0, 3, n)
     # Image embeddings near their label's embedding, so the logits carry signal.

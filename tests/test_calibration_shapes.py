@@ -17,7 +17,7 @@ from zslabel.calibration import fit_calibration, score_metrics
 from zslabel.decode import decode_image
 from zslabel.hierarchy import Hierarchy
 from zslabel.labels import build_label_set
-from zslabel.model import ZeroShotModel
+from zslabel.model import load_model
 from zslabel.ranking import zero_shot_logits
 from zslabel_dev import shapes
 
@@ -44,7 +44,7 @@ def shapes_calibration_figures() -> dict:
     that held-out half and on images of the 10 never-trained colour-shape pairs; plus the
     colour/shape hierarchy at ``MIN_SCORE`` on calibrated scores."""
     torch.manual_seed(0)
-    model = ZeroShotModel(MODEL)
+    model = load_model(MODEL)
     names = [f"{c}/{c} {s}" for c in shapes.COLOURS for s in shapes.SHAPES]   # colour/shape paths
     label_set = build_label_set(names, [shapes.EVAL_TEMPLATE], model)
     leaf = {n.split("/")[1]: i for i, n in enumerate(names)}

@@ -22,9 +22,9 @@ def tiny_clip336(tmp_path_factory):
 
 def test_336_pixel_clip_matches_transformers_pipeline(tiny_clip336, ray_local, tmp_path):
 
-    from zslabel.model import ZeroShotModel
+    from zslabel.model import load_model
 
-    model = ZeroShotModel(tiny_clip336)
+    model = load_model(tiny_clip336)
     assert model.preprocess.output_hw == (336, 336) and model.preprocess.shortest_edge == 336
     assert model.model.config.vision_config.patch_size == 14
     d = tmp_path / "in"

@@ -88,10 +88,10 @@ def _synthetic_run(tmp: Path, *, nan_rows: int = 0, embeddings: bool = True) -> 
     """A run output as `label --store-embeddings` writes it, without Ray: each image's embedding
     is its label's text embedding plus noise (the shapes model's own label set)."""
     from zslabel.labels import build_label_set
-    from zslabel.model import ZeroShotModel, checkpoint_digest
+    from zslabel.model import load_model, checkpoint_digest
 
     labels = [x for x in LABELS.read_text().splitlines() if x.strip()]
-    model = ZeroShotModel(MODEL)
+    model = load_model(MODEL)
     w = np.asarray(build_label_set(labels, ["This is a photo of {}."], model).embeddings, np.float32)
     rng = np.random.default_rng(0)
     y = np.arange(4 * len(labels)) % len(labels)

@@ -19,7 +19,7 @@ import torch
 from zslabel import heads
 from zslabel.decode import decode_image
 from zslabel.labels import build_label_set
-from zslabel.model import ZeroShotModel
+from zslabel.model import load_model
 from zslabel_dev import shapes
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-clip"
@@ -48,7 +48,7 @@ def shapes_head_figures() -> dict:
     only (the odd-numbered ones in ``shapes.all_labels()`` order, then the random halves of
     ``HALF_SEEDS``), each measured on both halves (``halves``; ``half_labels`` is the odd one)."""
     torch.manual_seed(0)
-    model = ZeroShotModel(MODEL)
+    model = load_model(MODEL)
     names = shapes.all_labels()
     label_set = build_label_set(names, [shapes.EVAL_TEMPLATE], model, cache=False)
     zs = heads.ZeroShot(np.asarray(label_set.embeddings, np.float32), model.logit_scale, model.logit_bias,

@@ -7,7 +7,7 @@ import torch
 from zslabel.config import JobConfig, parse_concurrency
 from zslabel.errors import ConfigError, ModelLoadError
 from zslabel.labels import build_label_set, ensemble, validate_template
-from zslabel.model import ZeroShotModel, resolve_checkpoint
+from zslabel.model import load_model, resolve_checkpoint
 from zslabel.ranking import scores_from_logits, top_k, zero_shot_logits
 
 
@@ -67,7 +67,7 @@ def test_softmax_and_sigmoid_scores():
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_label_embeddings_match_transformers_text_features(family, tiny_clip, tiny_siglip):
     path = tiny_clip if family == "clip" else tiny_siglip
-    model = ZeroShotModel(path)
+    model = load_model(path)
     ls = build_label_set(["cat", "dog"], ["a {}.", "the {} photo"], model)
     assert ls.embeddings.shape == (2, model.model.config.projection_dim if family == "clip" else 32)
     np.testing.assert_allclose(np.linalg.norm(ls.embeddings, axis=1), 1, rtol=1e-5)
@@ -77,7 +77,7 @@ def test_label_embeddings_match_transformers_text_features(family, tiny_clip, ti
 
 
 def test_prompt_longer_than_text_tower_names_the_label(tiny_clip):
-    model = ZeroShotModel(tiny_clip)
+    model = load_model(tiny_clip)
     long_label = "x" * 200
     with pytest.raises(ConfigError, match="x{20}.*longer than the text tower"):
         build_label_set(["cat", long_label], ["a {}."], model)
@@ -102,7 +102,7 @@ def test_token_checks_hold_across_chunks(tiny_clip, tmp_path, monkeypatch, chunk
     from zslabel import labels as labels_module
 
     monkeypatch.setattr(labels_module, "TOKEN_CHECK_PROMPTS", chunk)
-    model = ZeroShotModel(tiny_clip)
+    model = load_model(tiny_clip)
     templates = ["a {}.", "the {}"]
     with pytest.raises(ConfigError, match="'Red Circle' = 'red circle'"):
         build_label_set(["Red Circle", "blue", "green", "red circle"], templates, model, cache=False)
@@ -115,9 +115,9 @@ def test_token_checks_hold_across_chunks(tiny_clip, tmp_path, monkeypatch, chunk
     # Without its files the tokenizer reads one [UNK]-like id per character: templates of other
     # lengths give other prompts, but every label's prompts are alike.
     with pytest.raises(ConfigError, match="maps every label to the same tokens"):
-        build_label_set(["cat", "dog", "owl"], templates, ZeroShotModel(broken), cache=False)
+        build_label_set(["cat", "dog", "owl"], templates, load_model(broken), cache=False)
     with pytest.raises(ConfigError, match="maps every prompt to the same tokens"):
-        build_label_set(["cat", "dog", "owl"], ["a {}."], ZeroShotModel(broken), cache=False)
+        build_label_set(["cat", "dog", "owl"], ["a {}."], load_model(broken), cache=False)
 
 
 @pytest.mark.parametrize("key, value", [("num_cpus_per_actor", float("nan")), ("num_cpus_per_actor", float("inf")),
@@ -147,7 +147,7 @@ def test_checkpoint_without_tokenizer_files_is_refused(tiny_clip, tmp_path):
     shutil.copytree(tiny_clip, broken, ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt",
                                                                       "special_tokens_map.json"))
     with pytest.raises(ConfigError, match="tokenizer"):
-        build_label_set(["cat", "dog"], ["a {}."], ZeroShotModel(broken))
+        build_label_set(["cat", "dog"], ["a {}."], load_model(broken))
 
 
 @pytest.mark.parametrize("value", ["./ckpt", "../ckpt", "/no/such/ckpt", "~/no-such-ckpt", "C:\\models\\clip",
@@ -178,7 +178,7 @@ def test_labels_the_tokenizer_reads_alike_are_refused(tiny_clip, caplog):
     NFC and NFD 'café', are one prompt and would split one score. Refused, naming them, before
     the text tower runs; distinct labels pass. Labels whose texts differ but whose tokens do not
     (outside the vocabulary) are warned about, not refused."""
-    model = ZeroShotModel(tiny_clip)
+    model = load_model(tiny_clip)
     nfc, nfd = "caf\u00e9", "cafe\u0301"
     with pytest.raises(ConfigError, match="written two ways.*'Red Circle' = 'red circle'.*" + nfc + "' = '" + nfd):
         build_label_set(["Red Circle", "red circle", "blue", nfc, nfd], ["a {}."], model, cache=False)

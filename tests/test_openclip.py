@@ -31,7 +31,7 @@ from zslabel import JobConfig, run_label_job  # noqa: E402
 from zslabel.decode import decode_image  # noqa: E402
 from zslabel.errors import ModelLoadError  # noqa: E402
 from zslabel.labels import build_label_set  # noqa: E402
-from zslabel.model import ZeroShotModel, checkpoint_digest, resolve_checkpoint  # noqa: E402
+from zslabel.model import load_model, checkpoint_digest, resolve_checkpoint  # noqa: E402
 from zslabel.model_openclip import OpenClipModel, preprocess_spec  # noqa: E402
 from zslabel.ranking import scores_from_logits, zero_shot_logits  # noqa: E402
 from zslabel.relabel import RelabelConfig, run_relabel_job  # noqa: E402
@@ -100,7 +100,7 @@ def zslabel_scores(model, files, labels, templates):
 def test_scores_match_open_clip_recipe(name, ckpts, tmp_path):
     ckpt = ckpts[name]
     files = image_files(tmp_path / "in")
-    model = ZeroShotModel(resolve_checkpoint(str(ckpt)))
+    model = load_model(resolve_checkpoint(str(ckpt)))
     assert isinstance(model, OpenClipModel) and model.library == "open_clip"
     assert model.score_kind == ("sigmoid" if name == "vit-sigmoid" else "softmax")
     expected = reference_scores(ckpt, files, LABELS, TEMPLATES)
@@ -120,26 +120,26 @@ def test_decoded_pixels_equal_open_clip_transform(ckpts, tmp_path):
 
     files = image_files(tmp_path / "in")
     for name in ("vit", "vit-squash-bilinear"):
-        model = ZeroShotModel(ckpts[name])
+        model = load_model(ckpts[name])
         _, preprocess = open_clip.create_model_from_pretrained(f"local-dir:{ckpts[name]}")
         for f in files:
             ours = model.pixel_values(decode_image(f.read_bytes(), model.preprocess).pixels[None])[0]
             ref = preprocess(Image.open(f))
             assert float((ours - ref).abs().max()) < 1e-5, (name, f.name)
-    floor = dataclasses.replace(ZeroShotModel(ckpts["vit"]).preprocess, crop_offset="floor")
+    floor = dataclasses.replace(load_model(ckpts["vit"]).preprocess, crop_offset="floor")
     a = decode_image((tmp_path / "in" / "margin3.png").read_bytes(), floor).pixels
-    b = decode_image((tmp_path / "in" / "margin3.png").read_bytes(), ZeroShotModel(ckpts["vit"]).preprocess).pixels
+    b = decode_image((tmp_path / "in" / "margin3.png").read_bytes(), load_model(ckpts["vit"]).preprocess).pixels
     assert not np.array_equal(a, b)  # the crop offset matters for this image
 
 
 def test_preprocess_config_is_read_from_the_checkpoint(ckpts):
-    vit, squash = ZeroShotModel(ckpts["vit"]), ZeroShotModel(ckpts["vit-squash-bilinear"])
+    vit, squash = load_model(ckpts["vit"]), load_model(ckpts["vit-squash-bilinear"])
     assert (vit.preprocess.resize_mode, vit.preprocess.shortest_edge, vit.preprocess.crop_hw,
             vit.preprocess.crop_offset, vit.preprocess.resample) == ("shortest_edge", 32, (32, 32), "round",
                                                                      int(Image.Resampling.BICUBIC))
     assert (squash.preprocess.resize_mode, squash.preprocess.size_hw,
             squash.preprocess.resample) == ("exact", (32, 32), int(Image.Resampling.BILINEAR))
-    assert ZeroShotModel(ckpts["vit"], max_pixels=1000).preprocess.max_pixels == 1000
+    assert load_model(ckpts["vit"], max_pixels=1000).preprocess.max_pixels == 1000
     with pytest.raises(ValueError, match="longest"):
         preprocess_spec({"size": 224, "resize_mode": "longest"})
     with pytest.raises(ValueError, match="non-square|square"):
@@ -147,7 +147,7 @@ def test_preprocess_config_is_read_from_the_checkpoint(ckpts):
 
 
 def test_biomed_shape_and_model_facts(ckpts):
-    model = ZeroShotModel(ckpts["biomed"])
+    model = load_model(ckpts["biomed"])
     assert model.architecture == "CustomTextCLIP(vision=timm:test_vit, text=hf:hf_text)"
     assert model.model_type == "open_clip:" + model.architecture
     assert model.max_text_length == 256
@@ -165,7 +165,7 @@ def test_biomed_tokenizer_gives_words_their_ids(ckpts):
     vocab = (ckpt / "vocab.txt").read_text().splitlines()
     with in_folder(ckpt):
         reference = open_clip.get_tokenizer(f"local-dir:{ckpt}")
-    model = ZeroShotModel(ckpt)
+    model = load_model(ckpt)
     prompts = [t.format(label) for label in LABELS for t in TEMPLATES]
     ids = model.tokenizer(prompts)
     assert torch.equal(ids, reference(prompts))
@@ -191,8 +191,8 @@ def test_fsspec_uri_is_copied_once_and_scores_the_same(ckpts, tmp_path):
     assert checkpoint_digest(local) == checkpoint_digest(src)
     assert resolve_checkpoint("memory://models/biomed") == local  # copied once
     files = image_files(tmp_path / "in")
-    np.testing.assert_allclose(zslabel_scores(ZeroShotModel(local), files, LABELS, TEMPLATES[:1]),
-                               zslabel_scores(ZeroShotModel(src), files, LABELS, TEMPLATES[:1]), atol=1e-6)
+    np.testing.assert_allclose(zslabel_scores(load_model(local), files, LABELS, TEMPLATES[:1]),
+                               zslabel_scores(load_model(src), files, LABELS, TEMPLATES[:1]), atol=1e-6)
 
 
 def test_hf_hub_prefix_reads_the_hub_cache(ckpts, tmp_path, monkeypatch):
@@ -209,7 +209,7 @@ def test_hf_hub_prefix_reads_the_hub_cache(ckpts, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     path = resolve_checkpoint("hf-hub:tiny/biomedclip")
     assert path == repo / "snapshots" / commit
-    model = ZeroShotModel(path)
+    model = load_model(path)
     assert model.library == "open_clip"
     with pytest.raises(ModelLoadError, match="cannot download model 'tiny/absent'"):
         resolve_checkpoint("hf-hub:tiny/absent")
@@ -246,7 +246,7 @@ def tiny_pretrained_tag(ckpts, tmp_path):
 def test_arch_tag_matches_create_model_and_transforms(tiny_pretrained_tag, tmp_path):
     path = resolve_checkpoint(tiny_pretrained_tag)
     assert (path / "open_clip_config.json").is_file() and resolve_checkpoint(tiny_pretrained_tag) == path
-    model = ZeroShotModel(path)
+    model = load_model(path)
     assert model.architecture == "Tiny-ViT-T8" and model.model_type == "open_clip:Tiny-ViT-T8"
     assert model.preprocess.resample == int(Image.Resampling.BILINEAR)
     assert json.loads((path / "open_clip_config.json").read_text())["model_cfg"]["quick_gelu"] is True
@@ -345,9 +345,9 @@ def test_cuda_float16_close_to_cpu_float32(name, ckpts, tmp_path):
     """float16 on CUDA (open_clip's mixed precision, what the labeler actors use on a GPU) ranks
     as float32 on the CPU, within float16 rounding. Not run on this project's CPU machines."""
     files = image_files(tmp_path / "in")
-    cpu = zslabel_scores(ZeroShotModel(ckpts[name]), files, LABELS, TEMPLATES)
-    model = ZeroShotModel(ckpts[name], device="cuda", dtype=torch.float16)
-    label_set = build_label_set(LABELS, TEMPLATES, ZeroShotModel(ckpts[name], device="cuda"), cache=False)
+    cpu = zslabel_scores(load_model(ckpts[name]), files, LABELS, TEMPLATES)
+    model = load_model(ckpts[name], device="cuda", dtype=torch.float16)
+    label_set = build_label_set(LABELS, TEMPLATES, load_model(ckpts[name], device="cuda"), cache=False)
     pixels = np.stack([decode_image(f.read_bytes(), model.preprocess).pixels for f in files])
     logits = zero_shot_logits(model.encode_images(pixels), torch.from_numpy(label_set.embeddings).cuda(),
                               model.logit_scale, model.logit_bias)

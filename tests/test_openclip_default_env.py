@@ -15,7 +15,7 @@ import pytest
 
 from zslabel.decode import PreprocessSpec, _center_crop
 from zslabel.errors import ModelLoadError
-from zslabel.model import ZeroShotModel, family_of, resolve_checkpoint
+from zslabel.model import load_model, family_of, resolve_checkpoint
 from zslabel.model_openclip import INSTALL_COMMAND, claims
 
 HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
@@ -51,7 +51,7 @@ def test_without_the_extra_the_error_names_the_install_command(value, tmp_path):
     if value == "FOLDER":
         (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {}}))
         with pytest.raises(ModelLoadError, match=f"Install the open-clip extra with: {INSTALL_COMMAND}"):
-            ZeroShotModel(resolve_checkpoint(str(tmp_path)))
+            load_model(resolve_checkpoint(str(tmp_path)))
     else:
         with pytest.raises(ModelLoadError, match=f"Install the open-clip extra with: {INSTALL_COMMAND}"):
             resolve_checkpoint(value)

@@ -7,7 +7,7 @@ import torch
 from zslabel import labels as labels_mod
 from zslabel.config import JobConfig
 from zslabel.labels import LABEL_SETS_DIR, TEMPLATE_SETS, build_label_set, label_cache_dir
-from zslabel.model import ZeroShotModel
+from zslabel.model import load_model
 from zslabel.ranking import RankingRule, rank, top_k, top_k_tensor
 
 
@@ -49,7 +49,7 @@ def test_rank_multi_label_and_abstention_on_tensor_match_numpy():
 
 def test_label_embeddings_cached_on_disk_keyed_by_labels(tiny_clip, tmp_path, monkeypatch):
     monkeypatch.setenv("ZSLABEL_CACHE", str(tmp_path))
-    model = ZeroShotModel(tiny_clip)
+    model = load_model(tiny_clip)
     calls = []
     real = model.encode_texts
     model.encode_texts = lambda prompts, **kw: calls.append(len(prompts)) or real(prompts, **kw)
@@ -67,7 +67,7 @@ def test_label_embeddings_cached_on_disk_keyed_by_labels(tiny_clip, tmp_path, mo
 
 def test_corrupt_cache_entry_is_recomputed(tiny_clip, tmp_path, monkeypatch):
     monkeypatch.setenv("ZSLABEL_CACHE", str(tmp_path))
-    model = ZeroShotModel(tiny_clip)
+    model = load_model(tiny_clip)
     good = build_label_set(["cat", "dog"], ["a {}."], model).embeddings
     (entry,) = label_cache_dir().glob("*.npy")
     entry.write_bytes(b"not an array")

@@ -208,7 +208,7 @@ def run_calibrate(output: str, ground_truth: str, *, calibration_path: str = "ca
     import torch
 
     from .labels import build_label_set
-    from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint
+    from .model import checkpoint_digest, load_model, resolve_checkpoint
     from .ranking import zero_shot_logits
     from .relabel import check_same_model
 
@@ -223,7 +223,7 @@ def run_calibrate(output: str, ground_truth: str, *, calibration_path: str = "ca
         path = resolve_checkpoint(model["id"], model.get("revision"), storage_options)
         digest = checkpoint_digest(path)
         check_same_model(manifest, model["id"], model.get("revision"), digest)
-        zs = ZeroShotModel(path)
+        zs = load_model(path)
         label_set = build_label_set(labels, templates, zs)
         score_kind = zs.score_kind
         if sample.embeddings.shape[1] != label_set.embeddings.shape[1]:

@@ -167,7 +167,7 @@ def run_fit(run: str, ground_truth: str, *, head_path: str, holdout: float = 0.3
     """
     from . import heads
     from .labels import build_label_set
-    from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint
+    from .model import checkpoint_digest, load_model, resolve_checkpoint
     from .relabel import check_same_model
     from .store import refuse_inside_output
 
@@ -185,7 +185,7 @@ def run_fit(run: str, ground_truth: str, *, head_path: str, holdout: float = 0.3
     path = resolve_checkpoint(model["id"], model.get("revision"), storage_options)
     digest = checkpoint_digest(path)
     check_same_model(manifest, model["id"], model.get("revision"), digest)
-    zs_model = ZeroShotModel(path)
+    zs_model = load_model(path)
     label_set = build_label_set(labels, templates, zs_model, digest=digest)
     if x.shape[1] != label_set.embeddings.shape[1]:
         raise ConfigError(f"the stored embeddings have {x.shape[1]} dimensions but {model['id']} embeds labels in "

@@ -192,7 +192,7 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
         return FinishedRun(options.output, done, store.state.path(MANIFEST_NAME), started)
     # torch and transformers only now: everything above fails (or finishes) without them, in seconds.
     from .labels import build_label_set
-    from .model import ZeroShotModel, checkpoint_digest, resolve_checkpoint
+    from .model import checkpoint_digest, load_model, resolve_checkpoint
 
     if device == "auto":
         import torch
@@ -204,7 +204,7 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
         check_model(digest)
     # The text tower in float32 (the label embeddings are the classifier's weights), batched;
     # its result is cached on disk (labels.build_label_set).
-    text_model = ZeroShotModel(path, device=device, **(spec_overrides or {}))
+    text_model = load_model(path, device=device, **(spec_overrides or {}))
     rule.check_score_kind(text_model.score_kind, options.model)  # before any image is read
     label_set = build_label_set(list(options.labels), list(options.templates), text_model, digest=digest)
     job = PreparedJob(options, rule, store, started, {}, stamps, str(path), digest, label_set, text_model.score_kind,

@@ -144,7 +144,7 @@ def build_label_set(names: list[str], templates: list[str], model, *, digest: st
     Args:
         names: C label names (validated: non-empty, unique).
         templates: T templates (validated: one ``{}`` each).
-        model: a ``zslabel.model.ZeroShotModel``.
+        model: a ``zslabel.model_base.ZeroShotModel`` (``zslabel.model.load_model``).
         digest: ``model.checkpoint_digest`` of the checkpoint when the caller has it (else
             computed here when ``cache``).
         cache: read and write the on-disk cache.

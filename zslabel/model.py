@@ -7,17 +7,19 @@ locks too), so N actors on one node fetch a checkpoint once, not N times.
 
 Model families. A checkpoint folder belongs to one library that loads it:
 
-- ``transformers`` (``TransformersModel``, here): ``config.json`` with a ``model_type`` (CLIP,
-  SigLIP, SigLIP 2, any dual encoder with ``get_image_features``/``get_text_features``).
+- ``transformers`` (``zslabel.model_transformers.TransformersModel``): ``config.json`` with a
+  ``model_type`` (CLIP, SigLIP, SigLIP 2, any dual encoder with
+  ``get_image_features``/``get_text_features``).
 - ``open_clip`` (``zslabel.model_openclip.OpenClipModel``, the ``open-clip`` extra):
   ``open_clip_config.json`` (BiomedCLIP, the LAION/DFN/MetaCLIP zoo); also ``--model
   hf-hub:ORG/NAME`` and ``--model ARCH:pretrained_tag``.
 
-Every family is a ``ZeroShotModel`` subclass with the same attributes and methods (see its
-docstring); ``ZeroShotModel(path)`` picks the family from the folder's files
-(``family_of``), so the pipeline, relabel and calibration never name a family. Adding a family
-is one module: a subclass, a ``claims``/``resolve`` pair for ``--model`` values that are not
-folders (if any), and one entry in ``FAMILIES``.
+Every family is a ``zslabel.model_base.ZeroShotModel`` subclass with the same attributes and
+methods (see its docstring); ``load_model(path)`` picks the family from the folder's files
+(``family_of``), so the pipeline, relabel and calibration never name a family. Layers: this
+module (which family, which folder) above the families, the families above ``model_base``
+(their interface). Adding a family is one module: a subclass, a ``claims``/``resolve`` pair for
+``--model`` values that are not folders (if any), and one entry in ``FAMILIES``.
 """
 
 from __future__ import annotations
@@ -28,26 +30,18 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
-import numpy as np
 import torch
 
-from .decode import PreprocessSpec
+from . import model_openclip
 from .errors import ModelLoadError
-from .ranking import SIGMOID, SOFTMAX, l2_normalise
+from .model_base import CHECKPOINT_PATTERNS, OPEN_CLIP, OPEN_CLIP_CONFIG, TRANSFORMERS, ZeroShotModel, cache_root
 
 log = logging.getLogger(__name__)
 
-# Files a zero-shot checkpoint needs; skips TF/Flax/ONNX duplicates in hub repos.
-CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.bin"]
-# transformers' pipeline pads SigLIP prompts to this length (zero_shot_image_classification.py).
-SIGLIP_TEXT_LENGTH = 64
-
-
-TRANSFORMERS, OPEN_CLIP = "transformers", "open_clip"
-# The file that marks a checkpoint folder of each family.
-OPEN_CLIP_CONFIG = "open_clip_config.json"
+__all__ = ["CHECKPOINT_PATTERNS", "FAMILIES", "Family", "ZeroShotModel", "cache_root", "checkpoint_digest",
+           "family_of", "load_model", "resolve_checkpoint"]
 
 
 class Family(NamedTuple):
@@ -91,31 +85,23 @@ def _is_open_clip_folder(path: Path) -> bool:
         return True
 
 
-def _open_clip_claims(model: str) -> bool:
-    from . import model_openclip
-
-    return model_openclip.claims(model)
-
-
-def _open_clip_resolve(model: str, revision: str | None, storage_options: dict | None) -> Path:
-    from . import model_openclip
-
-    return model_openclip.resolve(model, revision)
-
-
 def _transformers_class() -> type:
+    from .model_transformers import TransformersModel
+
     return TransformersModel
 
 
-def _open_clip_class() -> type:
-    from .model_openclip import OpenClipModel
+def _open_clip_resolve(model: str, revision: str | None, storage_options: dict | None) -> Path:
+    return model_openclip.resolve(model, revision)  # hub ids and zoo tags: no storage options
 
-    return OpenClipModel
+
+def _open_clip_class() -> type:
+    return model_openclip.OpenClipModel
 
 
 # Checked in order: open_clip first, since its folders may hold a (timm) config.json too.
 FAMILIES = (
-    Family(OPEN_CLIP, _is_open_clip_folder, _open_clip_claims, _open_clip_resolve, _open_clip_class),
+    Family(OPEN_CLIP, _is_open_clip_folder, model_openclip.claims, _open_clip_resolve, _open_clip_class),
     Family(TRANSFORMERS, _is_transformers_folder, None, None, _transformers_class),
 )
 
@@ -130,9 +116,27 @@ def _marker_names() -> str:
     return " or ".join(("config.json", OPEN_CLIP_CONFIG))
 
 
-def cache_root() -> Path:
-    """Local folder for checkpoints copied from fsspec URIs (``$ZSLABEL_CACHE`` or ~/.cache/zslabel)."""
-    return Path(os.environ.get("ZSLABEL_CACHE", Path.home() / ".cache" / "zslabel"))
+def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               **spec_overrides) -> ZeroShotModel:
+    """Load the checkpoint folder ``path`` (from ``resolve_checkpoint``) with its family's class.
+
+    Args:
+        device, dtype: where and in which dtype the towers run.
+        spec_overrides: decode settings over the checkpoint's own (``PreprocessSpec``:
+            ``max_pixels``, ``min_side``, ``fast``, ``reference_pixels``).
+
+    Returns:
+        the family's ``ZeroShotModel`` (``TransformersModel`` or ``OpenClipModel``).
+
+    Raises:
+        ModelLoadError: ``path`` is no checkpoint folder of a known family, or its family
+            cannot load it (the message says why).
+    """
+    family = family_of(path)
+    if family is None:
+        raise ModelLoadError(f"{path} holds no {_marker_names()}: not a checkpoint zslabel can load")
+    model: ZeroShotModel = family.model_class()(path, device, dtype, **spec_overrides)
+    return model
 
 
 def _is_remote_uri(model: str) -> bool:
@@ -247,227 +251,3 @@ def checkpoint_digest(path: Path) -> str:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
     return h.hexdigest()[:16]
-
-
-class ZeroShotModel:
-    """A CLIP-family checkpoint ready for zero-shot classification: the interface of every family.
-
-    ``ZeroShotModel(path, device="cpu", dtype=torch.float32, **spec_overrides)`` loads the
-    folder ``path`` (from ``resolve_checkpoint``) with its family's class (``family_of``):
-    ``TransformersModel`` or ``zslabel.model_openclip.OpenClipModel``.
-
-    Attributes (every family):
-        path: the checkpoint folder.
-        device, dtype: where and in which dtype the towers run (float16 on CUDA by default).
-        library: ``"transformers"`` or ``"open_clip"``, recorded in run manifests.
-        architecture: a readable name of the architecture (``CLIPModel``, ``ViT-B-16``,
-            ``CustomTextCLIP(vision=timm:vit_base_patch16_224, text=hf:...)``).
-        model_type: the short identity used in run fingerprints and the label cache key
-            (transformers' ``model_type``, e.g. ``"clip"``; ``"open_clip:<architecture>"``).
-        score_kind: ``"sigmoid"`` for SigLIP-family checkpoints, ``"softmax"`` otherwise.
-        preprocess: the ``PreprocessSpec`` the decode stage brings images to (model size, uint8).
-        model: the family's torch module (with ``logit_scale`` and, for SigLIP, ``logit_bias``).
-        logit_scale, logit_bias, max_text_length: see the properties.
-
-    Methods: ``prompt_token_ids``, ``encode_texts`` ((T, D) float32 numpy, L2-normalised),
-    ``encode_images`` ((N, D) float32 torch on the device, L2-normalised), ``pixel_values``.
-    A family implements ``_text_features`` and ``_image_features`` and sets the attributes,
-    plus ``_scale``/``_shift`` (per-channel ``rescale / std`` and ``mean / std``) for
-    ``pixel_values``.
-
-    Raises:
-        ModelLoadError: ``path`` is no checkpoint folder of a known family, or its family
-            cannot load it (the message says why).
-    """
-
-    path: Path
-    device: torch.device
-    dtype: torch.dtype
-    library: str
-    architecture: str
-    model_type: str
-    score_kind: str
-    preprocess: PreprocessSpec
-    # The family's torch module (transformers' CLIPModel/SiglipModel, open_clip's CLIP).
-    model: Any  # typed loosely: each library adds its own methods (get_text_features, encode_image)
-    # The pinned host buffer and its last copy's CUDA event (``_to_device_pinned``), set on first use.
-    _pinned: torch.Tensor
-    _copied: torch.cuda.Event | None
-
-    def __new__(cls, path: str | Path | None = None, *args, **kwargs):
-        # ZeroShotModel(path) picks the family's class, so callers never name a family.
-        # (path defaults to None so that copy/pickle, which call cls.__new__(cls), still work.)
-        if cls is ZeroShotModel:
-            if path is None:
-                raise TypeError("ZeroShotModel() needs the path of a checkpoint folder")
-            family = family_of(path)
-            if family is None:
-                raise ModelLoadError(f"{path} holds no {_marker_names()}: not a checkpoint zslabel can load")
-            cls = family.model_class()
-        return super().__new__(cls)
-
-    # Both libraries keep the learned scale as a log (``model.logit_scale``) and SigLIP-style
-    # models a ``model.logit_bias`` parameter on the torch module every family holds as ``model``.
-    @property
-    def logit_scale(self) -> float:
-        """``exp(model.logit_scale)``, the multiplier of cosine similarities (CLIP: <= 100)."""
-        return float(self.model.logit_scale.detach().float().exp())
-
-    @property
-    def logit_bias(self) -> float:
-        """SigLIP's ``logit_bias``; 0.0 for checkpoints without one."""
-        bias = getattr(self.model, "logit_bias", None)
-        return 0.0 if bias is None else float(bias.detach().float())
-
-    @property
-    def max_text_length(self) -> int:
-        """Longest prompt in tokens the text tower accepts."""
-        raise NotImplementedError
-
-    def prompt_token_ids(self, prompts: list[str]) -> list[list[int]]:
-        """Token ids of each prompt (special tokens included, no truncation, no padding)."""
-        raise NotImplementedError
-
-    def _text_features(self, prompts: list[str]) -> torch.Tensor:
-        """Unnormalised (len(prompts), D) text embeddings on the device (any float dtype)."""
-        raise NotImplementedError
-
-    def _image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Unnormalised (N, D) image embeddings of (N, 3, H, W) normalised pixels."""
-        raise NotImplementedError
-
-    def _set_normalisation(self, mean, std, rescale: float = 1.0 / 255.0) -> None:
-        """Per-channel ``x * rescale / std - mean / std`` for ``pixel_values`` (on the device)."""
-        mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-        self._scale = torch.tensor(rescale / std, device=self.device).view(1, 3, 1, 1)
-        self._shift = torch.tensor(mean / std, device=self.device).view(1, 3, 1, 1)
-
-    @torch.inference_mode()
-    def encode_texts(self, prompts: list[str], batch_size: int = 256) -> np.ndarray:
-        """Text-tower embeddings of ``prompts``: (T, D) float32, L2-normalised (numpy).
-
-        Runs in batches of at most ``batch_size`` prompts (bounded memory at taxonomy scale,
-        e.g. 21,843 labels x 80 templates), ordered by length so that each batch pads little;
-        rows come back in the order of ``prompts``.
-        """
-        if not prompts:
-            return np.zeros((0, 0), np.float32)
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        out = np.empty((len(prompts),), object)
-        for i in range(0, len(prompts), batch_size):
-            chunk = order[i:i + batch_size]
-            feats = self._text_features([prompts[j] for j in chunk])
-            for j, row in zip(chunk, l2_normalise(feats.float()).cpu().numpy()):
-                out[j] = row
-        return np.stack(list(out)).astype(np.float32)
-
-    def pixel_values(self, pixels: np.ndarray) -> torch.Tensor:
-        """uint8 (N, H, W, 3) pixels -> (N, 3, H, W) model-dtype tensor on the device, rescaled
-        and normalised with the checkpoint's ``image_mean``/``image_std``.
-
-        Only uint8 crosses to a GPU (a quarter of float32's bytes), from a reused pinned host
-        buffer with a non-blocking copy; the float conversion and normalisation run on the device.
-        """
-        x = torch.from_numpy(np.ascontiguousarray(pixels))
-        if self.device.type == "cuda":
-            x = self._to_device_pinned(x)
-        x = x.permute(0, 3, 1, 2).float()
-        return (x * self._scale - self._shift).to(self.dtype)
-
-    def _to_device_pinned(self, x: torch.Tensor) -> torch.Tensor:
-        """Copy a uint8 host tensor to the GPU through a pinned buffer kept between calls.
-
-        Pinning a fresh buffer per batch (``Tensor.pin_memory``) costs a page-locked allocation
-        each time; the kept buffer is only overwritten after the previous copy from it finished
-        (a CUDA event), so the copy can run asynchronously with the host's next work.
-        """
-        n = x.shape[0]
-        buf = getattr(self, "_pinned", None)
-        if buf is None or buf.shape[0] < n or buf.shape[1:] != x.shape[1:]:
-            buf = self._pinned = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
-            self._copied = None
-        copied = getattr(self, "_copied", None)
-        if copied is not None:
-            copied.synchronize()
-        buf[:n].copy_(x)
-        out = buf[:n].to(self.device, non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
-        return out
-
-    @torch.inference_mode()
-    def encode_images(self, pixels: np.ndarray) -> torch.Tensor:
-        """Image embeddings of uint8 (N, H, W, 3) pixels: (N, D) float32, L2-normalised, on the device."""
-        return l2_normalise(self._image_features(self.pixel_values(pixels)).float())
-
-
-class TransformersModel(ZeroShotModel):
-    """A Hugging Face ``transformers`` checkpoint (``config.json``) ready for zero-shot classification.
-
-    Holds the model (both towers), tokenizer and the preprocessing facts of its image
-    processor. ``score_kind`` is ``"sigmoid"`` for SigLIP-family checkpoints (model_type contains
-    "siglip") and ``"softmax"`` otherwise, as in transformers' zero-shot pipeline.
-
-    Raises:
-        ModelLoadError: the folder cannot be loaded by transformers' Auto classes, or the model
-            has no ``get_image_features``/``get_text_features`` (not a dual encoder).
-    """
-
-    def __init__(self, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 **spec_overrides):
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-
-        from .quiet import no_transformers_progress
-
-        self.path = Path(path)
-        try:
-            with no_transformers_progress():  # a local folder: nothing to watch, one bar per actor
-                self.model = AutoModel.from_pretrained(self.path, dtype=dtype).to(device).eval()
-                self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-                processor = AutoImageProcessor.from_pretrained(self.path)
-        except Exception as exc:  # noqa: BLE001
-            raise ModelLoadError(f"cannot load checkpoint at {self.path}: {type(exc).__name__}: {exc}") from exc
-        if not (hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")):
-            raise ModelLoadError(f"{self.path} ({type(self.model).__name__}) is not a CLIP-family dual encoder")
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.model_type: str = self.model.config.model_type
-        self.library, self.architecture = TRANSFORMERS, type(self.model).__name__
-        self.score_kind = SIGMOID if "siglip" in self.model_type else SOFTMAX
-        try:
-            self.preprocess = PreprocessSpec.from_image_processor(processor, **spec_overrides)
-        except ValueError as exc:
-            raise ModelLoadError(f"unsupported image processor in {self.path}: {exc}") from exc
-        # Rescale + normalise run on the device, so only uint8 pixels travel between stages.
-        mean = processor.image_mean if processor.do_normalize else [0.0, 0.0, 0.0]
-        std = processor.image_std if processor.do_normalize else [1.0, 1.0, 1.0]
-        self._set_normalisation(mean, std, float(processor.rescale_factor) if processor.do_rescale else 1.0)
-
-    @property
-    def max_text_length(self) -> int:
-        """Longest prompt in tokens the text tower accepts (its position embeddings)."""
-        text_cfg = getattr(self.model.config, "text_config", self.model.config)
-        limit = int(getattr(text_cfg, "max_position_embeddings", 77))
-        if self.score_kind == SIGMOID:
-            limit = min(limit, SIGLIP_TEXT_LENGTH)
-        return limit
-
-    def prompt_token_ids(self, prompts: list[str]) -> list[list[int]]:
-        """Token ids of each prompt (special tokens included, no truncation, no padding)."""
-        return [list(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
-
-    def _tokenize(self, prompts: list[str]):
-        # Same tokenizer arguments as transformers' zero-shot pipeline, so embeddings match it.
-        if self.score_kind == SIGMOID:
-            kw = {"padding": "max_length", "max_length": SIGLIP_TEXT_LENGTH, "truncation": True}
-        else:
-            kw = {"padding": True}
-        return self.tokenizer(prompts, return_tensors="pt", **kw).to(self.device)
-
-    def _text_features(self, prompts: list[str]) -> torch.Tensor:
-        feats = self.model.get_text_features(**self._tokenize(prompts))
-        return getattr(feats, "pooler_output", feats)  # transformers 5 returns a ModelOutput
-
-    def _image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        feats = self.model.get_image_features(pixel_values=pixel_values)
-        return getattr(feats, "pooler_output", feats)

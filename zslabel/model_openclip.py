@@ -47,7 +47,7 @@ from PIL import Image
 
 from .decode import PreprocessSpec
 from .errors import ModelLoadError
-from .model import OPEN_CLIP, OPEN_CLIP_CONFIG, ZeroShotModel, cache_root
+from .model_base import CHECKPOINT_PATTERNS, OPEN_CLIP, OPEN_CLIP_CONFIG, ZeroShotModel, cache_root
 from .ranking import SIGMOID, SOFTMAX
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,6 @@ def resolve(model: str, revision: str | None = None) -> Path:
         repo = model[len(HF_HUB_PREFIX):]
         if repo.count("/") != 1:
             raise ModelLoadError(f"--model {model!r}: expected hf-hub:ORG/NAME")
-        from .model import CHECKPOINT_PATTERNS
 
         try:
             from huggingface_hub import snapshot_download
@@ -253,8 +252,8 @@ def _describe(model_cfg: dict, model) -> str:
 
 class OpenClipModel(ZeroShotModel):
     """An open_clip checkpoint folder (``open_clip_config.json`` + weights) ready for zero-shot
-    classification. The interface is ``ZeroShotModel``'s; ``ZeroShotModel(path)`` returns one of
-    these for such a folder.
+    classification. The interface is ``ZeroShotModel``'s; ``zslabel.model.load_model(path)``
+    returns one of these for such a folder.
 
     ``score_kind`` is ``"sigmoid"`` when the model has a ``logit_bias`` (SigLIP ports, built with
     ``init_logit_bias``) and ``"softmax"`` otherwise, as open_clip's own zero-shot recipe.

@@ -213,7 +213,7 @@ class Labeler:
         import torch
 
         from .errors import ModelLoadError
-        from .model import ZeroShotModel, resolve_checkpoint
+        from .model import load_model, resolve_checkpoint
 
         self.settings = settings
         gpu_ids = ray.get_gpu_ids()
@@ -230,7 +230,7 @@ class Labeler:
         if not use_cuda:
             torch.set_num_threads(actor_threads(settings.num_threads))
         path = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
-        self.model = ZeroShotModel(path, device=device, dtype=dtype, **settings.spec_overrides)
+        self.model = load_model(path, device=device, dtype=dtype, **settings.spec_overrides)
         self.classifier = ZeroShotClassifier(
             label_embeddings=torch.from_numpy(np.array(ray.get(label_refs[0]))).to(device),
             label_names=np.asarray(label_names, dtype=object), logit_scale=self.model.logit_scale,
