@@ -224,7 +224,7 @@ def run_calibrate(output: str, ground_truth: str, *, calibration_path: str = "ca
         digest = checkpoint_digest(path)
         check_same_model(manifest, model["id"], model.get("revision"), digest)
         zs = load_model(path)
-        label_set = build_label_set(labels, templates, zs)
+        label_set = build_label_set(labels, templates, zs, digest=digest)
         score_kind = zs.score_kind
         if sample.embeddings.shape[1] != label_set.embeddings.shape[1]:
             raise ConfigError(f"the stored embeddings have {sample.embeddings.shape[1]} dimensions but "

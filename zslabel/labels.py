@@ -162,7 +162,7 @@ def build_label_set(names: list[str], templates: list[str], model, *, digest: st
     _check_prompt_tokens(names, templates, prompts, model)
     path = None
     if cache:
-        from .model import checkpoint_digest
+        from .model_base import checkpoint_digest
 
         key = label_cache_key(digest or checkpoint_digest(model.path), model, names, templates)
         path = label_cache_dir() / f"{key}.npy"
@@ -261,8 +261,8 @@ def _refuse_labels_read_alike(names: list[str], tokens: list[bytes]) -> None:
 
 def label_cache_dir() -> Path:
     """Where label embeddings are cached: ``<zslabel cache>/label_embeddings`` (``$ZSLABEL_CACHE``
-    or ~/.cache/zslabel; see ``model.cache_root``)."""
-    from .model import cache_root
+    or ~/.cache/zslabel; see ``model_base.cache_root``)."""
+    from .model_base import cache_root
 
     return cache_root() / "label_embeddings"
 

@@ -36,7 +36,15 @@ import torch
 
 from . import model_openclip
 from .errors import ModelLoadError
-from .model_base import CHECKPOINT_PATTERNS, OPEN_CLIP, OPEN_CLIP_CONFIG, TRANSFORMERS, ZeroShotModel, cache_root
+from .model_base import (
+    CHECKPOINT_PATTERNS,
+    OPEN_CLIP,
+    OPEN_CLIP_CONFIG,
+    TRANSFORMERS,
+    ZeroShotModel,
+    cache_root,
+    checkpoint_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -236,18 +244,3 @@ def _copy_remote_checkpoint(uri: str, storage_options: dict) -> Path:
         done.write_text(uri)
     log.info("checkpoint %s cached at %s", uri, dest)
     return dest
-
-
-def checkpoint_digest(path: Path) -> str:
-    """sha256 over the checkpoint's config and weight files (names and bytes), first 16 hex digits.
-
-    Identifies the weights for run fingerprints even when no hub revision is known.
-    """
-    h = hashlib.sha256()
-    for f in sorted(p for p in Path(path).rglob("*") if p.is_file() and not p.name.startswith(".")):
-        if f.suffix in (".json", ".safetensors", ".bin", ".txt", ".model", ".pth"):
-            h.update(str(f.relative_to(path)).encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()[:16]

@@ -1,5 +1,5 @@
 """The interface every model family implements (``ZeroShotModel``), and what the families share:
-their names, the files a checkpoint folder holds, the local cache folder.
+their names, the files a checkpoint folder holds and its digest, the local cache folder.
 
 Below both families (``model_transformers``, ``model_openclip``) and the module that picks one
 (``model``), so none of them imports another. No Ray here.
@@ -7,6 +7,7 @@ Below both families (``model_transformers``, ``model_openclip``) and the module 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,21 @@ CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoke
 def cache_root() -> Path:
     """Local folder for checkpoints copied from fsspec URIs (``$ZSLABEL_CACHE`` or ~/.cache/zslabel)."""
     return Path(os.environ.get("ZSLABEL_CACHE", Path.home() / ".cache" / "zslabel"))
+
+
+def checkpoint_digest(path: Path) -> str:
+    """sha256 over the checkpoint's config and weight files (names and bytes), first 16 hex digits.
+
+    Identifies the weights for run fingerprints even when no hub revision is known.
+    """
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if f.suffix in (".json", ".safetensors", ".bin", ".txt", ".model", ".pth"):
+            h.update(str(f.relative_to(path)).encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 class ZeroShotModel:
