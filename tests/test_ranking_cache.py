@@ -53,10 +53,14 @@ def test_label_embeddings_cached_on_disk_keyed_by_labels(tiny_clip, tmp_path, mo
     calls = []
     real = model.encode_texts
     model.encode_texts = lambda prompts, **kw: calls.append(len(prompts)) or real(prompts, **kw)
+    tokenized = []
+    real_ids = model.prompt_token_ids
+    model.prompt_token_ids = lambda prompts: tokenized.append(len(prompts)) or real_ids(prompts)
     first = build_label_set(["cat", "dog"], ["a {}.", "the {}"], model)
-    assert calls == [4] and len(list(label_cache_dir().glob("*.npy"))) == 1
+    assert calls == [4] and len(list(label_cache_dir().glob("*.npy"))) == 1 and tokenized == [4]
     second = build_label_set(["cat", "dog"], ["a {}.", "the {}"], model)
     assert calls == [4], "a second build with the same labels and templates must be a cache hit"
+    assert tokenized == [4], "a cache hit passed the token checks when it was written: not checked again"
     np.testing.assert_array_equal(first.embeddings, second.embeddings)
     build_label_set(["cat", "bird"], ["a {}.", "the {}"], model)   # one label changed: a miss
     build_label_set(["cat", "dog"], ["a {}."], model)             # templates changed: a miss
@@ -85,3 +89,20 @@ def test_named_sets_imagenet_1k_and_80_templates():
     for f in ("imagenet-1k.txt", "openai-imagenet-80.txt"):
         head = (LABEL_SETS_DIR / f).read_text(encoding="utf-8")[:1500]
         assert "Licence: MIT" in head and "github.com" in head
+
+
+def test_a_cache_hit_repeats_the_token_checks_warnings(tiny_clip, tmp_path, monkeypatch, caplog):
+    """Labels the tokenizer cannot tell apart are warned about on every run, cache hit or not
+    (the warning is kept beside the cached embeddings)."""
+    monkeypatch.setenv("ZSLABEL_CACHE", str(tmp_path))
+    model = load_model(tiny_clip)
+    real_ids = model.prompt_token_ids
+    # A vocabulary without these two words: both read as one token, as BiomedCLIP's [UNK].
+    model.prompt_token_ids = lambda prompts: [real_ids([p.replace("zorp", "x").replace("quib", "x")])[0]
+                                              for p in prompts]
+    for attempt in range(2):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="zslabel.labels"):
+            build_label_set(["zorp", "quib", "dog"], ["a {}."], model)
+        assert "reads the labels 'zorp', 'quib' as the same tokens" in caplog.text, attempt
+    assert len(list(label_cache_dir().glob("*.npy"))) == 1

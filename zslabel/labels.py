@@ -15,6 +15,7 @@ import os
 import string
 import unicodedata
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,7 +160,6 @@ def build_label_set(names: list[str], templates: list[str], model, *, digest: st
     validate_prompts(names, templates)
     # A path label ("animal/mammal/dog") is prompted by its leaf name (hierarchy.prompt_name).
     prompts = [t.format(prompt_name(n)) for n in names for t in templates]
-    _check_prompt_tokens(names, templates, prompts, model)
     path = None
     if cache:
         from .model_base import checkpoint_digest
@@ -168,12 +168,20 @@ def build_label_set(names: list[str], templates: list[str], model, *, digest: st
         path = label_cache_dir() / f"{key}.npy"
         cached = _read_cached(path, len(names))
         if cached is not None:
+            # Written only after these prompts passed the token checks with this checkpoint's
+            # tokenizer (its files are in the digest): a rerun of a 21,843 x 80 set skips ~1 min.
+            # The checks' warnings were kept beside it.
             log.info("label embeddings for %d labels x %d templates read from %s", len(names), len(templates), path)
+            for warning in _read_warnings(path):
+                log.warning("%s", warning)
             return LabelSet(tuple(names), tuple(templates), cached)
+    warnings = _check_prompt_tokens(names, templates, prompts, model)
+    for warning in warnings:
+        log.warning("%s", warning)
     emb = model.encode_texts(prompts).reshape(len(names), len(templates), -1)
     label_set = LabelSet(tuple(names), tuple(templates), ensemble(emb))
     if path is not None:
-        _write_cached(path, label_set.embeddings)
+        _write_cached(path, label_set.embeddings, warnings)
     return label_set
 
 
@@ -183,11 +191,14 @@ _NO_TOKENIZER = "is the tokenizer missing from the checkpoint folder (tokenizer.
 TOKEN_CHECK_PROMPTS = 16384
 
 
-def _check_prompt_tokens(names: list[str], templates: list[str], prompts: list[str], model) -> None:
+def _check_prompt_tokens(names: list[str], templates: list[str], prompts: list[str], model) -> list[str]:
     """The checks on the prompts' token ids, label by label in chunks (``TOKEN_CHECK_PROMPTS``):
     every prompt fits the text tower; not every prompt, nor every label, reads as the same
     tokens (a missing tokenizer); no two labels read alike (:func:`_refuse_labels_read_alike`). ``prompts`` are
     label-major: label i's are ``[i * T, (i + 1) * T)`` for T templates.
+
+    Returns:
+        the warnings to show (labels the tokenizer cannot tell apart), one line each.
 
     Raises:
         ConfigError: naming the prompt, or the labels.
@@ -212,10 +223,10 @@ def _check_prompt_tokens(names: list[str], templates: list[str], prompts: list[s
     if all_same and len(set(prompts)) > 1:
         raise ConfigError(f"the checkpoint's tokenizer maps every prompt to the same tokens {first}; "
                           f"{_NO_TOKENIZER}")
-    _refuse_labels_read_alike(names, keys)
+    return _refuse_labels_read_alike(names, keys)
 
 
-def _refuse_labels_read_alike(names: list[str], tokens: list[bytes]) -> None:
+def _refuse_labels_read_alike(names: list[str], tokens: list[bytes]) -> list[str]:
     """Labels whose prompts are the same tokens for every template (``tokens[i]``: a digest of
     label i's token ids per template) get one label embedding, so softmax splits one score between them
     (each shows half) and a sigmoid reports it twice.
@@ -224,7 +235,8 @@ def _refuse_labels_read_alike(names: list[str], tokens: list[bytes]) -> None:
     ``red circle`` for CLIP's lower-casing tokenizer), Unicode form (NFC and NFD ``café``),
     spaces, or two paths ending in one leaf. Only warned about when the texts differ and the
     tokenizer cannot tell them apart (words outside its vocabulary, all ``[UNK]``): that is the
-    checkpoint's limit, and its scores for them carry no information.
+    checkpoint's limit, and its scores for them carry no information (returned: one warning
+    per group).
 
     Raises:
         ConfigError: naming each group of labels written two ways; or when every label reads
@@ -253,10 +265,9 @@ def _refuse_labels_read_alike(names: list[str], tokens: list[bytes]) -> None:
         # Every label alike though their texts differ (templates of other lengths still differ):
         # what a checkpoint folder without its tokenizer files gives; no score would mean anything.
         raise ConfigError(f"the checkpoint's tokenizer maps every label to the same tokens; {_NO_TOKENIZER}")
-    for group in unreadable:
-        log.warning("the checkpoint's tokenizer reads the labels %s as the same tokens (words outside its "
-                    "vocabulary?): they share one label embedding, and their scores say nothing between them",
-                    ", ".join(map(repr, group)))
+    return [f"the checkpoint's tokenizer reads the labels {', '.join(map(repr, group))} as the same tokens (words "
+            "outside its vocabulary?): they share one label embedding, and their scores say nothing between them"
+            for group in unreadable]
 
 
 def label_cache_dir() -> Path:
@@ -288,11 +299,27 @@ def _read_cached(path: Path, rows: int) -> np.ndarray | None:
     return emb
 
 
-def _write_cached(path: Path, emb: np.ndarray) -> None:
-    """Write ``emb`` to ``path`` atomically (temp file + rename); a failure only logs."""
+def _warnings_path(path: Path) -> Path:
+    return path.with_suffix(".warnings.json")
+
+
+def _read_warnings(path: Path) -> list[str]:
+    """The token checks' warnings kept beside the cached matrix ``path`` (none if absent)."""
+    try:
+        warnings = json.loads(_warnings_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [str(w) for w in warnings] if isinstance(warnings, list) else []
+
+
+def _write_cached(path: Path, emb: np.ndarray, warnings: Sequence[str] = ()) -> None:
+    """Write ``emb`` to ``path`` atomically (temp file + rename), and the token checks'
+    ``warnings`` beside it first (the matrix is what a reader looks for); a failure only logs."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if warnings:
+            _warnings_path(path).write_text(json.dumps(list(warnings), ensure_ascii=False), encoding="utf-8")
         with open(tmp, "wb") as f:
             np.save(f, emb, allow_pickle=False)
         os.replace(tmp, path)
