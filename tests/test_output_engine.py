@@ -5,6 +5,7 @@ CLI runs are real subprocesses on real Parquet files; "Ray was not started" / "t
 loaded" is asserted from the subprocess's own ``sys.modules`` after ``cli.main`` returned.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -171,6 +172,35 @@ def test_finished_run_resume_and_refused_resume_need_no_ray(tiny_clip, ray_local
     assert (more.rows, more.carried_over, more.model_images) == (13, 12, 1)
     paths = pq.read_table(str(out), columns=["path"]).column(0).to_pylist()
     assert len(set(paths)) == 13 and str(new) in paths
+
+
+def test_resume_of_a_finished_run_over_shard_patterns_returns_at_once(tiny_clip, ray_local, image_folder, tmp_path,
+                                                                       caplog):
+    """Tar shards named by a brace range: a --resume of the finished run returns at once (a
+    stamp over the matched files; it started Ray and listed every shard, ~25 s here), and a
+    shard changed since is noticed (the run goes ahead; the model runs on nothing new). Globs:
+    tests/test_storage.py::test_the_stamp_of_a_pattern_covers_every_file_it_matches."""
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    images = sorted(p for p in image_folder.rglob("*") if p.is_file())
+    for s_i in range(2):
+        with tarfile.open(shards / f"s-{s_i}.tar", "w") as t:
+            for i, p in enumerate(images[s_i * 6:(s_i + 1) * 6]):
+                t.add(p, arcname=f"{s_i}{i:03d}{p.suffix.lower()}")
+    pattern, out = f"{shards}/s-{{0..1}}.tar", tmp_path / "out"
+    config = JobConfig(input=pattern, output=str(out), labels=LABELS_A, model=str(tiny_clip), top_k=2, batch_size=4)
+    run_label_job(config)
+    done = zslabel("label", pattern, "--labels", ",".join(LABELS_A), "--model", tiny_clip, "-o", out, "--top-k", "2",
+                   "--resume")
+    assert done.returncode == 0 and "labeled 12 of 12 images" in done.stdout, done.stderr[-3000:]
+    assert "nothing to do" in done.stderr and done.modules["ray"] is False
+    os.utime(shards / "s-1.tar", ns=(1, 1))
+    with caplog.at_level("INFO", logger="zslabel"):
+        again = run_label_job(dataclasses.replace(config, mode="resume"))
+    assert "nothing to do" not in caplog.text
+    assert (again.rows, again.carried_over, again.model_images) == (12, 12, 0)
 
 
 def test_output_inside_the_input_folder_is_no_input_of_a_rerun(tiny_clip, ray_local, image_folder):

@@ -195,3 +195,33 @@ def test_one_rule_for_the_local_path_a_value_names(tmp_path):
     assert is_local_folder(uri) and local_spelling(uri) == str(folder)
     assert not _is_remote_uri("FILE://" + str(folder)) and _is_remote_uri("s3://b/m")
     assert not _is_remote_uri("openai/clip-vit-base-patch32")
+
+
+def test_the_stamp_of_a_pattern_covers_every_file_it_matches(tmp_path):
+    """A finished run's --resume returns without Ray only while the input's stamp is unchanged:
+    for glob and brace patterns the stamp is over the matched files (brackets of an existing
+    folder name taken literally, as the input kinds take them), so any change to one of them,
+    or a new match, changes it; the output inside the input is left out."""
+    from zslabel.options import local_stamp
+
+    root = tmp_path / "photos [2021]"
+    root.mkdir()
+    for i in range(3):
+        (root / f"s-{i}.tar").write_bytes(b"x" * i)
+    (root / "notes.txt").write_bytes(b"n")
+    braces, glob = f"{root}/s-{{0..1}}.tar", f"{root}/s-*.tar"
+    before = {p: local_stamp(p) for p in (braces, glob)}
+    assert None not in before.values() and before[braces] != before[glob]
+    (root / "notes.txt").write_bytes(b"changed")  # matched by neither
+    assert {p: local_stamp(p) for p in (braces, glob)} == before
+    os.utime(root / "s-1.tar", ns=(5, 5))
+    assert local_stamp(braces) != before[braces] and local_stamp(glob) != before[glob]
+    now = local_stamp(glob)
+    (root / "s-3.tar").write_bytes(b"new")  # a new shard: the glob sees it, the range does not
+    assert local_stamp(glob) != now
+    assert local_stamp(f"{root}/nothing-*.tar") is None and local_stamp(f"{root}/s-{{7..8}}.tar") is None
+    out = root / "out"
+    out.mkdir()
+    everything = local_stamp(f"{root}/**", exclude=str(out))
+    (out / "part-0.parquet").write_bytes(b"p")
+    assert local_stamp(f"{root}/**", exclude=str(out)) == everything

@@ -309,38 +309,75 @@ def _local_path(uri: str | None) -> Path | None:
 
 def local_stamp(uri: str | None, exclude: str | None = None) -> str | None:
     """A cheap digest of a local file or folder (every file's relative name, size and mtime in
-    ns; sha256, 16 hex digits), or None for anything not local (hub ids, remote URIs).
+    ns; sha256, 16 hex digits), or of every file and folder a local pattern matches (a glob, or
+    tar shards' brace ranges ``shards-{000..009}.tar``: each match's path and digest); None for
+    anything not local (hub ids, remote URIs) or a pattern that matches nothing.
 
     Used to tell, without reading file contents, that an input or a checkpoint folder is
     unchanged since a finished run: a finished run's ``--resume`` then returns without Ray.
+    A pattern is matched as the input kinds match it (fsspec's glob, brackets of existing
+    folder names taken literally): its digest covers at least the files the job lists.
 
     ``exclude``: a local folder left out of the digest (the job's output, when it lies inside
     the input folder: its files change with every run), matched by real path.
     """
     path = _local_path(uri)
-    if path is None or not path.exists():
+    if path is None:
         return None
     skip = _local_path(exclude)
     skip_real = os.path.realpath(skip) if skip is not None else None
     h = hashlib.sha256()
+    if path.exists():
+        _stamp_into(h, path, skip_real)
+        return h.hexdigest()[:16]
+    matches = _pattern_matches(str(path))
+    if not matches:
+        return None
+    for match in matches:
+        real = os.path.realpath(match)
+        if skip_real is not None and (real == skip_real or real.startswith(skip_real.rstrip(os.sep) + os.sep)):
+            continue  # the output, or a file in it (``/data/**`` with the output in /data)
+        h.update(os.fsencode(f"{match}\0"))
+        _stamp_into(h, Path(match), skip_real)
+    return h.hexdigest()[:16]
+
+
+def _pattern_matches(pattern: str) -> list[str]:
+    """Local paths a glob or brace pattern names, sorted (none for a plain path)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from . import storage
+    from .sources import expand_braces
+
+    fs = LocalFileSystem()
+    found: set[str] = set()
+    for one in expand_braces(pattern):
+        if storage.has_glob(one):
+            found.update(fs.glob(storage.literal_brackets(fs, one)))
+        elif os.path.lexists(one):
+            found.add(one)
+    return sorted(found)
+
+
+def _stamp_into(h, path: Path, skip_real: str | None) -> None:
+    """Add a file's size and mtime, or each file of a folder (relative name, size, mtime), to ``h``."""
     if path.is_file():
         st = path.stat()
         h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    else:
-        for dirpath, dirnames, filenames in os.walk(path):
-            if skip_real is not None:
-                # realpath per folder, not per file: folders are few.
-                dirnames[:] = [d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) != skip_real]
-            dirnames.sort()
-            for name in sorted(filenames):
-                full = os.path.join(dirpath, name)
-                try:
-                    st = os.stat(full)
-                except OSError:
-                    continue
-                # fsencode: names that are not UTF-8 (surrogate-escaped here) hash as their bytes.
-                h.update(os.fsencode(f"{os.path.relpath(full, path)}\0{st.st_size}:{st.st_mtime_ns}\n"))
-    return h.hexdigest()[:16]
+        return
+    for dirpath, dirnames, filenames in os.walk(path):
+        if skip_real is not None:
+            # realpath per folder, not per file: folders are few.
+            dirnames[:] = [d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) != skip_real]
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            # fsencode: names that are not UTF-8 (surrogate-escaped here) hash as their bytes.
+            h.update(os.fsencode(f"{os.path.relpath(full, path)}\0{st.st_size}:{st.st_mtime_ns}\n"))
 
 
 def _matches(value: Any, hint: Any) -> bool:
