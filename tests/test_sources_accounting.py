@@ -354,3 +354,20 @@ def test_a_second_sidecar_of_one_kind_is_counted_not_absorbed(tmp_path):
     assert [r["path"].rsplit("#", 1)[1] for r in rows] == ["a.jpg", "a.seg.png", "c.jpg", "b.jpg"]
     assert [r["txt"] for r in rows] == ["first", "first", None, None] and rows[3]["json"] == "{}"
     assert plan.skipped_by_reason == {"sidecar_repeated": 3}
+
+
+def test_dotted_base_names_carry_their_own_sidecars(tmp_path):
+    """Dates or versions in base names ("22.05.png", "22.06.png") put several images in one
+    WebDataset key ("22"): each carries the sidecars of its own stem, never another image's
+    (22.05.png got 22.06's caption and 22.06.png 22.05's json; with a json each, the second
+    was dropped as repeated and 22.06.png got 22.05's). webdataset#237, datasets#6880."""
+    shard = build_tar(tmp_path / "s.tar", [
+        member("22.05.png", jpeg(1)), member("22.05.json", b'{"d": 5}'),
+        member("22.06.png", jpeg(2)), member("22.06.txt", b"caption of 22.06"),
+        member("23.01.png", jpeg(3)), member("23.01.json", b"1"), member("23.02.png", jpeg(4)),
+        member("23.02.json", b"2"), member("23.txt", b"the key's")])
+    plan, rows = planned(str(shard))
+    got = {r["path"].rsplit("#", 1)[1]: (r["json"], r["txt"]) for r in rows}
+    assert got == {"22.05.png": ('{"d": 5}', None), "22.06.png": (None, "caption of 22.06"),
+                   "23.01.png": ("1", "the key's"), "23.02.png": ("2", "the key's")}
+    assert plan.skipped == 0 and plan.listed == 4

@@ -13,9 +13,11 @@ row holding its target member's bytes (symbolic links relative to their folder, 
 followed), or a ``read_error`` row when the target is not a regular member of the same tar;
 links with other names, directories and special files (devices, FIFOs) are counted skips.
 Sidecars of one key that are not next to its image (WebDataset only groups adjacent members)
-still join a later image of that key. A sidecar's kind is its last suffix, as an image's is
-(``22.05.json`` belongs to ``22.05.png``); a second sidecar of one kind for one key (``a.txt``
-and ``a.caption.txt``) is a counted skip (``sidecar_repeated``), the first is carried. A member
+still join a later image of that key. A sidecar's kind is its last suffix, as an image's is.
+An image carries, of each kind, the first sidecar of its own stem (``22.05.json`` for
+``22.05.png``: both are in key ``22``, webdataset#237), else the key's (``a.txt``), else another
+(``a.caption.txt``), never one of another image's stem (``22.06.txt``); a sidecar no image
+carries (a second ``a.txt``) is a counted skip (``sidecar_repeated``). A member
 above ``MAX_MEMBER_BYTES`` is a ``too_many_pixels`` row, never read into memory. Tars are read
 with ``ignore_zeros``, so the members of concatenated tars (``cat a.tar b.tar``) after the first
 end-of-archive marker are read too; damaged member headers are skipped and the shard gets a
@@ -213,52 +215,80 @@ class _Sample:
     def __init__(self, key: str | None = None):
         self.key = key
         self.images: list[tuple[str, bytes | _Link | str]] = []  # str: the row's error
-        self.sidecars: dict[str, str] = {}
-        self.sidecar_names: list[str] = []
+        self.sidecars: list[tuple[str, str, str]] = []  # (kind, member name, text), in member order
 
-    def add_sidecar(self, ext: str, name: str, text: str) -> bool:
-        """Keep a sidecar; False (not kept) when the sample has one of that kind already."""
-        if ext in self.sidecars:
-            return False
-        self.sidecars[ext] = text
-        self.sidecar_names.append(name)
-        return True
+    def add_sidecar(self, ext: str, name: str, text: str) -> None:
+        self.sidecars.append((ext, name, text))
 
-    def adopt(self, held: _Sample, repeated: Callable[[str], None]) -> None:
+    def adopt(self, held: _Sample) -> None:
         """Take the sidecars of an earlier sample of this key that had no image (members of
-        one key not next to each other: WebDataset only groups adjacent members); one of a
-        kind the sample already has is passed to ``repeated``."""
-        for (ext, text), name in zip(held.sidecars.items(), held.sidecar_names):
-            if not self.add_sidecar(ext, name, text):
-                repeated(name)
+        one key not next to each other: WebDataset only groups adjacent members)."""
+        self.sidecars = held.sidecars + self.sidecars
+
+    def carried(self, repeated: Callable[[str], None]) -> dict[str, dict[str, str]]:
+        """Each image member's sidecars, ``{image name: {kind: text}}``; a sidecar no image
+        carries is passed to ``repeated``.
+
+        For each kind, an image carries the first sidecar of its own stem (``22.05.json`` for
+        ``22.05.png``: dots in base names put both in key ``22``, webdataset#237), else the
+        sample's own (``a.txt``), else another of that kind (``a.caption.txt``), never one of
+        another image's stem (``22.06.txt`` is not ``22.05.png``'s caption).
+        """
+        stems = {_stem(name) for name, _ in self.images}
+        used: set[int] = set()
+        out: dict[str, dict[str, str]] = {}
+        for name, _ in self.images:
+            own = _stem(name)
+            rank = {own: 0, self.key: 1}
+            chosen: dict[str, tuple[int, int]] = {}  # kind -> (rank, index)
+            for i, (kind, sidecar, _) in enumerate(self.sidecars):
+                stem = _stem(sidecar)
+                r = rank.get(stem, 3 if stem in stems else 2)
+                if r < 3 and (kind not in chosen or r < chosen[kind][0]):
+                    chosen[kind] = (r, i)
+            used.update(i for _, i in chosen.values())
+            out[name] = {kind: self.sidecars[i][2] for kind, (_, i) in chosen.items()}
+        for i, (_, sidecar, _) in enumerate(self.sidecars):
+            if i not in used:
+                repeated(sidecar)
+        return out
 
     def flush(self, rows: _Rows, links: list[tuple[str, _Link]], held: dict[str, _Sample],
               repeated: Callable[[str], None]) -> None:
         """Rows for the images (links wait in ``links``); a sample of sidecars only is kept in
         ``held`` in case an image of its key comes later in the shard."""
-        if not self.images and not self.sidecar_names:
+        if not self.images and not self.sidecars:
             return
         assert self.key is not None  # only read_tar's first sample has none, and it stays empty
         if not self.images:
             if self.key in held:
-                held[self.key].adopt(self, repeated)
+                held[self.key].sidecars += self.sidecars
             else:
                 held[self.key] = self
             return
+        carried = self.carried(repeated)
         for name, data in self.images:
             try:
                 key = storage.display_name(self.key)
                 path = f"{rows.uri}#{storage.display_name(name)}"
+                sidecars = carried[name]
                 if isinstance(data, _Link):
-                    data.ordinal, data.key, data.sidecars = rows.reserve(), key, self.sidecars
+                    data.ordinal, data.key, data.sidecars = rows.reserve(), key, sidecars
                     links.append((path, data))
                 elif isinstance(data, str):
-                    rows.add(path, None, data, key, self.sidecars)
+                    rows.add(path, None, data, key, sidecars)
                 else:
-                    rows.add(path, data, None, key, self.sidecars)
+                    rows.add(path, data, None, key, sidecars)
             except Exception as exc:  # noqa: BLE001 - a bug costs this member, not the shard
                 path = f"{rows.uri}#{name.encode('utf-8', 'backslashreplace').decode('utf-8')}"
                 rows.add(path, None, error_string(INTERNAL_ERROR, internal_error_detail(path, exc, logger)))
+
+
+def _stem(name: str) -> str:
+    """A member name without its last suffix: ``22.05.png`` -> ``22.05``, ``a/b.txt`` -> ``a/b``."""
+    folder, _, base = name.rpartition("/")
+    stem = base.rsplit(".", 1)[0] if "." in base else base
+    return f"{folder}/{stem}" if folder else stem
 
 
 def _skip(uri: str, name: str, counts: dict, reason: str) -> None:
@@ -456,12 +486,12 @@ def read_tar(uri: str, file_index: int, storage_options: dict, counts: dict, *,
                         emitted.add(sample.key)
                     sample = _Sample(key)
                     if key in held:
-                        sample.adopt(held.pop(key), repeated)
+                        sample.adopt(held.pop(key))
                 if sidecar and not is_image:
                     if info.size > MAX_SIDECAR_BYTES:
                         _skip(uri, name, counts, "sidecar_too_large")
-                    elif not sample.add_sidecar(ext, name, sidecar_text(tar.extractfile(info).read())):
-                        repeated(name)
+                    else:
+                        sample.add_sidecar(ext, name, sidecar_text(tar.extractfile(info).read()))
                     continue
                 # Listed and given its entry (bytes, link or error) together: a member whose
                 # bytes end early (a shard cut inside it) is this row's read_error, then the
@@ -495,7 +525,7 @@ def read_tar(uri: str, file_index: int, storage_options: dict, counts: dict, *,
         assert sample.key is not None  # a sample with members has their key
         emitted.add(sample.key)
     for key, orphan in held.items():
-        for name in orphan.sidecar_names:
+        for _, name, _ in orphan.sidecars:
             _skip(uri, name, counts, "sidecar_not_adjacent" if key in emitted else "sidecar_without_image")
     if links:
         yield from _link_rows(uri, storage_options, rows, links, symlinks, regular, max_member_bytes,
