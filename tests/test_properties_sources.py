@@ -308,11 +308,15 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(m
                           st.text(st.sampled_from(list("ab#%é ,")), min_size=1, max_size=6),
                           st.dictionaries(st.sampled_from(["caption", "meta", "n"]), JSON_VALUES, max_size=2)),
                 min_size=1, max_size=10),
-       st.lists(st.tuples(st.integers(0, 10), st.sampled_from(['[1, 2]', '{"path": ', 'not json', '"a.jpg"'])),
+       st.lists(st.tuples(st.integers(0, 10), st.sampled_from(['[1, 2]', '{"path": ', 'not json', '"a.jpg"',
+                                                               '{"path": "d.jpg", "m": ' + "[" * 50_000 + "]" * 50_000
+                                                               + "}"])),
                 max_size=3))
+@example(lines=[("path", "a", {})], bad=[(1, '{"path": "d.jpg", "m": ' + "[" * 50_000 + "]" * 50_000 + "}")])
 def test_jsonl_any_key_names_the_image(lines, bad):
     """Every line is a row or a counted skip: one without a path key, or (``bad``, put in
-    before some lines) one that is no JSON object (``malformed_row``)."""
+    before some lines) one that is no JSON object (``malformed_row``), or valid JSON nested
+    deeper than Python's decoder goes (it raised RecursionError and failed the manifest)."""
     with tempfile.TemporaryDirectory() as tmp:
         records = []
         for i, (key, value, extra) in enumerate(lines):

@@ -46,8 +46,12 @@ def _read(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list[str]]]:
         try:
             record = json.loads(line)
             problem = None if isinstance(record, dict) else f"expected a JSON object, got {type(record).__name__}"
+            if problem is None:  # carried values as text now: dumps can hit the depth limit too
+                record = {k: _text(v) for k, v in record.items()}
         except json.JSONDecodeError as exc:
             problem = f"not JSON ({exc.msg} at column {exc.colno})"
+        except RecursionError:  # valid JSON nested deeper than Python's decoder goes (simplejson#334)
+            problem = "JSON nested too deeply to read"
         if problem is not None:
             if not malformed:
                 logger.warning("%s line %d: %s; such lines are skipped and counted (malformed_row)", uri, number,
@@ -56,7 +60,7 @@ def _read(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list[str]]]:
             continue
         records.append(record)
     keys = list(dict.fromkeys(k for r in records for k in r))
-    table = pa.table({k: pa.array([_text(r.get(k)) for r in records], pa.string()) for k in keys})
+    table = pa.table({k: pa.array([r.get(k) for r in records], pa.string()) for k in keys})
     return table, {"malformed_row": malformed}
 
 
