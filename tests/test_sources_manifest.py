@@ -300,3 +300,23 @@ def test_jsonl_files_concatenated_with_their_boms(tmp_path):
     write(tmp_path / "m.jsonl", one + two)
     rows = plan_inputs(str(tmp_path / "m.jsonl"), use_ray=False).read_locally()
     assert [r["path"] for r in rows] == ["/d/a.jpg", "/d/b.jpg"]
+
+
+def test_a_quote_never_closed_and_values_over_a_block_are_read(tmp_path):
+    """pyarrow reads CSV in 1 MB blocks: a value longer than that (a data: URI, a long caption,
+    quoted or not, CSV or TSV) failed the whole manifest ("straddles two block boundaries").
+    Now it is read; and a quote never closed, which joined the rest of a 2.6 MB manifest into one
+    caption, is a one-line refusal naming the row (apache/arrow#7835, datasets#836)."""
+    big = "y" * 3_000_000
+    for name, text in {"big.csv": 'path,caption\n/d/0.jpg,"%s"\n/d/1.jpg,b\n' % big,
+                       "big_unquoted.csv": "path,caption\n/d/0.jpg,%s\n/d/1.jpg,b\n" % big,
+                       "big.tsv": "path\tcaption\n/d/0.jpg\t%s\n/d/1.jpg\tb\n" % big}.items():
+        write(tmp_path / name, text.encode())
+        plan = plan_inputs(str(tmp_path / name), use_ray=False)
+        rows = plan.read_locally()
+        assert [r["path"] for r in rows] == ["/d/0.jpg", "/d/1.jpg"] and plan.skipped == 0
+    lines = [f"/d/{i}.jpg,caption {i}\n" for i in range(60_000)]
+    lines[9] = '/d/9.jpg,"Hello world\n'
+    write(tmp_path / "stray.csv", ("path,caption\n" + "".join(lines)).encode())
+    with pytest.raises(InputError, match=r'stray\.csv: a quote \(\"\) opened in data row 10 is never closed'):
+        plan_inputs(str(tmp_path / "stray.csv"), use_ray=False)

@@ -308,12 +308,23 @@ def _read_manifest(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list
                                    invalid_row_handler=invalid_row)
     else:  # RFC 4180
         parse = pacsv.ParseOptions(delimiter=",", newlines_in_values=True, invalid_row_handler=invalid_row)
-    table = parse_text(raw, uri, lambda b: pacsv.read_csv(
-        io.BytesIO(b), parse_options=parse,
-        convert_options=pacsv.ConvertOptions(column_types={h: pa.string() for h in header},
-                                             strings_can_be_null=True)))
+    convert = pacsv.ConvertOptions(column_types={h: pa.string() for h in header}, strings_can_be_null=True)
+
+    def read(b: bytes, block_size: int | None = None) -> pa.Table:
+        return pacsv.read_csv(io.BytesIO(b), parse_options=parse, convert_options=convert,
+                              read_options=pacsv.ReadOptions(block_size=block_size) if block_size else None)
+
+    try:
+        table = parse_text(raw, uri, read)
+    except pa.ArrowInvalid as exc:
+        if "straddl" not in str(exc):
+            raise
+        # A value longer than pyarrow's block (1 MB: a data: URI, a long caption, or a stray
+        # quote that runs on): the manifest is in memory already, so it is one block.
+        malformed.clear()
+        table = parse_text(raw, uri, lambda b: read(b, len(b) + 1))
     if fmt == "csv":
-        _warn_multiline_values(table, uri)
+        _warn_multiline_values(table, uri, raw)
     table, repeated = _drop_repeated_header(table)
     return table, {"malformed_row": malformed, "repeated_header": repeated}
 
@@ -335,11 +346,16 @@ def _drop_repeated_header(table: pa.Table) -> tuple[pa.Table, list[str]]:
     return table.filter(pc.invert(same)), [",".join(table.column_names)] * count
 
 
-def _warn_multiline_values(table: pa.Table, uri: str) -> None:
+def _warn_multiline_values(table: pa.Table, uri: str, raw: bytes) -> None:
     """Say how many rows hold a value spanning lines. RFC 4180 allows it (a caption with a line
     break), but a stray opening quote (``"Hello``) joins every following line into one value
     until the next quote: those entries vanish into a caption, uncounted. The warning names the
-    first such row so that the user can look."""
+    first such row so that the user can look.
+
+    Raises:
+        InputError: the last value runs to the end of the file inside a quote never closed
+            (the entries after it would all be one value).
+    """
     spanning = None
     for column in table.columns:
         has_break = pc.fill_null(pc.match_substring_regex(column, "[\r\n]"), False)
@@ -347,10 +363,28 @@ def _warn_multiline_values(table: pa.Table, uri: str) -> None:
     count = pc.sum(spanning).as_py() if spanning is not None else 0
     if count:
         first = pc.index(spanning, True).as_py()
+        if spanning[len(spanning) - 1].as_py() and _quote_left_open(raw):
+            # The last value runs to the end of the file: a quote opened and never closed,
+            # which RFC 4180 does not allow, and every line after it would vanish into it.
+            raise InputError(f"manifest {uri}: a quote (\") opened in data row {len(spanning)} is never closed, so "
+                             f"the rest of the file would be one value of that row; close or remove that quote")
         logger.warning("%s: %d rows have a value spanning several lines (the first: data row %d). A quoted "
                        "value may hold line breaks, but an unbalanced quote (\") joins the lines after it into "
                        "one value: check those rows if the manifest lists fewer entries than it has lines",
                        uri, count, first + 1)
+
+
+def _quote_left_open(raw: bytes) -> bool:
+    """Whether the CSV text ends inside a quoted value (Python's csv module, strict)."""
+    limit = csv.field_size_limit(max(len(raw) + 1, csv.field_size_limit()))  # a run-on value is long
+    try:
+        for _ in csv.reader(io.StringIO(raw.decode("utf-8-sig", errors="replace"), newline=""), strict=True):
+            pass
+    except csv.Error as exc:
+        return "unexpected end of data" in str(exc)
+    finally:
+        csv.field_size_limit(limit)
+    return False
 
 
 KIND = InputKind(
