@@ -371,3 +371,29 @@ def test_dotted_base_names_carry_their_own_sidecars(tmp_path):
     assert got == {"22.05.png": ('{"d": 5}', None), "22.06.png": (None, "caption of 22.06"),
                    "23.01.png": ("1", "the key's"), "23.02.png": ("2", "the key's")}
     assert plan.skipped == 0 and plan.listed == 4
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_or_device_named_like_a_shard_is_one_error_row(tmp_path):
+    """A named pipe called b.tar or b.parquet, or a link b.tar -> /dev/zero, in a folder of
+    shards: opening the pipe blocked until a writer came (planning and the read task hung for
+    good), and /dev/zero spun tarfile over endless zero blocks. Each is a read_error row naming
+    what it is, unread; the real shard beside it reads."""
+    cases = {"tar_fifo": ("a.tar", "b.tar", None), "parquet_fifo": ("a.parquet", "b.parquet", None),
+             "tar_zero": ("a.tar", "b.tar", "/dev/zero")}
+    for case, (good, bad, target) in cases.items():
+        d = tmp_path / case
+        d.mkdir()
+        if good.endswith(".tar"):
+            build_tar(d / good, [member("x.jpg", jpeg(1))])
+        else:
+            pq.write_table(pa.table({"jpg": [jpeg(1)]}), d / good)
+        if target is None:
+            os.mkfifo(d / bad)
+        else:
+            (d / bad).symlink_to(target)
+        plan, rows = planned(str(d))
+        assert [r["read_error"] is None for r in rows] == [True, False], case
+        kind = "character device" if target else "named pipe (FIFO)"
+        assert error_code(rows[1]["read_error"]) == "read_error", case
+        assert f"NotARegularFile: a {kind}, not a regular file" in rows[1]["read_error"], case

@@ -30,6 +30,8 @@ from .storage import (
     DEFAULT_MAX_INPUT_BYTES,
     MAX_RETRY_AFTER,
     IOPolicy,
+    NotARegularFile,
+    file_kind,
     file_uri_path,
     is_local,
     is_transient,
@@ -58,10 +60,6 @@ def _read_error(exc: BaseException, io: IOPolicy, attempts: int) -> str:
 
 class InputTooLarge(OSError):
     """An input longer than ``IOPolicy.max_bytes`` (an HTTP(S) response, an object, a file)."""
-
-
-class NotARegularFile(OSError):
-    """A local input that is a named pipe, a device, a socket or a directory: never read."""
 
 
 def _beyond(max_bytes: int) -> InputTooLarge:
@@ -127,7 +125,7 @@ def read_local_capped(path: str, max_bytes: int) -> bytes:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise NotARegularFile(f"a {_file_kind(st.st_mode)}, not a regular file: not read")
+            raise NotARegularFile(f"a {file_kind(st.st_mode)}, not a regular file: not read")
         if st.st_size > max_bytes:
             raise InputTooLarge(f"{st.st_size:,} bytes > {max_bytes:,}: too large for an image, not read")
         chunks, size = [], 0
@@ -142,14 +140,6 @@ def read_local_capped(path: str, max_bytes: int) -> bytes:
     if size > max_bytes:
         raise _beyond(max_bytes)
     return b"".join(chunks)
-
-
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory")):
-        if test(mode):
-            return name
-    return "special file"
 
 
 async def _http_cat_capped(fs, url: str, max_bytes: int) -> bytes:

@@ -38,6 +38,7 @@ import os
 import posixpath
 import random
 import re
+import stat
 import time
 import unicodedata
 from collections.abc import Callable
@@ -387,6 +388,41 @@ def display_name(path: str) -> str:
     if path.isascii():
         return path
     return _SURROGATE.sub(lambda m: f"%{ord(m.group()) - 0xDC00:02X}", path)
+
+
+class NotARegularFile(OSError):
+    """A local input that is a named pipe, a device, a socket or a directory: never read."""
+
+
+def file_kind(mode: int) -> str:
+    """A readable name of a file type that is not a regular file (``os.stat``'s ``st_mode``)."""
+    for test, name in ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def open_input(fs: fsspec.AbstractFileSystem, path: str, mode: str = "rb", **kwargs):
+    """``fs.open`` of an input file (a tar shard, a Parquet file, a manifest) at ``path`` (as
+    :func:`open_path` finds it), only if it is a regular file when local: opening a named pipe
+    blocks until a writer appears, and ``/dev/zero`` never ends (one such file named like a
+    shard hung a job for good).
+
+    Raises:
+        NotARegularFile: a local FIFO, device, socket or directory (by ``os.stat``, following
+            links; nothing is opened). Whatever ``fs.open`` raises.
+    """
+    path = open_path(fs, path)
+    if is_local(fs):
+        try:
+            st = os.stat(path)
+        except OSError:
+            pass  # fs.open says what is wrong, as before
+        else:
+            if not stat.S_ISREG(st.st_mode):
+                raise NotARegularFile(f"a {file_kind(st.st_mode)}, not a regular file: not read")
+    return fs.open(path, mode, **kwargs)
 
 
 def open_path(fs: fsspec.AbstractFileSystem, path: str) -> str:

@@ -74,7 +74,7 @@ def read_table(uri: str, options: InputOptions, reader):
     ``jsonl._read``)."""
     fs, fs_path = storage.url_to_fs(uri, options.storage_options)
     try:
-        result = reader(fs, storage.open_path(fs, fs_path), uri)
+        result = reader(fs, fs_path, uri)
     except ZslabelError:
         raise
     except Exception as exc:
@@ -284,7 +284,7 @@ def _read_manifest(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list
     import pyarrow.parquet as pq
 
     fmt = manifest_format(fs_path.lower())
-    with fs.open(fs_path, "rb", compression="infer") as f:
+    with storage.open_input(fs, fs_path, "rb", compression="infer") as f:
         if fmt == "parquet":
             return pq.read_table(f), {}
         raw = f.read()
@@ -362,11 +362,12 @@ def _warn_multiline_values(table: pa.Table, uri: str, raw: bytes) -> None:
         spanning = has_break if spanning is None else pc.or_(spanning, has_break)
     count = pc.sum(spanning).as_py() if spanning is not None else 0
     if count:
+        assert spanning is not None  # count > 0
         first = pc.index(spanning, True).as_py()
-        if spanning[len(spanning) - 1].as_py() and _quote_left_open(raw):
+        if spanning[table.num_rows - 1].as_py() and _quote_left_open(raw):
             # The last value runs to the end of the file: a quote opened and never closed,
             # which RFC 4180 does not allow, and every line after it would vanish into it.
-            raise InputError(f"manifest {uri}: a quote (\") opened in data row {len(spanning)} is never closed, so "
+            raise InputError(f"manifest {uri}: a quote (\") opened in data row {table.num_rows} is never closed, so "
                              f"the rest of the file would be one value of that row; close or remove that quote")
         logger.warning("%s: %d rows have a value spanning several lines (the first: data row %d). A quoted "
                        "value may hold line breaks, but an unbalanced quote (\") joins the lines after it into "

@@ -148,7 +148,7 @@ def _schema(uri: str, options: InputOptions) -> pa.Schema:
 
     fs, fs_path = storage.url_to_fs(uri, options.storage_options)
     try:
-        with fs.open(storage.open_path(fs, fs_path), "rb") as f:
+        with storage.open_input(fs, fs_path, "rb") as f:
             return pq.read_schema(f)
     except Exception as exc:
         raise InputError(f"cannot read Parquet file {uri}: {storage.describe_error(exc, options.io)}") from exc
@@ -287,7 +287,7 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
 
     try:
         fs, fs_path = storage.url_to_fs(uri, storage_options)
-        with fs.open(storage.open_path(fs, fs_path), "rb", block_size=STREAM_BLOCK_SIZE) as f:
+        with storage.open_input(fs, fs_path, "rb", block_size=STREAM_BLOCK_SIZE) as f:
             pf = pq.ParquetFile(f)
             if image_column not in pf.schema_arrow.names:
                 own = find_image_column(pf.schema_arrow, None, uri, required=False) if find_own_column else None

@@ -354,7 +354,7 @@ def _open_tar(uri: str, storage_options: dict, log: _HeaderLog):
     first, which lost the rest of the shard."""
     fs, fs_path = storage.url_to_fs(uri, storage_options)
     http = bool({"http", "https"} & set(storage.protocols(fs)))
-    f = fs.open(storage.open_path(fs, fs_path), "rb", block_size=0 if http else STREAM_BLOCK_SIZE)
+    f = storage.open_input(fs, fs_path, "rb", block_size=0 if http else STREAM_BLOCK_SIZE)
     try:
         random_access = False
         if not http and f.seekable():
