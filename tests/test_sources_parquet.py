@@ -207,3 +207,19 @@ def test_a_row_group_that_ends_early_without_an_error_is_read_error_rows(tmp_pat
     assert error_code(rows[0]["read_error"]) == "read_error"
     assert "parquet row group 0: gave 0 of its 1 rows" in rows[0]["read_error"]
     assert rows[1]["read_error"] is None and rows[1]["data"] == jpeg(1)
+
+
+@pytest.mark.parametrize("kind", [pa.large_binary(), pa.binary_view()])
+def test_a_batch_of_more_image_bytes_than_one_binary_array_holds(tmp_path, monkeypatch, kind):
+    """Polars writes large_binary: 64 images of 36 MB in one batch (2.3 GB, each image under
+    the per-input limit) failed the cast to binary, and every row of the batch became an
+    internal_error. Now the batch is cut into arrays that fit (the limit made small here)."""
+    from zslabel.sources import parquet
+
+    monkeypatch.setattr(parquet, "BINARY_ARRAY_BYTES", 3 * len(jpeg(0)))
+    images = [jpeg(i % 3) for i in range(10)]
+    pq.write_table(pa.table({"jpg": pa.array(images, kind)}), tmp_path / "x.parquet")
+    plan = plan_inputs(str(tmp_path / "x.parquet"), use_ray=False)
+    rows = plan.read_locally()
+    check_plan(plan, rows)
+    assert [r["data"] for r in rows] == images and all(r["read_error"] is None for r in rows)

@@ -225,7 +225,7 @@ def _rows(rb: pa.RecordBatch, uri: str, first: int, index: pa.Array, image_colum
     image = rb.column(image_column)
     if pa.types.is_struct(image.type):
         # Hugging Face Image(): bytes inline, or (bytes null) a path to read them from.
-        data = pc.struct_field(image, "bytes").cast(pa.binary())
+        data = _as_binary(pc.struct_field(image, "bytes"))
         if image.type.get_field_index("path") >= 0:
             where = _resolve_paths(to_text(pc.struct_field(image, "path")), uri)
             fetch = pc.and_kleene(pc.is_null(data), pc.and_kleene(pc.is_valid(where), pc.not_equal(where, "")))
@@ -234,13 +234,39 @@ def _rows(rb: pa.RecordBatch, uri: str, first: int, index: pa.Array, image_colum
             fetch = pa.array([False] * n)
         missing = pc.and_kleene(pc.is_null(data), pc.invert(fetch))
     else:
-        data = image.cast(pa.binary())
+        data = _as_binary(image)
         missing = pc.is_null(data)
     read_error = pc.if_else(missing, pa.scalar(error_string(
         READ_ERROR, f"no bytes in column {image_column!r} of {uri}")), pa.nulls(n, pa.string()))
     cols = [path, index, data, read_error]
     cols += [to_text(rb.column(c)) if c in rb.schema.names else pa.nulls(n, pa.string()) for c in carried]
     return pa.Table.from_arrays(cols, schema=schema_with(carried))
+
+
+# The most bytes one Arrow binary array holds (32-bit offsets).
+BINARY_ARRAY_BYTES = 2**31 - 1
+
+
+def _as_binary(values: pa.Array) -> pa.Array | pa.ChunkedArray:
+    """Image bytes in any binary layout as ``binary``; a batch holding more than
+    ``BINARY_ARRAY_BYTES`` in all (``large_binary`` or ``binary_view``: 64 images of 36 MB) as
+    chunks that each fit, where one cast failed for every row of the batch ("input array too
+    large")."""
+    limit = BINARY_ARRAY_BYTES
+    if pa.types.is_binary(values.type):
+        return values
+    values = values.cast(pa.large_binary())  # 64-bit offsets hold any batch; lengths work on it
+    sizes = pc.fill_null(pc.binary_length(values), 0).to_numpy(zero_copy_only=False)
+    if int(sizes.sum()) <= limit:
+        return values.cast(pa.binary())
+    chunks, start, size = [], 0, 0
+    for i, n in enumerate(sizes.tolist()):
+        if size + n > limit and i > start:
+            chunks.append(values.slice(start, i - start).cast(pa.binary()))
+            start, size = i, 0
+        size += n
+    chunks.append(values.slice(start).cast(pa.binary()))
+    return pa.chunked_array(chunks, pa.binary())
 
 
 def _resolve_paths(paths: pa.Array, uri: str) -> pa.Array:
