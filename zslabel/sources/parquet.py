@@ -259,13 +259,17 @@ def _as_binary(values: pa.Array) -> pa.Array | pa.ChunkedArray:
     sizes = pc.fill_null(pc.binary_length(values), 0).to_numpy(zero_copy_only=False)
     if int(sizes.sum()) <= limit:
         return values.cast(pa.binary())
+    def part(lo: int, hi: int) -> pa.Array:
+        # take, not slice: a slice keeps the whole batch's offsets, and the cast checks those
+        return values.take(pa.array(range(lo, hi), pa.int64())).cast(pa.binary())
+
     chunks, start, size = [], 0, 0
     for i, n in enumerate(sizes.tolist()):
         if size + n > limit and i > start:
-            chunks.append(values.slice(start, i - start).cast(pa.binary()))
+            chunks.append(part(start, i))
             start, size = i, 0
         size += n
-    chunks.append(values.slice(start).cast(pa.binary()))
+    chunks.append(part(start, len(values)))
     return pa.chunked_array(chunks, pa.binary())
 
 
