@@ -225,3 +225,39 @@ def test_the_stamp_of_a_pattern_covers_every_file_it_matches(tmp_path):
     everything = local_stamp(f"{root}/**", exclude=str(out))
     (out / "part-0.parquet").write_bytes(b"p")
     assert local_stamp(f"{root}/**", exclude=str(out)) == everything
+
+
+def test_an_http_input_that_fails_says_how_not_that_it_does_not_exist():
+    """fsspec's HTTP filesystem calls every failed request "not found" (fsspec#873): a refused
+    connection, a 403 (an expired signed URL) or a 500 was "no images found: URL does not
+    exist". The check before Ray now names the failure; a 404 still says it does not exist."""
+    import http.server
+    import threading
+
+    from zslabel.options import check_input_exists
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            self.send_response(int(self.path.split("/")[1]))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for status, message in ((403, r"access denied \(ClientResponseError: 403"),
+                                (500, r"cannot read .*/500/list\.txt \(ClientResponseError: 500"),
+                                (404, r"no images found: .*/404/list\.txt does not exist")):
+            with pytest.raises(InputError, match=message):
+                check_input_exists(f"{base}/{status}/list.txt")
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(InputError, match=r"cannot reach http://127\.0\.0\.1:1/list\.txt \(ClientConnectorError"):
+        check_input_exists("http://127.0.0.1:1/list.txt")

@@ -273,11 +273,15 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPoli
         try:
             fs.info(path)
         except FileNotFoundError as exc:
-            # fsspec's HTTP info calls a server that answered neither HEAD nor GET in time
-            # "not found" (raised from the timeout): that input was not looked at at all.
+            # fsspec's HTTP info calls every failed HEAD and GET "not found" (fsspec#873): a
+            # timeout, a refused connection, 403 (an expired signed URL) or 500 say so; only a
+            # 404 (or no cause) means the input is not there.
             timeout = storage.timeout_cause(exc)
             if timeout is not None:
                 raise InputError(storage.remote_access_message(uri, timeout)) from None
+            cause = exc.__cause__
+            if cause is not None and getattr(cause, "status", None) != 404:
+                raise InputError(storage.remote_access_message(uri, cause)) from None
         except Exception as exc:  # noqa: BLE001 - storage errors differ per backend
             raise InputError(storage.remote_access_message(uri, exc)) from None
     if not found:
