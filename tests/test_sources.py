@@ -90,3 +90,26 @@ def test_fetch_bytes_permission_denied_is_read_error():
         assert results[1][1].startswith("read_error: PermissionError"), results[1]
     finally:
         shutil.rmtree(folder)
+
+
+def test_a_folder_lists_every_format_the_decoder_reads(tmp_path):
+    """PPM frames, JPEG 2000 scans, TGA, ICO, QOI: each was decoded when a manifest named it,
+    but a folder of them was "no images found (N files skipped)". Every extension of a decoded
+    format is listed, and each such file decodes."""
+    from PIL import Image
+
+    from zslabel.decode import PreprocessSpec, decode_image
+    from zslabel.sources import plan_inputs
+
+    img = Image.new("RGB", (20, 16), (200, 30, 40))
+    formats = {"a.ppm": "PPM", "b.pgm": "PPM", "c.jp2": "JPEG2000", "d.tga": "TGA", "e.ico": "ICO",
+               "f.qoi": "QOI", "g.dib": "DIB", "h.J2K": "JPEG2000"}
+    for name, fmt in formats.items():
+        (img.convert("L") if name.endswith(".pgm") else img).save(tmp_path / name, format=fmt)
+    plan = plan_inputs(str(tmp_path), use_ray=False)
+    rows = plan.read_locally()
+    assert sorted(r["path"].rsplit("/", 1)[1] for r in rows) == sorted(formats) and plan.skipped == 0
+    spec = PreprocessSpec("shortest_edge", shortest_edge=16, crop_hw=(16, 16))
+    for name in formats:
+        decoded = decode_image((tmp_path / name).read_bytes(), spec)
+        assert decoded.error is None and decoded.pixels.shape == (16, 16, 3), (name, decoded.error)

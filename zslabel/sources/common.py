@@ -36,8 +36,12 @@ from ..storage import IOPolicy, describe_error
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({
     ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
-    # No decoder here, but they are images: they become ``unsupported_format`` rows, not skips.
-    ".jfif", ".pjpeg", ".heic", ".heif", ".avif",
+    # The other formats the decoder reads (``decode.DECODED_FORMATS``): a folder of JPEG 2000
+    # scans or PPM frames was "no images found" though each listed file was labeled.
+    ".jfif", ".pjpeg", ".jpe", ".mpo", ".apng", ".dib", ".ico", ".cur", ".tga", ".ppm", ".pgm", ".pbm",
+    ".pnm", ".pfm", ".jp2", ".j2k", ".jpx", ".jpf", ".qoi", ".jxl",
+    # Images that become ``unsupported_format`` rows, not skips, where no decoder is installed.
+    ".heic", ".heif", ".avif",
 })
 
 # Names the output writer owns (the output contract's) and the rows' own: a carried column may
