@@ -74,7 +74,8 @@ def test_empty_or_imageless_input_raises(ray_local, tmp_path):
         plan_inputs(str(tmp_path / "nowhere"))
     write(tmp_path / "docs" / "a.txt")
     write(tmp_path / "docs" / "b.csv")
-    with pytest.raises(InputError, match=r"2 files skipped: .*a\.txt"):
+    with pytest.raises(InputError, match=r"2 files skipped \(not_an_image: 2\): .*a\.txt.*; an image is a file "
+                                         r"named with one of the extensions listed in README 'Formats'"):
         plan_inputs(str(tmp_path / "docs"))
     with pytest.raises(InputError, match="unknown input format"):
         plan_inputs(str(tmp_path), input_format="zip")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+from collections import Counter
 
 import fsspec
 import pyarrow as pa
@@ -209,9 +210,12 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
     if not images:
         if not files and not fs.exists((root or fs_path) if pattern else fs_path):
             raise InputError(f"no images found: {uri} does not exist")
+        why = Counter(reason for _, reason in skipped)
         raise InputError(f"no images found under {uri} ({len(skipped)} files skipped"
-                         + (": " + ", ".join(to_uri(p) for p, _ in skipped[:5]) if skipped else "")
-                         + ")")
+                         + (f" ({', '.join(f'{r}: {n}' for r, n in why.most_common())}): "
+                            + ", ".join(to_uri(p) for p, _ in skipped[:5]) if skipped else "")
+                         + (")" if "not_an_image" not in why else
+                            "; an image is a file named with one of the extensions listed in README 'Formats')"))
     _warn_unread_containers(uri, [to_uri(p) for p, reason in skipped if reason == "not_an_image"], options,
                             "it is read as loose images")
     table = core_table(pa.array([to_uri(p) for p in images], pa.string()))
