@@ -397,3 +397,13 @@ def test_a_fifo_or_device_named_like_a_shard_is_one_error_row(tmp_path):
         kind = "character device" if target else "named pipe (FIFO)"
         assert error_code(rows[1]["read_error"]) == "read_error", case
         assert f"NotARegularFile: a {kind}, not a regular file" in rows[1]["read_error"], case
+
+
+def test_a_zstd_shard_named_tar_says_what_it_is(tmp_path):
+    """zstd data under a .tar name was "tar damaged: invalid header"; it is one read_error row
+    saying it is zstd and what to do (the tar beside it reads)."""
+    build_tar(tmp_path / "a.tar", [member("x.jpg", jpeg(1))])
+    write(tmp_path / "b.tar", b"\x28\xb5\x2f\xfd" + bytes(range(200)))
+    plan, rows = planned(str(tmp_path))
+    assert rows[0]["read_error"] is None and error_code(rows[1]["read_error"]) == "read_error"
+    assert "zstd-compressed data" in rows[1]["read_error"] and "zstd -d" in rows[1]["read_error"]

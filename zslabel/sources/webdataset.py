@@ -71,7 +71,8 @@ MAX_LINK_HOPS = 40
 # hundreds of thousands of small reads).
 TAR_BUFSIZE = 1 << 20
 # gzip, bzip2, xz, zstd: read as a stream, decompressed by tarfile (zstd: refused by it).
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", _ZSTD_MAGIC)
 CARRIED = ["key", *SIDECARS]
 _SCHEMA = schema_with(CARRIED)
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -358,7 +359,11 @@ def _open_tar(uri: str, storage_options: dict, log: _HeaderLog):
     try:
         random_access = False
         if not http and f.seekable():
-            random_access = not f.read(6).startswith(_COMPRESSED_MAGIC)
+            head = f.read(6)
+            if head.startswith(_ZSTD_MAGIC):  # Python's tarfile reads gzip, bz2 and xz only
+                raise InputError("zstd-compressed data, which this Python's tarfile cannot read: decompress "
+                                 "the shard (zstd -d) or write it with gzip")
+            random_access = not head.startswith(_COMPRESSED_MAGIC)
             f.seek(0)
         if random_access:
             tar = tarfile.open(fileobj=f, mode="r:", ignore_zeros=True, tarinfo=log.tarinfo_class())
