@@ -131,12 +131,12 @@ def _schemas(files: list[str], options: InputOptions) -> list[tuple[str, pa.Sche
     with ThreadPoolExecutor(max_workers=min(SCHEMA_READERS, len(files))) as pool:
         got = list(pool.map(read, files))
     failures = [g for g in got if isinstance(g, InputError)]
-    for exc in failures[:3]:
-        logger.warning("%s", exc)
-    if len(failures) > 3:
-        logger.warning("... and %d more Parquet files whose schema cannot be read", len(failures) - 3)
     readable = [(uri, g) for uri, g in zip(files, got) if not isinstance(g, InputError)]
-    if readable:
+    if readable:  # the job goes on: say which files will be error rows (else the error says it)
+        for exc in failures[:3]:
+            logger.warning("%s", exc)
+        if len(failures) > 3:
+            logger.warning("... and %d more Parquet files whose schema cannot be read", len(failures) - 3)
         return readable
     if len(files) == 1:
         raise failures[0]
