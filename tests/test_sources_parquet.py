@@ -223,3 +223,15 @@ def test_a_batch_of_more_image_bytes_than_one_binary_array_holds(tmp_path, monke
     rows = plan.read_locally()
     check_plan(plan, rows)
     assert [r["data"] for r in rows] == images and all(r["read_error"] is None for r in rows)
+
+
+def test_a_column_of_image_lists_says_what_to_do(tmp_path):
+    """A Hugging Face Sequence(Image()) column (VLM datasets: several images per row) was read
+    as a manifest and refused with "no path column ... --path-column"; the refusal now names the
+    list column and says to flatten it."""
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"images": pa.array([[{"bytes": jpeg(0), "path": None}], []], pa.list_(struct)),
+                      "question": ["q1", "q2"]})
+    pq.write_table(table, tmp_path / "train.parquet")
+    with pytest.raises(InputError, match=r"column 'images' holds a list of images per row .*flatten that column"):
+        plan_inputs(str(tmp_path / "train.parquet"), use_ray=False)

@@ -97,7 +97,17 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan:
     first, schema = schemas[0]
     if options.auto and options.image_column is None and find_image_column(
             schema, None, first, required=False) is None:
-        return plan_manifest(files[0], options) if len(files) == 1 else plan_manifest_files(files, options)
+        try:
+            return plan_manifest(files[0], options) if len(files) == 1 else plan_manifest_files(files, options)
+        except InputError as exc:
+            lists = [f.name for f in schema if _is_image_list(f.type)]
+            if not lists:
+                raise
+            kind = schema.field(lists[0]).type
+            raise InputError(f"{first}: column {lists[0]!r} holds a list of images per row ({kind}, as Hugging "
+                             "Face Sequence(Image()) stores them); zslabel labels one image per row: "
+                             "flatten that column to one row per image first (pyarrow.compute.list_flatten, "
+                             "datasets' map with batched=True)") from exc
     image_col = find_image_column(schema, options.image_column, first)
     # Every file's: a column some parts lack (img2dataset shards written with and without
     # captions) is null in their rows, not dropped from all of them.
@@ -152,6 +162,13 @@ def _schema(uri: str, options: InputOptions) -> pa.Schema:
             return pq.read_schema(f)
     except Exception as exc:
         raise InputError(f"cannot read Parquet file {uri}: {storage.describe_error(exc, options.io)}") from exc
+
+
+def _is_image_list(kind: pa.DataType) -> bool:
+    """A list of images in one cell (``list<struct<bytes, path>>`` or ``list<binary>``)."""
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_list_view(kind)):
+        return False
+    return is_image_struct(kind.value_type) or is_bytes_type(kind.value_type)
 
 
 def is_image_struct(kind: pa.DataType) -> bool:
