@@ -195,3 +195,91 @@ def test_ctrl_c_while_ray_is_imported_is_one_line_and_exit_130(monkeypatch, tmp_
     assert cli.main(["label", str(tmp_path), "--labels", "a,b", "--output", str(tmp_path / "o"), "-q"]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.startswith("zslabel: interrupted;")
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_local_ray_node_starts_leaves_no_process():
+    """A Ctrl-C inside ``ray.init``, after the local node's processes started and before Ray
+    recorded them, left its dashboard and runtime-env agents running for good, reparented to
+    init (4 of 5 tries in that window). The Ctrl-C now waits for the start, stops Ray, and
+    exits as an interrupt; nothing started for this run is left. The signal is sent at that
+    exact point (Ray reading its new node's record)."""
+    import shutil
+    import signal
+    import tempfile
+
+    ray_dir = tempfile.mkdtemp(prefix="zsr", dir="/tmp")  # Ray's socket paths must stay short
+    script = ("import os, signal, ray._private.services as s\n"
+              "real = s.get_node\n"
+              "def get_node(*a, **k):\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    return real(*a, **k)\n"
+              "s.get_node = get_node\n"
+              "from zslabel.cluster import init_ray\n"
+              "try:\n"
+              "    init_ray(None)\n"
+              "except KeyboardInterrupt:\n"
+              "    raise SystemExit(130)\n")
+    env = {**os.environ, "RAY_TMPDIR": str(ray_dir)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    try:
+        assert proc.returncode == 130, proc.stderr[-3000:]
+        assert "stopping once Ray has started" in proc.stderr
+        deadline = time.time() + 20  # agents notice their raylet is gone within seconds
+        while time.time() < deadline and _processes_under(ray_dir):
+            time.sleep(1)
+        assert not _processes_under(ray_dir), _processes_under(ray_dir)
+    finally:
+        for pid in _processes_under(ray_dir):  # only what this test started (its own RAY_TMPDIR)
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def _processes_under(folder) -> list[int]:
+    """PIDs of processes started with ``RAY_TMPDIR=folder`` in their environment: this test's
+    Ray processes (their titles, such as ``ray::DashboardAgent``, do not show the folder)."""
+    marker = f"RAY_TMPDIR={folder}".encode() + b"\0"
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker in f.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_first_ctrl_c_waits_for_the_ray_start_and_a_second_one_does_not():
+    """The guard around ``ray.init``: a first SIGINT is held until the block ends (the block
+    sees it, to stop Ray), then raised; a second one interrupts at once; a start that failed
+    because Ray's own processes got the terminal's Ctrl-C is an interrupt, not a start error."""
+    import signal
+
+    from zslabel.cluster import _ctrl_c_after_start
+
+    reached_end = []
+    with pytest.raises(KeyboardInterrupt):
+        with _ctrl_c_after_start() as interrupted:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            reached_end.append(list(interrupted))
+    assert reached_end == [[True]]
+    with pytest.raises(KeyboardInterrupt):
+        with _ctrl_c_after_start():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            reached_end.append("second")  # not reached: the second Ctrl-C stops the block
+    assert reached_end == [[True]]
+    with pytest.raises(KeyboardInterrupt):
+        with _ctrl_c_after_start():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            raise ConnectionError("the raylet died")
+    with _ctrl_c_after_start() as interrupted:
+        pass
+    assert interrupted == [] and signal.getsignal(signal.SIGINT) is signal.default_int_handler

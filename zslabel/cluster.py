@@ -5,10 +5,12 @@ resources (live nodes and autoscaler node types), never from the driver's hardwa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import signal
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,12 +99,14 @@ def init_ray(address: str | None) -> None:
         os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
     keep = _sigterm_handler()
     try:
-        ray.init(**kwargs)
+        with _ctrl_c_after_start() as interrupted:
+            try:
+                ray.init(**kwargs)
+            finally:
+                if interrupted:
+                    _shutdown_quietly()
     except Exception as exc:  # noqa: BLE001 - Ray raises bare Exception/ConnectionError/TimeoutError here
-        try:  # a half-started local node (GCS, raylet) must not outlive this process
-            ray.shutdown()
-        except Exception:  # noqa: BLE001 - best effort; the start error is what the user needs
-            pass
+        _shutdown_quietly()  # a half-started local node (GCS, raylet) must not outlive this process
         target = kwargs.get("address") or os.environ.get("RAY_ADDRESS")
         where = "start a local Ray instance" if target == "local" else f"join the Ray cluster at {target}"
         raise RayStartError(
@@ -110,6 +114,49 @@ def init_ray(address: str | None) -> None:
             "time out: retry, or start Ray once with `ray start --head` and pass --address)") from exc
     finally:
         _restore_sigterm_handler(keep)
+
+
+@contextlib.contextmanager
+def _ctrl_c_after_start():
+    """Within: a first Ctrl-C (SIGINT) waits until the block ends, then raises KeyboardInterrupt
+    (the block sees the list it yields become non-empty, to clean up first); a second one
+    interrupts at once. A Ctrl-C inside ``ray.init`` stopped it between starting the local
+    node's processes and recording them, so nothing could stop them: its dashboard and
+    runtime-env agents outlived the command (4 of 5 tries in that window). Only in the main
+    thread (where Python delivers signals); elsewhere a plain block.
+    """
+    interrupted: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def later(signum, frame):
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(True)
+        print("zslabel: stopping once Ray has started (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, later)
+    try:
+        yield interrupted
+    except Exception:
+        if interrupted:  # Ray's processes got the terminal's Ctrl-C too: the start failed for it
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+def _shutdown_quietly() -> None:
+    """``ray.shutdown()``, best effort: the start's own error (or Ctrl-C) is what the user needs."""
+    import ray
+
+    try:
+        ray.shutdown()
+    except BaseException:  # noqa: BLE001 - a second Ctrl-C included: the first one is being handled
+        pass
 
 
 def _sigterm_handler() -> Any:
