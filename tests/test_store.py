@@ -377,3 +377,14 @@ def test_readers_of_output_files_hold_each_file_to_its_footer(tmp_path):
     good = tmp_path / "good.parquet"
     pq.write_table(pa.table({"x": list(range(10))}), good, row_group_size=3)
     assert sum(b.num_rows for b in footer_checked_batches(pq.ParquetFile(good), str(good), batch_size=4)) == 10
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):
+    """``-o /proc/zz`` (no such parent can be made) was a FileNotFoundError traceback and exit 1,
+    the error-budget code; a parent that is a file the same. Now an OutputError naming it."""
+    (tmp_path / "file").write_text("x")
+    for uri in ("/proc/zslabel-test/out", str(tmp_path / "file" / "out")):
+        store = OutputStore.open(uri)
+        store.check("error")
+        with pytest.raises(OutputError, match=r"cannot create the output folder .*out: (FileNotFound|NotADirectory)"):
+            store.claim("error")

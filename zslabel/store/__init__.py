@@ -27,6 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from ..errors import OutputError
 from .checks import check_mode, check_resumable, finished_unchanged
 from .claim import Claim, OutputInUse, acquire, remove_if_empty
 from .files import WRITE_RESULT_SCHEMA, WriteTarget, drop_committed, not_done, open_part, stamped_metadata, write_block
@@ -109,7 +110,11 @@ class OutputStore:
         """
         if self.state.is_empty and not self.state.fs.exists(self.state.root):
             self._created_root = True
-        self.state.fs.makedirs(self.state.root, exist_ok=True)
+        try:
+            self.state.fs.makedirs(self.state.root, exist_ok=True)
+        except OSError as exc:  # a parent that is a file, or no such parent (/proc/zz), or read-only
+            raise OutputError(f"cannot create the output folder {self.state.uri}: {type(exc).__name__}: "
+                              f"{exc.strerror or exc}") from exc
         self._claim = acquire(self.state, self.run_id)
         try:
             self.state = self.state.refreshed()
