@@ -259,5 +259,6 @@ def test_an_http_input_that_fails_says_how_not_that_it_does_not_exist():
     finally:
         server.shutdown()
         server.server_close()
-    with pytest.raises(InputError, match=r"cannot reach http://127\.0\.0\.1:1/list\.txt \(ClientConnectorError"):
+    with pytest.raises(InputError, match=r"cannot reach http://127\.0\.0\.1:1/list\.txt \(ClientConnectorError.*"
+                                         r"nothing accepts connections there: check the host and port"):
         check_input_exists("http://127.0.0.1:1/list.txt")

@@ -33,6 +33,7 @@ in all (a server that trickles a byte now and then never trips a read timeout).
 from __future__ import annotations
 
 import email.utils
+import errno
 import logging
 import os
 import posixpath
@@ -548,6 +549,19 @@ _CREDENTIAL_FIX = {
 }
 
 
+def _refused(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is a refused connection (ECONNREFUSED)."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionRefusedError) or getattr(seen, "errno", None) == errno.ECONNREFUSED \
+                or "Connect call failed" in str(seen):
+            return True
+        seen = getattr(seen, "os_error", None) or seen.__cause__ or seen.__context__
+    return False
+
+
 def remote_access_message(uri: str, exc: BaseException) -> str:
     """One line saying why a remote input cannot be read and how to fix it.
 
@@ -568,6 +582,9 @@ def remote_access_message(uri: str, exc: BaseException) -> str:
         return (f"cannot read {uri}: access denied ({detail}); check that the credentials in use (environment, "
                 f"profile or --storage-options) are valid and may list and read it")
     if names & _UNREACHABLE:
+        if _refused(exc):  # a server that answered "no one here": waiting longer does not help
+            return (f"cannot reach {uri} ({detail}); nothing accepts connections there: check "
+                    f"{endpoint if key == 's3' else ''}the host and port, and that the server is running")
         return (f"cannot reach {uri} ({detail}); check {endpoint if key == 's3' else ''}the network, "
                 "or raise --io-timeout for a slow store")
     return f"cannot read {uri} ({detail}); check the URI and --storage-options"
