@@ -254,9 +254,7 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPoli
     try:
         if "{" in uri:
             if remote:
-                from .sources import expand_braces
-
-                first = storage.url_to_fs(expand_braces(uri)[0], storage_options, io=io)[1]
+                first = storage.url_to_fs(storage.expand_braces(uri)[0], storage_options, io=io)[1]
                 fs.exists(first)  # only its failure counts: a missing shard is the planner's row
             return
         pattern = storage.is_pattern(uri, storage_options, io=io)
@@ -304,10 +302,10 @@ def _has_visible_file(folder: str) -> bool:
 
 def _local_path(uri: str | None) -> Path | None:
     """``uri`` as a local path (plain, or a ``file:`` URI read as ``storage.local_path`` reads
-    it), None for anything else."""
-    from .storage import local_path
+    it, ``~`` expanded), None for anything else."""
+    from . import storage
 
-    local = local_path(uri) if uri else None
+    local = storage.local_path(uri) if uri else None
     return Path(local).expanduser() if local else None
 
 
@@ -351,11 +349,10 @@ def _pattern_matches(pattern: str) -> list[str]:
     from fsspec.implementations.local import LocalFileSystem
 
     from . import storage
-    from .sources import expand_braces
 
     fs = LocalFileSystem()
     found: set[str] = set()
-    for one in expand_braces(pattern):
+    for one in storage.expand_braces(pattern):
         if storage.has_glob(one):
             found.update(fs.glob(storage.literal_brackets(fs, one)))
         elif os.path.lexists(one):

@@ -361,6 +361,42 @@ def literal_brackets(fs: fsspec.AbstractFileSystem, pattern: str) -> str:
     return "/".join(escaped + parts[len(escaped):])
 
 
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand shell-style braces: ``a{00..02}b`` -> a00b a01b a02b; ``{x,y}`` -> x y.
+
+    Numeric ranges keep the zero padding of their wider bound. Several groups expand as a
+    product, left to right. A brace group with neither ``..`` nor ``,`` is kept literally.
+    """
+    match = None
+    for m in _BRACE.finditer(pattern):
+        body = m.group(1)
+        if _RANGE.match(body) or "," in body:
+            match = m
+            break
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    rng = _RANGE.match(body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        width = max(len(lo), len(hi)) if (lo.lstrip("-").startswith("0") or
+                                         hi.lstrip("-").startswith("0")) else 0
+        a, b = int(lo), int(hi)
+        step = 1 if b >= a else -1
+        options = [str(i).zfill(width) for i in range(a, b + step, step)]
+    else:
+        options = body.split(",")
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    out: list[str] = []
+    for opt in options:
+        out.extend(expand_braces(head + opt + tail))
+    return out
+
+
 def is_pattern(uri: str, storage_options: dict[str, Any] | None = None, io: IOPolicy | None = None) -> bool:
     """True when ``uri`` should be globbed: it holds metacharacters and does not exist as named.
 

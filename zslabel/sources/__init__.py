@@ -14,9 +14,9 @@ import time
 
 from .. import fetch, storage
 from ..errors import READ_ERROR, InputError, ZslabelError, error_string
+from ..storage import expand_braces
 from . import folder, jsonl, manifest, parquet, webdataset
 from .common import FILE_INDEX_STRIDE, IMAGE_EXTENSIONS, SKIP_REASONS, InputKind, InputOptions, InputPlan
-from .webdataset import expand_braces
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import posixpath
-import re
 import tarfile
 from collections.abc import Callable, Generator, Iterator
 
@@ -75,42 +74,6 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", _ZSTD_MAGIC)
 CARRIED = ["key", *SIDECARS]
 _SCHEMA = schema_with(CARRIED)
-_BRACE = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """Expand shell-style braces: ``a{00..02}b`` -> a00b a01b a02b; ``{x,y}`` -> x y.
-
-    Numeric ranges keep the zero padding of their wider bound. Several groups expand as a
-    product, left to right. A brace group with neither ``..`` nor ``,`` is kept literally.
-    """
-    match = None
-    for m in _BRACE.finditer(pattern):
-        body = m.group(1)
-        if _RANGE.match(body) or "," in body:
-            match = m
-            break
-    if match is None:
-        return [pattern]
-    body = match.group(1)
-    rng = _RANGE.match(body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = max(len(lo), len(hi)) if (lo.lstrip("-").startswith("0") or
-                                         hi.lstrip("-").startswith("0")) else 0
-        a, b = int(lo), int(hi)
-        step = 1 if b >= a else -1
-        options = [str(i).zfill(width) for i in range(a, b + step, step)]
-    else:
-        options = body.split(",")
-    head, tail = pattern[:match.start()], pattern[match.end():]
-    out: list[str] = []
-    for opt in options:
-        out.extend(expand_braces(head + opt + tail))
-    return out
-
-
 def _shards(uri: str, options: InputOptions) -> tuple[list[str], list[tuple[str, str]]]:
     """(shard URIs, [(other file in a searched folder, skip reason)]): braces expanded, patterns
     globbed, folders searched; an existing name as is."""
@@ -118,7 +81,7 @@ def _shards(uri: str, options: InputOptions) -> tuple[list[str], list[tuple[str,
     shards: list[str] = []
     others: list[tuple[str, str]] = []
     literal = ("{" in uri or storage.has_glob(uri)) and _exists(uri, so)
-    for pattern in [uri] if literal else expand_braces(uri):
+    for pattern in [uri] if literal else storage.expand_braces(uri):
         if not literal and storage.is_pattern(pattern, so):
             fs, fs_path = storage.url_to_fs(pattern, so)
             shards.extend(map(storage.uri_maker(pattern, fs), sorted(fs.glob(fs_path))))
