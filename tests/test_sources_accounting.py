@@ -407,3 +407,19 @@ def test_a_zstd_shard_named_tar_says_what_it_is(tmp_path):
     plan, rows = planned(str(tmp_path))
     assert rows[0]["read_error"] is None and error_code(rows[1]["read_error"]) == "read_error"
     assert "zstd-compressed data" in rows[1]["read_error"] and "zstd -d" in rows[1]["read_error"]
+
+
+def test_many_images_of_one_key_are_read_in_linear_time(tmp_path):
+    """A video's frames "clip.000001.jpg" + "clip.000001.json" all share WebDataset key
+    "clip": matching each image with its sidecars compared every image with every sidecar, so
+    a shard of 20,000 frames took minutes (3 s now, here). Each frame carries its own json."""
+    n = 20_000
+    members = []
+    for i in range(n):
+        members += [member(f"clip.{i:06d}.jpg", b"\xff\xd8" + i.to_bytes(4, "big")),
+                    member(f"clip.{i:06d}.json", str(i).encode())]
+    shard = build_tar(tmp_path / "s.tar", members)
+    counts = new_counts()
+    rows = [r for t in read_tar(str(shard), 0, {}, counts) for r in t.to_pylist()]
+    assert len(rows) == n and counts["skipped"] == 0
+    assert all(r["json"] == str(int(r["path"].rsplit(".", 2)[1])) for r in rows)

@@ -198,20 +198,24 @@ class _Sample:
         sample's own (``a.txt``), else another of that kind (``a.caption.txt``), never one of
         another image's stem (``22.06.txt`` is not ``22.05.png``'s caption).
         """
+        # By stem, first index per kind: linear in members (a video's frames "x.000001.jpg" all
+        # share key "x": comparing every image with every sidecar was quadratic).
+        first: dict[str, dict[str, int]] = {}
+        for i, (kind, sidecar, _) in enumerate(self.sidecars):
+            first.setdefault(_stem(sidecar), {}).setdefault(kind, i)
         stems = {_stem(name) for name, _ in self.images}
+        others: dict[str, int] = {}  # of stems that are no image's and not the key's
+        for stem, kinds in first.items():
+            if stem not in stems and stem != self.key:
+                for kind, i in kinds.items():
+                    others[kind] = min(i, others.get(kind, i))
+        keys = first.get(self.key or "", {})
         used: set[int] = set()
         out: dict[str, dict[str, str]] = {}
         for name, _ in self.images:
-            own = _stem(name)
-            rank = {own: 0, self.key: 1}
-            chosen: dict[str, tuple[int, int]] = {}  # kind -> (rank, index)
-            for i, (kind, sidecar, _) in enumerate(self.sidecars):
-                stem = _stem(sidecar)
-                r = rank.get(stem, 3 if stem in stems else 2)
-                if r < 3 and (kind not in chosen or r < chosen[kind][0]):
-                    chosen[kind] = (r, i)
-            used.update(i for _, i in chosen.values())
-            out[name] = {kind: self.sidecars[i][2] for kind, (_, i) in chosen.items()}
+            chosen = {**others, **keys, **first.get(_stem(name), {})}  # later ranks first
+            used.update(chosen.values())
+            out[name] = {kind: self.sidecars[i][2] for kind, i in chosen.items()}
         for i, (_, sidecar, _) in enumerate(self.sidecars):
             if i not in used:
                 repeated(sidecar)
