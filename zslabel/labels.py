@@ -32,7 +32,8 @@ DEFAULT_TEMPLATE = "This is a photo of {}."
 # file's header gives its source and licence).
 LABEL_SETS_DIR = Path(__file__).resolve().parent / "label_sets"
 LABEL_SETS = ("imagenet-1k",)
-# Bump when the label-embedding computation changes, so cached embeddings are not reused.
+# Bump when the label-embedding computation or the prompt-token checks change, so cached
+# embeddings are not reused (a cache hit skips the checks: they passed when it was written).
 LABEL_CACHE_VERSION = 1
 
 # Named template sets for --templates NAME. "openai-imagenet-7" is the 7-template subset the
