@@ -180,9 +180,9 @@ def test_one_rule_for_the_local_path_a_value_names(tmp_path):
     """``storage.local_path`` is the one reading of "a local path or a file: URI": the input and
     model stamps read ``file:///a%20b`` as ``/a b`` (they kept ``%20`` and stamped nothing, so
     a --resume of a finished run reran it), and ``FILE:///x`` is a local model, not one to copy."""
-    from zslabel.model import _is_remote_uri
-    from zslabel.options import local_stamp
-    from zslabel.storage import is_local_folder, local_path, local_spelling
+    from zslabel.errors import ModelLoadError
+    from zslabel.model import resolve_checkpoint
+    from zslabel.storage import is_local_folder, local_path, local_spelling, local_stamp
 
     folder = tmp_path / "a b"
     folder.mkdir()
@@ -193,8 +193,9 @@ def test_one_rule_for_the_local_path_a_value_names(tmp_path):
     assert local_path("photos/x.jpg") == "photos/x.jpg"
     assert local_stamp(uri) == local_stamp(str(folder)) is not None
     assert is_local_folder(uri) and local_spelling(uri) == str(folder)
-    assert not _is_remote_uri("FILE://" + str(folder)) and _is_remote_uri("s3://b/m")
-    assert not _is_remote_uri("openai/clip-vit-base-patch32")
+    assert local_path("openai/clip-vit-base-patch32") == "openai/clip-vit-base-patch32"  # a hub id: not copied
+    with pytest.raises(ModelLoadError, match="model folder .*a b has no config.json"):  # read here, not copied
+        resolve_checkpoint("FILE://" + str(folder))
 
 
 def test_the_stamp_of_a_pattern_covers_every_file_it_matches(tmp_path):
@@ -202,7 +203,7 @@ def test_the_stamp_of_a_pattern_covers_every_file_it_matches(tmp_path):
     for glob and brace patterns the stamp is over the matched files (brackets of an existing
     folder name taken literally, as the input kinds take them), so any change to one of them,
     or a new match, changes it; the output inside the input is left out."""
-    from zslabel.options import local_stamp
+    from zslabel.storage import local_stamp
 
     root = tmp_path / "photos [2021]"
     root.mkdir()

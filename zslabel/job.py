@@ -33,9 +33,10 @@ from .errors import ConfigError
 from .heads import manifest_entry as head_manifest_entry
 from .hierarchy import Hierarchy
 from .labels import LabelSet
-from .options import LabelingOptions, local_stamp
+from .options import LabelingOptions
 from .ranking import RankingRule
 from .scoring import ZeroShotClassifier
+from .storage import local_stamp
 from .store import MANIFEST_NAME, Accounting, OutputStore, WriteSession, fingerprint_fields
 from .summary import RunFacts, RunSummary, check_error_budget, model_id, run_manifest
 
@@ -54,7 +55,7 @@ class PreparedJob:
         options: the command's options (validated: labels merged, templates checked).
         rule: the ranking rule. store: the output store, checked against the mode and claimed.
         started: ``time.perf_counter()`` at the start. timings: seconds per phase so far.
-        stamps: ``{"input": ..., "model": ...}`` (``options.local_stamp``; None when not local).
+        stamps: ``{"input": ..., "model": ...}`` (``storage.local_stamp``; None when not local).
         checkpoint: the resolved checkpoint folder. digest: ``model.checkpoint_digest``.
         label_set: names, templates and (C, D) float32 L2-normalised label embeddings.
         score_kind, model_type, logit_scale, logit_bias, preprocess, library, architecture: from
@@ -177,11 +178,11 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
     rule = options.validate()
     if not options.model:
         raise ConfigError("no model given: pass --model")
-    # Without the output: an output inside the input folder changes with every run.
-    stamps = {"input": local_stamp(input_uri, exclude=options.output), "model": local_stamp(options.model)}
     # Read once: it loads the calibration and head files (by content id), so a missing or
     # damaged one fails here; their fit is checked with the model below.
     settings = options.result_settings()
+    # Without the output: an output inside the input folder changes with every run.
+    stamps = {"input": local_stamp(input_uri, exclude=options.output), "model": local_stamp(options.model)}
     store = OutputStore.open(options.output, options.storage_options)
     store.check(options.mode, settings)
     if check_input is not None:

@@ -147,12 +147,6 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch
     return model
 
 
-def _is_remote_uri(model: str) -> bool:
-    from .storage import local_path
-
-    return local_path(model) is None  # a URI of another filesystem than this machine's
-
-
 def resolve_checkpoint(model: str, revision: str | None = None,
                        storage_options: dict | None = None) -> Path:
     """Return a local folder holding the checkpoint ``model``.
@@ -169,11 +163,14 @@ def resolve_checkpoint(model: str, revision: str | None = None,
             given without the ``open-clip`` extra installed, or names an unknown architecture
             or tag; the message says which and how to fix it.
     """
-    if _is_remote_uri(model):
-        return _copy_remote_checkpoint(model, storage_options or {})
     from .storage import local_path
 
-    model = local_path(model) or model  # a file: URI read per RFC 8089, as inputs and outputs read it
+    # None: a URI of another filesystem than this machine's. A file: URI is read per RFC 8089,
+    # as inputs and outputs read it.
+    as_local = local_path(model)
+    if as_local is None:
+        return _copy_remote_checkpoint(model, storage_options or {})
+    model = as_local
     local = Path(model).expanduser()
     if local.is_dir():
         if family_of(local) is None:

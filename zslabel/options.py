@@ -15,13 +15,12 @@ type, score kind, preprocessing, output schema) are this run's.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import errno
 import logging
 import os
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .calibration import load_calibration
@@ -231,7 +230,7 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPoli
     """Fail in seconds, before Ray starts, on an input that does not exist or cannot be read: a
     path or URI that is not there, a glob that matches nothing, a local folder holding no
     (non-hidden) file at all, or a remote input whose store refuses the credentials, has none
-    to use, or cannot be reached (``storage.remote_access_message``). Brace patterns
+    to use, or cannot be reached (:func:`remote_access_message`). Brace patterns
     (``shard-{000..009}.tar``) are left to the planner, which turns a missing named shard into
     an error row (for a remote one, the first shard is asked for, to check access); what a
     non-empty folder holds is the planner's to judge.
@@ -263,7 +262,7 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPoli
         raise
     except Exception as exc:  # noqa: BLE001 - storage errors differ per backend
         if remote:
-            raise InputError(storage.remote_access_message(uri, exc)) from None
+            raise InputError(remote_access_message(uri, exc)) from None
         return  # a local oddity (permissions on a parent, ...): the planner reports it per path
     if not found and remote and not pattern:
         # Some backends answer "no" when they were refused (s3fs's exists() on a bucket swallows
@@ -276,12 +275,12 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPoli
             # 404 (or no cause) means the input is not there.
             timeout = storage.timeout_cause(exc)
             if timeout is not None:
-                raise InputError(storage.remote_access_message(uri, timeout)) from None
+                raise InputError(remote_access_message(uri, timeout)) from None
             cause = exc.__cause__
             if cause is not None and getattr(cause, "status", None) != 404:
-                raise InputError(storage.remote_access_message(uri, cause)) from None
+                raise InputError(remote_access_message(uri, cause)) from None
         except Exception as exc:  # noqa: BLE001 - storage errors differ per backend
-            raise InputError(storage.remote_access_message(uri, exc)) from None
+            raise InputError(remote_access_message(uri, exc)) from None
     if not found:
         raise InputError(f"no images found: {uri} does not exist")
     if not pattern and storage.is_local(fs) and os.path.isdir(path) and not _has_visible_file(path):
@@ -300,85 +299,61 @@ def _has_visible_file(folder: str) -> bool:
     return False
 
 
-def _local_path(uri: str | None) -> Path | None:
-    """``uri`` as a local path (plain, or a ``file:`` URI read as ``storage.local_path`` reads
-    it, ``~`` expanded), None for anything else."""
-    from . import storage
+# Exception class names (anywhere in the MRO) by what they mean; names, so that no optional
+# backend (botocore, google-auth, azure-core) has to be importable here.
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
+                   "CredentialUnavailableError", "ClientAuthenticationError", "RefreshError"}
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError",
+                "ServerTimeoutError", "ServiceRequestError", "ConnectionError", "TimeoutError", "gaierror"}
+_CREDENTIAL_FIX = {
+    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass --storage-options "
+          "'{\"key\": \"...\", \"secret\": \"...\"}'; for a public bucket pass --storage-options '{\"anon\": true}'",
+    "gs": "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS; for a public "
+          "bucket pass --storage-options '{\"token\": \"anon\"}'",
+    "az": "set AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN or "
+          "AZURE_STORAGE_CONNECTION_STRING, or pass them in --storage-options",
+}
 
-    local = storage.local_path(uri) if uri else None
-    return Path(local).expanduser() if local else None
+
+def _refused(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is a refused connection (ECONNREFUSED)."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionRefusedError) or getattr(seen, "errno", None) == errno.ECONNREFUSED \
+                or "Connect call failed" in str(seen):
+            return True
+        seen = getattr(seen, "os_error", None) or seen.__cause__ or seen.__context__
+    return False
 
 
-def local_stamp(uri: str | None, exclude: str | None = None) -> str | None:
-    """A cheap digest of a local file or folder (every file's relative name, size and mtime in
-    ns; sha256, 16 hex digits), or of every file and folder a local pattern matches (a glob, or
-    tar shards' brace ranges ``shards-{000..009}.tar``: each match's path and digest); None for
-    anything not local (hub ids, remote URIs) or a pattern that matches nothing.
+def remote_access_message(uri: str, exc: BaseException) -> str:
+    """One line saying why a remote input cannot be read and how to fix it.
 
-    Used to tell, without reading file contents, that an input or a checkpoint folder is
-    unchanged since a finished run: a finished run's ``--resume`` then returns without Ray.
-    A pattern is matched as the input kinds match it (fsspec's glob, brackets of existing
-    folder names taken literally): its digest covers at least the files the job lists.
-
-    ``exclude``: a local folder left out of the digest (the job's output, when it lies inside
-    the input folder: its files change with every run), matched by real path.
+    By the exception: no credentials found, credentials refused (403, ``PermissionError``),
+    the store not reachable (connection refused, unknown host, timeout), or anything else
+    (its type and message).
     """
-    path = _local_path(uri)
-    if path is None:
-        return None
-    skip = _local_path(exclude)
-    skip_real = os.path.realpath(skip) if skip is not None else None
-    h = hashlib.sha256()
-    if path.exists():
-        _stamp_into(h, path, skip_real)
-        return h.hexdigest()[:16]
-    matches = _pattern_matches(str(path))
-    if not matches:
-        return None
-    for match in matches:
-        real = os.path.realpath(match)
-        if skip_real is not None and (real == skip_real or real.startswith(skip_real.rstrip(os.sep) + os.sep)):
-            continue  # the output, or a file in it (``/data/**`` with the output in /data)
-        h.update(os.fsencode(f"{match}\0"))
-        _stamp_into(h, Path(match), skip_real)
-    return h.hexdigest()[:16]
-
-
-def _pattern_matches(pattern: str) -> list[str]:
-    """Local paths a glob or brace pattern names, sorted (none for a plain path)."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    from . import storage
-
-    fs = LocalFileSystem()
-    found: set[str] = set()
-    for one in storage.expand_braces(pattern):
-        if storage.has_glob(one):
-            found.update(fs.glob(storage.literal_brackets(fs, one)))
-        elif os.path.lexists(one):
-            found.add(one)
-    return sorted(found)
-
-
-def _stamp_into(h, path: Path, skip_real: str | None) -> None:
-    """Add a file's size and mtime, or each file of a folder (relative name, size, mtime), to ``h``."""
-    if path.is_file():
-        st = path.stat()
-        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-        return
-    for dirpath, dirnames, filenames in os.walk(path):
-        if skip_real is not None:
-            # realpath per folder, not per file: folders are few.
-            dirnames[:] = [d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) != skip_real]
-        dirnames.sort()
-        for name in sorted(filenames):
-            full = os.path.join(dirpath, name)
-            try:
-                st = os.stat(full)
-            except OSError:
-                continue
-            # fsencode: names that are not UTF-8 (surrogate-escaped here) hash as their bytes.
-            h.update(os.fsencode(f"{os.path.relpath(full, path)}\0{st.st_size}:{st.st_mtime_ns}\n"))
+    names = {c.__name__ for c in type(exc).__mro__}
+    proto = uri.split("://", 1)[0].split("::")[-1].lower() if "://" in uri else "file"
+    key = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}.get(proto, proto)
+    detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    endpoint = "the endpoint (--storage-options client_kwargs.endpoint_url for S3-compatible stores) and "
+    if names & _NO_CREDENTIALS:
+        fix = _CREDENTIAL_FIX.get(key, "pass them in --storage-options")
+        return f"cannot read {uri}: no credentials for {key}:// ({detail}); {fix}"
+    status = getattr(exc, "status", None) or getattr(exc, "code", None)
+    if isinstance(exc, PermissionError) or status in (401, 403) or "AccessDenied" in str(exc):
+        return (f"cannot read {uri}: access denied ({detail}); check that the credentials in use (environment, "
+                f"profile or --storage-options) are valid and may list and read it")
+    if names & _UNREACHABLE:
+        if _refused(exc):  # a server that answered "no one here": waiting longer does not help
+            return (f"cannot reach {uri} ({detail}); nothing accepts connections there: check "
+                    f"{endpoint if key == 's3' else ''}the host and port, and that the server is running")
+        return (f"cannot reach {uri} ({detail}); check {endpoint if key == 's3' else ''}the network, "
+                "or raise --io-timeout for a slow store")
+    return f"cannot read {uri} ({detail}); check the URI and --storage-options"
 
 
 def _matches(value: Any, hint: Any) -> bool:

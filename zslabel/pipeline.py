@@ -56,6 +56,7 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         listed input (nothing committed), and ErrorBudgetExceeded after writing when more than
         ``max_error_fraction`` rows failed.
     """
+    io = config.io_policy()  # the time limits and retries every listing and fetch of this job keeps
     spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode,
                       "reference_pixels": config.reference_pixels}
     prepared = job.prepare(config, config.input, device="auto", spec_overrides=spec_overrides,
@@ -75,7 +76,6 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         # The inputs, listed within the job's I/O policy (decoding fetches them within it too)
         # and read in the decode tasks (with their task options, so that Ray Data fuses the two
         # into one task per block), in blocks sized for the cluster.
-        io = config.io_policy()
         plan = sources.plan_inputs(
             config.input, input_format=config.input_format, storage_options=config.storage_options, io=io,
             path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,

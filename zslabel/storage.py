@@ -28,12 +28,16 @@ every remote backend is; threads for the others), retries transient failures (HT
 short ``Retry-After``), never retries a timeout (a silent server costs one timeout, not
 ``retries + 1`` of them), and cuts any single attempt after ``ATTEMPT_LIMIT_FACTOR`` timeouts
 in all (a server that trickles a byte now and then never trips a read timeout).
+
+Local stamps (:func:`local_stamp`): a digest of the names, sizes and mtimes of a local input or
+checkpoint, so a ``--resume`` of a finished run can tell, without reading any file, that nothing
+changed (``store.OutputStore.finished_unchanged``).
 """
 
 from __future__ import annotations
 
 import email.utils
-import errno
+import hashlib
 import logging
 import os
 import posixpath
@@ -44,6 +48,7 @@ import time
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -569,58 +574,78 @@ def describe_error(exc: BaseException, io: IOPolicy | None = None) -> str:
     return f"{type(timeout).__name__}: {text} (no answer within {limit})"
 
 
-# Exception class names (anywhere in the MRO) by what they mean; names, so that no optional
-# backend (botocore, google-auth, azure-core) has to be importable here.
-_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
-                   "CredentialUnavailableError", "ClientAuthenticationError", "RefreshError"}
-_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError",
-                "ServerTimeoutError", "ServiceRequestError", "ConnectionError", "TimeoutError", "gaierror"}
-_CREDENTIAL_FIX = {
-    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass --storage-options "
-          "'{\"key\": \"...\", \"secret\": \"...\"}'; for a public bucket pass --storage-options '{\"anon\": true}'",
-    "gs": "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS; for a public "
-          "bucket pass --storage-options '{\"token\": \"anon\"}'",
-    "az": "set AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN or "
-          "AZURE_STORAGE_CONNECTION_STRING, or pass them in --storage-options",
-}
+def _local_path(uri: str | None) -> Path | None:
+    """``uri`` as a local path (plain, or a ``file:`` URI read as :func:`local_path` reads
+    it, ``~`` expanded), None for anything else."""
+    local = local_path(uri) if uri else None
+    return Path(local).expanduser() if local else None
 
 
-def _refused(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what it wraps) is a refused connection (ECONNREFUSED)."""
-    seen: BaseException | None = exc
-    for _ in range(5):
-        if seen is None:
-            return False
-        if isinstance(seen, ConnectionRefusedError) or getattr(seen, "errno", None) == errno.ECONNREFUSED \
-                or "Connect call failed" in str(seen):
-            return True
-        seen = getattr(seen, "os_error", None) or seen.__cause__ or seen.__context__
-    return False
+def local_stamp(uri: str | None, exclude: str | None = None) -> str | None:
+    """A cheap digest of a local file or folder (every file's relative name, size and mtime in
+    ns; sha256, 16 hex digits), or of every file and folder a local pattern matches (a glob, or
+    tar shards' brace ranges ``shards-{000..009}.tar``: each match's path and digest); None for
+    anything not local (hub ids, remote URIs) or a pattern that matches nothing.
 
+    Used to tell, without reading file contents, that an input or a checkpoint folder is
+    unchanged since a finished run: a finished run's ``--resume`` then returns without Ray.
+    A pattern is matched as the input kinds match it (fsspec's glob, brackets of existing
+    folder names taken literally): its digest covers at least the files the job lists.
 
-def remote_access_message(uri: str, exc: BaseException) -> str:
-    """One line saying why a remote input cannot be read and how to fix it.
-
-    By the exception: no credentials found, credentials refused (403, ``PermissionError``),
-    the store not reachable (connection refused, unknown host, timeout), or anything else
-    (its type and message).
+    ``exclude``: a local folder left out of the digest (the job's output, when it lies inside
+    the input folder: its files change with every run), matched by real path.
     """
-    names = {c.__name__ for c in type(exc).__mro__}
-    proto = uri.split("://", 1)[0].split("::")[-1].lower() if "://" in uri else "file"
-    key = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}.get(proto, proto)
-    detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-    endpoint = "the endpoint (--storage-options client_kwargs.endpoint_url for S3-compatible stores) and "
-    if names & _NO_CREDENTIALS:
-        fix = _CREDENTIAL_FIX.get(key, "pass them in --storage-options")
-        return f"cannot read {uri}: no credentials for {key}:// ({detail}); {fix}"
-    status = getattr(exc, "status", None) or getattr(exc, "code", None)
-    if isinstance(exc, PermissionError) or status in (401, 403) or "AccessDenied" in str(exc):
-        return (f"cannot read {uri}: access denied ({detail}); check that the credentials in use (environment, "
-                f"profile or --storage-options) are valid and may list and read it")
-    if names & _UNREACHABLE:
-        if _refused(exc):  # a server that answered "no one here": waiting longer does not help
-            return (f"cannot reach {uri} ({detail}); nothing accepts connections there: check "
-                    f"{endpoint if key == 's3' else ''}the host and port, and that the server is running")
-        return (f"cannot reach {uri} ({detail}); check {endpoint if key == 's3' else ''}the network, "
-                "or raise --io-timeout for a slow store")
-    return f"cannot read {uri} ({detail}); check the URI and --storage-options"
+    path = _local_path(uri)
+    if path is None:
+        return None
+    skip = _local_path(exclude)
+    skip_real = os.path.realpath(skip) if skip is not None else None
+    h = hashlib.sha256()
+    if path.exists():
+        _stamp_into(h, path, skip_real)
+        return h.hexdigest()[:16]
+    matches = _pattern_matches(str(path))
+    if not matches:
+        return None
+    for match in matches:
+        real = os.path.realpath(match)
+        if skip_real is not None and (real == skip_real or real.startswith(skip_real.rstrip(os.sep) + os.sep)):
+            continue  # the output, or a file in it (``/data/**`` with the output in /data)
+        h.update(os.fsencode(f"{match}\0"))
+        _stamp_into(h, Path(match), skip_real)
+    return h.hexdigest()[:16]
+
+
+def _pattern_matches(pattern: str) -> list[str]:
+    """Local paths a glob or brace pattern names, sorted (none for a plain path)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs = LocalFileSystem()
+    found: set[str] = set()
+    for one in expand_braces(pattern):
+        if has_glob(one):
+            found.update(fs.glob(literal_brackets(fs, one)))
+        elif os.path.lexists(one):
+            found.add(one)
+    return sorted(found)
+
+
+def _stamp_into(h, path: Path, skip_real: str | None) -> None:
+    """Add a file's size and mtime, or each file of a folder (relative name, size, mtime), to ``h``."""
+    if path.is_file():
+        st = path.stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        return
+    for dirpath, dirnames, filenames in os.walk(path):
+        if skip_real is not None:
+            # realpath per folder, not per file: folders are few.
+            dirnames[:] = [d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) != skip_real]
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            # fsencode: names that are not UTF-8 (surrogate-escaped here) hash as their bytes.
+            h.update(os.fsencode(f"{os.path.relpath(full, path)}\0{st.st_size}:{st.st_mtime_ns}\n"))

@@ -70,7 +70,7 @@ class RunFacts:
         kind: "label" or "relabel".
         config: the run's options as recorded (``public_dict``, storage options redacted).
         model: ``id``, ``revision``, ``local_path``, ``digest``, ``model_type``, ``score_kind``
-            and ``stamp`` (``options.local_stamp`` of a local checkpoint folder, else None);
+            and ``stamp`` (``storage.local_stamp`` of a local checkpoint folder, else None);
             ``library`` (``transformers`` or ``open_clip``) and ``architecture`` (``ZeroShotModel``).
         labels, templates: as embedded. preprocess: ``PreprocessSpec.fingerprint_dict()``.
         input_counts: ``skipped``, ``listed``, ``duplicates_removed`` of the inputs.

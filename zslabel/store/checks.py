@@ -106,7 +106,7 @@ def finished_unchanged(state: OutputState, mode: str, retry_errors: bool, stamps
     claim), its settings are this run's (:func:`check_resumable` passed), there are no error rows
     to retry, the output holds as many data files as that run committed, and the input (or
     relabel source) and the model checkpoint are local and
-    unchanged: the same ``options.local_stamp`` (file names, sizes and mtimes) as recorded by
+    unchanged: the same ``storage.local_stamp`` (file names, sizes and mtimes) as recorded by
     that run in ``input_stamp`` and ``model.stamp``. A hub model id or a remote input or model
     is never assumed unchanged.
 
