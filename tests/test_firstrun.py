@@ -135,6 +135,34 @@ def test_unreachable_ray_address_exits_3_with_a_message(image_folder, tiny_clip,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("kind", ["manifest", "folder"])
+def test_an_input_that_cannot_be_planned_fails_before_the_model_and_ray(tmp_path, kind):
+    """Planning the input needs neither the model nor Ray, so it comes first: a manifest whose
+    quote never closes, or a folder holding no image, is exit 2 naming the input, although the
+    model folder does not exist and no Ray cluster answers at --address (either of which was
+    the error when planning came after them: the user waited for both, then fixed the input)."""
+    import socket
+
+    if kind == "manifest":
+        source = tmp_path / "list.csv"
+        source.write_text('path,caption\n/data/a.png,"never closed\n' + "".join(f"/data/{i}.png,x\n" for i in range(5)))
+        expected = 'manifest ' + str(source) + ': a quote (") opened in data row 1 is never closed'
+    else:
+        source = tmp_path / "notes"
+        source.mkdir()
+        (source / "readme.txt").write_text("no images here")
+        expected = f"no images found under {source} (1 files skipped (not_an_image: 1)"
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _cli(["label", str(source), "--labels", "cat,dog", "--model", str(tmp_path / "no-such-model"),
+                 "--output", str(tmp_path / "out"), "--address", f"127.0.0.1:{port}"], dict(os.environ), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert expected in proc.stderr, proc.stderr[-3000:]
+    assert "checkpoint" not in proc.stderr and "Ray cluster" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_version_and_exit_codes_in_help():
     from zslabel.cli import build_parser
 

@@ -1,10 +1,12 @@
 """The skeleton every command that writes an output shares (``label``, ``relabel``):
 
-    prepare   everything that needs neither Ray nor images: options validated, the output
-              inspected and checked against the mode (``store.OutputStore.check``), a ``--resume`` with nothing to do
-              answered, the checkpoint resolved and digested, the label embeddings built
-              (text tower once), calibration and hierarchy loaded; then the output claimed
-              (one run at a time, ``store.claim``), before Ray starts
+    prepare   everything that needs neither Ray nor images, in two steps a command may call
+              apart (``label`` plans its input between them):
+      check   options validated, the output inspected and checked against the mode
+              (``store.OutputStore.check``), a ``--resume`` with nothing to do answered; then
+              the output claimed (one run at a time, ``store.claim``); no torch, no Ray: seconds
+      load    the checkpoint resolved and digested, the label embeddings built (text tower
+              once), head, calibration and hierarchy loaded, before Ray starts
     begin     the write session: fingerprint of everything that changes rows, resume set,
               staging (``store.OutputStore.begin``)
     finish    counts over the committed rows, the accounting check (every listed input is a
@@ -149,37 +151,54 @@ class FinishedRun(NamedTuple):
     started: float
 
 
-def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
-            spec_overrides: dict[str, Any] | None = None,
-            check_input: Callable[[], None] | None = None,
-            check_model: Callable[[str], None] | None = None) -> PreparedJob | FinishedRun:
-    """Everything before Ray and images (see the module docstring), ending with the claim.
+class CheckedJob(NamedTuple):
+    """What :func:`check` gives a job that has work to do: the validated options, the ranking
+    rule, the checked and claimed output store, ``time.perf_counter()`` at the start, the
+    options' ``result_settings()`` and the input and model stamps (``storage.local_stamp``)."""
+
+    options: LabelingOptions
+    rule: RankingRule
+    store: OutputStore
+    started: float
+    settings: dict[str, Any]
+    stamps: dict[str, str | None]
+
+    @contextmanager
+    def claimed(self):
+        """Hold the output's claim for the block; given up however the block ends."""
+        try:
+            yield self
+        finally:
+            self.store.release()
+
+
+def check(options: LabelingOptions, input_uri: str, *,
+          check_input: Callable[[], None] | None = None) -> CheckedJob | FinishedRun:
+    """The first half of :func:`prepare`: the options, the output against the mode, the input,
+    and the ``--resume`` short-cut; then the output claimed (one run at a time, ``store.claim``:
+    it exists from here on, so an input folder holding it lists it on every run alike). Neither
+    torch nor Ray is imported; it takes seconds.
 
     Args:
         options: the command's options. input_uri: the input (or relabel source), for the
             ``--resume`` short-cut's stamp.
-        device: where the text tower runs; "auto": CUDA when this process sees a GPU, else
-            the CPU (decided only after the checks, so a refused run never imports torch).
-        spec_overrides: decode limits passed to the model's preprocessing spec.
         check_input: called after the options and output are checked (the input exists).
-        check_model: called with the checkpoint digest before the text tower runs (relabel:
-            the source's embeddings must come from this checkpoint).
 
     Returns:
-        The prepared job, holding the output's claim; or, for a ``--resume`` of a finished run
-        with unchanged settings, input and model, that run (:class:`FinishedRun`: nothing
-        claimed or run; the command answers with ``summary.summary_of_finished``).
+        :class:`CheckedJob`, holding the output's claim (give it up with
+        ``CheckedJob.claimed``); or, for a ``--resume`` of a finished run with unchanged settings,
+        input and model, that run (:class:`FinishedRun`: nothing claimed or run; the command
+        answers with ``summary.summary_of_finished``).
 
     Raises:
-        ConfigError, ModelLoadError, OutputError (OutputInUse when another run holds the
-        output): all before any image is read or Ray is started.
+        ConfigError, InputError, OutputError (OutputInUse when another run holds the output).
     """
     started = time.perf_counter()
     rule = options.validate()
     if not options.model:
         raise ConfigError("no model given: pass --model")
     # Read once: it loads the calibration and head files (by content id), so a missing or
-    # damaged one fails here; their fit is checked with the model below.
+    # damaged one fails here; their fit is checked with the model (``load``).
     settings = options.result_settings()
     # Without the output: an output inside the input folder changes with every run.
     stamps = {"input": local_stamp(input_uri, exclude=options.output), "model": local_stamp(options.model)}
@@ -191,7 +210,34 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
     if done is not None:
         log.info("%s holds a finished run of this job with unchanged input and model: nothing to do", options.output)
         return FinishedRun(options.output, done, store.state.path(MANIFEST_NAME), started)
-    # torch and transformers only now: everything above fails (or finishes) without them, in seconds.
+    store.claim(options.mode, settings)
+    return CheckedJob(options, rule, store, started, settings, stamps)
+
+
+def load(checked: CheckedJob, *, device: str = "cpu", spec_overrides: dict[str, Any] | None = None,
+         check_model: Callable[[str], None] | None = None) -> PreparedJob:
+    """The second half of :func:`prepare`: the checkpoint resolved and digested, the label
+    embeddings built (text tower once), head, calibration and hierarchy loaded and checked
+    against them. Before Ray and images; the output stays claimed (by :func:`check`).
+
+    Args:
+        checked: from :func:`check`.
+        device: where the text tower runs; "auto": CUDA when this process sees a GPU, else the CPU.
+        spec_overrides: decode limits passed to the model's preprocessing spec.
+        check_model: called with the checkpoint digest before the text tower runs (relabel:
+            the source's embeddings must come from this checkpoint).
+
+    Returns:
+        The prepared job (its ``store`` is ``checked.store``, still claimed).
+
+    Raises:
+        ConfigError, ModelLoadError (the claim is kept: the caller gives it up).
+    """
+    options, rule, store, started, settings, stamps = checked
+    model = options.model
+    assert model, "check() refuses a job without a model"
+    loading = time.perf_counter()
+    # torch and transformers only now: everything in ``check`` fails (or finishes) without them.
     from .labels import build_label_set
     from .model import checkpoint_digest, load_model, resolve_checkpoint
 
@@ -199,14 +245,14 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    path = resolve_checkpoint(options.model, options.revision, options.storage_options)
+    path = resolve_checkpoint(model, options.revision, options.storage_options)
     digest = checkpoint_digest(path)
     if check_model is not None:
         check_model(digest)
     # The text tower in float32 (the label embeddings are the classifier's weights), batched;
     # its result is cached on disk (labels.build_label_set).
     text_model = load_model(path, device=device, **(spec_overrides or {}))
-    rule.check_score_kind(text_model.score_kind, options.model)  # before any image is read
+    rule.check_score_kind(text_model.score_kind, model)  # before any image is read
     label_set = build_label_set(list(options.labels), list(options.templates), text_model, digest=digest)
     job = PreparedJob(options, rule, store, started, {}, stamps, str(path), digest, label_set, text_model.score_kind,
                       text_model.model_type, text_model.logit_scale, text_model.logit_bias, text_model.preprocess,
@@ -221,10 +267,27 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
                                    labels=job.labels, templates=job.templates, score_kind=job.score_kind,
                                    head=job.head.id if job.head is not None else None)
     job.hierarchy = Hierarchy.from_labels(job.labels) if options.hierarchy else None
-    job.timings["model_and_labels_s"] = time.perf_counter() - started
-    store.claim(options.mode, settings)
+    job.timings["model_and_labels_s"] = time.perf_counter() - loading
     job.settings = settings
     return job
+
+
+def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
+            spec_overrides: dict[str, Any] | None = None,
+            check_input: Callable[[], None] | None = None,
+            check_model: Callable[[str], None] | None = None) -> PreparedJob | FinishedRun:
+    """Everything before Ray and images (see the module docstring): :func:`check`, then
+    :func:`load` (their arguments, returns and errors); the claim is given up if ``load``
+    fails, else held by the prepared job (``PreparedJob.claimed``). A command that has work of
+    its own between the two (``label`` plans its input there) calls them itself."""
+    checked = check(options, input_uri, check_input=check_input)
+    if isinstance(checked, FinishedRun):
+        return checked
+    try:
+        return load(checked, device=device, spec_overrides=spec_overrides, check_model=check_model)
+    except BaseException:
+        checked.store.release()
+        raise
 
 
 def begin(job: PreparedJob, schema: pa.Schema, *, preprocess: dict | None,

@@ -1,13 +1,14 @@
 """The one place that composes the Ray Data pipeline for a labeling job, and its driver.
 
-    job.prepare (options, output checks, --resume short-cut, model + label embeddings, claim)
-    -> start/join Ray and size every stage (``cluster``) -> plan inputs (``sources``)
-    -> job.begin (write session) -> [drop committed inputs] -> [decode tasks] -> [labeler
+    job.check (options, output checks, --resume short-cut, claim) -> plan inputs (``sources``)
+    -> job.load (model + label embeddings) -> start/join Ray and size every stage
+    (``cluster``) -> job.begin (write session) -> [drop committed inputs] -> [decode tasks] -> [labeler
     actors] -> [commit one Parquet file per block], run to the end -> job.finish (counts,
     accounting check, run manifest, error budget)
 
 Everything that can fail for the whole job fails before the first image is read, and what
-needs neither Ray nor the model fails before either starts (``job.prepare``). What the stages
+needs neither Ray nor the model (the options, the output, the input's listing) fails before
+either starts. What the stages
 share is derived from the config once, in ``run_label_job``, before the output changes: the
 cluster's sizing (actor pool and its strategy, decode task options, decoded bytes in flight,
 write tasks) and the I/O policy the inputs are planned and fetched with; ``compose`` only wires
@@ -56,14 +57,22 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         listed input (nothing committed), and ErrorBudgetExceeded after writing when more than
         ``max_error_fraction`` rows failed.
     """
-    io = config.io_policy()  # the time limits and retries every listing and fetch of this job keeps
     spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode,
                       "reference_pixels": config.reference_pixels}
-    prepared = job.prepare(config, config.input, device="auto", spec_overrides=spec_overrides,
-                           check_input=config.check_input)
-    if isinstance(prepared, job.FinishedRun):
-        return summary_of_finished(*prepared)  # nothing left to do
-    with prepared.claimed():
+    checked = job.check(config, config.input, check_input=config.check_input)
+    if isinstance(checked, job.FinishedRun):
+        return summary_of_finished(*checked)  # nothing left to do
+    with checked.claimed():
+        # The inputs, listed before the model loads and Ray starts (planning needs neither), so an
+        # unreadable manifest or an input without images fails in seconds; listed within the job's
+        # I/O policy, which decoding fetches them within too.
+        io = config.io_policy()
+        plan = sources.plan_inputs(
+            config.input, input_format=config.input_format, storage_options=config.storage_options, io=io,
+            path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,
+            image_column=config.image_column, output=config.output)
+        prepared = job.load(checked, device="auto", spec_overrides=spec_overrides)
+        prepared.timings["planning_s"] = plan.planning_seconds
         # Ray, and each stage's resources sized from the cluster's (``cluster``), once.
         # After the model: in a `ray job submit` driver, joining the cluster can replace the
         # job's unpacked working_dir under the process (its cwd then no longer exists), which
@@ -73,17 +82,11 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         # Before the output changes: a pool no node can hold fails here, leaving nothing behind.
         pool = cluster.actor_pool_size(config)
         task_options = decode_task_options(config)
-        # The inputs, listed within the job's I/O policy (decoding fetches them within it too)
-        # and read in the decode tasks (with their task options, so that Ray Data fuses the two
-        # into one task per block), in blocks sized for the cluster.
-        plan = sources.plan_inputs(
-            config.input, input_format=config.input_format, storage_options=config.storage_options, io=io,
-            path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,
-            image_column=config.image_column, task_options=task_options, cluster_cpus=cluster.cpus(),
-            output=config.output)
-        prepared.timings["planning_s"] = plan.planning_seconds
+        # The planned rows as a Ray Dataset read in the decode tasks (with their task options,
+        # so that Ray Data fuses the two into one task per block), in blocks sized for the cluster.
+        dataset = plan.to_dataset(task_options, cluster.cpus())
         labelers = actor_pool_strategy(config, pool, plan.listed, cluster.nodes)
-        bound_in_flight(config, prepared.preprocess.output_hw, pool, plan.dataset)
+        bound_in_flight(config, prepared.preprocess.output_hw, pool, dataset)
         # The write session: the output schema is part of the run's fingerprint.
         schema = output_schema(plan.carried_columns, prepared.embedding_dim if config.store_embeddings else None,
                                config.embedding_dtype, abstained=config.min_score is not None,

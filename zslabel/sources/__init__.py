@@ -84,7 +84,7 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
                 dedupe: bool = False, image_column: str | None = None,
                 task_options: dict | None = None, cluster_cpus: float | None = None,
                 use_ray: bool = True, output: str | None = None) -> InputPlan:
-    """Discover the inputs at ``uri`` and return a lazy Ray Dataset of them plus counts.
+    """Discover the inputs at ``uri`` (no Ray needed) and return them with their counts.
 
     Args:
         uri: a folder, glob pattern, manifest file, tar shard(s) (brace ranges allowed) or
@@ -106,10 +106,13 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
         image_column: Parquet column of image bytes (default: first binary column named
             jpg/png/image/webp/bytes).
         task_options: Ray remote arguments for the stage that reads planned rows (see
-            ``InputOptions``); the next stage's, so that Ray Data fuses them.
+            ``InputOptions``); the next stage's, so that Ray Data fuses them. The default of
+            ``InputPlan.to_dataset``, which may be given them instead (the job does: it plans
+            before Ray starts).
         cluster_cpus: CPUs the cluster has or may scale to; sizes the blocks of planned rows
-            (``blocks.rows_per_block``). None: by the row count alone.
-        use_ray: False plans without Ray: ``dataset`` is None and ``plan.read_locally()``
+            (``blocks.rows_per_block``). None: by the row count alone. As ``task_options``.
+        use_ray: True: the plan is read as a Ray Dataset (``InputPlan.to_dataset``, made when
+            first asked for: planning itself needs no Ray). False: ``plan.read_locally()``
             gives the rows (tars and Parquet are read then, in this process).
         output: the job's output URI (``--output``). A folder or glob input that holds it lists
             nothing under it: it is one skipped entry (``output_folder``), so that a rerun does

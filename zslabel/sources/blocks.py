@@ -167,20 +167,27 @@ class _Tally:
         return self.per_file
 
 
-def planned_dataset(table: pa.Table, options) -> tuple[Any, Callable[[], list[pa.Table]] | None]:
-    """``(dataset, None)`` for a driver-planned table (:func:`dataset_from_table` with the
-    options' ``task_options``/``cluster_cpus``), or ``(None, local reader)`` when
-    ``options.use_ray`` is False (``InputPlan.read_locally``)."""
+def planned_dataset(table: pa.Table, options) -> dict[str, Any]:
+    """The ``InputPlan`` keyword that reads a driver-planned table: ``_open`` (for
+    ``InputPlan.to_dataset``: :func:`dataset_from_table`, by default with the options'
+    ``task_options``/``cluster_cpus``), or ``_local`` when ``options.use_ray`` is False
+    (``InputPlan.read_locally``)."""
     if not options.use_ray:
-        return None, lambda: [table]
-    return dataset_from_table(table, options.task_options, options.cluster_cpus), None
+        return {"_local": lambda: [table]}
+
+    def open_dataset(task_options: dict | None, cluster_cpus: float | None) -> tuple[Any, None]:
+        return dataset_from_table(table, options.task_options if task_options is None else task_options,
+                                  options.cluster_cpus if cluster_cpus is None else cluster_cpus), None
+
+    return {"_open": open_dataset}
 
 
 def streaming_plan(kind: str, files: list[str], reader: Reader, storage_options: dict,
                    carried: list[str], planned: dict | None = None, use_ray: bool = True,
                    **reader_kwargs: Any) -> InputPlan:
-    """A plan reading ``files`` with one Ray task per file, streaming batches as it goes
-    (``use_ray`` False: no dataset; ``InputPlan.read_locally`` runs the reader here).
+    """A plan reading ``files`` with one Ray task per file, streaming batches as it goes (the
+    dataset and the actor collecting the counts are made by ``InputPlan.to_dataset``; ``use_ray``
+    False: ``InputPlan.read_locally`` runs the reader here).
 
     ``planned``: what planning itself listed and skipped (``common.new_counts``; files beside
     the shards), added to the read tasks' counts by ``InputPlan.finalize``.
@@ -201,26 +208,30 @@ def streaming_plan(kind: str, files: list[str], reader: Reader, storage_options:
                 per_file[uri] = counts
             return tables
 
-        return InputPlan(dataset=None, kind=kind, listed=None, skipped=planned["skipped"],
+        return InputPlan(kind=kind, listed=None, skipped=planned["skipped"],
                          skipped_examples=list(planned["examples"]), skipped_by_reason=dict(planned["reasons"]),
                          duplicates_removed=0, planning_seconds=0.0, carried_columns=carried,
                          planned_files=list(files), _tally=lambda: per_file, _planned_counts=planned,
                          _local=local)
-    import ray
-    import ray.data
 
-    # An actor handle; Ray's annotations type its methods as _Tally's own (no ``.remote``).
-    tally: Any = ray.remote(num_cpus=0)(_Tally).remote()
-    dataset = ray.data.range(len(files), override_num_blocks=len(files)).map_batches(
-        # Ray annotates the UDF as one-argument; the others come from fn_kwargs.
-        _read_files, batch_size=1, batch_format="pyarrow",  # type: ignore[arg-type]
-        fn_kwargs={"files": files, "reader": reader, "storage_options": storage_options,
-                   "carried": carried, "tally": tally, "reader_kwargs": reader_kwargs})
-    return InputPlan(dataset=dataset, kind=kind, listed=None, skipped=planned["skipped"],
+    def open_dataset(task_options: dict | None, cluster_cpus: float | None) -> tuple[Any, Callable[[], dict]]:
+        # One task per file whatever the cluster: task options and CPUs do not shape it.
+        import ray
+        import ray.data
+
+        # An actor handle; Ray's annotations type its methods as _Tally's own (no ``.remote``).
+        tally: Any = ray.remote(num_cpus=0)(_Tally).remote()
+        dataset = ray.data.range(len(files), override_num_blocks=len(files)).map_batches(
+            # Ray annotates the UDF as one-argument; the others come from fn_kwargs.
+            _read_files, batch_size=1, batch_format="pyarrow",  # type: ignore[arg-type]
+            fn_kwargs={"files": files, "reader": reader, "storage_options": storage_options,
+                       "carried": carried, "tally": tally, "reader_kwargs": reader_kwargs})
+        return dataset, lambda: ray.get(tally.get.remote())
+
+    return InputPlan(kind=kind, listed=None, skipped=planned["skipped"],
                      skipped_examples=list(planned["examples"]), skipped_by_reason=dict(planned["reasons"]),
                      duplicates_removed=0, planning_seconds=0.0, carried_columns=carried,
-                     planned_files=list(files), _tally=lambda: ray.get(tally.get.remote()),
-                     _planned_counts=planned)
+                     planned_files=list(files), _planned_counts=planned, _open=open_dataset)
 
 
 def _read_files(batch: pa.Table, files: list[str], reader: Reader, storage_options: dict,

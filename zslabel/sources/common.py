@@ -138,9 +138,12 @@ def count_skip(counts: dict, reason: str, example: str, *, listed: bool = True) 
 
 @dataclass
 class InputPlan:
-    """What planning found: the lazy dataset and the counts for the run summary.
+    """What planning found: the planned rows and the counts for the run summary.
 
-    ``dataset`` rows: the core columns (module docstring), then ``carried_columns`` (strings).
+    Planning needs no Ray: the job plans its input before the model loads and Ray starts, so an
+    unreadable manifest or an input without images fails in seconds. The Ray Dataset is made
+    afterwards, once, by :meth:`to_dataset` (or the :attr:`dataset` property). Its rows: the
+    core columns (module docstring), then ``carried_columns`` (strings).
     Counts obey ``listed == rows + skipped + duplicates_removed`` for every kind (README
     "Inputs" says what each kind lists); :meth:`expected_rows` is the right-hand side's row
     count. ``skipped_by_reason`` splits ``skipped`` by ``SKIP_REASONS`` key (its values sum to
@@ -149,7 +152,6 @@ class InputPlan:
     :meth:`finalize` is called after the dataset has been consumed.
     """
 
-    dataset: Any  # ray.data.Dataset
     kind: str
     listed: int | None
     skipped: int
@@ -175,6 +177,38 @@ class InputPlan:
     container_files: list[str] | None = field(default=None, repr=False)
     # Planned without Ray (InputOptions.use_ray False): () -> the planned tables, read here.
     _local: Callable[[], list[pa.Table]] | None = field(default=None, repr=False)
+    # Planned for Ray: (task_options, cluster_cpus) -> (the lazy ray.data.Dataset, the streaming
+    # kinds' tally or None); None arguments mean the planning options' own.
+    _open: Callable[[dict | None, float | None], tuple[Any, Callable[[], dict[str, dict]] | None]] | None = \
+        field(default=None, repr=False)
+    _dataset: Any = field(default=None, repr=False)  # ray.data.Dataset, once made
+
+    def to_dataset(self, task_options: dict | None = None, cluster_cpus: float | None = None) -> Any:
+        """The lazy ``ray.data.Dataset`` of the planned rows, made on the first call (Ray must be
+        running by then: ``ray.data`` would start a local instance); later calls return it.
+
+        Args:
+            task_options: Ray remote arguments of the stage that reads the rows (see
+                ``InputOptions``); None: the planning options' own.
+            cluster_cpus: the CPUs that size the blocks of driver-planned rows
+                (``blocks.rows_per_block``); None: the planning options' own.
+
+        Raises:
+            ValueError: the plan was made without Ray (``read_locally`` gives its rows).
+        """
+        if self._dataset is None:
+            if self._open is None:
+                raise ValueError("this plan was made without Ray: read plan.read_locally()")
+            self._dataset, tally = self._open(task_options, cluster_cpus)
+            self._open = None  # it holds the planned table, which is in the object store now
+            if tally is not None:
+                self._tally = tally
+        return self._dataset
+
+    @property
+    def dataset(self) -> Any:
+        """:meth:`to_dataset` with the planning options' task options and CPUs."""
+        return self.to_dataset()
 
     def read_locally(self) -> list[dict]:
         """The rows of a plan made without Ray (``plan_inputs(..., use_ray=False)``), as dicts
@@ -185,7 +219,7 @@ class InputPlan:
             ValueError: the plan was made with Ray (read ``dataset`` instead).
         """
         if self._local is None:
-            raise ValueError("this plan was made with Ray: read plan.dataset")
+            raise ValueError("this plan was made for Ray: read plan.to_dataset()")
         rows = [r for t in self._local() for r in t.to_pylist()]
         return sorted(rows, key=lambda r: r["input_index"])
 
@@ -223,9 +257,9 @@ class InputPlan:
         """Count one entry that planning listed and skipped (``reason``: a ``SKIP_REASONS``
         key), e.g. ``_SUCCESS`` beside Parquet parts; for streaming kinds it is kept apart from
         the read tasks' counts, which :meth:`finalize` adds to it."""
-        target = self._planned_counts if self._tally is not None else None
-        if target is not None:
-            count_skip(target, reason, example)
+        # Only streaming kinds keep planning's own counts apart (their tally may not exist yet).
+        if self._planned_counts is not None:
+            count_skip(self._planned_counts, reason, example)
         if self.listed is not None:
             self.listed += 1
         self.skipped += 1

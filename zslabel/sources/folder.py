@@ -219,15 +219,15 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
     _warn_unread_containers(uri, [to_uri(p) for p, reason in skipped if reason == "not_an_image"], options,
                             "it is read as loose images")
     table = core_table(pa.array([to_uri(p) for p in images], pa.string()))
-    dataset, local = planned_dataset(table, options)
+    read = planned_dataset(table, options)
     reasons: dict[str, int] = {}
     for _, reason in skipped:
         reasons[reason] = reasons.get(reason, 0) + 1
-    return InputPlan(dataset=dataset, kind="glob" if pattern else "folder",
+    return InputPlan(kind="glob" if pattern else "folder",
                      listed=len(images) + len(skipped), skipped=len(skipped), skipped_by_reason=reasons,
                      skipped_examples=[to_uri(p) for p, _ in skipped[:MAX_EXAMPLES]],
                      duplicates_removed=0, planning_seconds=0.0, carried_columns=[],
-                     planned_paths=table.column("path"), _local=local)
+                     planned_paths=table.column("path"), **read)
 
 
 def _warn_unread_containers(uri: str, skipped: list[str], options: InputOptions, how: str) -> None:

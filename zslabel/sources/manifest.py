@@ -179,16 +179,16 @@ def plan_path_table(uri: str, fs, fs_path: str, table: pa.Table, path_col: str |
                                       *(f"{len(v)} {k.replace('_', ' ')}" for k, v in dropped.items()
                                         if k != "malformed_row")]) + ")")
     table = core_table(paths, cols)
-    dataset, local = planned_dataset(table, options)
+    read = planned_dataset(table, options)
     reasons = {k: v for k, v in (("empty_path", len(empty_rows)), *((k, len(v)) for k, v in dropped.items())) if v}
     examples = [f"{uri} row {i}" for i in empty_rows[:MAX_EXAMPLES]]
     for reason, rows in dropped.items():
         examples += [f"{uri} {reason.replace('_', ' ')} {m!r}" for m in rows[: max(0, MAX_EXAMPLES - len(examples))]]
-    return InputPlan(dataset=dataset, kind=kind, listed=listed,
+    return InputPlan(kind=kind, listed=listed,
                      skipped=len(empty_rows) + n_dropped, skipped_by_reason=reasons,
                      skipped_examples=examples,
                      duplicates_removed=removed, planning_seconds=0.0, carried_columns=list(cols),
-                     planned_paths=table.column("path"), _local=local)
+                     planned_paths=table.column("path"), **read)
 
 
 def same_file_keys(paths: pa.Array | pa.ChunkedArray) -> pa.Array:
