@@ -154,6 +154,64 @@ def test_concatenated_and_damaged_tars_lose_no_member_silently(tmp_path):
     assert rows[0]["data"] == jpeg(1) and "cut short" in rows[1]["read_error"]
 
 
+def _split_compress(compress, parts: list[bytes]) -> bytes:
+    return b"".join(compress(p) for p in parts)
+
+
+@pytest.mark.parametrize("name, layout", [
+    ("cat.tar.gz", "two tars"),     # `cat a.tar.gz b.tar.gz`: one gzip member per tar
+    ("bgz.tar.gz", "split"),        # bgzip / pigz --independent: one tar in many gzip members
+    ("pb.tar.bz2", "split"),        # pbzip2 / lbzip2: one tar in many bzip2 streams
+    ("x.tar.xz", "split"),          # xz streams concatenated (xz reads them as one)
+])
+@pytest.mark.parametrize("over_http", [False, True])
+def test_a_compressed_shard_of_several_members_is_read_whole(tmp_path, name, layout, over_http):
+    """A gzip file is a series of members (RFC 1952 2.2), bzip2 and xz files may be several
+    streams, and `gzip -dc` / `bzip2 -dc` / `xz -dc` read them all as one. tarfile's stream
+    mode stopped after the first: the images after it were silently never listed (the
+    concatenated case: exit 0, counts balanced) or became a "unexpected end of data" row
+    (libarchive#145). Local files and a non-seekable HTTP stream alike."""
+    import bz2
+    import gzip
+    import lzma
+
+    compress = {".gz": gzip.compress, "bz2": bz2.compress, ".xz": lzma.compress}[name[-3:]]
+    images = [jpeg(i, size=(40, 30)) for i in range(4)]
+    one = build_tar(tmp_path / "1.tar", [member("a.jpg", images[0]), member("b.jpg", images[1])]).read_bytes()
+    two = build_tar(tmp_path / "2.tar", [member("c.jpg", images[2]), member("d.jpg", images[3])]).read_bytes()
+    if layout == "two tars":
+        data = _split_compress(compress, [one, two])
+    else:
+        whole = build_tar(tmp_path / "w.tar", [member(f"{k}.jpg", d) for k, d in zip("abcd", images)]).read_bytes()
+        data = _split_compress(compress, [whole[i: i + 1500] for i in range(0, len(whole), 1500)])
+    write(tmp_path / "site" / name, data)
+    if over_http:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_NoRangeHandler, directory=str(tmp_path / "site")))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            _, rows = planned(f"http://127.0.0.1:{server.server_address[1]}/{name}")
+        finally:
+            server.shutdown()
+            server.server_close()
+    else:
+        _, rows = planned(str(tmp_path / "site" / name))
+    assert [r["path"].rsplit("#", 1)[-1] for r in rows] == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+    assert [r["data"] for r in rows] == images and all(r["read_error"] is None for r in rows)
+
+
+def test_a_compressed_shard_cut_short_keeps_its_members_and_says_so(tmp_path):
+    import gzip
+
+    images = [jpeg(i, size=(40, 30)) for i in range(3)]
+    whole = build_tar(tmp_path / "w.tar", [member(f"{k}.jpg", d) for k, d in zip("abc", images)]).read_bytes()
+    data = gzip.compress(whole)
+    write(tmp_path / "cut.tar.gz", data[: len(data) * 2 // 3])
+    _, rows = planned(str(tmp_path / "cut.tar.gz"))
+    good = [r for r in rows if r["read_error"] is None]
+    assert good and [r["data"] for r in good] == images[: len(good)]
+    assert "cut short" in rows[-1]["read_error"] or "end" in rows[-1]["read_error"], rows[-1]["read_error"]
+
+
 class _NoRangeHandler(SimpleHTTPRequestHandler):
     """The standard library's file server: it ignores Range, answering every GET with 200 and
     the whole file, and sends no Accept-Ranges."""

@@ -31,10 +31,15 @@ one ``read_error`` row (listed); a bug while handling one member is that member'
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
 import logging
+import lzma
 import posixpath
 import tarfile
 from collections.abc import Callable, Generator, Iterator
+from typing import IO, Any
 
 import pyarrow as pa
 
@@ -69,9 +74,17 @@ MAX_LINK_HOPS = 40
 # tarfile's read size in stream mode (its default, 10 KiB, makes skipping a large member
 # hundreds of thousands of small reads).
 TAR_BUFSIZE = 1 << 20
-# gzip, bzip2, xz, zstd: read as a stream, decompressed by tarfile (zstd: refused by it).
+# gzip, bzip2, xz: read as a stream through the standard library's decompressing file, which
+# reads every member (gzip) or stream (bzip2, xz) of a file as one, as `gzip -dc` does: a shard
+# appended to another (`cat a.tar.gz b.tar.gz`), bgzip/pigz's independent members, pbzip2's
+# streams. tarfile's own stream mode (``r|gz``) stops after the first one: the images after it
+# were silently not listed (libarchive#145). zstd: refused (no decompressor in this Python).
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", _ZSTD_MAGIC)
+_DECOMPRESSORS: dict[bytes, Callable[[Any], io.BufferedIOBase]] = {
+    b"\x1f\x8b": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
+    b"BZh": lambda f: bz2.BZ2File(f),
+    b"\xfd7zXZ\x00": lambda f: lzma.LZMAFile(f),
+}
 CARRIED = ["key", *SIDECARS]
 _SCHEMA = schema_with(CARRIED)
 def _shards(uri: str, options: InputOptions) -> tuple[list[str], list[tuple[str, str]]]:
@@ -316,7 +329,8 @@ def _open_tar(uri: str, storage_options: dict, log: _HeaderLog):
     An uncompressed tar in a seekable file (local, object stores) is opened ``r:``: tarfile
     seeks past the data of members it does not read (a 3 GiB member over the size limit costs
     no download). Compressed tars (told by their magic bytes: ``r:*`` would not tell them apart
-    with ``ignore_zeros``) and HTTP(S) are read as a stream (``r|*``). HTTP(S) is read with one
+    with ``ignore_zeros``; decompressed by ``_DECOMPRESSORS``) and HTTP(S) are read as a stream
+    (``r|``). HTTP(S) is read with one
     plain GET (fsspec ``block_size=0``): a server that ignores ``Range`` answers each of
     fsspec's block requests with the whole file, and fsspec then refuses every block after the
     first, which lost the rest of the shard."""
@@ -324,23 +338,60 @@ def _open_tar(uri: str, storage_options: dict, log: _HeaderLog):
     http = bool({"http", "https"} & set(storage.protocols(fs)))
     f = storage.open_input(fs, fs_path, "rb", block_size=0 if http else STREAM_BLOCK_SIZE)
     try:
-        random_access = False
-        if not http and f.seekable():
-            head = f.read(6)
-            if head.startswith(_ZSTD_MAGIC):  # Python's tarfile reads gzip, bz2 and xz only
-                raise InputError("zstd-compressed data, which this Python's tarfile cannot read: decompress "
-                                 "the shard (zstd -d) or write it with gzip")
-            random_access = not head.startswith(_COMPRESSED_MAGIC)
+        head = f.read(6)
+        if head.startswith(_ZSTD_MAGIC):  # Python's tarfile reads gzip, bz2 and xz only
+            raise InputError("zstd-compressed data, which this Python's tarfile cannot read: decompress "
+                             "the shard (zstd -d) or write it with gzip")
+        decompress = next((d for magic, d in _DECOMPRESSORS.items() if head.startswith(magic)), None)
+        seekable = not http and f.seekable()
+        if seekable:
             f.seek(0)
-        if random_access:
+        if seekable and decompress is None:
             tar = tarfile.open(fileobj=f, mode="r:", ignore_zeros=True, tarinfo=log.tarinfo_class())
         else:
-            tar = tarfile.open(fileobj=f, mode="r|*", bufsize=TAR_BUFSIZE, ignore_zeros=True,
+            stream: Any = f if seekable else io.BufferedReader(_Prefixed(head, f), TAR_BUFSIZE)  # a file object
+            if decompress is not None:
+                stream = _ReadAvailable(decompress(stream))
+            tar = tarfile.open(fileobj=stream, mode="r|", bufsize=TAR_BUFSIZE, ignore_zeros=True,
                                tarinfo=log.tarinfo_class())
     except BaseException:
         f.close()
         raise
     return f, tar
+
+
+class _ReadAvailable:
+    """A decompressing file whose ``read(n)`` gives what one read of the compressed data yields
+    (``read1``). tarfile asks for a megabyte at a time; a decompressing file's ``read`` fills it
+    or raises, so a shard cut short lost every member before the cut with it (``EOFError``),
+    where each ``read1`` hands those members over and the cut then ends the member it falls in."""
+
+    def __init__(self, f: io.BufferedIOBase):
+        self._f = f
+
+    def read(self, size: int = -1) -> bytes:
+        return self._f.read1(size)
+
+
+class _Prefixed(io.RawIOBase):
+    """A stream that cannot seek back, with the bytes already read from its start (to tell
+    its compression) put back in front."""
+
+    def __init__(self, head: bytes, f: IO[bytes]):
+        self._head, self._f = head, f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        if self._head:
+            n = min(len(view), len(self._head))
+            view[:n], self._head = self._head[:n], self._head[n:]
+            return n
+        data = self._f.read(len(view))
+        view[:len(data)] = data
+        return len(data)
 
 
 def _link_target(info: tarfile.TarInfo, name: str) -> str | None:
