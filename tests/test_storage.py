@@ -263,3 +263,37 @@ def test_an_http_input_that_fails_says_how_not_that_it_does_not_exist():
     with pytest.raises(InputError, match=r"cannot reach http://127\.0\.0\.1:1/list\.txt \(ClientConnectorError.*"
                                          r"nothing accepts connections there: check the host and port"):
         check_input_exists("http://127.0.0.1:1/list.txt")
+
+
+def test_an_http_url_is_fetched_as_written_escapes_and_all():
+    """A ``%XX`` escape is not its character (RFC 3986 2.2): ``/a%3Bb`` and ``/a;b`` are two
+    resources, as are ``/p%.png`` and ``/p%25.png``. The URL went out through yarl's requoting
+    (``%3B %26 %3D %2C %40`` decoded, a bare ``%`` escaped), and a server that told them apart
+    gave those rows another resource's bytes (aio-libs/yarl#223). What a URL may not hold
+    (a space, non-ASCII) is still escaped, as UTF-8."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # answers with the request target exactly as it arrived
+            body = self.path.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    sent = {"/a%3Bb.png": "/a%3Bb.png", "/a;b.png": "/a;b.png", "/c%2Cd%40e%26f%3Dg.png": "/c%2Cd%40e%26f%3Dg.png",
+            "/p%.png": "/p%.png", "/p%25.png": "/p%25.png", "/s%2Fx.png": "/s%2Fx.png",
+            "/img?v=1&w=%26": "/img?v=1&w=%26", "/sp ace é.png": "/sp%20ace%20%C3%A9.png"}
+    try:
+        got = fetch.fetch_many([base + p for p in sent])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [(data.decode() if data else error) for data, error in got] == list(sent.values())

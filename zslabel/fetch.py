@@ -142,12 +142,30 @@ def read_local_capped(path: str, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def request_url(url: str):
+    """``url`` as it is sent (a ``yarl.URL``): what a URL may not hold (spaces, non-ASCII,
+    quotes, ``<>{}|^``) percent-encoded as UTF-8, and everything else as written: reserved
+    characters, and ``%XX`` escapes (``%2F`` is not ``/``, ``%3B`` not ``;``, ``%25`` not
+    ``%``: RFC 3986 2.2, 2.4), so a row is the resource its URL names.
+
+    fsspec's ``encode_url`` (yarl, ``encoded=False``) re-quoted escapes in paths (``%3B %26 %3D
+    %2C %40`` went out as ``; & = , @``, ``/p%.png`` as ``/p%25.png``): a server that tells
+    them apart gave the row another resource's pixels (aio-libs/yarl#223, aiohttp#4307).
+    """
+    from urllib.parse import quote
+
+    import yarl
+
+    return yarl.URL(quote(url, safe="!#$%&'()*+,/:;=?@[]~"), encoded=True)
+
+
 async def _http_cat_capped(fs, url: str, max_bytes: int) -> bytes:
-    """fsspec ``HTTPFileSystem._cat_file`` (same session, URL encoding and request options),
-    but the status is checked before the body is read, and the body is read in chunks and
-    given up past ``max_bytes`` (fsspec reads any body whole, even an endless one)."""
+    """fsspec ``HTTPFileSystem._cat_file`` (same session and request options; the URL as
+    :func:`request_url` sends it), but the status is checked before the body is read, and the
+    body is read in chunks and given up past ``max_bytes`` (fsspec reads any body whole, even
+    an endless one)."""
     session = await fs.set_session()
-    async with session.get(fs.encode_url(url), **fs.kwargs) as r:
+    async with session.get(request_url(url), **fs.kwargs) as r:
         fs._raise_not_found_for_status(r, url)
         declared = r.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
