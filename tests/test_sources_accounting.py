@@ -481,3 +481,19 @@ def test_many_images_of_one_key_are_read_in_linear_time(tmp_path):
     rows = [r for t in read_tar(str(shard), 0, {}, counts) for r in t.to_pylist()]
     assert len(rows) == n and counts["skipped"] == 0
     assert all(r["json"] == str(int(r["path"].rsplit(".", 2)[1])) for r in rows)
+
+
+@pytest.mark.parametrize("sep", [",", "\t"])
+def test_manifest_entries_and_values_spelled_like_nulls_are_kept(tmp_path, sep):
+    """pyarrow reads NA, N/A, null, nan, None, #N/A ... as null by default (arrow#4184): an
+    entry of that name was skipped as ``empty_path`` and a caption "NA" or "null" carried as
+    null. Only an empty field is missing."""
+    names = ["NA", "null", "nan", "N/A", "None", "#N/A", "a"]
+    captions = ["x", "NA", "null", "None", "n/a", "NaN", ""]
+    manifest = write(tmp_path / ("m.csv" if sep == "," else "m.tsv"),
+                     ("path" + sep + "caption\n" + "".join(f"{n}{sep}{c}\n" for n, c in zip(names, captions))
+                      + sep + "empty path\n").encode())
+    plan, rows = planned(str(manifest), id_column="caption")
+    assert [r["path"] for r in rows] == [str(tmp_path / n) for n in names]
+    assert [r["caption"] for r in rows] == captions[:-1] + [None]
+    assert plan.skipped_by_reason == {"empty_path": 1}

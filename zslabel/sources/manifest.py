@@ -308,7 +308,11 @@ def _read_manifest(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list
                                    invalid_row_handler=invalid_row)
     else:  # RFC 4180
         parse = pacsv.ParseOptions(delimiter=",", newlines_in_values=True, invalid_row_handler=invalid_row)
-    convert = pacsv.ConvertOptions(column_types={h: pa.string() for h in header}, strings_can_be_null=True)
+    # Only an empty field is null (an empty path: a counted skip). pyarrow's default null
+    # spellings (NA, N/A, null, nan, None, ...) are file names and captions here: "NA.jpg" is
+    # not, but an entry "NA" or a caption "null" was read as missing (arrow#4184).
+    convert = pacsv.ConvertOptions(column_types={h: pa.string() for h in header}, strings_can_be_null=True,
+                                   null_values=[""])
 
     def read(b: bytes, block_size: int | None = None) -> pa.Table:
         return pacsv.read_csv(io.BytesIO(b), parse_options=parse, convert_options=convert,
