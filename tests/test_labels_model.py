@@ -116,8 +116,10 @@ def test_token_checks_hold_across_chunks(tiny_clip, tmp_path, monkeypatch, chunk
     # lengths give other prompts, but every label's prompts are alike.
     with pytest.raises(ConfigError, match="maps every label to the same tokens"):
         build_label_set(["cat", "dog", "owl"], templates, load_model(broken), cache=False)
-    with pytest.raises(ConfigError, match="maps every prompt to the same tokens"):
+    with pytest.raises(ConfigError, match="maps every label to the same tokens"):
         build_label_set(["cat", "dog", "owl"], ["a {}."], load_model(broken), cache=False)
+    with pytest.raises(ConfigError, match="maps every prompt to the same tokens"):
+        build_label_set(["cat"], ["a {}.", "b {}."], load_model(broken), cache=False)  # one label, alike templates
 
 
 @pytest.mark.parametrize("key, value", [("num_cpus_per_actor", float("nan")), ("num_cpus_per_actor", float("inf")),
@@ -182,6 +184,10 @@ def test_labels_the_tokenizer_reads_alike_are_refused(tiny_clip, caplog):
     nfc, nfd = "caf\u00e9", "cafe\u0301"
     with pytest.raises(ConfigError, match="written two ways.*'Red Circle' = 'red circle'.*" + nfc + "' = '" + nfd):
         build_label_set(["Red Circle", "red circle", "blue", nfc, nfd], ["a {}."], model, cache=False)
+    # Two labels only, one template: every prompt is the same tokens, which is no missing
+    # tokenizer (it was called one: "is the tokenizer missing from the checkpoint folder?").
+    with pytest.raises(ConfigError, match="written two ways.*'Apple' = 'apple'"):
+        build_label_set(["Apple", "apple"], ["a {}."], model, cache=False)
     with pytest.raises(ConfigError, match="'animal/dog' = 'toy/dog'"):
         build_label_set(["animal/dog", "toy/dog"], ["a {}.", "{}"], model, cache=False)
     assert build_label_set(["red circle", "blue circle"], ["a {}."], model, cache=False).embeddings.shape[0] == 2

@@ -84,7 +84,9 @@ def validate_template(template: str) -> None:
     except ValueError as exc:
         raise ConfigError(f"template {template!r} is not a valid format string: {exc}") from exc
     if fields != [""]:
-        raise ConfigError(f"template {template!r} must contain exactly one '{{}}' field (found {len(fields)})")
+        found = ", ".join("{" + f + "}" for f in fields) or "none"
+        raise ConfigError(f"template {template!r} must contain exactly one empty '{{}}' field, where the label goes "
+                          f"(found: {found}); e.g. 'a photo of a {{}}.'")
 
 
 def named_set_path(name: str | None) -> str | None:
@@ -221,10 +223,13 @@ def _check_prompt_tokens(names: list[str], templates: list[str], prompts: list[s
             for ids in token_ids[i:i + per_label]:
                 h.update(len(ids).to_bytes(4, "little") + array("q", ids).tobytes())
             keys.append(h.digest())
+    # Labels written two ways first: two labels that differ only in case read alike with CLIP's
+    # lower-casing tokenizer, which is no missing tokenizer ("Apple,apple").
+    warnings = _refuse_labels_read_alike(names, keys)
     if all_same and len(set(prompts)) > 1:
         raise ConfigError(f"the checkpoint's tokenizer maps every prompt to the same tokens {first}; "
                           f"{_NO_TOKENIZER}")
-    return _refuse_labels_read_alike(names, keys)
+    return warnings
 
 
 def _refuse_labels_read_alike(names: list[str], tokens: list[bytes]) -> list[str]:
