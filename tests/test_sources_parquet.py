@@ -235,3 +235,104 @@ def test_a_column_of_image_lists_says_what_to_do(tmp_path):
     pq.write_table(table, tmp_path / "train.parquet")
     with pytest.raises(InputError, match=r"column 'images' holds a list of images per row .*flatten that column"):
         plan_inputs(str(tmp_path / "train.parquet"), use_ray=False)
+
+
+def _url(i: int) -> str:
+    return f"http://example.invalid/{i}.jpg"
+
+
+def test_a_first_shard_without_image_bytes_does_not_make_the_folder_a_manifest(tmp_path):
+    """img2dataset shards whose first one had every download fail: pandas writes its all-None
+    ``jpg`` column as type null (or a writer stored "" as string). The first file's schema
+    alone made the whole folder a manifest of ``url``: the later shards' stored bytes were
+    ignored and every row re-downloaded. Now each file is read from its own image column; a
+    shard whose image column holds no bytes gives one read_error row per row (as null cells of
+    a binary column do), path = its url; a file alone with a null-typed ``jpg`` is no manifest."""
+    for first in (pa.table({"jpg": pa.array([None, None]), "url": [_url(0), _url(1)]}),
+                  pa.table({"jpg": pa.array(["", None]), "url": [_url(0), _url(1)]})):
+        folder = tmp_path / str(first.schema.field("jpg").type)
+        folder.mkdir()
+        pq.write_table(first, folder / "000.parquet")
+        pq.write_table(pa.table({"jpg": [jpeg(2), jpeg(3)], "url": [_url(2), _url(3)]}), folder / "001.parquet")
+        for uri in (str(folder), str(folder / "*.parquet")):
+            plan = plan_inputs(uri, use_ray=False)
+            rows = plan.read_locally()
+            check_plan(plan, rows)
+            assert plan.kind == "parquet" and [r["path"] for r in rows] == [_url(i) for i in range(4)]
+            assert [r["data"] for r in rows] == [None, None, jpeg(2), jpeg(3)]
+            assert [error_code(r["read_error"]) for r in rows[:2]] == ["read_error", "read_error"]
+            assert "no bytes in column 'jpg'" in rows[0]["read_error"] and rows[2]["read_error"] is None
+    alone = plan_inputs(str(tmp_path / "null" / "000.parquet"), use_ray=False)
+    rows = alone.read_locally()
+    assert alone.kind == "parquet" and [error_code(r["read_error"]) for r in rows] == ["read_error"] * 2
+    # a first file without any image column: the others are still read from their own bytes
+    folder = tmp_path / "missing"
+    folder.mkdir()
+    pq.write_table(pa.table({"url": [_url(0), _url(1)], "status": ["failed", "failed"]}), folder / "000.parquet")
+    pq.write_table(pa.table({"jpg": [jpeg(2)], "url": [_url(2)]}), folder / "001.parquet")
+    plan = plan_inputs(str(folder), use_ray=False)
+    rows = plan.read_locally()
+    assert plan.kind == "parquet" and rows[-1]["path"] == _url(2) and rows[-1]["data"] == jpeg(2)
+
+
+@pytest.mark.parametrize("columns", [
+    {"img_bytes": "image", "url": [_url(0)]},
+    {"image_bytes": "image", "label": [1]},
+    {"JPG": "image"},
+    {"jpg": "list<uint8>"},
+    {"Photo": "image", "url": [_url(0)], "md5": ["x"]},
+])
+def test_an_image_column_is_found_by_any_case_hint_or_byte_list(tmp_path, columns):
+    """A binary column named ``img_bytes``/``image_bytes``/``JPG``, or bytes stored as
+    ``list<uint8>`` (HF ``Sequence(Value('uint8'))``): beside a ``url`` column the file was read
+    as a manifest of its URLs (stored bytes ignored), else refused with "--path-column". Now
+    such a column is the image column; a lone binary column beside url is refused (not a
+    manifest) unless its name says images."""
+    table = {}
+    for name, value in columns.items():
+        if value == "image":
+            table[name] = pa.array([jpeg(0)])
+        elif value == "list<uint8>":
+            table[name] = pa.array([list(jpeg(0))], pa.list_(pa.uint8()))
+        else:
+            table[name] = value
+    pq.write_table(pa.table(table), tmp_path / "x.parquet")
+    if "Photo" in columns:  # no name hint: in doubt, refused naming the flag and the column
+        with pytest.raises(InputError, match=r"binary column.*'Photo'.*--image-column"):
+            plan_inputs(str(tmp_path / "x.parquet"), use_ray=False)
+        rows = plan_inputs(str(tmp_path / "x.parquet"), use_ray=False, image_column="photo").read_locally()
+    else:
+        plan = plan_inputs(str(tmp_path / "x.parquet"), use_ray=False)
+        assert plan.kind == "parquet"
+        rows = plan.read_locally()
+    assert [r["data"] for r in rows] == [jpeg(0)] and rows[0]["read_error"] is None
+
+
+def test_unclear_image_columns_are_refused_naming_the_flag(tmp_path):
+    """Two binary columns whose names both say images, or no image column and no path column:
+    the refusal names --image-column (and the binary columns), not only --path-column."""
+    pq.write_table(pa.table({"image_bytes": [jpeg(0)], "thumb_bytes": [jpeg(1)]}), tmp_path / "two.parquet")
+    with pytest.raises(InputError, match=r"'image_bytes', 'thumb_bytes'.*--image-column"):
+        plan_inputs(str(tmp_path / "two.parquet"), use_ray=False)
+    rows = plan_inputs(str(tmp_path / "two.parquet"), use_ray=False, image_column="thumb_bytes").read_locally()
+    assert rows[0]["data"] == jpeg(1)
+    pq.write_table(pa.table({"name": ["a"], "label": [1]}), tmp_path / "none.parquet")
+    with pytest.raises(InputError, match=r"--image-column.*--path-column"):
+        plan_inputs(str(tmp_path / "none.parquet"), use_ray=False)
+
+
+def test_each_row_takes_its_image_from_the_extension_column_holding_it(tmp_path):
+    """WebDataset converted to Parquet keeps one column per extension (``jpg``, ``png``), each
+    row's bytes in the column of its format: every PNG row was "no bytes in column 'jpg'". A
+    row now takes the first non-null of the file's extension columns; a row with none is a
+    read_error row."""
+    pq.write_table(pa.table({"jpg": pa.array([jpeg(0), None, None]), "png": pa.array([None, jpeg(1), None]),
+                             "__key__": ["a", "b", "c"]}), tmp_path / "mixed.parquet")
+    plan = plan_inputs(str(tmp_path / "mixed.parquet"), use_ray=False)
+    rows = plan.read_locally()
+    check_plan(plan, rows)
+    assert [r["data"] for r in rows] == [jpeg(0), jpeg(1), None]
+    assert rows[1]["read_error"] is None and error_code(rows[2]["read_error"]) == "read_error"
+    # a column the user names is the only one read
+    named = plan_inputs(str(tmp_path / "mixed.parquet"), use_ray=False, image_column="jpg").read_locally()
+    assert [r["data"] for r in named] == [jpeg(0), None, None]

@@ -165,7 +165,8 @@ def _label_parser(sub) -> argparse.ArgumentParser:
                        f"{k.name}: {k.summary}" for k in INPUT_KINDS))
     g.add_argument("--path-column", help="manifest column holding URIs (default: path, url or uri)")
     g.add_argument("--id-column", help="manifest column carried into the output")
-    g.add_argument("--image-column", help="Parquet column holding image bytes (default: jpg/png/image/bytes)")
+    g.add_argument("--image-column", help="Parquet column holding image bytes (default: found per file: "
+                   "jpg/png/image/webp/bytes/jpeg/img in any case, else the only binary column named like images)")
     g.add_argument("--dedupe", action="store_true", default=None,
                    help="label each distinct URI once (a local file's file: URI and a//b or x/.. spellings count "
                    "as the same file)")

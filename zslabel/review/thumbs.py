@@ -138,7 +138,8 @@ class ImageReader:
             tables = webdataset_source.read_tar(uri, file_index, self.storage_options, counts)
         else:
             tables = parquet_source.read_parquet(uri, file_index, self.storage_options, counts,
-                                                 image_column=self._image_column(uri), carried_columns=[])
+                                                 image_column=self._image_column(uri), carried_columns=[],
+                                                 find_own_column=self.image_column is None)
         try:
             for table in tables:
                 sel = table.filter(pc.is_in(table.column("input_index"), pa.array(sorted(wanted), pa.int64())))

@@ -103,8 +103,9 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
         path_column: manifest column holding the URIs (default: first of path/url/uri).
         id_column: manifest column carried to the output as a string column.
         dedupe: manifests only: keep the first row of each repeated URI.
-        image_column: Parquet column of image bytes (default: first binary column named
-            jpg/png/image/webp/bytes).
+        image_column: Parquet column of image bytes, any case (default: each file's own,
+            ``parquet.image_columns``: a binary column named jpg/png/image/webp/bytes/jpeg/img
+            in any case, else the only binary one named like images).
         task_options: Ray remote arguments for the stage that reads planned rows (see
             ``InputOptions``); the next stage's, so that Ray Data fuses them. The default of
             ``InputPlan.to_dataset``, which may be given them instead (the job does: it plans

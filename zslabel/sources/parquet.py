@@ -1,7 +1,9 @@
 """Input kind ``parquet``: Parquet files holding encoded images, read streaming in one Ray task
 per file. Two layouts of the image column:
 
-- img2dataset: a binary column (``jpg`` + ``url`` + ``key`` + ``caption``);
+- img2dataset: a binary column (``jpg`` + ``url`` + ``key`` + ``caption``), found by name in any
+  case, binary in any layout or ``list<uint8>`` (:func:`image_columns`); with one column per
+  format (``jpg``, ``png``, ...) a row's image is the first of them not null;
 - Hugging Face ``datasets`` ``Image()``: ``struct<bytes: binary, path: string>`` (found by the
   ``huggingface`` schema metadata, or by that shape). A row whose ``bytes`` is null and whose
   ``path`` is set is read from that path (relative to the Parquet file's folder), as
@@ -14,7 +16,9 @@ rows``, nothing skipped). Carried columns (``key``, ``url``, ``caption``) of any
 strings; nested ones (COCO's ``list<string>`` captions) as JSON text (``common.to_text``).
 
 A single ``.parquet``, or a folder of parts (Spark's ``part-*.parquet`` + ``_SUCCESS``), named in
-auto mode whose schema has no image column is a manifest (a list of paths), planned as one.
+auto mode none of whose files has an image column is a manifest (a list of paths), planned as one
+(decided on every file, not the first: a shard whose ``jpg`` is all null, typed null, holds images
+too); binary columns that may be the images are refused instead, naming ``--image-column``.
 Files beside the parts that are not Parquet are counted as skipped (``not_a_shard``/``hidden``).
 """
 
@@ -33,6 +37,8 @@ from ..errors import INTERNAL_ERROR, READ_ERROR, InputError, error_string
 from .blocks import EMIT_ROWS, STREAM_BLOCK_SIZE, error_table, schema_with, streaming_plan
 from .common import (
     FILE_INDEX_STRIDE,
+    IMAGE_EXTENSIONS,
+    PATH_COLUMN_CANDIDATES,
     InputKind,
     InputOptions,
     InputPlan,
@@ -46,7 +52,14 @@ from .manifest import plan_manifest, plan_manifest_files
 
 logger = logging.getLogger(__name__)
 
-IMAGE_COLUMN_CANDIDATES = ("jpg", "png", "image", "webp", "bytes")
+# Column names (any case) taken for an image column, in this order, when binary or an image struct.
+IMAGE_COLUMN_CANDIDATES = ("jpg", "png", "image", "webp", "bytes", "jpeg", "img")
+# Names of one column per image format (WebDataset converted to Parquet: ``jpg``, ``png``, ...):
+# a row's image is in the first of them that is not null.
+EXTENSION_COLUMNS = tuple(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+# A bytes column whose name (any case) holds one of these is taken when it is the only such one
+# (``img_bytes``, ``image_bytes``, ``jpeg_data``).
+IMAGE_NAME_HINTS = ("image", "img", "jpg", "jpeg", "png", "webp", "bytes")
 CARRIED = ("key", "url", "caption")
 SUFFIXES = (".parquet",)
 
@@ -82,39 +95,76 @@ def plan_parquet(uri: str, options: InputOptions) -> InputPlan:
 
 
 def plan_files(files: list[str], options: InputOptions) -> InputPlan:
-    """Plan the given Parquet file URIs (no listing); the first file's schema picks the image
-    column (a file without the image column picked so finds its own, unless ``image_column``
-    named it), every file's the carried columns.
-    In auto mode, files without an image column are a manifest (one file, or Spark's parts).
+    """Plan the given Parquet file URIs (no listing). Each file is read from its own image
+    columns (:func:`image_columns`; only ``image_column`` when the user named it); every file's
+    carried columns are carried.
 
-    The first schema is the first readable file's: a damaged file (cut short, a bad footer) is
-    that file's ``read_error`` row when the rows are read (``read_parquet``), not a failed job.
+    Whether the files hold images is decided on all of them, never on the first alone: they do
+    when any readable file has an image column, or one named so but typed null (pandas writes
+    an all-None column so: a shard where every download failed). A file that has none is read
+    by :func:`read_parquet`'s rules (rows without bytes are ``read_error`` rows). In auto mode,
+    files none of which hold images are a manifest (one file, or Spark's parts), unless one has
+    binary columns that may be images (refused, naming ``--image-column``; ``--path-column``
+    reads them as a manifest).
+
+    The schemas are those of the readable files: a damaged file (cut short, a bad footer) is
+    that file's ``read_error`` row when the rows are read, not a failed job.
 
     Raises:
-        InputError: no file's schema can be read, no image column (when not auto), manifest errors.
+        InputError: no file's schema can be read; no file has the named ``image_column``; no
+            image column (when not auto); unclear image columns (as :func:`image_columns`);
+            manifest errors (no path column: naming ``--image-column`` and ``--path-column``).
     """
     schemas = _schemas(files, options)
     first, schema = schemas[0]
-    if options.auto and options.image_column is None and find_image_column(
-            schema, None, first, required=False) is None:
+    wanted = options.image_column
+    image_col: str | None = None
+    unclear: list[InputError] = []
+    errors: list[InputError] = []
+    for uri, s in schemas:
         try:
-            return plan_manifest(files[0], options) if len(files) == 1 else plan_manifest_files(files, options)
+            image_col = find_image_column(s, wanted, uri, required=False)
         except InputError as exc:
-            lists = [f.name for f in schema if _is_image_list(f.type)]
-            if not lists:
-                raise
+            (errors if wanted is not None else unclear).append(exc)
+            continue
+        if image_col is not None:
+            break
+    if image_col is None and wanted is None:
+        image_col = next((c for _, s in schemas if (c := empty_image_column(s, text=False)) is not None), None)
+    if image_col is None:
+        if wanted is not None:
+            raise errors[0]
+        if unclear and options.path_column is None:
+            raise unclear[0]
+        if not options.auto:
+            find_image_column(schema, None, first)  # raises: no image column
+        return _plan_as_manifest(files, schemas, options)
+    # Every file's: a column some parts lack (img2dataset shards written with and without
+    # captions) is null in their rows, not dropped from all of them.
+    carried = [c for c in CARRIED if any(c in s.names for _, s in schemas)]
+    return streaming_plan("parquet", files, read_parquet, options.storage_options, carried, use_ray=options.use_ray,
+                          image_column=image_col, carried_columns=carried, find_own_column=wanted is None)
+
+
+def _plan_as_manifest(files: list[str], schemas: list[tuple[str, pa.Schema]], options: InputOptions) -> InputPlan:
+    """Parquet files without images, planned as a manifest; its refusals say what else to do."""
+    first, schema = schemas[0]
+    try:
+        return plan_manifest(files[0], options) if len(files) == 1 else plan_manifest_files(files, options)
+    except InputError as exc:
+        lists = [f.name for f in schema if _is_image_list(f.type)]
+        if lists:
             kind = schema.field(lists[0]).type
             raise InputError(f"{first}: column {lists[0]!r} holds a list of images per row ({kind}, as Hugging "
                              "Face Sequence(Image()) stores them); zslabel labels one image per row: "
                              "flatten that column to one row per image first (pyarrow.compute.list_flatten, "
                              "datasets' map with batched=True)") from exc
-    image_col = find_image_column(schema, options.image_column, first)
-    # Every file's: a column some parts lack (img2dataset shards written with and without
-    # captions) is null in their rows, not dropped from all of them.
-    carried = [c for c in CARRIED if any(c in s.names for _, s in schemas)]
-    return streaming_plan("parquet", files, read_parquet, options.storage_options, carried, use_ray=options.use_ray,
-                          image_column=image_col, carried_columns=carried,
-                          find_own_column=options.image_column is None)
+        if options.path_column is None and not any(
+                _named(s, c) for _, s in schemas for c in PATH_COLUMN_CANDIDATES):
+            raise InputError(f"no image column and no path column in {first}; columns: {', '.join(schema.names)}; "
+                             "name the column of image bytes with --image-column (binary, list<uint8> or "
+                             "struct<bytes, path>), or the column of image URIs with --path-column") from exc
+        raise
 
 
 # Footers read at once while planning (each is one small ranged read; on object stores the
@@ -190,48 +240,120 @@ def _hf_image_columns(schema: pa.Schema) -> list[str]:
             if isinstance(f, dict) and f.get("_type") == "Image" and name in schema.names]
 
 
-def find_image_column(schema: pa.Schema, wanted: str | None, uri: str, *, required: bool = True
-                      ) -> str | None:
-    """The image column: ``wanted``; else a column Hugging Face metadata declares ``Image``;
-    else the first column named as in ``IMAGE_COLUMN_CANDIDATES`` that is binary or an image
-    struct (:func:`is_image_struct`); else the only image struct. None when there is none and
-    not ``required``.
+def is_byte_list(kind: pa.DataType) -> bool:
+    """True for bytes stored as a list of ``uint8`` (``list``, ``large_list`` or ``fixed_size_list``:
+    Hugging Face ``Sequence(Value('uint8'))``), read as the bytes they hold."""
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
+        return False
+    return pa.types.is_uint8(kind.value_type)
+
+
+def _holds_bytes(kind: pa.DataType) -> bool:
+    return is_bytes_type(kind) or is_byte_list(kind)
+
+
+def _usable(kind: pa.DataType) -> bool:
+    return _holds_bytes(kind) or is_image_struct(kind)
+
+
+def _named(schema: pa.Schema, name: str) -> str | None:
+    """The column called ``name``: exactly, else in another case (the first such); None if none."""
+    if name in schema.names:
+        return name
+    return next((n for n in schema.names if n.lower() == name.lower()), None)
+
+
+def image_columns(schema: pa.Schema, wanted: str | None, uri: str) -> list[str]:
+    """The columns one file's images are read from, the main one first; ``[]`` when none.
+
+    ``wanted`` (exact name, else any case): that column alone. Else: a column Hugging Face
+    metadata declares ``Image``; else the first column named (any case) as in
+    ``IMAGE_COLUMN_CANDIDATES`` or ``EXTENSION_COLUMNS`` that holds bytes (binary in any layout,
+    or ``list<uint8>``, :func:`is_byte_list`) or is an image struct (:func:`is_image_struct`),
+    followed, when it holds bytes, by the file's other ``EXTENSION_COLUMNS`` holding bytes (a
+    row's image is the first of them not null); else the only image struct; else the only
+    bytes column whose name holds one of ``IMAGE_NAME_HINTS``.
 
     Raises:
-        InputError: ``wanted`` is missing or neither binary nor an image struct, or none found
-            and ``required``.
+        InputError: ``wanted`` is missing or holds no bytes; or, ``wanted`` None, the file has
+            bytes columns but none of them is clearly its images (several named like images,
+            or only others: a ``url`` column beside them does not make the file a manifest):
+            the message lists them and names ``--image-column``.
     """
-    def usable(name: str) -> bool:
-        kind = schema.field(name).type
-        return is_bytes_type(kind) or is_image_struct(kind)
-
     if wanted is not None:
-        if wanted not in schema.names:
+        name = _named(schema, wanted)
+        if name is None:
             raise InputError(f"image column {wanted!r} not found in {uri}; columns: "
                              f"{', '.join(schema.names)}")
-        if not usable(wanted):
-            raise InputError(f"image column {wanted!r} of {uri} is {schema.field(wanted).type}, not binary "
-                             "or struct<bytes: binary, path: string>")
-        return wanted
+        if not _usable(schema.field(name).type):
+            raise InputError(f"image column {name!r} of {uri} is {schema.field(name).type}, not binary, "
+                             "list<uint8> or struct<bytes: binary, path: string>")
+        return [name]
     for name in _hf_image_columns(schema):
-        if usable(name):
-            return name
-    for cand in IMAGE_COLUMN_CANDIDATES:
-        if cand in schema.names and usable(cand):
-            return cand
+        if _usable(schema.field(name).type):
+            return [name]
+    for cand in (*IMAGE_COLUMN_CANDIDATES, *EXTENSION_COLUMNS):
+        name = _named(schema, cand)
+        if name is None or not _usable(schema.field(name).type):
+            continue
+        if is_image_struct(schema.field(name).type):
+            return [name]
+        others = [f.name for f in schema if f.name != name and f.name.lower() in EXTENSION_COLUMNS
+                  and _holds_bytes(f.type)]
+        return [name, *others]
     structs = [f.name for f in schema if is_image_struct(f.type)]
     if len(structs) == 1:
-        return structs[0]
+        return structs
+    binary = [f.name for f in schema if _holds_bytes(f.type)]
+    hinted = [n for n in binary if any(h in n.lower() for h in IMAGE_NAME_HINTS)]
+    if len(hinted) == 1:
+        return hinted
+    if binary:
+        raise InputError(f"{uri}: cannot tell which column holds the images: binary column(s) "
+                         f"{', '.join(map(repr, hinted or binary))}; name the image column with --image-column "
+                         "(or, to read the file as a list of image URIs, the URI column with --path-column)")
+    return []
+
+
+def find_image_column(schema: pa.Schema, wanted: str | None, uri: str, *, required: bool = True
+                      ) -> str | None:
+    """The main image column of a file (the first of :func:`image_columns`); None when there is
+    none and not ``required``.
+
+    Raises:
+        InputError: as :func:`image_columns` (whatever ``required``), or none found and ``required``.
+    """
+    found = image_columns(schema, wanted, uri)
+    if found:
+        return found[0]
     if required:
         raise InputError(f"no image column in {uri} (looked for binary columns or Hugging Face Image "
-                         f"structs named {', '.join(IMAGE_COLUMN_CANDIDATES)}); columns: "
+                         f"structs named {', '.join(IMAGE_COLUMN_CANDIDATES)} in any case); columns: "
                          f"{', '.join(schema.names)}; name one with --image-column")
     return None
 
 
-def _rows(rb: pa.RecordBatch, uri: str, first: int, index: pa.Array, image_column: str,
+def empty_image_column(schema: pa.Schema, *, text: bool = True) -> str | None:
+    """A column named as an image column (``IMAGE_COLUMN_CANDIDATES``, ``EXTENSION_COLUMNS``, any
+    case) that holds no bytes by its type: ``null`` (pandas writes an all-None column so: a shard
+    where every download failed) or, when ``text``, a string (failed downloads kept as ``""``).
+    Its rows are read as rows without bytes. None when there is none."""
+    for cand in (*IMAGE_COLUMN_CANDIDATES, *EXTENSION_COLUMNS):
+        name = _named(schema, cand)
+        if name is None:
+            continue
+        kind = schema.field(name).type
+        if pa.types.is_null(kind) or (text and (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+                                                or pa.types.is_string_view(kind))):
+            return name
+    return None
+
+
+def _rows(rb: pa.RecordBatch, uri: str, first: int, index: pa.Array, image_columns: list[str],
           carried: list[str]) -> pa.Table:
-    """One record batch as rows (``schema_with(carried)``); ``first`` = its first row number."""
+    """One record batch as rows (``schema_with(carried)``); ``first`` = its first row number.
+    A row's bytes are the first of ``image_columns`` not null (one column per image format); a
+    column typed null or string holds none (a non-empty string is that row's ``read_error``)."""
     n = rb.num_rows
     own = pc.binary_join_element_wise(uri + "#", pa.array([str(i) for i in range(first, first + n)]), "")
     if "url" in rb.schema.names:
@@ -239,7 +361,9 @@ def _rows(rb: pa.RecordBatch, uri: str, first: int, index: pa.Array, image_colum
         path = pc.if_else(pc.and_kleene(pc.is_valid(url), pc.not_equal(url, "")), url, own)
     else:
         path = own
+    image_column = image_columns[0]
     image = rb.column(image_column)
+    text = None
     if pa.types.is_struct(image.type):
         # Hugging Face Image(): bytes inline, or (bytes null) a path to read them from.
         data = _as_binary(pc.struct_field(image, "bytes"))
@@ -250,14 +374,44 @@ def _rows(rb: pa.RecordBatch, uri: str, first: int, index: pa.Array, image_colum
         else:
             fetch = pa.array([False] * n)
         missing = pc.and_kleene(pc.is_null(data), pc.invert(fetch))
-    else:
-        data = _as_binary(image)
+    elif not _holds_bytes(image.type):  # typed null or string: no bytes in this file's column
+        data = pa.nulls(n, pa.binary())
+        if not pa.types.is_null(image.type):
+            text = pc.fill_null(pc.greater(pc.utf8_length(image.cast(pa.string())), 0), False)
+        missing = pa.array([True] * n)
+    elif len(image_columns) == 1:
+        data = _as_binary(_as_bytes(image))
         missing = pc.is_null(data)
+    else:
+        # large_binary while coalescing: any batch fits; _as_binary then cuts it to fit binary
+        data = _as_binary(pc.coalesce(*[_as_bytes(rb.column(c)).cast(pa.large_binary()) for c in image_columns]))
+        missing = pc.is_null(data)
+    where_not = "" if len(image_columns) == 1 else f" (nor in {', '.join(map(repr, image_columns[1:]))})"
     read_error = pc.if_else(missing, pa.scalar(error_string(
-        READ_ERROR, f"no bytes in column {image_column!r} of {uri}")), pa.nulls(n, pa.string()))
+        READ_ERROR, f"no bytes in column {image_column!r}{where_not} of {uri}")), pa.nulls(n, pa.string()))
+    if text is not None:
+        read_error = pc.if_else(text, pa.scalar(error_string(
+            READ_ERROR, f"column {image_column!r} of {uri} holds text ({image.type}), not image bytes")), read_error)
     cols = [path, index, data, read_error]
     cols += [to_text(rb.column(c)) if c in rb.schema.names else pa.nulls(n, pa.string()) for c in carried]
     return pa.Table.from_arrays(cols, schema=schema_with(carried))
+
+
+def _as_bytes(values: pa.Array) -> pa.Array:
+    """A bytes column as it is, a ``list<uint8>`` one (:func:`is_byte_list`) as ``large_binary``:
+    each list's bytes, null where the list is null (a null element inside a list reads as 0)."""
+    if not is_byte_list(values.type):
+        return values
+    if pa.types.is_fixed_size_list(values.type):
+        values = values.cast(pa.large_list(pa.uint8()))
+    import numpy as np
+
+    offsets = values.offsets.to_numpy().astype(np.int64)
+    flat = pc.fill_null(values.values, 0).to_numpy(zero_copy_only=False).astype(np.uint8, copy=False)
+    body = flat[offsets[0]:offsets[-1]]
+    out = pa.Array.from_buffers(pa.large_binary(), len(values),
+                                [None, pa.py_buffer(offsets - offsets[0]), pa.py_buffer(body.tobytes())])
+    return pc.if_else(pc.is_valid(values), out, pa.nulls(len(values), pa.large_binary()))
 
 
 # The most bytes one Arrow binary array holds (32-bit offsets).
@@ -308,10 +462,13 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
                  find_own_column: bool = False) -> Generator[pa.Table, None, None]:
     """Stream one Parquet file by record batches of ``EMIT_ROWS``; fills ``counts["listed"]``.
 
-    ``image_column``: the column of encoded images; a file without it finds its own
-    (``find_image_column``) when ``find_own_column`` (the column was picked from another file's
-    schema, not named by the user: a folder mixing img2dataset's ``jpg`` and a Hugging Face
-    ``image`` struct), else it is that file's ``read_error`` row.
+    ``image_column``: the column of encoded images, named by the user; with ``find_own_column``
+    (the user named none) each file is read from its own :func:`image_columns` instead (a
+    folder mixing img2dataset's ``jpg`` and a Hugging Face ``image`` struct; one column per
+    format), ``image_column`` (the first file's) only naming what a file without any lacks.
+    A file whose image column holds no bytes by its type (null, string:
+    :func:`empty_image_column`, or the named column so typed) gives one ``read_error`` row
+    per row; a file without an image column (or with unclear ones) is one ``read_error`` row.
 
     Never raises. Read one row group at a time: a row group that cannot be read (a damaged
     page, a checksum or decompression error) makes each of its rows, whose number the footer
@@ -336,15 +493,9 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
         fs, fs_path = storage.url_to_fs(uri, storage_options)
         with storage.open_input(fs, fs_path, "rb", block_size=STREAM_BLOCK_SIZE) as f:
             pf = pq.ParquetFile(f)
-            if image_column not in pf.schema_arrow.names:
-                own = find_image_column(pf.schema_arrow, None, uri, required=False) if find_own_column else None
-                if own is None:
-                    raise InputError(f"no image column {image_column!r} (columns: {', '.join(pf.schema_arrow.names)})")
-                image_column = own
-            else:  # this file's column of that name must hold bytes too (a list<binary> one did not)
-                find_image_column(pf.schema_arrow, image_column, uri)
+            own = _own_columns(pf.schema_arrow, uri, image_column, find_own_column)
             # url too when not carried: a row's path is its url wherever this file has one.
-            columns = [image_column, *[c for c in carried if c in pf.schema_arrow.names]]
+            columns = [*own, *[c for c in carried if c in pf.schema_arrow.names]]
             if "url" in pf.schema_arrow.names and "url" not in columns:
                 columns.append("url")
             for group in range(pf.num_row_groups):
@@ -363,7 +514,7 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
                             continue
                         index = pa.array(range(base + row, base + row + n), pa.int64())
                         try:
-                            table = _rows(rb, uri, row, index, image_column, carried)
+                            table = _rows(rb, uri, row, index, own, carried)
                         except Exception as exc:  # noqa: BLE001 - a bug costs these rows, not the file
                             detail = internal_error_detail(f"{uri} rows {row}..{row + n - 1}", exc, logger)
                             table = failed_rows(row, n, error_string(INTERNAL_ERROR, detail))
@@ -394,6 +545,34 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
         counts["listed"] = row + 1
         yield error_table([uri], [base + row], error_string(READ_ERROR, f"parquet {storage.describe_error(exc)}"),
                           carried)
+
+
+def _holds_no_bytes(kind: pa.DataType) -> bool:
+    """Typed so that it can hold no image bytes, though named as an image column: null, string."""
+    return (pa.types.is_null(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or pa.types.is_string_view(kind))
+
+
+def _own_columns(schema: pa.Schema, uri: str, image_column: str, find_own: bool) -> list[str]:
+    """The image columns ``read_parquet`` reads one file's rows from (see there).
+
+    Raises:
+        InputError: the file has no image column, or unclear ones (its ``read_error`` row).
+    """
+    if find_own:
+        own = image_columns(schema, None, uri)
+        if own:
+            return own
+        empty = empty_image_column(schema)
+        if empty is not None:
+            return [empty]
+    name = _named(schema, image_column)
+    if name is None:
+        raise InputError(f"no image column {image_column!r} (columns: {', '.join(schema.names)})")
+    if _holds_no_bytes(schema.field(name).type):
+        return [name]
+    # this file's column of that name must hold bytes (a list<binary> one does not): raises if not
+    return image_columns(schema, name, uri)
 
 
 KIND = InputKind(
