@@ -497,3 +497,36 @@ def test_manifest_entries_and_values_spelled_like_nulls_are_kept(tmp_path, sep):
     assert [r["path"] for r in rows] == [str(tmp_path / n) for n in names]
     assert [r["caption"] for r in rows] == captions[:-1] + [None]
     assert plan.skipped_by_reason == {"empty_path": 1}
+
+
+def test_http_inputs_with_a_query_string_are_told_by_their_path(tmp_path):
+    """A presigned URL (``shard.tar?X-Amz-Signature=..``) or a hub file's ``?download=true``:
+    the kind was told from the whole URL, so a tar, Parquet file or manifest was "no images
+    found ... not_an_image", and ``?`` made it a glob pattern even with --input-format. The
+    kind, the glob check and a manifest's compression now read the URL's path."""
+    import gzip
+
+    site = tmp_path / "site"
+    site.mkdir()
+    build_tar(site / "s.tar", [member("a.jpg", jpeg(1)), member("b.jpg", jpeg(2))])
+    pq.write_table(pa.table({"jpg": [jpeg(3)], "key": ["k"]}), site / "p.parquet")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_NoRangeHandler, directory=str(site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    write(site / "img.jpg", jpeg(4))
+    write(site / "m.csv.gz", gzip.compress(f"url\n{base}/img.jpg?v=1\n".encode()))
+    write(site / "l.jsonl", f'{{"url": "{base}/img.jpg"}}\n'.encode())
+    query = "?X-Amz-Signature=abc&X-Amz-Expires=3600"
+    try:
+        found = {}
+        for name in ("s.tar", "p.parquet", "m.csv.gz", "l.jsonl", "img.jpg"):
+            plan, rows = planned(f"{base}/{name}{query}")
+            found[name] = (plan.kind, [r["data"] or fetch_bytes(r["path"])[0] for r in rows])
+        plan, _ = planned(f"{base}/s.tar{query}", input_format="webdataset")
+        assert plan.kind == "webdataset"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert found == {"s.tar": ("webdataset", [jpeg(1), jpeg(2)]), "p.parquet": ("parquet", [jpeg(3)]),
+                     "m.csv.gz": ("manifest", [jpeg(4)]), "l.jsonl": ("jsonl", [jpeg(4)]),
+                     "img.jpg": ("folder", [jpeg(4)])}

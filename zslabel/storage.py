@@ -331,8 +331,33 @@ def name_part(path: str, fs: fsspec.AbstractFileSystem) -> str:
     return path
 
 
+def is_http_url(uri: str) -> bool:
+    """Whether ``uri`` is an ``http(s)://`` URL (any case), whose ``?`` starts its query."""
+    return _lower_scheme(uri).startswith(("http://", "https://"))
+
+
+def kind_name(uri: str) -> str:
+    """The part of ``uri`` its kind is told by (``.tar``, ``.parquet``, ``.csv``): an HTTP(S) URL
+    without its query and fragment (a presigned ``shard.tar?X-Amz-Signature=..``, a hub file's
+    ``?download=true``), anything else as it is."""
+    if not is_http_url(uri):
+        return uri
+    return urlsplit(uri)._replace(query="", fragment="").geturl()
+
+
+def compression_of(path: str) -> str | None:
+    """fsspec's compression name for a file, from its :func:`kind_name` (``list.csv.gz?sig=..``
+    is gzip), None for none."""
+    from fsspec.utils import infer_compression
+
+    return infer_compression(kind_name(path))
+
+
 def has_glob(uri: str) -> bool:
-    """True when the path part of ``uri`` holds a glob metacharacter (``*``, ``?``, ``[``)."""
+    """True when the path part of ``uri`` holds a glob metacharacter (``*``, ``?``, ``[``); an
+    HTTP(S) URL's query is no part of it (its ``?`` starts the query)."""
+    if is_http_url(uri):
+        return bool(_GLOB_CHARS.search(urlsplit(uri).path))
     return bool(_GLOB_CHARS.search(uri.split("://", 1)[-1]))
 
 

@@ -44,7 +44,7 @@ def detect_kind(uri: str, *, pattern: bool | None = None) -> str:
             (``plan_inputs`` passes False when the name exists as written).
     """
     pattern = storage.has_glob(uri) if pattern is None else pattern
-    return next(k.name for k in KINDS if k.detect(uri, pattern))
+    return next(k.name for k in KINDS if k.detect(storage.kind_name(uri), pattern))
 
 
 def plan_files(files: list[str], options: InputOptions) -> InputPlan | None:
@@ -71,7 +71,7 @@ def _locate(uri: str, input_format: str, storage_options: dict | None, io: stora
     # The kind that reads it, from its name (and, for glob characters, whether that name exists:
     # asked within io's timeouts, ``storage.is_pattern``).
     pattern = storage.is_pattern(uri, storage_options, io=io)
-    name = next(k.name for k in KINDS if k.detect(uri, pattern))  # detect_kind, on the spelled name
+    name = detect_kind(uri, pattern=pattern)  # on the spelled name
     if name not in ("folder", "glob") and storage.is_local_folder(uri):
         # A folder named like a file (photos.tar/, imgs.jsonl/, Spark's table.parquet/): its
         # files are the input (loose images, else its shards or parts), never one unreadable file.

@@ -36,7 +36,7 @@ SUFFIXES = (".jsonl", ".ndjson")
 def _read(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list[str]]]:
     """``(table of strings, {"malformed_row": text of the lines that are no JSON object})``: a
     bad line is a counted skip, as a CSV row with the wrong number of fields is."""
-    with storage.open_input(fs, fs_path, "rb", compression="infer") as f:
+    with storage.open_input(fs, fs_path, "rb", compression=storage.compression_of(fs_path)) as f:
         text = decode_text(f.read(), uri)
     records: list[dict] = []
     malformed: list[str] = []

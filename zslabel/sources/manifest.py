@@ -95,7 +95,7 @@ def plan_manifest(uri: str, options: InputOptions) -> InputPlan:
         TextDecodeError: a text manifest that is not UTF-8 (names the byte offset).
     """
     fs, fs_path, (table, dropped) = read_table(uri, options, _read_manifest)
-    if manifest_format(fs_path.lower()) == "txt":
+    if manifest_format(storage.kind_name(fs_path).lower()) == "txt":
         path_col = "path"
     else:
         path_col = pick_column(table.column_names, options.path_column, PATH_COLUMN_CANDIDATES, uri, "path")
@@ -283,8 +283,8 @@ def _read_manifest(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    fmt = manifest_format(fs_path.lower())
-    with storage.open_input(fs, fs_path, "rb", compression="infer") as f:
+    fmt = manifest_format(storage.kind_name(fs_path).lower())
+    with storage.open_input(fs, fs_path, "rb", compression=storage.compression_of(fs_path)) as f:
         if fmt == "parquet":
             return pq.read_table(f), {}
         raw = f.read()

@@ -75,7 +75,7 @@ def plan_parquet(uri: str, options: InputOptions) -> InputPlan:
     others: list[tuple[str, str]] = []  # files beside the parts: (uri, skip reason)
     if storage.is_pattern(uri, so):
         files = [storage.uri_maker(uri, fs)(p) for p in sorted(fs.glob(fs_path)) if p.lower().endswith(SUFFIXES)]
-    elif strip_compression(uri.rstrip("/").lower()).endswith(SUFFIXES) and not fs.isdir(fs_path):
+    elif strip_compression(storage.kind_name(uri).rstrip("/").lower()).endswith(SUFFIXES) and not fs.isdir(fs_path):
         files = [uri]
     else:  # a folder, also one named like a file (Spark writes "table.parquet/part-*.parquet")
         root = fs_path.rstrip("/")

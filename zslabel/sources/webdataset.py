@@ -98,7 +98,7 @@ def _shards(uri: str, options: InputOptions) -> tuple[list[str], list[tuple[str,
         if not literal and storage.is_pattern(pattern, so):
             fs, fs_path = storage.url_to_fs(pattern, so)
             shards.extend(map(storage.uri_maker(pattern, fs), sorted(fs.glob(fs_path))))
-        elif pattern.lower().endswith(SUFFIXES):
+        elif storage.kind_name(pattern).lower().endswith(SUFFIXES):
             shards.append(pattern)  # named explicitly: a missing one becomes a read_error row
         else:  # a folder of shards
             fs, fs_path = storage.url_to_fs(pattern, so)
