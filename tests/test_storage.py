@@ -297,3 +297,50 @@ def test_an_http_url_is_fetched_as_written_escapes_and_all():
         server.shutdown()
         server.server_close()
     assert [(data.decode() if data else error) for data, error in got] == list(sent.values())
+
+
+@pytest.mark.parametrize("pattern, names", [
+    ("s-{000..004..2}.tar", ["s-000.tar", "s-002.tar", "s-004.tar"]),  # a step, padding kept
+    ("s-{a..c}.tar", ["s-a.tar", "s-b.tar", "s-c.tar"]),  # letters
+    ("{a..e..2}", ["a", "c", "e"]),
+    ("{5..1..2}", ["5", "3", "1"]),  # descending; the step's sign is ignored, as bash ignores it
+    ("{1..10..-3}", ["1", "4", "7", "10"]),
+    ("{3..1}", ["3", "2", "1"]),
+    ("{0..10}", [str(i) for i in range(11)]),  # "0" alone asks for no padding
+    ("{010..8}", ["010", "009", "008"]),
+    ("{-05..-3}", ["-05", "-04", "-03"]),
+    ("{a,{b,c}}", ["a", "b", "c"]),  # nested lists, as bash
+    ("x{a,}y", ["xay", "xy"]),
+    ("a{b}c{1,2}", ["a{b}c1", "a{b}c2"]),  # a group with no comma and no range is text
+])
+def test_expand_braces_as_bash_expands_them(pattern, names):
+    # These are bash's own expansions (`printf '%s\n' PATTERN`), WebDataset's braceexpand's too.
+    assert storage.expand_braces(pattern) == names
+
+
+@pytest.mark.parametrize("pattern", ["s-{a..5}.tar", "s-{1..}.tar", "s-{aa..cc}.tar", "s-{000..004.tar"])
+def test_a_brace_range_that_cannot_be_expanded_is_refused(pattern):
+    with pytest.raises(InputError, match="cannot expand the brace group"):
+        storage.expand_braces(pattern)
+
+
+def test_brace_step_and_letter_ranges_read_the_shards_they_name(tmp_path):
+    from source_files import jpeg, make_tar
+
+    from zslabel.sources import plan_inputs
+
+    for name in ["s-a", "s-b", "s-c", "s-d", "s-000", "s-001", "s-002", "s-004"]:
+        make_tar(tmp_path / f"{name}.tar", [("x.jpg", jpeg())])
+    for pattern, shards in [("s-{a..c}.tar", ["s-a", "s-b", "s-c"]),
+                            ("s-{000..004..2}.tar", ["s-000", "s-002", "s-004"]),
+                            ("s-{d..b..2}.tar", ["s-d", "s-b"])]:
+        plan = plan_inputs(f"{tmp_path}/{pattern}", use_ray=False)
+        rows = plan.read_locally()
+        plan.finalize()
+        assert [r["path"] for r in rows] == [f"{tmp_path}/{s}.tar#x.jpg" for s in shards], pattern
+        assert not any(r.get("read_error") for r in rows)
+        assert plan.listed == len(rows) + plan.skipped + plan.duplicates_removed
+    # A range that names nothing is refused while planning (before the model and Ray), never one
+    # "No such file" row for its literal name.
+    with pytest.raises(InputError, match=r"cannot expand the brace group \{a\.\.4\}"):
+        plan_inputs(f"{tmp_path}/s-{{a..4}}.tar", use_ray=False)
