@@ -242,3 +242,31 @@ def test_a_folder_mixing_kinds_names_the_files_it_does_not_read(tmp_path, caplog
         write(tmp_path / "only" / "notes.txt", b"x")
         plan_inputs(str(tmp_path / "only"), use_ray=False)
     assert "does not read" not in caplog.text
+
+
+def test_a_glob_ending_in_a_slash_reads_the_folders_it_matches(tmp_path):
+    # POSIX glob(7) and bash: "photos/*/" names the sub-folders (`ls photos/*/` lists what is in
+    # them), never the files beside them. fsspec drops the "/", so this read top.png only.
+    root = tmp_path / "photos"
+    for rel in ["top.png", "a/mid.png", "a/b/deep.png", "c d/e.jpg", "a/notes.txt"]:
+        write(root / rel, jpeg(len(rel)))
+    (root / "link").symlink_to(root / "a")  # the same tree under a second matched name
+
+    def read(pattern: str):
+        plan = plan_inputs(pattern, use_ray=False)
+        rows = plan.read_locally()
+        plan.finalize()
+        assert plan.listed == len(rows) + plan.skipped + plan.duplicates_removed
+        return sorted(r["path"][len(str(root)) + 1:] for r in rows), plan
+
+    paths, plan = read(f"{root}/*/")
+    assert paths == ["a/b/deep.png", "a/mid.png", "c d/e.jpg"]  # a's images once, no top.png
+    assert plan.skipped_by_reason == {"not_an_image": 1, "folder_link": 1}
+    assert read(f"file://{root}/*/")[0] == paths
+    # "**/" also matches photos/ itself (bash globstar): every image once, each folder walked once.
+    assert read(f"{root}/**/")[0] == ["a/b/deep.png", "a/mid.png", "c d/e.jpg", "top.png"]
+    assert read(f"{root}/a/*/")[0] == ["a/b/deep.png"]
+    # Without the "/" the pattern names files, as before.
+    assert read(f"{root}/*")[0] == ["top.png"]
+    with pytest.raises(InputError, match="no folder matches .*ending in '/' names folders"):
+        plan_inputs(f"{root}/a/b/*/", use_ray=False)

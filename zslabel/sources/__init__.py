@@ -65,7 +65,10 @@ def _locate(uri: str, input_format: str, storage_options: dict | None, io: stora
     # A local file: URI (RFC 8089) names a percent-decoded path; fsspec would keep the escapes.
     # Local paths absolute, so that every row's path is (tar members and Parquet rows are named
     # after their file, "shard.tar#key.jpg"): a report or relabel from another folder finds them.
-    uri = storage.local_spelling(uri) or uri
+    spelled = storage.local_spelling(uri) or uri
+    if storage.has_glob(uri) and uri.endswith("/") and not spelled.endswith("/"):
+        spelled += "/"  # a pattern ending in "/" names folders (folder.plan_listing): keep it
+    uri = spelled
     if input_format != "auto":
         return uri, input_format
     # The kind that reads it, from its name (and, for glob characters, whether that name exists:

@@ -10,6 +10,12 @@ markers, not files, and are not listed. A folder holding only tar or Parquet sha
 to that kind (auto mode); its other files are then skipped as ``not_a_shard``. The job's own
 output folder, when it lies inside the input, is not listed: it is one skipped entry
 (``output_folder``), so that its part files, manifest and state never become inputs.
+
+A glob pattern names the files it matches, except that one ending in ``/`` (``photos/*/``)
+names folders, as in POSIX glob(7) and bash: each matched folder (a local link to a folder
+too) is listed as a folder input is, and the files the pattern matches beside them are not
+read. ``photos/**/`` matches ``photos`` itself too; a folder inside another match, or (locally)
+a link to a matched tree, is walked once.
 """
 
 from __future__ import annotations
@@ -39,9 +45,10 @@ from .common import (
 logger = logging.getLogger(__name__)
 
 
-def local_find(root: str, skip: str | None = None) -> tuple[list[str], list[str], list[str], list[str]]:
-    """All files below a local folder: (files, unreadable_dirs, skipped_folder_links,
-    skipped_folders).
+def local_find(root: str | list[str], skip: str | None = None) -> tuple[list[str], list[str], list[str], list[str]]:
+    """All files below a local folder, or below several (``root`` a list: the folders a pattern
+    ending in ``/`` matched, walked as one tree): (files, unreadable_dirs,
+    skipped_folder_links, skipped_folders).
 
     ``os.scandir`` walk: file types come from the directory entries, so no per-file ``stat``
     (fsspec's local ``find`` stats every entry: 5.9 s vs 0.3 s for 200,000 files).
@@ -55,13 +62,14 @@ def local_find(root: str, skip: str | None = None) -> tuple[list[str], list[str]
     ``skip``: the real path (``os.path.realpath``) of a folder not to walk (the job's output);
     each folder or folder link found with that real path is returned in ``skipped_folders``.
     """
-    if os.path.isfile(root):
+    if isinstance(root, str) and os.path.isfile(root):
         return [root], [], [], []
+    roots = [root] if isinstance(root, str) else root
     files: list[str] = []
     bad: list[str] = []
     links: list[str] = []
     skipped: list[str] = []
-    trees = [os.path.realpath(root)]  # real paths of the trees walked: the root, followed links
+    trees: list[str] = []  # real paths of the trees walked: the roots, followed links
 
     def overlaps(real: str) -> bool:
         return any(real == t or real.startswith(t.rstrip("/") + "/") or t.startswith(real.rstrip("/") + "/")
@@ -69,7 +77,18 @@ def local_find(root: str, skip: str | None = None) -> tuple[list[str], list[str]
 
     # Each folder with its real path, known without a realpath call per folder: a sub-folder
     # that is no link is its parent's real path plus its name.
-    stack = [(root, trees[0])]
+    stack: list[tuple[str, str]] = []
+    for one in roots:
+        real_root = os.path.realpath(one)
+        if real_root == skip and one != root:  # a matched folder that is the output
+            skipped.append(one)
+            continue
+        if overlaps(real_root):  # a matched folder that is (a link to) another's tree: once
+            links.append(one)
+            continue
+        trees.append(real_root)
+        stack.append((one, real_root))
+    stack.reverse()  # popped first to last
     while stack:
         folder, real_folder = stack.pop()
         try:
@@ -94,7 +113,7 @@ def local_find(root: str, skip: str | None = None) -> tuple[list[str], list[str]
                         trees.append(real)
                         stack.append((entry.path, real))
         except OSError as exc:
-            if folder == root:
+            if folder == root:  # the input folder itself (not one of several a pattern matched)
                 if isinstance(exc, FileNotFoundError):
                     return [], [], [], []
                 raise InputError(f"cannot list {root}: {exc}") from exc
@@ -133,11 +152,46 @@ def output_inside(fs: fsspec.AbstractFileSystem, root: str, output: str | None, 
     return root.rstrip("/") + real_out[len(real_root):]
 
 
+def names_folders(uri: str) -> bool:
+    """Whether a glob pattern names folders: it ends in ``/`` (POSIX glob(7), bash)."""
+    return uri.endswith("/")
+
+
+def is_folder(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> bool:
+    """Whether a glob match (``fs.glob(..., detail=True)``'s ``info``) is a folder; a local
+    symlink to a folder is one (fsspec calls its type ``other``)."""
+    if info.get("type") == "directory":
+        return True
+    return bool(info.get("islink")) and storage.is_local(fs) and os.path.isdir(path)
+
+
+def outermost(folders: list[str]) -> list[str]:
+    """``folders`` sorted, without those inside another of them (``photos/**/`` matches
+    ``photos/a`` and ``photos/a/b``: listing both would list ``b`` twice)."""
+    kept: list[str] = []
+    # By components: "a", "a/b", "a b" (a plain sort puts "a b" between "a" and "a/b").
+    for folder in sorted(folders, key=lambda f: f.rstrip("/").split("/")):
+        if not kept or not (folder.rstrip("/") + "/").startswith(kept[-1].rstrip("/") + "/"):
+            kept.append(folder)
+    return kept
+
+
+def _find(fs: fsspec.AbstractFileSystem, root: str | list[str], options: InputOptions
+          ) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(files, unreadable folders, skipped folder links, output folders skipped) below a
+    folder ``root`` of ``fs``, or below each of several (a list, none inside another):
+    locally :func:`local_find`, else one ``fs.find`` per folder."""
+    if storage.is_local(fs) and type(fs).find is LocalFileSystem.find:
+        # By real path: also an output reached through a folder link the walk follows.
+        return local_find(root, skip=output_path(fs, options.output, options.storage_options))
+    return [p for one in ([root] if isinstance(root, str) else root) for p in fs.find(one, detail=False)], [], [], []
+
+
 def _list(uri: str, pattern: bool, options: InputOptions
           ) -> tuple[fsspec.AbstractFileSystem, str, str, list[str], list[str], list[str], list[str]]:
     """(fs, fs_path, root, files sorted, unreadable folders, skipped folder links, output
     folders skipped) for a folder or a glob pattern."""
-    fs, fs_path = storage.url_to_fs(uri, options.storage_options)
+    fs, fs_path = storage.url_to_fs(uri, options.storage_options)  # fsspec drops a trailing "/"
     unreadable: list[str] = []
     links: list[str] = []
     outputs: list[str] = []
@@ -149,15 +203,19 @@ def _list(uri: str, pattern: bool, options: InputOptions
             found = fs.glob(storage.literal_brackets(fs, fs_path) if options.auto else fs_path, detail=True)
         except ValueError as exc:  # fsspec rejects malformed patterns ("a**b")
             raise InputError(f"invalid glob pattern {uri}: {exc}") from exc
-        files = [p for p, info in found.items() if info.get("type") != "directory"]
+        if names_folders(uri):
+            # "photos/*/" names the matched folders (bash: `ls photos/*/`), never the files
+            # beside them: each is listed as a folder input is.
+            folders = outermost([p for p, info in found.items() if is_folder(fs, p, info)])
+            if not folders:
+                raise InputError(f"no folder matches {uri}: a pattern ending in '/' names folders (every "
+                                 "image under each is read); drop the '/' to match files")
+            files, unreadable, links, outputs = _find(fs, folders, options)
+        else:
+            files = [p for p, info in found.items() if info.get("type") != "directory"]
     else:
         root = fs_path.rstrip("/") or fs_path
-        if storage.is_local(fs) and type(fs).find is LocalFileSystem.find:
-            # By real path: also an output reached through a folder link the walk follows.
-            files, unreadable, links, outputs = local_find(
-                root, skip=output_path(fs, options.output, options.storage_options))
-        else:
-            files = fs.find(root, detail=False)
+        files, unreadable, links, outputs = _find(fs, root, options)
     if not outputs:
         inside = output_inside(fs, root, options.output, options.storage_options)
         if inside is not None:
