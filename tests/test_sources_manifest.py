@@ -320,3 +320,43 @@ def test_a_quote_never_closed_and_values_over_a_block_are_read(tmp_path):
     write(tmp_path / "stray.csv", ("path,caption\n" + "".join(lines)).encode())
     with pytest.raises(InputError, match=r'stray\.csv: a quote \(\"\) opened in data row 10 is never closed'):
         plan_inputs(str(tmp_path / "stray.csv"), use_ray=False)
+
+
+def test_a_csv_or_tsv_without_a_header_keeps_its_first_entry(tmp_path, caplog):
+    # The Conceptual Captions TSV has no header: "caption<TAB>url" from the first line. Its first
+    # row was read as the header: refused ("name one with --path-column"), and naming the first
+    # row's value as the column, as that advice led to, dropped the first entry uncounted.
+    tsv = write(tmp_path / "Train_GCC-training.tsv",
+                b"a very typical bus station\t0.png\nsierra looked stunning\t1.png\nyoung girl\thttps://h/2.jpg?s=1\n")
+    expected = [str(tmp_path / "0.png"), str(tmp_path / "1.png"), "https://h/2.jpg?s=1"]
+
+    def planned(path, **kw):
+        plan = plan_inputs(str(path), use_ray=False, **kw)
+        assert plan.listed == len(plan.planned_paths) + plan.skipped + plan.duplicates_removed
+        return plan
+
+    with caplog.at_level("WARNING"):
+        plan = planned(tsv)
+    assert plan.planned_paths.to_pylist() == expected and plan.listed == 3 and plan.skipped == 0
+    assert "no header row" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        plan = planned(tsv, path_column="0.png")  # a first-row value: that column, the row kept
+    assert plan.planned_paths.to_pylist() == expected and plan.listed == 3
+    assert "is a value of the first row" in caplog.text
+    plan = planned(tsv, path_column="column_2", id_column="column_1")
+    assert plan.planned_paths.to_pylist() == expected and plan.carried_columns == ["column_1"]
+    assert [r["column_1"] for r in plan.read_locally()][0] == "a very typical bus station"
+    with pytest.raises(InputError, match=r"no header row .*columns are column_1, column_2"):
+        plan_inputs(str(tsv), path_column="url", use_ray=False)
+
+    # A CSV (BOM, quoted caption) whose first field is the entry; a malformed row still counted.
+    csv_file = write(tmp_path / "list.csv", b'\xef\xbb\xbfs3://b/a.jpg,"cap, one"\nb.png,two\nc.png,3,extra\n')
+    plan = planned(csv_file)
+    assert plan.planned_paths.to_pylist() == ["s3://b/a.jpg", str(tmp_path / "b.png")]
+    assert plan.listed == 3 and plan.skipped_by_reason == {"malformed_row": 1}
+    # A header stays a header: a column named path/url/uri, or no first-row value like an entry.
+    for text in (b"url,alt.png\nx.jpg,y\n", b"file,label\nx.jpg,y\n"):
+        headed = write(tmp_path / "headed.csv", text)
+        assert planned(headed, path_column=text.split(b",")[0].decode()).planned_paths.to_pylist() == [
+            str(tmp_path / "x.jpg")]

@@ -16,6 +16,10 @@ Formats, each read by its own rules (README "Input kinds" repeats them):
   is skipped and counted (``malformed_row``), never the whole manifest refused.
 - ``.tsv``: IANA ``text/tab-separated-values``: one row per line, no quoting (a caption that
   starts with ``"`` is text, not the start of a quoted field that would swallow later rows).
+- ``.csv``/``.tsv`` without a header (Conceptual Captions: ``caption<TAB>url``), told by the
+  first row (:func:`is_headerless`): every row is an entry, columns ``column_1`` ...
+  ``column_N``, path column the first whose first value looks like an entry
+  (:func:`headerless_column`).
 - Parquet: any file, or a folder of parts (``part-*.parquet`` + ``_SUCCESS``, as Spark writes).
 
 All columns are strings (ids like ``00042`` keep their zeros); carried columns of nested types
@@ -32,9 +36,11 @@ from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import io
 import logging
 import posixpath
+import re
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -44,12 +50,14 @@ from ..errors import InputError, ZslabelError
 from ..textfiles import LINE_END, decode_text, is_comment
 from .blocks import core_table, planned_dataset
 from .common import (
+    IMAGE_EXTENSIONS,
     MAX_EXAMPLES,
     PATH_COLUMN_CANDIDATES,
     RESERVED_COLUMNS,
     InputKind,
     InputOptions,
     InputPlan,
+    extension,
     strip_compression,
     to_text,
 )
@@ -70,8 +78,8 @@ def manifest_format(name: str) -> str:
 def read_table(uri: str, options: InputOptions, reader):
     """``(fs, fs_path, reader(fs, fs_path, uri))``, any failure but ours as ``InputError``.
 
-    ``reader`` returns ``(table, {skip reason: dropped rows' text})`` (:func:`_read_manifest`,
-    ``jsonl._read``)."""
+    ``reader`` returns ``(table, {skip reason: dropped rows' text}, ...)`` (:func:`_read_manifest`,
+    which adds the first row of a CSV/TSV without a header; ``jsonl._read``)."""
     fs, fs_path = storage.url_to_fs(uri, options.storage_options)
     try:
         result = reader(fs, fs_path, uri)
@@ -94,13 +102,68 @@ def plan_manifest(uri: str, options: InputOptions) -> InputPlan:
         InputError: unreadable or empty manifest, missing column, no entries.
         TextDecodeError: a text manifest that is not UTF-8 (names the byte offset).
     """
-    fs, fs_path, (table, dropped) = read_table(uri, options, _read_manifest)
+    fs, fs_path, (table, dropped, first_row) = read_table(uri, options, _read_manifest)
     if manifest_format(storage.kind_name(fs_path).lower()) == "txt":
         path_col = "path"
+    elif first_row is not None:  # no header: columns column_1 ... column_N
+        path_col = headerless_column(table.column_names, first_row, options.path_column, uri, "path")
+        if options.id_column is not None:
+            options = dataclasses.replace(options, id_column=headerless_column(
+                table.column_names, first_row, options.id_column, uri, "id"))
     else:
         path_col = pick_column(table.column_names, options.path_column, PATH_COLUMN_CANDIDATES, uri, "path")
     return plan_path_table(uri, fs, fs_path, table, path_col, id_columns(table, options, uri), options,
                            dropped=dropped)
+
+
+def looks_like_entry(value: str) -> bool:
+    """Whether a CSV/TSV field of the first row is an entry rather than a column name: a URI
+    (``scheme://...``, ``file:``, ``data:``) or a name with an image extension (``0.png``,
+    ``imgs/a.JPG``; a URL's query and fragment aside)."""
+    value = value.strip(ASCII_SPACE).lstrip("\ufeff")
+    if _URI_START.match(value) or value[:5].lower() in ("file:", "data:"):
+        return True
+    return extension(value) in IMAGE_EXTENSIONS
+
+
+_URI_START = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_headerless(first_row: list[str]) -> bool:
+    """Whether a CSV/TSV whose first row is ``first_row`` has no header: no field is named like
+    a path column (``path``/``url``/``uri``, any case) and some field looks like an entry
+    (:func:`looks_like_entry`), as in the Conceptual Captions TSV (``caption<TAB>url``)."""
+    names = {f.strip(ASCII_SPACE).lstrip("\ufeff").lower() for f in first_row}
+    return not names & set(PATH_COLUMN_CANDIDATES) and any(map(looks_like_entry, first_row))
+
+
+def headerless_column(columns: list[str], first_row: list[str], wanted: str | None, uri: str, what: str) -> str:
+    """The column of a manifest without a header (``columns``: ``column_1`` ... ``column_N``)
+    that ``wanted`` names: one of those names (any case); or, as a user who read the first row
+    as a header would name it, a value of ``first_row`` (that column, with a warning: the row
+    is an entry and is read, never dropped). ``wanted`` None (path only): the first column
+    whose first value looks like an entry.
+
+    Raises:
+        InputError: ``wanted`` is neither, naming the columns and the first row.
+    """
+    if wanted is None:
+        return columns[next(i for i, v in enumerate(first_row) if looks_like_entry(v))]
+    lower = {c.lower(): c for c in columns}
+    if wanted.lower() in lower:
+        return lower[wanted.lower()]
+    values = [v.strip(ASCII_SPACE).lstrip("\ufeff") for v in first_row]
+    for same in (lambda v: v == wanted.strip(ASCII_SPACE), lambda v: v.lower() == wanted.strip(ASCII_SPACE).lower()):
+        hits = [i for i, v in enumerate(values) if same(v)]
+        if hits:
+            logger.warning("--%s-column %r is a value of the first row of %s, which has no header: that row is "
+                           "an entry and is read as one; the %s column is %s", what, wanted, uri, what,
+                           columns[hits[0]])
+            return columns[hits[0]]
+    shown = ", ".join(repr(v[:60] + ("..." if len(v) > 60 else "")) for v in values)
+    raise InputError(f"{what} column {wanted!r} not found in {uri}: it has no header row (its first row is an "
+                     f"entry: {shown}), so its columns are {', '.join(columns)}; name one of those, "
+                     f"or add a header line")
 
 
 def id_columns(table: pa.Table, options: InputOptions, uri: str) -> list[str]:
@@ -127,7 +190,7 @@ def plan_manifest_files(files: list[str], options: InputOptions, kind: str = "ma
     """
     tables = []
     for f in files:
-        fs, fs_path, (table, _) = read_table(f, options, _read_manifest)  # Parquet parts: nothing dropped
+        fs, fs_path, (table, *_) = read_table(f, options, _read_manifest)  # Parquet parts: nothing dropped
         tables.append(table)
     try:
         table = pa.concat_tables(tables, promote_options="permissive")
@@ -276,20 +339,22 @@ def txt_entries(text: str) -> list[str]:
     return entries
 
 
-def _read_manifest(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list[str]]]:
-    """``(table of strings, {skip reason: dropped rows' text})`` of one manifest file: rows with
-    the wrong number of fields (``malformed_row``), and CSV/TSV rows repeating the header
-    (``repeated_header``: manifests concatenated with ``cat``)."""
+def _read_manifest(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list[str]], list[str] | None]:
+    """``(table of strings, {skip reason: dropped rows' text}, first row)`` of one manifest file:
+    rows with the wrong number of fields (``malformed_row``), and CSV/TSV rows repeating the
+    header (``repeated_header``: manifests concatenated with ``cat``). A CSV/TSV without a
+    header (:func:`is_headerless`) has every row an entry, its columns named ``column_1`` ...
+    ``column_N``, and its first row's fields returned as the third item (else None)."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     fmt = manifest_format(storage.kind_name(fs_path).lower())
     with storage.open_input(fs, fs_path, "rb", compression=storage.compression_of(fs_path)) as f:
         if fmt == "parquet":
-            return pq.read_table(f), {}
+            return pq.read_table(f), {}, None
         raw = f.read()
     if fmt == "txt":
-        return pa.table({"path": pa.array(txt_entries(decode_text(raw, uri)), pa.string())}), {}
+        return pa.table({"path": pa.array(txt_entries(decode_text(raw, uri)), pa.string())}), {}, None
     raw = utf8_bytes(raw, uri)
     # All columns as strings: ids like "00042" must not become integers. The header is parsed
     # with the csv module (quoting, line breaks in quoted names) to name the columns first.
@@ -297,6 +362,11 @@ def _read_manifest(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list
     header = next(csv.reader(head, delimiter="\t" if fmt == "tsv" else ","), None)
     if not header:
         raise InputError(f"manifest {uri} is empty")
+    first_row = header if is_headerless(header) else None
+    if first_row is not None:  # the Conceptual Captions TSV: the first line is an entry too
+        header = [f"column_{i + 1}" for i in range(len(first_row))]
+        logger.warning("%s has no header row (its first row holds the entry %r): every row is an entry; its "
+                       "columns are %s", uri, next(v for v in first_row if looks_like_entry(v)), ", ".join(header))
     malformed: list[str] = []
 
     def invalid_row(row) -> str:  # wrong number of fields: counted, not fatal
@@ -315,8 +385,10 @@ def _read_manifest(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list
                                    null_values=[""])
 
     def read(b: bytes, block_size: int | None = None) -> pa.Table:
+        read_options = pacsv.ReadOptions(column_names=header if first_row is not None else None,
+                                         **({"block_size": block_size} if block_size else {}))
         return pacsv.read_csv(io.BytesIO(b), parse_options=parse, convert_options=convert,
-                              read_options=pacsv.ReadOptions(block_size=block_size) if block_size else None)
+                              read_options=read_options)
 
     try:
         table = parse_text(raw, uri, read)
@@ -330,7 +402,7 @@ def _read_manifest(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list
     if fmt == "csv":
         _warn_multiline_values(table, uri, raw)
     table, repeated = _drop_repeated_header(table)
-    return table, {"malformed_row": malformed, "repeated_header": repeated}
+    return table, {"malformed_row": malformed, "repeated_header": repeated}, first_row
 
 
 def _drop_repeated_header(table: pa.Table) -> tuple[pa.Table, list[str]]:
