@@ -336,3 +336,28 @@ def test_each_row_takes_its_image_from_the_extension_column_holding_it(tmp_path)
     # a column the user names is the only one read
     named = plan_inputs(str(tmp_path / "mixed.parquet"), use_ray=False, image_column="jpg").read_locally()
     assert [r["data"] for r in named] == [jpeg(0), None, None]
+
+
+def test_parquet_files_named_otherwise_are_read(tmp_path):
+    """``.parq`` and ``.pq`` are Parquet names too (fastparquet, modin), and Athena writes its
+    output without any extension: they were "no images found ... not_an_image", and even
+    ``--input-format parquet`` said "no Parquet files found". Now the names are detected, and
+    with ``--input-format parquet`` any file (or a folder's files) is read as Parquet; a
+    manifest without an extension is told to be Parquet by its magic bytes, not read as text."""
+    table = pa.table({"jpg": [jpeg(0), jpeg(1)], "key": ["a", "b"]})
+    (tmp_path / "named").mkdir()
+    for name in ("a.parq", "b.pq"):
+        pq.write_table(table, tmp_path / "named" / name)
+    plan = plan_inputs(str(tmp_path / "named"), use_ray=False)
+    assert plan.kind == "parquet" and len(plan.read_locally()) == 4
+    assert plan_inputs(str(tmp_path / "named" / "b.pq"), use_ray=False).kind == "parquet"
+    athena = tmp_path / "athena"
+    athena.mkdir()
+    pq.write_table(table, athena / "20261205_123456_00001_abcde")
+    for uri in (athena, athena / "20261205_123456_00001_abcde"):
+        rows = plan_inputs(str(uri), use_ray=False, input_format="parquet").read_locally()
+        assert [r["data"] for r in rows] == [jpeg(0), jpeg(1)]
+    (tmp_path / "img.jpg").write_bytes(jpeg(2))
+    pq.write_table(pa.table({"url": [str(tmp_path / "img.jpg")]}), tmp_path / "list")  # no extension, no images
+    rows = plan_inputs(str(tmp_path / "list"), use_ray=False, input_format="manifest").read_locally()
+    assert [r["path"] for r in rows] == [str(tmp_path / "img.jpg")]

@@ -65,12 +65,17 @@ from .common import (
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".txt", ".csv", ".tsv")
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")  # the names Parquet files go by
 
 
 def manifest_format(name: str) -> str:
-    """The manifest format from its (lower-case) name: parquet, csv, tsv, else txt."""
-    for fmt in ("parquet", "csv", "tsv"):
-        if strip_compression(name).endswith("." + fmt):
+    """The manifest format from its (lower-case) name: parquet (``.parquet``, ``.parq``,
+    ``.pq``), csv, tsv, else txt."""
+    name = strip_compression(name)
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    for fmt in ("csv", "tsv"):
+        if name.endswith("." + fmt):
             return fmt
     return "txt"
 
@@ -103,8 +108,8 @@ def plan_manifest(uri: str, options: InputOptions) -> InputPlan:
         TextDecodeError: a text manifest that is not UTF-8 (names the byte offset).
     """
     fs, fs_path, (table, dropped, first_row) = read_table(uri, options, _read_manifest)
-    if manifest_format(storage.kind_name(fs_path).lower()) == "txt":
-        path_col = "path"
+    if manifest_format(storage.kind_name(fs_path).lower()) == "txt" and table.column_names == ["path"]:
+        path_col = "path"  # a text list (not Parquet told by its magic bytes)
     elif first_row is not None:  # no header: columns column_1 ... column_N
         path_col = headerless_column(table.column_names, first_row, options.path_column, uri, "path")
         if options.id_column is not None:
@@ -353,6 +358,8 @@ def _read_manifest(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list
         if fmt == "parquet":
             return pq.read_table(f), {}, None
         raw = f.read()
+    if fmt == "txt" and raw[:4] == b"PAR1":  # Parquet by its magic: Athena writes files without an extension
+        return pq.read_table(pa.BufferReader(raw)), {}, None
     if fmt == "txt":
         return pa.table({"path": pa.array(txt_entries(decode_text(raw, uri)), pa.string())}), {}, None
     raw = utf8_bytes(raw, uri)

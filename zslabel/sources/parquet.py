@@ -48,7 +48,7 @@ from .common import (
     strip_compression,
     to_text,
 )
-from .manifest import plan_manifest, plan_manifest_files
+from .manifest import PARQUET_SUFFIXES, plan_manifest, plan_manifest_files
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ EXTENSION_COLUMNS = tuple(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
 # (``img_bytes``, ``image_bytes``, ``jpeg_data``).
 IMAGE_NAME_HINTS = ("image", "img", "jpg", "jpeg", "png", "webp", "bytes")
 CARRIED = ("key", "url", "caption")
-SUFFIXES = (".parquet",)
+SUFFIXES = PARQUET_SUFFIXES
 
 
 def plan_parquet(uri: str, options: InputOptions) -> InputPlan:
@@ -75,8 +75,9 @@ def plan_parquet(uri: str, options: InputOptions) -> InputPlan:
     others: list[tuple[str, str]] = []  # files beside the parts: (uri, skip reason)
     if storage.is_pattern(uri, so):
         files = [storage.uri_maker(uri, fs)(p) for p in sorted(fs.glob(fs_path)) if p.lower().endswith(SUFFIXES)]
-    elif strip_compression(storage.kind_name(uri).rstrip("/").lower()).endswith(SUFFIXES) and not fs.isdir(fs_path):
-        files = [uri]
+    elif (strip_compression(storage.kind_name(uri).rstrip("/").lower()).endswith(SUFFIXES)
+          or not options.auto) and not fs.isdir(fs_path):
+        files = [uri]  # a file named as Parquet, or any file --input-format parquet names
     else:  # a folder, also one named like a file (Spark writes "table.parquet/part-*.parquet")
         root = fs_path.rstrip("/")
         files = []
@@ -86,6 +87,11 @@ def plan_parquet(uri: str, options: InputOptions) -> InputPlan:
                 files.append(storage.uri_maker(uri, fs)(p))
             elif not p.endswith("/"):
                 others.append((storage.uri_maker(uri, fs)(p), "hidden" if hidden else "not_a_shard"))
+    if not files and not options.auto and others:
+        # --input-format parquet on a folder of files without a Parquet name (Athena's output):
+        # its files are the parts.
+        files = [o for o, reason in others if reason == "not_a_shard"]
+        others = [(o, reason) for o, reason in others if reason != "not_a_shard"]
     if not files:
         raise InputError(f"no Parquet files found at {uri}")
     plan = plan_files(files, options)
