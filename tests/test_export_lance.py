@@ -141,3 +141,16 @@ def test_unreadable_run_file_fails_cleanly(tmp_path):
     proc = zslabel("export", out, "--format", "label-studio", "--output", tmp_path / "t.json")
     assert proc.returncode == 2 and f"cannot read {victim}" in proc.stderr
     assert not (tmp_path / "t.json").exists()
+
+
+def test_carried_columns_with_a_dot_are_renamed_for_lance(tmp_path):
+    """Lance refuses a top-level name holding '.' (lance#816): a JSONL key ``a.b`` carried to
+    the output failed the export after the whole run. It is written as ``a_b`` (``a_b_2`` when
+    ``a_b`` is taken), and the summary says so."""
+    out, _ = write_run(tmp_path / "out", rows_for(5), carried=("a.b", "a_b"))
+    table = tmp_path / "t.lance"
+    proc = zslabel("export", out, "--format", "lance", "--output", table)
+    assert proc.returncode == 0, proc.stderr
+    assert "columns renamed for Lance: 'a.b' -> 'a_b_2'" in proc.stdout
+    got = lance.dataset(str(table)).to_table().sort_by("input_index").to_pylist()
+    assert [(r["a_b_2"], r["a_b"]) for r in got] == [(f"a.b-{i}", f"a_b-{i}") for i in range(5)]

@@ -101,6 +101,30 @@ def index_params(vectors: int, dim: int, index_type: str = "auto", num_partition
     return params
 
 
+def lance_names(schema: pa.Schema) -> tuple[pa.Schema, dict[str, str]]:
+    """``schema`` with each top-level column name Lance refuses renamed, and the renames.
+
+    Lance takes ``.`` in a name as a path into a struct and refuses a top-level field holding
+    one (lance#816): a carried column from a JSONL key ``a.b`` failed the export after the
+    whole run. Each ``.`` becomes ``_`` (then ``_2``, ``_3``... until the name is free).
+    """
+    taken = set(schema.names)
+    renamed: dict[str, str] = {}
+    fields = []
+    for f in schema:
+        if "." in f.name:
+            base = new = f.name.replace(".", "_")
+            n = 1
+            while new in taken:
+                n += 1
+                new = f"{base}_{n}"
+            taken.add(new)
+            renamed[f.name] = new
+            f = f.with_name(new)
+        fields.append(f)
+    return pa.schema(fields, metadata=schema.metadata), renamed
+
+
 def _without_source(exc: BaseException) -> str:
     """Lance's message without the Rust source location it ends with (``, /.../object_store.rs:1576:42``):
     a path on the machine that built the wheel, which tells the user nothing."""
@@ -154,7 +178,7 @@ def export_lance(source: str, output: str, *, index: bool = False, index_type: s
         index_params(max(1, run.rows or 1), dim, index_type, num_partitions, num_sub_vectors)  # fail before writing
     check_free(output, overwrite, storage_options, "Lance dataset", replaceable=_is_lance_or_empty)
     # The Parquet files' metadata (fingerprint, run id) describes the run's files, not the table.
-    schema = run.schema.remove_metadata()
+    schema, renamed = lance_names(run.schema.remove_metadata())
     counts = {"rows": 0, "errors": 0, "vectors": 0}
     failed: list[ZslabelError] = []
 
@@ -184,6 +208,8 @@ def export_lance(source: str, output: str, *, index: bool = False, index_type: s
             raise failed[0] from None
         raise OutputError(f"cannot write Lance dataset {output}: {type(exc).__name__}: {_without_source(exc)}") from exc
     notes = [f"{counts['errors']} error rows included (null labels/embedding)"] if counts["errors"] else []
+    if renamed:
+        notes.append("columns renamed for Lance: " + ", ".join(f"{a!r} -> {b!r}" for a, b in renamed.items()))
     if dim:
         notes.append(f"embedding: {dim}-d vectors, {counts['vectors']} non-null")
     if index and dim is not None:
