@@ -232,3 +232,11 @@ def test_decode_tasks_use_every_cpu_the_labeler_leaves_free(tiny_clip, ray_local
     intervals = task_intervals("decode_block", started_us)
     assert len(intervals) == 10
     assert concurrency(intervals)["most"] >= 2  # was 1: the budget allowed one task at a time
+
+
+def test_output_dash_is_refused_not_made_a_folder(tmp_path, monkeypatch):
+    """``-o -`` (a Unix "stdout") made a folder named ``-`` in the current folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="the output is a folder of Parquet files, not a stream"):
+        JobConfig(input=str(tmp_path), output="-", labels=["a", "b"], model="m").validate()
+    assert not (tmp_path / "-").exists()

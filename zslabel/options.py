@@ -160,6 +160,9 @@ class LabelingOptions:
         self.labels_file = None
         if not self.output:
             raise ConfigError("no output given: pass --output DIR_OR_URI")
+        if self.output.strip() == "-":  # the Unix "stdout": it made a folder named "-" here
+            raise ConfigError("--output - : the output is a folder of Parquet files, not a stream; pass a "
+                              "folder or URI (zslabel show FOLDER prints it)")
         validate_prompts(self.labels, self.templates)
         if len(self.labels) == 1:
             # Said here, before the model loads (the score kind is known only then), so that it
