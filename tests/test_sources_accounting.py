@@ -530,3 +530,20 @@ def test_http_inputs_with_a_query_string_are_told_by_their_path(tmp_path):
     assert found == {"s.tar": ("webdataset", [jpeg(1), jpeg(2)]), "p.parquet": ("parquet", [jpeg(3)]),
                      "m.csv.gz": ("manifest", [jpeg(4)]), "l.jsonl": ("jsonl", [jpeg(4)]),
                      "img.jpg": ("folder", [jpeg(4)])}
+
+
+@pytest.mark.parametrize("name", ["metadata.csv", "metadata.parquet"])
+def test_an_imagefolder_metadata_file_names_its_images_by_file_name(tmp_path, name):
+    """Hugging Face ``imagefolder`` metadata names images in a ``file_name`` column, relative
+    to the metadata's folder: ``metadata.jsonl`` was read, ``metadata.csv`` and
+    ``metadata.parquet`` were "no path column"."""
+    write(tmp_path / "train" / "a.jpg", jpeg(1))
+    write(tmp_path / "train" / "b.jpg", jpeg(2))
+    table = pa.table({"file_name": ["a.jpg", "b.jpg"], "label": ["cat", "dog"]})
+    if name.endswith(".csv"):
+        write(tmp_path / "train" / name, b"file_name,label\na.jpg,cat\nb.jpg,dog\n")
+    else:
+        pq.write_table(table, tmp_path / "train" / name)
+    _, rows = planned(str(tmp_path / "train" / name), id_column="label")
+    assert [(r["path"], r["label"]) for r in rows] == [(str(tmp_path / "train" / "a.jpg"), "cat"),
+                                                        (str(tmp_path / "train" / "b.jpg"), "dog")]

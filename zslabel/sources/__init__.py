@@ -103,7 +103,7 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
             ``--io-timeout``/``--io-retries``; default ``storage.IOPolicy()``: 30 s, 3 retries).
             Added to ``storage_options`` once, here (``storage.io_storage_options``); the
             user's own timeout settings there win.
-        path_column: manifest column holding the URIs (default: first of path/url/uri).
+        path_column: manifest column holding the URIs (default: first of path/url/uri/file_name).
         id_column: manifest column carried to the output as a string column.
         dedupe: manifests only: keep the first row of each repeated URI.
         image_column: Parquet column of image bytes, any case (default: each file's own,

@@ -49,7 +49,8 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({
 RESERVED_COLUMNS = frozenset(OWNED_COLUMNS) | {"data", "read_error"}
 
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
-PATH_COLUMN_CANDIDATES = ("path", "url", "uri")
+# ``file_name``: Hugging Face ``imagefolder``'s metadata.csv / metadata.jsonl / metadata.parquet.
+PATH_COLUMN_CANDIDATES = ("path", "url", "uri", "file_name")
 CORE_SCHEMA = pa.schema([("path", pa.string()), ("input_index", pa.int64()),
                          ("data", pa.binary()), ("read_error", pa.string())])
 

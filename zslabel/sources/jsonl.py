@@ -26,7 +26,7 @@ from .common import PATH_COLUMN_CANDIDATES, RESERVED_COLUMNS, InputKind, InputOp
 from .manifest import pick_column, plan_path_table, read_table
 
 # The keys that may name a line's image, in order of preference (README "Input kinds").
-JSONL_PATH_KEYS = (*PATH_COLUMN_CANDIDATES, "file_name")
+JSONL_PATH_KEYS = PATH_COLUMN_CANDIDATES
 
 logger = logging.getLogger(__name__)
 

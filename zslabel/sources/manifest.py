@@ -473,7 +473,7 @@ def _quote_left_open(raw: bytes) -> bool:
 
 KIND = InputKind(
     name="manifest",
-    summary="a .txt (one URI per line), .csv/.tsv (path/url/uri column) or Parquet file naming "
+    summary="a .txt (one URI per line), .csv/.tsv (path/url/uri/file_name column) or Parquet file naming "
             "the images; relative entries are relative to the manifest",
     detect=lambda uri, pattern: not pattern and strip_compression(uri.rstrip("/").lower()).endswith(SUFFIXES),
     plan=plan_manifest)
