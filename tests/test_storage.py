@@ -8,7 +8,7 @@ import fsspec
 import pytest
 from s3_server import s3, s3_endpoint  # noqa: F401  (fixtures)
 
-from zslabel import fetch, storage
+from zslabel import fetch, patterns, storage
 from zslabel.errors import InputError, OutputError
 
 
@@ -315,13 +315,13 @@ def test_an_http_url_is_fetched_as_written_escapes_and_all():
 ])
 def test_expand_braces_as_bash_expands_them(pattern, names):
     # These are bash's own expansions (`printf '%s\n' PATTERN`), WebDataset's braceexpand's too.
-    assert storage.expand_braces(pattern) == names
+    assert patterns.expand_braces(pattern) == names
 
 
 @pytest.mark.parametrize("pattern", ["s-{a..5}.tar", "s-{1..}.tar", "s-{aa..cc}.tar", "s-{000..004.tar"])
 def test_a_brace_range_that_cannot_be_expanded_is_refused(pattern):
     with pytest.raises(InputError, match="cannot expand the brace group"):
-        storage.expand_braces(pattern)
+        patterns.expand_braces(pattern)
 
 
 def test_brace_step_and_letter_ranges_read_the_shards_they_name(tmp_path):

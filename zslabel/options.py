@@ -244,7 +244,7 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPoli
     Raises:
         InputError: naming the input and, for a remote one that cannot be read, the fix.
     """
-    from . import storage
+    from . import patterns, storage
 
     try:
         fs, path = storage.url_to_fs(uri, storage_options, io=io)
@@ -256,7 +256,7 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPoli
     try:
         if "{" in uri:
             if remote:
-                first = storage.url_to_fs(storage.expand_braces(uri)[0], storage_options, io=io)[1]
+                first = storage.url_to_fs(patterns.expand_braces(uri)[0], storage_options, io=io)[1]
                 fs.exists(first)  # only its failure counts: a missing shard is the planner's row
             return
         pattern = storage.is_pattern(uri, storage_options, io=io)

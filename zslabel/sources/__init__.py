@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import time
 
-from .. import fetch, storage
+from .. import fetch, patterns, storage
 from ..errors import READ_ERROR, InputError, ZslabelError, error_string
-from ..storage import expand_braces
+from ..patterns import expand_braces
 from . import folder, jsonl, manifest, parquet, webdataset
 from .common import FILE_INDEX_STRIDE, IMAGE_EXTENSIONS, SKIP_REASONS, InputKind, InputOptions, InputPlan
 
@@ -43,8 +43,8 @@ def detect_kind(uri: str, *, pattern: bool | None = None) -> str:
         pattern: whether glob characters in ``uri`` are a pattern; default: whenever present
             (``plan_inputs`` passes False when the name exists as written).
     """
-    pattern = storage.has_glob(uri) if pattern is None else pattern
-    return next(k.name for k in KINDS if k.detect(storage.kind_name(uri), pattern))
+    pattern = patterns.has_glob(uri) if pattern is None else pattern
+    return next(k.name for k in KINDS if k.detect(patterns.kind_name(uri), pattern))
 
 
 def plan_files(files: list[str], options: InputOptions) -> InputPlan | None:
@@ -66,7 +66,7 @@ def _locate(uri: str, input_format: str, storage_options: dict | None, io: stora
     # Local paths absolute, so that every row's path is (tar members and Parquet rows are named
     # after their file, "shard.tar#key.jpg"): a report or relabel from another folder finds them.
     spelled = storage.local_spelling(uri) or uri
-    if storage.has_glob(uri) and uri.endswith("/") and not spelled.endswith("/"):
+    if patterns.has_glob(uri) and uri.endswith("/") and not spelled.endswith("/"):
         spelled += "/"  # a pattern ending in "/" names folders (folder.plan_listing): keep it
     uri = spelled
     if input_format != "auto":

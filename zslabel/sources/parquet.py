@@ -32,7 +32,7 @@ from collections.abc import Generator
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import storage
+from .. import patterns, storage
 from ..errors import INTERNAL_ERROR, READ_ERROR, InputError, error_string
 from .blocks import EMIT_ROWS, STREAM_BLOCK_SIZE, error_table, schema_with, streaming_plan
 from .common import (
@@ -75,7 +75,7 @@ def plan_parquet(uri: str, options: InputOptions) -> InputPlan:
     others: list[tuple[str, str]] = []  # files beside the parts: (uri, skip reason)
     if storage.is_pattern(uri, so):
         files = [storage.uri_maker(uri, fs)(p) for p in sorted(fs.glob(fs_path)) if p.lower().endswith(SUFFIXES)]
-    elif (strip_compression(storage.kind_name(uri).rstrip("/").lower()).endswith(SUFFIXES)
+    elif (strip_compression(patterns.kind_name(uri).rstrip("/").lower()).endswith(SUFFIXES)
           or not options.auto) and not fs.isdir(fs_path):
         files = [uri]  # a file named as Parquet, or any file --input-format parquet names
     else:  # a folder, also one named like a file (Spark writes "table.parquet/part-*.parquet")

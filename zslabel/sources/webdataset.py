@@ -43,7 +43,7 @@ from typing import IO, Any
 
 import pyarrow as pa
 
-from .. import storage
+from .. import patterns, storage
 from ..errors import INTERNAL_ERROR, READ_ERROR, TOO_MANY_PIXELS, InputError, error_string
 from .blocks import EMIT_BYTES, EMIT_ROWS, STREAM_BLOCK_SIZE, schema_with, streaming_plan
 from .common import (
@@ -93,12 +93,12 @@ def _shards(uri: str, options: InputOptions) -> tuple[list[str], list[tuple[str,
     so = options.storage_options
     shards: list[str] = []
     others: list[tuple[str, str]] = []
-    literal = ("{" in uri or storage.has_glob(uri)) and _exists(uri, so)
-    for pattern in [uri] if literal else storage.expand_braces(uri):
+    literal = ("{" in uri or patterns.has_glob(uri)) and _exists(uri, so)
+    for pattern in [uri] if literal else patterns.expand_braces(uri):
         if not literal and storage.is_pattern(pattern, so):
             fs, fs_path = storage.url_to_fs(pattern, so)
             shards.extend(map(storage.uri_maker(pattern, fs), sorted(fs.glob(fs_path))))
-        elif storage.kind_name(pattern).lower().endswith(SUFFIXES):
+        elif patterns.kind_name(pattern).lower().endswith(SUFFIXES):
             shards.append(pattern)  # named explicitly: a missing one becomes a read_error row
         else:  # a folder of shards
             fs, fs_path = storage.url_to_fs(pattern, so)
