@@ -131,13 +131,18 @@ class PreparedJob:
                                "calibration": calibration_manifest_entry(self.calibration, opts.calibration),
                                "head": head_manifest_entry(self.head, opts.head)})
 
-    @contextmanager
     def claimed(self):
         """Hold the output's claim for the block; given up however the block ends."""
-        try:
-            yield self
-        finally:
-            self.store.release()
+        return claim_held(self.store)
+
+
+@contextmanager
+def claim_held(store: OutputStore):
+    """Hold ``store``'s claim (``check`` made it) for the block; given up however the block ends."""
+    try:
+        yield store
+    finally:
+        store.release()
 
 
 class FinishedRun(NamedTuple):
@@ -163,13 +168,9 @@ class CheckedJob(NamedTuple):
     settings: dict[str, Any]
     stamps: dict[str, str | None]
 
-    @contextmanager
     def claimed(self):
         """Hold the output's claim for the block; given up however the block ends."""
-        try:
-            yield self
-        finally:
-            self.store.release()
+        return claim_held(self.store)
 
 
 def check(options: LabelingOptions, input_uri: str, *,
