@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,15 @@ def test_a_glob_ending_in_a_slash_reads_the_folders_it_matches(tmp_path):
     assert read(f"{root}/*")[0] == ["top.png"]
     with pytest.raises(InputError, match="no folder matches .*ending in '/' names folders"):
         plan_inputs(f"{root}/a/b/*/", use_ray=False)
+
+
+@pytest.mark.parametrize("name, hint", [("list.json", "jq -c '.[]' F.json > F.jsonl"),
+                                        ("data-00000-of-00001.arrow", "to_parquet")])
+def test_a_list_of_images_in_an_unread_form_says_how_to_convert_it(tmp_path, name, hint):
+    """A JSON array of records, or Hugging Face ``save_to_disk`` Arrow files, was "no images
+    found ... not_an_image" with no word on what to do."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / name).write_text('[{"path": "a.jpg"}]')
+    for uri in (tmp_path / "d", tmp_path / "d" / name):
+        with pytest.raises(InputError, match=re.escape(hint)):
+            plan_inputs(str(uri), use_ray=False)

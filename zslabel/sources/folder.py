@@ -40,6 +40,7 @@ from .common import (
     InputPlan,
     extension,
     is_hidden,
+    strip_compression,
 )
 
 logger = logging.getLogger(__name__)
@@ -273,7 +274,8 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
                          + (f" ({', '.join(f'{r}: {n}' for r, n in why.most_common())}): "
                             + ", ".join(to_uri(p) for p, _ in skipped[:5]) if skipped else "")
                          + (")" if "not_an_image" not in why else
-                            "; an image is a file named with one of the extensions listed in README 'Formats')"))
+                            "; an image is a file named with one of the extensions listed in README 'Formats')")
+                         + _unread_kind_hint([p for p, reason in skipped if reason == "not_an_image"]))
     _warn_unread_containers(uri, [to_uri(p) for p, reason in skipped if reason == "not_an_image"], options,
                             "it is read as loose images")
     table = core_table(pa.array([to_uri(p) for p in images], pa.string()))
@@ -286,6 +288,21 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
                      skipped_examples=[to_uri(p) for p, _ in skipped[:MAX_EXAMPLES]],
                      duplicates_removed=0, planning_seconds=0.0, carried_columns=[],
                      planned_paths=table.column("path"), **read)
+
+
+# Files that hold a list of images in a form no input kind reads, and how to convert them.
+_CONVERT_HINTS = {
+    ".json": "a JSON array is no manifest: write one object per line as .jsonl (jq -c '.[]' F.json > F.jsonl)",
+    ".arrow": "Hugging Face save_to_disk files: write them as Parquet "
+              "(datasets.load_from_disk(DIR)['train'].to_parquet('train.parquet'))",
+}
+
+
+def _unread_kind_hint(paths: list[str]) -> str:
+    """``"; <how to convert>"`` for each kind of file in ``paths`` that lists images in a form
+    no input kind reads (``_CONVERT_HINTS``), else ``""``."""
+    found = {ext for p in paths for ext in _CONVERT_HINTS if strip_compression(p.lower()).endswith(ext)}
+    return "".join(f"; {_CONVERT_HINTS[ext]}" for ext in sorted(found))
 
 
 def _warn_unread_containers(uri: str, skipped: list[str], options: InputOptions, how: str) -> None:
