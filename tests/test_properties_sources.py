@@ -467,7 +467,10 @@ def _damaged_parquet_property(spec) -> None:
                 assert r["read_error"] is None and r["data"] == images[i] and r["caption"] == str(i)
             elif r["read_error"] is not None:
                 assert error_code(r["read_error"]) == "read_error" and r["data"] is None
-                assert f"parquet row group {bad_group}: " in r["read_error"]
+                # Damage that pyarrow decodes as a null cell (a definition level overwritten,
+                # no page checksum) cannot be told from a null: that row says so.
+                assert (f"parquet row group {bad_group}: " in r["read_error"]
+                        or "no bytes in column 'jpg'" in r["read_error"]), r["read_error"]
 
 
 @QUICK
@@ -475,6 +478,8 @@ def _damaged_parquet_property(spec) -> None:
 # CI found it: a caption page header byte overwritten, and pyarrow ended the group without a
 # batch or an error; the row was lost until the footer's count was held.
 @example((1, 1, "zstd", "chunk", (0, 1, 0.3984375, 0.0), b"\x01", pa.binary()))
+# CI drew it (code before this session fails it too): the damage decodes as a null image cell.
+@example((1, 1, "none", "chunk", (0, 0, 0.5, 1.0), b"\x00\x00\x02\x00", pa.binary()))
 def test_parquet_damaged_anywhere_has_one_row_per_footer_row(spec):
     """Rows in footer order, one per row: a damaged row group costs only its own rows (as
     read_error rows, or as altered bytes the decoder then refuses), the other groups' rows come
