@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from zslabel.errors import InputError
+from zslabel.io_policy import IOPolicy
 from zslabel.options import check_input_exists
-from zslabel.storage import IOPolicy
 
 AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 

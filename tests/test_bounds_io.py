@@ -24,8 +24,8 @@ from conftest import photo
 from zslabel import fetch, storage
 from zslabel.decode import PreprocessSpec
 from zslabel.errors import error_code
+from zslabel.io_policy import IOPolicy
 from zslabel.stages import decode_batch, decode_block
-from zslabel.storage import IOPolicy
 
 SPEC = PreprocessSpec(resize_mode="shortest_edge", shortest_edge=32, crop_hw=(32, 32))
 FAST = dict(backoff=0.05)  # short backoff: the tests count attempts, not wait

@@ -8,7 +8,7 @@ import fsspec
 import pytest
 from s3_server import s3, s3_endpoint  # noqa: F401  (fixtures)
 
-from zslabel import fetch, patterns, storage
+from zslabel import fetch, io_policy, storage
 from zslabel.errors import InputError, OutputError
 
 
@@ -75,7 +75,7 @@ def test_every_store_cuts_an_image_read_at_the_byte_limit(tmp_path, s3):
     from zslabel.errors import error_code
 
     limit = 1000
-    io = storage.IOPolicy(timeout=5, retries=0, max_bytes=limit)
+    io = io_policy.IOPolicy(timeout=5, retries=0, max_bytes=limit)
     sizes = {"big.jpg": limit + 1, "at_limit.jpg": limit, "empty.jpg": 0}
     local, memory = [], []
     mem = fsspec.filesystem("memory")
@@ -315,13 +315,13 @@ def test_an_http_url_is_fetched_as_written_escapes_and_all():
 ])
 def test_expand_braces_as_bash_expands_them(pattern, names):
     # These are bash's own expansions (`printf '%s\n' PATTERN`), WebDataset's braceexpand's too.
-    assert patterns.expand_braces(pattern) == names
+    assert storage.expand_braces(pattern) == names
 
 
 @pytest.mark.parametrize("pattern", ["s-{a..5}.tar", "s-{1..}.tar", "s-{aa..cc}.tar", "s-{000..004.tar"])
 def test_a_brace_range_that_cannot_be_expanded_is_refused(pattern):
     with pytest.raises(InputError, match="cannot expand the brace group"):
-        patterns.expand_braces(pattern)
+        storage.expand_braces(pattern)
 
 
 def test_brace_step_and_letter_ranges_read_the_shards_they_name(tmp_path):

@@ -16,10 +16,10 @@ from typing import Any
 
 from .decode import DEFAULT_DECODE_TIMEOUT
 from .errors import ConfigError
+from .io_policy import DEFAULT_IO_RETRIES, DEFAULT_IO_TIMEOUT, IOPolicy
 from .labels import TEMPLATE_SETS
 from .options import DEFAULT_MODEL, OUTPUT_MODES, LabelingOptions, check_input_exists  # noqa: F401 - re-exported
 from .sources import INPUT_FORMATS  # noqa: F401 - re-exported; the registry is the only list
-from .storage import DEFAULT_IO_RETRIES, DEFAULT_IO_TIMEOUT, IOPolicy
 from .textfiles import read_lines, read_text
 
 # The longest time limit taken (a day): larger ones overflow the clocks of thread joins and
@@ -54,7 +54,7 @@ class JobConfig(LabelingOptions):
     image_column: str | None = None
     dedupe: bool = False
     # Seconds to connect and to wait for the next bytes of a remote input, and retries of a
-    # transient failure (HTTP 429/5xx, resets) with backoff; see storage.IOPolicy.
+    # transient failure (HTTP 429/5xx, resets) with backoff; see io_policy.IOPolicy.
     io_timeout: float = DEFAULT_IO_TIMEOUT
     io_retries: int = DEFAULT_IO_RETRIES
     # decoding
@@ -110,11 +110,7 @@ class JobConfig(LabelingOptions):
             raise ConfigError(f"--input-format must be one of {INPUT_FORMATS} (got {self.input_format!r})")
         if self.max_pixels < 1 or self.min_side < 1:
             raise ConfigError("--max-pixels and --min-side must be >= 1")
-        if not 0 < self.io_timeout <= MAX_TIMEOUT_S:
-            raise ConfigError(f"--io-timeout must be > 0 and at most {MAX_TIMEOUT_S:.0f} seconds (it bounds every "
-                              f"read; got {self.io_timeout})")
-        if self.io_retries < 0:
-            raise ConfigError(f"--io-retries must be >= 0 (got {self.io_retries})")
+        self.io_policy()  # its limits checked
         if not 0 <= self.decode_timeout <= MAX_TIMEOUT_S:
             raise ConfigError(f"--decode-timeout must be 0 (no limit) to {MAX_TIMEOUT_S:.0f} seconds "
                               f"(got {self.decode_timeout})")
@@ -137,7 +133,17 @@ class JobConfig(LabelingOptions):
         return d
 
     def io_policy(self) -> IOPolicy:
-        """The fetch time limits and retries (``storage.IOPolicy``) of this job."""
+        """The time limits and retries (``io_policy.IOPolicy``) of this job's every read: the
+        input check, planning and fetching.
+
+        Raises:
+            ConfigError: ``io_timeout`` not in (0, ``MAX_TIMEOUT_S``] seconds, or ``io_retries`` < 0.
+        """
+        if not 0 < self.io_timeout <= MAX_TIMEOUT_S:
+            raise ConfigError(f"--io-timeout must be > 0 and at most {MAX_TIMEOUT_S:.0f} seconds (it bounds every "
+                              f"read; got {self.io_timeout})")
+        if self.io_retries < 0:
+            raise ConfigError(f"--io-retries must be >= 0 (got {self.io_retries})")
         return IOPolicy(timeout=float(self.io_timeout), retries=int(self.io_retries))
 
     def check_input(self) -> None:

@@ -25,21 +25,15 @@ from collections.abc import Sequence
 import fsspec
 
 from .errors import READ_ERROR, error_string
-from .storage import (
+from .io_policy import (
     ATTEMPT_LIMIT_FACTOR,
     DEFAULT_MAX_INPUT_BYTES,
     MAX_RETRY_AFTER,
     IOPolicy,
-    NotARegularFile,
-    file_kind,
-    file_uri_path,
-    is_local,
     is_transient,
-    open_path,
-    protocols,
     retry_after,
-    url_to_fs,
 )
+from .storage import NotARegularFile, file_kind, file_uri_path, is_local, open_path, protocols, url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +296,7 @@ def start_fetch(paths: Sequence[str], storage_options: dict | None = None,
 
     Remote inputs are read concurrently, at most ``FETCH_CONCURRENCY`` at once per filesystem:
     for async filesystems (HTTP(S), S3, GCS, Azure) as coroutines on fsspec's event loop, for
-    others in a thread pool. Each input is retried on a transient failure (``storage.is_transient``)
+    others in a thread pool. Each input is retried on a transient failure (``io_policy.is_transient``)
     up to ``io.retries`` times with backoff; one attempt is cut after ``io.attempt_limit``
     seconds. So a batch of N inputs from a server that never answers costs about one
     ``io.timeout`` in all (not N of them, and not 300 s each).

@@ -32,7 +32,7 @@ from .textfiles import read_text
 log = logging.getLogger(__name__)
 
 if typing.TYPE_CHECKING:
-    from .storage import IOPolicy
+    from .io_policy import IOPolicy
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 
@@ -239,12 +239,12 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPoli
     non-empty folder holds is the planner's to judge.
 
     Args:
-        io: ``storage.IOPolicy`` bounding the check's requests (default: its defaults).
+        io: ``io_policy.IOPolicy`` bounding the check's requests (default: its defaults).
 
     Raises:
         InputError: naming the input and, for a remote one that cannot be read, the fix.
     """
-    from . import patterns, storage
+    from . import io_policy, storage
 
     try:
         fs, path = storage.url_to_fs(uri, storage_options, io=io)
@@ -256,7 +256,7 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPoli
     try:
         if "{" in uri:
             if remote:
-                first = storage.url_to_fs(patterns.expand_braces(uri)[0], storage_options, io=io)[1]
+                first = storage.url_to_fs(storage.expand_braces(uri)[0], storage_options, io=io)[1]
                 fs.exists(first)  # only its failure counts: a missing shard is the planner's row
             return
         pattern = storage.is_pattern(uri, storage_options, io=io)
@@ -276,7 +276,7 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPoli
             # fsspec's HTTP info calls every failed HEAD and GET "not found" (fsspec#873): a
             # timeout, a refused connection, 403 (an expired signed URL) or 500 say so; only a
             # 404 (or no cause) means the input is not there.
-            timeout = storage.timeout_cause(exc)
+            timeout = io_policy.timeout_cause(exc)
             if timeout is not None:
                 raise InputError(remote_access_message(uri, timeout)) from None
             cause = exc.__cause__

@@ -33,10 +33,10 @@ from .cluster import (
     write_tasks,
 )
 from .config import JobConfig
+from .io_policy import IOPolicy
 from .output import output_schema
 from .progress import Progress
 from .stage_timings import stage_timings
-from .storage import IOPolicy
 from .store import INPUT_FILES, Accounting, drop_committed, write_block
 from .summary import RunSummary, summary_of_finished
 
@@ -59,14 +59,14 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     """
     spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode,
                       "reference_pixels": config.reference_pixels}
+    # Every read of the job (the input check, planning, fetching) within one I/O policy.
+    io = config.io_policy()
     checked = job.check(config, config.input, check_input=config.check_input)
     if isinstance(checked, job.FinishedRun):
         return summary_of_finished(*checked)  # nothing left to do
     with checked.claimed():
         # The inputs, listed before the model loads and Ray starts (planning needs neither), so an
-        # unreadable manifest or an input without images fails in seconds; listed within the job's
-        # I/O policy, which decoding fetches them within too.
-        io = config.io_policy()
+        # unreadable manifest or an input without images fails in seconds.
         plan = sources.plan_inputs(
             config.input, input_format=config.input_format, storage_options=config.storage_options, io=io,
             path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,

@@ -19,10 +19,10 @@ import pyarrow as pa
 from .decode import DEFAULT_DECODE_TIMEOUT, PreprocessSpec, decode_image
 from .errors import INTERNAL_ERROR, error_string
 from .fetch import PendingFetch, start_fetch
+from .io_policy import IOPolicy
 from .output import result_table
 from .ranking import RankingRule
 from .scoring import ZeroShotClassifier, score_rows
-from .storage import IOPolicy
 
 if TYPE_CHECKING:
     from .calibration import Calibration
@@ -69,7 +69,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec,
             string columns.
         spec: target geometry; every output image is ``spec.output_hw``.
         storage_options: fsspec options for fetching paths.
-        io: connect/read timeout and retries for fetching (default ``storage.IOPolicy()``).
+        io: connect/read timeout and retries for fetching (default ``io_policy.IOPolicy()``).
         decode_timeout: seconds per image (None: no limit); a late image is ``decode_timeout``.
         fetching: a fetch of this batch's rows already started by ``decode_block`` (so the next
             batch downloads while this one decodes); None starts one here.

@@ -15,19 +15,16 @@ the file; the same retry tries the name's other Unicode normalisation (NFC/NFD).
 ambiguity: when both ``caf%E9.png`` (literally) and ``caf\\xe9.png`` exist, both rows say
 ``caf%E9.png`` and the literal file is the one read.
 
-Bounded time per input (:class:`IOPolicy`, ``fetch.fetch_many``). Every filesystem made here gets
-connect and read timeouts (``IOPolicy.timeout``, default 30 s) in the form its library takes
-(:func:`io_storage_options`), unless the user's storage options set them: aiohttp's
-``ClientTimeout(connect, sock_connect, sock_read)`` for HTTP(S) and GCS (aiohttp's default is
-300 s in all per request, which a server that never answers spends in full), botocore's
-``connect_timeout``/``read_timeout`` and retry count for S3, adlfs's
-``connection_timeout``/``read_timeout`` for Azure. ``zslabel.fetch.fetch_many`` reads the inputs of a
-batch concurrently (one coroutine per input on fsspec's event loop for the async filesystems
-every remote backend is; threads for the others), retries transient failures (HTTP 408, 425,
-429, 500, 502, 503, 504, connection resets) with exponential backoff and jitter (honouring a
-short ``Retry-After``), never retries a timeout (a silent server costs one timeout, not
-``retries + 1`` of them), and cuts any single attempt after ``ATTEMPT_LIMIT_FACTOR`` timeouts
-in all (a server that trickles a byte now and then never trips a read timeout).
+Bounded time per input: every filesystem made here gets the connect and read timeouts of an
+``io_policy.IOPolicy`` (default 30 s) in the form its library takes (:func:`io_storage_options`),
+unless the user's storage options set them: aiohttp's ``ClientTimeout(connect, sock_connect,
+sock_read)`` for HTTP(S) and GCS (aiohttp's default is 300 s in all per request, which a server
+that never answers spends in full), botocore's ``connect_timeout``/``read_timeout`` and retry
+count for S3, adlfs's ``connection_timeout``/``read_timeout`` for Azure.
+
+Name patterns, as text (no filesystem asked): glob metacharacters (:func:`has_glob`), brace
+ranges by bash's rules (:func:`expand_braces`), and the part of an HTTP(S) URL a kind is told
+by (:func:`kind_name`); :func:`is_pattern` asks whether a name with metacharacters exists.
 
 Local stamps (:func:`local_stamp`): a digest of the names, sizes and mtimes of a local input or
 checkpoint, so a ``--resume`` of a finished run can tell, without reading any file, that nothing
@@ -36,18 +33,14 @@ changed (``store.OutputStore.finished_unchanged``).
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import logging
 import os
 import posixpath
-import random
 import re
 import stat
-import time
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
@@ -55,7 +48,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 import fsspec
 
 from .errors import InputError, ZslabelError
-from .patterns import expand_braces, has_glob, kind_name
+from .io_policy import IOPolicy
 
 log = logging.getLogger(__name__)
 
@@ -63,67 +56,6 @@ _SURROGATE = re.compile("[\udc80-\udcff]")
 _HIGH_ESCAPE = re.compile(r"%([89A-Fa-f][0-9A-Fa-f])")
 
 
-# --------------------------------------------------------------------------------------------
-# Time limits and retries
-
-
-DEFAULT_IO_TIMEOUT = 30.0   # seconds: connect, and each wait for the next bytes
-DEFAULT_IO_RETRIES = 3      # extra attempts after a transient failure
-# Largest HTTP(S) response read as one input. The pixel limit's largest image, 178,956,970
-# pixels, is 716 MB as uncompressed 8-bit RGBA; beyond 1 GiB it is not an image but a stream
-# (an IP camera's endless MJPEG "image" URL, common in web crawls) or a mistake.
-DEFAULT_MAX_INPUT_BYTES = 1 << 30
-# One attempt at one input ends after this many timeouts in all, whatever the server does: the
-# read timeout bounds a silent server, this bounds one that trickles a byte every few seconds
-# (aiohttp's sock_read restarts at every byte; botocore's read_timeout is per socket read).
-ATTEMPT_LIMIT_FACTOR = 10
-# Backoff before retry n (0-based): uniform in [d/2, d], d = min(backoff * 2**n, MAX_BACKOFF).
-MAX_BACKOFF = 10.0
-# A server's Retry-After is honoured up to this many seconds (beyond it, our own backoff):
-# an image is not worth holding a decode slot for minutes.
-MAX_RETRY_AFTER = 30.0
-# HTTP statuses worth another try: request timeout, too early, too many requests, and the
-# server-side errors that mean "not now" (RFC 9110 15.6; AWS/GCS document 500/503 as retryable).
-TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-
-
-@dataclass(frozen=True)
-class IOPolicy:
-    """How long reading one input may take, and how often a transient failure is retried.
-
-    Attributes:
-        timeout: seconds (> 0) to connect, and to wait for the next bytes of a response
-            (``--io-timeout``). One attempt at one input also ends after
-            ``ATTEMPT_LIMIT_FACTOR * timeout`` seconds in all (:attr:`attempt_limit`).
-        retries: extra attempts (>= 0) after a transient failure (``--io-retries``); for S3 it
-            is also botocore's retry count. Timeouts are not retried.
-        backoff: seconds before the first retry; doubles per retry, capped at ``MAX_BACKOFF``,
-            with jitter (uniform in [d/2, d]) so that many tasks do not retry in step.
-        max_bytes: an HTTP(S) response longer than this (declared or as read) is a
-            ``read_error`` as soon as that is known, never read to its end.
-    """
-
-    timeout: float = DEFAULT_IO_TIMEOUT
-    retries: int = DEFAULT_IO_RETRIES
-    backoff: float = 0.5
-    max_bytes: int = DEFAULT_MAX_INPUT_BYTES
-
-    def __post_init__(self):
-        if not self.timeout > 0 or self.retries < 0 or self.backoff < 0 or self.max_bytes < 1:
-            raise ValueError(f"IOPolicy needs timeout > 0, retries >= 0, backoff >= 0, max_bytes >= 1 (got {self})")
-
-    @property
-    def attempt_limit(self) -> float:
-        """Seconds one attempt at one input may take in all."""
-        return self.timeout * ATTEMPT_LIMIT_FACTOR
-
-    def delay(self, retry: int, retry_after: float | None = None) -> float:
-        """Seconds to wait before retry number ``retry`` (0-based); a server's ``Retry-After``
-        (seconds) is used when it is at most ``MAX_RETRY_AFTER``."""
-        if retry_after is not None and 0 <= retry_after <= MAX_RETRY_AFTER:
-            return retry_after
-        d = min(self.backoff * 2 ** retry, MAX_BACKOFF)
-        return d / 2 + random.random() * d / 2
 
 
 def _merged(defaults: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
@@ -459,80 +391,6 @@ def real_local_path(path: str) -> str | None:
     return os.fsdecode(os.fsencode(raw))
 
 
-# --------------------------------------------------------------------------------------------
-# Fetching the bytes of many inputs, each within bounded time
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a failed read is worth another try: an HTTP status in ``TRANSIENT_STATUS``, or
-    a connection reset / closed by the server mid-request. Timeouts are not (a server that did
-    not answer within the timeout will rarely answer the next time, and each try costs a whole
-    timeout), nor are refused connections, unknown hosts, 403/404 or anything else."""
-    if isinstance(exc, TimeoutError):  # asyncio.TimeoutError and aiohttp's timeouts included
-        return False
-    status = getattr(exc, "status", None)  # aiohttp.ClientResponseError (fsspec HTTP raise_for_status)
-    if isinstance(status, int):
-        return status in TRANSIENT_STATUS
-    if isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
-        return True
-    try:
-        import aiohttp
-    except ImportError:  # pragma: no cover - aiohttp comes with fsspec[http]
-        return False
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
-        return True
-    # A reset mid-request is a ClientOSError; a refused connect (a subclass) is not transient.
-    return isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError)
-
-
-def retry_after(exc: BaseException) -> float | None:
-    """Seconds from an HTTP error's ``Retry-After`` header (delta-seconds or HTTP date), or None."""
-    headers = getattr(exc, "headers", None)
-    value = headers.get("Retry-After") if headers is not None else None
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
-def timeout_cause(exc: BaseException) -> TimeoutError | None:
-    """The timeout behind a storage failure, or None: the innermost ``TimeoutError`` (aiohttp's
-    and asyncio's are) among ``exc`` and the exceptions it was raised from.
-
-    Why the chain: fsspec's HTTP ``info`` (run by every ``open``) turns a server that answers
-    neither HEAD nor GET in time into ``FileNotFoundError(url) from <the timeout>``, which read
-    as it is calls a stalled server a missing file; and fsspec's ``sync`` raises a bare
-    ``FSTimeoutError`` from aiohttp's ``ServerTimeoutError``, which says what timed out. An
-    exception raised while handling a timeout counts too (``__context__``): s3fs's ``S3File``
-    reads ``args[0]`` of every ``OSError`` and so turns fsspec's ``FSTimeoutError`` (no args)
-    into an ``IndexError``."""
-    found: TimeoutError | None = None
-    cause: BaseException | None = exc
-    for _ in range(8):  # a chain is short; the bound only guards against a cycle
-        if cause is None:
-            break
-        if isinstance(cause, TimeoutError):
-            found = cause
-        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
-    return found
-
-
-def describe_error(exc: BaseException, io: IOPolicy | None = None) -> str:
-    """``"<Type>: <message>"`` for a failed storage call; a timeout (see :func:`timeout_cause`)
-    is described as itself, naming ``--io-timeout`` (with ``io``'s value when given), so that
-    the user knows which setting bounded the wait."""
-    timeout = timeout_cause(exc)
-    if timeout is None:
-        return f"{type(exc).__name__}: {exc}"
-    limit = f"--io-timeout {io.timeout:g} s" if io is not None else "--io-timeout"
-    text = str(timeout) or "timed out"
-    return f"{type(timeout).__name__}: {text} (no answer within {limit})"
 
 
 def _local_path(uri: str | None) -> Path | None:
@@ -614,3 +472,164 @@ def _stamp_into(h, path: Path, skip_real: str | None) -> None:
                 continue
             # fsencode: names that are not UTF-8 (surrogate-escaped here) hash as their bytes.
             h.update(os.fsencode(f"{os.path.relpath(full, path)}\0{st.st_size}:{st.st_mtime_ns}\n"))
+
+
+# --------------------------------------------------------------------------------------------
+# Name patterns, as text
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_HTTP = re.compile(r"(?i)^https?://")
+
+
+def is_http_url(uri: str) -> bool:
+    """Whether ``uri`` is an ``http(s)://`` URL (any case), whose ``?`` starts its query."""
+    return bool(_HTTP.match(uri))
+
+
+def kind_name(uri: str) -> str:
+    """The part of ``uri`` its kind is told by (``.tar``, ``.parquet``, ``.csv``): an HTTP(S) URL
+    without its query and fragment (a presigned ``shard.tar?X-Amz-Signature=..``, a hub file's
+    ``?download=true``), anything else as it is."""
+    if not is_http_url(uri):
+        return uri
+    return urlsplit(uri)._replace(query="", fragment="").geturl()
+
+
+def has_glob(uri: str) -> bool:
+    """True when the path part of ``uri`` holds a glob metacharacter (``*``, ``?``, ``[``); an
+    HTTP(S) URL's query is no part of it (its ``?`` starts the query)."""
+    if is_http_url(uri):
+        return bool(_GLOB_CHARS.search(urlsplit(uri).path))
+    return bool(_GLOB_CHARS.search(uri.split("://", 1)[-1]))
+
+
+def glob_start(path: str) -> int | None:
+    """Index of the first glob metacharacter in ``path``, or None."""
+    match = _GLOB_CHARS.search(path)
+    return match.start() if match else None
+
+
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
+_LETTERS = re.compile(r"^([A-Za-z])\.\.([A-Za-z])(?:\.\.(-?\d+))?$")
+# What is left of a range that was not expanded ("{a..5}", "{1..}", "{000..004.tar").
+_UNEXPANDED_RANGE = re.compile(r"\{[^{}]*\.\.")
+# More names than any shard list has: a typo such as {0..99999999} is refused, not expanded.
+MAX_BRACE_NAMES = 1_000_000
+
+
+def _padded(bound: str) -> bool:
+    """Whether a range bound asks for zero padding, as in bash: ``01``, ``-05`` (not ``0``)."""
+    digits = bound[1:] if bound.startswith("-") else bound
+    return len(digits) > 1 and digits.startswith("0")
+
+
+def _sequence(body: str) -> list[str] | None:
+    """The names of a bash sequence expression ``N..M[..STEP]`` (integers, or single ASCII
+    letters), or None when ``body`` is none. The step's sign is ignored (the direction goes from
+    ``N`` to ``M``) and a step of 0 is 1; integers keep the zero padding of a bound written
+    with a leading zero (the width of the wider bound, sign included), as bash pads."""
+    rng = _RANGE.match(body)
+    letters = None if rng else _LETTERS.match(body)
+    match = rng or letters
+    if match is None:
+        return None
+    lo, hi, step_text = match.groups()
+    step = abs(int(step_text)) if step_text else 1
+    step = step or 1
+    if letters:
+        a, b = ord(lo), ord(hi)
+        if (abs(b - a) // step + 1) > MAX_BRACE_NAMES:
+            raise InputError(f"the brace range {{{body}}} names more than {MAX_BRACE_NAMES:,} names")
+        return [chr(i) for i in range(a, b + (1 if b >= a else -1), step if b >= a else -step)]
+    a, b = int(lo), int(hi)
+    if abs(b - a) // step + 1 > MAX_BRACE_NAMES:
+        raise InputError(f"the brace range {{{body}}} names more than {MAX_BRACE_NAMES:,} names")
+    width = max(len(lo), len(hi)) if _padded(lo) or _padded(hi) else 0
+    return [f"{i:0{width}d}" for i in range(a, b + (1 if b >= a else -1), step if b >= a else -step)]
+
+
+def _top_level_split(body: str) -> list[str]:
+    """``body`` split at the commas outside nested braces."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(body):
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(body[start:i])
+            start = i + 1
+    parts.append(body[start:])
+    return parts
+
+
+def _first_group(pattern: str) -> tuple[int, int, list[str]] | None:
+    """``(start, end, alternatives)`` of the leftmost brace group bash would expand in
+    ``pattern`` (``pattern[start:end]`` is the group, braces included), or None. As bash scans:
+    a ``{`` whose group is not expandable (no comma outside nested braces, no sequence, never
+    closed) is text, and the scan goes on after it."""
+    for start, ch in enumerate(pattern):
+        if ch != "{":
+            continue
+        depth = 0
+        for end in range(start, len(pattern)):
+            if pattern[end] == "{":
+                depth += 1
+            elif pattern[end] == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+        else:
+            continue  # never closed: text
+        body = pattern[start + 1:end]
+        alternatives = _top_level_split(body)
+        if len(alternatives) > 1:
+            return start, end + 1, alternatives
+        seq = _sequence(body)
+        if seq is not None:
+            return start, end + 1, seq
+    return None
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand shell-style braces as bash does (and WebDataset's ``braceexpand``), left to right,
+    several groups as a product:
+
+    - lists ``{x,y}`` -> x y (nested ``{a,{b,c}}`` -> a b c; ``x{a,}`` -> xa x);
+    - integer ranges ``a{00..02}b`` -> a00b a01b a02b, descending ``{3..1}`` -> 3 2 1, with a
+      step ``{000..004..2}`` -> 000 002 004 (its sign ignored, 0 read as 1); a bound written
+      with a leading zero (``01``, ``-05``, not ``0``) pads every name to the wider bound's
+      width, sign included;
+    - letter ranges ``{a..c}`` -> a b c, ``{a..e..2}`` -> a c e (single ASCII letters).
+
+    A group with neither ``..`` nor a comma (``{literal}``) and a ``{`` never closed are kept
+    as written, as bash keeps them.
+
+    Raises:
+        InputError: a group that looks like a range but is none (``{a..5}``, ``{1..}``,
+            ``{aa..c}``, ``{000..004.tar``): bash would keep it as text, which names no file;
+            or a pattern naming more than ``MAX_BRACE_NAMES`` names.
+    """
+    out: list[str] = []
+    todo = [pattern]
+    while todo:
+        one = todo.pop()
+        group = _first_group(one)
+        if group is None:
+            unexpanded = _UNEXPANDED_RANGE.search(one)
+            if unexpanded:
+                close = one.find("}", unexpanded.start())
+                bad = one[unexpanded.start():close + 1] if close >= 0 else one[unexpanded.start():] + " (never closed)"
+                raise InputError(
+                    f"cannot expand the brace group {bad} in {pattern}: a range is {{N..M}} or "
+                    "{N..M..STEP} of integers (zero padding kept: {000..099}) or of single letters ({a..f}), "
+                    "a list is {x,y,z}, and every { needs its }")
+            out.append(one)
+            if len(out) > MAX_BRACE_NAMES:
+                raise InputError(f"{pattern} names more than {MAX_BRACE_NAMES:,} names")
+            continue
+        start, end, alternatives = group
+        head, tail = one[:start], one[end:]
+        # Reversed onto the stack, so that names come out in order.
+        todo.extend(head + alt + tail for alt in reversed(alternatives))
+    return out

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import time
 
-from .. import fetch, patterns, storage
+from .. import fetch, io_policy, storage
 from ..errors import READ_ERROR, InputError, ZslabelError, error_string
-from ..patterns import expand_braces
+from ..storage import expand_braces
 from . import folder, jsonl, manifest, parquet, webdataset
 from .common import FILE_INDEX_STRIDE, IMAGE_EXTENSIONS, SKIP_REASONS, InputKind, InputOptions, InputPlan
 
@@ -43,8 +43,8 @@ def detect_kind(uri: str, *, pattern: bool | None = None) -> str:
         pattern: whether glob characters in ``uri`` are a pattern; default: whenever present
             (``plan_inputs`` passes False when the name exists as written).
     """
-    pattern = patterns.has_glob(uri) if pattern is None else pattern
-    return next(k.name for k in KINDS if k.detect(patterns.kind_name(uri), pattern))
+    pattern = storage.has_glob(uri) if pattern is None else pattern
+    return next(k.name for k in KINDS if k.detect(storage.kind_name(uri), pattern))
 
 
 def plan_files(files: list[str], options: InputOptions) -> InputPlan | None:
@@ -60,13 +60,13 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan | None:
     return None
 
 
-def _locate(uri: str, input_format: str, storage_options: dict | None, io: storage.IOPolicy) -> tuple[str, str]:
+def _locate(uri: str, input_format: str, storage_options: dict | None, io: io_policy.IOPolicy) -> tuple[str, str]:
     """The input's one spelling and the kind that reads it (``input_format``, or detected)."""
     # A local file: URI (RFC 8089) names a percent-decoded path; fsspec would keep the escapes.
     # Local paths absolute, so that every row's path is (tar members and Parquet rows are named
     # after their file, "shard.tar#key.jpg"): a report or relabel from another folder finds them.
     spelled = storage.local_spelling(uri) or uri
-    if patterns.has_glob(uri) and uri.endswith("/") and not spelled.endswith("/"):
+    if storage.has_glob(uri) and uri.endswith("/") and not spelled.endswith("/"):
         spelled += "/"  # a pattern ending in "/" names folders (folder.plan_listing): keep it
     uri = spelled
     if input_format != "auto":
@@ -83,7 +83,7 @@ def _locate(uri: str, input_format: str, storage_options: dict | None, io: stora
 
 
 def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict | None = None,
-                io: storage.IOPolicy | None = None, path_column: str | None = None, id_column: str | None = None,
+                io: io_policy.IOPolicy | None = None, path_column: str | None = None, id_column: str | None = None,
                 dedupe: bool = False, image_column: str | None = None,
                 task_options: dict | None = None, cluster_cpus: float | None = None,
                 use_ray: bool = True, output: str | None = None) -> InputPlan:
@@ -100,7 +100,7 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
             from each filesystem's standard chain otherwise.
         io: connect/read timeout (seconds) and retries for every listing and every manifest,
             tar or Parquet file read for this input, in read tasks too (the job's
-            ``--io-timeout``/``--io-retries``; default ``storage.IOPolicy()``: 30 s, 3 retries).
+            ``--io-timeout``/``--io-retries``; default ``io_policy.IOPolicy()``: 30 s, 3 retries).
             Added to ``storage_options`` once, here (``storage.io_storage_options``); the
             user's own timeout settings there win.
         path_column: manifest column holding the URIs (default: first of path/url/uri/file_name).
@@ -138,7 +138,7 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
     if input_format != "auto" and input_format not in _BY_NAME:
         raise InputError(f"unknown input format {input_format!r}; expected one of {', '.join(INPUT_FORMATS)}")
     auto = input_format == "auto"
-    io = io or storage.IOPolicy()
+    io = io or io_policy.IOPolicy()
     uri, name = _locate(uri, input_format, storage_options, io)
     # The one place sources get their storage options: with the job's timeouts built in, so no
     # kind can open a listing, manifest, tar or Parquet file (here or in a read task) with the
@@ -157,9 +157,9 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
     except Exception as exc:
         # A listing that stalled (kinds turn their own read failures into InputError or rows):
         # one line naming the limit, not a traceback. Other errors keep their traceback.
-        if storage.timeout_cause(exc) is None:
+        if io_policy.timeout_cause(exc) is None:
             raise
-        raise InputError(f"cannot plan input {uri}: {storage.describe_error(exc, io)}") from exc
+        raise InputError(f"cannot plan input {uri}: {io_policy.describe_error(exc, io)}") from exc
     plan.planning_seconds = time.perf_counter() - start
     logger.info("planned %s input %s: listed=%s skipped=%d duplicates_removed=%d in %.2fs",
                 plan.kind, uri, plan.listed, plan.skipped, plan.duplicates_removed, plan.planning_seconds)
@@ -167,7 +167,7 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
 
 
 def fetch_bytes(path: str, storage_options: dict | None = None,
-                io: storage.IOPolicy | None = None) -> tuple[bytes | None, str | None]:
+                io: io_policy.IOPolicy | None = None) -> tuple[bytes | None, str | None]:
     """Read one whole file through fsspec; never raises.
 
     Args:
@@ -175,12 +175,12 @@ def fetch_bytes(path: str, storage_options: dict | None = None,
             name with ``%XX`` escapes of undecodable bytes finds the file, see ``zslabel.storage``).
         storage_options: the same options given to :func:`plan_inputs`.
         io: connect/read timeout (seconds) of the filesystem and the byte limit of one input
-            (default ``storage.IOPolicy()``); no retries here (``fetch.fetch_many`` has them).
+            (default ``io_policy.IOPolicy()``); no retries here (``fetch.fetch_many`` has them).
 
     Returns:
         ``(data, None)`` on success, else ``(None, "read_error: <ExceptionType>: <message>")``.
     """
-    max_bytes = (io or storage.IOPolicy()).max_bytes
+    max_bytes = (io or io_policy.IOPolicy()).max_bytes
     try:
         path = storage.file_uri_path(path) or path  # file:///a%20b.jpg is /a b.jpg (RFC 8089)
         if "://" not in path:
@@ -200,4 +200,4 @@ def fetch_bytes(path: str, storage_options: dict | None = None,
                 raise
             return fetch.cat_capped(fs, other, max_bytes), None
     except Exception as exc:  # noqa: BLE001 - every storage failure becomes a row error
-        return None, error_string(READ_ERROR, storage.describe_error(exc, io))
+        return None, error_string(READ_ERROR, io_policy.describe_error(exc, io))

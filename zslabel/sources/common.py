@@ -31,8 +31,8 @@ from typing import Any
 import pyarrow as pa
 
 from ..errors import InputError
+from ..io_policy import IOPolicy, describe_error
 from ..output import OWNED_COLUMNS
-from ..storage import IOPolicy, describe_error
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({
     ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",

@@ -29,7 +29,7 @@ import fsspec
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
-from .. import patterns, storage
+from .. import storage
 from ..errors import InputError
 from .blocks import core_table, planned_dataset
 from .common import (
@@ -197,7 +197,7 @@ def _list(uri: str, pattern: bool, options: InputOptions
     links: list[str] = []
     outputs: list[str] = []
     if pattern:
-        root = fs_path[: patterns.glob_start(fs_path) or len(fs_path)].rsplit("/", 1)[0]
+        root = fs_path[: storage.glob_start(fs_path) or len(fs_path)].rsplit("/", 1)[0]
         try:
             # auto: a folder that exists under its bracketed name is itself, as a whole input
             # is; --input-format glob keeps every bracket a character class.

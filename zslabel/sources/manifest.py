@@ -45,7 +45,7 @@ import re
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import patterns, storage
+from .. import io_policy, storage
 from ..errors import InputError, ZslabelError
 from ..textfiles import LINE_END, decode_text, is_comment
 from .blocks import core_table, planned_dataset
@@ -91,7 +91,7 @@ def read_table(uri: str, options: InputOptions, reader):
     except ZslabelError:
         raise
     except Exception as exc:
-        raise InputError(f"cannot read manifest {uri}: {storage.describe_error(exc, options.io)}") from exc
+        raise InputError(f"cannot read manifest {uri}: {io_policy.describe_error(exc, options.io)}") from exc
     names = result[0].column_names
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:  # a column picked by name would be ambiguous (pyarrow: KeyError)
@@ -108,7 +108,7 @@ def plan_manifest(uri: str, options: InputOptions) -> InputPlan:
         TextDecodeError: a text manifest that is not UTF-8 (names the byte offset).
     """
     fs, fs_path, (table, dropped, first_row) = read_table(uri, options, _read_manifest)
-    if manifest_format(patterns.kind_name(fs_path).lower()) == "txt" and table.column_names == ["path"]:
+    if manifest_format(storage.kind_name(fs_path).lower()) == "txt" and table.column_names == ["path"]:
         path_col = "path"  # a text list (not Parquet told by its magic bytes)
     elif first_row is not None:  # no header: columns column_1 ... column_N
         path_col = headerless_column(table.column_names, first_row, options.path_column, uri, "path")
@@ -353,7 +353,7 @@ def _read_manifest(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    fmt = manifest_format(patterns.kind_name(fs_path).lower())
+    fmt = manifest_format(storage.kind_name(fs_path).lower())
     with storage.open_input(fs, fs_path, "rb", compression=storage.compression_of(fs_path)) as f:
         if fmt == "parquet":
             return pq.read_table(f), {}, None

@@ -32,7 +32,7 @@ from collections.abc import Generator
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import patterns, storage
+from .. import io_policy, storage
 from ..errors import INTERNAL_ERROR, READ_ERROR, InputError, error_string
 from .blocks import EMIT_ROWS, STREAM_BLOCK_SIZE, error_table, schema_with, streaming_plan
 from .common import (
@@ -75,7 +75,7 @@ def plan_parquet(uri: str, options: InputOptions) -> InputPlan:
     others: list[tuple[str, str]] = []  # files beside the parts: (uri, skip reason)
     if storage.is_pattern(uri, so):
         files = [storage.uri_maker(uri, fs)(p) for p in sorted(fs.glob(fs_path)) if p.lower().endswith(SUFFIXES)]
-    elif (strip_compression(patterns.kind_name(uri).rstrip("/").lower()).endswith(SUFFIXES)
+    elif (strip_compression(storage.kind_name(uri).rstrip("/").lower()).endswith(SUFFIXES)
           or not options.auto) and not fs.isdir(fs_path):
         files = [uri]  # a file named as Parquet, or any file --input-format parquet names
     else:  # a folder, also one named like a file (Spark writes "table.parquet/part-*.parquet")
@@ -217,7 +217,7 @@ def _schema(uri: str, options: InputOptions) -> pa.Schema:
         with storage.open_input(fs, fs_path, "rb") as f:
             return pq.read_schema(f)
     except Exception as exc:
-        raise InputError(f"cannot read Parquet file {uri}: {storage.describe_error(exc, options.io)}") from exc
+        raise InputError(f"cannot read Parquet file {uri}: {io_policy.describe_error(exc, options.io)}") from exc
 
 
 def _is_image_list(kind: pa.DataType) -> bool:
@@ -529,10 +529,10 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
                         yield table
                 except Exception as exc:  # noqa: BLE001 - a damaged row group costs its own rows
                     logger.warning("cannot read row group %d of Parquet %s: %s", group, uri,
-                                   storage.describe_error(exc))
+                                   io_policy.describe_error(exc))
                     if group_end > row:
                         yield failed_rows(row, group_end - row, error_string(
-                            READ_ERROR, f"parquet row group {group}: {storage.describe_error(exc)}"))
+                            READ_ERROR, f"parquet row group {group}: {io_policy.describe_error(exc)}"))
                 else:
                     if group_end > row:
                         # pyarrow can end a damaged group's batches early without an error
@@ -547,9 +547,9 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
                 row = group_end
                 counts["listed"] = row
     except Exception as exc:  # noqa: BLE001 - a bad file is one error row, not a failed job
-        logger.warning("cannot read Parquet %s: %s", uri, storage.describe_error(exc))
+        logger.warning("cannot read Parquet %s: %s", uri, io_policy.describe_error(exc))
         counts["listed"] = row + 1
-        yield error_table([uri], [base + row], error_string(READ_ERROR, f"parquet {storage.describe_error(exc)}"),
+        yield error_table([uri], [base + row], error_string(READ_ERROR, f"parquet {io_policy.describe_error(exc)}"),
                           carried)
 
 

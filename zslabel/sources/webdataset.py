@@ -43,7 +43,7 @@ from typing import IO, Any
 
 import pyarrow as pa
 
-from .. import patterns, storage
+from .. import io_policy, storage
 from ..errors import INTERNAL_ERROR, READ_ERROR, TOO_MANY_PIXELS, InputError, error_string
 from .blocks import EMIT_BYTES, EMIT_ROWS, STREAM_BLOCK_SIZE, schema_with, streaming_plan
 from .common import (
@@ -93,12 +93,12 @@ def _shards(uri: str, options: InputOptions) -> tuple[list[str], list[tuple[str,
     so = options.storage_options
     shards: list[str] = []
     others: list[tuple[str, str]] = []
-    literal = ("{" in uri or patterns.has_glob(uri)) and _exists(uri, so)
-    for pattern in [uri] if literal else patterns.expand_braces(uri):
+    literal = ("{" in uri or storage.has_glob(uri)) and _exists(uri, so)
+    for pattern in [uri] if literal else storage.expand_braces(uri):
         if not literal and storage.is_pattern(pattern, so):
             fs, fs_path = storage.url_to_fs(pattern, so)
             shards.extend(map(storage.uri_maker(pattern, fs), sorted(fs.glob(fs_path))))
-        elif patterns.kind_name(pattern).lower().endswith(SUFFIXES):
+        elif storage.kind_name(pattern).lower().endswith(SUFFIXES):
             shards.append(pattern)  # named explicitly: a missing one becomes a read_error row
         else:  # a folder of shards
             fs, fs_path = storage.url_to_fs(pattern, so)
@@ -532,7 +532,7 @@ def read_tar(uri: str, file_index: int, storage_options: dict, counts: dict, *,
                         entry = tar.extractfile(info).read()
                     except Exception as exc:  # noqa: BLE001 - re-raised below, after the row exists
                         cut = exc
-                        entry = error_string(READ_ERROR, f"tar member cut short: {storage.describe_error(exc)}")
+                        entry = error_string(READ_ERROR, f"tar member cut short: {io_policy.describe_error(exc)}")
                 counts["listed"] += 1
                 sample.images.append((name, entry))
                 if cut is not None:
@@ -541,8 +541,8 @@ def read_tar(uri: str, file_index: int, storage_options: dict, counts: dict, *,
                     yield rows.take()
         failure = log.problem(members)
     except Exception as exc:  # noqa: BLE001 - a bad shard is one error row, not a failed job
-        logger.warning("cannot read tar %s: %s", uri, storage.describe_error(exc))
-        failure = f"tar {storage.describe_error(exc)}"
+        logger.warning("cannot read tar %s: %s", uri, io_policy.describe_error(exc))
+        failure = f"tar {io_policy.describe_error(exc)}"
     sample.flush(rows, links, held, repeated)
     if sample.images:
         assert sample.key is not None  # a sample with members has their key
@@ -572,7 +572,7 @@ def _link_rows(uri: str, storage_options: dict, rows: _Rows, links: list[tuple[s
         try:
             found = _read_targets(uri, storage_options, wanted, max_member_bytes)
         except Exception as exc:  # noqa: BLE001 - costs the link rows, not the shard
-            second = f"tar {storage.describe_error(exc)} (second pass for link targets)"
+            second = f"tar {io_policy.describe_error(exc)} (second pass for link targets)"
     for path, link in links:
         target = targets[path]
         data = found.get(target) if target is not None else None
