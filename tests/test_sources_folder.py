@@ -273,13 +273,18 @@ def test_a_glob_ending_in_a_slash_reads_the_folders_it_matches(tmp_path):
         plan_inputs(f"{root}/a/b/*/", use_ray=False)
 
 
-@pytest.mark.parametrize("name, hint", [("list.json", "jq -c '.[]' F.json > F.jsonl"),
-                                        ("data-00000-of-00001.arrow", "to_parquet")])
-def test_a_list_of_images_in_an_unread_form_says_how_to_convert_it(tmp_path, name, hint):
-    """A JSON array of records, or Hugging Face ``save_to_disk`` Arrow files, was "no images
-    found ... not_an_image" with no word on what to do."""
+@pytest.mark.parametrize("name, hint, file_read", [("list.json", "name the file itself as the input", True),
+                                                   ("data-00000-of-00001.arrow", "to_parquet", False)])
+def test_a_list_of_images_in_an_unread_form_says_how_to_convert_it(tmp_path, name, hint, file_read):
+    """A folder of only a JSON array of records, or of Hugging Face ``save_to_disk`` Arrow
+    files, was "no images found ... not_an_image" with no word on what to do. The .json file
+    named as the input is read (the jsonl kind reads JSON arrays); the .arrow file is not."""
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / name).write_text('[{"path": "a.jpg"}]')
-    for uri in (tmp_path / "d", tmp_path / "d" / name):
+    with pytest.raises(InputError, match=re.escape(hint)):
+        plan_inputs(str(tmp_path / "d"), use_ray=False)
+    if file_read:
+        assert plan_inputs(str(tmp_path / "d" / name), use_ray=False).listed == 1
+    else:
         with pytest.raises(InputError, match=re.escape(hint)):
-            plan_inputs(str(uri), use_ray=False)
+            plan_inputs(str(tmp_path / "d" / name), use_ray=False)

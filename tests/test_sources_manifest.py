@@ -202,8 +202,11 @@ def test_jsonl_manifest_carries_other_keys(ray_local, tmp_path, caplog):
         assert plan.listed == 3 and plan.skipped_by_reason == {"malformed_row": 1}
         assert f"bad.jsonl line 2: {problem}" in caplog.text
         caplog.clear()
+    bad.write_text("{1}\nnot json\n")
+    with pytest.raises(InputError, match="no JSON objects; 2 lines are not: the first, line 1: \\{1\\}"):
+        plan_inputs(str(bad))
     bad.write_text("[1]\nnot json\n")
-    with pytest.raises(InputError, match="no JSON objects; 2 lines are not: the first, line 1: \\[1\\]"):
+    with pytest.raises(InputError, match="starts as a JSON array but is not one \\(Extra data at line 2 column 1"):
         plan_inputs(str(bad))
     bad.write_text('{"file": "a.jpg"}\n')
     with pytest.raises(InputError, match="no path column"):
@@ -290,6 +293,37 @@ def test_a_stray_quote_joining_entries_is_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="zslabel.sources.manifest"):
         plan_inputs(str(tmp_path / "ok.csv"), use_ray=False)
     assert "spanning" not in caplog.text
+
+
+def test_json_arrays_and_json_lines_named_json(tmp_path):
+    """A ``.json`` manifest is what Hugging Face datasets' JSON builder reads under that name:
+    one JSON array (objects, or path strings) or JSON lines (BigQuery/Spark exports). It was
+    "no images found" with a hint to convert it. An element that is neither an object nor a
+    string is a counted ``malformed_row`` skip; one JSON object over several lines (COCO's
+    annotation file) is refused naming its list-valued keys."""
+    entries = [{"path": "/d/a.jpg", "caption": "a cat", "meta": {"w": 3}}, "/d/b.jpg", 7, None,
+               {"url": "/d/c.jpg"}, {"path": ""}]
+    for name, body in (("list.json", json.dumps(entries, indent=2)),
+                       ("list.json.gz", "\ufeff" + json.dumps(entries)),
+                       ("lines.json", "\n".join(json.dumps(e) for e in entries if isinstance(e, dict)))):
+        write(tmp_path / name, gzip.compress(body.encode()) if name.endswith(".gz") else body.encode())
+        assert detect_kind(str(tmp_path / name)) == "jsonl"
+        plan = plan_inputs(str(tmp_path / name), use_ray=False)
+        rows = plan.read_locally()
+        array = not name.startswith("lines")
+        expected = ["/d/a.jpg", "/d/b.jpg", "/d/c.jpg"] if array else ["/d/a.jpg", "/d/c.jpg"]
+        assert [r["path"] for r in rows] == expected, name
+        assert rows[0]["caption"] == "a cat" and rows[0]["meta"] == '{"w": 3}'
+        assert plan.skipped_by_reason == ({"malformed_row": 2, "empty_path": 1} if array else {"empty_path": 1})
+        assert plan.listed == len(rows) + plan.skipped
+    coco = {"info": {"year": 2017}, "images": [{"file_name": "a.jpg"}], "annotations": [], "categories": []}
+    write(tmp_path / "instances.json", json.dumps(coco, indent=2).encode())
+    with pytest.raises(InputError, match="is one JSON object.*keys holding lists: images, annotations, categories"
+                                         ".*jq -c '.images\\[\\]'"):
+        plan_inputs(str(tmp_path / "instances.json"), use_ray=False)
+    write(tmp_path / "cut.json", json.dumps(entries, indent=2)[:-20].encode())  # a download cut short
+    with pytest.raises(InputError, match="starts as a JSON array but is not one"):
+        plan_inputs(str(tmp_path / "cut.json"), use_ray=False)
 
 
 def test_jsonl_files_concatenated_with_their_boms(tmp_path):

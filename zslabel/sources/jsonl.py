@@ -1,7 +1,9 @@
-"""Input kind ``jsonl``: a JSON-lines manifest (``.jsonl``/``.ndjson``, optionally compressed).
+"""Input kind ``jsonl``: a JSON-lines manifest (``.jsonl``/``.ndjson``/``.json``, optionally
+compressed), or a JSON array of entries (a file whose first character but blanks is ``[``).
 
-One JSON object per line; the image is under the first of ``JSONL_PATH_KEYS`` (``path``,
-``url``, ``uri``, ``file_name``; any case) that the line holds with a non-empty value, so lines
+One JSON object per line (per array element; an element may also be a string: its path);
+the image is under the first of ``JSONL_PATH_KEYS`` (``path``, ``url``, ``uri``,
+``file_name``; any case) that the line holds with a non-empty value, so lines
 of one file may name their image by different keys (or only under ``path_column`` when one is
 given). ``file_name`` is the key of Hugging Face ``imagefolder``'s ``metadata.jsonl``. Every
 other key is carried to the output as a string column (non-string values as JSON text; keys
@@ -30,14 +32,29 @@ JSONL_PATH_KEYS = PATH_COLUMN_CANDIDATES
 
 logger = logging.getLogger(__name__)
 
-SUFFIXES = (".jsonl", ".ndjson")
+# ``.json``: what Hugging Face datasets' JSON builder reads under that name, JSON lines (BigQuery
+# and Spark exports) or one JSON array (scrapers, web APIs).
+SUFFIXES = (".jsonl", ".ndjson", ".json")
 
 
 def _read(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list[str]]]:
     """``(table of strings, {"malformed_row": text of the lines that are no JSON object})``: a
-    bad line is a counted skip, as a CSV row with the wrong number of fields is."""
+    bad line is a counted skip, as a CSV row with the wrong number of fields is. A file that is
+    one JSON array is read by :func:`_read_array`.
+
+    Raises:
+        InputError: no line is a JSON object and the file is one JSON object over several lines
+            (:func:`_refuse_one_object`) or starts as a JSON array but is not one.
+    """
     with storage.open_input(fs, fs_path, "rb", compression=storage.compression_of(fs_path)) as f:
         text = decode_text(f.read(), uri)
+    start = text.lstrip("\ufeff \t\r\n")[:1]
+    array_error = None
+    if start == "[":  # one JSON array, else JSON lines whose first line is a (malformed) array
+        try:
+            return _read_array(text, uri)
+        except json.JSONDecodeError as exc:
+            array_error = exc
     records: list[dict] = []
     malformed: list[str] = []
     for number, line in enumerate(text.split("\n"), 1):
@@ -60,9 +77,69 @@ def _read(fs, fs_path: str, uri: str) -> tuple[pa.Table, dict[str, list[str]]]:
             malformed.append(f"line {number}: {line[:200]}")
             continue
         records.append(record)
+    if not records and array_error is not None:
+        raise InputError(f"cannot read manifest {uri}: it starts as a JSON array but is not one "
+                         f"({array_error.msg} at line {array_error.lineno} column {array_error.colno}), "
+                         "nor JSON lines")
+    if not records and start == "{":
+        _refuse_one_object(text, uri)
+    return _table(records), {"malformed_row": malformed}
+
+
+def _refuse_one_object(text: str, uri: str) -> None:
+    """Raise when ``text`` is one JSON object over several lines (COCO's annotation file, a
+    pretty-printed record): which of its keys hold lists, and how to write them as lines.
+
+    Raises:
+        InputError: when it is such an object; nothing when it is not JSON at all.
+    """
+    try:
+        whole = json.loads(text.lstrip("\ufeff"))
+    except (json.JSONDecodeError, RecursionError):
+        return
+    if isinstance(whole, dict):
+        lists = [k for k, v in whole.items() if isinstance(v, list)]
+        key = lists[0] if lists else "KEY"
+        raise InputError(f"manifest {uri} is one JSON object, not JSON lines or an array of entries"
+                         + (f"; its keys holding lists: {', '.join(lists[:10])}" if lists else "")
+                         + f"; write the entries one per line: jq -c '.{key}[]' F.json > F.jsonl")
+
+
+def _read_array(text: str, uri: str) -> tuple[pa.Table, dict[str, list[str]]]:
+    """A JSON array as :func:`_read` reads lines: each object an entry, each string a path
+    (``{"path": s}``); any other element (number, null, nested array) a counted
+    ``malformed_row`` named by its index.
+
+    Raises:
+        json.JSONDecodeError: the text is not one JSON array (the caller reads it as lines).
+        InputError: an array nested too deeply to read.
+    """
+    try:
+        elements = json.loads(text.lstrip("\ufeff"))
+    except RecursionError as exc:
+        raise InputError(f"cannot read manifest {uri}: JSON nested too deeply to read") from exc
+    records: list[dict] = []
+    malformed: list[str] = []
+    for index, element in enumerate(elements):
+        if isinstance(element, str):
+            element = {"path": element}
+        if not isinstance(element, dict):
+            if not malformed:
+                logger.warning("%s element %d: expected a JSON object or a path string, got %s; such elements are "
+                               "skipped and counted (malformed_row)", uri, index, type(element).__name__)
+            malformed.append(f"element {index}: {json.dumps(element)[:200]}")
+            continue
+        try:
+            records.append({k: _text(v) for k, v in element.items()})
+        except RecursionError:
+            malformed.append(f"element {index}: JSON nested too deeply to read")
+    return _table(records), {"malformed_row": malformed}
+
+
+def _table(records: list[dict]) -> pa.Table:
+    """One string column per key any record has (in first-seen order), null where a record lacks it."""
     keys = list(dict.fromkeys(k for r in records for k in r))
-    table = pa.table({k: pa.array([r.get(k) for r in records], pa.string()) for k in keys})
-    return table, {"malformed_row": malformed}
+    return pa.table({k: pa.array([r.get(k) for r in records], pa.string()) for k in keys})
 
 
 def _text(value) -> str | None:
@@ -123,6 +200,7 @@ def _first_key(table: pa.Table, uri: str) -> tuple[pa.Array, set[str]]:
 
 KIND = InputKind(
     name="jsonl",
-    summary="a JSON-lines file: one object per line with a path/url/uri/file_name key; other keys are carried",
+    summary="a JSON-lines file (or a JSON array): one object per line with a path/url/uri/file_name key; "
+            "other keys are carried",
     detect=lambda uri, pattern: not pattern and strip_compression(uri.rstrip("/").lower()).endswith(SUFFIXES),
     plan=plan_jsonl)
