@@ -60,7 +60,7 @@ def build(work: Path, rows: int, n_labels: int, seed: int = 0) -> tuple[Path, Pa
     labels = [f"label {i:04d}" for i in range(n_labels)]
     templates = ["This is a photo of {}."]
     model = load_model(ckpt)
-    t = np.asarray(build_label_set(labels, templates, model, cache=False).embeddings, np.float32)
+    t = np.asarray(build_label_set(labels, templates, model).embeddings, np.float32)
     rng = np.random.default_rng(seed)
     # CLIP embeddings are far from isotropic: a power-law spectrum (component j ~ j^-0.5 in
     # standard deviation) for the noise and the visual directions, so a low-rank basis holds

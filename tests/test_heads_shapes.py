@@ -50,7 +50,7 @@ def shapes_head_figures() -> dict:
     torch.manual_seed(0)
     model = load_model(MODEL)
     names = shapes.all_labels()
-    label_set = build_label_set(names, [shapes.EVAL_TEMPLATE], model, cache=False)
+    label_set = build_label_set(names, [shapes.EVAL_TEMPLATE], model)
     zs = heads.ZeroShot(np.asarray(label_set.embeddings, np.float32), model.logit_scale, model.logit_bias,
                         model.score_kind)
     index = {n: i for i, n in enumerate(names)}

@@ -6,9 +6,9 @@ import torch
 
 from zslabel.config import JobConfig, parse_concurrency
 from zslabel.errors import ConfigError, ModelLoadError
-from zslabel.labels import build_label_set, ensemble, validate_template
+from zslabel.labels import build_label_set, validate_template
 from zslabel.model import load_model, resolve_checkpoint
-from zslabel.ranking import scores_from_logits, top_k, zero_shot_logits
+from zslabel.ranking import ensemble, scores_from_logits, top_k, zero_shot_logits
 
 
 @pytest.mark.parametrize("template", ["no field", "{} and {}", "{0}", "{name}", "a {"])
@@ -105,21 +105,21 @@ def test_token_checks_hold_across_chunks(tiny_clip, tmp_path, monkeypatch, chunk
     model = load_model(tiny_clip)
     templates = ["a {}.", "the {}"]
     with pytest.raises(ConfigError, match="'Red Circle' = 'red circle'"):
-        build_label_set(["Red Circle", "blue", "green", "red circle"], templates, model, cache=False)
+        build_label_set(["Red Circle", "blue", "green", "red circle"], templates, model)
     with pytest.raises(ConfigError, match="x{20}.*longer than the text tower"):
-        build_label_set(["cat", "dog", "bird", "x" * 200], templates, model, cache=False)
-    assert build_label_set(["cat", "dog", "bird"], templates, model, cache=False).embeddings.shape[0] == 3
+        build_label_set(["cat", "dog", "bird", "x" * 200], templates, model)
+    assert build_label_set(["cat", "dog", "bird"], templates, model).embeddings.shape[0] == 3
     broken = tmp_path / "no_tokenizer"
     shutil.copytree(tiny_clip, broken, ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt",
                                                                       "special_tokens_map.json"))
     # Without its files the tokenizer reads one [UNK]-like id per character: templates of other
     # lengths give other prompts, but every label's prompts are alike.
     with pytest.raises(ConfigError, match="maps every label to the same tokens"):
-        build_label_set(["cat", "dog", "owl"], templates, load_model(broken), cache=False)
+        build_label_set(["cat", "dog", "owl"], templates, load_model(broken))
     with pytest.raises(ConfigError, match="maps every label to the same tokens"):
-        build_label_set(["cat", "dog", "owl"], ["a {}."], load_model(broken), cache=False)
+        build_label_set(["cat", "dog", "owl"], ["a {}."], load_model(broken))
     with pytest.raises(ConfigError, match="maps every prompt to the same tokens"):
-        build_label_set(["cat"], ["a {}.", "b {}."], load_model(broken), cache=False)  # one label, alike templates
+        build_label_set(["cat"], ["a {}.", "b {}."], load_model(broken))  # one label, alike templates
 
 
 @pytest.mark.parametrize("key, value", [("num_cpus_per_actor", float("nan")), ("num_cpus_per_actor", float("inf")),
@@ -183,14 +183,14 @@ def test_labels_the_tokenizer_reads_alike_are_refused(tiny_clip, caplog):
     model = load_model(tiny_clip)
     nfc, nfd = "caf\u00e9", "cafe\u0301"
     with pytest.raises(ConfigError, match="written two ways.*'Red Circle' = 'red circle'.*" + nfc + "' = '" + nfd):
-        build_label_set(["Red Circle", "red circle", "blue", nfc, nfd], ["a {}."], model, cache=False)
+        build_label_set(["Red Circle", "red circle", "blue", nfc, nfd], ["a {}."], model)
     # Two labels only, one template: every prompt is the same tokens, which is no missing
     # tokenizer (it was called one: "is the tokenizer missing from the checkpoint folder?").
     with pytest.raises(ConfigError, match="written two ways.*'Apple' = 'apple'"):
-        build_label_set(["Apple", "apple"], ["a {}."], model, cache=False)
+        build_label_set(["Apple", "apple"], ["a {}."], model)
     with pytest.raises(ConfigError, match="'animal/dog' = 'toy/dog'"):
-        build_label_set(["animal/dog", "toy/dog"], ["a {}.", "{}"], model, cache=False)
-    assert build_label_set(["red circle", "blue circle"], ["a {}."], model, cache=False).embeddings.shape[0] == 2
+        build_label_set(["animal/dog", "toy/dog"], ["a {}.", "{}"], model)
+    assert build_label_set(["red circle", "blue circle"], ["a {}."], model).embeddings.shape[0] == 2
     # A WordPiece vocabulary without these words reads both as [CLS] [UNK] [SEP] (BiomedCLIP's
     # tokenizer for words it lacks): a warning, not a refusal.
     from zslabel.labels import _refuse_labels_read_alike

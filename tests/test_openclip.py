@@ -89,7 +89,7 @@ def reference_scores(ckpt, files, labels, templates):
 
 def zslabel_scores(model, files, labels, templates):
     """zslabel's own path without Ray: decode_image -> encode_images -> label set -> scores."""
-    label_set = build_label_set(labels, templates, model, cache=False)
+    label_set = build_label_set(labels, templates, model)
     pixels = np.stack([decode_image(f.read_bytes(), model.preprocess).pixels for f in files])
     logits = zero_shot_logits(model.encode_images(pixels), torch.from_numpy(label_set.embeddings),
                               model.logit_scale, model.logit_bias)
@@ -154,7 +154,7 @@ def test_biomed_shape_and_model_facts(ckpts):
     ids = model.prompt_token_ids(["This is a photo of cat.", "dog"])
     assert ids[1][0] != ids[1][1] and len(ids[0]) > len(ids[1])  # [CLS] ... [SEP], not all [UNK]
     with pytest.raises(Exception, match="longer than the text tower's maximum"):
-        build_label_set(["cat " * 300], ["{}"], model, cache=False)
+        build_label_set(["cat " * 300], ["{}"], model)
 
 
 def test_biomed_tokenizer_gives_words_their_ids(ckpts):
@@ -347,7 +347,7 @@ def test_cuda_float16_close_to_cpu_float32(name, ckpts, tmp_path):
     files = image_files(tmp_path / "in")
     cpu = zslabel_scores(load_model(ckpts[name]), files, LABELS, TEMPLATES)
     model = load_model(ckpts[name], device="cuda", dtype=torch.float16)
-    label_set = build_label_set(LABELS, TEMPLATES, load_model(ckpts[name], device="cuda"), cache=False)
+    label_set = build_label_set(LABELS, TEMPLATES, load_model(ckpts[name], device="cuda"))
     pixels = np.stack([decode_image(f.read_bytes(), model.preprocess).pixels for f in files])
     logits = zero_shot_logits(model.encode_images(pixels), torch.from_numpy(label_set.embeddings).cuda(),
                               model.logit_scale, model.logit_bias)

@@ -7,7 +7,7 @@ import torch
 from zslabel import labels as labels_mod
 from zslabel.config import JobConfig
 from zslabel.labels import LABEL_SETS_DIR, TEMPLATE_SETS, build_label_set, label_cache_dir
-from zslabel.model import load_model
+from zslabel.model import checkpoint_digest, load_model
 from zslabel.ranking import RankingRule, rank, top_k, top_k_tensor
 
 
@@ -50,32 +50,34 @@ def test_rank_multi_label_and_abstention_on_tensor_match_numpy():
 def test_label_embeddings_cached_on_disk_keyed_by_labels(tiny_clip, tmp_path, monkeypatch):
     monkeypatch.setenv("ZSLABEL_CACHE", str(tmp_path))
     model = load_model(tiny_clip)
+    digest = checkpoint_digest(tiny_clip)
     calls = []
     real = model.encode_texts
     model.encode_texts = lambda prompts, **kw: calls.append(len(prompts)) or real(prompts, **kw)
     tokenized = []
     real_ids = model.prompt_token_ids
     model.prompt_token_ids = lambda prompts: tokenized.append(len(prompts)) or real_ids(prompts)
-    first = build_label_set(["cat", "dog"], ["a {}.", "the {}"], model)
+    first = build_label_set(["cat", "dog"], ["a {}.", "the {}"], model, digest=digest)
     assert calls == [4] and len(list(label_cache_dir().glob("*.npy"))) == 1 and tokenized == [4]
-    second = build_label_set(["cat", "dog"], ["a {}.", "the {}"], model)
+    second = build_label_set(["cat", "dog"], ["a {}.", "the {}"], model, digest=digest)
     assert calls == [4], "a second build with the same labels and templates must be a cache hit"
     assert tokenized == [4], "a cache hit passed the token checks when it was written: not checked again"
     np.testing.assert_array_equal(first.embeddings, second.embeddings)
-    build_label_set(["cat", "bird"], ["a {}.", "the {}"], model)   # one label changed: a miss
-    build_label_set(["cat", "dog"], ["a {}."], model)             # templates changed: a miss
+    build_label_set(["cat", "bird"], ["a {}.", "the {}"], model, digest=digest)   # one label changed: a miss
+    build_label_set(["cat", "dog"], ["a {}."], model, digest=digest)             # templates changed: a miss
     assert calls == [4, 4, 2] and len(list(label_cache_dir().glob("*.npy"))) == 3
-    build_label_set(["cat", "dog"], ["a {}.", "the {}"], model, cache=False)
+    build_label_set(["cat", "dog"], ["a {}.", "the {}"], model)  # no digest: no cache
     assert calls == [4, 4, 2, 4]
 
 
 def test_corrupt_cache_entry_is_recomputed(tiny_clip, tmp_path, monkeypatch):
     monkeypatch.setenv("ZSLABEL_CACHE", str(tmp_path))
     model = load_model(tiny_clip)
-    good = build_label_set(["cat", "dog"], ["a {}."], model).embeddings
+    digest = checkpoint_digest(tiny_clip)
+    good = build_label_set(["cat", "dog"], ["a {}."], model, digest=digest).embeddings
     (entry,) = label_cache_dir().glob("*.npy")
     entry.write_bytes(b"not an array")
-    np.testing.assert_array_equal(build_label_set(["cat", "dog"], ["a {}."], model).embeddings, good)
+    np.testing.assert_array_equal(build_label_set(["cat", "dog"], ["a {}."], model, digest=digest).embeddings, good)
 
 
 def test_named_sets_imagenet_1k_and_80_templates():
@@ -96,6 +98,7 @@ def test_a_cache_hit_repeats_the_token_checks_warnings(tiny_clip, tmp_path, monk
     (the warning is kept beside the cached embeddings)."""
     monkeypatch.setenv("ZSLABEL_CACHE", str(tmp_path))
     model = load_model(tiny_clip)
+    digest = checkpoint_digest(tiny_clip)
     real_ids = model.prompt_token_ids
     # A vocabulary without these two words: both read as one token, as BiomedCLIP's [UNK].
     model.prompt_token_ids = lambda prompts: [real_ids([p.replace("zorp", "x").replace("quib", "x")])[0]
@@ -103,6 +106,6 @@ def test_a_cache_hit_repeats_the_token_checks_warnings(tiny_clip, tmp_path, monk
     for attempt in range(2):
         caplog.clear()
         with caplog.at_level("WARNING", logger="zslabel.labels"):
-            build_label_set(["zorp", "quib", "dog"], ["a {}."], model)
+            build_label_set(["zorp", "quib", "dog"], ["a {}."], model, digest=digest)
         assert "reads the labels 'zorp', 'quib' as the same tokens" in caplog.text, attempt
     assert len(list(label_cache_dir().glob("*.npy"))) == 1

@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .hierarchy import SEPARATOR, prompt_name
+from .ranking import ensemble
 from .textfiles import read_lines, read_text
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,7 @@ class LabelSet:
         return [t.format(prompt_name(n)) for n in self.names for t in self.templates]
 
 
-def build_label_set(names: list[str], templates: list[str], model, *, digest: str | None = None,
-                    cache: bool = True) -> LabelSet:
+def build_label_set(names: list[str], templates: list[str], model, *, digest: str | None = None) -> LabelSet:
     """Embed every (label, template) prompt with ``model``'s text tower and ensemble them.
 
     The (C, D) result is cached on disk (``label_cache_dir``), keyed by ``label_cache_key``
@@ -149,9 +149,8 @@ def build_label_set(names: list[str], templates: list[str], model, *, digest: st
         names: C label names (validated: non-empty, unique).
         templates: T templates (validated: one ``{}`` each).
         model: a ``zslabel.model_base.ZeroShotModel`` (``zslabel.model.load_model``).
-        digest: ``model.checkpoint_digest`` of the checkpoint when the caller has it (else
-            computed here when ``cache``).
-        cache: read and write the on-disk cache.
+        digest: the checkpoint's ``model.checkpoint_digest``, which keys the on-disk cache
+            (every command that labels passes it); None: no cache, the text tower runs.
 
     Returns:
         LabelSet with (C, D) float32 L2-normalised embeddings.
@@ -164,10 +163,8 @@ def build_label_set(names: list[str], templates: list[str], model, *, digest: st
     # A path label ("animal/mammal/dog") is prompted by its leaf name (hierarchy.prompt_name).
     prompts = [t.format(prompt_name(n)) for n in names for t in templates]
     path = None
-    if cache:
-        from .model_base import checkpoint_digest
-
-        key = label_cache_key(digest or checkpoint_digest(model.path), model, names, templates)
+    if digest is not None:
+        key = label_cache_key(digest, model, names, templates)
         path = label_cache_dir() / f"{key}.npy"
         cached = _read_cached(path, len(names))
         if cached is not None:
@@ -332,12 +329,6 @@ def _write_cached(path: Path, emb: np.ndarray, warnings: Sequence[str] = ()) -> 
     except OSError as exc:
         log.warning("cannot cache label embeddings at %s: %s", path, exc)
         tmp.unlink(missing_ok=True)
-
-
-def ensemble(template_embeddings: np.ndarray) -> np.ndarray:
-    """(C, T, D) L2-normalised prompt embeddings -> (C, D) float32: mean over T, renormalised."""
-    mean = template_embeddings.astype(np.float32).mean(axis=1)
-    return (mean / np.linalg.norm(mean, axis=-1, keepdims=True)).astype(np.float32)
 
 
 # The ImageNet templates (80) of the CLIP authors, shipped as package data (see its header).

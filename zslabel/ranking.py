@@ -46,6 +46,21 @@ def zero_shot_logits(image_embeds: torch.Tensor, label_embeds: torch.Tensor,
     return logit_scale * (image_embeds.float() @ label_embeds.float().T) + logit_bias
 
 
+def ensemble(template_embeddings: np.ndarray) -> np.ndarray:
+    """Prompt ensembling: the label (class) embeddings of a zero-shot classifier from the
+    embeddings of each label's prompts, one per template (CLIP paper, Radford et al. 2021,
+    sec. 3.1.4; open_clip ``build_zero_shot_classifier``).
+
+    Args:
+        template_embeddings: (C, T, D) float, L2-normalised prompt embeddings.
+
+    Returns:
+        (C, D) float32, L2-normalised: the mean over the T templates, renormalised.
+    """
+    mean = template_embeddings.astype(np.float32).mean(axis=1)
+    return (mean / np.linalg.norm(mean, axis=-1, keepdims=True)).astype(np.float32)
+
+
 def scores_from_logits(logits: torch.Tensor, score_kind: str) -> torch.Tensor:
     """(N, C) float32 logits -> (N, C) float32 scores in [0, 1].
 
