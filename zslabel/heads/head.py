@@ -75,8 +75,10 @@ class Head:
         cache = self.__dict__.setdefault("_device_cache", {})
         key = str(device)
         if key not in cache:
-            cache[key] = (torch.from_numpy(np.ascontiguousarray(self.weights, np.float32)).to(device),
-                          torch.from_numpy(np.ascontiguousarray(self.bias, np.float32)).to(device))
+            # torch.tensor copies: arrays unpickled by a Ray actor are read-only, which
+            # torch.from_numpy warns about (and a write through the tensor would fault).
+            cache[key] = (torch.tensor(np.asarray(self.weights, np.float32), device=device),
+                          torch.tensor(np.asarray(self.bias, np.float32), device=device))
         return cache[key]
 
     def __getstate__(self):  # pickled to Ray actors: without tensors cached on a device
