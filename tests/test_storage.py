@@ -344,3 +344,26 @@ def test_brace_step_and_letter_ranges_read_the_shards_they_name(tmp_path):
     # "No such file" row for its literal name.
     with pytest.raises(InputError, match=r"cannot expand the brace group \{a\.\.4\}"):
         plan_inputs(f"{tmp_path}/s-{{a..4}}.tar", use_ray=False)
+
+
+def test_the_stamp_of_a_folder_follows_its_links_to_folders(tmp_path):
+    """The folder input lists what a link to a folder holds, so the stamp that tells a finished
+    run's --resume "nothing changed" reads it too: a new image behind ``photos/more -> /elsewhere``
+    was never labeled (exit 0, "the model ran on 0"; hunt: os.walk follows no links by default).
+    A link back up (a loop) is walked once, and the output is still left out."""
+    from zslabel.storage import local_stamp
+
+    photos, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    photos.mkdir()
+    elsewhere.mkdir()
+    (photos / "a.png").write_bytes(b"a")
+    (elsewhere / "1.png").write_bytes(b"1")
+    (photos / "more").symlink_to(elsewhere)
+    (elsewhere / "up").symlink_to(tmp_path)  # loops back through photos/more/up/photos/more/...
+    (photos / "out").mkdir()
+    before = local_stamp(str(photos), exclude=str(photos / "out"))
+    assert before is not None
+    (photos / "out" / "part-0.parquet").write_bytes(b"p")
+    assert local_stamp(str(photos), exclude=str(photos / "out")) == before
+    (elsewhere / "2.png").write_bytes(b"2")
+    assert local_stamp(str(photos), exclude=str(photos / "out")) != before

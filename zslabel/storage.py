@@ -459,10 +459,28 @@ def _stamp_into(h, path: Path, skip_real: str | None) -> None:
         st = path.stat()
         h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
         return
-    for dirpath, dirnames, filenames in os.walk(path):
-        if skip_real is not None:
+    # Links to folders are followed by the rule the folder input lists them by
+    # (``sources.folder``): a new image behind a link must change the stamp. A link into a
+    # tree already walked, or to an ancestor of one (a loop), is not followed.
+    trees = [os.path.realpath(path)]
+
+    def inside(real: str, tree: str) -> bool:
+        return real == tree or real.startswith(tree.rstrip(os.sep) + os.sep)
+
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+        keep = []
+        for d in dirnames:
+            full = os.path.join(dirpath, d)
             # realpath per folder, not per file: folders are few.
-            dirnames[:] = [d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) != skip_real]
+            real = os.path.realpath(full)
+            if real == skip_real:
+                continue
+            if os.path.islink(full):
+                if any(inside(real, tree) or inside(tree, real) for tree in trees):
+                    continue
+                trees.append(real)
+            keep.append(d)
+        dirnames[:] = keep
         dirnames.sort()
         for name in sorted(filenames):
             full = os.path.join(dirpath, name)
