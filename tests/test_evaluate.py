@@ -141,6 +141,24 @@ def test_eval_cli_prints_and_writes_json(known_case, tmp_path):
     assert "Traceback" not in cut.stderr
 
 
+def test_a_reader_that_leaves_early_costs_no_file_and_no_traceback(known_case, tmp_path):
+    """``zslabel eval ... --json F | head -1``: the pipe closed under the report's text raised
+    BrokenPipeError (a traceback, exit 1) before the JSON report was written (new-user trial).
+    Here stdout is a pipe whose reader is gone before the command starts: every write fails."""
+    pred, gt = known_case
+    out = tmp_path / "report.json"
+    for command in (["eval", str(pred), "--ground-truth", str(gt), "--json", str(out)], ["show", str(pred)]):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "zslabel", *command], stdout=write, stderr=subprocess.PIPE,
+                                  text=True)
+        finally:
+            os.close(write)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr and "Broken" not in proc.stderr, proc.stderr
+    assert json.loads(out.read_text())["top1_accuracy"] == 0.5
+
+
 def test_folder_per_class_ground_truth(tmp_path):
     root = tmp_path / "classes"
     for rel in ["cat/1.jpg", "cat/2.png", "dog/3.jpg", "animals/bird/4.webp", "top.jpg", ".hidden/5.jpg"]:

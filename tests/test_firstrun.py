@@ -222,7 +222,19 @@ def test_ctrl_c_while_ray_is_imported_is_one_line_and_exit_130(monkeypatch, tmp_
     monkeypatch.setattr(cli, "_quiet_ray", interrupted)
     assert cli.main(["label", str(tmp_path), "--labels", "a,b", "--output", str(tmp_path / "o"), "-q"]) == 130
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.startswith("zslabel: interrupted;")
+    assert "Traceback" not in err and err.startswith("zslabel: interrupted; nothing was written: rerun the same command")
+
+
+def test_an_unknown_flag_is_refused_by_its_command_with_the_closest_flags(capsys):
+    """``label ... --top_k 3`` showed zslabel's top-level usage ("zslabel [-h] [--version]
+    COMMAND ...") with no word of the flag meant (new-user trial)."""
+    from zslabel import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["label", "in", "--labels", "a", "-o", "out", "--top_k", "3", "--overwite"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "usage: zslabel label" in err
+    assert "zslabel label: error: unrecognized arguments: --top_k 3 --overwite (did you mean --top-k, --overwrite?)" in err
 
 
 @pytest.mark.slow

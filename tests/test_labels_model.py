@@ -27,6 +27,12 @@ def test_label_validation_messages():
 def test_config_from_dict_rejects_unknown_keys_and_parses():
     with pytest.raises(ConfigError, match="unknown config keys: topk"):
         JobConfig.from_dict({"topk": 3})
+    # Keys named after flags that are spelled otherwise in a config say how (new-user trial: the
+    # README promised "the same keys as the flags").
+    with pytest.raises(ConfigError, match="unknown config keys: ground_truth, resume, template; "
+                                          "ground_truth: a command-line flag only.*; resume: write 'mode: resume'; "
+                                          "template: write 'templates: "):
+        JobConfig.from_dict({"resume": True, "template": "a {}", "ground_truth": "gt.csv"})
     cfg = JobConfig.from_dict({"labels": "a, b", "concurrency": "2,4", "templates": "x {}"})
     assert cfg.labels == ["a", "b"] and cfg.concurrency == (2, 4) and cfg.templates == ["x {}"]
     assert parse_concurrency(3) == (3, 3)

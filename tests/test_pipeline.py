@@ -161,7 +161,7 @@ def test_cli_warns_when_nothing_was_labeled(tiny_clip, ray_local, tmp_path):
 
 def test_show_names_stay_apart():
     """`show` names rows relative to their common folder and escapes what looks alike."""
-    from zslabel.cli import display_names
+    from zslabel.show import display_names
 
     assert display_names(["/d/a/x.jpg", "/d/b/x.jpg"]) == ["a/x.jpg", "b/x.jpg"]
     assert display_names(["s3://b/k/\u00e9.jpg", "s3://b/k/e\u0301.jpg"]) == ["\u00e9.jpg", "e\\u0301.jpg"]

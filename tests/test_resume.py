@@ -469,3 +469,18 @@ def test_the_summary_of_a_finished_run_keeps_its_skip_reasons():
                            "skipped_by_reason": {"not_an_image": 2}}}
     summary = summary_of_finished("out", manifest, "out/_run_manifest.json", 0.0)
     assert summary.skipped_by_reason == {"not_an_image": 2} and "not_an_image=2" in summary.line()
+
+
+def test_the_interrupt_message_says_whether_anything_was_committed(tmp_path):
+    """Ctrl-C before the first commit said "committed files are kept: rerun with --resume" of
+    an output that did not exist (the claim's folder is removed when empty; new-user trial)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from zslabel.cli import _after_interrupt
+
+    assert _after_interrupt(str(tmp_path / "never"), {}) == f"nothing was committed to {tmp_path / 'never'}: " \
+                                                            "rerun the same command"
+    (tmp_path / "out").mkdir()
+    pq.write_table(pa.table({"path": ["a.jpg"]}), tmp_path / "out" / "part-00000.parquet")
+    assert _after_interrupt(str(tmp_path / "out"), {}) == "committed files are kept: rerun with --resume to continue"

@@ -62,6 +62,25 @@ class _Parser(argparse.ArgumentParser):
             self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         super().error(message)
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but a flag the command does not know is refused by the command's own
+        parser (its usage, not zslabel's), with the closest flags it has (``--top_k``: did you
+        mean --top-k?)."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            import difflib
+
+            command = self._subparsers._group_actions[0].choices[parsed.command]
+            flags = [s for a in command._actions for s in a.option_strings if s.startswith("--")]
+            close = [m for e in extra if e.startswith("-")
+                     for m in difflib.get_close_matches(e.split("=")[0], flags, n=1, cutoff=0.75)]
+            command.error(f"unrecognized arguments: {' '.join(extra)}"
+                          + (f" (did you mean {', '.join(dict.fromkeys(close))}?)" if close else ""))
+        return parsed
+
+
+GROUND_TRUTH_HELP = "CSV/TSV/Parquet (path,label), folder-per-class root, or Label Studio JSON export"
+
 
 def _checked(convert):
     """``convert`` as an argparse ``type``: a ZslabelError becomes argparse's usage error (exit 2)."""
@@ -134,8 +153,8 @@ def _add_labeling_flags(p: argparse.ArgumentParser, model_help: str) -> None:
                    help="fsspec options as JSON/YAML text or file, e.g. "
                    "'{\"client_kwargs\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--ground-truth", help="after the run, evaluate against this CSV/Parquet (path,label) "
-                   "or folder-per-class root and print the report (see `zslabel eval --help`)")
+    g.add_argument("--ground-truth", help="after the run, evaluate against this CSV/TSV/Parquet (path,label), "
+                   "folder-per-class root or Label Studio JSON export and print the report (see `zslabel eval --help`)")
     g.add_argument("--eval-json", help="also write the evaluation report as JSON here")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true",
@@ -163,7 +182,7 @@ def _label_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--input-format", choices=INPUT_FORMATS, metavar="{" + ",".join(INPUT_FORMATS) + "}",
                    help="auto (default: decided from the input's name) or " + "; ".join(
                        f"{k.name}: {k.summary}" for k in INPUT_KINDS))
-    g.add_argument("--path-column", help="manifest column holding URIs (default: path, url or uri)")
+    g.add_argument("--path-column", help="manifest column holding URIs (default: path, url, uri or file_name)")
     g.add_argument("--id-column", help="manifest column carried into the output")
     g.add_argument("--image-column", help="Parquet column holding image bytes (default: found per file: "
                    "jpg/png/image/webp/bytes/jpeg/img in any case, else the only binary column named like images)")
@@ -261,7 +280,7 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
                        description="Top-1/top-5 accuracy, per-label precision and recall, confusions.",
                        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("predictions", help="output folder (or Parquet file) of `zslabel label` or `relabel`")
-    p.add_argument("--ground-truth", required=True, help="CSV/TSV/Parquet (path,label) or folder-per-class root")
+    p.add_argument("--ground-truth", required=True, help=GROUND_TRUTH_HELP)
     p.add_argument("--json", help="also write the report as JSON here")
     p.add_argument("--top-confusions", type=int, default=10, help="confused pairs to list (default 10)")
     _add_io_flags(p)
@@ -287,7 +306,7 @@ def _calibrate_parser(sub) -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Fit a calibration file (temperature / Platt scaling) from a run and ground truth.")
     p.add_argument("run", help="output folder of a `zslabel label` (or relabel) run, ideally with --store-embeddings")
-    p.add_argument("--ground-truth", required=True, help="CSV/TSV/Parquet (path,label) or folder-per-class root")
+    p.add_argument("--ground-truth", required=True, help=GROUND_TRUTH_HELP)
     p.add_argument("--output", "-o", default="calibration.json", help="calibration file to write "
                    "(default calibration.json)")
     p.add_argument("--holdout", type=float, default=0.3, help="fraction of the sample held out to measure "
@@ -375,7 +394,7 @@ def _fit_parser(sub) -> argparse.ArgumentParser:
                        description="Fit a linear head (zero-shot prior, strength by cross-validation) from a run "
                        "made with --store-embeddings and ground truth.")
     p.add_argument("run", help="output folder of a `zslabel label --store-embeddings` (or relabel) run")
-    p.add_argument("--ground-truth", required=True, help="CSV/TSV/Parquet (path,label) or folder-per-class root")
+    p.add_argument("--ground-truth", required=True, help=GROUND_TRUTH_HELP)
     p.add_argument("--output", "-o", default="head.safetensors", help="head file to write (default head.safetensors)")
     p.add_argument("--holdout", type=float, default=0.3, help="fraction of each label's examples held out to "
                    "measure before/after and the learning curve (default 0.3; 0: measure nothing); the saved head "
@@ -422,7 +441,7 @@ def _report_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("output", metavar="RUN", help="output folder (or Parquet file) of `zslabel label` or `relabel`")
     p.add_argument("--output", "-o", dest="report_dir", metavar="REPORT_DIR", required=True,
                    help="local folder to write the report to")
-    p.add_argument("--ground-truth", help="CSV/TSV/Parquet (path,label) or folder-per-class root")
+    p.add_argument("--ground-truth", help=GROUND_TRUTH_HELP)
     p.add_argument("--seed", type=_checked(_non_negative_int), default=0, help="seed of the random samples (default 0)")
     p.add_argument("--per-label", type=int, default=6, help="thumbnails per grid (default 6)")
     p.add_argument("--max-label-sections", type=int, default=60,
@@ -457,9 +476,9 @@ def _print_evaluation(args, output: str, ground_truth, storage_options: dict, js
 
     report = evaluate(output, ground_truth, storage_options=storage_options,
                       top_confusions=getattr(args, "top_confusions", 10))
-    print(report.text())
-    if json_path:
+    if json_path:  # before the text: a reader of stdout that leaves (| head) must not cost the file
         report.write_json(json_path, storage_options)
+    print(report.text())
 
 
 @contextlib.contextmanager
@@ -541,71 +560,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def show_output(uri: str, rows: int, storage_options: dict) -> str:
-    """A plain-text table of the first ``rows`` rows of an output, in input order; when rows are
-    left out, says so on stderr ("showing R of N rows"), and when the folder holds no run
-    manifest (a run that stopped or failed before its commit) warns there that the rows are
-    an unfinished run's.
-
-    Raises:
-        ZslabelError: ``uri`` holds no readable zslabel output.
-    """
-    import pyarrow.dataset as pads
-
-    from .output import ERROR, INPUT_INDEX, LABELS, PATH, SCORES
-    from .store import MANIFEST_NAME, output_parquet_files
-
-    fs, files, folder = output_parquet_files(uri, storage_options)
-    columns = [PATH, INPUT_INDEX, LABELS, SCORES, ERROR]
-    try:
-        dataset = pads.dataset(files, filesystem=fs, format="parquet")
-        missing = [c for c in columns if c not in dataset.schema.names]
-        if missing:
-            raise ZslabelError(f"{uri} is not a zslabel output: its Parquet files have no column "
-                               f"{', '.join(missing)} (they hold {', '.join(dataset.schema.names[:8]) or 'none'})")
-        if not fs.exists(f"{folder.rstrip('/')}/{MANIFEST_NAME}"):
-            print(f"warning: {uri} holds no finished run (no {MANIFEST_NAME}): these rows are an unfinished or "
-                  "failed run's; rerun the label command with --resume to finish it", file=sys.stderr)
-        table = dataset.to_table(columns=columns)
-    except ZslabelError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any failure here means "not an output"
-        # pyarrow's messages can go on for lines (a schema dump): the first says what failed.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ZslabelError(f"cannot read output {uri}: {type(exc).__name__}: {first}") from exc
-    total = table.num_rows
-    table = table.sort_by(INPUT_INDEX).slice(0, rows)
-    if total > table.num_rows:
-        # On stderr, so that piped stdout stays one line per row.
-        print(f"(showing {table.num_rows} of {total} rows; --rows N for more)", file=sys.stderr)
-    shown = table.to_pylist()
-    names = display_names([r[PATH] for r in shown])
-    width = min(60, max((len(n) for n in names), default=0))
-    lines = []
-    for r, name in zip(shown, names):
-        result = r[ERROR] or "  ".join(f"{lab} {sc:.3f}" for lab, sc in zip(r[LABELS], r[SCORES]))
-        lines.append(f"{name:<{width}}  {result}")
-    return "\n".join(lines)
-
-
-def display_names(paths: list[str]) -> list[str]:
-    """``paths`` relative to their common folder (two ``a.jpg`` in different folders stay apart),
-    with characters a reader could not tell apart escaped: control characters, and every
-    non-ASCII character of a name that is not in NFC form (an NFD ``é`` shows as ``e\\u0301``,
-    so it does not look like the NFC file beside it)."""
-    import posixpath
-    import unicodedata
-
-    cut = posixpath.commonprefix(paths).rfind("/") + 1  # one path: its folder
-    out = []
-    for p in paths:
-        name = p[cut:] or p
-        nfc = unicodedata.is_normalized("NFC", name)
-        out.append("".join(c if c.isprintable() and (nfc or c.isascii()) else c.encode("unicode_escape").decode()
-                           for c in name))
-    return out
-
-
 def _quiet_ray() -> None:
     """--quiet: Ray's and Ray Data's INFO lines (local instance started, dashboard URL, each
     dataset's execution plan and end) are left out too; warnings and errors still print. Ray
@@ -627,8 +581,40 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (``EXIT_CODES``: 0 ok, 1 error budget exceeded,
     2 usage/config error, 3 Ray did not start, 4 accounting check failed, 130 interrupted,
-    143 SIGTERM during label or relabel)."""
+    143 SIGTERM during label or relabel).
+
+    A reader of stdout that leaves early (``zslabel eval OUT --ground-truth GT | head -1``) is
+    no error: the rest of the text is dropped (files such as ``--json`` are written before any
+    text), and the command's code stands; 0 when the pipe closed before it was known.
+    """
+    code = 0
+    try:
+        code = _command(argv)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return code
+
+
+def _after_interrupt(output: str | None, storage_options: dict) -> str:
+    """What an interrupted label/relabel run left in ``output``, and what to do next."""
+    from .store import output_parquet_files
+
+    if output is None:  # interrupted before the job's settings were read
+        return "nothing was written: rerun the same command"
+    try:
+        output_parquet_files(output, storage_options)
+    except ZslabelError:
+        return f"nothing was committed to {output}: rerun the same command"
+    except Exception:  # noqa: BLE001 - cannot tell (storage unreachable): the general advice
+        pass
+    return "committed files are kept: rerun with --resume to continue"
+
+
+def _command(argv: list[str] | None) -> int:
+    """:func:`main` without its handling of a closed stdout."""
     args = build_parser().parse_args(argv)
+    output, storage_options = None, {}  # a label/relabel run's, for the interrupt message
     quiet = getattr(args, "quiet", False) and not getattr(args, "verbose", False)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else
                         logging.WARNING if quiet else logging.INFO,
@@ -639,16 +625,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "label":
             from .pipeline import run_label_job
 
+            config = config_from_args(args)
+            output, storage_options = config.output, config.storage_options
             with sigterm_as_interrupt():  # cluster.init_ray keeps this handler over Ray's
-                return _run_and_evaluate(args, functools.partial(run_label_job, progress=not args.quiet),
-                                         config_from_args(args))
+                return _run_and_evaluate(args, functools.partial(run_label_job, progress=not args.quiet), config)
         if args.command == "relabel":
             from .relabel import run_relabel_job
 
+            relabel_config = relabel_config_from_args(args)
+            output, storage_options = relabel_config.output, relabel_config.storage_options
             with sigterm_as_interrupt():
                 return _run_and_evaluate(args, functools.partial(run_relabel_job, progress=not args.quiet),
-                                         relabel_config_from_args(args))
+                                         relabel_config)
         if args.command == "show":
+            from .show import show_output
+
             print(show_output(args.output, args.rows, args.storage_options or {}))
             return 0
         if args.command == "calibrate":
@@ -664,8 +655,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except KeyboardInterrupt as exc:
         by = " by SIGTERM" if isinstance(exc, Terminated) else ""
-        print(f"zslabel: interrupted{by}; committed files are kept: rerun with --resume to continue",
-              file=sys.stderr)
+        print(f"zslabel: interrupted{by}; {_after_interrupt(output, storage_options)}", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     except ErrorBudgetExceeded as exc:
         print(f"zslabel: error: {exc}", file=sys.stderr)

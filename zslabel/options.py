@@ -57,6 +57,13 @@ NON_RESULT_FIELDS = frozenset({
 })
 
 
+# Flags whose config key is another (or none): named in the unknown-key error.
+FLAG_KEYS = {"resume": "write 'mode: resume'", "overwrite": "write 'mode: overwrite'",
+             "template": "write 'templates: [...]' (a list, or one template as a string)",
+             **{k: "a command-line flag only, not a job setting" for k in
+                ("ground_truth", "eval_json", "quiet", "verbose", "config")}}
+
+
 @dataclass
 class LabelingOptions:
     """Options shared by ``zslabel label`` and ``zslabel relabel`` (YAML keys and CLI flags).
@@ -103,7 +110,8 @@ class LabelingOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+            hints = "".join(f"; {k}: {FLAG_KEYS[k]}" for k in unknown if k in FLAG_KEYS)
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}{hints} (known: {', '.join(sorted(known))})")
         data = dict(data)
         if isinstance(data.get("labels"), str):
             data["labels"] = parse_label_list(data["labels"])
