@@ -236,6 +236,14 @@ def test_label_with_ground_truth_in_one_run(tiny_clip, ray_local, tmp_path, imag
     assert got["abstained"] == sum(bool(r["abstained"]) for r in rows)
     assert f"top-1 accuracy {hits / 12:.3f} ({hits}/12)" in proc.stdout
     assert f"top-1 including errors {hits / 13:.3f} ({hits}/13)" in proc.stdout
+    # Over the error budget (exit 1): the counts line is printed as for any run (it was missing
+    # on stdout: only the error on stderr; new-user trial), and so is the evaluation.
+    over = subprocess.run([sys.executable, "-m", "zslabel", "label", str(image_folder), "--labels", "red,green,blue",
+                           "--model", str(tiny_clip), "--output", str(tmp_path / "over"), "--ground-truth", str(truth),
+                           "--max-error-fraction", "0.05", "-q"], capture_output=True, text=True, env=env, timeout=300)
+    assert over.returncode == 1 and "more than --max-error-fraction 5.0%" in over.stderr, over.stderr[-3000:]
+    assert over.stdout.startswith("labeled 12 of 13 images; errors: "), over.stdout
+    assert f"top-1 accuracy {hits / 12:.3f} ({hits}/12)" in over.stdout
 
 
 def test_nothing_matched_is_an_error_showing_both_sides(tmp_path):

@@ -518,7 +518,9 @@ def _run_and_evaluate(args, run, config) -> int:
             print(f"zslabel: warning: no image was labeled: all {summary.rows} inputs failed; check that "
                   f"{source} is the input you meant (--max-error-fraction makes such a run exit 1)",
                   file=sys.stderr)
-    except ErrorBudgetExceeded:
+    except ErrorBudgetExceeded as exc:
+        if exc.summary is not None:
+            print(exc.summary.line())  # the counts of a finished run, as when it stays within budget
         if gt is not None:
             _print_evaluation(args, config.output, gt, config.storage_options, args.eval_json)
         raise

@@ -59,7 +59,15 @@ class AccountingError(OutputError):
 
 
 class ErrorBudgetExceeded(ZslabelError):
-    """More images failed than ``--max-error-fraction`` allows; the output is still written."""
+    """More images failed than ``--max-error-fraction`` allows; the output is still written.
+
+    Attributes:
+        summary: the run's ``summary.RunSummary`` (its counts line is printed as for any run).
+    """
+
+    def __init__(self, message: str, summary=None):
+        super().__init__(message)
+        self.summary = summary
 
 
 class RayStartError(ZslabelError):

@@ -138,7 +138,7 @@ def check_error_budget(summary: RunSummary, max_error_fraction: float | None) ->
     if max_error_fraction is not None and rows and failed / rows > max_error_fraction:
         raise ErrorBudgetExceeded(
             f"{failed} of {rows} images failed ({failed / rows:.1%}), more than --max-error-fraction "
-            f"{max_error_fraction:.1%}; the {rows} rows are written to {summary.output}")
+            f"{max_error_fraction:.1%}; the {rows} rows are written to {summary.output}", summary=summary)
 
 
 def model_id(model: str) -> str:
