@@ -132,6 +132,10 @@ def test_compatibility_check_names_every_difference(tmp_path):
                                score_kind="sigmoid")
     msg = str(exc.value)
     assert "checkpoint digest abc" in msg and "labels differ" in msg and "templates" in msg and "score kind" in msg
+    # More than five labels added: the list says how many it leaves out (it was cut silently).
+    many = ["a", "b", "c", *[f"new{i}" for i in range(8)]]
+    with pytest.raises(ConfigError, match=r"run adds \['new0', 'new1', 'new2', 'new3', 'new4'\] and 3 more\)"):
+        calib.check_compatible(checkpoint_digest="abc", labels=many, templates=["a {}"], score_kind="softmax")
 
 
 def test_fit_refuses_bad_holdout_and_tiny_samples():

@@ -387,6 +387,12 @@ class Calibration:
                               + ". Fit one for this run with `zslabel calibrate`")
 
 
+def _some(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` of ``names``, and how many more there are."""
+    more = len(names) - shown
+    return repr(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def fit_differences(fitted: Any, *, checkpoint_digest: str, labels: list[str], templates: list[str],
                     score_kind: str) -> list[str]:
     """What differs between the run a file was fitted on (``fitted``: a calibration or a head,
@@ -399,8 +405,8 @@ def fit_differences(fitted: Any, *, checkpoint_digest: str, labels: list[str], t
     if list(labels) != list(fitted.labels):
         added = [x for x in labels if x not in fitted.labels]
         removed = [x for x in fitted.labels if x not in labels]
-        detail = ", ".join(filter(None, [f"run adds {added[:5]!r}" if added else "",
-                                         f"run lacks {removed[:5]!r}" if removed else ""])) or "other order"
+        detail = ", ".join(filter(None, [f"run adds {_some(added)}" if added else "",
+                                         f"run lacks {_some(removed)}" if removed else ""])) or "other order"
         problems.append(f"labels differ ({detail})")
     if list(templates) != list(fitted.templates):
         problems.append(f"templates {fitted.templates!r} vs this run's {list(templates)!r}")
