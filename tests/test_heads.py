@@ -114,6 +114,12 @@ def test_path_ends_zero_shot_and_probe():
     weak = heads.fit_head(x, y, zs, lam=1e-3)
     acc = lambda r: (heads._head_logits(r, zs)(x).argmax(1) == y).mean()          # noqa: E731
     assert acc(weak) >= acc(strong) and acc(weak) > (zs.logits(x).argmax(1) == y).mean()
+    # fit's report says when the head is the zero-shot classifier (a new user labeled with one,
+    # expecting a change); a head that won says nothing of the kind.
+    meta = dict(labels=[f"l{i}" for i in range(6)], templates=["a {}"], checkpoint_digest="d", model="m", fit={})
+    said = heads.report_text(heads.head_from_fit(zs_only, zs, **meta))
+    assert "strength lam = inf (zero-shot won)" in said and "labeling with it changes nothing" in said
+    assert "changes nothing" not in heads.report_text(heads.head_from_fit(weak, zs, **meta))
 
 
 def test_cross_validation_chooses_a_strength_and_records_the_path():

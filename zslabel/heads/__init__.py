@@ -166,7 +166,7 @@ from .head import (
     load_head,
     manifest_entry,
 )
-from .report import _lam, report_text
+from .report import report_text, strength_text
 from .solve import (
     CHUNK,
     CHUNK_CELLS,
@@ -187,8 +187,8 @@ __all__ = [
     "METHOD", "PATIENCE", "REFIT_MAX_ROWS", "SHOTS", "SIGMOID", "SMALL_WORK", "SOFTMAX", "TOP_K", "VERSION", "WORST",
     "FitResult", "Head", "ZeroShot", "check_sample", "cross_validate", "curve_shots", "evaluate_logits", "fit_head",
     "fit_report", "head_from_fit", "holdout_split", "learning_curve", "load_for_run", "load_head", "manifest_entry",
-    "per_label_subsample", "report_text", "stacking_offset", "stratified_folds", "worst_labels",
+    "per_label_subsample", "report_text", "stacking_offset", "strength_text", "stratified_folds", "worst_labels",
     # private helpers the tests reach for (``heads._head_logits``) and the rest, as the module had them
-    "_Problem", "_basis", "_fit", "_head_logits", "_just_above", "_lam", "_offset_chunked", "_safetensors_metadata",
+    "_Problem", "_basis", "_fit", "_head_logits", "_just_above", "_offset_chunked", "_safetensors_metadata",
     "_solve", "_tempered_nll", "_torch_threads",
 ]

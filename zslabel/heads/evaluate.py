@@ -12,6 +12,7 @@ import numpy as np
 from .cv import holdout_split, per_label_subsample
 from .fitting import check_sample, fit_head
 from .head import SOFTMAX
+from .report import strength_text
 from .solve import FitResult, ZeroShot, _chunk_rows
 
 # Above this many examples the head fitted on the fit split is the one saved (no refit on every
@@ -149,14 +150,9 @@ def _curve_fits(x_fit, y_fit, zs, shots, seed, shared, zs_logits, log, fit_kw) -
         res.params["cv_shared"] = "lam" in kw
         out.append((int(k), int(len(rows)), res))
         if log:
-            log(f"  learning curve: fitted {k} per label ({len(rows)} examples), lam {_lam(res.params['lam'])}"
+            log(f"  learning curve: fitted {k} per label ({len(rows)} examples), lam {strength_text(res.params['lam'])}"
                 + (" (the main fit's cross-validation)" if "lam" in kw else ""))
     return out
-
-
-def _lam(lam: float | None) -> str:
-    """A fitted strength as printed: three significant digits; None (zero-shot won) as ``inf``."""
-    return "inf" if lam is None else f"{lam:.3g}"
 
 
 def _curve_rows(fits, before: dict, after: list[dict], log=None) -> list[dict[str, Any]]:
@@ -169,7 +165,7 @@ def _curve_rows(fits, before: dict, after: list[dict], log=None) -> list[dict[st
                     "lam_from_main_fit": bool(res.params.get("cv_shared"))})
         if log:
             log(f"  learning curve: {k} per label ({n} examples): top-1 {m['top1']:.3f} "
-                f"(zero-shot {before['top1']:.3f}), lam {_lam(res.params['lam'])}")
+                f"(zero-shot {before['top1']:.3f}), lam {strength_text(res.params['lam'])}")
     return out
 
 

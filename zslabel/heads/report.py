@@ -8,7 +8,9 @@ import numpy as np
 from .head import Head
 
 
-def _lam(lam) -> str:
+def strength_text(lam: float | None) -> str:
+    """A fitted strength as printed: three significant digits; None (zero-shot won the
+    cross-validation) as ``inf (zero-shot won)``."""
     return "inf (zero-shot won)" if lam is None else f"{lam:.3g}"
 
 
@@ -21,8 +23,11 @@ def report_text(head: Head, path: str | None = None) -> str:
              f"  examples: {f.get('examples')} over {f.get('labels_with_examples')} of {len(head.labels)} labels "
              f"(per label min {min(nonzero, default=0)}, median {int(np.median(nonzero)) if nonzero else 0}, "
              f"max {max(nonzero, default=0)}); labels without examples keep their zero-shot weights",
-             f"  strength lam = {_lam(p.get('lam'))} by {p.get('folds')}-fold cross-validation on "
+             f"  strength lam = {strength_text(p.get('lam'))} by {p.get('folds')}-fold cross-validation on "
              f"{p.get('cv_rows')} examples; basis rank {p.get('rank')} (energy kept {p.get('energy_kept', 0):.4f})"]
+    if p.get("lam") is None:
+        lines.append("  the head's scores are the zero-shot ones: labeling with it changes nothing; more "
+                     "labeled examples per label may let a head win")
     few = sorted(((v, k) for k, v in counts.items() if v), key=lambda t: (t[0], t[1]))[:5]
     if few:
         lines.append("  fewest examples: " + ", ".join(f"{k} {v}" for v, k in few))
@@ -48,7 +53,7 @@ def report_text(head: Head, path: str | None = None) -> str:
                      f"{zs['zero_shot_top5']:>7.3f} {zs['zero_shot_ece']:>7.4f}")
         for row in f["learning_curve"]:
             lines.append(f"    {'head':<24}{row['shots']:>9} {row['examples']:>8} {row['top1']:>7.3f} "
-                         f"{row['top5']:>7.3f} {row['ece']:>7.4f}  {_lam(row['lam'])}"
+                         f"{row['top5']:>7.3f} {row['ece']:>7.4f}  {strength_text(row['lam'])}"
                          + (" (the main fit's)" if row.get("lam_from_main_fit") else ""))
     if path:
         lines.append(f"  written to {path}")
