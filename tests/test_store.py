@@ -388,3 +388,13 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):
         store.check("error")
         with pytest.raises(OutputError, match=r"cannot create the output folder .*out: (FileNotFound|NotADirectory)"):
             store.claim("error")
+
+
+def test_a_resume_names_the_run_that_committed_its_rows(tmp_path, caplog):
+    """The "resuming" line named the new run's id as the one that had committed the rows (new-user trial)."""
+    out = str(tmp_path / "out")
+    first = run_once(out, [0, 1])
+    with caplog.at_level("INFO", logger="zslabel.store.session"):
+        second = run_once(out, [2], mode="resume", listed=3)
+    assert f"2 inputs already committed (by run {first.target.run_id}; this run is {second.target.run_id})" \
+        in caplog.text

@@ -300,8 +300,8 @@ def _begin_resume(state: OutputState, fields: dict, target: WriteTarget, retry_e
         check_same_inputs(state, committed.paths, planned_paths)
     staged = bool(data_dir)
     target = WriteTarget(target.uri, target.storage_options, data_dir, target.run_id, target.fingerprint)
-    _write_record(state, target, fields, mode="overwrite" if staged else "resume",
-                  previous_run=run_record.get("run_id") if run_record else (manifest or {}).get("run_id"),
+    previous_run = run_record.get("run_id") if run_record else (manifest or {}).get("run_id")
+    _write_record(state, target, fields, mode="overwrite" if staged else "resume", previous_run=previous_run,
                   **record)
     # Files published by tasks of the earlier run between the scan and the record (the fence).
     state = state.refreshed()
@@ -320,8 +320,8 @@ def _begin_resume(state: OutputState, fields: dict, target: WriteTarget, retry_e
         session.carried_files = tuple(f for f in committed.paths if f in set(state.data_files(data_dir)))
     done = committed.done_indices(keep_errors=not retry_errors)
     session.done, session.carried_rows = done, len(done)
-    log.info("resuming %s: %d inputs already committed (run %s), %d error rows to retry",
-             state.uri, session.carried_rows, target.run_id, session.retried_rows)
+    log.info("resuming %s: %d inputs already committed (by run %s; this run is %s), %d error rows to retry",
+             state.uri, session.carried_rows, previous_run, target.run_id, session.retried_rows)
     return session
 
 
