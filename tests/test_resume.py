@@ -469,6 +469,10 @@ def test_the_summary_of_a_finished_run_keeps_its_skip_reasons():
                            "skipped_by_reason": {"not_an_image": 2}}}
     summary = summary_of_finished("out", manifest, "out/_run_manifest.json", 0.0)
     assert summary.skipped_by_reason == {"not_an_image": 2} and "not_an_image=2" in summary.line()
+    # It says that nothing was labeled now, with no rate (it said "0.0 images/s"; new-user trial).
+    line = summary.line()
+    assert line.startswith("nothing to label: every input already has its row; labeled 24 of 24 images;")
+    assert "images/s" not in line and "rows kept" not in line
 
 
 def test_the_interrupt_message_says_whether_anything_was_committed(tmp_path):

@@ -54,12 +54,17 @@ class RunSummary:
         """One human line for the end of a run."""
         errs = ", ".join(f"{c}={n}" for c, n in sorted(self.errors_by_code.items())) or "none"
         why = ", ".join(f"{r}={n}" for r, n in sorted(self.skipped_by_reason.items()))
-        return (f"labeled {self.labeled} of {self.rows} images; errors: {errs}; skipped {self.skipped} "
+        # The rate is the whole run's (start-up and model load included), below the progress
+        # line's (labeling only); a run that labeled nothing has none.
+        idle = bool(self.carried_over) and not self.model_images
+        timing = (f"{self.wall_seconds:.1f} s" if idle else
+                  f"{self.wall_seconds:.1f} s in all, {self.images_per_second:.1f} images/s")
+        return (("nothing to label: every input already has its row; " if idle else "")
+                + f"labeled {self.labeled} of {self.rows} images; errors: {errs}; skipped {self.skipped} "
                 f"listed {'entry' if self.skipped == 1 else 'entries'}"
-                f"{f' ({why})' if why else ''}; {self.wall_seconds:.1f} s, {self.images_per_second:.1f} images/s; "
-                f"output: {self.output}"
+                f"{f' ({why})' if why else ''}; {timing}; output: {self.output}"
                 + (f" ({self.carried_over} rows kept from earlier runs; the model ran on {self.model_images})"
-                   if self.carried_over else ""))
+                   if self.carried_over and not idle else ""))
 
 
 @dataclass
