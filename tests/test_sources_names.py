@@ -270,6 +270,51 @@ def test_names_through_the_job(ray_local, tiny_clip, tmp_path, http_server):
         run_label_job(job(tiny_clip, str(tmp_path / "sidecars.tar"), tmp_path / "out3"))
 
 
+def test_a_latin1_name_through_the_label_studio_export(ray_local, tiny_clip, tmp_path, caplog):
+    """HumanSignal/label-studio#4874, #1266: b'caf\\xe9.png' is stored as 'caf%E9.png', and its task
+    URL ``?d=.../caf%25E9.png`` named the literal 'caf%E9.png', a file that does not exist: a
+    broken task, exported with "left out: none". Label Studio reads ``?d=`` as UTF-8, so no
+    local-files URL names such a file: the row is left out, counted, with a warning saying how to
+    fix it. A literal '100%E9.png' is a name of its own and keeps its task; with --url-prefix the
+    Latin-1 name's bytes are percent-encoded and the URL names the file."""
+    from urllib.parse import unquote_to_bytes, urlsplit
+
+    from zslabel.exports.label_studio import NOT_UTF8, export_label_studio
+
+    root = latin1_folder(tmp_path / "in")
+    (root / "100%E9.png").write_bytes(png(4))                    # literal '%': not an escape
+    run_label_job(job(tiny_clip, str(root), tmp_path / "out"))
+    rows = pq.read_table(str(tmp_path / "out")).to_pylist()
+    assert sorted(r["path"] for r in rows) == [str(root / n) for n in ("100%E9.png", "a.png", "caf%E9.png", "z.png")]
+
+    def files_named(tasks_json, prefix):
+        tasks = json.loads(Path(tasks_json).read_text())
+        named = []
+        for t in tasks:
+            ref = t["data"]["image"]
+            assert ref.startswith(prefix), ref
+            rel = unquote_to_bytes(urlsplit(ref).query.split("=", 1)[1] if prefix.startswith("/data") else
+                                   ref[len(prefix):])
+            path = os.path.join(os.fsencode(root), rel)
+            assert os.path.isfile(path), (ref, path)             # the URL names an existing file
+            named.append(os.path.basename(path))
+        return sorted(named)
+
+    caplog.set_level("WARNING")
+    res = export_label_studio(str(tmp_path / "out"), str(tmp_path / "tasks.json"), image_root=str(root))
+    assert (res.rows, res.source_rows, res.left_out.get(NOT_UTF8)) == (3, 4, 1)
+    assert f"left out: 1 {NOT_UTF8};" in res.line()
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "1 rows left out" in warning and "caf%E9.png" in warning and "convmv" in warning
+    assert files_named(tmp_path / "tasks.json", "/data/local-files/?d=") == [b"100%E9.png", b"a.png", b"z.png"]
+
+    prefix = "http://127.0.0.1:8081/images/"
+    res = export_label_studio(str(tmp_path / "out"), str(tmp_path / "http.json"), image_root=str(root),
+                              url_prefix=prefix)
+    assert (res.rows, res.left_out[NOT_UTF8]) == (4, 0)
+    assert files_named(tmp_path / "http.json", prefix) == [b"100%E9.png", b"a.png", LATIN1, b"z.png"]
+
+
 def test_s3_empty_path_component_in_a_key(ray_local, s3):
     """s3fs#771: keys such as ``k//e.png`` (an empty folder name) exist on real buckets."""
     s3.put("dbl//e.png", png(1))

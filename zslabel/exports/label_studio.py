@@ -29,6 +29,16 @@ default root ``/`` fits ``LOCAL_FILES_DOCUMENT_ROOT=/``), or ``<--url-prefix><re
 when the images are served over HTTP. Images inside tar shards or Parquet files (``TAR#MEMBER``)
 have no URL Label Studio can load; they are left out and counted.
 
+File names that are not UTF-8 (``b'caf\\xe9.png'``, stored as ``caf%E9.png``: see
+``storage.display_name``): the file a path names is found as the readers find it
+(``storage.open_path``: the literal name when it exists, else the one its ``%XX`` escapes of
+bytes >= 0x80 name, else its other Unicode normalisation), and the URL names that file. Label
+Studio decodes a local-files ``?d=`` value as UTF-8, so no such URL can name a file whose name
+is not UTF-8: those rows are left out, counted, with a warning to rename the files (``convmv``)
+and label them again. With ``--url-prefix`` the name's bytes are percent-encoded as they are
+(``caf%E9.png``), which a web server serving the folder maps back to the file. A path whose
+file exists under neither name here (the export runs elsewhere) is written as it reads.
+
 Order: ``input`` (by ``input_index``, the default) or ``uncertainty``: least sure first, by the
 margin top-1 score minus top-2 score (a row with one label: its top-1 score; ties by
 ``input_index``); ``--limit N`` keeps the first N. Rows stream through in record batches; each
@@ -56,12 +66,14 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, quote_from_bytes
 
+import fsspec
 import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..output import ERROR, INPUT_INDEX, LABELS, PATH, SCORES
+from ..storage import open_path
 from ..store import open_atomic, output_filesystem
 from .common import ExportResult, check_free, open_run
 
@@ -78,6 +90,13 @@ DATA_PATH = "zslabel_path"          # task data key holding the row's path (read
 DATA_INDEX = "zslabel_input_index"
 DATA_LABELS = "zslabel_labels"
 DATA_SCORES = "zslabel_scores"
+NOT_UTF8 = "file name not UTF-8 (no local-files URL)"
+RENAME_HINT = ("Label Studio reads a local-files URL as UTF-8, so it cannot name these files: rename them to "
+               "UTF-8 (e.g. `convmv -f latin1 -t utf8 -r --notest FOLDER`), label them again and export")
+
+
+class NotUtf8Name(ValueError):
+    """A local file whose name is not UTF-8: no local-files URL can name it."""
 
 
 @dataclass(frozen=True)
@@ -164,12 +183,18 @@ class ImageRefs:
     def __init__(self, image_root: str = "/", url_prefix: str | None = None):
         self.root = os.path.normpath(os.path.abspath(os.path.expanduser(image_root)))
         self.url_prefix = url_prefix
+        self._local = fsspec.filesystem("file")
 
     def __call__(self, path: str) -> str | None:
         """The reference for ``path``; None for a member of a tar or Parquet file (no URL).
 
+        A local path names the file ``storage.open_path`` finds for it (its ``%XX`` escapes of
+        undecodable name bytes, or its other Unicode normalisation, when the literal name does
+        not exist).
+
         Raises:
             InputError: a local path outside ``image_root`` (Label Studio would refuse to serve it).
+            NotUtf8Name: the file's name is not UTF-8 and no ``url_prefix`` is set.
         """
         if path.startswith(REMOTE_PREFIXES):
             return path
@@ -178,12 +203,18 @@ class ImageRefs:
         local = path[len("file://"):] if path.startswith("file://") else path
         if "://" in local:
             return path  # another fsspec protocol: the URI is the only name it has
-        local = os.path.normpath(os.path.abspath(local))
+        local = open_path(self._local, os.path.normpath(os.path.abspath(local)))
         rel = os.path.relpath(local, self.root)
         if rel == os.pardir or rel.startswith(os.pardir + os.sep):
             raise InputError(f"{path} is not under --image-root {self.root}: set --image-root to the folder "
                              "Label Studio serves (its LOCAL_FILES_DOCUMENT_ROOT) or an ancestor of the images")
         rel = rel.replace(os.sep, "/")
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable name bytes, as surrogates
+            if self.url_prefix is None:
+                raise NotUtf8Name(path) from None
+            return self.url_prefix + quote_from_bytes(os.fsencode(rel), safe="/")
         # Query values are percent-decoded by the server: quote everything but "/" so names with
         # spaces, '&', '#' or '%' survive.
         quoted = quote(rel, safe="/")
@@ -241,7 +272,8 @@ def export_label_studio(source: str, output: str, *, image_root: str = "/", url_
 
     Returns:
         The counts; ``left_out`` has ``error`` rows, ``in a container`` rows (tar/Parquet
-        members) and rows cut by ``limit``.
+        members), rows whose file name is not UTF-8 (local-files URLs only; warned about) and
+        rows cut by ``limit``.
 
     Raises:
         InputError: not a finished run, unreadable files, a local path outside ``image_root``.
@@ -278,7 +310,8 @@ def export_label_studio(source: str, output: str, *, image_root: str = "/", url_
     columns = [PATH, LABELS, SCORES, ERROR] + ([INPUT_INDEX] if run.has(INPUT_INDEX) else [])
     # Per kept row: sort key, tie-break (input_index), offset and length of its task in the spool.
     parts: list[np.ndarray] = []
-    left_out = {"error rows": 0, "in a tar or Parquet file (no URL)": 0, "beyond --limit": 0}
+    left_out = {"error rows": 0, "in a tar or Parquet file (no URL)": 0, NOT_UTF8: 0, "beyond --limit": 0}
+    not_utf8: list[str] = []
     source_rows = 0
     with tempfile.TemporaryFile(prefix="zslabel-ls-") as spool:
         for batch in run.batches(columns):
@@ -290,7 +323,12 @@ def export_label_studio(source: str, output: str, *, image_root: str = "/", url_
                 if err is not None:
                     left_out["error rows"] += 1
                     continue
-                ref = refs(p)
+                try:
+                    ref = refs(p)
+                except NotUtf8Name:
+                    left_out[NOT_UTF8] += 1
+                    not_utf8 += [p] if len(not_utf8) < 3 else []
+                    continue
                 if ref is None:
                     left_out["in a tar or Parquet file (no URL)"] += 1
                     continue
@@ -318,6 +356,9 @@ def export_label_studio(source: str, output: str, *, image_root: str = "/", url_
     cfs, cpath = output_filesystem(config_out, storage_options)
     with open_atomic(cfs, cpath) as out:
         out.write(config.xml.encode("utf-8"))
+    if not_utf8:
+        log.warning("%d rows left out: their files' names are not UTF-8 (e.g. %s). %s", left_out[NOT_UTF8],
+                    ", ".join(not_utf8), RENAME_HINT)
     if order == "uncertainty":
         notes.append("least sure first (top-1 minus top-2 score)")
     notes.append(f"model_version {run.run_id}")
