@@ -278,3 +278,57 @@ def test_class_folders_in_nfd_match_labels_in_nfc(tmp_path):
     report = evaluate(str(out), str(root))
     assert report.matched == 3 and report.top1_correct == 2
     assert not report.ground_truth_labels_not_candidates
+
+
+def test_ground_truth_labels_differing_only_in_case_are_read_as_the_candidate(tmp_path, caplog):
+    """An Excel-saved CSV (UTF-8 BOM, CRLF, ``Path,Label``) writing ``Dog`` for the candidate
+    ``dog`` scored top-1 0.000 with exit 0, listing ``Dog`` as "not a candidate (always wrong)".
+    A label equal to exactly one candidate after case folding, stripping and NFC is read as it,
+    with one warning listing the mappings, the same way in eval, calibrate and fit; a label that
+    folds to no candidate stays unknown."""
+    from zslabel.calibrate import read_sample
+    from zslabel.evaluate import map_to_candidates
+    from zslabel.fit import read_labeled_embeddings
+
+    labels = ["cat", "dog", "bird", "caf\u00e9"]
+    truth = ["dog", "cat", "bird", "dog", "caf\u00e9", "cat", "horse"]
+    paths = [str(tmp_path / "imgs" / f"i{i}.png") for i in range(len(truth))]
+    out = tmp_path / "out"
+    out.mkdir()
+    emb = np.eye(len(truth), 4, dtype=np.float32) + 0.1
+    pq.write_table(pa.table({
+        "path": paths, "labels": [[t if t in labels else "cat", "bird"] for t in truth],
+        "scores": pa.array([[0.7, 0.2]] * len(truth), pa.list_(pa.float32())),
+        "error": pa.nulls(len(truth), pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), 4)}), out / "part-0.parquet")
+    (out / MANIFEST_NAME).write_text(json.dumps({"labels": labels, "templates": ["{}"], "model": {
+        "id": "m", "digest": "abc", "score_kind": "softmax"}}))
+    clean, excel = tmp_path / "clean.csv", tmp_path / "excel.csv"
+    clean.write_text("path,label\n" + "".join(f"{p},{t}\n" for p, t in zip(paths, truth)))
+    written = {"dog": "Dog", "cat": "cat ", "bird": "BIRD", "caf\u00e9": "CAFE\u0301"}  # NFD and upper case
+    excel.write_bytes(("\ufeffPath,Label\r\n" + "".join(
+        f"{p},{written.get(t, t)}\r\n" for p, t in zip(paths, truth))).encode("utf-8"))
+
+    want = evaluate(str(out), str(clean))
+    assert (want.top1_correct, want.labeled) == (6, 7) and want.ground_truth_labels_not_candidates == ["horse"]
+    caplog.set_level("WARNING")
+    got = evaluate(str(out), str(excel))
+    assert (got.top1_correct, got.labeled, got.top1_accuracy) == (want.top1_correct, 7, want.top1_accuracy)
+    assert got.per_label == want.per_label and got.ground_truth_labels_not_candidates == ["horse"]
+    assert got.ground_truth_labels_mapped == {"BIRD": "bird", "CAF\u00c9": "caf\u00e9", "Dog": "dog"}
+    assert "ground-truth labels read as the candidate label" in got.text() and "Dog -> dog" in got.text()
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "3 ground-truth labels" in warning and "'Dog' -> 'dog'" in warning
+    proc = subprocess.run([sys.executable, "-m", "zslabel", "eval", str(out), "--ground-truth", str(excel)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "top-1 accuracy 0.857 (6/7)" in proc.stdout and "'Dog' -> 'dog'" in proc.stderr
+
+    sample, _ = read_sample(str(out), str(excel))                  # calibrate
+    assert sample.y.tolist() == [1, 0, 2, 1, 3, 0] and sample.counts["truth_not_a_label"] == ["horse"]
+    assert sample.counts["truth_labels_mapped"]["Dog"] == "dog"
+    x, y, _, counts = read_labeled_embeddings(str(out), str(excel))  # fit
+    assert sorted(y.tolist()) == [0, 0, 1, 1, 2, 3] and counts["unknown_labels"] == ["horse"]
+    assert counts["truth_labels_mapped"]["BIRD"] == "bird"
+
+    # ambiguous (two candidates fold alike) or nothing alike: not mapped
+    assert map_to_candidates(["DOG", "Cat", "horse"], ["Dog", "dog", "cat"]) == {"Cat": "cat"}

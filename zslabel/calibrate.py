@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from .calibration import Calibration, check_holdout, fit_calibration
 from .errors import ConfigError, InputError
-from .evaluate import _basename, label_key, load_ground_truth, match_ground_truth, normalise_path
+from .evaluate import _basename, label_key, load_ground_truth, map_to_candidates, match_ground_truth, normalise_path
 from .hierarchy import prompt_name
 from .store import footer_checked_batches, output_parquet_files, read_manifest, refuse_inside_output
 
@@ -61,7 +61,9 @@ class Sample:
 def label_index(labels: list[str]) -> dict[str, int]:
     """Ground-truth label text -> label index: a label's full name, and also its leaf name
     (``hierarchy.prompt_name``) when that leaf is unique, so ground truth written ``"dog"``
-    matches a run label ``"animal/mammal/dog"``; keys compared as ``evaluate.label_key``."""
+    matches a run label ``"animal/mammal/dog"``; keys compared as ``evaluate.label_key``.
+    Ground-truth text that is no key but equals one after case folding is mapped to it by
+    ``evaluate.map_to_candidates`` (as ``eval`` does) before it is looked up here."""
     index = {label_key(name): i for i, name in enumerate(labels)}
     leaves: dict[str, list[int]] = {}
     for i, name in enumerate(labels):
@@ -131,10 +133,11 @@ def read_sample(output: str, ground_truth: str, storage_options: dict | None = N
                         rows[paths[i]] = (errors[i], (labs[i], scs[i]))
     matches, unmatched, by_name = match_ground_truth(gt, rows)
     index = label_index(labels)
+    mapped = map_to_candidates(gt.labels, index)
     keep_paths, ys, errored, not_candidate = [], [], 0, set()
     for gi, key in matches:
         err, payload = rows[key]
-        truth = gt.labels[gi]
+        truth = mapped.get(gt.labels[gi], gt.labels[gi])
         if err is not None or payload is None:
             errored += 1
             continue
@@ -146,6 +149,8 @@ def read_sample(output: str, ground_truth: str, storage_options: dict | None = N
     counts = {"ground_truth_images": len(gt.paths), "matched": len(matches), "matched_by_basename": by_name,
               "unmatched_ground_truth": len(unmatched), "errored": errored,
               "truth_not_a_label": sorted(not_candidate), "used": len(keep_paths)}
+    if mapped:
+        counts["truth_labels_mapped"] = mapped
     if not matches:
         raise InputError(f"no row of {output} matches ground truth {ground_truth} (compared as normalised full "
                          f"paths, then unique file names; output paths e.g. {examples}, ground truth e.g. "

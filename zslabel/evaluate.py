@@ -35,7 +35,11 @@ Definitions (over matched images; "labeled" = matched rows without ``error``):
     A labeled row with an empty label list (multi-label, nothing above the threshold) has no
     first label: it is wrong and counted in ``no_prediction``. With an ``abstained`` column,
     ``top1_accuracy_answered`` is top-1 accuracy over labeled rows that did not abstain and
-    ``coverage`` = #answered / #labeled. Labels compare as exact strings (stripped).
+    ``coverage`` = #answered / #labeled. Labels compare as exact strings (stripped, NFC); a
+    ground-truth label that is not a candidate label but equals exactly one candidate after
+    case folding (``Dog`` for ``dog``, as Excel and humans write them) is read as that candidate,
+    with one warning listing the mappings (:func:`map_to_candidates`; ``calibrate`` and ``fit``
+    map the same way); any other unknown label stays unknown (always wrong).
 """
 
 from __future__ import annotations
@@ -79,6 +83,38 @@ def label_key(name: str) -> str:
     """A label's text as ground truth is matched to a run's labels: stripped and in Unicode NFC,
     so a class folder named on macOS (NFD ``café``) is the label typed ``café``."""
     return unicodedata.normalize("NFC", name.strip())
+
+
+def fold_key(name: str) -> str:
+    """:func:`label_key` case-folded: ``" Dog"``, ``"DOG"`` and ``"dog"`` fold alike."""
+    return unicodedata.normalize("NFC", label_key(name).casefold())
+
+
+def map_to_candidates(truth_labels, candidates, what: str = "ground-truth") -> dict[str, str]:
+    """Ground-truth labels that are not ``candidates`` but equal exactly one of them by
+    :func:`fold_key` (case, surrounding blanks, Unicode form), mapped to it; one warning lists
+    the mappings. A label folding to no candidate, or to several (``Dog`` and ``dog`` both
+    candidates), is not mapped.
+
+    Args:
+        truth_labels: ground-truth labels (as :func:`label_key` gives them).
+        candidates: the label texts they may name (as :func:`label_key` gives them).
+    """
+    known = set(candidates)
+    folded: dict[str, set[str]] = {}
+    for c in known:
+        folded.setdefault(fold_key(c), set()).add(c)
+    mapping = {}
+    for t in sorted(set(truth_labels) - known):
+        hits = folded.get(fold_key(t), set())
+        if len(hits) == 1:
+            mapping[t] = next(iter(hits))
+    if mapping:
+        shown = ", ".join(f"{t!r} -> {c!r}" for t, c in list(mapping.items())[:20])
+        more = f" and {len(mapping) - 20} more" if len(mapping) > 20 else ""
+        log.warning("%d %s labels are not candidate labels but differ from one only in case, surrounding blanks "
+                    "or Unicode form, and are read as it: %s%s", len(mapping), what, shown, more)
+    return mapping
 
 
 def _basename(path: str) -> str:
@@ -304,6 +340,7 @@ class EvalReport:
     confusions: list[dict[str, Any]]
     ground_truth_labels_not_candidates: list[str] | None
     ground_truth_skipped: int = 0
+    ground_truth_labels_mapped: dict[str, str] = field(default_factory=dict)  # map_to_candidates
     examples: dict[str, list[str]] = field(default_factory=dict)
     top_k: int = TOP_K                 # k of the top-k line: TOP_K, or the run's smaller --top-k
     topk_correct: int = 0
@@ -346,6 +383,9 @@ class EvalReport:
         if self.abstained is not None:
             lines.append(f"  abstained {self.abstained}; coverage {frac(self.coverage)}; top-1 accuracy "
                          f"when answering {frac(self.top1_accuracy_answered)}")
+        if self.ground_truth_labels_mapped:
+            lines.append("  ground-truth labels read as the candidate label they differ from only in case: "
+                         + ", ".join(f"{t} -> {c}" for t, c in self.ground_truth_labels_mapped.items()))
         if self.ground_truth_labels_not_candidates:
             lines.append("  ground-truth labels that were not candidate labels (always wrong): "
                          + ", ".join(self.ground_truth_labels_not_candidates))
@@ -462,6 +502,10 @@ def evaluate(predictions: str, ground_truth: GroundTruth | str, *, storage_optio
     """
     gt = ground_truth if isinstance(ground_truth, GroundTruth) else load_ground_truth(ground_truth, storage_options)
     preds, duplicates, has_abstained, manifest = read_predictions(predictions, storage_options)
+    candidates = (manifest or {}).get("labels")
+    mapped = map_to_candidates(gt.labels, map(label_key, candidates)) if candidates is not None else {}
+    if mapped:
+        gt = dataclasses.replace(gt, labels=tuple(mapped.get(x, x) for x in gt.labels))
 
     matches, still_unmatched, by_basename = match_ground_truth(gt, preds)
     used = {p for _, p in matches}
@@ -516,7 +560,6 @@ def evaluate(predictions: str, ground_truth: GroundTruth | str, *, storage_optio
     recalls = [m["recall"] for m in per_label.values() if m["recall"] is not None]
     confusions = [{"true": t, "predicted": p, "count": n}
                   for (t, p), n in sorted(confused.items(), key=lambda kv: (-kv[1], kv[0]))[:top_confusions]]
-    candidates = (manifest or {}).get("labels")
     not_candidates = sorted(set(gt.labels) - set(map(label_key, candidates))) if candidates is not None else None
     matched = len(matches)
     errored = sum(errors_by_code.values())
@@ -536,7 +579,7 @@ def evaluate(predictions: str, ground_truth: GroundTruth | str, *, storage_optio
         coverage=_ratio(answered, labeled) if has_abstained else None,
         per_label=per_label, macro_precision=_mean(precisions), macro_recall=_mean(recalls),
         confusions=confusions, ground_truth_labels_not_candidates=not_candidates,
-        ground_truth_skipped=gt.skipped,
+        ground_truth_skipped=gt.skipped, ground_truth_labels_mapped=mapped,
         examples={"unmatched_ground_truth": [gt.paths[i] for i in still_unmatched[:EXAMPLES]],
                   "unmatched_predictions": [p for p in preds if p not in used][:EXAMPLES]})
 

@@ -49,7 +49,7 @@ def read_labeled_embeddings(run: str, ground_truth: str, storage_options: dict |
             matched image whose label is one of the run's labels.
     """
     from .calibrate import label_index
-    from .evaluate import _basename, load_ground_truth, match_ground_truth, normalise_path
+    from .evaluate import _basename, load_ground_truth, map_to_candidates, match_ground_truth, normalise_path
     from .relabel import embedding_matrix
     from .store import footer_checked_batches, output_parquet_files, read_manifest
 
@@ -92,11 +92,12 @@ def read_labeled_embeddings(run: str, ground_truth: str, storage_options: dict |
                          f"then unique file names; output paths e.g. {examples}, ground truth e.g. "
                          f"{list(gt.paths[:2])}); are they the same images?")
     index = label_index(labels)
+    mapped = map_to_candidates(gt.labels, index)
     chosen: dict[tuple[int, int], int] = {}
     unknown: dict[str, int] = {}
     n_err = 0
     for gi, key in matches:
-        truth = gt.labels[gi]
+        truth = mapped.get(gt.labels[gi], gt.labels[gi])
         if errored[key]:
             n_err += 1
         elif truth not in index:
@@ -107,6 +108,8 @@ def read_labeled_embeddings(run: str, ground_truth: str, storage_options: dict |
                               "matched_by_basename": by_name, "unmatched_ground_truth": len(unmatched),
                               "errored": n_err, "unknown_label_images": sum(unknown.values()),
                               "unknown_labels": sorted(unknown)}
+    if mapped:
+        counts["truth_labels_mapped"] = mapped
     if not chosen:
         raise InputError(f"{len(matches)} rows of {run} match {ground_truth} but none is usable: {n_err} errored; "
                          f"{sum(unknown.values())} images name {len(unknown)} labels that are not labels of the run "
