@@ -86,3 +86,37 @@ def test_labels_and_templates_files_may_be_pipes(tmp_path):
         assert read(str(fifo)) == expected
         writer.join(timeout=10)
         fifo.unlink()
+
+
+def test_a_local_file_named_like_a_bundled_set_wins_for_labels_and_templates(tmp_path, monkeypatch, caplog):
+    """`--labels-file imagenet-1k` read a local file of that name, but `--templates simple-4`
+    silently used the bundled set although ./simple-4 held the user's templates. Both follow one
+    rule now: an existing local file wins, with a warning that it shadows a named set; a folder
+    of that name (an image folder called imagenet-1k) does not shadow it."""
+    from zslabel.cli import build_parser
+    from zslabel.labels import LABEL_SETS_DIR, TEMPLATE_SETS
+
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level("WARNING")
+    assert resolve_templates("simple-4") == TEMPLATE_SETS["simple-4"] and not caplog.records
+    assert len(merge_labels_file([], "imagenet-1k")) == 1000 and not caplog.records
+
+    (tmp_path / "simple-4").write_text("a sketch of {}\n")
+    (tmp_path / "imagenet-1k").write_text("cat\ndog\ncar\n")
+    assert resolve_templates("simple-4") == ["a sketch of {}"]
+    args = build_parser().parse_args(["label", "in", "--labels", "x,y", "--templates", "simple-4", "-o", "out"])
+    assert args.templates == ["a sketch of {}"]
+    assert merge_labels_file([], "imagenet-1k") == ["cat", "dog", "car"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 3
+    assert "--templates simple-4 reads the local file" in warnings[0] and "named set 'simple-4'" in warnings[0]
+    assert "--labels-file imagenet-1k reads the local file" in warnings[2] and "./imagenet-1k" in warnings[2]
+    caplog.clear()
+    assert resolve_templates("./simple-4") == ["a sketch of {}"] and not caplog.records  # a path: no set meant
+
+    (tmp_path / "simple-4").unlink()
+    (tmp_path / "imagenet-1k").unlink()
+    (tmp_path / "simple-4").mkdir()
+    (tmp_path / "imagenet-1k").mkdir()
+    assert resolve_templates("simple-4") == TEMPLATE_SETS["simple-4"] and not caplog.records
+    assert merge_labels_file([], "imagenet-1k") == merge_labels_file([], str(LABEL_SETS_DIR / "imagenet-1k.txt"))

@@ -17,7 +17,7 @@ from typing import Any
 from .decode import DEFAULT_DECODE_TIMEOUT
 from .errors import ConfigError
 from .io_policy import DEFAULT_IO_RETRIES, DEFAULT_IO_TIMEOUT, IOPolicy
-from .labels import TEMPLATE_SETS
+from .labels import TEMPLATE_SETS, local_file_wins
 from .options import DEFAULT_MODEL, OUTPUT_MODES, LabelingOptions, check_input_exists  # noqa: F401 - re-exported
 from .sources import INPUT_FORMATS  # noqa: F401 - re-exported; the registry is the only list
 from .textfiles import read_lines, read_text
@@ -203,8 +203,10 @@ def parse_storage_options(text: str) -> dict[str, Any]:
 
 
 def resolve_templates(value: str) -> list[str]:
-    """``--templates`` argument: a named set (see ``labels.TEMPLATE_SETS``) or a file of lines."""
-    if value in TEMPLATE_SETS:
+    """``--templates`` argument: a file of lines, or a named set (see ``labels.TEMPLATE_SETS``)
+    when no local file of that name exists (``labels.local_file_wins``, the ``--labels-file``
+    rule: a local file wins, with a warning when it shadows a named set)."""
+    if value in TEMPLATE_SETS and not local_file_wins(value, TEMPLATE_SETS, "--templates"):
         return list(TEMPLATE_SETS[value])
     if not Path(value).exists() and "://" not in value:  # a file, or a pipe (<(...))
         raise ConfigError(f"--templates {value!r} is neither a named set ({', '.join(TEMPLATE_SETS)}) "

@@ -90,10 +90,26 @@ def validate_template(template: str) -> None:
                           f"(found: {found}); e.g. 'a photo of a {{}}.'")
 
 
+def local_file_wins(name: str, named_sets, flag: str) -> bool:
+    """Whether ``name`` (a ``--labels-file``/``--templates`` value) is read as a local file: one
+    exists by that name (a file or a pipe, not a folder). The rule for both flags: an existing
+    local file wins over a named set shipped with zslabel; a warning says so when ``name`` is
+    also one of ``named_sets``, since the user may have meant the set."""
+    p = Path(name)
+    if not p.exists() or p.is_dir():
+        return False
+    if name in named_sets:
+        log.warning("%s %s reads the local file %s, not the named set %r shipped with zslabel (to use the set, "
+                    "run from another folder or rename the file; pass ./%s to read the file without this warning)",
+                    flag, name, p.resolve(), name, name)
+    return True
+
+
 def named_set_path(name: str | None) -> str | None:
     """The package-data file of a named label set (``LABEL_SETS``, e.g. ``"imagenet-1k"``) when
-    ``name`` is one and no file of that name exists; else ``name`` unchanged."""
-    if name in LABEL_SETS and not Path(name).exists():
+    ``name`` is one and no local file of that name exists (:func:`local_file_wins`, which warns
+    when one does); else ``name`` unchanged."""
+    if name in LABEL_SETS and not local_file_wins(name, LABEL_SETS, "--labels-file"):
         return str(LABEL_SETS_DIR / f"{name}.txt")
     return name
 
