@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from s3_server import s3, s3_endpoint  # noqa: F401  (fixtures)
 
 from zslabel.config import JobConfig, parse_concurrency
 from zslabel.errors import ConfigError, ModelLoadError
@@ -179,6 +180,43 @@ def test_a_hub_id_still_goes_to_the_hub():
     # HF_HUB_OFFLINE=1 (conftest): the hub is asked and refuses, with the hub message.
     with pytest.raises(ModelLoadError, match="cannot download model 'openai-nonexistent/clip'"):
         resolve_checkpoint("openai-nonexistent/clip")
+
+
+def test_a_remote_checkpoint_is_copied_again_when_its_files_change(s3, tiny_clip, tmp_path, monkeypatch):
+    """New weights pushed to the same --model URI (a retrained 'latest') are used: the local copy
+    is keyed on the URI and the listing's names, sizes and ETags, so changed content gets a fresh
+    copy (it was keyed on the URI alone and kept forever: the old weights, silently; the class of
+    fsspec/filesystem_spec#971). Unchanged content is copied once: resolving it again reads no
+    object, only the listing."""
+    from urllib.parse import urlparse
+
+    from zslabel.model import checkpoint_digest
+    from zslabel_dev.tiny import build_tiny_checkpoint
+
+    monkeypatch.setenv("ZSLABEL_CACHE", str(tmp_path / "cache"))
+    files = sorted(f for f in tiny_clip.iterdir() if f.is_file())
+    for f in files:
+        s3.put(f"models/latest/{f.name}", f.read_bytes())
+    uri, options = s3.uri("models/latest/"), s3.storage_options
+
+    first = resolve_checkpoint(uri, storage_options=options)
+    digest = checkpoint_digest(first)
+    assert digest == checkpoint_digest(tiny_clip)
+    with s3.requests() as requests:
+        assert resolve_checkpoint(uri, storage_options=options) == first
+    object_reads = [r for r in requests if urlparse(r["url"]).path.strip("/") != s3.bucket]
+    assert not object_reads, object_reads  # not copied again
+
+    # Retrained weights of the same size under the same name: only the ETag tells them apart.
+    weights = next(f for f in files if f.suffix == ".safetensors")
+    retrained = build_tiny_checkpoint(tmp_path / "retrained", "clip", seed=1) / weights.name
+    assert retrained.stat().st_size == weights.stat().st_size and retrained.read_bytes() != weights.read_bytes()
+    s3.put(f"models/latest/{weights.name}", retrained.read_bytes())
+    second = resolve_checkpoint(uri, storage_options=options)
+    assert second != first and checkpoint_digest(second) != digest
+    assert (second / weights.name).read_bytes() == retrained.read_bytes()
+    assert checkpoint_digest(first) == digest  # the old copy (a run may be using it) is untouched
+    assert resolve_checkpoint(uri, storage_options=options) == second
 
 
 def test_labels_the_tokenizer_reads_alike_are_refused(tiny_clip, caplog):

@@ -1,9 +1,10 @@
 """Load a CLIP-family checkpoint and run its towers: label (text) and image embeddings.
 
 No Ray here. A checkpoint is a Hugging Face hub id, a local folder, or an fsspec URI of a folder
-(``s3://bucket/models/clip``); remote folders are copied once per machine into a local cache
-under a file lock, and hub downloads go through ``huggingface_hub``'s per-machine cache (which
-locks too), so N actors on one node fetch a checkpoint once, not N times.
+(``s3://bucket/models/clip``); remote folders are copied once per machine and content (a
+changed listing is copied afresh) into a local cache under a file lock, and hub downloads go
+through ``huggingface_hub``'s per-machine cache (which locks too), so N actors on one node
+fetch a checkpoint once, not N times.
 
 Model families. A checkpoint folder belongs to one library that loads it:
 
@@ -213,12 +214,32 @@ def _looks_like_path(model: str) -> bool:
 
 
 def _copy_remote_checkpoint(uri: str, storage_options: dict) -> Path:
-    """Copy a remote checkpoint folder once per machine; concurrent callers wait on a file lock."""
+    """Copy a remote checkpoint folder once per machine and per content; concurrent callers wait
+    on a file lock.
+
+    The folder is listed on every call, and the copy is keyed on the URI and a stamp of that
+    listing (``_listing_stamp``: each file's name, size and ETag or modification time), so new
+    weights pushed to the same URI (a retrained ``latest``) get a fresh copy instead of the one
+    cached for the old ones (fsspec/filesystem_spec#971: cached files never revalidated).
+    """
     from filelock import FileLock
 
     from .storage import url_to_fs
 
-    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    try:
+        fs, root = url_to_fs(uri, storage_options, error=ModelLoadError)
+        listing = fs.find(root, detail=True)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any storage failure means the model is unreachable
+        raise ModelLoadError(f"cannot copy model from {uri}: {type(exc).__name__}: {exc}") from exc
+    base = root.rstrip("/")
+    files = {name: info for name, info in listing.items()
+             if not name.endswith("/") and info.get("type", "file") != "directory"}
+    if not any(f.rsplit("/", 1)[-1] in ("config.json", OPEN_CLIP_CONFIG) for f in files):
+        raise ModelLoadError(f"model URI {uri} holds no {_marker_names()}")
+    stamp = _listing_stamp(files, base)
+    key = hashlib.sha256(f"{uri.rstrip('/')}\n{stamp}".encode()).hexdigest()[:16]
     dest = cache_root() / "checkpoints" / key
     done = dest / ".zslabel-complete"
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -226,18 +247,31 @@ def _copy_remote_checkpoint(uri: str, storage_options: dict) -> Path:
         if done.exists():
             return dest
         try:
-            fs, root = url_to_fs(uri, storage_options, error=ModelLoadError)
-            files = [f for f in fs.find(root) if not f.endswith("/")]
-            if not any(f.rsplit("/", 1)[-1] in ("config.json", OPEN_CLIP_CONFIG) for f in files):
-                raise ModelLoadError(f"model URI {uri} holds no {_marker_names()}")
             for f in files:
-                target = dest / os.path.relpath(f, root.rstrip("/"))
+                target = dest / os.path.relpath(f, base)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(f, str(target))
-        except ModelLoadError:
-            raise
         except Exception as exc:  # noqa: BLE001 - any storage failure means the model is unreachable
             raise ModelLoadError(f"cannot copy model from {uri}: {type(exc).__name__}: {exc}") from exc
-        done.write_text(uri)
+        done.write_text(f"{uri}\n{stamp}")
     log.info("checkpoint %s cached at %s", uri, dest)
     return dest
+
+
+# Listing fields that change when an object's content does: an ETag (S3, Azure, HTTP) or a
+# generation/hash (GCS) when the backend gives one, else a modification time.
+_VERSION_FIELDS = ("ETag", "etag", "md5Hash", "generation", "version_id", "VersionId")
+_TIME_FIELDS = ("LastModified", "last_modified", "mtime", "updated", "modified", "created")
+
+
+def _listing_stamp(files: dict[str, dict], base: str) -> str:
+    """One line per file of a remote checkpoint: relative name, size, and its ETag (or the like)
+    or else its modification time, when the listing gives one; sorted by name."""
+    lines = []
+    for name in sorted(files):
+        info = files[name]
+        version = next((info[k] for k in _VERSION_FIELDS if info.get(k) not in (None, "")), None)
+        if version is None:
+            version = next((info[k] for k in _TIME_FIELDS if info.get(k) not in (None, "")), "")
+        lines.append(f"{os.path.relpath(name, base)}\t{info.get('size')}\t{version}")
+    return "\n".join(lines)
