@@ -135,6 +135,46 @@ def test_unreachable_ray_address_exits_3_with_a_message(image_folder, tiny_clip,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_stale_ray_address_variable_fails_fast_naming_it(monkeypatch):
+    """RAY_ADDRESS left by an earlier `ray start` whose head is gone: ray.init() joins it by
+    itself and retried the dead GCS until the job was killed (240 s in the hunt's repro;
+    ray-project/ray#43070). It is checked like --address: RayStartError (exit 3) at once,
+    naming the variable and how to clear it, and Ray is never asked."""
+    import socket
+
+    import ray
+
+    from zslabel.cluster import init_ray
+    from zslabel.errors import RayStartError
+
+    asked = []
+
+    def no_ray(*args, **kwargs):  # the old code path: would hang for minutes on the dead address
+        asked.append(kwargs)
+        raise RuntimeError("ray.init was called")
+
+    # Whatever Ray this test process holds (the session's ray_local) is neither used nor stopped.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    with socket.socket() as s:  # bound, never listening: connections to it are refused
+        s.bind(("127.0.0.2", 0))
+        address = f"127.0.0.2:{s.getsockname()[1]}"
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        started = time.monotonic()
+        with pytest.raises(RayStartError) as caught:
+            init_ray(None)
+    assert time.monotonic() - started < 15
+    message = str(caught.value)
+    assert f"cannot reach a Ray cluster at {address} (from the RAY_ADDRESS environment variable" in message
+    assert "unset RAY_ADDRESS" in message
+    assert asked == []
+    for value in ("auto", "local"):  # left to Ray, as for --address: no check, no refusal
+        monkeypatch.setenv("RAY_ADDRESS", value)
+        with pytest.raises(RayStartError, match="ray.init was called"):
+            init_ray(None)
+
+
 @pytest.mark.parametrize("kind", ["manifest", "folder"])
 def test_an_input_that_cannot_be_planned_fails_before_the_model_and_ray(tmp_path, kind):
     """Planning the input needs neither the model nor Ray, so it comes first: a manifest whose

@@ -84,10 +84,15 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"log_to_driver": True}
+    from_env = os.environ.get("RAY_ADDRESS", "").strip()
     if address:
         kwargs["address"] = address
         _check_reachable(address)
-    elif not os.environ.get("RAY_ADDRESS"):
+    elif from_env:
+        # ray.init() joins $RAY_ADDRESS by itself: one left over from an earlier `ray start`
+        # (its head long gone) made it retry the dead GCS for minutes (ray-project/ray#43070).
+        _check_reachable(from_env, source="RAY_ADDRESS")
+    else:
         # Embedded: a fresh local instance, never a (possibly stale) `ray start` cluster that
         # plain ray.init() would try to join.
         kwargs["address"] = "local"
@@ -180,9 +185,11 @@ def _restore_sigterm_handler(handler: Any) -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+def _check_reachable(address: str, timeout_s: float = 10.0, source: str | None = None) -> None:
     """Fail fast on a ``host:port`` GCS address nothing listens on (``ray.init`` retries for
-    minutes). Other forms (``auto``, ``ray://``, ``http://``) are left to Ray.
+    minutes). Other forms (``auto``, ``local``, ``ray://``, ``http://``) are left to Ray.
+    ``source``: the environment variable the address came from (None: ``--address``), named in
+    the message with how to clear it.
 
     Raises:
         RayStartError: the TCP connection is refused or times out.
@@ -193,9 +200,14 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
     if not sep or "/" in address or not port.isdigit():
         return
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as exc:
-        raise RayStartError(f"cannot reach a Ray cluster at {address}: {exc}") from exc
+        if source is None:
+            raise RayStartError(f"cannot reach a Ray cluster at {address}: {exc}") from exc
+        raise RayStartError(
+            f"cannot reach a Ray cluster at {address} (from the {source} environment variable, perhaps "
+            f"left by an earlier `ray start`): {exc}; run `unset {source}` to label on a local Ray "
+            "instance, or pass --address with a live cluster") from exc
 
 
 @dataclass(frozen=True)
