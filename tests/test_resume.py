@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -211,6 +212,65 @@ def test_overwrite_killed_mid_run_keeps_previous_output(tiny_clip, ray_local, ma
     assert 0 < summary.carried_over and summary.model_images == N_MANY - summary.carried_over
     assert manifest_of(out)["labels"] == new_labels and not (out / STATE_DIR).exists()
     assert not set(old_files) & {str(p.relative_to(out)) for p in out.glob("*.parquet")}
+
+
+def test_an_output_that_cannot_be_written_exits_2_keeps_its_files_and_resume_completes_it(
+        tiny_clip, ray_local, many_images, tmp_path, monkeypatch, capsys):
+    """The output's storage refuses data files mid-run (a full disk, a quota, a read-only
+    folder): one `zslabel: error: cannot write the output ...` line and exit 2, not Ray's
+    traceback and exit 1 (which means "error budget exceeded"; the hunt's ENOSPC repro,
+    ray-project/ray#55174); the files committed so far are kept and --resume completes the run.
+
+    The failure is a real OSError from the filesystem, as root too: a file where the run's data
+    folder goes (an --overwrite's staging folder, moved aside with the files it holds), so every
+    write task of the resumed run fails to create its file."""
+    from zslabel import job, pipeline
+    from zslabel.cli import main
+
+    out = tmp_path / "out"
+    run_label_job(JobConfig(input=str(many_images), output=str(out), labels=LABELS, model=str(tiny_clip),
+                            batch_size=64, concurrency=(1, 1)))
+    new_labels = ["red", "green", "blue"]
+    args = ["label", str(many_images), "--labels", ",".join(new_labels), "--model", str(tiny_clip),
+            "--output", str(out), "--batch-size", "4", "--rows-per-file", "4", "--concurrency", "1", "-q"]
+
+    class StopAtFirstFile(pipeline.Progress):  # Ctrl-C once the overwrite has committed a file
+        def update(self, rows, errors=0):
+            raise KeyboardInterrupt
+
+    real_progress = pipeline.Progress
+    monkeypatch.setattr(pipeline, "Progress", StopAtFirstFile)
+    assert main([*args, "--overwrite"]) == 130
+    monkeypatch.setattr(pipeline, "Progress", real_progress)
+    staged = list((out / STATE_DIR / "staging").glob("*/part-*.parquet"))
+    assert 0 < len(staged) < N_MANY // 4, staged
+
+    real_begin, moved = job.begin, []
+
+    def begin(*a, **kw):  # the resumed run's data folder: its committed files moved aside, a file in its place
+        session = real_begin(*a, **kw)
+        folder = out / session.target.data_dir
+        folder.rename(tmp_path / "aside")
+        folder.write_bytes(b"in the way")
+        moved.append(folder)
+        return session
+
+    monkeypatch.setattr(job, "begin", begin)
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("zslabel: error:")]
+    assert lines and re.fullmatch(
+        rf"zslabel: error: cannot write the output {re.escape(str(out))}: FileExistsError: \[Errno 17\] .+; "
+        r"the files committed so far are kept: fix the output's storage and rerun with --resume", lines[-1]), err
+    assert "Traceback" not in err, err
+
+    monkeypatch.setattr(job, "begin", real_begin)
+    moved[0].unlink()  # the obstacle removed, the committed files back
+    (tmp_path / "aside").rename(moved[0])
+    assert main([*args, "--resume"]) == 0
+    assert indices(out) == list(range(N_MANY))  # one row per input
+    assert manifest_of(out)["labels"] == new_labels and not (out / STATE_DIR).exists()
 
 
 def test_overwrite_and_refusal_on_s3(s3, tiny_clip, ray_local):

@@ -398,3 +398,17 @@ def test_a_resume_names_the_run_that_committed_its_rows(tmp_path, caplog):
         second = run_once(out, [2], mode="resume", listed=3)
     assert f"2 inputs already committed (by run {first.target.run_id}; this run is {second.target.run_id})" \
         in caplog.text
+
+
+def test_a_write_failure_says_what_to_fix_before_resume():
+    """The message a write task returns for an OSError (pipeline.consume raises it, exit 2)."""
+    import errno
+
+    from zslabel.store.files import write_failure
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert write_failure("/data/out", full) == (
+        "cannot write the output /data/out: OSError: [Errno 28] No space left on device; the files committed "
+        "so far are kept: free space and rerun with --resume")
+    assert "make the output writable and rerun with --resume" in write_failure(
+        "/data/out", PermissionError(errno.EROFS, os.strerror(errno.EROFS)))

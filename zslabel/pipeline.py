@@ -33,6 +33,7 @@ from .cluster import (
     write_tasks,
 )
 from .config import JobConfig
+from .errors import OutputError
 from .io_policy import IOPolicy
 from .output import output_schema
 from .progress import Progress
@@ -184,6 +185,9 @@ def consume(ds, config: JobConfig, plan, session, timings: dict[str, Any], progr
 
     Raises:
         InputError: the inputs held no image at all (e.g. tars of sidecars only).
+        OutputError: a write task could not write the output (a full disk, a quota, a read-only
+            folder: the ``failure`` of its row, ``store.files.write_block``); the files committed
+            so far are kept for ``--resume``.
     """
     t_run, t_run_epoch = time.perf_counter(), time.time()
     total = None
@@ -192,6 +196,8 @@ def consume(ds, config: JobConfig, plan, session, timings: dict[str, Any], progr
     written = []
     with Progress(total, enabled=progress) as shown:
         for row in ds.iter_rows():
+            if row["failure"] is not None:
+                raise OutputError(row["failure"])  # the CLI's one line and exit 2, not Ray's traceback
             written.append(row)
             shown.update(row["rows"], row["errors"])
     plan.finalize()  # tars / Parquet inputs: listed and skipped counts are known only now

@@ -16,6 +16,7 @@ after a resumed run has taken over.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import posixpath
 from contextlib import contextmanager
@@ -65,8 +66,9 @@ def drop_committed(batch: pa.Table, done: np.ndarray) -> pa.Table:
 
 
 # One row per committed file; ``errors``: its rows with an error code (for the progress display).
+# ``failure``: set (``file`` null, ``rows`` 0) when the block could not be written (``write_failure``).
 WRITE_RESULT_SCHEMA = pa.schema([pa.field("file", pa.string()), pa.field("rows", pa.int64()),
-                                 pa.field("errors", pa.int64())])
+                                 pa.field("errors", pa.int64()), pa.field("failure", pa.string())])
 
 
 def write_block(table: pa.Table, target: WriteTarget) -> pa.Table:
@@ -77,7 +79,12 @@ def write_block(table: pa.Table, target: WriteTarget) -> pa.Table:
         target: from :class:`RunPlan`.
 
     Returns:
-        One row ``(file, rows, errors)`` naming the committed file (none for an empty block).
+        One row ``(file, rows, errors, failure=None)`` naming the committed file (none for an
+        empty block); or, when the output cannot be written (an ``OSError``: a full disk, a
+        quota, a read-only or unwritable folder), one row whose ``failure`` says so
+        (``write_failure``), nothing published. Returned, not raised: Ray hands the driver a
+        task's exception as a ``UserCodeException`` that has lost it (its cause is dropped on
+        the way) after printing a traceback; ``pipeline.consume`` raises it as an OutputError.
 
     Raises:
         OutputError: the run record no longer names this run (a newer run took over the output);
@@ -86,11 +93,33 @@ def write_block(table: pa.Table, target: WriteTarget) -> pa.Table:
     if table.num_rows == 0:
         return WRITE_RESULT_SCHEMA.empty_table()
     idx = table.column(INPUT_INDEX).to_numpy(zero_copy_only=False)
-    with open_part(target, idx) as (fh, name):
-        fh.write(parquet_bytes(table.replace_schema_metadata(stamped_metadata(table.schema, target))))
+    try:
+        with open_part(target, idx) as (fh, name):
+            fh.write(parquet_bytes(table.replace_schema_metadata(stamped_metadata(table.schema, target))))
+    except OSError as exc:
+        return pa.Table.from_pylist([{"file": None, "rows": 0, "errors": 0, "failure": write_failure(target.uri, exc)}],
+                                    schema=WRITE_RESULT_SCHEMA)
     errors = table.num_rows - table.column(ERROR).null_count
-    return pa.Table.from_pylist([{"file": name, "rows": table.num_rows, "errors": errors}],
+    return pa.Table.from_pylist([{"file": name, "rows": table.num_rows, "errors": errors, "failure": None}],
                                 schema=WRITE_RESULT_SCHEMA)
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def write_failure(uri: str, exc: OSError) -> str:
+    """The message for a data file of the output ``uri`` that could not be written (``exc``:
+    ENOSPC, EDQUOT, EROFS, EACCES, ...): what failed, that the committed files are kept, and
+    what to do before ``--resume``."""
+    if exc.errno in _NO_SPACE:
+        fix = "free space"
+    elif exc.errno in _NOT_WRITABLE:
+        fix = "make the output writable"
+    else:
+        fix = "fix the output's storage"
+    return (f"cannot write the output {uri}: {type(exc).__name__}: {exc}; the files committed so far are kept: "
+            f"{fix} and rerun with --resume")
 
 
 def stamped_metadata(schema: pa.Schema, target: WriteTarget) -> dict:
