@@ -80,8 +80,9 @@ def write_block(table: pa.Table, target: WriteTarget) -> pa.Table:
 
     Returns:
         One row ``(file, rows, errors, failure=None)`` naming the committed file (none for an
-        empty block); or, when the output cannot be written (an ``OSError``: a full disk, a
-        quota, a read-only or unwritable folder), one row whose ``failure`` says so
+        empty block); or, when the output cannot be written and a retry cannot mend it (an
+        ``OSError``: a full disk, a quota, a read-only or unwritable folder, a file in the way),
+        one row whose ``failure`` says so
         (``write_failure``), nothing published. Returned, not raised: Ray hands the driver a
         task's exception as a ``UserCodeException`` that has lost it (its cause is dropped on
         the way) after printing a traceback; ``pipeline.consume`` raises it as an OutputError.
@@ -97,6 +98,8 @@ def write_block(table: pa.Table, target: WriteTarget) -> pa.Table:
         with open_part(target, idx) as (fh, name):
             fh.write(parquet_bytes(table.replace_schema_metadata(stamped_metadata(table.schema, target))))
     except OSError as exc:
+        if exc.errno not in _NO_SPACE + _NOT_WRITABLE + _IN_THE_WAY:
+            raise  # a reset connection, a timeout: Ray retries the task, as before
         return pa.Table.from_pylist([{"file": None, "rows": 0, "errors": 0, "failure": write_failure(target.uri, exc)}],
                                     schema=WRITE_RESULT_SCHEMA)
     errors = table.num_rows - table.column(ERROR).null_count
@@ -104,8 +107,11 @@ def write_block(table: pa.Table, target: WriteTarget) -> pa.Table:
                                 schema=WRITE_RESULT_SCHEMA)
 
 
+# The failures no retry of the task can mend (the others, such as a connection reset by an
+# object store, are raised for Ray's task retries).
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+_IN_THE_WAY = (errno.EEXIST, errno.ENOTDIR, errno.EISDIR)  # a file where the output needs a folder
 
 
 def write_failure(uri: str, exc: OSError) -> str:
