@@ -30,10 +30,12 @@ CLI_ONLY = frozenset({"command", "config", "verbose", "quiet", "ground_truth", "
 EXIT_CODES = """exit codes:
   0    success
   1    error budget exceeded (--max-error-fraction): the output is written
-  2    bad configuration, input, model or output (nothing written)
-  3    Ray could not be started or joined (unreachable --address, node start timed out)
+  2    bad configuration, input, model or output (nothing written); an output that cannot be
+       written mid-run (a full disk): what was committed is kept, rerun with --resume
+  3    Ray could not be started or joined (unreachable --address or $RAY_ADDRESS, node start timed out)
   4    the rows do not account for every input (a zslabel bug): nothing committed, rows kept
-  130  interrupted by Ctrl-C (SIGINT): committed files are kept, rerun with --resume
+  130  interrupted by Ctrl-C (SIGINT): committed files are kept, rerun with --resume (the message
+       says when nothing was committed)
   143  stopped by SIGTERM (timeout, Kubernetes, Slurm), label and relabel: as 130
 """
 

@@ -110,8 +110,8 @@ class LabelingOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            hints = "".join(f"; {k}: {FLAG_KEYS[k]}" for k in unknown if k in FLAG_KEYS)
-            raise ConfigError(f"unknown config keys: {', '.join(unknown)}{hints} (known: {', '.join(sorted(known))})")
+            spelled = "".join(f"; {k}: {FLAG_KEYS[k]}" for k in unknown if k in FLAG_KEYS)
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}{spelled} (known: {', '.join(sorted(known))})")
         data = dict(data)
         if isinstance(data.get("labels"), str):
             data["labels"] = parse_label_list(data["labels"])
