@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from .calibration import Calibration, check_holdout, fit_calibration
 from .errors import ConfigError, InputError
-from .evaluate import _basename, label_key, load_ground_truth, map_to_candidates, match_ground_truth, normalise_path
+from .evaluate import _basename, as_candidates, label_key, load_ground_truth, match_ground_truth, normalise_path
 from .hierarchy import prompt_name
 from .store import footer_checked_batches, output_parquet_files, read_manifest, refuse_inside_output
 
@@ -63,7 +63,7 @@ def label_index(labels: list[str]) -> dict[str, int]:
     (``hierarchy.prompt_name``) when that leaf is unique, so ground truth written ``"dog"``
     matches a run label ``"animal/mammal/dog"``; keys compared as ``evaluate.label_key``.
     Ground-truth text that is no key but equals one after case folding is mapped to it by
-    ``evaluate.map_to_candidates`` (as ``eval`` does) before it is looked up here."""
+    ``evaluate.as_candidates`` (as ``eval`` does) before it is looked up here."""
     index = {label_key(name): i for i, name in enumerate(labels)}
     leaves: dict[str, list[int]] = {}
     for i, name in enumerate(labels):
@@ -133,11 +133,11 @@ def read_sample(output: str, ground_truth: str, storage_options: dict | None = N
                         rows[paths[i]] = (errors[i], (labs[i], scs[i]))
     matches, unmatched, by_name = match_ground_truth(gt, rows)
     index = label_index(labels)
-    mapped = map_to_candidates(gt.labels, index)
+    gt, mapped = as_candidates(gt, index)
     keep_paths, ys, errored, not_candidate = [], [], 0, set()
     for gi, key in matches:
         err, payload = rows[key]
-        truth = mapped.get(gt.labels[gi], gt.labels[gi])
+        truth = gt.labels[gi]
         if err is not None or payload is None:
             errored += 1
             continue

@@ -38,7 +38,7 @@ Definitions (over matched images; "labeled" = matched rows without ``error``):
     ``coverage`` = #answered / #labeled. Labels compare as exact strings (stripped, NFC); a
     ground-truth label that is not a candidate label but equals exactly one candidate after
     case folding (``Dog`` for ``dog``, as Excel and humans write them) is read as that candidate,
-    with one warning listing the mappings (:func:`map_to_candidates`; ``calibrate`` and ``fit``
+    with one warning listing the mappings (:func:`as_candidates`; ``calibrate`` and ``fit``
     map the same way); any other unknown label stays unknown (always wrong).
 """
 
@@ -115,6 +115,15 @@ def map_to_candidates(truth_labels, candidates, what: str = "ground-truth") -> d
         log.warning("%d %s labels are not candidate labels but differ from one only in case, surrounding blanks "
                     "or Unicode form, and are read as it: %s%s", len(mapping), what, shown, more)
     return mapping
+
+
+def as_candidates(gt: GroundTruth, candidates, what: str = "ground-truth") -> tuple[GroundTruth, dict[str, str]]:
+    """``gt`` with each label :func:`map_to_candidates` maps read as its candidate (the one
+    place eval, calibrate and fit apply it), and the mapping (empty: ``gt`` itself)."""
+    mapped = map_to_candidates(gt.labels, candidates, what)
+    if mapped:
+        gt = dataclasses.replace(gt, labels=tuple(mapped.get(x, x) for x in gt.labels))
+    return gt, mapped
 
 
 def _basename(path: str) -> str:
@@ -503,9 +512,7 @@ def evaluate(predictions: str, ground_truth: GroundTruth | str, *, storage_optio
     gt = ground_truth if isinstance(ground_truth, GroundTruth) else load_ground_truth(ground_truth, storage_options)
     preds, duplicates, has_abstained, manifest = read_predictions(predictions, storage_options)
     candidates = (manifest or {}).get("labels")
-    mapped = map_to_candidates(gt.labels, map(label_key, candidates)) if candidates is not None else {}
-    if mapped:
-        gt = dataclasses.replace(gt, labels=tuple(mapped.get(x, x) for x in gt.labels))
+    gt, mapped = as_candidates(gt, map(label_key, candidates)) if candidates is not None else (gt, {})
 
     matches, still_unmatched, by_basename = match_ground_truth(gt, preds)
     used = {p for _, p in matches}

@@ -49,7 +49,7 @@ def read_labeled_embeddings(run: str, ground_truth: str, storage_options: dict |
             matched image whose label is one of the run's labels.
     """
     from .calibrate import label_index
-    from .evaluate import _basename, load_ground_truth, map_to_candidates, match_ground_truth, normalise_path
+    from .evaluate import _basename, as_candidates, load_ground_truth, match_ground_truth, normalise_path
     from .relabel import embedding_matrix
     from .store import footer_checked_batches, output_parquet_files, read_manifest
 
@@ -92,12 +92,12 @@ def read_labeled_embeddings(run: str, ground_truth: str, storage_options: dict |
                          f"then unique file names; output paths e.g. {examples}, ground truth e.g. "
                          f"{list(gt.paths[:2])}); are they the same images?")
     index = label_index(labels)
-    mapped = map_to_candidates(gt.labels, index)
+    gt, mapped = as_candidates(gt, index)
     chosen: dict[tuple[int, int], int] = {}
     unknown: dict[str, int] = {}
     n_err = 0
     for gi, key in matches:
-        truth = mapped.get(gt.labels[gi], gt.labels[gi])
+        truth = gt.labels[gi]
         if errored[key]:
             n_err += 1
         elif truth not in index:
