@@ -601,15 +601,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _after_interrupt(output: str | None, storage_options: dict) -> str:
-    """What an interrupted label/relabel run left in ``output``, and what to do next."""
-    from .store import output_parquet_files
+    """What an interrupted label/relabel run left in ``output``, and what to do next. One
+    ``exists`` call, no listing (an output may hold millions of files): a run that created the
+    output and committed nothing removes it when it gives up its claim."""
+    from .store import output_filesystem
 
     if output is None:  # interrupted before the job's settings were read
         return "nothing was written: rerun the same command"
     try:
-        output_parquet_files(output, storage_options)
-    except ZslabelError:
-        return f"nothing was committed to {output}: rerun the same command"
+        fs, root = output_filesystem(output, storage_options)
+        if not fs.exists(root):
+            return f"nothing was committed to {output}: rerun the same command"
     except Exception:  # noqa: BLE001 - cannot tell (storage unreachable): the general advice
         pass
     return "committed files are kept: rerun with --resume to continue"
