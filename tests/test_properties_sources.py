@@ -355,6 +355,50 @@ def test_jsonl_any_key_names_the_image(lines, bad):
 
 
 @QUICK
+@given(st.lists(st.one_of(
+           st.tuples(st.sampled_from(["path", "url", "uri", "file_name", "URL", None]),
+                     st.text(st.sampled_from(list("ab#%é ,")), min_size=1, max_size=6),
+                     st.dictionaries(st.sampled_from(["caption", "meta", "n"]), JSON_VALUES, max_size=2)),
+           st.text(st.sampled_from(list("ab#%é ,")), min_size=1, max_size=6),  # a bare path string
+           st.sampled_from([1, None, [1, 2], 3.5, True])),                     # no entry: malformed_row
+           min_size=1, max_size=12),
+       st.booleans())
+def test_json_array_every_element_is_a_row_or_a_counted_skip(elements, pretty):
+    """A ``.json`` manifest holding one array: every object or path string is a row or a
+    counted skip (no path key, empty path), every other element a counted ``malformed_row``;
+    listed = rows + skips, in array order, pretty-printed or on one line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        array, wanted, no_entry, bad = [], [], 0, 0
+        for element in elements:
+            if isinstance(element, tuple):
+                key, value, extra = element
+                record = dict(extra)
+                if key is not None:
+                    record[key] = "/d/" + value
+                    wanted.append(("/d/" + value).strip(" "))
+                else:
+                    no_entry += 1
+                array.append(record)
+            elif isinstance(element, str):
+                array.append("/d/" + element)
+                wanted.append(("/d/" + element).strip(" "))
+            else:
+                array.append(element)
+                bad += 1
+        manifest = Path(tmp) / "m.json"
+        manifest.write_text(json.dumps(array, indent=2 if pretty else None), encoding="utf-8")
+        try:
+            plan = plan_inputs(str(manifest), use_ray=False)
+        except Exception as exc:
+            assert not wanted, exc
+            return
+        rows = plan.read_locally()
+        check_plan(plan, rows)
+        assert [r["path"] for r in rows] == wanted
+        assert plan.skipped == no_entry + bad and plan.skipped_by_reason.get("malformed_row", 0) == bad
+
+
+@QUICK
 @given(st.lists(st.text(st.sampled_from(list("ab#,%\" é中\x1f\x0c?=&")), min_size=1, max_size=8)
                 .filter(lambda s: s.strip(" \t") == s and not s.startswith("# ") and s != "#"
                         and s not in ("path", "url", "uri")), min_size=1, max_size=10),
