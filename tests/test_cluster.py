@@ -68,6 +68,7 @@ class LoopbackCluster:
         # Short: Ray's unix sockets live under it and AF_UNIX paths are limited to 107 bytes.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="zsray", dir="/tmp"))
         self.procs: dict[str, subprocess.Popen] = {}
+        self.restarts: dict[str, int] = {}
         self.gcs_port = _free_port(HEAD_IP)
         self.dashboard_port = _free_port(HEAD_IP)
 
@@ -82,7 +83,7 @@ class LoopbackCluster:
     def _start(self, name: str, ip: str, args: list[str]) -> None:
         env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_NODE_IP_ADDRESS=ip)
         env.pop("RAY_ADDRESS", None)
-        with open(self.root / f"{name}.log", "wb") as log:
+        with open(self.root / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
                 [RAY, "start", "--block", "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
                  f"--node-ip-address={ip}", "--num-cpus=2", "--object-store-memory=150000000",
@@ -90,13 +91,36 @@ class LoopbackCluster:
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def start(self) -> None:
-        self._start("head", HEAD_IP, [
-            "--head", f"--port={self.gcs_port}", '--resources={"head": 1}', "--include-dashboard=true",
-            f"--dashboard-host={HEAD_IP}", f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={_free_port(HEAD_IP)}"])
-        _wait_until(lambda: self._port_open(HEAD_IP, self.gcs_port), 60, "the head's GCS")
-        self._start("worker", WORKER_IP, [f"--address={self.gcs_address}"])
-        _wait_until(lambda: len(self.alive_nodes()) == 2, 90, "two alive nodes")
+        head_args = ["--head", f"--port={self.gcs_port}", '--resources={"head": 1}', "--include-dashboard=true",
+                     f"--dashboard-host={HEAD_IP}", f"--dashboard-port={self.dashboard_port}",
+                     f"--ray-client-server-port={_free_port(HEAD_IP)}"]
+        self._start("head", HEAD_IP, head_args)
+        _wait_until(lambda: self._restarted_if_exited("head", HEAD_IP, head_args)
+                    or (self._port_open(HEAD_IP, self.gcs_port) and len(self.alive_nodes()) >= 1),
+                    240, "the head node")
+        worker_args = [f"--address={self.gcs_address}"]
+        self._start("worker", WORKER_IP, worker_args)
+        _wait_until(lambda: self._restarted_if_exited("worker", WORKER_IP, worker_args)
+                    or len(self.alive_nodes()) == 2, 240, "two alive nodes")
+
+    def _restarted_if_exited(self, name: str, ip: str, args: list[str]) -> bool:
+        """Start node ``name`` again if its process ended; always False (a restart is no arrival).
+
+        On a loaded machine a node can miss Ray's fixed 30 s registration window and exit
+        ("timed out during startup"): what it left is cleared (its process group) and it is
+        started again, as a person would, at most twice."""
+        proc = self.procs[name]
+        if proc.poll() is None:
+            return False
+        self.restarts[name] = self.restarts.get(name, 0) + 1
+        if self.restarts[name] > 2:
+            raise TimeoutError(f"the {name} node exited three times while starting (rc {proc.returncode})")
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._start(name, ip, args)
+        return False
 
     @staticmethod
     def _port_open(ip: str, port: int) -> bool:

@@ -34,6 +34,10 @@ from zslabel.store import (
 )
 
 N_MANY = 240
+# A resumed run's batches and files: large (neither is a result setting), as the runs it resumes
+# use small ones only to be stopped part-way.
+RESUME_BATCH = 60
+RESUME_FLAGS = ("--batch-size", str(RESUME_BATCH), "--rows-per-file", str(RESUME_BATCH))
 LABELS = ["cat", "dog", "bird"]
 
 
@@ -98,8 +102,9 @@ def test_killed_run_resumes_exactly_once_without_recomputing(tiny_clip, ray_loca
     before = indices(out)
     assert 0 < len(before) < N_MANY and len(set(before)) == len(before)
 
+    # Resumed in large batches: batch size is no result setting, and small batches only cost time.
     base = dict(input=str(many_images), output=str(out), labels=LABELS, model=str(tiny_clip),
-                batch_size=4, concurrency=(1, 1))
+                batch_size=RESUME_BATCH, concurrency=(1, 1))
     with pytest.raises(OutputError, match="already holds data .an unfinished run.*--resume"):
         run_label_job(JobConfig(**base))
     summary = run_label_job(JobConfig(**base, mode="resume"))
@@ -134,7 +139,7 @@ def test_sigterm_mid_run_exits_143_like_ctrl_c_and_resumes_exactly_once(tiny_cli
     before = indices(out)
     assert 0 < len(before) < N_MANY and len(set(before)) == len(before)
 
-    resumed = start_cli(cli_args(many_images, out, tiny_clip, LABELS, "--resume"), ray_local, log)
+    resumed = start_cli(cli_args(many_images, out, tiny_clip, LABELS, "--resume", *RESUME_FLAGS), ray_local, log)
     assert resumed.wait(timeout=600) == 0, log.read_text()[-3000:]
     assert indices(out) == list(range(N_MANY))  # every input exactly once
     counts = manifest_of(out)["counts"]
@@ -205,7 +210,8 @@ def test_overwrite_killed_mid_run_keeps_previous_output(tiny_clip, ray_local, ma
 
     # --resume with the overwrite's settings continues its staged run, then swaps it in.
     summary = run_label_job(JobConfig(input=str(many_images), output=str(out), labels=new_labels,
-                                      model=str(tiny_clip), batch_size=4, concurrency=(1, 1), mode="resume"))
+                                      model=str(tiny_clip), batch_size=RESUME_BATCH, concurrency=(1, 1),
+                                      mode="resume"))
     new_table = pq.read_table(str(out))
     assert indices(out) == list(range(N_MANY))
     assert all(set(r) <= set(new_labels) for r in new_table.column("labels").to_pylist())
@@ -257,7 +263,7 @@ def test_an_output_that_cannot_be_written_exits_2_keeps_its_files_and_resume_com
 
     monkeypatch.setattr(job, "begin", begin)
     capsys.readouterr()
-    assert main([*args, "--resume"]) == 2
+    assert main([*args, "--resume", *RESUME_FLAGS]) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("zslabel: error:")]
     assert lines and re.fullmatch(
@@ -268,7 +274,7 @@ def test_an_output_that_cannot_be_written_exits_2_keeps_its_files_and_resume_com
     monkeypatch.setattr(job, "begin", real_begin)
     moved[0].unlink()  # the obstacle removed, the committed files back
     (tmp_path / "aside").rename(moved[0])
-    assert main([*args, "--resume"]) == 0
+    assert main([*args, "--resume", *RESUME_FLAGS]) == 0
     assert indices(out) == list(range(N_MANY))  # one row per input
     assert manifest_of(out)["labels"] == new_labels and not (out / STATE_DIR).exists()
 
