@@ -111,7 +111,7 @@ def test_label_studio_tasks_predictions_and_config(run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     # 12 rows: 2 error rows and 1 tar member left out, each counted in the message
     assert "exported 9 of 12 rows" in proc.stdout
-    assert "2 error rows" in proc.stdout and "1 in a tar or Parquet file (no URL)" in proc.stdout
+    assert "2 error rows" in proc.stdout and "1 in a tar, Parquet or Arrow file (no URL)" in proc.stdout
     tasks = json.loads(tasks_path.read_text())
     # default order: input order, although the files hold rows shuffled
     assert [t["data"]["zslabel_input_index"] for t in tasks] == [0, 1, 2, 3, 4, 6, 7, 8, 11]

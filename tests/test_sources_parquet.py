@@ -361,3 +361,86 @@ def test_parquet_files_named_otherwise_are_read(tmp_path):
     pq.write_table(pa.table({"url": [str(tmp_path / "img.jpg")]}), tmp_path / "list")  # no extension, no images
     rows = plan_inputs(str(tmp_path / "list"), use_ray=False, input_format="manifest").read_locally()
     assert [r["path"] for r in rows] == [str(tmp_path / "img.jpg")]
+
+
+def _save_to_disk_split(folder, images: list[bytes], labels: list[int], batch_rows: int = 2) -> None:
+    """One split as Hugging Face ``datasets``' ``save_to_disk`` writes it: an Arrow IPC *stream*
+    ``data-00000-of-00001.arrow`` whose schema carries the ``huggingface`` features metadata
+    (``image``: ``Image()``, stored as ``struct<bytes, path>``), beside ``dataset_info.json`` and
+    ``state.json``."""
+    import json
+
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    features = {"image": {"_type": "Image"}, "label": {"dtype": "int64", "_type": "Value"}}
+    schema = pa.schema([("image", struct), ("label", pa.int64())],
+                       metadata={"huggingface": json.dumps({"info": {"features": features}})})
+    table = pa.table({"image": pa.array([{"bytes": b, "path": None} for b in images], struct),
+                      "label": labels}, schema=schema)
+    folder.mkdir(parents=True)
+    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink, \
+            pa.ipc.new_stream(sink, schema) as writer:
+        for batch in table.to_batches(max_chunksize=batch_rows):
+            writer.write_batch(batch)
+    (folder / "dataset_info.json").write_text(json.dumps({"features": features}))
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+
+
+def test_a_hugging_face_save_to_disk_folder_is_read_row_by_row(tmp_path):
+    """``DatasetDict.save_to_disk(DIR)`` (a folder per split of Arrow IPC streams): it was "no
+    images found" with a hint to convert it to Parquet. Each row of each split is one input,
+    named ``FILE#ROW``; the JSON files beside them are counted as skipped, not lost."""
+    import json
+
+    root = tmp_path / "ds"
+    _save_to_disk_split(root / "train", [jpeg(i) for i in range(5)], [0, 1, 0, 1, 1])
+    _save_to_disk_split(root / "test", [jpeg(10), jpeg(11)], [1, 0])
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    plan = plan_inputs(str(root), use_ray=False)
+    rows = plan.read_locally()
+    plan.finalize()
+    test_file, train_file = (root / s / "data-00000-of-00001.arrow" for s in ("test", "train"))
+    assert [r["path"] for r in rows] == [f"{test_file}#{i}" for i in range(2)] + [f"{train_file}#{i}" for i in range(5)]
+    assert [r["data"] for r in rows] == [jpeg(10), jpeg(11)] + [jpeg(i) for i in range(5)]
+    assert all(r["read_error"] is None for r in rows)
+    assert plan.kind == "parquet" and plan.listed == 7 + 5 and plan.skipped_by_reason == {"not_a_shard": 5}
+    # One split's file named alone: the same rows.
+    alone = plan_inputs(str(train_file), use_ray=False).read_locally()
+    assert [r["data"] for r in alone] == [jpeg(i) for i in range(5)]
+
+
+def test_an_arrow_file_in_the_ipc_file_format_and_one_cut_short(tmp_path):
+    """The IPC *file* format (``pyarrow.feather``/``ipc.new_file``) reads as the stream does. A
+    stream cut mid-batch (a partial copy) keeps the rows of the batches before the cut and makes
+    the rest of the file one ``read_error`` row: its row count is unknown (no footer)."""
+    table = pa.table({"jpg": [jpeg(i) for i in range(6)], "key": [f"k{i}" for i in range(6)]})
+    as_file = tmp_path / "f.arrow"
+    with pa.OSFile(str(as_file), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=2):
+            writer.write_batch(batch)
+    rows = plan_inputs(str(as_file), use_ray=False).read_locally()
+    assert [r["data"] for r in rows] == [jpeg(i) for i in range(6)] and [r["key"] for r in rows] == table["key"].to_pylist()
+
+    stream = tmp_path / "cut.arrow"
+    with pa.OSFile(str(stream), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=2):
+            writer.write_batch(batch)
+    whole = stream.read_bytes()
+    stream.write_bytes(whole[:len(whole) * 3 // 4])  # the last batch cut
+    plan = plan_inputs(str(stream), use_ray=False)
+    rows = plan.read_locally()
+    plan.finalize()
+    assert [r["data"] for r in rows[:4]] == [jpeg(i) for i in range(4)]
+    assert len(rows) == 5 and rows[4]["path"] == str(stream) and rows[4]["input_index"] == 4
+    assert error_code(rows[4]["read_error"]) == "read_error" and "arrow" in rows[4]["read_error"]
+    assert plan.listed == 5
+
+
+def test_an_arrow_file_without_image_column_is_refused_in_one_line(tmp_path):
+    """An Arrow file of paths is no manifest kind: a refusal naming its columns and what to do,
+    not a manifest parser reading Arrow bytes as text."""
+    f = tmp_path / "paths.arrow"
+    table = pa.table({"path": ["a.jpg", "b.jpg"]})
+    with pa.OSFile(str(f), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    with pytest.raises(InputError, match=r"no image column in .*paths\.arrow .*columns: path; .*write it as Parquet or CSV"):
+        plan_inputs(str(f), use_ray=False)

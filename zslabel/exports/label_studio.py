@@ -83,8 +83,8 @@ NAME = "label-studio"
 LOCAL_FILES_URL = "/data/local-files/?d="
 # Written as they are: Label Studio resolves these through a cloud storage connection or loads them.
 REMOTE_PREFIXES = ("s3://", "gs://", "azure-blob://", "az://", "abfs://", "http://", "https://")
-# A row inside a container file: "<shard>.tar#member", "<file>.parquet#17".
-CONTAINER_MEMBER = re.compile(r"\.(tar|tgz|tar\.gz|parquet)#", re.IGNORECASE)
+# A row inside a container file: "<shard>.tar#member", "<file>.parquet#17", "<file>.arrow#17".
+CONTAINER_MEMBER = re.compile(r"\.(tar|tgz|tar\.gz|parquet|arrow)#", re.IGNORECASE)
 ORDERS = ("input", "uncertainty")
 DATA_PATH = "zslabel_path"          # task data key holding the row's path (read back by evaluate)
 DATA_INDEX = "zslabel_input_index"
@@ -310,7 +310,7 @@ def export_label_studio(source: str, output: str, *, image_root: str = "/", url_
     columns = [PATH, LABELS, SCORES, ERROR] + ([INPUT_INDEX] if run.has(INPUT_INDEX) else [])
     # Per kept row: sort key, tie-break (input_index), offset and length of its task in the spool.
     parts: list[np.ndarray] = []
-    left_out = {"error rows": 0, "in a tar or Parquet file (no URL)": 0, NOT_UTF8: 0, "beyond --limit": 0}
+    left_out = {"error rows": 0, "in a tar, Parquet or Arrow file (no URL)": 0, NOT_UTF8: 0, "beyond --limit": 0}
     not_utf8: list[str] = []
     source_rows = 0
     with tempfile.TemporaryFile(prefix="zslabel-ls-") as spool:
@@ -330,7 +330,7 @@ def export_label_studio(source: str, output: str, *, image_root: str = "/", url_
                     not_utf8 += [p] if len(not_utf8) < 3 else []
                     continue
                 if ref is None:
-                    left_out["in a tar or Parquet file (no URL)"] += 1
+                    left_out["in a tar, Parquet or Arrow file (no URL)"] += 1
                     continue
                 data = json.dumps(task(p, int(i), ref, labs or [], scs or [], config, run.run_id),
                                   ensure_ascii=False).encode("utf-8")

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import storage
 from ..decode import PreprocessSpec, decode_image
 from ..sources import FILE_INDEX_STRIDE, fetch_bytes
 from ..sources import parquet as parquet_source
@@ -155,11 +154,7 @@ class ImageReader:
         return found
 
     def _image_column(self, uri: str) -> str:
-        import pyarrow.parquet as pq
-
-        fs, path = storage.url_to_fs(uri, self.storage_options)
-        with fs.open(storage.open_path(fs, path), "rb") as fh:
-            schema = pq.read_schema(fh)
+        schema = parquet_source.file_schema(uri, self.storage_options)
         column = parquet_source.find_image_column(schema, self.image_column, uri)
         assert column is not None  # required=True (the default): raises instead of returning None
         return column

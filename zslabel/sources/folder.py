@@ -293,8 +293,6 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
 # Files that hold a list of images in a form no input kind reads, and how to convert them.
 _CONVERT_HINTS = {
     ".json": "a .json file in a folder is not read as a manifest: name the file itself as the input",
-    ".arrow": "Hugging Face save_to_disk files: write them as Parquet "
-              "(datasets.load_from_disk(DIR)['train'].to_parquet('train.parquet'))",
 }
 
 

@@ -61,7 +61,33 @@ EXTENSION_COLUMNS = tuple(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
 # (``img_bytes``, ``image_bytes``, ``jpeg_data``).
 IMAGE_NAME_HINTS = ("image", "img", "jpg", "jpeg", "png", "webp", "bytes")
 CARRIED = ("key", "url", "caption")
-SUFFIXES = PARQUET_SUFFIXES
+# Arrow IPC files, read as Parquet files are: Hugging Face ``datasets``' ``save_to_disk`` folders
+# (``data-00000-of-00001.arrow`` in the IPC stream format, beside ``dataset_info.json`` and
+# ``state.json``; one sub-folder per split) and its cache files; the IPC file format too.
+ARROW_SUFFIXES = (".arrow",)
+SUFFIXES = PARQUET_SUFFIXES + ARROW_SUFFIXES
+
+
+def is_arrow(uri: str) -> bool:
+    """Whether ``uri`` names an Arrow IPC file (``ARROW_SUFFIXES``), not a Parquet one."""
+    return strip_compression(storage.kind_name(uri).lower()).endswith(ARROW_SUFFIXES)
+
+
+def _open_ipc(f) -> pa.ipc.RecordBatchFileReader | pa.ipc.RecordBatchStreamReader:
+    """A reader of the Arrow IPC file ``f`` (binary, seekable): the file format (which starts with
+    ``ARROW1``) or the stream format (what ``datasets`` writes)."""
+    magic = f.read(6)
+    f.seek(0)
+    return pa.ipc.open_file(f) if magic == b"ARROW1" else pa.ipc.open_stream(f)
+
+
+def _ipc_batches(reader: pa.ipc.RecordBatchFileReader | pa.ipc.RecordBatchStreamReader
+                 ) -> Generator[pa.RecordBatch, None, None]:
+    if isinstance(reader, pa.ipc.RecordBatchFileReader):
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
+    else:
+        yield from reader
 
 
 def plan_parquet(uri: str, options: InputOptions) -> InputPlan:
@@ -155,6 +181,11 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan:
 def _plan_as_manifest(files: list[str], schemas: list[tuple[str, pa.Schema]], options: InputOptions) -> InputPlan:
     """Parquet files without images, planned as a manifest; its refusals say what else to do."""
     first, schema = schemas[0]
+    if any(is_arrow(f) for f in files):
+        raise InputError(f"no image column in {first} (binary, list<uint8> or struct<bytes, path>, named "
+                         f"{', '.join(IMAGE_COLUMN_CANDIDATES)} in any case); columns: {', '.join(schema.names)}; "
+                         "name one with --image-column (an Arrow file is read for its image bytes; for a list "
+                         "of image paths, write it as Parquet or CSV)")
     try:
         return plan_manifest(files[0], options) if len(files) == 1 else plan_manifest_files(files, options)
     except InputError as exc:
@@ -210,14 +241,25 @@ def _schemas(files: list[str], options: InputOptions) -> list[tuple[str, pa.Sche
 
 
 def _schema(uri: str, options: InputOptions) -> pa.Schema:
+    return file_schema(uri, options.storage_options, options.io)
+
+
+def file_schema(uri: str, storage_options: dict, io: io_policy.IOPolicy | None = None) -> pa.Schema:
+    """The Arrow schema of the Parquet or Arrow IPC file ``uri`` (its footer, or its stream's head).
+
+    Raises:
+        InputError: the file cannot be opened or holds no readable schema.
+    """
     import pyarrow.parquet as pq
 
-    fs, fs_path = storage.url_to_fs(uri, options.storage_options)
+    fs, fs_path = storage.url_to_fs(uri, storage_options)
+    arrow = is_arrow(uri)
     try:
         with storage.open_input(fs, fs_path, "rb") as f:
-            return pq.read_schema(f)
+            return _open_ipc(f).schema if arrow else pq.read_schema(f)
     except Exception as exc:
-        raise InputError(f"cannot read Parquet file {uri}: {io_policy.describe_error(exc, options.io)}") from exc
+        raise InputError(f"cannot read {'Arrow' if arrow else 'Parquet'} file {uri}: "
+                         f"{io_policy.describe_error(exc, io)}") from exc
 
 
 def _is_image_list(kind: pa.DataType) -> bool:
@@ -498,6 +540,9 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
     try:
         fs, fs_path = storage.url_to_fs(uri, storage_options)
         with storage.open_input(fs, fs_path, "rb", block_size=STREAM_BLOCK_SIZE) as f:
+            if is_arrow(uri):
+                yield from _read_ipc(f, uri, base, counts, image_column, carried, find_own_column)
+                return
             pf = pq.ParquetFile(f)
             own = _own_columns(pf.schema_arrow, uri, image_column, find_own_column)
             # url too when not carried: a row's path is its url wherever this file has one.
@@ -547,10 +592,44 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
                 row = group_end
                 counts["listed"] = row
     except Exception as exc:  # noqa: BLE001 - a bad file is one error row, not a failed job
-        logger.warning("cannot read Parquet %s: %s", uri, io_policy.describe_error(exc))
+        what = "arrow" if is_arrow(uri) else "parquet"
+        logger.warning("cannot read %s %s: %s", what.capitalize(), uri, io_policy.describe_error(exc))
+        row = max(row, counts.get("listed") or 0)  # an Arrow file's rows read before the failure
         counts["listed"] = row + 1
-        yield error_table([uri], [base + row], error_string(READ_ERROR, f"parquet {io_policy.describe_error(exc)}"),
+        yield error_table([uri], [base + row], error_string(READ_ERROR, f"{what} {io_policy.describe_error(exc)}"),
                           carried)
+
+
+def _read_ipc(f, uri: str, base: int, counts: dict, image_column: str, carried: list[str],
+              find_own_column: bool) -> Generator[pa.Table, None, None]:
+    """Stream one Arrow IPC file (open binary file ``f``) as :func:`read_parquet` streams a
+    Parquet file, by record batches cut to ``EMIT_ROWS``; fills ``counts["listed"]``.
+
+    An IPC stream has no footer giving its row count, so a batch that cannot be read raises
+    here and the rest of the file is one ``read_error`` row (:func:`read_parquet`'s rule for a
+    file whose rows are unknown); the rows read before it are kept."""
+    reader = _open_ipc(f)
+    own = _own_columns(reader.schema, uri, image_column, find_own_column)
+    columns = [*own, *[c for c in carried if c in reader.schema.names]]
+    if "url" in reader.schema.names and "url" not in columns:
+        columns.append("url")
+    row = 0
+    for batch in _ipc_batches(reader):
+        batch = batch.select(columns)
+        for start in range(0, batch.num_rows, EMIT_ROWS):
+            rb = batch.slice(start, EMIT_ROWS)
+            n = rb.num_rows
+            index = pa.array(range(base + row, base + row + n), pa.int64())
+            try:
+                table = _rows(rb, uri, row, index, own, carried)
+            except Exception as exc:  # noqa: BLE001 - a bug costs these rows, not the file
+                detail = internal_error_detail(f"{uri} rows {row}..{row + n - 1}", exc, logger)
+                table = error_table([f"{uri}#{i}" for i in range(row, row + n)], list(index.to_pylist()),
+                                    error_string(INTERNAL_ERROR, detail), carried)
+            row += n
+            counts["listed"] = row
+            yield table
+    counts["listed"] = row
 
 
 def _holds_no_bytes(kind: pa.DataType) -> bool:
@@ -584,6 +663,7 @@ def _own_columns(schema: pa.Schema, uri: str, image_column: str, find_own: bool)
 KIND = InputKind(
     name="parquet",
     summary="Parquet files of encoded image bytes (img2dataset: jpg + url/key/caption), a glob "
-            "or folder of them; one Ray task streams each file",
+            "or folder of them, or Arrow IPC files (Hugging Face save_to_disk folders); one Ray task "
+            "streams each file",
     detect=lambda uri, pattern: strip_compression(uri.rstrip("/").lower()).endswith(SUFFIXES),
     plan=plan_parquet, plan_files=plan_files, file_suffixes=SUFFIXES)
