@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from source_files import check_plan
 
-from zslabel.errors import error_code
+from zslabel.errors import InputError, error_code
 from zslabel.sources import SKIP_REASONS, plan_inputs
 from zslabel.sources.common import IMAGE_EXTENSIONS, is_hidden, new_counts
 from zslabel.sources.webdataset import SIDECARS, read_tar, split_key
@@ -447,6 +447,46 @@ def test_parquet_hf_structs_and_list_captions(cells):
                 assert row["path"] == (p if p.startswith("/") else str(Path(tmp) / p))
             else:
                 assert error_code(row["read_error"]) == "read_error"
+
+
+@QUICK
+@given(st.lists(st.one_of(st.none(), st.binary(min_size=1, max_size=8)), min_size=0, max_size=12),
+       st.integers(1, 5), st.booleans(), st.floats(0, 1), st.booleans())
+def test_an_arrow_stream_cut_anywhere_keeps_every_whole_batch(cells, batch_rows, file_format, cut, whole):
+    """An Arrow IPC file (stream or file format, as ``datasets``' ``save_to_disk`` and pyarrow
+    write them) of image structs, any batch size, cut at any byte or whole: every row of a
+    batch read before the cut is its row, in order, and whatever cannot be read is at most one
+    ``read_error`` row for the file; the counts match the rows."""
+    with tempfile.TemporaryDirectory() as tmp:
+        table = pa.table({"image": pa.array([None if b is None else {"bytes": b, "path": None} for b in cells],
+                                            IMAGE_STRUCT)})
+        f = Path(tmp) / "data-00000-of-00001.arrow"
+        with pa.OSFile(str(f), "wb") as sink, \
+                (pa.ipc.new_file if file_format else pa.ipc.new_stream)(sink, table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=batch_rows):
+                writer.write_batch(batch)
+        if not whole:
+            data = f.read_bytes()
+            f.write_bytes(data[:int(len(data) * cut)])
+        try:
+            plan = plan_inputs(str(f), use_ray=False)
+        except InputError as exc:  # cut inside its schema: nothing to read, the job is refused
+            assert not whole and "cannot read Arrow file" in str(exc)
+            return
+        rows = plan.read_locally()
+        check_plan(plan, rows)
+        assert [r["input_index"] for r in rows] == list(range(len(rows)))
+        good = [r for r in rows if r["path"] != str(f)]
+        assert [r["path"] for r in good] == [f"{f}#{i}" for i in range(len(good))]
+        for row, b in zip(good, cells):
+            assert (row["data"], error_code(row["read_error"]) if row["read_error"] else None) == (
+                (b, None) if b is not None else (None, "read_error"))
+        if whole:
+            assert len(rows) == len(cells)
+        else:
+            assert len(good) <= len(cells) and len(rows) - len(good) <= 1
+            if len(rows) > len(good):
+                assert error_code(rows[-1]["read_error"]) == "read_error"
 
 
 @st.composite
