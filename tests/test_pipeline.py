@@ -240,3 +240,41 @@ def test_output_dash_is_refused_not_made_a_folder(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="the output is a folder of Parquet files, not a stream"):
         JobConfig(input=str(tmp_path), output="-", labels=["a", "b"], model="m").validate()
     assert not (tmp_path / "-").exists()
+
+
+def test_weights_changed_during_a_run_are_refused_not_mixed(tiny_clip, ray_local, image_folder, tmp_path, capsys):
+    """New weights written into the checkpoint folder after the driver read it (its label
+    embeddings, digest and fingerprint are those of the first) and before the labeler actors
+    load it: the actors loaded the new ones, so the output mixed two models under one
+    manifest, exit 0. Now each actor checks the digest and the run exits 2 naming the change;
+    nothing is committed. Without the change, the same run labels every image."""
+    import shutil
+
+    from zslabel import pipeline
+    from zslabel.cli import main
+    from zslabel_dev.tiny import build_tiny_checkpoint
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_clip, checkpoint)
+    other = build_tiny_checkpoint(tmp_path / "other", "clip", seed=1)
+    args = ["label", str(image_folder), "--labels", "cat,dog", "--model", str(checkpoint), "--concurrency", "1", "-q"]
+    real_compose = pipeline.compose
+
+    def compose_after_a_push(*a, **kw):
+        for weights in other.glob("*.safetensors"):
+            shutil.copy(weights, checkpoint / weights.name)
+        return real_compose(*a, **kw)
+
+    pipeline.compose = compose_after_a_push
+    try:
+        assert main([*args, "--output", str(tmp_path / "mixed")]) == 2
+    finally:
+        pipeline.compose = real_compose
+    err = capsys.readouterr().err
+    # Ray Data logs each failed actor start (it replaces such actors 3 times) before it gives up;
+    # the run's last word is one line naming the change.
+    assert err.strip().splitlines()[-1].startswith(
+        f"zslabel: error: the checkpoint of --model {checkpoint} changed during the run: "), err[-3000:]
+    assert not (tmp_path / "mixed" / MANIFEST_NAME).exists()
+    assert main([*args, "--output", str(tmp_path / "whole")]) == 0  # the folder as it is now: one model
+    assert pq.read_table(str(tmp_path / "whole")).num_rows == 12

@@ -50,7 +50,7 @@ from .model_base import (
 log = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT_PATTERNS", "FAMILIES", "Family", "ZeroShotModel", "cache_root", "checkpoint_digest",
-           "family_of", "load_model", "resolve_checkpoint"]
+           "family_of", "labeler_checkpoint", "load_model", "resolve_checkpoint"]
 
 
 class Family(NamedTuple):
@@ -196,6 +196,37 @@ def resolve_checkpoint(model: str, revision: str | None = None,
             f"cannot download model {model!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
             "Pass a local checkpoint folder or an fsspec URI with --model, or check network/HF_HUB_OFFLINE."
         ) from exc
+
+
+def labeler_checkpoint(model: str, resolved: str, digest: str, revision: str | None = None,
+                       storage_options: dict | None = None) -> Path:
+    """The checkpoint folder a labeler actor loads: the run's own, checked by its digest.
+
+    Args:
+        model: the ``--model`` value. resolved: the folder the driver resolved it to
+            (``resolve_checkpoint``). digest: that folder's ``checkpoint_digest``, which the
+            run's label embeddings, fingerprint and manifest record.
+
+    ``resolved`` is used where this machine has it whole (the driver's node, a shared file
+    system); elsewhere ``model`` is resolved here (each node copies a remote folder once).
+
+    Raises:
+        ModelLoadError: as ``resolve_checkpoint``; or the weights found here are not those the
+            run started with (new weights pushed to the same URI or written into the same
+            folder, a hub branch that moved, during the run): one run labels with one model,
+            never a mix of two.
+    """
+    here = Path(resolved)
+    whole = (here.is_dir() and family_of(here) is not None
+             and (here.parent != cache_root() / "checkpoints" or (here / ".zslabel-complete").exists()))
+    path = here if whole else resolve_checkpoint(model, revision, storage_options)
+    found = checkpoint_digest(path)
+    if found != digest:
+        raise ModelLoadError(f"the checkpoint of --model {model} changed during the run: this labeler found "
+                             f"weights {found} in {path}, the run started with {digest} (its label embeddings, "
+                             "fingerprint and manifest are those of the first): one run labels with one model; "
+                             "rerun once the checkpoint stays put, or pin it (a versioned URI, --revision)")
+    return path
 
 
 def _looks_like_path(model: str) -> bool:

@@ -18,6 +18,7 @@ the stages with those values.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -33,7 +34,7 @@ from .cluster import (
     write_tasks,
 )
 from .config import JobConfig
-from .errors import OutputError
+from .errors import ModelLoadError, OutputError
 from .io_policy import IOPolicy
 from .output import output_schema
 from .progress import Progress
@@ -126,7 +127,7 @@ def compose(config: JobConfig, prepared: job.PreparedJob, plan, session, schema,
     spec = prepared.preprocess
     settings = LabelerSettings(
         model=prepared.options.model or "", revision=config.revision, storage_options=config.storage_options,
-        schema=schema, top_k=config.top_k, dtype=config.dtype,
+        schema=schema, top_k=config.top_k, checkpoint=prepared.checkpoint, digest=prepared.digest, dtype=config.dtype,
         num_threads=max(1, int(config.num_cpus_per_actor)), store_embeddings=config.store_embeddings,
         spec_overrides=spec_overrides, ranking=prepared.rule, calibration=prepared.calibration,
         hierarchy=prepared.hierarchy, head=prepared.head)
@@ -176,6 +177,22 @@ def compose(config: JobConfig, prepared: job.PreparedJob, plan, session, schema,
                           num_cpus=WRITE_CPUS_PER_TASK, compute=ray.data.TaskPoolStrategy(size=writers))
 
 
+def _labeler_start_error(exc: BaseException) -> ModelLoadError | None:
+    """The ``ModelLoadError`` a labeler actor raised while starting, from the error Ray Data hands
+    the driver for it (an ``ActorDiedError`` that keeps only the actor's traceback as text), or
+    None for any other error."""
+    import ray.exceptions
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ray.exceptions.RayActorError) and seen.actor_init_failed:
+            found = re.search(r"zslabel\.errors\.ModelLoadError: ([^\n\x1b]+)", seen.error_msg)
+            if found:
+                return ModelLoadError(found.group(1).strip())
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def consume(ds, config: JobConfig, plan, session, timings: dict[str, Any], progress: bool) -> list[dict]:
     """Run ``ds`` (the pipeline ending in ``write_block``) to the end, showing images done out of
     those this run will write (planned inputs minus those committed earlier; unknown for tars
@@ -188,6 +205,8 @@ def consume(ds, config: JobConfig, plan, session, timings: dict[str, Any], progr
         OutputError: a write task could not write the output (a full disk, a quota, a read-only
             folder: the ``failure`` of its row, ``store.files.write_block``); the files committed
             so far are kept for ``--resume``.
+        ModelLoadError: a labeler actor could not load the run's model (its checkpoint changed
+            during the run, a GPU torch cannot use, a folder missing on its node).
     """
     t_run, t_run_epoch = time.perf_counter(), time.time()
     total = None
@@ -195,11 +214,17 @@ def consume(ds, config: JobConfig, plan, session, timings: dict[str, Any], progr
         total = max(0, plan.listed - plan.skipped - plan.duplicates_removed - len(session.done))
     written = []
     with Progress(total, enabled=progress) as shown:
-        for row in ds.iter_rows():
-            if row["failure"] is not None:
-                raise OutputError(row["failure"])  # the CLI's one line and exit 2, not Ray's traceback
-            written.append(row)
-            shown.update(row["rows"], row["errors"])
+        try:
+            for row in ds.iter_rows():
+                if row["failure"] is not None:
+                    raise OutputError(row["failure"])  # the CLI's one line and exit 2, not Ray's traceback
+                written.append(row)
+                shown.update(row["rows"], row["errors"])
+        except Exception as exc:
+            refused = _labeler_start_error(exc)
+            if refused is None:
+                raise
+            raise refused from exc
     plan.finalize()  # tars / Parquet inputs: listed and skipped counts are known only now
     plan.check_has_inputs(config.input)  # e.g. tars of sidecars only: exit 2, never an empty success
     timings["labeling_s"] = time.perf_counter() - t_run

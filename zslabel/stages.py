@@ -179,6 +179,10 @@ class LabelerSettings:
     storage_options: dict[str, Any]
     schema: pa.Schema
     top_k: int
+    # The driver's resolved checkpoint folder and its digest: each actor loads those weights or
+    # refuses (``model.labeler_checkpoint``).
+    checkpoint: str = ""
+    digest: str = ""
     dtype: str = "auto"
     num_threads: int = 1
     store_embeddings: bool = False
@@ -213,7 +217,7 @@ class Labeler:
         import torch
 
         from .errors import ModelLoadError
-        from .model import load_model, resolve_checkpoint
+        from .model import labeler_checkpoint, load_model, resolve_checkpoint
 
         self.settings = settings
         gpu_ids = ray.get_gpu_ids()
@@ -229,7 +233,11 @@ class Labeler:
                  "float16": torch.float16, "bfloat16": torch.bfloat16}[settings.dtype]
         if not use_cuda:
             torch.set_num_threads(actor_threads(settings.num_threads))
-        path = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
+        if settings.digest:
+            path = labeler_checkpoint(settings.model, settings.checkpoint, settings.digest, settings.revision,
+                                      settings.storage_options)
+        else:
+            path = resolve_checkpoint(settings.model, settings.revision, settings.storage_options)
         self.model = load_model(path, device=device, dtype=dtype, **settings.spec_overrides)
         self.classifier = ZeroShotClassifier(
             label_embeddings=torch.from_numpy(np.array(ray.get(label_refs[0]))).to(device),
