@@ -1,5 +1,7 @@
 """Label sets, prompt ensembling, score maths and config validation (no Ray)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,18 @@ from zslabel.ranking import ensemble, scores_from_logits, top_k, zero_shot_logit
 def test_template_needs_exactly_one_empty_field(template):
     with pytest.raises(ConfigError):
         validate_template(template)
+
+
+@pytest.mark.parametrize("template, shown", [("a photo of {:>10}", "{:>10}"), ("a photo of {!r}", "{!r}"),
+                                             ("a photo of a {!s:.2}.", "{!s:.2}")])
+def test_a_template_field_with_a_conversion_or_format_spec_is_refused(template, shown):
+    """``{:.2}`` cut every label to two characters (cat and car became one prompt, refused with a
+    word on a missing tokenizer), ``{!r}`` quoted it, ``{:>10}`` padded it: all passed the
+    "exactly one empty field" check and changed every prompt silently."""
+    with pytest.raises(ConfigError, match=re.escape(f"(found: {shown})")):
+        validate_template(template)
+    validate_template("a photo of a {}.")  # the plain field, and doubled braces, still pass
+    validate_template("{{tag}} {}")
 
 
 def test_label_validation_messages():

@@ -79,9 +79,12 @@ def validate_labels(names: list[str]) -> None:
 
 
 def validate_template(template: str) -> None:
-    """Raise ConfigError unless ``template`` has exactly one empty ``{}`` field."""
+    """Raise ConfigError unless ``template`` has exactly one empty ``{}`` field: no name, no
+    conversion (``{!r}`` quotes the label), no format spec (``{:.2}`` cuts it, and two labels
+    cut alike become one prompt), as the label is put in by ``str.format``."""
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        fields = [f + ("" if conv is None else "!" + conv) + (":" + spec if spec else "")
+                  for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
         raise ConfigError(f"template {template!r} is not a valid format string: {exc}") from exc
     if fields != [""]:
