@@ -53,6 +53,22 @@ def test_templates_and_yaml_config_with_bom_and_crlf(tmp_path):
     assert cfg.top_k == 3 and cfg.labels == ["cat", "dog"]
 
 
+def test_a_key_given_twice_in_a_yaml_config_is_refused_in_one_line(tmp_path):
+    """PyYAML keeps the last of two equal keys (yaml/pyyaml#165): ``top_k: 1`` then ``top_k: 2``
+    ran with 2 and said nothing. Now one line naming the key and its line; nested mappings
+    (storage options) too; a key repeated in two different mappings is fine."""
+    from zslabel.config import parse_storage_options
+
+    y = tmp_path / "job.yaml"
+    y.write_text("labels: [cat, dog]\ntop_k: 1\ntop_k: 2\n")
+    with pytest.raises(ConfigError, match=r"^cannot read config .*job\.yaml: found the key 'top_k' twice "
+                                          r"\(line 3, column 1\)$"):
+        JobConfig.from_yaml(str(y))
+    with pytest.raises(ConfigError, match=r"found the key 'key' twice"):
+        parse_storage_options("client_kwargs: {endpoint_url: x}\nkey: a\nkey: b\n")
+    assert parse_storage_options("a: {key: 1}\nb: {key: 2}\n") == {"a": {"key": 1}, "b": {"key": 2}}
+
+
 def test_cli_refuses_cp1252_labels_file_with_exit_2(tmp_path):
     f = tmp_path / "labels.txt"
     f.write_bytes("café au lait\n".encode("cp1252"))

@@ -20,7 +20,7 @@ from .io_policy import DEFAULT_IO_RETRIES, DEFAULT_IO_TIMEOUT, IOPolicy
 from .labels import TEMPLATE_SETS, local_file_wins
 from .options import DEFAULT_MODEL, OUTPUT_MODES, LabelingOptions, check_input_exists  # noqa: F401 - re-exported
 from .sources import INPUT_FORMATS  # noqa: F401 - re-exported; the registry is the only list
-from .textfiles import read_lines, read_text
+from .textfiles import load_yaml, read_lines, read_text
 
 # The longest time limit taken (a day): larger ones overflow the clocks of thread joins and
 # future waits (OverflowError: every row failed), and mean "no limit" anyway (--decode-timeout 0).
@@ -191,7 +191,7 @@ def parse_storage_options(text: str) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError:
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text)
         except yaml.YAMLError as exc:
             where = getattr(exc, "problem_mark", None)
             at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""

@@ -27,7 +27,7 @@ from .calibration import load_calibration
 from .errors import ConfigError, InputError
 from .hierarchy import check_options as check_hierarchy_options
 from .labels import DEFAULT_TEMPLATE, merge_labels_file, parse_label_list, validate_prompts
-from .textfiles import read_text
+from .textfiles import load_yaml, read_text
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,11 @@ class LabelingOptions:
 
         text = read_text(path, what="config")
         try:
-            data = yaml.safe_load(text) or {}
+            data = load_yaml(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+            where = getattr(exc, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            raise ConfigError(f"cannot read config {path}: {getattr(exc, 'problem', None) or exc}{at}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a mapping of keys to values")
         return cls.from_dict(data)

@@ -106,3 +106,28 @@ def read_lines(text: str) -> list[str]:
     """The labels (or templates) of a labels or templates file: its lines, stripped, without
     blank and comment lines (:func:`is_comment`); the same rules as a ``.txt`` manifest's."""
     return [ln for ln in (line.strip() for line in LINE_END.split(text)) if ln and not is_comment(ln)]
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)``, except that a key given twice in one mapping is an error: PyYAML
+    keeps the last silently (yaml/pyyaml#165), so ``top_k: 1`` then ``top_k: 2`` ran with 2
+    and nothing said so. YAML 1.2 requires mapping keys to be unique.
+
+    Raises:
+        yaml.YAMLError: invalid YAML, or a repeated key (a ``ConstructorError`` naming its line).
+    """
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: set = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark, f"found the key {key!r} twice",
+                        key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
