@@ -197,6 +197,14 @@ def _report_cases(put) -> None:
     # libpng drops an ancillary chunk with a bad CRC with a warning; Pillow refuses the file
     put("reports/text_bad_crc.png", _png_insert(png, _png_chunk(b"tEXt", b"Title\0hello", crc=1)), "ok",
         same_as="reports/base.png")
+    # Pillow #7796, #8877: a palette PNG without its PLTE chunk (bare, and as an ICO's image) opens
+    # as mode P with no palette; its transparency check asserted (an internal_error row)
+    pal = _enc(base.convert("P"))
+    at = pal.find(b"PLTE")
+    no_plte = pal[:at - 4] + pal[at + 8 + struct.unpack(">I", pal[at - 4:at])[0]:]
+    put("reports/palette_without_plte.png", no_plte, "unidentified_image")
+    ico = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 96 % 256, 72, 0, 0, 1, 32, len(no_plte), 22) + no_plte
+    put("reports/palette_without_plte.ico", ico, "unidentified_image")
     # damaged critical chunks stay errors after the retry: IHDR CRC, corrupt IDAT stream
     bad = bytearray(png)
     bad[29] ^= 0xFF

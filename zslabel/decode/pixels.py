@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .spec import PreprocessSpec
+from ..errors import UNIDENTIFIED_IMAGE
+from .spec import PreprocessSpec, _DecodeFailure
 
 
 def _orientation(im: Image.Image) -> int:
@@ -142,6 +143,12 @@ def _to_rgb(im: Image.Image, background: tuple[int, int, int], fmt: str | None =
         return gray
     if mode == "La":
         im = im.convert("LA")  # Pillow converts premultiplied La only to LA
+    if mode == "P" and im.palette is None:
+        # A palette image without its palette (a PNG without PLTE: libpng refuses it, "Missing
+        # PLTE before IDAT"): its colours are unknown, and Pillow's transparency check asserts
+        # (Pillow#7796); the reference mode's convert("RGB") makes it black.
+        raise _DecodeFailure(UNIDENTIFIED_IMAGE, "a palette image without its palette (a PNG without a PLTE "
+                                                 "chunk): its colours are unknown")
     if im.has_transparency_data:
         return _composite(im, background)
     if mode in ("RGB", "L"):
