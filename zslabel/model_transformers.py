@@ -46,6 +46,7 @@ class TransformersModel(ZeroShotModel):
             raise ModelLoadError(f"cannot load checkpoint at {self.path}: {type(exc).__name__}: {exc}") from exc
         if not (hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")):
             raise ModelLoadError(f"{self.path} ({type(self.model).__name__}) is not a CLIP-family dual encoder")
+        _check_tokenizer(self.tokenizer, self.model.config, self.path)
         self.device = torch.device(device)
         self.dtype = dtype
         self.model_type: str = self.model.config.model_type
@@ -88,3 +89,25 @@ class TransformersModel(ZeroShotModel):
     def _image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         feats = self.model.get_image_features(pixel_values=pixel_values)
         return getattr(feats, "pooler_output", feats)
+
+
+def _check_tokenizer(tokenizer, config, path: Path) -> None:
+    """Refuse a tokenizer far smaller than the text tower's vocabulary.
+
+    Without its tokenizer files a folder still loads: transformers builds a stand-in tokenizer
+    of a few special tokens (huggingface/transformers#45538), every prompt becomes the same
+    unknown tokens and every image gets equal scores for all labels, exit 0. Half the text
+    tower's ``vocab_size`` is the bound: real tokenizers fill it (CLIP 49,408 of 49,408; some
+    checkpoints pad the embedding a little beyond the tokenizer).
+
+    Raises:
+        ModelLoadError: naming both sizes and the files a tokenizer is read from.
+    """
+    text_cfg = getattr(config, "text_config", config)
+    vocab = getattr(text_cfg, "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) * 2 < vocab:
+        raise ModelLoadError(
+            f"the tokenizer of {path} knows {len(tokenizer)} tokens, its text tower {vocab}: its tokenizer files "
+            "are missing or wrong (without them transformers makes a stand-in that reads every label alike); copy "
+            "tokenizer.json and tokenizer_config.json (or vocab.json and merges.txt, or spiece.model) from the "
+            "original checkpoint")
