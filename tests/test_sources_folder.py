@@ -282,3 +282,31 @@ def test_a_folder_of_a_json_array_says_to_name_the_file(tmp_path):
     with pytest.raises(InputError, match=re.escape("name the file itself as the input")):
         plan_inputs(str(tmp_path / "d"), use_ray=False)
     assert plan_inputs(str(tmp_path / "d" / "list.json"), use_ray=False).listed == 1
+
+
+def test_a_glob_or_folder_inside_a_zip_chain_gives_rows_that_read_their_image(tmp_path, monkeypatch):
+    """fsspec chains (``zip://*.jpg::imgs.zip``): each row keeps the archive after ``::``, made
+    absolute (read tasks do not run in this folder); it was ``zip://a.jpg``, read as the working
+    folder (IsADirectoryError on every row, exit 0)."""
+    import zipfile
+
+    images = {"a.jpg": jpeg(1), "b.jpg": jpeg(2), "sub/c.jpg": jpeg(3)}
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as z:
+        for name, data in images.items():
+            z.writestr(name, data)
+        z.writestr("notes.txt", b"skip me")
+    monkeypatch.chdir(tmp_path)
+    archive = str(tmp_path / "imgs.zip")
+    for uri, names, kind in [("zip://*.jpg::imgs.zip", ["a.jpg", "b.jpg"], "glob"),
+                             (f"zip://**::{archive}", ["a.jpg", "b.jpg", "sub/c.jpg"], "glob"),
+                             (f"zip://*/::{archive}", ["sub/c.jpg"], "glob"),
+                             (f"zip://::{archive}", ["a.jpg", "b.jpg", "sub/c.jpg"], "folder")]:
+        plan = plan_inputs(uri)
+        paths = plan.planned_paths.to_pylist()
+        assert plan.kind == kind and paths == [f"zip://{n}::{archive}" for n in names], uri
+        assert [fetch_bytes(p) for p in paths] == [(images[n], None) for n in names], uri
+    # A pattern after "::" is opened as a name by fsspec: refused, saying where it goes.
+    with pytest.raises(InputError, match=r"pattern after '::' is not expanded.*zip://\*\.jpg::ARCHIVE"):
+        plan_inputs(f"zip://*.jpg::{tmp_path}/*.zip")
+    with pytest.raises(InputError, match="cannot open .*FileNotFoundError"):
+        plan_inputs(f"zip://*.jpg::{tmp_path}/missing.zip")

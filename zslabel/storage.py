@@ -241,18 +241,50 @@ def canonical_location(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return posixpath.normpath(path) if path.strip("/") else path
 
 
+def chain_parts(uri: str) -> tuple[str, str]:
+    """``(link, tail)`` of a ``::`` chain: the link whose filesystem holds the path, and the
+    ``::``-joined links after it (``""`` for none), as fsspec reads a chain (a cache such as
+    ``simplecache`` with no path of its own takes its target's; an archive such as ``zip`` or
+    ``tar`` holds the path and reads the file the rest of the chain names). A local archive in
+    the tail is made absolute: rows are read by Ray workers, whose working folder is not the
+    driver's. ``(uri, "")`` for a URI without ``::``."""
+    from fsspec.implementations.chained import ChainedFileSystem
+
+    known = set(fsspec.available_protocols())
+    links = uri.split("::")
+    for i, link in enumerate(links[:-1]):
+        if link in known:  # "simplecache::s3://..." as fsspec reads it: "simplecache://"
+            link += "://"
+        proto = fsspec.core.split_protocol(link)[0] or "file"
+        try:
+            cls = fsspec.get_filesystem_class(proto)
+        except (ValueError, ImportError):  # url_to_fs has already refused such a chain
+            cls = None
+        if cls is not None and issubclass(cls, ChainedFileSystem) and not cls._strip_protocol(link):
+            continue
+        tail = [os.path.abspath(t) if "://" not in t and t not in known else t for t in links[i + 1:]]
+        return link, "::".join(tail)
+    return links[-1], ""
+
+
 def uri_maker(uri: str, fs: fsspec.AbstractFileSystem) -> Callable[[str], str]:
     """A function turning a path of ``fs`` (as ``fs.find``/``fs.glob`` return it) into a full URI.
 
-    Local files stay plain paths; other filesystems get the protocol the user wrote (the last
-    link of a ``::`` chain, since that is where the path lives). HTTP(S) paths are full URLs
-    already and are kept as they are. Undecodable name bytes become ``%XX`` (:func:`display_name`).
+    Local files stay plain paths; other filesystems get the protocol the user wrote. In a
+    ``::`` chain that is the protocol of the link holding the path (:func:`chain_parts`), and
+    the links after it stay: ``zip://*.jpg::/d/imgs.zip`` lists ``a.jpg``, read back as
+    ``zip://a.jpg::/d/imgs.zip`` (without its tail, ``zip://a.jpg`` opened the working folder
+    as the archive); a cache in front (``simplecache::s3://...``) is dropped, each image being
+    read once. HTTP(S) paths are full URLs already and are kept as they are. Undecodable name
+    bytes become ``%XX`` (:func:`display_name`).
     """
     if is_local(fs):
         return display_name
-    proto = fsspec.core.split_protocol(uri.split("::")[-1])[0] or protocols(fs)[0]
+    link, tail = chain_parts(uri)
+    proto = fsspec.core.split_protocol(link)[0] or protocols(fs)[0]
     prefix = f"{proto}://"
-    return lambda p: display_name(p if "://" in p else prefix + p)
+    suffix = f"::{tail}" if tail else ""
+    return lambda p: display_name(p if "://" in p else prefix + p) + suffix
 
 
 def name_part(path: str, fs: fsspec.AbstractFileSystem) -> str:

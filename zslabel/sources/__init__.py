@@ -60,6 +60,29 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan | None:
     return None
 
 
+def _check_chain(uri: str, storage_options: dict | None, io: io_policy.IOPolicy) -> None:
+    """Refuse a ``::`` chain (``zip://*.jpg::/d/imgs.zip``) whose archive cannot be opened, in
+    one line: fsspec opens it with the filesystem, so a missing or damaged archive, or an
+    HTTP server without range requests, was a traceback from wherever the chain was first used.
+
+    Raises:
+        InputError: a pattern after the link holding the path (fsspec opens that name as
+            written: it never matches), or the archive cannot be opened.
+    """
+    link, tail = storage.chain_parts(uri)
+    if tail and storage.has_glob(tail):
+        raise InputError(f"cannot read {uri}: a pattern after '::' is not expanded; name one archive "
+                         f"per run and put the pattern before it ({link}::ARCHIVE)")
+    try:
+        storage.url_to_fs(uri, storage_options, io=io)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - each archive type and backend fails its own way
+        hint = (f"; fetch the archive whole with a cache link: {link}::simplecache::{tail}"
+                if "range requests" in str(exc) else "")
+        raise InputError(f"cannot open {uri}: {' '.join(io_policy.describe_error(exc, io).split())}{hint}") from exc
+
+
 def _locate(uri: str, input_format: str, storage_options: dict | None, io: io_policy.IOPolicy) -> tuple[str, str]:
     """The input's one spelling and the kind that reads it (``input_format``, or detected)."""
     # A local file: URI (RFC 8089) names a percent-decoded path; fsspec would keep the escapes.
@@ -69,6 +92,8 @@ def _locate(uri: str, input_format: str, storage_options: dict | None, io: io_po
     if storage.has_glob(uri) and uri.endswith("/") and not spelled.endswith("/"):
         spelled += "/"  # a pattern ending in "/" names folders (folder.plan_listing): keep it
     uri = spelled
+    if "::" in uri:
+        _check_chain(uri, storage_options, io)
     if input_format != "auto":
         return uri, input_format
     # The kind that reads it, from its name (and, for glob characters, whether that name exists:
