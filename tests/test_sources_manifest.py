@@ -18,6 +18,7 @@ from source_files import jpeg, list_requests, rows_of, write
 
 from zslabel import cli, config
 from zslabel.errors import ConfigError, InputError
+from zslabel.labels import merge_labels_file
 from zslabel.sources import INPUT_FORMATS, KINDS, blocks, detect_kind, fetch_bytes, plan_inputs
 from zslabel.textfiles import TextDecodeError
 
@@ -394,3 +395,35 @@ def test_a_csv_or_tsv_without_a_header_keeps_its_first_entry(tmp_path, caplog):
         headed = write(tmp_path / "headed.csv", text)
         assert planned(headed, path_column=text.split(b",")[0].decode()).planned_paths.to_pylist() == [
             str(tmp_path / "x.jpg")]
+
+
+def zstd_frame(data: bytes) -> bytes:
+    """A real Zstandard frame (RFC 8878) holding ``data`` as one raw block, written by hand:
+    no zstd codec is a dependency. Single-segment header, 2-byte content size (256 + n)."""
+    assert 256 <= len(data) < 256 + 65536
+    header = b"\x28\xb5\x2f\xfd" + bytes([0x60]) + (len(data) - 256).to_bytes(2, "little")
+    return header + ((len(data) << 3) | 1).to_bytes(3, "little") + data
+
+
+@pytest.mark.parametrize("name", ["list.txt.zst", "list.jsonl.zst", "labels.txt.zst"])
+def test_a_zstd_file_is_decompressed_or_refused_naming_the_package(tmp_path, name):
+    """``.zst`` is a manifest suffix, but fsspec knows zstd only when a codec imports; without
+    one the compressed bytes were read as text ("not valid UTF-8 ... iconv")."""
+    from fsspec.utils import infer_compression
+
+    images = [str(write(tmp_path / f"img{i:03d}.jpg", jpeg(i))) for i in range(12)]
+    body = "\n".join(json.dumps({"path": p}) if ".jsonl" in name else p for p in images) + "\n"
+    path = write(tmp_path / name, zstd_frame(body.encode()))
+    codec = infer_compression(name) == "zstd"
+    if name.startswith("labels"):
+        if codec:
+            assert merge_labels_file([], str(path)) == images
+        else:
+            with pytest.raises(ConfigError, match=r"zstd-compressed .*pip install zstandard"):
+                merge_labels_file([], str(path))
+        return
+    if codec:
+        assert plan_inputs(str(path)).planned_paths.to_pylist() == images
+    else:
+        with pytest.raises(InputError, match=r"^cannot read .*zstd-compressed \(\.zst\).*pip install zstandard"):
+            plan_inputs(str(path))

@@ -295,12 +295,30 @@ def name_part(path: str, fs: fsspec.AbstractFileSystem) -> str:
     return path
 
 
-def compression_of(path: str) -> str | None:
+# Compressions whose codec fsspec registers only when a package imports (gzip, bz2 and xz are
+# in the standard library): without it, fsspec infers no compression and the compressed bytes
+# were read as the text itself ("not valid UTF-8 ... iconv").
+_OPTIONAL_CODECS = {".zst": ("zstd", "zstandard"), ".lz4": ("lz4", "lz4")}
+
+
+def compression_of(path: str, error: type[ZslabelError] = InputError) -> str | None:
     """fsspec's compression name for a file, from its :func:`kind_name` (``list.csv.gz?sig=..``
-    is gzip), None for none."""
+    is gzip), None for none.
+
+    Raises:
+        ``error``: the name ends in a compression suffix whose codec is not installed
+            (``.zst`` without ``zstandard``); the message names the package.
+    """
     from fsspec.utils import infer_compression
 
-    return infer_compression(kind_name(path))
+    name = kind_name(path)
+    found = infer_compression(name)
+    suffix = os.path.splitext(name)[1].lower()
+    if found is None and suffix in _OPTIONAL_CODECS:
+        codec, package = _OPTIONAL_CODECS[suffix]
+        raise error(f"cannot read {path}: it is {codec}-compressed ({suffix}) and no {codec} decompressor is "
+                    f"installed: pip install {package}, or decompress the file first")
+    return found
 
 
 def literal_brackets(fs: fsspec.AbstractFileSystem, pattern: str) -> str:

@@ -84,7 +84,9 @@ def read_text(uri: str, storage_options: dict[str, Any] | None = None, *, what: 
             with open(uri, "rb") as fh:
                 data = fh.read()
         else:
-            with fsspec.open(uri, "rb", compression="infer", **(storage_options or {})) as fh:
+            from .storage import compression_of  # storage imports nothing of this module's users
+
+            with fsspec.open(uri, "rb", compression=compression_of(uri, error), **(storage_options or {})) as fh:
                 data = fh.read()
     except (OSError, ValueError) as exc:
         raise error(f"cannot read {what} {uri}: {exc}") from exc
