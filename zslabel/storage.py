@@ -270,13 +270,10 @@ def chain_parts(uri: str) -> tuple[str, str]:
 def uri_maker(uri: str, fs: fsspec.AbstractFileSystem) -> Callable[[str], str]:
     """A function turning a path of ``fs`` (as ``fs.find``/``fs.glob`` return it) into a full URI.
 
-    Local files stay plain paths; other filesystems get the protocol the user wrote. In a
-    ``::`` chain that is the protocol of the link holding the path (:func:`chain_parts`), and
-    the links after it stay: ``zip://*.jpg::/d/imgs.zip`` lists ``a.jpg``, read back as
-    ``zip://a.jpg::/d/imgs.zip`` (without its tail, ``zip://a.jpg`` opened the working folder
-    as the archive); a cache in front (``simplecache::s3://...``) is dropped, each image being
-    read once. HTTP(S) paths are full URLs already and are kept as they are. Undecodable name
-    bytes become ``%XX`` (:func:`display_name`).
+    Local files stay plain paths; other filesystems get the protocol the user wrote: in a ``::``
+    chain the link holding the path's (:func:`chain_parts`), the links after it kept
+    (``zip://a.jpg::/d/imgs.zip``; a cache in front, ``simplecache::``, dropped). HTTP(S) paths
+    are full URLs already. Undecodable name bytes become ``%XX`` (:func:`display_name`).
     """
     if is_local(fs):
         return display_name
@@ -295,9 +292,8 @@ def name_part(path: str, fs: fsspec.AbstractFileSystem) -> str:
     return path
 
 
-# Compressions whose codec fsspec registers only when a package imports (gzip, bz2 and xz are
-# in the standard library): without it, fsspec infers no compression and the compressed bytes
-# were read as the text itself ("not valid UTF-8 ... iconv").
+# Codecs fsspec registers only when a package imports: without one it infers no compression, and
+# the compressed bytes were read as the text itself ("not valid UTF-8 ... iconv").
 _OPTIONAL_CODECS = {".zst": ("zstd", "zstandard"), ".lz4": ("lz4", "lz4")}
 
 
@@ -306,8 +302,7 @@ def compression_of(path: str, error: type[ZslabelError] = InputError) -> str | N
     is gzip), None for none.
 
     Raises:
-        ``error``: the name ends in a compression suffix whose codec is not installed
-            (``.zst`` without ``zstandard``); the message names the package.
+        ``error``: a compression whose codec is not installed (``.zst`` without ``zstandard``).
     """
     from fsspec.utils import infer_compression
 
