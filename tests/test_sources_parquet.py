@@ -444,3 +444,52 @@ def test_an_arrow_file_without_image_column_is_refused_in_one_line(tmp_path):
         writer.write_table(table)
     with pytest.raises(InputError, match=r"no image column in .*paths\.arrow .*columns: path; .*write it as Parquet or CSV"):
         plan_inputs(str(f), use_ray=False)
+
+
+def test_a_parquet_file_served_gzip_encoded_says_why_it_cannot_be_read(tmp_path):
+    """A server that sends a Parquet file with ``Content-Encoding: gzip`` (nginx ``gzip_types``
+    set too widely): fsspec can only stream it (fsspec/filesystem_spec#1319) and Parquet needs
+    seeks. The refusal said "ValueError: Cannot seek streaming HTTP file" and nothing more; it
+    now says why and what to do. The same file served as is reads."""
+    import gzip
+    import http.server
+    import io
+    import threading
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"jpg": [jpeg(1), jpeg(2)]}), buf)
+    body = buf.getvalue()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self, head: bool):
+            data = gzip.compress(body) if self.path.startswith("/enc") else body
+            self.send_response(200)
+            if self.path.startswith("/enc"):
+                self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(data)
+
+        def do_GET(self):
+            self._answer(False)
+
+        def do_HEAD(self):
+            self._answer(True)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        rows = plan_inputs(f"{base}/plain.parquet", use_ray=False).read_locally()
+        assert [r["data"] for r in rows] == [jpeg(1), jpeg(2)]
+        with pytest.raises(InputError, match=r"cannot read Parquet file .*/enc\.parquet: ValueError: Cannot seek "
+                                             r"streaming HTTP file \(the server sends this file compressed "
+                                             r"\(Content-Encoding\) or without its size"):
+            plan_inputs(f"{base}/enc.parquet", use_ray=False)
+    finally:
+        server.shutdown()
+        server.server_close()

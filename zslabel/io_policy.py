@@ -143,7 +143,17 @@ def describe_error(exc: BaseException, io: IOPolicy | None = None) -> str:
     the user knows which setting bounded the wait."""
     timeout = timeout_cause(exc)
     if timeout is None:
-        return f"{type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}: {exc}{_hint(exc)}"
     limit = f"--io-timeout {io.timeout:g} s" if io is not None else "--io-timeout"
     text = str(timeout) or "timed out"
     return f"{type(timeout).__name__}: {text} (no answer within {limit})"
+
+
+def _hint(exc: BaseException) -> str:
+    """What to do about a storage error whose message alone does not say (``""`` for others)."""
+    if isinstance(exc, ValueError) and "Cannot seek streaming HTTP file" in str(exc):
+        # fsspec reads an HTTP file by ranges only when the server gives its size and no
+        # Content-Encoding (fsspec/filesystem_spec#1319): Parquet and Arrow files need seeks.
+        return (" (the server sends this file compressed (Content-Encoding) or without its size, so it "
+                "cannot be read by ranges: serve it as is, or download it and read the copy)")
+    return ""
