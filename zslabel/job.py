@@ -253,8 +253,8 @@ def load(checked: CheckedJob, *, device: str = "cpu", spec_overrides: dict[str, 
     # The text tower in float32 (the label embeddings are the classifier's weights), batched;
     # its result is cached on disk (labels.build_label_set).
     text_model = load_model(path, device=device, **(spec_overrides or {}))
-    rule.check_score_kind(text_model.score_kind, model)  # before any image is read
     label_set = build_label_set(list(options.labels), list(options.templates), text_model, digest=digest)
+    rule.check_score_kind(text_model.score_kind, model)  # before any image is read
     job = PreparedJob(options, rule, store, started, {}, stamps, str(path), digest, label_set, text_model.score_kind,
                       text_model.model_type, text_model.logit_scale, text_model.logit_bias, text_model.preprocess,
                       text_model.library, text_model.architecture)

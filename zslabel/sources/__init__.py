@@ -15,7 +15,7 @@ import time
 from .. import fetch, io_policy, storage
 from ..errors import READ_ERROR, InputError, ZslabelError, error_string
 from ..storage import expand_braces
-from . import folder, jsonl, manifest, parquet, webdataset
+from . import folder, jsonl, location, manifest, parquet, webdataset
 from .common import FILE_INDEX_STRIDE, IMAGE_EXTENSIONS, SKIP_REASONS, InputKind, InputOptions, InputPlan
 
 logger = logging.getLogger(__name__)
@@ -60,51 +60,18 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan | None:
     return None
 
 
-def _check_chain(uri: str, storage_options: dict | None, io: io_policy.IOPolicy) -> None:
-    """Refuse a ``::`` chain (``zip://*.jpg::/d/imgs.zip``) whose archive cannot be opened, in
-    one line: fsspec opens it with the filesystem, so a missing or damaged archive, or an
-    HTTP server without range requests, was a traceback from wherever the chain was first used.
-
-    Raises:
-        InputError: a pattern after the link holding the path (fsspec opens that name as
-            written: it never matches), or the archive cannot be opened.
-    """
-    link, tail = storage.chain_parts(uri)
-    if tail and storage.has_glob(tail):
-        raise InputError(f"cannot read {uri}: a pattern after '::' is not expanded; name one archive "
-                         f"per run and put the pattern before it ({link}::ARCHIVE)")
-    try:
-        storage.url_to_fs(uri, storage_options, io=io)
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - each archive type and backend fails its own way
-        hint = (f"; fetch the archive whole with a cache link: {link}::simplecache::{tail}"
-                if "range requests" in str(exc) else "")
-        raise InputError(f"cannot open {uri}: {' '.join(io_policy.describe_error(exc, io).split())}{hint}") from exc
-
-
 def _locate(uri: str, input_format: str, storage_options: dict | None, io: io_policy.IOPolicy) -> tuple[str, str]:
-    """The input's one spelling and the kind that reads it (``input_format``, or detected)."""
-    # A local file: URI (RFC 8089) names a percent-decoded path; fsspec would keep the escapes.
-    # Local paths absolute, so that every row's path is (tar members and Parquet rows are named
-    # after their file, "shard.tar#key.jpg"): a report or relabel from another folder finds them.
-    spelled = storage.local_spelling(uri) or uri
-    if storage.has_glob(uri) and uri.endswith("/") and not spelled.endswith("/"):
-        spelled += "/"  # a pattern ending in "/" names folders (folder.plan_listing): keep it
-    uri = spelled
-    if "::" in uri:
-        _check_chain(uri, storage_options, io)
+    """The input's one spelling (``location.locate``) and the kind that reads it
+    (``input_format``, or the first of ``KINDS`` that claims it, as :func:`detect_kind`)."""
+    where = location.locate(uri, storage_options, io, probe=input_format == "auto")
     if input_format != "auto":
-        return uri, input_format
-    # The kind that reads it, from its name (and, for glob characters, whether that name exists:
-    # asked within io's timeouts, ``storage.is_pattern``).
-    pattern = storage.is_pattern(uri, storage_options, io=io)
-    name = detect_kind(uri, pattern=pattern)  # on the spelled name
-    if name not in ("folder", "glob") and storage.is_local_folder(uri):
+        return where.uri, input_format
+    name = next(k.name for k in KINDS if k.detect(where.kind_name, where.pattern))
+    if name not in ("folder", "glob") and where.local_folder:
         # A folder named like a file (photos.tar/, imgs.jsonl/, Spark's table.parquet/): its
         # files are the input (loose images, else its shards or parts), never one unreadable file.
         name = "folder"
-    return uri, name
+    return where.uri, name
 
 
 def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict | None = None,
