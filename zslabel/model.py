@@ -1,10 +1,9 @@
 """Load a CLIP-family checkpoint and run its towers: label (text) and image embeddings.
 
-No Ray here. A checkpoint is a Hugging Face hub id, a local folder, or an fsspec URI of a folder
-(``s3://bucket/models/clip``); remote folders are copied once per machine and content (a
-changed listing is copied afresh) into a local cache under a file lock, and hub downloads go
-through ``huggingface_hub``'s per-machine cache (which locks too), so N actors on one node
-fetch a checkpoint once, not N times.
+No Ray here. A checkpoint is a Hugging Face hub id, a local folder, an fsspec URI of a folder
+(``s3://bucket/models/clip``), or a value a family claims by its form; ``checkpoints`` finds,
+copies (once per machine and content) or downloads the folder, this module says which family
+loads it.
 
 Model families. A checkpoint folder belongs to one library that loads it:
 
@@ -18,24 +17,23 @@ Model families. A checkpoint folder belongs to one library that loads it:
 Every family is a ``zslabel.model_base.ZeroShotModel`` subclass with the same attributes and
 methods (see its docstring); ``load_model(path)`` picks the family from the folder's files
 (``family_of``), so the pipeline, relabel and calibration never name a family. Layers: this
-module (which family, which folder) above the families, the families above ``model_base``
+module (which family) above the families and ``checkpoints`` (which folder), the families above ``model_base``
 (their interface). Adding a family is one module: a subclass, a ``claims``/``resolve`` pair for
 ``--model`` values that are not folders (if any), and one entry in ``FAMILIES``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
 from . import model_openclip
+from .checkpoints import checkpoint_folder
 from .errors import ModelLoadError
 from .model_base import (
     CHECKPOINT_PATTERNS,
@@ -108,6 +106,8 @@ def _open_clip_class() -> type:
     return model_openclip.OpenClipModel
 
 
+# A checkpoint folder of any family holds one of these (a family's ``owns_folder`` needs one).
+MARKER_FILES = ("config.json", OPEN_CLIP_CONFIG)
 # Checked in order: open_clip first, since its folders may hold a (timm) config.json too.
 FAMILIES = (
     Family(OPEN_CLIP, _is_open_clip_folder, model_openclip.claims, _open_clip_resolve, _open_clip_class),
@@ -122,7 +122,7 @@ def family_of(path: str | Path) -> Family | None:
 
 
 def _marker_names() -> str:
-    return " or ".join(("config.json", OPEN_CLIP_CONFIG))
+    return " or ".join(MARKER_FILES)
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -154,7 +154,8 @@ def resolve_checkpoint(model: str, revision: str | None = None,
 
     Args:
         model: local folder, ``file://`` URI, fsspec URI of a folder, hub id, or a value a
-            family claims by its form (open_clip: ``hf-hub:org/name``, ``ARCH:pretrained_tag``).
+            family claims by its form (open_clip: ``hf-hub:org/name``, ``ARCH:pretrained_tag``;
+            an existing path of that name is the path).
         revision: hub revision (branch, tag or commit); ignored for folders.
         storage_options: fsspec options for remote URIs (endpoint, credentials chain settings).
 
@@ -162,40 +163,13 @@ def resolve_checkpoint(model: str, revision: str | None = None,
         ModelLoadError: the folder does not exist or holds no checkpoint, the URI cannot be
             read, the hub id cannot be downloaded (e.g. offline), or an open_clip value was
             given without the ``open-clip`` extra installed, or names an unknown architecture
-            or tag; the message says which and how to fix it.
+            or tag; the message says which and how to fix it (``checkpoints.checkpoint_folder``).
     """
-    from .storage import local_path
-
-    # None: a URI of another filesystem than this machine's. A file: URI is read per RFC 8089,
-    # as inputs and outputs read it.
-    as_local = local_path(model)
-    if as_local is None:
-        return _copy_remote_checkpoint(model, storage_options or {})
-    model = as_local
-    local = Path(model).expanduser()
-    if local.is_dir():
-        if family_of(local) is None:
-            raise ModelLoadError(f"model folder {local} has no {_marker_names()}; is it a Hugging Face "
-                                 "(transformers) or open_clip checkpoint?")
-        return local
-    if local.exists():
-        raise ModelLoadError(f"model {model!r} is not a checkpoint folder (it is a file)")
     for family in FAMILIES:
-        if family.claims is not None and family.claims(model):
+        if family.claims is not None and family.claims(model) and not os.path.exists(os.path.expanduser(model)):
             assert family.resolve is not None  # a family that claims values resolves them (Family)
             return family.resolve(model, revision, storage_options)
-    if _looks_like_path(model):
-        raise ModelLoadError(f"no such checkpoint folder: {local} (--model {model!r} looks like a local path, "
-                             "so the Hugging Face hub was not asked; a hub id is 'org/name')")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model, revision=revision, allow_patterns=CHECKPOINT_PATTERNS))
-    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "cannot load"
-        raise ModelLoadError(
-            f"cannot download model {model!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
-            "Pass a local checkpoint folder or an fsspec URI with --model, or check network/HF_HUB_OFFLINE."
-        ) from exc
+    return checkpoint_folder(model, revision, storage_options, markers=MARKER_FILES)
 
 
 def labeler_checkpoint(model: str, resolved: str, digest: str, revision: str | None = None,
@@ -227,82 +201,3 @@ def labeler_checkpoint(model: str, resolved: str, digest: str, revision: str | N
                              "fingerprint and manifest are those of the first): one run labels with one model; "
                              "rerun once the checkpoint stays put, or pin it (a versioned URI, --revision)")
     return path
-
-
-def _looks_like_path(model: str) -> bool:
-    """Whether a ``--model`` value that does not exist was meant as a local folder, not a hub id.
-
-    Hub ids are ``name`` or ``org/name`` (letters, digits, ``-_.``). A local path: starts with
-    ``./ ../ / ~`` or ``.``, has a Windows drive (``C:``) or a backslash, has more than one
-    ``/``, or its parent folder exists here (``models/nonexistent`` next to ``models/``).
-    """
-    if model.startswith((".", "/", "~")) or "\\" in model or re.match(r"^[A-Za-z]:", model):
-        return True
-    if model.count("/") > 1:
-        return True
-    parent = Path(model).expanduser().parent
-    return model.count("/") == 1 and parent.is_dir()
-
-
-def _copy_remote_checkpoint(uri: str, storage_options: dict) -> Path:
-    """Copy a remote checkpoint folder once per machine and per content; concurrent callers wait
-    on a file lock.
-
-    The folder is listed on every call, and the copy is keyed on the URI and a stamp of that
-    listing (``_listing_stamp``: each file's name, size and ETag or modification time), so new
-    weights pushed to the same URI (a retrained ``latest``) get a fresh copy instead of the one
-    cached for the old ones (fsspec/filesystem_spec#971: cached files never revalidated).
-    """
-    from filelock import FileLock
-
-    from .storage import url_to_fs
-
-    try:
-        fs, root = url_to_fs(uri, storage_options, error=ModelLoadError)
-        listing = fs.find(root, detail=True)
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any storage failure means the model is unreachable
-        raise ModelLoadError(f"cannot copy model from {uri}: {type(exc).__name__}: {exc}") from exc
-    base = root.rstrip("/")
-    files = {name: info for name, info in listing.items()
-             if not name.endswith("/") and info.get("type", "file") != "directory"}
-    if not any(f.rsplit("/", 1)[-1] in ("config.json", OPEN_CLIP_CONFIG) for f in files):
-        raise ModelLoadError(f"model URI {uri} holds no {_marker_names()}")
-    stamp = _listing_stamp(files, base)
-    key = hashlib.sha256(f"{uri.rstrip('/')}\n{stamp}".encode()).hexdigest()[:16]
-    dest = cache_root() / "checkpoints" / key
-    done = dest / ".zslabel-complete"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dest) + ".lock"):
-        if done.exists():
-            return dest
-        try:
-            for f in files:
-                target = dest / os.path.relpath(f, base)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(f, str(target))
-        except Exception as exc:  # noqa: BLE001 - any storage failure means the model is unreachable
-            raise ModelLoadError(f"cannot copy model from {uri}: {type(exc).__name__}: {exc}") from exc
-        done.write_text(f"{uri}\n{stamp}")
-    log.info("checkpoint %s cached at %s", uri, dest)
-    return dest
-
-
-# Listing fields that change when an object's content does: an ETag (S3, Azure, HTTP) or a
-# generation/hash (GCS) when the backend gives one, else a modification time.
-_VERSION_FIELDS = ("ETag", "etag", "md5Hash", "generation", "version_id", "VersionId")
-_TIME_FIELDS = ("LastModified", "last_modified", "mtime", "updated", "modified", "created")
-
-
-def _listing_stamp(files: dict[str, dict], base: str) -> str:
-    """One line per file of a remote checkpoint: relative name, size, and its ETag (or the like)
-    or else its modification time, when the listing gives one; sorted by name."""
-    lines = []
-    for name in sorted(files):
-        info = files[name]
-        version = next((info[k] for k in _VERSION_FIELDS if info.get(k) not in (None, "")), None)
-        if version is None:
-            version = next((info[k] for k in _TIME_FIELDS if info.get(k) not in (None, "")), "")
-        lines.append(f"{os.path.relpath(name, base)}\t{info.get('size')}\t{version}")
-    return "\n".join(lines)
