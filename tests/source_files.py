@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import tarfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from conftest import photo
@@ -68,3 +72,16 @@ def silently_short_parquet(path: Path, images: list[bytes]) -> Path:
     raw[chunk.data_page_offset + 1] = 1
     path.write_bytes(bytes(raw))
     return path
+
+
+@contextmanager
+def serving(handler) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 (a free port) answering with ``handler`` in a thread, for the
+    block: yields its base URL (``http://127.0.0.1:PORT``); stopped however the block ends."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

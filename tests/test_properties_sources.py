@@ -316,6 +316,21 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(m
                            max_leaves=5)
 
 
+def planned_manifest(manifest: Path, wanted: list[str]):
+    """The plan of ``manifest`` (rows read locally and checked by ``check_plan``), whose rows'
+    paths must be ``wanted`` in order; None where planning refused it, which only a manifest
+    naming no image may be."""
+    try:
+        plan = plan_inputs(str(manifest), use_ray=False)
+    except Exception as exc:
+        assert not wanted, exc
+        return None
+    rows = plan.read_locally()
+    check_plan(plan, rows)
+    assert [r["path"] for r in rows] == wanted
+    return plan
+
+
 @QUICK
 @given(st.lists(st.tuples(st.sampled_from(["path", "url", "uri", "file_name", "URL", None]),
                           st.text(st.sampled_from(list("ab#%é ,")), min_size=1, max_size=6),
@@ -342,14 +357,9 @@ def test_jsonl_any_key_names_the_image(lines, bad):
         manifest = Path(tmp) / "m.jsonl"
         manifest.write_text("\n".join(records), encoding="utf-8")
         wanted = [("/d/" + v).strip(" ") for k, v, _ in lines if k is not None]
-        try:
-            plan = plan_inputs(str(manifest), use_ray=False)
-        except Exception as exc:
-            assert not wanted, exc
+        plan = planned_manifest(manifest, wanted)
+        if plan is None:
             return
-        rows = plan.read_locally()
-        check_plan(plan, rows)
-        assert [r["path"] for r in rows] == wanted
         assert plan.skipped == len(lines) - len(wanted) + len(bad)
         assert plan.skipped_by_reason.get("malformed_row", 0) == len(bad)
 
@@ -387,14 +397,9 @@ def test_json_array_every_element_is_a_row_or_a_counted_skip(elements, pretty):
                 bad += 1
         manifest = Path(tmp) / "m.json"
         manifest.write_text(json.dumps(array, indent=2 if pretty else None), encoding="utf-8")
-        try:
-            plan = plan_inputs(str(manifest), use_ray=False)
-        except Exception as exc:
-            assert not wanted, exc
+        plan = planned_manifest(manifest, wanted)
+        if plan is None:
             return
-        rows = plan.read_locally()
-        check_plan(plan, rows)
-        assert [r["path"] for r in rows] == wanted
         assert plan.skipped == no_entry + bad and plan.skipped_by_reason.get("malformed_row", 0) == bad
 
 

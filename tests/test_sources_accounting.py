@@ -11,15 +11,14 @@ import io
 import json
 import os
 import tarfile
-import threading
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from source_files import check_plan, jpeg, write
+from source_files import check_plan, jpeg, serving, write
 
 from zslabel.errors import InputError, error_code
 from zslabel.sources import fetch_bytes, plan_inputs
@@ -186,13 +185,8 @@ def test_a_compressed_shard_of_several_members_is_read_whole(tmp_path, name, lay
         data = _split_compress(compress, [whole[i: i + 1500] for i in range(0, len(whole), 1500)])
     write(tmp_path / "site" / name, data)
     if over_http:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_NoRangeHandler, directory=str(tmp_path / "site")))
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            _, rows = planned(f"http://127.0.0.1:{server.server_address[1]}/{name}")
-        finally:
-            server.shutdown()
-            server.server_close()
+        with serving(partial(_NoRangeHandler, directory=str(tmp_path / "site"))) as base:
+            _, rows = planned(f"{base}/{name}")
     else:
         _, rows = planned(str(tmp_path / "site" / name))
     assert [r["path"].rsplit("#", 1)[-1] for r in rows] == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
@@ -227,15 +221,8 @@ def test_tar_over_http_without_range_support_reads_the_whole_shard(tmp_path, mon
     build_tar(tmp_path / "s.tar", [member(f"{i}.jpg", d) for i, d in enumerate(images)])
     # blocks smaller than the tar, so fsspec's ranged reading would need a second request
     monkeypatch.setattr(blocks, "STREAM_BLOCK_SIZE", 2048)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_NoRangeHandler, directory=str(tmp_path)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/s.tar"
-        _, rows = planned(url)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(partial(_NoRangeHandler, directory=str(tmp_path))) as base:
+        _, rows = planned(f"{base}/s.tar")
     assert [r["data"] for r in rows] == images and all(r["read_error"] is None for r in rows)
 
 
@@ -510,23 +497,17 @@ def test_http_inputs_with_a_query_string_are_told_by_their_path(tmp_path):
     site.mkdir()
     build_tar(site / "s.tar", [member("a.jpg", jpeg(1)), member("b.jpg", jpeg(2))])
     pq.write_table(pa.table({"jpg": [jpeg(3)], "key": ["k"]}), site / "p.parquet")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_NoRangeHandler, directory=str(site)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    write(site / "img.jpg", jpeg(4))
-    write(site / "m.csv.gz", gzip.compress(f"url\n{base}/img.jpg?v=1\n".encode()))
-    write(site / "l.jsonl", f'{{"url": "{base}/img.jpg"}}\n'.encode())
     query = "?X-Amz-Signature=abc&X-Amz-Expires=3600"
-    try:
+    with serving(partial(_NoRangeHandler, directory=str(site))) as base:
+        write(site / "img.jpg", jpeg(4))
+        write(site / "m.csv.gz", gzip.compress(f"url\n{base}/img.jpg?v=1\n".encode()))
+        write(site / "l.jsonl", f'{{"url": "{base}/img.jpg"}}\n'.encode())
         found = {}
         for name in ("s.tar", "p.parquet", "m.csv.gz", "l.jsonl", "img.jpg"):
             plan, rows = planned(f"{base}/{name}{query}")
             found[name] = (plan.kind, [r["data"] or fetch_bytes(r["path"])[0] for r in rows])
         plan, _ = planned(f"{base}/s.tar{query}", input_format="webdataset")
         assert plan.kind == "webdataset"
-    finally:
-        server.shutdown()
-        server.server_close()
     assert found == {"s.tar": ("webdataset", [jpeg(1), jpeg(2)]), "p.parquet": ("parquet", [jpeg(3)]),
                      "m.csv.gz": ("manifest", [jpeg(4)]), "l.jsonl": ("jsonl", [jpeg(4)]),
                      "img.jpg": ("folder", [jpeg(4)])}

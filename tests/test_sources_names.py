@@ -12,13 +12,12 @@ import io
 import json
 import os
 import tarfile
-import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from conftest import photo
-from source_files import rows_of
+from source_files import rows_of, serving
 
 from zslabel import JobConfig, run_label_job
 from zslabel.errors import InputError, error_code
@@ -239,12 +238,8 @@ def http_server(tmp_path):
     www.mkdir()
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
     handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield www, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    thread.join()
+    with serving(handler) as base:
+        yield www, base
 
 
 def job(tiny_clip, input: str, out: Path) -> JobConfig:

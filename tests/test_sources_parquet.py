@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from source_files import check_plan, jpeg, rows_of, silently_short_parquet, write
+from source_files import check_plan, jpeg, rows_of, serving, silently_short_parquet, write
 
 from zslabel.errors import InputError, error_code
 from zslabel.sources import FILE_INDEX_STRIDE, plan_inputs
@@ -454,7 +454,6 @@ def test_a_parquet_file_served_gzip_encoded_says_why_it_cannot_be_read(tmp_path)
     import gzip
     import http.server
     import io
-    import threading
 
     buf = io.BytesIO()
     pq.write_table(pa.table({"jpg": [jpeg(1), jpeg(2)]}), buf)
@@ -480,16 +479,10 @@ def test_a_parquet_file_served_gzip_encoded_says_why_it_cannot_be_read(tmp_path)
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serving(Handler) as base:
         rows = plan_inputs(f"{base}/plain.parquet", use_ray=False).read_locally()
         assert [r["data"] for r in rows] == [jpeg(1), jpeg(2)]
         with pytest.raises(InputError, match=r"cannot read Parquet file .*/enc\.parquet: ValueError: Cannot seek "
                                              r"streaming HTTP file \(the server sends this file compressed "
                                              r"\(Content-Encoding\) or without its size"):
             plan_inputs(f"{base}/enc.parquet", use_ray=False)
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -7,6 +7,7 @@ import os
 import fsspec
 import pytest
 from s3_server import s3, s3_endpoint  # noqa: F401  (fixtures)
+from source_files import serving
 
 from zslabel import fetch, io_policy, storage
 from zslabel.errors import InputError, OutputError
@@ -233,7 +234,6 @@ def test_an_http_input_that_fails_says_how_not_that_it_does_not_exist():
     connection, a 403 (an expired signed URL) or a 500 was "no images found: URL does not
     exist". The check before Ray now names the failure; a 404 still says it does not exist."""
     import http.server
-    import threading
 
     from zslabel.options import check_input_exists
 
@@ -248,18 +248,12 @@ def test_an_http_input_that_fails_says_how_not_that_it_does_not_exist():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serving(Handler) as base:
         for status, message in ((403, r"access denied \(ClientResponseError: 403"),
                                 (500, r"cannot read .*/500/list\.txt \(ClientResponseError: 500"),
                                 (404, r"no images found: .*/404/list\.txt does not exist")):
             with pytest.raises(InputError, match=message):
                 check_input_exists(f"{base}/{status}/list.txt")
-    finally:
-        server.shutdown()
-        server.server_close()
     with pytest.raises(InputError, match=r"cannot reach http://127\.0\.0\.1:1/list\.txt \(ClientConnectorError.*"
                                          r"nothing accepts connections there: check the host and port"):
         check_input_exists("http://127.0.0.1:1/list.txt")
@@ -272,7 +266,6 @@ def test_an_http_url_is_fetched_as_written_escapes_and_all():
     gave those rows another resource's bytes (aio-libs/yarl#223). What a URL may not hold
     (a space, non-ASCII) is still escaped, as UTF-8."""
     import http.server
-    import threading
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # answers with the request target exactly as it arrived
@@ -285,17 +278,11 @@ def test_an_http_url_is_fetched_as_written_escapes_and_all():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
     sent = {"/a%3Bb.png": "/a%3Bb.png", "/a;b.png": "/a;b.png", "/c%2Cd%40e%26f%3Dg.png": "/c%2Cd%40e%26f%3Dg.png",
             "/p%.png": "/p%.png", "/p%25.png": "/p%25.png", "/s%2Fx.png": "/s%2Fx.png",
             "/img?v=1&w=%26": "/img?v=1&w=%26", "/sp ace é.png": "/sp%20ace%20%C3%A9.png"}
-    try:
+    with serving(Handler) as base:
         got = fetch.fetch_many([base + p for p in sent])
-    finally:
-        server.shutdown()
-        server.server_close()
     assert [(data.decode() if data else error) for data, error in got] == list(sent.values())
 
 
