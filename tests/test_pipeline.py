@@ -11,7 +11,14 @@ from conftest import photo
 from PIL import Image
 
 from zslabel import JobConfig, run_label_job
-from zslabel.errors import ConfigError, InputError, OutputError
+from zslabel.errors import (
+    AccountingError,
+    ConfigError,
+    ErrorBudgetExceeded,
+    InputError,
+    OutputError,
+    RayStartError,
+)
 from zslabel.store import MANIFEST_NAME
 
 LABELS = ["cat", "dog", "bird", "a red car", "tree"]
@@ -278,3 +285,24 @@ def test_weights_changed_during_a_run_are_refused_not_mixed(tiny_clip, ray_local
     assert not (tmp_path / "mixed" / MANIFEST_NAME).exists()
     assert main([*args, "--output", str(tmp_path / "whole")]) == 0  # the folder as it is now: one model
     assert pq.read_table(str(tmp_path / "whole")).num_rows == 12
+
+
+@pytest.mark.parametrize("error, code", [
+    (ErrorBudgetExceeded("3 of 4 images failed"), 1), (RayStartError("the Ray node timed out during startup"), 3),
+    (AccountingError("5 inputs listed, the output holds 3 rows"), 4), (OutputError("cannot write"), 2),
+    (IsADirectoryError(21, "Is a directory"), 2)])
+def test_each_error_exits_with_the_readme_code_in_one_line(error, code, tmp_path, image_folder, monkeypatch, capsys):
+    """The README's exit codes: 1 error budget, 3 Ray did not start, 4 the rows do not account
+    for the inputs, 2 any other error the CLI names (a ZslabelError, a folder where a file goes);
+    each said in one ``zslabel: error:`` line, no traceback."""
+    from zslabel import pipeline
+    from zslabel.cli import main
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(pipeline, "run_label_job", fails)
+    assert main(["label", str(image_folder), "--labels", "a,b", "--model", str(tmp_path),
+                 "--output", str(tmp_path / "out"), "-q"]) == code
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"zslabel: error: {error}" and "Traceback" not in err, err

@@ -582,6 +582,13 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     return JobConfig.from_args(args, JobConfig.from_yaml(args.config) if args.config else None)
 
 
+# The exit code of each error the CLI reports in one line (README, "Exit codes"): the first
+# type that matches.
+_EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ErrorBudgetExceeded, 1), (RayStartError, 3), (AccountingError, 4), (ZslabelError, 2),
+    (IsADirectoryError, 2), (NotADirectoryError, 2))
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (``EXIT_CODES``: 0 ok, 1 error budget exceeded,
     2 usage/config error, 3 Ray did not start, 4 accounting check failed, 130 interrupted,
@@ -663,21 +670,9 @@ def _command(argv: list[str] | None) -> int:
         by = " by SIGTERM" if isinstance(exc, Terminated) else ""
         print(f"zslabel: interrupted{by}; {_after_interrupt(output, storage_options)}", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
-    except ErrorBudgetExceeded as exc:
+    except (ZslabelError, IsADirectoryError, NotADirectoryError) as exc:  # e.g. --output or --json naming a folder
         print(f"zslabel: error: {exc}", file=sys.stderr)
-        return 1
-    except RayStartError as exc:
-        print(f"zslabel: error: {exc}", file=sys.stderr)
-        return 3
-    except AccountingError as exc:
-        print(f"zslabel: error: {exc}", file=sys.stderr)
-        return 4
-    except ZslabelError as exc:
-        print(f"zslabel: error: {exc}", file=sys.stderr)
-        return 2
-    except (IsADirectoryError, NotADirectoryError) as exc:  # e.g. --output or --json naming a folder
-        print(f"zslabel: error: {exc}", file=sys.stderr)
-        return 2
+        return next(code for kind, code in _EXIT_CODES if isinstance(exc, kind))
     except Exception as exc:
         # A damaged Parquet file (a truncated part) met by a reading command (eval, calibrate,
         # fit) is bad input, said in one line; anything else is a bug and keeps its traceback.
