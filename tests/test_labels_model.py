@@ -184,6 +184,20 @@ def test_checkpoint_without_tokenizer_files_is_refused(tiny_clip, tmp_path):
     assert len(load_model(tiny_clip).tokenizer) > 2  # the whole folder loads
 
 
+def test_siglip_checkpoint_without_tokenizer_files_says_so_in_one_line(tiny_siglip, tmp_path):
+    """A SigLIP folder without its tokenizer files fails to load (transformers makes no stand-in
+    for it): the error was transformers' own, its second line the ~300 model types AutoTokenizer
+    knows. One line now, saying which files are missing and where they come from."""
+    import shutil
+
+    broken = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny_siglip, broken, ignore=shutil.ignore_patterns("tokenizer*", "spiece.model"))
+    with pytest.raises(ModelLoadError, match=r"cannot load checkpoint at .*no_tokenizer: ValueError: .* \(.*no_tokenizer "
+                                             r"holds no tokenizer files: copy tokenizer\.json and") as info:
+        load_model(broken)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 600, str(info.value)
+
+
 @pytest.mark.parametrize("value", ["./ckpt", "../ckpt", "/no/such/ckpt", "~/no-such-ckpt", "C:\\models\\clip",
                                    "models\\clip", "a/b/c", "models/nonexistent"])
 def test_a_missing_local_path_is_never_sent_to_the_hub(value, monkeypatch, tmp_path):

@@ -43,7 +43,11 @@ class TransformersModel(ZeroShotModel):
                 self.tokenizer = AutoTokenizer.from_pretrained(self.path)
                 processor = AutoImageProcessor.from_pretrained(self.path)
         except Exception as exc:  # noqa: BLE001
-            raise ModelLoadError(f"cannot load checkpoint at {self.path}: {type(exc).__name__}: {exc}") from exc
+            # The first line only: an Auto class that finds no tokenizer lists every model type
+            # it knows (~300 names) on the next.
+            raise ModelLoadError(f"cannot load checkpoint at {self.path}: {type(exc).__name__}: "
+                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                                 f"{_missing_tokenizer_hint(self.path)}") from exc
         if not (hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")):
             raise ModelLoadError(f"{self.path} ({type(self.model).__name__}) is not a CLIP-family dual encoder")
         _check_tokenizer(self.tokenizer, self.model.config, self.path)
@@ -91,6 +95,20 @@ class TransformersModel(ZeroShotModel):
         return getattr(feats, "pooler_output", feats)
 
 
+# Files transformers reads a tokenizer from (one of them at least, by tokenizer type).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model")
+_COPY_TOKENIZER = ("copy tokenizer.json and tokenizer_config.json (or vocab.json and merges.txt, or spiece.model) "
+                   "from the original checkpoint")
+
+
+def _missing_tokenizer_hint(path: Path) -> str:
+    """What to do when ``path`` holds none of ``TOKENIZER_FILES`` (a SigLIP folder without them
+    fails to load at all; a CLIP one gets a stand-in, see :func:`_check_tokenizer`); else ""."""
+    if any((path / f).is_file() for f in TOKENIZER_FILES):
+        return ""
+    return f" ({path} holds no tokenizer files: {_COPY_TOKENIZER})"
+
+
 def _check_tokenizer(tokenizer, config, path: Path) -> None:
     """Refuse a tokenizer far smaller than the text tower's vocabulary.
 
@@ -108,6 +126,5 @@ def _check_tokenizer(tokenizer, config, path: Path) -> None:
     if isinstance(vocab, int) and len(tokenizer) * 2 < vocab:
         raise ModelLoadError(
             f"the tokenizer of {path} knows {len(tokenizer)} tokens, its text tower {vocab}: its tokenizer files "
-            "are missing or wrong (without them transformers makes a stand-in that reads every label alike); copy "
-            "tokenizer.json and tokenizer_config.json (or vocab.json and merges.txt, or spiece.model) from the "
-            "original checkpoint")
+            f"are missing or wrong (without them transformers makes a stand-in that reads every label alike); "
+            f"{_COPY_TOKENIZER}")
