@@ -504,6 +504,23 @@ def sigterm_as_interrupt():
         yield
 
 
+@contextlib.contextmanager
+def _ctrl_c_ignored():
+    """Within the block (the clean-up after a first Ctrl-C or SIGTERM: a second or so), a
+    further Ctrl-C is ignored. Raised inside the clean-up it was a traceback ("Exception
+    ignored in atexit callback"), and ending the process at once instead left the local Ray's
+    dashboard and runtime-env agents running for good. Restored afterwards. No-op outside the
+    main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _run_and_evaluate(args, run, config) -> int:
     """Run a label/relabel job; with --ground-truth (read before the run, so a bad file fails
     fast) evaluate the output afterwards, also when the error budget was exceeded."""
@@ -668,7 +685,12 @@ def _command(argv: list[str] | None) -> int:
             return 0
     except KeyboardInterrupt as exc:
         by = " by SIGTERM" if isinstance(exc, Terminated) else ""
-        print(f"zslabel: interrupted{by}; {_after_interrupt(output, storage_options)}", file=sys.stderr)
+        with _ctrl_c_ignored():
+            print(f"zslabel: interrupted{by}; {_after_interrupt(output, storage_options)}", file=sys.stderr)
+            if "ray" in sys.modules:  # here, not in Ray's atexit hook, where a Ctrl-C was a traceback
+                from .cluster import shutdown_started_ray
+
+                shutdown_started_ray()
         return 143 if isinstance(exc, Terminated) else 130
     except (ZslabelError, IsADirectoryError, NotADirectoryError) as exc:  # e.g. --output or --json naming a folder
         print(f"zslabel: error: {exc}", file=sys.stderr)

@@ -107,6 +107,7 @@ def init_ray(address: str | None) -> None:
         with _ctrl_c_after_start() as interrupted:
             try:
                 ray.init(**kwargs)
+                _STARTED_HERE.append(True)
             finally:
                 if interrupted:
                     _shutdown_quietly()
@@ -152,6 +153,19 @@ def _ctrl_c_after_start():
         signal.signal(signal.SIGINT, previous)
     if interrupted:
         raise KeyboardInterrupt
+
+
+# Whether init_ray started (or joined) the Ray this process holds; not when a caller had (tests).
+_STARTED_HERE: list[bool] = []
+
+
+def shutdown_started_ray() -> None:
+    """Shut down the local Ray (or leave the cluster) that :func:`init_ray` started (or joined)
+    in this process, now rather than in Ray's ``atexit`` hook; nothing when the caller started
+    it (its own ``ray.init``) or none was started. Best effort, as :func:`_shutdown_quietly`."""
+    if _STARTED_HERE:
+        _STARTED_HERE.clear()
+        _shutdown_quietly()
 
 
 def _shutdown_quietly() -> None:
