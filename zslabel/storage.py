@@ -47,6 +47,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 import fsspec
 
+from .chains import chain_parts, is_chain
 from .errors import InputError, ZslabelError
 from .io_policy import IOPolicy
 
@@ -86,7 +87,7 @@ def io_storage_options(uri: str, storage_options: dict[str, Any] | None, io: IOP
     options keyed by its protocol (``{"s3": {...}}``), so the timeouts are added there.
     """
     so = dict(storage_options or {})
-    if "::" in uri:
+    if is_chain(uri):
         last = uri.rsplit("::", 1)[1]
         proto = (fsspec.core.split_protocol(last)[0] or "file").lower()
         inner = io_storage_options(last, so.get(proto), io)
@@ -125,6 +126,9 @@ def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None, *,
     """
     # A local file: URI names its RFC 8089 path here as everywhere (--output file:///a%20b is "/a b").
     uri = file_uri_path(uri) or _lower_scheme(uri)
+    if "::" in uri and not is_chain(uri):  # a local name holding "::" (fsspec would split it)
+        fs = fsspec.filesystem("file")
+        return fs, fs._strip_protocol(uri)
     try:
         fs, path = fsspec.core.url_to_fs(uri, **io_storage_options(uri, storage_options, io or IOPolicy()))
     except ImportError as exc:
@@ -133,7 +137,7 @@ def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None, *,
         if "protocol" in str(exc).lower():
             raise error(f"cannot open {uri}: {exc}") from exc
         raise
-    remote = getattr(fs, "fs", fs) if "::" in uri else fs  # a chain: the cache's target
+    remote = getattr(fs, "fs", fs) if is_chain(uri) else fs  # a chain: the cache's target
     if "s3" in protocols(remote):
         # s3fs wraps every call, and every body read, in retry loops of its own (class attribute
         # ``retries`` = 5, nested: up to 25 tries of a stalled read, each after botocore's own
@@ -239,32 +243,6 @@ def canonical_location(fs: fsspec.AbstractFileSystem, path: str) -> str:
     if is_local(fs):
         return os.path.realpath(path)
     return posixpath.normpath(path) if path.strip("/") else path
-
-
-def chain_parts(uri: str) -> tuple[str, str]:
-    """``(link, tail)`` of a ``::`` chain: the link whose filesystem holds the path, and the
-    ``::``-joined links after it (``""`` for none), as fsspec reads a chain (a cache such as
-    ``simplecache`` with no path of its own takes its target's; an archive such as ``zip`` or
-    ``tar`` holds the path and reads the file the rest of the chain names). A local archive in
-    the tail is made absolute: rows are read by Ray workers, whose working folder is not the
-    driver's. ``(uri, "")`` for a URI without ``::``."""
-    from fsspec.implementations.chained import ChainedFileSystem
-
-    known = set(fsspec.available_protocols())
-    links = uri.split("::")
-    for i, link in enumerate(links[:-1]):
-        if link in known:  # "simplecache::s3://..." as fsspec reads it: "simplecache://"
-            link += "://"
-        proto = fsspec.core.split_protocol(link)[0] or "file"
-        try:
-            cls = fsspec.get_filesystem_class(proto)
-        except (ValueError, ImportError):  # url_to_fs has already refused such a chain
-            cls = None
-        if cls is not None and issubclass(cls, ChainedFileSystem) and not cls._strip_protocol(link):
-            continue
-        tail = [os.path.abspath(t) if "://" not in t and t not in known else t for t in links[i + 1:]]
-        return link, "::".join(tail)
-    return links[-1], ""
 
 
 def uri_maker(uri: str, fs: fsspec.AbstractFileSystem) -> Callable[[str], str]:

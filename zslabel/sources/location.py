@@ -41,7 +41,7 @@ def locate(uri: str, storage_options: dict | None, io: io_policy.IOPolicy, *, pr
     Raises:
         InputError: a ``::`` chain whose archive cannot be opened (:func:`check_chain`).
     """
-    if "::" in uri:  # a chain is spelled as given (``storage.local_spelling``)
+    if storage.is_chain(uri):  # a chain is spelled as given (``storage.local_spelling``)
         check_chain(uri, storage_options, io)
     # Local paths absolute, so that every row's path is (tar members and Parquet rows are named
     # after their file, "shard.tar#key.jpg"): a report or relabel from another folder finds them.
