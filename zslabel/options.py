@@ -103,6 +103,41 @@ class LabelingOptions:
     head: str | None = None
 
     # ---- construction -------------------------------------------------------------------
+    def __post_init__(self):
+        self._python_forms()
+
+    def _python_forms(self) -> None:
+        """The Python API's spellings of what YAML and the CLI give: a path-like object
+        (``pathlib.Path``) as its string, ``labels`` as one string split as ``--labels`` splits
+        it (a string was taken as its characters: labels 'c', 'a', 't'), ``templates`` as one
+        string a list of one, a tuple for a list. Types are checked by :meth:`validate`."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            if isinstance(value, str) and f.name == "labels":
+                value = parse_label_list(value)
+            elif isinstance(value, str) and f.name == "templates":
+                value = [value]
+            elif isinstance(value, tuple) and f.name in ("labels", "templates"):
+                value = list(value)
+            setattr(self, f.name, value)
+
+    def _check_types(self) -> None:
+        """Every field's value against its type, as :meth:`from_dict` checks YAML's (a number
+        given as a string was a raw ``TypeError`` from the first comparison).
+
+        Raises:
+            ConfigError: naming the field, the type it takes and the value.
+        """
+        self._python_forms()
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = self._convert(f.name, getattr(self, f.name))
+            if not _matches(value, hints[f.name]):
+                raise ConfigError(f"{f.name} must be {_describe(hints[f.name])} (got {value!r})")
+            setattr(self, f.name, value)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
         """Build from a dict (YAML), rejecting unknown keys with the list of known ones and
@@ -166,6 +201,7 @@ class LabelingOptions:
         Raises:
             ConfigError: naming the first bad setting and how to fix it.
         """
+        self._check_types()
         self.labels = merge_labels_file(self.labels, self.labels_file)
         self.labels_file = None
         if not self.output:
