@@ -117,7 +117,8 @@ SKIP_REASONS: dict[str, str] = {
     "tar_special": "a tar member that is a device, FIFO or other special file",
     "tar_link_not_image": "a tar hard/symbolic link whose name is not an image",
     "not_a_shard": "a file beside tar/Parquet shards in their folder (_SUCCESS, stats .json, ...)",
-    "output_folder": "the job's own output folder (--output) inside a folder or glob input: one entry, not read",
+    "output_folder": "a zslabel output folder (the job's own --output, or an earlier run's: it holds a run "
+                     "manifest or the store's state) inside a folder input: one entry, not read",
 }
 
 

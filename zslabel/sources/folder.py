@@ -31,6 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .. import storage
 from ..errors import InputError
+from ..store.fsio import MANIFEST_NAME, STATE_DIR
 from .blocks import core_table, planned_dataset
 from .common import (
     IMAGE_EXTENSIONS,
@@ -178,6 +179,19 @@ def outermost(folders: list[str]) -> list[str]:
     return kept
 
 
+def zslabel_outputs(files: list[str]) -> list[str]:
+    """The outermost folders among ``files``' that are zslabel outputs: they hold a run
+    manifest (``store.MANIFEST_NAME``) or the store's state folder (``store.STATE_DIR``)."""
+    found = set()
+    for p in files:
+        folder, name = posixpath.split(p)
+        if name == MANIFEST_NAME:
+            found.add(folder)
+        elif f"/{STATE_DIR}/" in p:
+            found.add(p.split(f"/{STATE_DIR}/", 1)[0])
+    return outermost(sorted(found))
+
+
 def _find(fs: fsspec.AbstractFileSystem, root: str | list[str], options: InputOptions
           ) -> tuple[list[str], list[str], list[str], list[str]]:
     """(files, unreadable folders, skipped folder links, output folders skipped) below a
@@ -224,6 +238,13 @@ def _list(uri: str, pattern: bool, options: InputOptions
             kept = [p for p in files if not p.startswith(inside + "/")]
             if len(kept) < len(files):
                 files, outputs = kept, [inside]
+    if not pattern or names_folders(uri):
+        # An earlier run's output (another --output) inside a listed folder: its Parquet files
+        # were read as input shards (a read_error row each, "no image column").
+        earlier = [d for d in zslabel_outputs(files) if d != root and d not in outputs]
+        if earlier:
+            files = [p for p in files if not any(p.startswith(d + "/") for d in earlier)]
+            outputs = sorted(outputs + earlier)
     # Zero-byte "folder/" objects (S3 consoles make them) are folder markers, not files.
     return (fs, fs_path, root, sorted(p for p in files if not p.endswith("/")), unreadable, sorted(links),
             outputs)
@@ -250,9 +271,10 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
     # A sub-folder that cannot be listed, or a folder link not followed, is counted, never dropped.
     skipped += [(p, "unreadable_folder") for p in unreadable] + [(p, "folder_link") for p in links]
     # The job's own output: one entry however many files it holds, so that the counts of a
-    # rerun (its part files, manifest and state there now) equal the first run's.
+    # rerun (its part files, manifest and state there now) equal the first run's; an earlier
+    # run's likewise.
     for p in outputs:
-        logger.info("skipping the output folder %s inside the input %s", to_uri(p), uri)
+        logger.info("skipping the zslabel output folder %s inside the input %s", to_uri(p), uri)
         skipped.append((p, "output_folder"))
     if not images and options.auto and options.plan_files is not None:
         # img2dataset / WebDataset output folders hold shards, not loose images.
