@@ -3,6 +3,7 @@ and the install lock (scripts/check_lock.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -284,11 +285,6 @@ def test_ctrl_c_while_the_local_ray_node_starts_leaves_no_process():
     init (4 of 5 tries in that window). The Ctrl-C now waits for the start, stops Ray, and
     exits as an interrupt; nothing started for this run is left. The signal is sent at that
     exact point (Ray reading its new node's record)."""
-    import shutil
-    import signal
-    import tempfile
-
-    ray_dir = tempfile.mkdtemp(prefix="zsr", dir="/tmp")  # Ray's socket paths must stay short
     script = ("import os, signal, ray._private.services as s\n"
               "real = s.get_node\n"
               "def get_node(*a, **k):\n"
@@ -300,18 +296,33 @@ def test_ctrl_c_while_the_local_ray_node_starts_leaves_no_process():
               "    init_ray(None)\n"
               "except KeyboardInterrupt:\n"
               "    raise SystemExit(130)\n")
-    env = {**os.environ, "RAY_TMPDIR": str(ray_dir)}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
-    try:
+    with own_ray_dir() as env:
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 130, proc.stderr[-3000:]
         assert "stopping once Ray has started" in proc.stderr
-        deadline = time.time() + 20  # agents notice their raylet is gone within seconds
+
+
+@contextlib.contextmanager
+def own_ray_dir():
+    """The environment for a subprocess whose Ray keeps its files in a folder of its own (no
+    ``RAY_ADDRESS``: it starts a local Ray there); after the block, asserts that no process
+    started with it is left (Ray's agents notice their raylet is gone within seconds), then
+    kills any such (only what the test started) and removes the folder."""
+    import shutil
+    import signal
+    import tempfile
+
+    ray_dir = tempfile.mkdtemp(prefix="zsr", dir="/tmp")  # Ray's socket paths must stay short
+    env = {**os.environ, "RAY_TMPDIR": str(ray_dir)}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        yield env
+        deadline = time.time() + 20
         while time.time() < deadline and _processes_under(ray_dir):
             time.sleep(1)
         assert not _processes_under(ray_dir), _processes_under(ray_dir)
     finally:
-        for pid in _processes_under(ray_dir):  # only what this test started (its own RAY_TMPDIR)
+        for pid in _processes_under(ray_dir):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_dir, ignore_errors=True)
 
@@ -324,11 +335,6 @@ def test_more_ctrl_c_during_the_clean_up_are_no_traceback_and_leave_no_process(t
     (exit 130, one line), and nothing started for it is left (ending at once instead left the
     local Ray's dashboard and runtime-env agents running for good). The signals are sent at
     those exact points: mid-run, in the report, in Ray's shutdown."""
-    import shutil
-    import signal
-    import tempfile
-
-    ray_dir = tempfile.mkdtemp(prefix="zsr", dir="/tmp")  # Ray's socket paths must stay short
     script = ("import os, signal, sys, ray\n"
               "from zslabel import cli, pipeline\n"
               "def ctrl_c(real):\n"
@@ -342,24 +348,14 @@ def test_more_ctrl_c_during_the_clean_up_are_no_traceback_and_leave_no_process(t
               "cli._after_interrupt = ctrl_c(cli._after_interrupt)\n"
               "ray.shutdown = ctrl_c(ray.shutdown)\n"
               "sys.exit(cli.main(sys.argv[1:]))\n")
-    env = {**os.environ, "RAY_TMPDIR": str(ray_dir)}
-    env.pop("RAY_ADDRESS", None)
     args = ["label", str(image_folder), "--labels", "red,blue", "--model", str(tiny_clip), "--output",
             str(tmp_path / "out"), "--batch-size", "2", "--rows-per-file", "2", "-q"]
-    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
-                          timeout=240)
-    try:
+    with own_ray_dir() as env:
+        proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                              timeout=240)
         assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert [line for line in proc.stderr.splitlines() if line.startswith("zslabel:")] == [
             "zslabel: interrupted; committed files are kept: rerun with --resume to continue"], proc.stderr[-3000:]
-        deadline = time.time() + 20
-        while time.time() < deadline and _processes_under(ray_dir):
-            time.sleep(1)
-        assert not _processes_under(ray_dir), _processes_under(ray_dir)
-    finally:
-        for pid in _processes_under(ray_dir):  # only what this test started (its own RAY_TMPDIR)
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def _processes_under(folder) -> list[int]:

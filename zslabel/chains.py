@@ -1,26 +1,14 @@
 """fsspec ``::`` chains (``zip://*.jpg::/d/imgs.zip``, ``simplecache::s3://b/x.tar``): which
 names are chains, and the link of one that holds the path. fsspec reads every ``::`` as a link
 separator, so a local name holding ``::`` (``run::1``, C++-style names) would open another
-file (fsspec/filesystem_spec#1782); ``storage`` keeps such names local by :func:`is_chain`.
+file (fsspec/filesystem_spec#1782); ``storage`` keeps such names local (``storage.is_chain``).
 """
 
 from __future__ import annotations
 
 import os
-import re
 
 import fsspec
-
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def is_chain(uri: str) -> bool:
-    """Whether ``uri`` is a ``::`` chain: its first link names a protocol, as a URI
-    (``zip://a.jpg``) or alone (``simplecache``). A local path holding ``::`` is none."""
-    if "::" not in uri:
-        return False
-    first = uri.split("::", 1)[0]
-    return _SCHEME.match(first) is not None or first in fsspec.available_protocols()
 
 
 def chain_parts(uri: str) -> tuple[str, str]:

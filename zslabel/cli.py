@@ -7,16 +7,14 @@ see ``EXIT_CODES``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import logging
 import os
-import signal
 import sys
-import threading
 
 from .config import INPUT_FORMATS, JobConfig, parse_concurrency, parse_storage_options, resolve_templates
 from .errors import AccountingError, ErrorBudgetExceeded, RayStartError, Terminated, ZslabelError
+from .interrupts import ctrl_c_ignored, sigterm_as_interrupt
 from .labels import DEFAULT_TEMPLATE, TEMPLATE_SETS, parse_label_list
 from .options import DEFAULT_MODEL
 from .sources import KINDS as INPUT_KINDS
@@ -483,44 +481,6 @@ def _print_evaluation(args, output: str, ground_truth, storage_options: dict, js
     print(report.text())
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Within the block, SIGTERM raises ``errors.Terminated`` (a ``KeyboardInterrupt``) in the
-    main thread, so that a job stopped by ``timeout``, Kubernetes or Slurm unwinds as after
-    Ctrl-C. A second SIGTERM ends the process at once (the default action), so that cleanup
-    cannot hold it. The previous handler is restored afterwards. No-op outside the main thread.
-    """
-    if threading.current_thread() is threading.main_thread():
-        def terminated(signum, frame):
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            raise Terminated()
-
-        previous = signal.signal(signal.SIGTERM, terminated)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-    else:
-        yield
-
-
-@contextlib.contextmanager
-def _ctrl_c_ignored():
-    """Within the block (the clean-up after a first Ctrl-C or SIGTERM: a second or so), a
-    further Ctrl-C is ignored. Raised inside the clean-up it was a traceback ("Exception
-    ignored in atexit callback"), and ending the process at once instead left the local Ray's
-    dashboard and runtime-env agents running for good. Restored afterwards. No-op outside the
-    main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _run_and_evaluate(args, run, config) -> int:
     """Run a label/relabel job; with --ground-truth (read before the run, so a bad file fails
     fast) evaluate the output afterwards, also when the error budget was exceeded."""
@@ -685,7 +645,7 @@ def _command(argv: list[str] | None) -> int:
             return 0
     except KeyboardInterrupt as exc:
         by = " by SIGTERM" if isinstance(exc, Terminated) else ""
-        with _ctrl_c_ignored():
+        with ctrl_c_ignored():
             print(f"zslabel: interrupted{by}; {_after_interrupt(output, storage_options)}", file=sys.stderr)
             if "ray" in sys.modules:  # here, not in Ray's atexit hook, where a Ctrl-C was a traceback
                 from .cluster import shutdown_started_ray

@@ -139,11 +139,13 @@ class JobConfig(LabelingOptions):
         Raises:
             ConfigError: ``io_timeout`` not in (0, ``MAX_TIMEOUT_S``] seconds, or ``io_retries`` < 0.
         """
-        if not 0 < self.io_timeout <= MAX_TIMEOUT_S:
+        # Types checked here too: run_label_job builds the policy before validate() runs.
+        timeout, retries = self.io_timeout, self.io_retries
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT_S:
             raise ConfigError(f"--io-timeout must be > 0 and at most {MAX_TIMEOUT_S:.0f} seconds (it bounds every "
-                              f"read; got {self.io_timeout})")
-        if self.io_retries < 0:
-            raise ConfigError(f"--io-retries must be >= 0 (got {self.io_retries})")
+                              f"read; got {timeout!r})")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ConfigError(f"--io-retries must be >= 0 (got {retries!r})")
         return IOPolicy(timeout=float(self.io_timeout), retries=int(self.io_retries))
 
     def check_input(self) -> None:

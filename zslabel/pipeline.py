@@ -61,12 +61,11 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     """
     spec_overrides = {"max_pixels": config.max_pixels, "min_side": config.min_side, "fast": config.fast_decode,
                       "reference_pixels": config.reference_pixels}
+    # Every read of the job (the input check, planning, fetching) within one I/O policy.
+    io = config.io_policy()
     checked = job.check(config, config.input, check_input=config.check_input)
     if isinstance(checked, job.FinishedRun):
         return summary_of_finished(*checked)  # nothing left to do
-    # Every read of the job (the input check, planning, fetching) within one I/O policy (the
-    # input check builds the same one), from the validated options.
-    io = config.io_policy()
     with checked.claimed():
         # The inputs, listed before the model loads and Ray starts (planning needs neither), so an
         # unreadable manifest or an input without images fails in seconds.

@@ -47,7 +47,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 import fsspec
 
-from .chains import chain_parts, is_chain
+from .chains import chain_parts
 from .errors import InputError, ZslabelError
 from .io_policy import IOPolicy
 
@@ -150,6 +150,15 @@ def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None, *,
 
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def is_chain(uri: str) -> bool:
+    """Whether ``uri`` is a ``::`` chain: its first link names a protocol, as a URI
+    (``zip://a.jpg``) or alone (``simplecache``). A local path holding ``::`` is none."""
+    if "::" not in uri:
+        return False
+    first = uri.split("::", 1)[0]
+    return _SCHEME.match(first) is not None or first in fsspec.available_protocols()
 
 
 def _lower_scheme(uri: str) -> str:

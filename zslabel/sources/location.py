@@ -41,8 +41,7 @@ def locate(uri: str, storage_options: dict | None, io: io_policy.IOPolicy, *, pr
     Raises:
         InputError: a ``::`` chain whose archive cannot be opened (:func:`check_chain`).
     """
-    if storage.is_chain(uri):  # a chain is spelled as given (``storage.local_spelling``)
-        check_chain(uri, storage_options, io)
+    check_chain(uri, storage_options, io)  # a chain is spelled as given (``storage.local_spelling``)
     # Local paths absolute, so that every row's path is (tar members and Parquet rows are named
     # after their file, "shard.tar#key.jpg"): a report or relabel from another folder finds them.
     spelled = storage.local_spelling(uri) or uri
@@ -61,10 +60,14 @@ def check_chain(uri: str, storage_options: dict | None, io: io_policy.IOPolicy) 
     one line: fsspec opens it with the filesystem, so a missing or damaged archive, or an
     HTTP server without range requests, was a traceback from wherever the chain was first used.
 
+    Nothing for a URI that is no chain (``storage.is_chain``).
+
     Raises:
         InputError: a pattern after the link holding the path (fsspec opens that name as
             written: it never matches), or the archive cannot be opened.
     """
+    if not storage.is_chain(uri):
+        return
     link, tail = storage.chain_parts(uri)
     if tail and storage.has_glob(tail):
         raise InputError(f"cannot read {uri}: a pattern after '::' is not expanded; name one archive "
