@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -119,10 +120,17 @@ def test_output_inside_a_folder_or_glob_input_is_one_counted_skip(tree, tmp_path
     assert globbed.kind == "glob" and globbed.skipped_by_reason.get("output_folder") == 1
     assert not [r for r in globbed.read_locally() if "/out/" in r["path"]]
 
-    # An output elsewhere, or a sibling whose name starts the same, changes nothing.
+    # An output elsewhere, or a sibling whose name starts the same: tree/out is then an earlier
+    # run's output, skipped the same way (by its manifest and state records).
     for output in [tmp_path / "elsewhere", tree / "ou", tree / "out2"]:
         other = plan_inputs(str(tree), use_ray=False, output=str(output))
-        assert "output_folder" not in other.skipped_by_reason
+        assert (other.listed, other.skipped_by_reason) == (plan.listed, plan.skipped_by_reason)
+    # Not a zslabel output: a folder that only holds a folder named like the store's state.
+    shutil.rmtree(tree / "out")
+    write(tree / "mine" / "_zslabel" / "photo.jpg", b"not an output")
+    other = plan_inputs(str(tree), use_ray=False, output=str(tmp_path / "elsewhere"))
+    assert "output_folder" not in other.skipped_by_reason
+    assert str(tree / "mine" / "_zslabel" / "photo.jpg") in [r["path"] for r in other.read_locally()]
 
 
 def test_output_inside_a_folder_of_parquet_shards_is_not_read_as_shards(tmp_path):

@@ -31,7 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .. import storage
 from ..errors import InputError
-from ..store.fsio import MANIFEST_NAME, STATE_DIR
+from ..store.layout import CLAIM_RECORD, MANIFEST_NAME, RUN_RECORD, SWAP_RECORD
 from .blocks import core_table, planned_dataset
 from .common import (
     IMAGE_EXTENSIONS,
@@ -179,16 +179,16 @@ def outermost(folders: list[str]) -> list[str]:
     return kept
 
 
+# Files only a zslabel output holds at its top: a finished run's manifest, a run's state records.
+_OUTPUT_MARKERS = (MANIFEST_NAME, RUN_RECORD, CLAIM_RECORD, SWAP_RECORD)
+
+
 def zslabel_outputs(files: list[str]) -> list[str]:
-    """The outermost folders among ``files``' that are zslabel outputs: they hold a run
-    manifest (``store.MANIFEST_NAME``) or the store's state folder (``store.STATE_DIR``)."""
-    found = set()
-    for p in files:
-        folder, name = posixpath.split(p)
-        if name == MANIFEST_NAME:
-            found.add(folder)
-        elif f"/{STATE_DIR}/" in p:
-            found.add(p.split(f"/{STATE_DIR}/", 1)[0])
+    """The outermost folders among ``files``' that are zslabel outputs (they hold one of
+    ``_OUTPUT_MARKERS`` at their top)."""
+    names = {posixpath.basename(m) for m in _OUTPUT_MARKERS}  # a million files: one set lookup each
+    found = {p[: -len(marker) - 1] for p in files if posixpath.basename(p) in names
+             for marker in _OUTPUT_MARKERS if p.endswith("/" + marker)}
     return outermost(sorted(found))
 
 
