@@ -13,7 +13,15 @@ import os
 import sys
 
 from .config import INPUT_FORMATS, JobConfig, parse_concurrency, parse_storage_options, resolve_templates
-from .errors import AccountingError, ErrorBudgetExceeded, RayStartError, Terminated, ZslabelError
+from .errors import (
+    AccountingError,
+    ConfigError,
+    ErrorBudgetExceeded,
+    OutputError,
+    RayStartError,
+    Terminated,
+    ZslabelError,
+)
 from .interrupts import ctrl_c_ignored, sigterm_as_interrupt
 from .labels import DEFAULT_TEMPLATE, TEMPLATE_SETS, parse_label_list
 from .options import DEFAULT_MODEL
@@ -471,11 +479,28 @@ def relabel_config_from_args(args: argparse.Namespace):
     return RelabelConfig.from_args(args)
 
 
+def _check_evaluation_json(json_path: str | None, output: str, storage_options: dict) -> None:
+    """Refuse a ``--json``/``--eval-json`` path inside a zslabel output (``output``, or any other):
+    a file there blocked the run's next --overwrite ("files zslabel did not write")."""
+    from .storage import comparable_path
+    from .store import refuse_inside_output
+
+    if not json_path:
+        return
+    refuse_inside_output(json_path, storage_options, "an evaluation report")
+    if comparable_path(json_path).startswith(comparable_path(output).rstrip("/") + "/"):
+        raise OutputError(f"{json_path} is inside the output {output}: an evaluation report written there would "
+                          "block the run's next --overwrite; write it outside the run's folder")
+
+
 def _print_evaluation(args, output: str, ground_truth, storage_options: dict, json_path: str | None) -> None:
     from .evaluate import evaluate
 
-    report = evaluate(output, ground_truth, storage_options=storage_options,
-                      top_confusions=getattr(args, "top_confusions", 10))
+    top_confusions = getattr(args, "top_confusions", 10)
+    if top_confusions < 0:
+        raise ConfigError(f"--top-confusions must be >= 0 (got {top_confusions})")
+    _check_evaluation_json(json_path, output, storage_options)
+    report = evaluate(output, ground_truth, storage_options=storage_options, top_confusions=top_confusions)
     if json_path:  # before the text: a reader of stdout that leaves (| head) must not cost the file
         report.write_json(json_path, storage_options)
     print(report.text())
@@ -486,6 +511,9 @@ def _run_and_evaluate(args, run, config) -> int:
     fast) evaluate the output afterwards, also when the error budget was exceeded."""
     from .evaluate import load_ground_truth
 
+    if args.eval_json and not args.ground_truth:
+        raise ConfigError("--eval-json writes the evaluation against --ground-truth FILE, which is not given")
+    _check_evaluation_json(args.eval_json, config.output, config.storage_options)
     gt = load_ground_truth(args.ground_truth, config.storage_options) if args.ground_truth else None
     try:
         summary = run(config)

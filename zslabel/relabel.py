@@ -361,8 +361,11 @@ def run_relabel_job(config: RelabelConfig, progress: bool = True):
         # leaves no write session behind.
         scorer = _Scorer(prepared.classifier(), schema)
         src_manifest = source.manifest or {}
+        # The source run itself, not only its settings: a source labeled again (--overwrite)
+        # renumbers its rows, and a --resume by input_index kept stale rows or counted too many.
         session = job.begin(prepared, schema, preprocess=src_manifest.get("preprocess"),
-                            extra_fields={"source_fingerprint": src_manifest.get("fingerprint")})
+                            extra_fields={"source_fingerprint": src_manifest.get("fingerprint"),
+                                          "source_run": src_manifest.get("run_id")})
         t_run = time.perf_counter()
         written = _relabel_files(config, source, session, scorer, progress)
         prepared.timings["labeling_s"] = time.perf_counter() - t_run

@@ -131,8 +131,11 @@ def check_free(uri: str, overwrite: bool, storage_options: dict | None = None, w
             empty folder", so that a folder holding other files is never written into).
 
     Raises:
-        OutputError: ``uri`` exists and ``overwrite`` is False, or ``replaceable`` says no.
+        OutputError: ``uri`` exists and ``overwrite`` is False, or ``replaceable`` says no; a
+            file's ``uri`` (no ``replaceable``) ends in ``/``.
     """
+    if replaceable is None and uri.endswith("/"):  # a file: "DIR/" wrote a file named DIR, then failed
+        raise OutputError(f"{what} {uri} ends in '/', which names a folder; the {what} is one file: name the file")
     refuse_inside_output(uri, storage_options, f"a {what}")
     fs, path = output_filesystem(uri, storage_options)
     if not fs.exists(path):
