@@ -319,7 +319,8 @@ def run_relabel_job(config: RelabelConfig, progress: bool = True):
     """Relabel the embeddings of ``config.source`` with new labels into ``config.output``, through
     the same commit protocol as ``zslabel label`` (``store``): one committed file per source
     file; ``--overwrite`` stages the new output and swaps it in only when every file is written;
-    ``--resume`` finishes a relabel that stopped part way (or extends a finished one).
+    ``--resume`` finishes a relabel that stopped part way, of the same source run (a source
+    labeled again since is refused: its rows are numbered afresh).
     ``progress``: show rows done / total, rate, errors and ETA on stderr (``zslabel.progress``).
 
     Returns:
