@@ -106,7 +106,7 @@ def label_studio(tmp_path_factory):
             try:
                 if requests.get(url + "/health", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still starting
                 pass
             if time.perf_counter() - started > START_TIMEOUT_S:
                 pytest.fail(f"label-studio did not answer /health in {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
