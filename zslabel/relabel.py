@@ -364,9 +364,10 @@ def run_relabel_job(config: RelabelConfig, progress: bool = True):
         src_manifest = source.manifest or {}
         # The source run itself, not only its settings: a source labeled again (--overwrite)
         # renumbers its rows, and a --resume by input_index kept stale rows or counted too many.
+        # Only when known: a source without a manifest (any Parquet with embeddings) has none.
+        source_run = {"source_run": src_manifest["run_id"]} if src_manifest.get("run_id") else {}
         session = job.begin(prepared, schema, preprocess=src_manifest.get("preprocess"),
-                            extra_fields={"source_fingerprint": src_manifest.get("fingerprint"),
-                                          "source_run": src_manifest.get("run_id")})
+                            extra_fields={"source_fingerprint": src_manifest.get("fingerprint"), **source_run})
         t_run = time.perf_counter()
         written = _relabel_files(config, source, session, scorer, progress)
         prepared.timings["labeling_s"] = time.perf_counter() - t_run
