@@ -307,6 +307,39 @@ def test_readers_and_the_resume_short_cut_see_files_added_or_deleted_since_the_r
     assert OutputStore.open(str(out)).finished_unchanged("resume", False, stamps) is None
 
 
+def test_a_part_cut_short_after_the_run_is_named_not_taken_as_finished(tmp_path):
+    """A finished output whose part file was cut short later (a copy or sync interrupted, a
+    full disk): a --resume answered 'nothing to label' (the short-cut counted files, not their
+    bytes), and a resume that scanned failed with Arrow's "Is this a 'parquet' file?". Now the
+    manifest records each data file's size, the short-cut sees the change, and the scan names
+    the damaged file and the way out; deleting it and resuming labels its inputs again."""
+    out = tmp_path / "out"
+    run_once(str(out), [0, 1, 2])
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    (part,) = sorted(out.glob("*.parquet"))
+    assert manifest["data_files"] == {part.name: part.stat().st_size}
+    manifest.update(counts={"files": 1}, input_stamp="in", model={"stamp": "ckpt"})
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    stamps = {"input": "in", "model": "ckpt"}
+    assert OutputStore.open(str(out)).finished_unchanged("resume", False, stamps) is not None
+
+    with open(part, "r+b") as fh:
+        fh.truncate(part.stat().st_size // 2)
+    store = OutputStore.open(str(out))
+    assert store.finished_unchanged("resume", False, stamps) is None
+    store.check("resume")
+    with pytest.raises(OutputError, match=f"committed file {part.name} cannot be read as Parquet .*Delete the "
+                                          "damaged file.*--resume again") as err:
+        store.begin("resume", FIELDS)
+    store.release()
+    assert "\n" not in str(err.value)
+    assert (out / MANIFEST_NAME).exists() and part.exists()  # refused before anything changed
+
+    part.unlink()
+    session = run_once(str(out), [0, 1, 2], mode="resume")
+    assert session.carried_rows == 0 and sorted(pq.read_table(str(out)).column("input_index").to_pylist()) == [0, 1, 2]
+
+
 def test_overwrite_never_takes_a_users_part_file_for_its_own(tmp_path):
     """Ownership is the exact names the store writes: ``part-0.parquet`` (pyarrow's
     ``write_dataset`` default), ``part-x.parquet`` or a temp-like name dropped into an output are

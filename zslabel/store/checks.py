@@ -104,11 +104,11 @@ def finished_unchanged(state: OutputState, mode: str, retry_errors: bool, stamps
 
     Nothing to do: ``state`` holds a finished run (manifest, no unfinished run, swap or live
     claim), its settings are this run's (:func:`check_resumable` passed), there are no error rows
-    to retry, the output holds as many data files as that run committed, and the input (or
-    relabel source) and the model checkpoint are local and
-    unchanged: the same ``storage.local_stamp`` (file names, sizes and mtimes) as recorded by
-    that run in ``input_stamp`` and ``model.stamp``. A hub model id or a remote input or model
-    is never assumed unchanged.
+    to retry, the output holds the data files that run committed (as many; and the sizes its
+    manifest records in ``data_files``, where it does), and the input (or relabel source) and
+    the model checkpoint are local and unchanged: the same ``storage.local_stamp`` (file names,
+    sizes and mtimes) as recorded by that run in ``input_stamp`` and ``model.stamp``. A hub
+    model id or a remote input or model is never assumed unchanged.
 
     Args:
         stamps: ``{"input": ..., "model": ...}`` stamps of this run (None when not local).
@@ -124,6 +124,9 @@ def finished_unchanged(state: OutputState, mode: str, retry_errors: bool, stamps
         return None
     if len(state.data_files()) != (m.get("counts") or {}).get("files"):
         return None  # a part file deleted or added since: the run goes ahead, rescans and repairs
+    recorded = m.get("data_files")  # absent in manifests of versions before 2026-12-06
+    if isinstance(recorded, dict) and state.data_file_sizes() != recorded:
+        return None  # a part cut short or replaced since: the scan names it (scan.scan_files)
     return m
 
 

@@ -20,7 +20,7 @@ import io
 import json
 import posixpath
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 import pyarrow as pa
@@ -64,7 +64,8 @@ class OutputState:
     writes, not what is there); ``run_record`` is None when the last run finished (a record
     whose run id equals the manifest's is a finished run's leftover); ``claim`` is the live or
     stale claim record, None when unclaimed; ``outer`` the zslabel output a folder above
-    ``root`` holds (:func:`output_holding`), None when none does (found when first inspected).
+    ``root`` holds (:func:`output_holding`), None when none does (found when first inspected);
+    ``sizes`` each file's size in bytes as listed (None where the listing gives none).
     """
 
     uri: str
@@ -76,6 +77,7 @@ class OutputState:
     swap_record: dict | None
     claim: dict | None = None
     outer: str | None = None
+    sizes: dict[str, int | None] = field(default_factory=dict)
 
     def refreshed(self) -> "OutputState":
         """A new snapshot of the same output, through the same filesystem object."""
@@ -99,6 +101,11 @@ class OutputState:
         prefix = f"{data_dir}/" if data_dir else ""
         inside = [rel[len(prefix):] for rel in self.files if rel.startswith(prefix)]
         return [prefix + rel for rel in visible_parquet_files(inside)]
+
+    def data_file_sizes(self, data_dir: str = "") -> dict[str, int | None]:
+        """``{name relative to root/data_dir: size in bytes}`` of :meth:`data_files`."""
+        prefix = f"{data_dir}/" if data_dir else ""
+        return {rel[len(prefix):]: self.sizes.get(rel) for rel in self.data_files(data_dir)}
 
     def visible_files(self) -> list[str]:
         """Relative paths of every file a Parquet reader of ``root`` would consider (any type)."""
@@ -191,17 +198,18 @@ def snapshot(uri: str, fs: fsspec.AbstractFileSystem, root: str) -> OutputState:
             return OutputState(uri, fs, root, [], None, None, None)
         if not fs.isdir(root):
             raise OutputError(f"output {uri} exists and is a file, not a folder")
-        found = [relative(root, f) for f in fs.find(root)]
+        # detail=True: the sizes come with the same listing (no request per file).
+        listed = {relative(root, f): info.get("size") for f, info in fs.find(root, detail=True).items()}
     except OutputError:
         raise
     except Exception as exc:  # noqa: BLE001 - storage errors differ per backend
         raise OutputError(f"cannot inspect output location {uri}: {type(exc).__name__}: {exc}") from exc
-    files = [f for f in found if f != CLAIM_RECORD]
-    state = OutputState(uri, fs, root, files, None, None, None)
+    files = [f for f in listed if f != CLAIM_RECORD]
+    state = OutputState(uri, fs, root, files, None, None, None, sizes=listed)
     state.manifest = read_json(state, MANIFEST_NAME) if MANIFEST_NAME in files else None
     state.run_record = read_json(state, RUN_RECORD) if RUN_RECORD in files else None
     state.swap_record = read_json(state, SWAP_RECORD) if SWAP_RECORD in files else None
-    state.claim = read_json_or_none(fs, state.path(CLAIM_RECORD)) if CLAIM_RECORD in found else None
+    state.claim = read_json_or_none(fs, state.path(CLAIM_RECORD)) if CLAIM_RECORD in listed else None
     if state.run_record and state.manifest and state.manifest.get("run_id") == state.run_record.get("run_id"):
         state.run_record = None  # the run committed; only its cleanup was cut short
     return state

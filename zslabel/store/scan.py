@@ -55,21 +55,48 @@ class Scan:
 
 
 def scan_files(state: OutputState, rel_paths: list[str]) -> Scan:
-    """Read the small columns of committed files (one footer + two columns per file)."""
+    """Read the small columns of committed files (one footer + two columns per file).
+
+    Raises:
+        OutputError: a file is no readable Parquet file (cut short or overwritten since it was
+            committed); the message names it and what to do.
+    """
     import pyarrow.dataset as pads
 
     schema = pa.schema([(INPUT_INDEX, pa.int64()), (ERROR, pa.string()), ("file", pa.string())])
     if not rel_paths:
         return Scan(schema.empty_table(), [], {})
     paths = [state.path(r) for r in rel_paths]
-    dataset = pads.dataset(paths, filesystem=arrow_fs(state.fs), format="parquet")
     fingerprints: dict[str, list[str]] = {}
-    for frag in dataset.get_fragments():
-        md = frag.physical_schema.metadata or {}
-        fingerprints.setdefault(md.get(FINGERPRINT_KEY, b"").decode(), []).append(frag.path)
-    table = dataset.to_table(columns=[INPUT_INDEX, ERROR, "__filename"])
+    try:
+        dataset = pads.dataset(paths, filesystem=arrow_fs(state.fs), format="parquet")
+        for frag in dataset.get_fragments():
+            md = frag.physical_schema.metadata or {}
+            fingerprints.setdefault(md.get(FINGERPRINT_KEY, b"").decode(), []).append(frag.path)
+        table = dataset.to_table(columns=[INPUT_INDEX, ERROR, "__filename"])
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise OutputError(_damaged_files_message(state, rel_paths, exc)) from exc
     table = pa.table([table.column(0).cast(pa.int64()), table.column(1), table.column(2)], schema=schema)
     return Scan(table, list(rel_paths), fingerprints)
+
+
+def _damaged_files_message(state: OutputState, rel_paths: list[str], exc: BaseException) -> str:
+    """Which of ``rel_paths`` Arrow cannot read (each footer read again: only on this error
+    path), and what to do; a file the store committed was whole when it was committed."""
+    damaged: dict[str, str] = {}
+    for rel in rel_paths:
+        try:
+            with state.fs.open(state.path(rel), "rb") as fh:
+                pq.read_metadata(fh)
+        except Exception as err:  # noqa: BLE001 - any reason to be unreadable is the same answer
+            damaged[rel] = f"{type(err).__name__}: {str(err).strip()[:160]}"
+    if not damaged:  # the files are whole: a storage error, not damage
+        return f"cannot read the committed files of output {state.uri}: {type(exc).__name__}: {exc}"
+    first, why = next(iter(damaged.items()))
+    more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+    return (f"output {state.uri}: committed file {first}{more} cannot be read as Parquet ({why}): cut short or "
+            "overwritten after the run wrote it, so its rows are lost. Delete the damaged file(s) and run --resume "
+            "again to label those images anew (the other rows are kept), or use --overwrite to start over")
 
 
 def of_run(scan: "Scan", run_id: str) -> np.ndarray:

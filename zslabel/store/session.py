@@ -175,7 +175,11 @@ class WriteSession:
         if (state.run_record or {}).get("run_id") != self.run_id:
             raise OutputError(f"output {self.target.uri} was taken over by run "
                               f"{(state.run_record or {}).get('run_id')} before run {self.run_id} committed")
-        manifest = dict(manifest, run_id=self.run_id, fingerprint=self.fingerprint, fingerprint_fields=self.fields)
+        # The committed files' sizes: a --resume of the finished run compares them with the
+        # listing (checks.finished_unchanged), so a part cut short since is noticed for free.
+        sizes = state.data_file_sizes(self.target.data_dir)
+        manifest = dict(manifest, run_id=self.run_id, fingerprint=self.fingerprint, fingerprint_fields=self.fields,
+                        data_files=sizes)
         self.committed = True
         if not self.staged:
             path = write_json(state, MANIFEST_NAME, manifest)
