@@ -41,6 +41,7 @@ from zslabel.errors import InputError, error_code
 from zslabel.sources import SKIP_REASONS, plan_inputs
 from zslabel.sources.common import IMAGE_EXTENSIONS, is_hidden, new_counts
 from zslabel.sources.webdataset import SIDECARS, read_tar, split_key
+from zslabel.store import MANIFEST_NAME
 
 _COMMON = dict(deadline=None, database=None, derandomize=False,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
@@ -50,7 +51,9 @@ QUICK = settings(max_examples=EXAMPLES, **_COMMON)
 SLOW = settings(max_examples=max(EXAMPLES, 150), **_COMMON)
 
 # Name characters real crawls hold; "/" and NUL are never in a file name.
-NAME_CHARS = st.sampled_from(list("abcXYZ019 _-#%,'\"()[]&+=~é中ü") + ["\u00a0", "\u200b"])
+NAME_CHARS = st.sampled_from(list("abcXYZ019 _-#%,'\"()[]&+=~é中ü:") + ["\u00a0", "\u200b"])
+# fsspec reads "::" as a chain separator (filesystem_spec#1782): local names hold it too.
+COLONS = st.sampled_from(["", "", "::", "a::b", "::x::"])
 EXTS = st.sampled_from(["jpg", "JPG", "png", "webp", "txt", "json", "cls", "npy", ""])
 
 
@@ -74,16 +77,21 @@ def is_image_name(name: str) -> bool:
 
 @st.composite
 def trees(draw):
-    """{relative file path: bytes} plus symlinks to make: [(relative link, 'root'|'parent'|file)]."""
+    """{relative file path: bytes}, symlinks to make: [(relative link, 'root'|'parent'|file)],
+    the input folder's name (some with "::"), and the folders (names no generated name can take:
+    no 'o' in NAME_CHARS) that hold an earlier zslabel output: its manifest, a part file and an image."""
     files = {}
     for _ in range(draw(st.integers(1, 10))):
         depth = draw(st.integers(0, 2))
         parts = [draw(st.text(NAME_CHARS, min_size=1, max_size=5).filter(lambda s: s.strip() == s))
-                 for _ in range(depth)]
-        parts.append(draw(names()))
+                 + draw(COLONS) for _ in range(depth)]
+        parts.append(draw(COLONS) + draw(names()))
         files["/".join(parts)] = b"x"
     links = draw(st.lists(st.sampled_from(["root", "parent", "file"]), max_size=3))
-    return files, links
+    outputs = draw(st.lists(st.sampled_from(["out", "old::out", "b/out"]), max_size=2, unique=True))
+    for out in outputs:
+        files.update({f"{out}/{MANIFEST_NAME}": b"{}", f"{out}/part-x.parquet": b"PAR1", f"{out}/img.jpg": b"x"})
+    return files, links, "in" + draw(COLONS), outputs
 
 
 def _make_tree(root: Path, files: dict, links: list[str]) -> list[str]:
@@ -114,12 +122,15 @@ def _make_tree(root: Path, files: dict, links: list[str]) -> list[str]:
 
 
 def _folder_property(data):
-    files, links = data
+    files, links, root_name, outputs = data
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "in"
+        root = Path(tmp) / root_name
         root.mkdir()
         made = _make_tree(root, files, links)
-        expected = sorted(str(root / r) for r in made if is_image_name(r) and not is_hidden(r))
+        outputs = [o for o in outputs if (root / o / MANIFEST_NAME).is_file()]  # a name taken by a file first
+        inside_output = tuple(f"{o}/" for o in outputs)
+        expected = sorted(str(root / r) for r in made
+                          if is_image_name(r) and not is_hidden(r) and not r.startswith(inside_output))
         if not expected:
             with pytest.raises(Exception, match="no images"):
                 plan_inputs(str(root), use_ray=False, input_format="folder")
@@ -130,6 +141,7 @@ def _folder_property(data):
         assert [r["path"] for r in rows] == expected  # each image exactly once, loops not followed
         loops = sum(1 for kind in links if kind != "file")
         assert plan.skipped_by_reason.get("folder_link", 0) <= loops
+        assert plan.skipped_by_reason.get("output_folder", 0) == len(outputs)  # an earlier run's output: one skip
 
 
 @QUICK

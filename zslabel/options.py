@@ -130,6 +130,7 @@ class LabelingOptions:
         Raises:
             ConfigError: naming the field, the type it takes and the value.
         """
+        # Again: a field may have been set after construction (``options.labels = "a,b"``).
         self._python_forms()
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):

@@ -127,8 +127,9 @@ def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None, *,
     # A local file: URI names its RFC 8089 path here as everywhere (--output file:///a%20b is "/a b").
     uri = file_uri_path(uri) or _lower_scheme(uri)
     if "::" in uri and not is_chain(uri):  # a local name holding "::" (fsspec would split it)
-        fs = fsspec.filesystem("file")
-        return fs, fs._strip_protocol(uri)
+        from fsspec.implementations.local import make_path_posix
+
+        return fsspec.filesystem("file"), make_path_posix(uri).rstrip("/") or "/"
     try:
         fs, path = fsspec.core.url_to_fs(uri, **io_storage_options(uri, storage_options, io or IOPolicy()))
     except ImportError as exc:
