@@ -37,13 +37,19 @@ def run(tiny_clip, ray_local, tmp_path_factory):
     return {"images": images, "out": out, "gt": gt}
 
 
-def test_export_label_studio_to_a_folder_name_is_a_one_line_error(run, tmp_path):
+@pytest.mark.parametrize("command", [["export", "--format", "label-studio", "--output"], ["calibrate", "--output"],
+                                     ["fit", "--output"], ["eval", "--json"]])
+def test_one_file_named_as_a_folder_is_a_one_line_error(command, run, tmp_path, capsys):
     """`zslabel export RUN --format label-studio --output DIR/`: the tasks were written to a file
     named DIR, then the label config (DIR/.label_config.xml) raised FileExistsError: traceback,
-    exit 1 (the error-budget code). A bad --output should exit 2 in one line."""
-    rc = cli.main(["export", str(run["out"]), "--format", "label-studio",
-                   "--output", str(tmp_path / "tasks") + "/"])
-    assert rc == 2
+    exit 1 (the error-budget code). `calibrate --output DIR/` (and fit's, eval's --json) wrote a
+    file named DIR, exit 0. A bad --output should exit 2 in one line, writing nothing."""
+    name, *flags = command
+    rc = cli.main([name, str(run["out"]), "--ground-truth", str(run["gt"]), *flags, str(tmp_path / "dir") + "/"]
+                  if name != "export" else [name, str(run["out"]), *flags, str(tmp_path / "dir") + "/"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "names a folder" in err and not (tmp_path / "dir").exists()
 
 
 def test_eval_json_inside_the_run_folder_is_refused(run):

@@ -218,7 +218,7 @@ def run_calibrate(output: str, ground_truth: str, *, calibration_path: str = "ca
     from .relabel import check_same_model
 
     check_holdout(holdout)  # before the sample and the model are read
-    refuse_inside_output(calibration_path, storage_options, "a calibration file")
+    refuse_inside_output(calibration_path, storage_options, "a calibration file", one_file=True)
     sample, manifest = read_sample(output, ground_truth, storage_options)
     model = manifest["model"]
     labels, templates = list(manifest["labels"]), list(manifest.get("templates") or [])

@@ -487,7 +487,7 @@ def _check_evaluation_json(json_path: str | None, output: str, storage_options: 
 
     if not json_path:
         return
-    refuse_inside_output(json_path, storage_options, "an evaluation report")
+    refuse_inside_output(json_path, storage_options, "an evaluation report", one_file=True)
     if comparable_path(json_path).startswith(comparable_path(output).rstrip("/") + "/"):
         raise OutputError(f"{json_path} is inside the output {output}: an evaluation report written there would "
                           "block the run's next --overwrite; write it outside the run's folder")

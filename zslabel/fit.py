@@ -178,7 +178,7 @@ def run_fit(run: str, ground_truth: str, *, head_path: str, holdout: float = 0.3
         raise ConfigError(f"--holdout must be in [0, 1) (got {holdout})")
     if folds < 2:
         raise ConfigError(f"--folds must be >= 2 (got {folds})")
-    refuse_inside_output(head_path, storage_options, "a head file")
+    refuse_inside_output(head_path, storage_options, "a head file", one_file=True)
     t0 = time.perf_counter()
     x, y, manifest, counts = read_labeled_embeddings(run, ground_truth, storage_options)
     labels, templates = list(manifest["labels"]), list(manifest.get("templates") or [])

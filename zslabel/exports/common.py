@@ -134,9 +134,7 @@ def check_free(uri: str, overwrite: bool, storage_options: dict | None = None, w
         OutputError: ``uri`` exists and ``overwrite`` is False, or ``replaceable`` says no; a
             file's ``uri`` (no ``replaceable``) ends in ``/``.
     """
-    if replaceable is None and uri.endswith("/"):  # a file: "DIR/" wrote a file named DIR, then failed
-        raise OutputError(f"{what} {uri} ends in '/', which names a folder; the {what} is one file: name the file")
-    refuse_inside_output(uri, storage_options, f"a {what}")
+    refuse_inside_output(uri, storage_options, f"a {what}", one_file=replaceable is None)
     fs, path = output_filesystem(uri, storage_options)
     if not fs.exists(path):
         return

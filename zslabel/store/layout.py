@@ -162,8 +162,13 @@ def output_holding(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
         path = parent
 
 
-def refuse_inside_output(uri: str, storage_options: dict | None = None, what: str = "this file") -> None:
-    """Raise ``OutputError`` when ``uri`` lies in a zslabel output folder (:func:`enclosing_output`)."""
+def refuse_inside_output(uri: str, storage_options: dict | None = None, what: str = "this file", *,
+                         one_file: bool = False) -> None:
+    """Raise ``OutputError`` when ``uri`` lies in a zslabel output folder (:func:`enclosing_output`),
+    or names a folder (ends in ``/``) where ``one_file`` is to be written (fsspec wrote a file
+    named ``DIR`` for ``DIR/``)."""
+    if one_file and uri.endswith("/"):
+        raise OutputError(f"{uri} ends in '/', which names a folder; {what} is one file: name the file")
     found = enclosing_output(uri, storage_options)
     if found is not None:
         raise OutputError(f"{uri} is inside the zslabel output {found}: {what} written there would be taken for "
