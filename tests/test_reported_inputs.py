@@ -7,6 +7,7 @@ CLI (``zslabel.cli.main``) on the tiny offline checkpoint, and checks the README
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -156,6 +157,8 @@ def test_an_earlier_output_inside_a_parquet_input_folder_is_not_read_as_input(ti
     rows = pq.read_table(str(ds / "out_new")).to_pylist()
     assert [(r["path"], r["error"]) for r in rows if r["error"] or "out_old" in r["path"]] == []
     assert len(rows) == 3
+    # Also: 3 rows (the footers say so) load one model, not one per free CPU of the local Ray.
+    assert json.loads((ds / "out_new" / "_run_manifest.json").read_text())["timings"]["model_actors"] == 1
 
 
 @pytest.mark.parametrize("field,value", [("top_k", "2"), ("batch_size", "64"), ("max_error_fraction", "0.1"),

@@ -38,6 +38,7 @@ def test_parquet_image_bytes_img2dataset_layout(ray_local, tmp_path):
     # the stats file beside the shards is listed and skipped; every Parquet row is a row
     assert plan.finalize().listed == 5 and plan.skipped_by_reason == {"not_a_shard": 1}
     assert plan.expected_rows() == len(rows)
+    assert plan.rows_at_most == len(rows)  # the footers' counts: they size the labeler pool
 
     single = plan_inputs(str(folder / "00001.parquet"))
     assert single.kind == "parquet" and rows_of(single)[0]["data"] == jpeg(4)
@@ -48,7 +49,9 @@ def test_parquet_image_bytes_img2dataset_layout(ray_local, tmp_path):
 def test_corrupt_parquet_shard_is_an_error_row(ray_local, tmp_path):
     pq.write_table(pa.table({"jpg": [jpeg(1)]}), tmp_path / "a.parquet")
     write(tmp_path / "b.parquet", b"PAR1 garbage PAR1")
-    rows = rows_of(plan_inputs(str(tmp_path / "*.parquet"), input_format="parquet"))
+    plan = plan_inputs(str(tmp_path / "*.parquet"), input_format="parquet")
+    rows = rows_of(plan)
+    assert plan.rows_at_most == 2  # one row in a's footer, one read_error row for b
     assert rows[0]["path"] == f"{tmp_path / 'a.parquet'}#0" and rows[0]["data"] == jpeg(1)
     assert rows[1]["path"] == str(tmp_path / "b.parquet")
     assert error_code(rows[1]["read_error"]) == "read_error"

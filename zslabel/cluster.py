@@ -275,8 +275,9 @@ def initial_actors(ask: ResourceAsk, pool: tuple[int, int], inputs: int | None,
 
     Ray Data grows an actor pool only while the running actors stay busy with work queued, one
     actor at a time: in benchmarks a 2-core run of 320 images never got its second CPU actor.
-    ``inputs`` (None when unknown, e.g. tar shards) keeps a run of a few images from paying for
-    a model load per core. GPU pools and ``--concurrency`` start at their minimum, as configured.
+    ``inputs`` (None when unknown, e.g. tar shards; for Parquet the footers' row count) keeps a
+    run of a few images from paying for a model load per core. GPU pools and ``--concurrency``
+    start at their minimum, as configured.
     """
     if ask.concurrency or ask.num_gpus_per_actor:
         return pool[0]

@@ -87,7 +87,8 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
         # The planned rows as a Ray Dataset read in the decode tasks (with their task options,
         # so that Ray Data fuses the two into one task per block), in blocks sized for the cluster.
         dataset = plan.to_dataset(task_options, cluster.cpus())
-        labelers = actor_pool_strategy(config, pool, plan.listed, cluster.nodes)
+        inputs = plan.listed if plan.listed is not None else plan.rows_at_most
+        labelers = actor_pool_strategy(config, pool, inputs, cluster.nodes)
         bound_in_flight(config, prepared.preprocess.output_hw, pool, dataset)
         # The write session: the output schema is part of the run's fingerprint.
         schema = output_schema(plan.carried_columns, prepared.embedding_dim if config.store_embeddings else None,

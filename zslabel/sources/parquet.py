@@ -147,7 +147,7 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan:
             image column (when not auto); unclear image columns (as :func:`image_columns`);
             manifest errors (no path column: naming ``--image-column`` and ``--path-column``).
     """
-    schemas = _schemas(files, options)
+    schemas, rows = _schemas(files, options)
     first, schema = schemas[0]
     wanted = options.image_column
     image_col: str | None = None
@@ -174,8 +174,10 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan:
     # Every file's: a column some parts lack (img2dataset shards written with and without
     # captions) is null in their rows, not dropped from all of them.
     carried = [c for c in CARRIED if any(c in s.names for _, s in schemas)]
-    return streaming_plan("parquet", files, read_parquet, options.storage_options, carried, use_ray=options.use_ray,
+    plan = streaming_plan("parquet", files, read_parquet, options.storage_options, carried, use_ray=options.use_ray,
                           image_column=image_col, carried_columns=carried, find_own_column=wanted is None)
+    plan.rows_at_most = rows
+    return plan
 
 
 def _plan_as_manifest(files: list[str], schemas: list[tuple[str, pa.Schema]], options: InputOptions) -> InputPlan:
@@ -209,43 +211,53 @@ def _plan_as_manifest(files: list[str], schemas: list[tuple[str, pa.Schema]], op
 SCHEMA_READERS = 16
 
 
-def _schemas(files: list[str], options: InputOptions) -> list[tuple[str, pa.Schema]]:
-    """``(uri, schema)`` of every file whose schema can be read, in file order (at least one).
-    A file that cannot be read is left out here (a warning names the first few) and becomes its
-    ``read_error`` row when the rows are read.
+def _schemas(files: list[str], options: InputOptions) -> tuple[list[tuple[str, pa.Schema]], int | None]:
+    """``(uri, schema)`` of every file whose schema can be read, in file order (at least one),
+    and the most rows the files can give (their footers' counts, one ``read_error`` row per
+    unreadable file; None when an Arrow IPC file's is unknown). A file that cannot be read is left out of
+    the schemas (a warning names the first few) and becomes its ``read_error`` row when the rows are read.
 
     Raises:
         InputError: none can be read (the first file's error, and how many failed).
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    def read(uri: str) -> pa.Schema | InputError:
+    def read(uri: str) -> tuple[pa.Schema, int | None] | InputError:
         try:
-            return _schema(uri, options)
+            return file_footer(uri, options.storage_options, options.io)
         except InputError as exc:
             return exc
 
     with ThreadPoolExecutor(max_workers=min(SCHEMA_READERS, len(files))) as pool:
         got = list(pool.map(read, files))
     failures = [g for g in got if isinstance(g, InputError)]
-    readable = [(uri, g) for uri, g in zip(files, got) if not isinstance(g, InputError)]
+    readable = [(uri, g[0]) for uri, g in zip(files, got) if not isinstance(g, InputError)]
+    counts = [g[1] for g in got if not isinstance(g, InputError)]
+    rows = None if None in counts else sum(c for c in counts if c is not None) + len(failures)
     if readable:  # the job goes on: say which files will be error rows (else the error says it)
         for exc in failures[:3]:
             logger.warning("%s", exc)
         if len(failures) > 3:
             logger.warning("... and %d more Parquet files whose schema cannot be read", len(failures) - 3)
-        return readable
+        return readable, rows
     if len(files) == 1:
         raise failures[0]
     raise InputError(f"none of the {len(files)} Parquet files can be read; the first: {failures[0]}") from failures[0]
 
 
-def _schema(uri: str, options: InputOptions) -> pa.Schema:
-    return file_schema(uri, options.storage_options, options.io)
-
-
 def file_schema(uri: str, storage_options: dict, io: io_policy.IOPolicy | None = None) -> pa.Schema:
     """The Arrow schema of the Parquet or Arrow IPC file ``uri`` (its footer, or its stream's head).
+
+    Raises:
+        InputError: the file cannot be opened or holds no readable schema.
+    """
+    return file_footer(uri, storage_options, io)[0]
+
+
+def file_footer(uri: str, storage_options: dict, io: io_policy.IOPolicy | None = None
+                ) -> tuple[pa.Schema, int | None]:
+    """``(Arrow schema, rows)`` of the Parquet or Arrow IPC file ``uri``: from its footer
+    (one read); rows None for an Arrow IPC stream (its head does not say).
 
     Raises:
         InputError: the file cannot be opened or holds no readable schema.
@@ -256,7 +268,10 @@ def file_schema(uri: str, storage_options: dict, io: io_policy.IOPolicy | None =
     arrow = is_arrow(uri)
     try:
         with storage.open_input(fs, fs_path, "rb") as f:
-            return _open_ipc(f).schema if arrow else pq.read_schema(f)
+            if arrow:
+                return _open_ipc(f).schema, None
+            footer = pq.ParquetFile(f)  # what pq.read_schema reads, and the row count beside it
+            return footer.schema_arrow, footer.metadata.num_rows
     except Exception as exc:
         raise InputError(f"cannot read {'Arrow' if arrow else 'Parquet'} file {uri}: "
                          f"{io_policy.describe_error(exc, io)}") from exc
