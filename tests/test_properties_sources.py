@@ -231,6 +231,9 @@ def _tar_property(members, limit: int, mode: str = "w") -> None:
         assert counts["listed"] == len(members) - (len(sidecars) - skipped_sidecars)
         assert sum(counts["reasons"].values()) == counts["skipped"]
         assert set(counts["reasons"]) <= set(SKIP_REASONS)
+        # The planned bound on a plain tar's rows (it sizes the labeler pool) is never below them.
+        bound = plan_inputs(str(shard), use_ray=False).rows_at_most
+        assert bound is None if mode != "w" else bound >= counts["listed"]  # also when compressed but named .tar
 
 
 @QUICK

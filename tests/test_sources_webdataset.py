@@ -33,6 +33,8 @@ def test_webdataset_brace_range_sidecars_and_skips(ray_local, tmp_path):
         make_tar(tmp_path / f"shards-{s:03d}.tar", members)
     plan = plan_inputs(str(tmp_path / "shards-{000..002}.tar"))
     assert plan.kind == "webdataset" and plan.listed is None
+    # One member per 512 bytes at most: a bound of the rows from the sizes alone (sizes the labeler pool).
+    assert plan.rows_at_most == sum((tmp_path / f"shards-{s:03d}.tar").stat().st_size for s in range(3)) // 512
     assert plan.carried_columns == ["key", "json", "txt", "cls"]
     rows = rows_of(plan)
     assert len(rows) == 6
@@ -135,6 +137,7 @@ def test_every_compression_tarfile_streams_is_a_shard(tmp_path, name, mode):
     rows = plan.read_locally()
     plan.finalize()
     assert [r["data"] for r in rows] == [jpeg(0)] and plan.skipped == 0
+    assert plan.rows_at_most is None  # a compressed shard's size bounds nothing
 
 
 @pytest.mark.parametrize("pattern", ["s-{000,001,000}.tar", "s-00{0..1}{,}.tar", "s-00{0,0}.tar"])

@@ -593,7 +593,37 @@ def _link_rows(uri: str, storage_options: dict, rows: _Rows, links: list[tuple[s
 
 def plan_files(files: list[str], options: InputOptions) -> InputPlan:
     """Plan the given tar shard URIs (no listing)."""
-    return streaming_plan("webdataset", files, read_tar, options.storage_options, CARRIED, use_ray=options.use_ray)
+    plan = streaming_plan("webdataset", files, read_tar, options.storage_options, CARRIED, use_ray=options.use_ray)
+    plan.rows_at_most = _rows_at_most(files, options)
+    return plan
+
+
+# Up to this many shards, their sizes are asked for (one request each on object stores) to
+# bound the rows of a small job; more shards make a job the live cluster's actor pool suits anyway.
+SIZE_BOUND_SHARDS = 16
+
+
+def _rows_at_most(files: list[str], options: InputOptions) -> int | None:
+    """The most rows a few uncompressed tar shards can give: one member per 512 bytes at most
+    (every member has a 512-byte header; POSIX.1-1988 ustar). None for more than
+    ``SIZE_BOUND_SHARDS`` shards, HTTP(S) ones, a compressed one (told by its magic bytes, as
+    the reader tells it, whatever its name: its size bounds nothing), or one that cannot be read."""
+    if len(files) > SIZE_BOUND_SHARDS:
+        return None
+    total = 0
+    for uri in files:
+        try:
+            fs, path = storage.url_to_fs(uri, options.storage_options, io=options.io)
+            if {"http", "https"} & set(storage.protocols(fs)):
+                return None
+            with fs.open(path, "rb") as f:
+                head = f.read(6)
+            if head.startswith(_ZSTD_MAGIC) or any(head.startswith(m) for m in _DECOMPRESSORS):
+                return None
+            total += int(fs.size(path))
+        except Exception:  # noqa: BLE001 - the read task reports an unreadable shard; this is a hint
+            return None
+    return total // 512
 
 
 def plan_webdataset(uri: str, options: InputOptions) -> InputPlan:
