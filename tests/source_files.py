@@ -20,8 +20,11 @@ def jpeg(seed: int = 0, size=(12, 10)) -> bytes:
 
 
 def rows_of(plan) -> list[dict]:
-    """All rows of the plan's dataset in input order."""
-    return sorted(plan.dataset.take_all(), key=lambda r: r["input_index"])
+    """All rows of the plan's dataset in input order; then the plan's Ray actor that counts the
+    read tasks' rows (tars, Parquet) is released, its counts kept for ``plan.finalize()``."""
+    rows = sorted(plan.dataset.take_all(), key=lambda r: r["input_index"])
+    plan.release()
+    return rows
 
 
 def write(path: Path, data: bytes = b"") -> Path:

@@ -92,6 +92,30 @@ def test_folder_of_tars_is_read_as_webdataset(ray_local, tmp_path):
 
 
 
+def _live_tally_actors() -> int:
+    # Ray's GCS actor table (ray.util.state needs the dashboard, which the test Ray runs without).
+    from ray._private import state
+
+    return sum(1 for a in state.actors().values() if a["ActorClassName"] == "_Tally" and a["State"] == "ALIVE")
+
+
+def test_a_tar_job_leaves_no_actor_behind_and_starts_one_labeler(ray_local, tiny_clip, tmp_path):
+    """Each tar (or Parquet) input's counts are collected by a small Ray actor. It outlived its
+    run: Ray Data keeps the dataset's task arguments, which hold its handle, so a process that
+    runs many jobs (the Python API, this test suite: 119 after one run) kept one idle actor
+    process per job, each a few % of a core. And a 2-image tar started a labeler per free CPU
+    (its size was not known); now a few uncompressed shards bound their images by their size."""
+    from zslabel import JobConfig
+    from zslabel.pipeline import run_label_job
+
+    make_tar(tmp_path / "s.tar", [("k0.jpg", jpeg(0)), ("k1.jpg", jpeg(1))])
+    before = _live_tally_actors()
+    summary = run_label_job(JobConfig(input=str(tmp_path / "s.tar"), output=str(tmp_path / "out"),
+                                      labels=["a", "b"], model=str(tiny_clip), address=ray_local), progress=False)
+    assert summary.labeled == 2 and summary.timings["model_actors"] == 1
+    assert _live_tally_actors() <= before
+
+
 def test_s3_tars_are_read_in_ray_tasks(ray_local, s3, tmp_path):
     for s in range(2):
         tar = make_tar(tmp_path / f"t{s}.tar", [(f"k{s}.jpg", jpeg(s)), (f"k{s}.txt", b"hi")])

@@ -214,18 +214,21 @@ def consume(ds, config: JobConfig, plan, session, timings: dict[str, Any], progr
     if plan.listed is not None and plan.kind not in ("webdataset", "parquet"):
         total = max(0, plan.listed - plan.skipped - plan.duplicates_removed - len(session.done))
     written = []
-    with Progress(total, enabled=progress) as shown:
-        try:
-            for row in ds.iter_rows():
-                if row["failure"] is not None:
-                    raise OutputError(row["failure"])  # the CLI's one line and exit 2, not Ray's traceback
-                written.append(row)
-                shown.update(row["rows"], row["errors"])
-        except Exception as exc:
-            refused = _labeler_start_error(exc)
-            if refused is None:
-                raise
-            raise refused from exc
+    try:
+        with Progress(total, enabled=progress) as shown:
+            try:
+                for row in ds.iter_rows():
+                    if row["failure"] is not None:
+                        raise OutputError(row["failure"])  # the CLI's one line and exit 2, not Ray's traceback
+                    written.append(row)
+                    shown.update(row["rows"], row["errors"])
+            except Exception as exc:
+                refused = _labeler_start_error(exc)
+                if refused is None:
+                    raise
+                raise refused from exc
+    finally:
+        plan.release()  # tars / Parquet inputs: the read tasks' tally actor, its counts kept
     plan.finalize()  # tars / Parquet inputs: listed and skipped counts are known only now
     plan.check_has_inputs(config.input)  # e.g. tars of sidecars only: exit 2, never an empty success
     timings["labeling_s"] = time.perf_counter() - t_run

@@ -258,6 +258,15 @@ class InputPlan:
         self.skipped_examples = examples
         return self
 
+    def release(self) -> None:
+        """Stop the Ray actor that collects the read tasks' counts (tars, Parquet), keeping its
+        counts for :meth:`finalize`: once the dataset has been consumed or has failed. Reading
+        the dataset again is not counted then. No-op for other kinds, plans without Ray, and
+        after the first call."""
+        close = getattr(self._tally, "close", None)
+        if close is not None:
+            close()
+
     def add_planned_skip(self, reason: str, example: str) -> None:
         """Count one entry that planning listed and skipped (``reason``: a ``SKIP_REASONS``
         key), e.g. ``_SUCCESS`` beside Parquet parts; for streaming kinds it is kept apart from

@@ -607,7 +607,8 @@ def _rows_at_most(files: list[str], options: InputOptions) -> int | None:
     """The most rows a few uncompressed tar shards can give: one member per 512 bytes at most
     (every member has a 512-byte header; POSIX.1-1988 ustar). None for more than
     ``SIZE_BOUND_SHARDS`` shards, HTTP(S) ones, a compressed one (told by its magic bytes, as
-    the reader tells it, whatever its name: its size bounds nothing), or one that cannot be read."""
+    the reader tells it, whatever its name: its size bounds nothing), one that is no regular
+    file (a FIFO would block the planning) or cannot be read."""
     if len(files) > SIZE_BOUND_SHARDS:
         return None
     total = 0
@@ -616,11 +617,14 @@ def _rows_at_most(files: list[str], options: InputOptions) -> int | None:
             fs, path = storage.url_to_fs(uri, options.storage_options, io=options.io)
             if {"http", "https"} & set(storage.protocols(fs)):
                 return None
+            info = fs.info(path)
+            if info.get("type") != "file":  # a FIFO or device named like a shard: never opened here
+                return None
             with fs.open(path, "rb") as f:
                 head = f.read(6)
             if head.startswith(_ZSTD_MAGIC) or any(head.startswith(m) for m in _DECOMPRESSORS):
                 return None
-            total += int(fs.size(path))
+            total += int(info["size"])
         except Exception:  # noqa: BLE001 - the read task reports an unreadable shard; this is a hint
             return None
     return total // 512
