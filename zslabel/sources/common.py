@@ -169,8 +169,9 @@ class InputPlan:
     # FILE_INDEX_STRIDE``), recorded by a run so that a resume can check them. None otherwise.
     planned_files: list[str] | None = None
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
-    # Kinds read in tasks: the most rows they can give, where planning read it anyway (Parquet:
-    # the footers' row counts); None when unknown (tars). Sizes the labeler pool, counts nothing.
+    # Kinds read in tasks: the most rows they can give, where planning can tell cheaply (Parquet:
+    # the footers' row counts; a few plain tars: their sizes), else None. Sizes the labeler
+    # pool (``cluster.initial_actors``), counts nothing.
     rows_at_most: int | None = None
     # Streaming kinds: () -> {file_uri: counts (``new_counts``)} from the read tasks.
     _tally: Callable[[], dict[str, dict]] | None = field(default=None, repr=False)
