@@ -39,10 +39,11 @@ def checkpoint_folder(model: str, revision: str | None, storage_options: dict | 
             be read, the hub id cannot be downloaded (e.g. offline); the message says which and
             how to fix it.
     """
-    # None: a URI of another filesystem than this machine's.
+    copied = _copy_remote_checkpoint(model, storage_options or {}, markers)
+    if copied is not None:
+        return copied
     as_local = local_path(model)
-    if as_local is None:
-        return _copy_remote_checkpoint(model, storage_options or {}, markers)
+    assert as_local is not None  # a URI of another filesystem was copied above
     local = Path(as_local).expanduser()
     names = " or ".join(markers)
     if local.is_dir():
@@ -81,9 +82,10 @@ def _looks_like_path(model: str) -> bool:
     return model.count("/") == 1 and parent.is_dir()
 
 
-def _copy_remote_checkpoint(uri: str, storage_options: dict, markers: tuple[str, ...]) -> Path:
+def _copy_remote_checkpoint(uri: str, storage_options: dict, markers: tuple[str, ...]) -> Path | None:
     """Copy a remote checkpoint folder once per machine and per content; concurrent callers wait
-    on a file lock.
+    on a file lock. None for a local path, a ``file:`` URI or a hub id (``storage.local_path``
+    is not None for them: ``checkpoint_folder`` takes those).
 
     The folder is listed on every call, and the copy is keyed on the URI and a stamp of that
     listing (``_listing_stamp``: each file's name, size and ETag or modification time), so new
@@ -92,6 +94,8 @@ def _copy_remote_checkpoint(uri: str, storage_options: dict, markers: tuple[str,
     """
     from filelock import FileLock
 
+    if local_path(uri) is not None:
+        return None
     try:
         fs, root = url_to_fs(uri, storage_options, error=ModelLoadError)
         listing = fs.find(root, detail=True)
