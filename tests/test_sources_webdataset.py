@@ -102,7 +102,7 @@ def _live_tally_actors() -> int:
 def test_a_tar_job_leaves_no_actor_behind_and_starts_one_labeler(ray_local, tiny_clip, tmp_path):
     """Each tar (or Parquet) input's counts are collected by a small Ray actor. It outlived its
     run: Ray Data keeps the dataset's task arguments, which hold its handle, so a process that
-    runs many jobs (the Python API, this test suite: 119 after one run) kept one idle actor
+    runs many jobs (the Python API, this test suite: 119 near its end) kept one idle actor
     process per job, each a few % of a core. And a 2-image tar started a labeler per free CPU
     (its size was not known); now a few uncompressed shards bound their images by their size."""
     from zslabel import JobConfig
