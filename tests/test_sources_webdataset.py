@@ -34,7 +34,7 @@ def test_webdataset_brace_range_sidecars_and_skips(ray_local, tmp_path):
     plan = plan_inputs(str(tmp_path / "shards-{000..002}.tar"))
     assert plan.kind == "webdataset" and plan.listed is None
     # One member per 512 bytes at most: a bound of the rows from the sizes alone (sizes the labeler pool).
-    assert plan.rows_at_most == sum((tmp_path / f"shards-{s:03d}.tar").stat().st_size for s in range(3)) // 512
+    assert plan.rows_at_most == sum((tmp_path / f"shards-{s:03d}.tar").stat().st_size for s in range(3)) // 512 + 3
     assert plan.carried_columns == ["key", "json", "txt", "cls"]
     rows = rows_of(plan)
     assert len(rows) == 6
@@ -177,3 +177,12 @@ def test_a_shard_the_pattern_names_twice_is_read_once(tmp_path, pattern, caplog)
     plan.finalize()
     assert len({r["path"] for r in rows}) == len(rows) and plan.listed == len(rows)
     assert "more than once; each is read once" in caplog.text
+
+
+def test_the_size_bound_of_an_empty_tar_holds_its_error_row(tmp_path):
+    """An empty file named .tar is one read_error row; the bound from its size (0 bytes) was 0."""
+    write(tmp_path / "empty.tar", b"")
+    plan = plan_inputs(str(tmp_path / "empty.tar"), use_ray=False)
+    rows = plan.read_locally()
+    assert len(rows) == 1 and error_code(rows[0]["read_error"]) == "read_error"
+    assert plan.rows_at_most is not None and plan.rows_at_most >= len(rows)

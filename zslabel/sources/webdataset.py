@@ -605,7 +605,7 @@ SIZE_BOUND_SHARDS = 16
 
 def _rows_at_most(files: list[str], options: InputOptions) -> int | None:
     """The most rows a few uncompressed tar shards can give: one member per 512 bytes at most
-    (every member has a 512-byte header; POSIX.1-1988 ustar). None for more than
+    (every member has a 512-byte header; POSIX.1-1988 ustar), and one error row per shard. None for more than
     ``SIZE_BOUND_SHARDS`` shards, HTTP(S) ones, a compressed one (told by its magic bytes, as
     the reader tells it, whatever its name: its size bounds nothing), one that is no regular
     file (a FIFO would block the planning) or cannot be read."""
@@ -627,7 +627,7 @@ def _rows_at_most(files: list[str], options: InputOptions) -> int | None:
             total += int(info["size"])
         except Exception:  # noqa: BLE001 - the read task reports an unreadable shard; this is a hint
             return None
-    return total // 512
+    return total // 512 + len(files)  # + each shard's own read_error row (empty, cut short)
 
 
 def plan_webdataset(uri: str, options: InputOptions) -> InputPlan:
