@@ -14,7 +14,9 @@ import zlib
 import numpy as np
 import pytest
 from conftest import photo
-from PIL import Image, ImageFile
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageFile, ImageOps
 
 from zslabel import decode as D
 from zslabel.decode import DecodedImage, PreprocessSpec, decode_image, sniff_format
@@ -491,6 +493,73 @@ def test_invalid_or_broken_exif_means_upright():
     broken = jpeg[:2] + b"\xff\xe1" + struct.pack(">H", 20) + b"Exif\x00\x00MM\x00*\xff\xff\xff\xff" + jpeg[2:]
     res = ok(broken, SIGLIP32)
     assert (res.width, res.height) == (40, 24)
+
+
+def _exif_block(tag: int, typ: int, count: int, value: bytes) -> bytes:
+    """'Exif\\0\\0' + a little-endian TIFF block with one IFD entry (value inline or after the IFD)."""
+    entry = struct.pack("<HHI", tag, typ, count) + (value.ljust(4, b"\0") if len(value) <= 4 else struct.pack("<I", 26))
+    return b"Exif\0\0II*\x00" + struct.pack("<IH", 8, 1) + entry + b"\0\0\0\0" + (value if len(value) > 4 else b"")
+
+
+_INT_FORMATS = {1: "B", 3: "H", 4: "I", 6: "b", 7: "B", 8: "h", 9: "i"}
+# An Orientation entry of any TIFF type: the standard's SHORT and the other types cameras and
+# editors write (nomacs#1646: ASCII "6"; Pillow#6799: RATIONAL), counts above 1, raw bytes.
+ORIENTATION_ENTRIES = st.one_of(
+    st.tuples(st.sampled_from(sorted(_INT_FORMATS)), st.integers(0, 9)).map(
+        lambda t: (t[0], 1, struct.pack("<" + _INT_FORMATS[t[0]], t[1]))),
+    st.tuples(st.sampled_from([3, 4]), st.lists(st.integers(0, 9), min_size=2, max_size=3)).map(
+        lambda t: (t[0], len(t[1]), struct.pack(f"<{len(t[1])}{_INT_FORMATS[t[0]]}", *t[1]))),
+    st.tuples(st.sampled_from([5, 10]), st.integers(0, 20), st.integers(0, 4)).map(
+        lambda t: (t[0], 1, struct.pack("<II" if t[0] == 5 else "<ii", t[1], t[2]))),
+    st.tuples(st.sampled_from([11, 12]), st.sampled_from([0.0, 1.0, 6.0, 6.5, 8.0, float("nan")])).map(
+        lambda t: (t[0], 1, struct.pack("<f" if t[0] == 11 else "<d", t[1]))),
+    st.text("0123456789 ", max_size=3).map(lambda v: (2, len(v) + 1, v.encode() + b"\0")),
+    st.tuples(st.integers(0, 13), st.integers(0, 4), st.binary(max_size=12)))
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(ORIENTATION_ENTRIES)
+def test_exif_orientation_of_any_type_is_the_one_transformers_applies(entry):
+    """The rotation (or none) of every Orientation entry, whatever its type, count and value,
+    is the one ``ImageOps.exif_transpose`` (transformers' ``load_image``) applies: zslabel read
+    an ASCII "6" or a RATIONAL 13/2 as 6 and rotated images transformers leaves upright."""
+    typ, count, value = entry
+    jpeg = _jpeg_with_exif(encode(noise(40, 24, seed=7), "JPEG", quality=95), _exif_block(0x0112, typ, count, value))
+    try:
+        reference = ImageOps.exif_transpose(Image.open(io.BytesIO(jpeg)))
+    except Exception:  # noqa: BLE001 - an EXIF Pillow cannot read: labeled upright (never a failure)
+        reference = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    res = ok(jpeg, SIGLIP32)
+    assert (res.width, res.height) == reference.size
+    assert np.array_equal(res.pixels, ok(encode(reference), SIGLIP32).pixels)
+
+
+def _jpeg_with_exif(jpeg: bytes, payload: bytes) -> bytes:
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+def test_png_retried_without_an_oversized_chunk_keeps_its_xmp_orientation():
+    """Pillow#4529-style: a PNG whose comment inflates past ``MAX_TEXT_CHUNK`` is decoded from a
+    copy without it; the copy keeps the XMP chunk that says "rotate 90" (it dropped every text
+    chunk, and the image came out as stored)."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+
+    upright = noise(24, 40, seed=8)
+    stored = encode(upright.transpose(Image.Transpose.ROTATE_90))  # 40x24 as stored
+    xmp = chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+                b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+                b'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    comment = chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"x" * (2 * 1024 * 1024)))
+    expect = ok(encode(upright), SIGLIP32)
+    assert (ok(stored[:33] + xmp + stored[33:], SIGLIP32).width, expect.width) == (24, 24)  # XMP alone
+    res = ok(stored[:33] + xmp + comment + stored[33:], SIGLIP32)
+    assert (res.width, res.height) == (24, 40)
+    assert np.array_equal(res.pixels, expect.pixels)
+    # The XMP chunk itself oversized: the copy without any text chunk, as stored.
+    big_xmp = chunk(b"zTXt", b"XML:com.adobe.xmp\0\0" + zlib.compress(b" " * (2 * 1024 * 1024)))
+    assert (ok(stored[:33] + big_xmp + stored[33:], SIGLIP32).width) == 40
 
 
 def test_animation_uses_first_frame():

@@ -209,32 +209,38 @@ def _decode(data: bytes, spec: PreprocessSpec) -> DecodedImage:
 
 
 def _open_and_load(data: bytes, spec: PreprocessSpec) -> tuple[Image.Image, tuple[int, int]]:
-    """``_open`` + ``_load`` -> (loaded image, header size); a PNG that fails is retried once
+    """``_open`` + ``_load`` -> (loaded image, header size); a PNG that fails is retried
     without its droppable chunks.
 
     Metadata must not cost the pixels: a PNG whose text or ICC chunks exceed Pillow's
     ``MAX_TEXT_CHUNK`` / ``MAX_TEXT_MEMORY`` (a 1.2 MB print ICC profile), whose metadata
     chunks are malformed (unknown compression method, an empty sRGB chunk), or whose
     ancillary chunks have a bad CRC (libpng and browsers drop those with a warning) is
-    decoded from a copy without them (``_png_without_droppable_chunks``). Pillow's limits are
-    never changed; the dropped chunks are never inflated. When the copy fails too, the first
-    failure is reported (or the copy's ``too_many_pixels``: pixel limits stay).
+    decoded from a copy without them (``_png_without_droppable_chunks``), keeping at first the
+    text chunks an EXIF orientation is read from. Pillow's limits are never changed; the
+    dropped chunks are never inflated. When the copies fail too, the first failure is reported
+    (or a copy's ``too_many_pixels``: pixel limits stay).
     """
     try:
         return _open_load_once(data, spec)
     except _DecodeFailure as first:
         if first.code not in (UNIDENTIFIED_IMAGE, TRUNCATED) or sniff_format(data) != "png":
             raise
-        stripped = _png_without_droppable_chunks(data)
-        if stripped is None:
-            raise
-        try:
-            result = _open_load_once(stripped, spec)
-        except _DecodeFailure as second:
-            # A pixel limit found once the metadata is out of the way is the real answer.
-            raise (second if second.code == TOO_MANY_PIXELS else first) from None
-        logger.debug("PNG decoded without its metadata chunks after: %s", first)
-        return result
+        # First a copy that keeps the text chunks an orientation is read from (XMP, an EXIF
+        # profile), then, when one of those is what fails, a copy without any.
+        copies = [_png_without_droppable_chunks(data, keep_orientation_text=True),
+                  _png_without_droppable_chunks(data)]
+        copies = [c for i, c in enumerate(copies) if c is not None and c not in copies[:i]]
+        for stripped in copies:
+            try:
+                result = _open_load_once(stripped, spec)
+            except _DecodeFailure as second:
+                if second.code == TOO_MANY_PIXELS:  # found once the metadata is out of the way: the real answer
+                    raise second from None
+                continue
+            logger.debug("PNG decoded without (some of) its metadata chunks after: %s", first)
+            return result
+        raise first from None
 
 
 def _open_load_once(data: bytes, spec: PreprocessSpec) -> tuple[Image.Image, tuple[int, int]]:

@@ -307,10 +307,16 @@ def _load(im: Image.Image, data: bytes, spec: PreprocessSpec) -> None:
 # gAMA, cHRM, pHYs, sBIT, bKGD, tIME, private ones) is metadata Pillow does not apply to the
 # pixels, and is dropped on retry.
 _PNG_PIXEL_CHUNKS = (b"tRNS", b"eXIf", b"acTL", b"fcTL", b"fdAT")
+# Text chunks whose keyword Pillow's ``getexif`` reads an orientation from (XMP's
+# tiff:Orientation; ImageMagick's EXIF profile): a first retry keeps them, so that dropping an
+# oversized comment or ICC profile does not also drop the image's rotation.
+_PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+_PNG_ORIENTATION_KEYWORDS = (b"XML:com.adobe.xmp", b"Raw profile type exif", b"Raw profile type APP1")
 
 
-def _png_without_droppable_chunks(data: bytes) -> bytes | None:
-    """A copy of a PNG with only its critical chunks and the good ``_PNG_PIXEL_CHUNKS``.
+def _png_without_droppable_chunks(data: bytes, keep_orientation_text: bool = False) -> bytes | None:
+    """A copy of a PNG with only its critical chunks and the good ``_PNG_PIXEL_CHUNKS`` (and,
+    with ``keep_orientation_text``, the good text chunks named in ``_PNG_ORIENTATION_KEYWORDS``).
 
     Critical chunks (upper-case first letter: IHDR, PLTE, IDAT, IEND) are kept, bad CRC or
     not, so a damaged critical chunk still fails; only an IHDR that is not the first chunk
@@ -327,7 +333,10 @@ def _png_without_droppable_chunks(data: bytes) -> bytes | None:
             break
         ancillary = bool(kind[0] & 0x20)
         crc_ok = zlib.crc32(data[pos + 4:end - 4]) & 0xFFFFFFFF == struct.unpack(">I", data[end - 4:end])[0]
-        if (ancillary and (kind not in _PNG_PIXEL_CHUNKS or not crc_ok)) or (kind == b"IHDR" and pos != 8):
+        kept = kind in _PNG_PIXEL_CHUNKS or (
+            keep_orientation_text and kind in _PNG_TEXT_CHUNKS
+            and data[pos + 8:end - 4].split(b"\0", 1)[0] in _PNG_ORIENTATION_KEYWORDS)
+        if (ancillary and (not kept or not crc_ok)) or (kind == b"IHDR" and pos != 8):
             dropped = True
         else:
             out.append(data[pos:end])

@@ -11,10 +11,14 @@ from .spec import PreprocessSpec, _DecodeFailure
 
 
 def _orientation(im: Image.Image) -> int:
+    """The EXIF Orientation (1..8) as ``ImageOps.exif_transpose`` reads it, which transformers'
+    ``load_image`` applies: the tag's value looked up as a dict key, so a SHORT 6 or a RATIONAL
+    12/2 (equal to 6) rotates, while an ASCII "6" or a RATIONAL 13/2 (other types than the
+    standard's SHORT) leaves the image as stored (nomacs#1646, Pillow#6799)."""
     try:
         value = im.getexif().get(0x0112, 1)
-        return int(value) if int(value) in range(1, 9) else 1
-    except Exception:  # noqa: BLE001 - malformed EXIF means upright
+        return _BY_VALUE.get(value, 1)
+    except Exception:  # noqa: BLE001 - malformed (or unhashable) EXIF means upright
         return 1
 
 
@@ -22,6 +26,7 @@ def _orientation(im: Image.Image) -> int:
 _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
             4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
             6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_BY_VALUE = {k: k for k in _UPRIGHT}
 
 
 def _orient(im: Image.Image, orientation: int) -> Image.Image:
