@@ -116,7 +116,10 @@ SKIP_REASONS: dict[str, str] = {
     "tar_directory": "a tar member that is a directory",
     "tar_special": "a tar member that is a device, FIFO or other special file",
     "tar_link_not_image": "a tar hard/symbolic link whose name is not an image",
-    "not_a_shard": "a file beside tar/Parquet shards in their folder (_SUCCESS, stats .json, ...)",
+    "not_a_shard": "a file beside tar/Parquet shards in their folder (stats .json, ...)",
+    "dataset_metadata": "a file below a folder of tar/Parquet shards with a path component starting with '_' "
+                        "(_SUCCESS, _temporary/, _delta_log/: Hadoop, Spark and Delta Lake bookkeeping, which "
+                        "pyarrow.dataset ignores too)",
     "output_folder": "a zslabel output folder (the job's own --output, or an earlier run's: it holds a run "
                      "manifest or the store's state) inside a folder input: one entry, not read",
 }
@@ -352,6 +355,22 @@ def is_hidden(rel: str) -> bool:
     ``.`` and ``..`` components (``./0000.png`` from ``tar -C dir -cf x.tar .``) are not hidden.
     """
     return any(part.startswith(".") and part not in (".", "..") for part in rel.split("/"))
+
+
+def shard_skip_reason(rel: str) -> str | None:
+    """Why a file at ``rel`` below a folder of tar or Parquet shards is no shard of it, or None.
+
+    ``hidden`` (a component starting with ``.``), or ``dataset_metadata`` (with ``_``): the
+    folder is read as a dataset, with ``pyarrow.dataset``'s default ``ignore_prefixes``, so a
+    Spark job's leftover ``_temporary/.../part-*.parquet`` (SPARK-3011) or a Delta table's
+    ``_delta_log/*.checkpoint.parquet`` are no second copy of the rows. (A folder of images keeps
+    ``_`` names: there they are images.)
+    """
+    if is_hidden(rel):
+        return "hidden"
+    if any(part.startswith("_") for part in rel.split("/")):
+        return "dataset_metadata"
+    return None
 
 
 def member_name(name: str) -> str:

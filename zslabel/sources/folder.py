@@ -41,6 +41,7 @@ from .common import (
     InputPlan,
     extension,
     is_hidden,
+    shard_skip_reason,
     strip_compression,
 )
 
@@ -260,8 +261,11 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
     to_uri = storage.uri_maker(uri, fs)
     images: list[str] = []
     skipped: list[tuple[str, str]] = []  # (path, reason)
+    def relative(p: str) -> str:
+        return p[len(root):].lstrip("/") if p.startswith(root) else posixpath.basename(p)
+
     for p in files:
-        rel = p[len(root):].lstrip("/") if p.startswith(root) else posixpath.basename(p)
+        rel = relative(p)
         if is_hidden(rel):
             skipped.append((p, "hidden"))
         elif extension(storage.name_part(p, fs)) in IMAGE_EXTENSIONS:
@@ -277,14 +281,17 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
         logger.info("skipping the zslabel output folder %s inside the input %s", to_uri(p), uri)
         skipped.append((p, "output_folder"))
     if not images and options.auto and options.plan_files is not None:
-        # img2dataset / WebDataset output folders hold shards, not loose images.
-        shards = [to_uri(p) for p, reason in skipped if reason == "not_an_image"]
+        # img2dataset / WebDataset / Spark output folders hold shards, not loose images; read as
+        # a dataset (``shard_skip_reason``: no ``_temporary/`` or ``_delta_log/`` parts).
+        shards = [to_uri(p) for p, reason in skipped
+                  if reason == "not_an_image" and shard_skip_reason(relative(p)) is None]
         handed = options.plan_files(shards, options)
         if handed is not None:
             taken = set(handed.container_files or handed.planned_files or ())
             for p, reason in skipped:
                 if to_uri(p) not in taken:
-                    handed.add_planned_skip("not_a_shard" if reason == "not_an_image" else reason, to_uri(p))
+                    handed.add_planned_skip(reason if reason != "not_an_image" else
+                                            shard_skip_reason(relative(p)) or "not_a_shard", to_uri(p))
             _warn_unread_containers(uri, [to_uri(p) for p, reason in skipped
                                           if reason == "not_an_image" and to_uri(p) not in taken], options,
                                     f"it is read as {handed.kind} files")

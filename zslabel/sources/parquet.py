@@ -19,7 +19,9 @@ A single ``.parquet``, or a folder of parts (Spark's ``part-*.parquet`` + ``_SUC
 auto mode none of whose files has an image column is a manifest (a list of paths), planned as one
 (decided on every file, not the first: a shard whose ``jpg`` is all null, typed null, holds images
 too); binary columns that may be the images are refused instead, naming ``--image-column``.
-Files beside the parts that are not Parquet are counted as skipped (``not_a_shard``/``hidden``).
+Files beside the parts that are not Parquet are counted as skipped (``not_a_shard``/``hidden``), and
+so are files below ``_`` folders or names (``dataset_metadata``: Spark's ``_temporary/``, Delta's
+``_delta_log/``, as ``pyarrow.dataset`` ignores them).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from .common import (
     InputPlan,
     internal_error_detail,
     is_bytes_type,
-    is_hidden,
+    shard_skip_reason,
     strip_compression,
     to_text,
 )
@@ -108,11 +110,11 @@ def plan_parquet(uri: str, options: InputOptions) -> InputPlan:
         root = fs_path.rstrip("/")
         files = []
         for p in sorted(fs.find(root)):
-            hidden = is_hidden(p[len(root):].lstrip("/"))
-            if p.lower().endswith(SUFFIXES) and not hidden:
+            skip = shard_skip_reason(p[len(root):].lstrip("/"))
+            if p.lower().endswith(SUFFIXES) and skip is None:
                 files.append(storage.uri_maker(uri, fs)(p))
             elif not p.endswith("/"):
-                others.append((storage.uri_maker(uri, fs)(p), "hidden" if hidden else "not_a_shard"))
+                others.append((storage.uri_maker(uri, fs)(p), skip or "not_a_shard"))
     if not files and not options.auto and others:
         # --input-format parquet on a folder of files without a Parquet name (Athena's output):
         # its files are the parts.

@@ -57,6 +57,7 @@ from .common import (
     internal_error_detail,
     is_hidden,
     member_name,
+    shard_skip_reason,
 )
 
 logger = logging.getLogger(__name__)
@@ -105,11 +106,11 @@ def _shards(uri: str, options: InputOptions) -> tuple[list[str], list[tuple[str,
             root = fs_path.rstrip("/")
             to_uri = storage.uri_maker(pattern, fs)
             for p in sorted(fs.find(root)):
-                hidden = is_hidden(p[len(root):].lstrip("/"))
-                if p.lower().endswith(SUFFIXES) and not hidden:
+                skip = shard_skip_reason(p[len(root):].lstrip("/"))
+                if p.lower().endswith(SUFFIXES) and skip is None:
                     shards.append(to_uri(p))
                 elif not p.endswith("/"):
-                    others.append((to_uri(p), "hidden" if hidden else "not_a_shard"))
+                    others.append((to_uri(p), skip or "not_a_shard"))
     if not shards:
         raise InputError(f"no tar shards match {uri}")
     # A shard the pattern names twice ({000..009,005}, overlapping globs) would be read twice
