@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -74,6 +75,35 @@ def test_a_second_run_is_refused_in_one_line_naming_the_first(tmp_path):
     finally:
         first.release()
     assert not os.path.exists(out)  # a claim that wrote nothing leaves nothing behind
+
+
+def test_a_second_ctrl_c_during_the_clean_up_still_gives_up_the_claim(tmp_path, monkeypatch):
+    """Ctrl-C pressed on ``timeout ... zslabel label`` reaches the job twice (the terminal's and
+    the one ``timeout`` forwards): the second one, delivered while the first unwinds the job,
+    cut the claim's release short; the output kept its claim.json (the next run "took over a
+    stale claim", another host waited out the lease) and the command said "committed files are
+    kept". The second SIGINT here is a real one, sent as the release starts."""
+    from zslabel import job
+    from zslabel.store.claim import Claim
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in the CLI's process
+    real_release = Claim.release
+
+    def second_ctrl_c_then_release(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        real_release(self)
+
+    monkeypatch.setattr(Claim, "release", second_ctrl_c_then_release)
+    out = tmp_path / "out"
+    store = OutputStore.open(str(out))
+    store.claim("error")
+    try:
+        with pytest.raises(KeyboardInterrupt, match="the first"):
+            with job.claim_held(store):
+                raise KeyboardInterrupt("the first")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not out.exists()  # claim given up, and the folder the claim made removed
 
 
 def _claim_in_child(out, ready, results):

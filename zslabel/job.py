@@ -34,6 +34,7 @@ from .calibration import manifest_entry as calibration_manifest_entry
 from .errors import ConfigError
 from .heads import manifest_entry as head_manifest_entry
 from .hierarchy import Hierarchy
+from .interrupts import ctrl_c_ignored
 from .labels import LabelSet
 from .options import LabelingOptions
 from .ranking import RankingRule
@@ -142,6 +143,15 @@ def claim_held(store: OutputStore):
     try:
         yield store
     finally:
+        give_up_claim(store)
+
+
+def give_up_claim(store: OutputStore) -> None:
+    """Give up ``store``'s claim (``OutputStore.release``) whole: a further Ctrl-C meanwhile is
+    ignored. A job interrupted by two of them (a terminal's and ``timeout``'s, sent together)
+    was cut short in its clean-up by the second: the claim stayed, and the command said
+    "committed files are kept" of an output that held nothing but the claim."""
+    with ctrl_c_ignored():
         store.release()
 
 
@@ -287,7 +297,7 @@ def prepare(options: LabelingOptions, input_uri: str, *, device: str = "cpu",
     try:
         return load(checked, device=device, spec_overrides=spec_overrides, check_model=check_model)
     except BaseException:
-        checked.store.release()
+        give_up_claim(checked.store)
         raise
 
 
