@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +49,22 @@ def many_images(tmp_path_factory):
     for i in range(N_MANY):
         photo(20 + i % 9, 18 + i % 5, seed=i).save(d / f"im_{i:04d}.png")
     return d
+
+
+@pytest.fixture(scope="module")
+def finished_many(many_images, tiny_clip, ray_local, tmp_path_factory):
+    """A finished run over ``many_images`` with LABELS, for the tests that start from one: each
+    takes its own copy (``copy_of``), one label job instead of one per test."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    run_label_job(JobConfig(input=str(many_images), output=str(out), labels=LABELS, model=str(tiny_clip),
+                            batch_size=64, concurrency=(1, 1)))
+    return out
+
+
+def copy_of(finished, folder):
+    """A copy of a finished output at ``folder/out`` (an output moved or synced as a whole is
+    the same output: nothing in it names where it lies)."""
+    return shutil.copytree(finished, folder / "out")
 
 
 def snapshot(folder):
@@ -195,10 +212,8 @@ def test_refusals_touch_nothing_resume_keeps_errors_and_retry_errors_recomputes_
             assert rows_after[idx]["error"] is None and len(rows_after[idx]["labels"]) == 2
 
 
-def test_overwrite_killed_mid_run_keeps_previous_output(tiny_clip, ray_local, many_images, tmp_path):
-    out, log = tmp_path / "out", tmp_path / "overwrite.log"
-    run_label_job(JobConfig(input=str(many_images), output=str(out), labels=LABELS, model=str(tiny_clip),
-                            batch_size=64, concurrency=(1, 1)))
+def test_overwrite_killed_mid_run_keeps_previous_output(tiny_clip, ray_local, many_images, finished_many, tmp_path):
+    out, log = copy_of(finished_many, tmp_path), tmp_path / "overwrite.log"
     old_table = pq.read_table(str(out)).sort_by("input_index")
     old_files = snapshot(out)
 
@@ -221,7 +236,7 @@ def test_overwrite_killed_mid_run_keeps_previous_output(tiny_clip, ray_local, ma
 
 
 def test_an_output_that_cannot_be_written_exits_2_keeps_its_files_and_resume_completes_it(
-        tiny_clip, ray_local, many_images, tmp_path, monkeypatch, capsys):
+        tiny_clip, ray_local, many_images, finished_many, tmp_path, monkeypatch, capsys):
     """The output's storage refuses data files mid-run (a full disk, a quota, a read-only
     folder): one `zslabel: error: cannot write the output ...` line and exit 2, not Ray's
     traceback and exit 1 (which means "error budget exceeded"; the hunt's ENOSPC repro,
@@ -233,9 +248,7 @@ def test_an_output_that_cannot_be_written_exits_2_keeps_its_files_and_resume_com
     from zslabel import job, pipeline
     from zslabel.cli import main
 
-    out = tmp_path / "out"
-    run_label_job(JobConfig(input=str(many_images), output=str(out), labels=LABELS, model=str(tiny_clip),
-                            batch_size=64, concurrency=(1, 1)))
+    out = copy_of(finished_many, tmp_path)
     new_labels = ["red", "green", "blue"]
     args = ["label", str(many_images), "--labels", ",".join(new_labels), "--model", str(tiny_clip),
             "--output", str(out), "--batch-size", "4", "--rows-per-file", "4", "--concurrency", "1", "-q"]
