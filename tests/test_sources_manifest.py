@@ -53,6 +53,26 @@ def test_txt_manifest_relative_comments_duplicates(ray_local, tmp_path):
     assert deduped.duplicates_removed == 3
 
 
+def test_a_chain_entry_reads_the_archive_beside_the_manifest(tmp_path, monkeypatch):
+    """``zip://photos/a.jpg::imgs.zip`` in a manifest names the ``imgs.zip`` beside it, as a
+    plain relative entry would: it was read from the working folder of whichever process read
+    the row (``read_error ... /cwd/imgs.zip``; on a cluster, each worker's)."""
+    import zipfile
+
+    base = tmp_path / "m"
+    base.mkdir()
+    with zipfile.ZipFile(base / "imgs.zip", "w") as z:
+        z.writestr("photos/a.jpg", jpeg(5))
+    manifest = write(base / "list.txt", b"zip://photos/a.jpg::imgs.zip\nzip://photos/a.jpg::./imgs.zip\n"
+                     + f"zip://photos/a.jpg::{base / 'imgs.zip'}\n".encode())
+    monkeypatch.chdir(tmp_path)  # not the manifest's folder
+    plan = plan_inputs(str(manifest), use_ray=False)
+    rows = plan.read_locally()
+    want = f"zip://photos/a.jpg::{base / 'imgs.zip'}"
+    assert [r["path"] for r in rows] == [want] * 3
+    assert fetch_bytes(rows[0]["path"]) == (jpeg(5), None)
+
+
 def test_csv_manifest_path_and_id_columns(ray_local, tmp_path):
     manifest = write(tmp_path / "list.csv", (
         b'id,URL,caption\n007,a.jpg,"a cat, sitting"\n008,s3://b/c.jpg,x\n009,,empty\n'

@@ -289,13 +289,27 @@ def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, .
                      f"columns: {', '.join(columns)}; name one with --path-column")
 
 
+def _is_relative(paths: pa.Array) -> pa.Array:
+    return pc.invert(pc.or_(pc.or_(pc.starts_with(paths, "/"), pc.match_substring(paths, "://")),
+                            pc.starts_with(paths, "file:", ignore_case=True)))
+
+
 def resolve_relative(paths: pa.Array, uri: str, fs, fs_path: str) -> pa.Array:
-    """Relative manifest entries are relative to the manifest's folder (as a full URI)."""
-    relative = pc.invert(pc.or_(pc.or_(pc.starts_with(paths, "/"), pc.match_substring(paths, "://")),
-                                pc.starts_with(paths, "file:", ignore_case=True)))
+    """Relative manifest entries are relative to the manifest's folder (as a full URI); so is
+    the outermost target of an fsspec chain (``zip://a.jpg::imgs.zip``: the ``imgs.zip`` beside
+    the manifest, not one in the working folder of whichever process reads it)."""
+    relative = _is_relative(paths)
+    base = storage.uri_maker(uri, fs)(posixpath.dirname(fs_path)).rstrip("/") + "/"
+    chained = pc.and_(pc.invert(relative), pc.match_substring(paths, "::"))
+    if pc.any(chained).as_py():  # rare: in Python
+        values = paths.to_pylist()
+        for i in pc.indices_nonzero(chained).to_pylist():
+            head, _, target = values[i].rpartition("::")
+            if target and _is_relative(pa.array([target], pa.string()))[0].as_py():
+                values[i] = f"{head}::{base}{posixpath.normpath(target)}"
+        paths = pa.array(values, pa.string())
     if not pc.any(relative).as_py():
         return paths
-    base = storage.uri_maker(uri, fs)(posixpath.dirname(fs_path)).rstrip("/") + "/"
     joined = pc.binary_join_element_wise(base, paths, "")
     out = pc.if_else(relative, joined, paths)
     # "./a.jpg" and "../b/c.jpg" are rare: normalise only those rows, in Python.
