@@ -73,6 +73,16 @@ def test_a_chain_entry_reads_the_archive_beside_the_manifest(tmp_path, monkeypat
     assert fetch_bytes(rows[0]["path"]) == (jpeg(5), None)
 
 
+def test_jsonl_id_column_must_name_a_key(tmp_path):
+    """``--id-column id`` on a JSONL manifest whose lines have no ``id`` key ran to the end
+    without the column and without a word (a CSV is refused); now the same one-line refusal."""
+    manifest = write(tmp_path / "list.jsonl", b'{"path": "a.jpg", "key": "7"}\n{"path": "b.jpg", "key": "8"}\n')
+    with pytest.raises(InputError, match="id column 'id' not found in .*list.jsonl; columns: path, key"):
+        plan_inputs(str(manifest), use_ray=False, id_column="id")
+    rows = plan_inputs(str(manifest), use_ray=False, id_column="KEY").read_locally()
+    assert [r["key"] for r in rows] == ["7", "8"]
+
+
 def test_csv_manifest_path_and_id_columns(ray_local, tmp_path):
     manifest = write(tmp_path / "list.csv", (
         b'id,URL,caption\n007,a.jpg,"a cat, sitting"\n008,s3://b/c.jpg,x\n009,,empty\n'

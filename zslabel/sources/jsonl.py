@@ -25,7 +25,7 @@ from .. import storage
 from ..errors import InputError
 from ..textfiles import decode_text
 from .common import PATH_COLUMN_CANDIDATES, RESERVED_COLUMNS, InputKind, InputOptions, InputPlan, strip_compression
-from .manifest import pick_column, plan_path_table, read_table
+from .manifest import id_columns, pick_column, plan_path_table, read_table
 
 # The keys that may name a line's image, in order of preference (README "Input kinds").
 JSONL_PATH_KEYS = PATH_COLUMN_CANDIDATES
@@ -163,6 +163,9 @@ def plan_jsonl(uri: str, options: InputOptions) -> InputPlan:
         paths, used = table.column(path_col).combine_chunks(), {path_col}
     else:
         paths, used = _first_key(table, uri)
+    # Every key is carried, the id's too; one --id-column names must exist (as in a CSV), not be
+    # silently missing from the output.
+    id_columns(table, options, uri)
     reserved = [c for c in table.column_names if c not in used and c in RESERVED_COLUMNS]
     if reserved:
         logger.warning("%s: keys %s are output columns and are not carried", uri, ", ".join(reserved))
