@@ -228,9 +228,11 @@ def _open_and_load(data: bytes, spec: PreprocessSpec) -> tuple[Image.Image, tupl
             raise
         # First a copy that keeps the text chunks an orientation is read from (XMP, an EXIF
         # profile), then, when one of those is what fails, a copy without any.
-        copies = [_png_without_droppable_chunks(data, keep_orientation_text=True),
-                  _png_without_droppable_chunks(data)]
-        copies = [c for i, c in enumerate(copies) if c is not None and c not in copies[:i]]
+        copies: list[bytes] = []
+        for copy in (_png_without_droppable_chunks(data, keep_orientation_text=True),
+                     _png_without_droppable_chunks(data)):
+            if copy is not None and copy not in copies:
+                copies.append(copy)
         for stripped in copies:
             try:
                 result = _open_load_once(stripped, spec)
