@@ -370,11 +370,11 @@ def test_spark_folder_of_parquet_manifest_parts(tmp_path):
         plan, rows = planned(uri)
         assert plan.kind == "manifest"
         assert [r["path"] for r in rows] == [str(folder / n) for n in ("a.jpg", "b.jpg", "c.jpg")]
-        assert plan.skipped_by_reason == {"not_a_shard": 1, "hidden": 1}
+        assert plan.skipped_by_reason == {"dataset_metadata": 1, "hidden": 1}  # _SUCCESS, the .crc
     renamed = tmp_path / "urls.parquet"  # Spark's "table.parquet/" folder name
     folder.rename(renamed)
     plan, rows = planned(str(renamed))
-    assert len(rows) == 3 and plan.skipped_by_reason == {"not_a_shard": 1, "hidden": 1}
+    assert len(rows) == 3 and plan.skipped_by_reason == {"dataset_metadata": 1, "hidden": 1}
     with pytest.raises(InputError, match="cannot read Parquet file"):
         plan_inputs(str(tmp_path / "nothing.parquet"), use_ray=False, input_format="parquet")
 
