@@ -147,6 +147,11 @@ def test_concatenated_and_damaged_tars_lose_no_member_silently(tmp_path):
     assert names[:1] == ["a.jpg"] and "c.jpg" in names
     shard_rows = [r for r in rows if r["path"] == str(tmp_path / "bad.tar")]
     assert len(shard_rows) == 1 and "tar damaged" in shard_rows[0]["read_error"]
+    # a text file named .tar: nothing was read, so no "the rest were read" (new-user trial)
+    write(tmp_path / "notatar.tar", b"just some notes, not an archive\n" * 40)
+    _, rows = planned(str(tmp_path / "notatar.tar"))
+    assert len(rows) == 1 and rows[0]["read_error"].startswith(
+        "read_error: not a tar archive (or damaged from its start): no member header could be read"), rows
     # cut short exactly after a member: no end-of-archive blocks
     write(tmp_path / "cut.tar", one[: 512 + len(jpeg(1)) + (-len(jpeg(1)) % 512)])
     _, rows = planned(str(tmp_path / "cut.tar"))

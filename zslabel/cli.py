@@ -174,8 +174,9 @@ def _label_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("label", help="label images with a zero-shot classifier", allow_abbrev=False,
                        description="Label every image under INPUT with the top-k of the candidate labels.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", nargs="?", help="folder, glob, manifest (.txt/.csv/.parquet), WebDataset tars "
-                   "or Parquet with image bytes; local path or fsspec URI (s3://, gs://, az://)")
+    p.add_argument("input", nargs="?", help="folder, glob, manifest (.txt/.csv/.tsv/.jsonl/.parquet), WebDataset "
+                   "tars or Parquet with image bytes; local path or fsspec URI (s3://, gs://, az://); required "
+                   "unless --config gives it")
     _add_labeling_flags(p, f"hub id, local checkpoint folder or fsspec URI (default: {DEFAULT_MODEL})")
     g = p.add_argument_group("output layout")
     g.add_argument("--store-embeddings", action="store_true", default=None,

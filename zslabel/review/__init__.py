@@ -62,7 +62,8 @@ class ReportResult:
     def line(self) -> str:
         phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
         return (f"report of {self.rows:,} rows: {self.label_sections} label sections, {self.thumbnails} thumbnails "
-                f"({self.placeholders} placeholders), {self.bytes / 1e6:.1f} MB, {self.seconds:.1f} s ({phases}): "
+                f"and {self.placeholders} placeholders (rows without a picture), "
+                f"{self.bytes / 1e6:.1f} MB, {self.seconds:.1f} s ({phases}): "
                 f"{self.index}")
 
 

@@ -317,6 +317,9 @@ class _HeaderLog:
         """None for a sound archive, else what was wrong (for the shard's ``read_error`` row)."""
         if self.damage:
             where = ", ".join(f"byte {offset}" for offset, _ in self.damage[:3])
+            if not members:  # nothing to speak of as "the rest"
+                return (f"not a tar archive (or damaged from its start): no member header could be read "
+                        f"({len(self.damage)} unreadable region(s) at {where}: {self.damage[0][1]})")
             return (f"tar damaged: {len(self.damage)} unreadable member header region(s) at {where} "
                     f"({self.damage[0][1]}); members there are lost, the rest were read")
         if members and not self.ended_cleanly:
