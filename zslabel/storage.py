@@ -46,8 +46,9 @@ from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import fsspec
+from fsspec.implementations.local import make_path_posix
 
-from .chains import chain_parts
+from .chains import chain_parts, is_chain
 from .errors import InputError, ZslabelError
 from .io_policy import IOPolicy
 
@@ -126,10 +127,17 @@ def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None, *,
     """
     # A local file: URI names its RFC 8089 path here as everywhere (--output file:///a%20b is "/a b").
     uri = file_uri_path(uri) or _lower_scheme(uri)
-    if "::" in uri and not is_chain(uri):  # a local name holding "::" (fsspec would split it)
-        from fsspec.implementations.local import make_path_posix
-
-        return fsspec.filesystem("file"), make_path_posix(uri).rstrip("/") or "/"
+    if "::" in uri and not is_chain(uri):  # a name holding "::" (fsspec would split it)
+        m = _SCHEME.match(uri)
+        if m is None:
+            return fsspec.filesystem("file"), make_path_posix(uri).rstrip("/") or "/"
+        try:
+            cls = fsspec.get_filesystem_class(m.group(1))
+        except (ImportError, ValueError) as exc:
+            raise error(f"cannot open {uri}: {exc}") from exc
+        fs = fsspec.filesystem(m.group(1), **io_storage_options(uri, storage_options, io or IOPolicy()))
+        _once_on_s3(fs)
+        return fs, cls._strip_protocol(uri)
     try:
         fs, path = fsspec.core.url_to_fs(uri, **io_storage_options(uri, storage_options, io or IOPolicy()))
     except ImportError as exc:
@@ -138,28 +146,20 @@ def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None, *,
         if "protocol" in str(exc).lower():
             raise error(f"cannot open {uri}: {exc}") from exc
         raise
-    remote = getattr(fs, "fs", fs) if is_chain(uri) else fs  # a chain: the cache's target
-    if "s3" in protocols(remote):
-        # s3fs wraps every call, and every body read, in retry loops of its own (class attribute
-        # ``retries`` = 5, nested: up to 25 tries of a stalled read, each after botocore's own
-        # ``max_attempts``): a stalled manifest took 40 s at --io-timeout 1 --io-retries 0 and
-        # ~3,000 s at the defaults. botocore already retries throttling, 5xx and connection
-        # errors (``config_kwargs.retries`` above) and zslabel's own layer retries image reads,
-        # so s3fs tries once. Filesystems are cached per options: this is every S3 filesystem.
-        remote.retries = 1
+    _once_on_s3(getattr(fs, "fs", fs) if is_chain(uri) else fs)  # a chain: the cache's target
     return fs, path
 
 
+def _once_on_s3(fs: fsspec.AbstractFileSystem) -> None:
+    if "s3" in protocols(fs):
+        # s3fs retries every call and body read itself (``retries`` = 5, nested: up to 25 tries of
+        # a stalled read; a stalled manifest took 40 s at --io-timeout 1 --io-retries 0, ~3,000 s
+        # at the defaults). botocore (``config_kwargs.retries``) and zslabel's own layer retry
+        # already, so s3fs tries once. Filesystems are cached per options: this is every S3 one.
+        fs.retries = 1
+
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-def is_chain(uri: str) -> bool:
-    """Whether ``uri`` is a ``::`` chain: its first link names a protocol, as a URI
-    (``zip://a.jpg``) or alone (``simplecache``). A local path holding ``::`` is none."""
-    if "::" not in uri:
-        return False
-    first = uri.split("::", 1)[0]
-    return _SCHEME.match(first) is not None or first in fsspec.available_protocols()
 
 
 def _lower_scheme(uri: str) -> str:
