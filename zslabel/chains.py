@@ -2,7 +2,7 @@
 names are chains, and the link of one that holds the path. fsspec reads every ``::`` as a link
 separator, so a name holding ``::`` (a local ``run::1``, an S3 key ``a::b.jpg``) would open
 another file (fsspec/filesystem_spec#1782); only a name whose first link is a filesystem that
-reads through another is a chain (:func:`is_chain`), and ``storage`` keeps the others whole.
+reads through another is a chain (``storage.is_chain``), and ``storage`` keeps the others whole.
 """
 
 from __future__ import annotations
@@ -12,39 +12,14 @@ import os
 import fsspec
 
 
-def is_chain(uri: str) -> bool:
-    """Whether ``uri`` is a ``::`` chain: its first link, as a URI (``zip://a.jpg``) or a
-    protocol alone (``simplecache``), names a filesystem that reads through another: an archive
-    (zip, tar, libarchive), a cache or wrapper (fsspec's ``ChainedFileSystem``: simplecache,
-    filecache, blockcache, dir) or a reference filesystem. A local path or a storage URI with
-    ``::`` in a name (``s3://bucket/a::b.jpg``: fsspec split it into a chain to a local
-    ``b.jpg``) is none."""
-    if "::" not in uri:
-        return False
-    from fsspec.archive import AbstractArchiveFileSystem
-    from fsspec.implementations.chained import ChainedFileSystem
-    from fsspec.implementations.reference import ReferenceFileSystem
-
-    first = uri.split("::", 1)[0]
-    proto = fsspec.core.split_protocol(first)[0] if "://" in first else first
-    try:
-        cls = fsspec.get_filesystem_class((proto or "").lower())
-    except (ValueError, ImportError):  # no protocol (a local name), or one fsspec does not know
-        return False
-    return issubclass(cls, (AbstractArchiveFileSystem, ChainedFileSystem, ReferenceFileSystem))
-
-
 def chain_parts(uri: str) -> tuple[str, str]:
     """``(link, tail)`` of a ``::`` chain: the link whose filesystem holds the path, and the
     ``::``-joined links after it (``""`` for none), as fsspec reads a chain (a cache such as
     ``simplecache`` with no path of its own takes its target's; an archive such as ``zip`` or
     ``tar`` holds the path and reads the file the rest of the chain names). A local archive in
     the tail is made absolute: rows are read by Ray workers, whose working folder is not the
-    driver's. ``(uri, "")`` for a URI that is no chain (:func:`is_chain`)."""
+    driver's. Only for a chain (``storage.is_chain``: callers ask first)."""
     from fsspec.implementations.chained import ChainedFileSystem
-
-    if not is_chain(uri):
-        return uri, ""
 
     known = set(fsspec.available_protocols())
     links = uri.split("::")

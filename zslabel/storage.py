@@ -16,19 +16,13 @@ ambiguity: when both ``caf%E9.png`` (literally) and ``caf\\xe9.png`` exist, both
 ``caf%E9.png`` and the literal file is the one read.
 
 Bounded time per input: every filesystem made here gets the connect and read timeouts of an
-``io_policy.IOPolicy`` (default 30 s) in the form its library takes (:func:`io_storage_options`),
-unless the user's storage options set them: aiohttp's ``ClientTimeout(connect, sock_connect,
-sock_read)`` for HTTP(S) and GCS (aiohttp's default is 300 s in all per request, which a server
-that never answers spends in full), botocore's ``connect_timeout``/``read_timeout`` and retry
-count for S3, adlfs's ``connection_timeout``/``read_timeout`` for Azure.
+``io_policy.IOPolicy`` (default 30 s) in the form its library takes, unless the user's storage
+options set them (:func:`io_storage_options`: aiohttp's default is 300 s per request).
 
-Name patterns, as text (no filesystem asked): glob metacharacters (:func:`has_glob`), brace
-ranges by bash's rules (:func:`expand_braces`), and the part of an HTTP(S) URL a kind is told
-by (:func:`kind_name`); :func:`is_pattern` asks whether a name with metacharacters exists.
-
+Name patterns, as text: glob metacharacters (:func:`has_glob`), brace ranges by bash's rules
+(:func:`expand_braces`), the part of an HTTP(S) URL a kind is told by (:func:`kind_name`).
 Local stamps (:func:`local_stamp`): a digest of the names, sizes and mtimes of a local input or
-checkpoint, so a ``--resume`` of a finished run can tell, without reading any file, that nothing
-changed (``store.OutputStore.finished_unchanged``).
+checkpoint, for the ``--resume`` short-cut (``store.OutputStore.finished_unchanged``).
 """
 
 from __future__ import annotations
@@ -46,9 +40,12 @@ from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import fsspec
+from fsspec.archive import AbstractArchiveFileSystem
+from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.implementations.local import make_path_posix
+from fsspec.implementations.reference import ReferenceFileSystem
 
-from .chains import chain_parts, is_chain
+from .chains import chain_parts
 from .errors import InputError, ZslabelError
 from .io_policy import IOPolicy
 
@@ -162,6 +159,22 @@ def _once_on_s3(fs: fsspec.AbstractFileSystem) -> None:
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
+def is_chain(uri: str) -> bool:
+    """Whether ``uri`` is a ``::`` chain: its first link (``zip://a.jpg``, ``simplecache``) names
+    a filesystem that reads through another (an archive, a ``ChainedFileSystem`` cache, a
+    reference). A name holding ``::`` is none: fsspec split ``s3://b/a::b.jpg`` into a chain to
+    a local ``b.jpg`` (fsspec#1782), and ``chains.chain_parts`` would too."""
+    if "::" not in uri:
+        return False
+    first = uri.split("::", 1)[0]
+    try:
+        cls = fsspec.get_filesystem_class(((fsspec.core.split_protocol(first)[0] if "://" in first else first)
+                                           or "").lower())
+    except (ValueError, ImportError):  # a local name, or a protocol fsspec does not know
+        return False
+    return issubclass(cls, (AbstractArchiveFileSystem, ChainedFileSystem, ReferenceFileSystem))
+
+
 def _lower_scheme(uri: str) -> str:
     """``uri`` with its scheme in lower case (``HTTP://h/x`` -> ``http://h/x``): schemes are
     case-insensitive (RFC 3986 3.1), fsspec's protocol names are lower case."""
@@ -265,7 +278,7 @@ def uri_maker(uri: str, fs: fsspec.AbstractFileSystem) -> Callable[[str], str]:
     """
     if is_local(fs):
         return display_name
-    link, tail = chain_parts(uri)
+    link, tail = chain_parts(uri) if is_chain(uri) else (uri, "")
     proto = fsspec.core.split_protocol(link)[0] or protocols(fs)[0]
     prefix = f"{proto}://"
     suffix = f"::{tail}" if tail else ""

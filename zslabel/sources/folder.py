@@ -158,7 +158,7 @@ def output_inside(fs: fsspec.AbstractFileSystem, root: str, output: str | None, 
 def names_folders(uri: str) -> bool:
     """Whether a glob pattern names folders: it ends in ``/`` (POSIX glob(7), bash); in a ``::``
     chain, the link holding the pattern does (``zip://*/::/d/imgs.zip``)."""
-    return storage.chain_parts(uri)[0].endswith("/")
+    return (storage.chain_parts(uri)[0] if storage.is_chain(uri) else uri).endswith("/")
 
 
 def is_folder(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> bool:
