@@ -310,29 +310,30 @@ def test_a_latin1_name_through_the_label_studio_export(ray_local, tiny_clip, tmp
     assert files_named(tmp_path / "http.json", prefix) == [b"100%E9.png", b"a.png", LATIN1, b"z.png"]
 
 
+def listed_and_read(s3, objects: dict[str, bytes], prefix: str) -> dict[str, tuple]:
+    """Put ``objects`` (key -> bytes), plan the prefix (counts checked), read every row:
+    ``{row path: (bytes, error)}``."""
+    for key, data in objects.items():
+        s3.put(key, data)
+    plan = plan_inputs(s3.uri(prefix), storage_options=s3.storage_options)
+    rows = rows_of(plan)
+    counts_add_up(plan, rows)
+    return {r["path"]: fetch_bytes(r["path"], s3.storage_options) for r in rows}
+
+
 def test_s3_keys_holding_double_colons_are_keys_not_chains(ray_local, s3):
     """fsspec#1782 on an object store (public-report hunt): fsspec splits ``s3://b/k/a::b.png`` into
     a chain to a local file ``b.png``; listed under a prefix the row was ``read_error: TypeError:
     AioSession.__init__() got an unexpected keyword argument 'target_options'``, and the key as
     the input was "cannot read". Only a name whose first link reads through another filesystem
     (zip://, simplecache, ...) is a chain."""
-    s3.put("cc/a::b.png", png(1))
-    s3.put("cc/x::y::z.png", png(2))
-    plan = plan_inputs(s3.uri("cc"), storage_options=s3.storage_options)
-    rows = rows_of(plan)
-    counts_add_up(plan, rows)
-    got = {r["path"]: fetch_bytes(r["path"], s3.storage_options) for r in rows}
-    assert got == {s3.uri("cc/a::b.png"): (png(1), None), s3.uri("cc/x::y::z.png"): (png(2), None)}
+    assert listed_and_read(s3, {"cc/a::b.png": png(1), "cc/x::y::z.png": png(2)}, "cc") == {
+        s3.uri("cc/a::b.png"): (png(1), None), s3.uri("cc/x::y::z.png"): (png(2), None)}
     one = plan_inputs(s3.uri("cc/a::b.png"), storage_options=s3.storage_options)  # the key itself
     assert [r["path"] for r in rows_of(one)] == [s3.uri("cc/a::b.png")]
 
 
 def test_s3_empty_path_component_in_a_key(ray_local, s3):
     """s3fs#771: keys such as ``k//e.png`` (an empty folder name) exist on real buckets."""
-    s3.put("dbl//e.png", png(1))
-    s3.put("dbl/f.png", png(2))
-    plan = plan_inputs(s3.uri("dbl"), storage_options=s3.storage_options)
-    rows = rows_of(plan)
-    counts_add_up(plan, rows)
-    got = {r["path"]: fetch_bytes(r["path"], s3.storage_options) for r in rows}
-    assert got == {s3.uri("dbl//e.png"): (png(1), None), s3.uri("dbl/f.png"): (png(2), None)}
+    assert listed_and_read(s3, {"dbl//e.png": png(1), "dbl/f.png": png(2)}, "dbl") == {
+        s3.uri("dbl//e.png"): (png(1), None), s3.uri("dbl/f.png"): (png(2), None)}
