@@ -7,6 +7,7 @@ which reads through a real ``http.server`` on 127.0.0.1.
 
 from __future__ import annotations
 
+import logging
 import io
 import json
 import os
@@ -382,6 +383,20 @@ def test_spark_folder_of_parquet_manifest_parts(tmp_path):
     assert len(rows) == 3 and plan.skipped_by_reason == {"dataset_metadata": 1, "hidden": 1}
     with pytest.raises(InputError, match="cannot read Parquet file"):
         plan_inputs(str(tmp_path / "nothing.parquet"), use_ray=False, input_format="parquet")
+
+
+def test_a_spark_jobs_leftover_parts_are_no_warning(tmp_path, caplog):
+    """Parts under ``_temporary/`` are skipped on purpose (``dataset_metadata``): no warning
+    telling the user to "label them in a run of their own" (the double counting the rule
+    prevents; trial of this stop's change)."""
+    folder = tmp_path / "table"
+    (folder / "_temporary" / "0").mkdir(parents=True)
+    pq.write_table(pa.table({"jpg": [jpeg(1)]}), folder / "part-0.parquet")
+    pq.write_table(pa.table({"jpg": [jpeg(2)]}), folder / "_temporary" / "0" / "part-0.parquet")
+    with caplog.at_level(logging.WARNING):
+        plan, rows = planned(str(folder))
+    assert len(rows) == 1 and plan.skipped_by_reason == {"dataset_metadata": 1}
+    assert "run of their own" not in caplog.text, caplog.text
 
 
 def test_files_beside_tar_shards_are_counted(tmp_path):

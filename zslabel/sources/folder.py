@@ -292,9 +292,10 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
                 if to_uri(p) not in taken:
                     handed.add_planned_skip(reason if reason != "not_an_image" else
                                             shard_skip_reason(relative(p)) or "not_a_shard", to_uri(p))
-            _warn_unread_containers(uri, [to_uri(p) for p, reason in skipped
-                                          if reason == "not_an_image" and to_uri(p) not in taken], options,
-                                    f"it is read as {handed.kind} files")
+            # Not the dataset's own metadata (``_temporary/``, ``_delta_log/``): skipped on purpose.
+            _warn_unread_containers(uri, [to_uri(p) for p, reason in skipped if reason == "not_an_image"
+                                          and to_uri(p) not in taken and shard_skip_reason(relative(p)) is None],
+                                    options, f"it is read as {handed.kind} files")
             return handed
     if not images:
         if not files and not fs.exists((root or fs_path) if pattern else fs_path):
