@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 from conftest import photo
 
-from zslabel import fetch, storage
+from zslabel import storage
 from zslabel.decode import PreprocessSpec
 from zslabel.errors import error_code
 from zslabel.io_policy import IOPolicy
+from zslabel.sources import fetch
 from zslabel.stages import decode_batch, decode_block
 
 SPEC = PreprocessSpec(resize_mode="shortest_edge", shortest_edge=32, crop_hw=(32, 32))

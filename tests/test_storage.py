@@ -9,8 +9,9 @@ import pytest
 from s3_server import s3, s3_endpoint  # noqa: F401  (fixtures)
 from source_files import serving
 
-from zslabel import fetch, io_policy, storage
+from zslabel import io_policy, storage
 from zslabel.errors import InputError, OutputError
+from zslabel.sources import fetch
 
 
 def test_uri_maker_keeps_the_users_protocol_and_full_http_urls():

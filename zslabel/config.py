@@ -20,7 +20,8 @@ from .io_policy import DEFAULT_IO_RETRIES, DEFAULT_IO_TIMEOUT, IOPolicy
 from .labels import TEMPLATE_SETS, local_file_wins
 from .options import DEFAULT_MODEL, OUTPUT_MODES, LabelingOptions, check_input_exists  # noqa: F401 - re-exported
 from .sources import INPUT_FORMATS  # noqa: F401 - re-exported; the registry is the only list
-from .textfiles import load_yaml, read_lines, read_text
+from .textfiles import load_yaml, read_lines
+from .userfiles import read_text
 
 # The longest time limit taken (a day): larger ones overflow the clocks of thread joins and
 # future waits (OverflowError: every row failed), and mean "no limit" anyway (--decode-timeout 0).

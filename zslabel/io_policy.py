@@ -3,7 +3,7 @@ try, and how a failed storage call is described. No filesystem and no Ray here.
 
 Bounded time per input (:class:`IOPolicy`, ``fetch.fetch_many``). Every filesystem that
 ``zslabel.storage`` makes gets connect and read timeouts (``IOPolicy.timeout``, default 30 s)
-in the form its library takes (``storage.io_storage_options``). ``zslabel.fetch.fetch_many``
+in the form its library takes (``storage.io_storage_options``). ``zslabel.sources.fetch.fetch_many``
 retries transient failures (:func:`is_transient`: HTTP 408, 425, 429, 500, 502, 503, 504,
 connection resets) with exponential backoff and jitter (honouring a short ``Retry-After``,
 :func:`retry_after`), never retries a timeout (a silent server costs one timeout, not

@@ -24,7 +24,8 @@ import numpy as np
 from .errors import ConfigError
 from .hierarchy import SEPARATOR, prompt_name
 from .ranking import ensemble
-from .textfiles import read_lines, read_text
+from .textfiles import read_lines
+from .userfiles import read_text
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ from .calibration import load_calibration
 from .errors import ConfigError, InputError
 from .hierarchy import check_options as check_hierarchy_options
 from .labels import DEFAULT_TEMPLATE, merge_labels_file, parse_label_list, validate_prompts
-from .textfiles import load_yaml, read_text
+from .textfiles import load_yaml
+from .userfiles import read_text
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,10 @@
-"""Output contract: the column names, the Parquet schema and the row tables. (Which files of an
-output are data, atomic writes and the run manifest: ``store.fsio``.)
+"""Output contract: the column names, the names of an output's own files, the Parquet schema and
+the row tables. (Which files of an output are data, atomic writes and the run manifest:
+``store.fsio``.)
 
-This module is the only place that spells the output's column names; every other module uses
-the constants below.
+This module is the only place that spells the output's column and file names; every other
+module uses the constants below (the input listing too: an input folder skips an output's own
+files, ``sources.folder``).
 
 Every Parquet file of a run has exactly ``output_schema(...)``; error rows carry nulls in
 ``labels``/``scores`` but the column types never change (a file of only failed rows still has
@@ -17,6 +19,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+# The commit marker of a finished run, beside the data; its leading underscore makes Parquet
+# readers skip it. Written last.
+MANIFEST_NAME = "_run_manifest.json"
+# An output's own state (the unfinished run's record, its claim, staged files): a folder holding
+# one is a zslabel output even before its first manifest.
+STATE_DIR = "_zslabel"
+RUN_RECORD = f"{STATE_DIR}/run.json"
+SWAP_RECORD = f"{STATE_DIR}/swap.json"
+CLAIM_RECORD = f"{STATE_DIR}/claim.json"
 
 # Column names of the output contract.
 PATH = "path"                  # string: the input's URI (tar members: "<shard>#<member>")

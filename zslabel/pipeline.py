@@ -64,50 +64,52 @@ def run_label_job(config: JobConfig, progress: bool = True) -> RunSummary:
     # Every read of the job (the input check, planning, fetching) within one I/O policy.
     io = config.io_policy()
     checked = job.check(config, config.input, check_input=config.check_input)
-    if isinstance(checked, job.FinishedRun):
-        return summary_of_finished(*checked)  # nothing left to do
-    with checked.claimed():
-        # The inputs, listed before the model loads and Ray starts (planning needs neither), so an
-        # unreadable manifest or an input without images fails in seconds.
-        plan = sources.plan_inputs(
-            config.input, input_format=config.input_format, storage_options=config.storage_options, io=io,
-            path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,
-            image_column=config.image_column, output=config.output)
-        prepared = job.load(checked, device="auto", spec_overrides=spec_overrides)
-        prepared.timings["planning_s"] = plan.planning_seconds
-        # Ray, and each stage's resources sized from the cluster's (``cluster``), once.
-        # After the model: in a `ray job submit` driver, joining the cluster can replace the
-        # job's unpacked working_dir under the process (its cwd then no longer exists), which
-        # breaks libraries that resolve relative paths at import time (transformers does).
-        init_ray(config.address)
-        cluster = ClusterResources.read()
-        # Before the output changes: a pool no node can hold fails here, leaving nothing behind.
-        pool = cluster.actor_pool_size(config)
-        task_options = decode_task_options(config)
-        # The planned rows as a Ray Dataset read in the decode tasks (with their task options,
-        # so that Ray Data fuses the two into one task per block), in blocks sized for the cluster.
-        dataset = plan.to_dataset(task_options, cluster.cpus())
-        inputs = plan.listed if plan.listed is not None else plan.rows_at_most
-        labelers = actor_pool_strategy(config, pool, inputs, cluster.nodes)
-        bound_in_flight(config, prepared.preprocess.output_hw, pool, dataset)
-        # The write session: the output schema is part of the run's fingerprint.
-        schema = output_schema(plan.carried_columns, prepared.embedding_dim if config.store_embeddings else None,
-                               config.embedding_dtype, abstained=config.min_score is not None,
-                               hierarchy=prepared.hierarchy is not None)
-        session = job.begin(prepared, schema, preprocess=prepared.preprocess.fingerprint_dict(),
-                            planned_paths=plan.planned_paths, planned_files=plan.planned_files)
-        plan.planned_paths = None  # checked; the rows themselves are in the object store (~100 B a path)
-        ds = compose(config, prepared, plan, session, schema, spec_overrides, io=io, task_options=task_options,
-                     labelers=labelers, writers=write_tasks(cluster.cpus()))
-        written = consume(ds, config, plan, session, prepared.timings, progress)
-        return job.finish(
-            prepared, session, "label", config=config.public_dict(),
-            preprocess=prepared.preprocess.fingerprint_dict(),
-            input_counts={"skipped": plan.skipped, "listed": plan.listed, "duplicates_removed": plan.duplicates_removed,
-                          "skipped_by_reason": plan.skipped_by_reason},
-            extra={"actor_pool": list(pool),
-                   **({INPUT_FILES: plan.planned_files} if plan.planned_files is not None else {})},
-            files_this_run=len(written), accounting=Accounting(plan.listed, plan.skipped, plan.duplicates_removed))
+    if isinstance(checked, job.CheckedJob):
+        with checked.claimed():
+            # The inputs, listed before the model loads and Ray starts (planning needs neither), so an
+            # unreadable manifest or an input without images fails in seconds.
+            plan = sources.plan_inputs(
+                config.input, input_format=config.input_format, storage_options=config.storage_options, io=io,
+                path_column=config.path_column, id_column=config.id_column, dedupe=config.dedupe,
+                image_column=config.image_column, output=config.output)
+            prepared = job.load(checked, device="auto", spec_overrides=spec_overrides)
+            prepared.timings["planning_s"] = plan.planning_seconds
+            # Ray, and each stage's resources sized from the cluster's (``cluster``), once.
+            # After the model: in a `ray job submit` driver, joining the cluster can replace the
+            # job's unpacked working_dir under the process (its cwd then no longer exists), which
+            # breaks libraries that resolve relative paths at import time (transformers does).
+            init_ray(config.address)
+            cluster = ClusterResources.read()
+            # Before the output changes: a pool no node can hold fails here, leaving nothing behind.
+            pool = cluster.actor_pool_size(config)
+            task_options = decode_task_options(config)
+            # The planned rows as a Ray Dataset read in the decode tasks (with their task options,
+            # so that Ray Data fuses the two into one task per block), in blocks sized for the cluster.
+            dataset = plan.to_dataset(task_options, cluster.cpus())
+            inputs = plan.listed if plan.listed is not None else plan.rows_at_most
+            labelers = actor_pool_strategy(config, pool, inputs, cluster.nodes)
+            bound_in_flight(config, prepared.preprocess.output_hw, pool, dataset)
+            # The write session: the output schema is part of the run's fingerprint.
+            schema = output_schema(plan.carried_columns, prepared.embedding_dim if config.store_embeddings else None,
+                                   config.embedding_dtype, abstained=config.min_score is not None,
+                                   hierarchy=prepared.hierarchy is not None)
+            session = job.begin(prepared, schema, preprocess=prepared.preprocess.fingerprint_dict(),
+                                planned_paths=plan.planned_paths, planned_files=plan.planned_files)
+            plan.planned_paths = None  # checked; the rows themselves are in the object store (~100 B a path)
+            ds = compose(config, prepared, plan, session, schema, spec_overrides, io=io, task_options=task_options,
+                         labelers=labelers, writers=write_tasks(cluster.cpus()))
+            written = consume(ds, config, plan, session, prepared.timings, progress)
+            return job.finish(
+                prepared, session, "label", config=config.public_dict(),
+                preprocess=prepared.preprocess.fingerprint_dict(),
+                input_counts={"skipped": plan.skipped, "listed": plan.listed,
+                              "duplicates_removed": plan.duplicates_removed,
+                              "skipped_by_reason": plan.skipped_by_reason},
+                extra={"actor_pool": list(pool),
+                       **({INPUT_FILES: plan.planned_files} if plan.planned_files is not None else {})},
+                files_this_run=len(written), accounting=Accounting(plan.listed, plan.skipped, plan.duplicates_removed))
+    # A --resume of a finished run with unchanged settings, input and model: nothing left to do.
+    return summary_of_finished(*checked)
 
 
 def compose(config: JobConfig, prepared: job.PreparedJob, plan, session, schema, spec_overrides: dict[str, Any], *,

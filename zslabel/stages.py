@@ -18,11 +18,11 @@ import pyarrow as pa
 
 from .decode import DEFAULT_DECODE_TIMEOUT, PreprocessSpec, decode_image
 from .errors import INTERNAL_ERROR, error_string
-from .fetch import PendingFetch, start_fetch
 from .io_policy import IOPolicy
 from .output import result_table
 from .ranking import RankingRule
 from .scoring import ZeroShotClassifier, score_rows
+from .sources.fetch import PendingFetch, start_fetch
 
 if TYPE_CHECKING:
     from .calibration import Calibration

@@ -1,4 +1,4 @@
-"""Reading the text files a user hands us: labels, templates, manifests, ground truth, YAML config.
+"""The text of the files a user hands us: labels, templates, manifests, ground truth, YAML config.
 
 One rule for all of them, so a file saved by any common editor reads the same: UTF-8 with or
 without a byte-order mark (Windows Notepad's "UTF-8 with BOM"), UTF-16 when it starts with a
@@ -6,18 +6,18 @@ UTF-16 BOM (Notepad's "Unicode"), and LF, CRLF or CR line ends. Anything else (e
 Latin-1 file) is refused with the file's name, the byte offset of the first byte that is not
 UTF-8 and the bytes around it, rather than guessed: a guessed encoding silently changes label
 names, and label names are the output.
+
+No I/O here (the input listing decodes manifests with it): ``userfiles.read_text`` reads a file
+the user names and decodes it by this rule.
 """
 
 from __future__ import annotations
 
 import codecs
-import os
 import re
 from typing import Any
 
-import fsspec
-
-from .errors import ConfigError, ZslabelError
+from .errors import ConfigError
 
 _BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
 
@@ -62,35 +62,6 @@ def decode_text(data: bytes, source: str) -> str:
     except UnicodeDecodeError as exc:
         raise TextDecodeError(source, skip + exc.start, data, encoding) from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def read_text(uri: str, storage_options: dict[str, Any] | None = None, *, what: str = "file",
-              error: type[ZslabelError] = ConfigError) -> str:
-    """Read and decode a text file from a local path or fsspec URI (see ``decode_text``).
-
-    Args:
-        uri: local path or fsspec URI; compression is inferred from the suffix (``.gz`` ...).
-        storage_options: fsspec options for remote filesystems.
-        what: what the file is, for the error message ("labels file", "manifest", ...).
-        error: the ZslabelError subclass raised when the file cannot be read.
-
-    Raises:
-        ``error``: the file does not exist or cannot be read (message names ``what`` and ``uri``).
-        TextDecodeError: the file is not UTF-8 / BOM-marked UTF-16.
-    """
-    try:
-        if "://" not in uri and os.path.exists(uri) and not os.path.isfile(uri) and not os.path.isdir(uri):
-            # A pipe (--labels-file <(grep ... classes.txt)): read as a stream; fsspec seeks.
-            with open(uri, "rb") as fh:
-                data = fh.read()
-        else:
-            from .storage import compression_of  # storage imports nothing of this module's users
-
-            with fsspec.open(uri, "rb", compression=compression_of(uri, error), **(storage_options or {})) as fh:
-                data = fh.read()
-    except (OSError, ValueError) as exc:
-        raise error(f"cannot read {what} {uri}: {exc}") from exc
-    return decode_text(data, uri)
 
 
 # Lines end at LF, CRLF or CR, nothing else: ``str.splitlines`` also splits at form feeds and

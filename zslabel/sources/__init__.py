@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import time
 
-from .. import fetch, io_policy, storage
+from .. import io_policy, storage
 from ..errors import READ_ERROR, InputError, ZslabelError, error_string
 from ..storage import expand_braces
-from . import folder, jsonl, location, manifest, parquet, webdataset
+from . import fetch, folder, jsonl, location, manifest, parquet, webdataset
 from .common import FILE_INDEX_STRIDE, IMAGE_EXTENSIONS, SKIP_REASONS, InputKind, InputOptions, InputPlan
 
 logger = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .. import storage
 from ..errors import InputError
-from ..store.layout import CLAIM_RECORD, MANIFEST_NAME, RUN_RECORD, SWAP_RECORD
+from ..output import CLAIM_RECORD, MANIFEST_NAME, RUN_RECORD, SWAP_RECORD
 from .blocks import core_table, planned_dataset
 from .common import (
     IMAGE_EXTENSIONS,

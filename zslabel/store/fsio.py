@@ -21,14 +21,8 @@ import fsspec
 import pyarrow as pa
 
 from ..errors import InputError, OutputError
+from ..output import MANIFEST_NAME, STATE_DIR
 from ..storage import url_to_fs
-
-# The commit marker of a finished run, beside the data; its leading underscore makes Parquet
-# readers skip it. Written last.
-MANIFEST_NAME = "_run_manifest.json"
-# An output's own state (the unfinished run's record, its claim, staged files): a folder holding
-# one is a zslabel output even before its first manifest.
-STATE_DIR = "_zslabel"
 
 
 def output_filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

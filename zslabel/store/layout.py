@@ -27,14 +27,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import OutputError
+from ..output import CLAIM_RECORD, MANIFEST_NAME, RUN_RECORD, STATE_DIR, SWAP_RECORD
 from ..storage import canonical_location
-from .fsio import MANIFEST_NAME, STATE_DIR, is_visible, output_filesystem, visible_parquet_files, write_bytes_atomic
+from .fsio import is_visible, output_filesystem, visible_parquet_files, write_bytes_atomic
 
 FINGERPRINT_KEY = b"zslabel.fingerprint"
 RUN_ID_KEY = b"zslabel.run_id"
-RUN_RECORD = f"{STATE_DIR}/run.json"
-SWAP_RECORD = f"{STATE_DIR}/swap.json"
-CLAIM_RECORD = f"{STATE_DIR}/claim.json"
 STAGING_DIR = f"{STATE_DIR}/staging"
 # Run record and manifest key: the files an input kind reads in tasks (``begin``).
 INPUT_FILES = "input_files"

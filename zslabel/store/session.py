@@ -37,11 +37,11 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import AccountingError, OutputError
+from ..output import MANIFEST_NAME
 from .checks import check_same_files, check_same_inputs, refuse_resume
 from .claim import Claim
 from .files import WriteTarget
 from .fingerprint import describe_changes, fingerprint_digest
-from .fsio import MANIFEST_NAME
 from .layout import (
     INPUT_FILES,
     RUN_RECORD,

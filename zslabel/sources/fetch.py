@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 import fsspec
 
-from .errors import READ_ERROR, error_string
-from .io_policy import (
+from ..errors import READ_ERROR, error_string
+from ..io_policy import (
     ATTEMPT_LIMIT_FACTOR,
     DEFAULT_MAX_INPUT_BYTES,
     MAX_RETRY_AFTER,
@@ -33,7 +33,7 @@ from .io_policy import (
     is_transient,
     retry_after,
 )
-from .storage import NotARegularFile, file_kind, file_uri_path, is_local, open_path, protocols, url_to_fs
+from ..storage import NotARegularFile, file_kind, file_uri_path, is_local, open_path, protocols, url_to_fs
 
 log = logging.getLogger(__name__)
 
