@@ -390,6 +390,16 @@ def test_report_cli_refuses_a_non_output_and_a_used_folder(tmp_path, capsys):
     assert main(["report", str(out), "--output", str(tmp_path / "rep"), "-q", "--overwrite", "--seed", "3"]) == 0
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["seed"] == 3
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    # A file the user put into an earlier report (notes, a copy of a figure) is never deleted
+    # with it: --overwrite replaces a report only while it holds nothing but what it wrote.
+    for mine in ("notes.md", "figures/annotated.png"):
+        (tmp_path / "rep" / mine).write_text("mine")
+        capsys.readouterr()
+        assert main(["report", str(out), "--output", str(tmp_path / "rep"), "-q", "--overwrite"]) == 2
+        assert f"holds files the earlier report did not write ({mine})" in capsys.readouterr().err
+        assert (tmp_path / "rep" / mine).read_text() == "mine" and (tmp_path / "rep" / "index.html").exists()
+        (tmp_path / "rep" / mine).unlink()
+    assert main(["report", str(out), "--output", str(tmp_path / "rep"), "-q", "--overwrite"]) == 0
 
 
 # --------------------------------------------------------------------------- real browser

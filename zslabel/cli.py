@@ -456,7 +456,7 @@ def _report_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-label-sections", type=int, default=60,
                    help="labels with thumbnail grids, worst first (default 60); the table lists all")
     p.add_argument("--workers", type=int, default=8, help="threads making thumbnails (default 8)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in that folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report (never files it did not write)")
     _add_io_flags(p, quiet="no progress display")
     return p
 

@@ -229,7 +229,9 @@ def _write(scan, result, sections, table, shown, report_dir: str, *, output: str
         json.dump({"output": output, "seed": seed, "rows": scan.rows, "labeled": scan.labeled,
                    "errors_by_code": scan.errors_by_code, "per_label": per_label,
                    "label_sections": [d["name"] for d in sections],
-                   "evaluation": result.report.to_dict() if result is not None else None},
+                   "evaluation": result.report.to_dict() if result is not None else None,
+                   # What a later --overwrite may delete: nothing else (``_check_folder``).
+                   "files": sorted(_files_under(report_dir) | {REPORT_JSON})},
                   fh, indent=2, sort_keys=True)
     size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(report_dir) for f in fs)
     placeholders = sum(1 for t in made.values() if t.note is not None)
@@ -286,8 +288,16 @@ def _truth_view(result, report_dir: str, view, scan) -> dict:
     }
 
 
+def _files_under(folder: str) -> set[str]:
+    """Every file (and link) below ``folder``, as ``/``-separated paths relative to it."""
+    return {os.path.relpath(os.path.join(dp, f), folder).replace(os.sep, "/")
+            for dp, dirs, fs in os.walk(folder) for f in fs + [d for d in dirs if os.path.islink(os.path.join(dp, d))]}
+
+
 def _check_folder(report_dir: str, overwrite: bool) -> None:
-    """``report_dir`` may be missing, an empty folder, or (``overwrite``) an earlier report.
+    """``report_dir`` may be missing, an empty folder, or (``overwrite``) an earlier report
+    holding nothing but the files it wrote (its ``report.json`` lists them): a file a user put
+    beside a report (notes, an annotated copy) is never deleted with it.
 
     Raises:
         OutputError: anything else: a file, a folder holding other files (never deleted).
@@ -296,12 +306,23 @@ def _check_folder(report_dir: str, overwrite: bool) -> None:
         return
     if not os.path.isdir(report_dir):
         raise OutputError(f"{report_dir} exists and is not a folder")
-    if os.listdir(report_dir):
-        if not overwrite:
-            raise OutputError(f"{report_dir} is not empty; pass --overwrite to replace an earlier report")
-        if not os.path.exists(os.path.join(report_dir, REPORT_JSON)):
-            raise OutputError(f"{report_dir} does not hold a zslabel report (no {REPORT_JSON}); refusing to "
-                              "delete it")
+    if not os.listdir(report_dir):
+        return
+    if not overwrite:
+        raise OutputError(f"{report_dir} is not empty; pass --overwrite to replace an earlier report")
+    try:
+        with open(os.path.join(report_dir, REPORT_JSON), encoding="utf-8") as fh:
+            recorded = json.load(fh).get("files")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, list):
+        raise OutputError(f"{report_dir} does not hold a zslabel report (no {REPORT_JSON} listing its files); "
+                          "refusing to delete it")
+    foreign = sorted(_files_under(report_dir) - {str(f) for f in recorded})
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(f"{report_dir} holds files the earlier report did not write ({shown}); refusing to "
+                          "delete them: move them out, or write the report to another folder")
 
 
 def _staging_folder(report_dir: str) -> str:
