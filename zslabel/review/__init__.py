@@ -314,10 +314,11 @@ def _check_folder(report_dir: str, overwrite: bool) -> None:
         with open(os.path.join(report_dir, REPORT_JSON), encoding="utf-8") as fh:
             recorded = json.load(fh).get("files")
     except (OSError, ValueError, AttributeError):
-        recorded = None
+        raise OutputError(f"{report_dir} does not hold a zslabel report (no {REPORT_JSON}); refusing to "
+                          "delete it") from None
     if not isinstance(recorded, list):
-        raise OutputError(f"{report_dir} does not hold a zslabel report (no {REPORT_JSON} listing its files); "
-                          "refusing to delete it")
+        raise OutputError(f"{report_dir} holds a report of an older zslabel, whose {REPORT_JSON} does not list "
+                          "its files; refusing to delete it: remove it yourself, or write to another folder")
     foreign = sorted(_files_under(report_dir) - {str(f) for f in recorded})
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
