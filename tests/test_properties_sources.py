@@ -635,6 +635,56 @@ def test_a_parquet_folder_gives_the_rows_pyarrow_dataset_reads(files):
             assert plan.skipped == sum(1 for p in root.rglob("*") if p.is_file()) - len(read)
 
 
+@QUICK
+@given(st.lists(st.sampled_from(["a.jpg", "b.png", "sub/a.jpg", "notes.txt", ".x.jpg", "sub/"]), min_size=1,
+                max_size=8),
+       st.sampled_from(["zip", "tar"]), st.sampled_from(["{k}://::{a}", "{k}://**::{a}", "{k}://sub/::{a}"]))
+def test_an_archive_chain_counts_every_entry_of_a_repeated_name(entries, kind, spelling):
+    """A zip or tar read through a ``::`` chain whose entries repeat a name (``zip -g`` and
+    ``tar -r`` append; img2dataset-style zips are rewritten so): every entry of the archive is a
+    row or a counted skip, and each row reads the entry every reader by name opens (the last).
+    The listing (fsspec indexes the archive by name) saw one file of each name, so the earlier
+    entries were neither rows nor skips."""
+    import zipfile
+
+    from source_files import jpeg
+
+    from zslabel.sources import fetch_bytes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = os.path.join(tmp, f"a.{kind}")
+        data = {}
+        if kind == "zip":
+            with zipfile.ZipFile(archive, "w") as z:
+                for i, name in enumerate(entries):
+                    data[name] = b"" if name.endswith("/") else jpeg(i)
+                    z.writestr(name, data[name])
+        else:
+            with tarfile.open(archive, "w") as t:
+                for i, name in enumerate(entries):
+                    info = tarfile.TarInfo(name.rstrip("/"))
+                    info.type = tarfile.DIRTYPE if name.endswith("/") else tarfile.REGTYPE
+                    data[name] = b"" if name.endswith("/") else jpeg(i)
+                    info.size = len(data[name])
+                    t.addfile(info, io.BytesIO(data[name]))
+        uri = spelling.format(k=kind, a=archive)
+        below = "sub/" if "sub/" in spelling else ""
+        files = [e for e in entries if not e.endswith("/") and e.startswith(below)]
+        try:
+            plan = plan_inputs(uri, use_ray=False)
+        except InputError as exc:  # no image among the entries
+            assert "no images found" in str(exc) or "no folder matches" in str(exc)
+            assert not [e for e in files if not is_hidden(e) and e.endswith((".jpg", ".png"))]
+            return
+        rows = plan.read_locally()
+        check_plan(plan, rows)
+        assert plan.listed == len(files)
+        assert plan.skipped_by_reason.get("archive_name_repeated", 0) == len(files) - len(set(files))
+        for row in rows:
+            member = row["path"].split("://", 1)[1].split("::", 1)[0]
+            assert fetch_bytes(row["path"]) == (data[member], None)
+
+
 # ------------------------------------------------------------------------------------------
 # through Ray, end to end (few examples: each runs Ray tasks)
 

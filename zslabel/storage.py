@@ -2,8 +2,7 @@
 
 Used by input planning (``zslabel.sources``), the output writer, ground-truth reading and remote
 checkpoints, so a location means the same thing everywhere: a plain local path or any fsspec URI
-(``s3://``, ``gs://``, ``az://``, ``http(s)://``, ``file://``, chained ``simplecache::s3://...``).
-No Ray here.
+(``s3://``, ``gs://``, ``az://``, ``http(s)://``, ``file://``, chained ``simplecache::s3://...``). No Ray here.
 
 Names that are not valid UTF-8. A Linux file name is bytes; Python hands undecodable bytes over
 as lone surrogates (``b'caf\\xe9.png'`` -> ``'caf\\udce9.png'``), which Arrow and Parquet cannot
@@ -20,7 +19,7 @@ Bounded time per input: every filesystem made here gets the connect and read tim
 options set them (:func:`io_storage_options`: aiohttp's default is 300 s per request).
 
 Name patterns, as text: glob metacharacters (:func:`has_glob`), brace ranges by bash's rules
-(:func:`expand_braces`), the part of an HTTP(S) URL a kind is told by (:func:`kind_name`).
+(:func:`expand_braces`), the part of a chain or an HTTP(S) URL a kind is told by (:func:`kind_name`).
 Local stamps (:func:`local_stamp`): a digest of the names, sizes and mtimes of a local input or
 checkpoint, for the ``--resume`` short-cut (``store.OutputStore.finished_unchanged``).
 """
@@ -53,8 +52,6 @@ log = logging.getLogger(__name__)
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
 _HIGH_ESCAPE = re.compile(r"%([89A-Fa-f][0-9A-Fa-f])")
-
-
 
 
 def _merged(defaults: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
@@ -551,9 +548,12 @@ def is_http_url(uri: str) -> bool:
 
 
 def kind_name(uri: str) -> str:
-    """The part of ``uri`` its kind is told by (``.tar``, ``.parquet``, ``.csv``): an HTTP(S) URL
-    without its query and fragment (a presigned ``shard.tar?X-Amz-Signature=..``, a hub file's
-    ``?download=true``), anything else as it is."""
+    """The part of ``uri`` its kind is told by (``.tar``, ``.parquet``, ``.csv``): of a ``::``
+    chain, the link holding the path (``tar://a.jpg::x.tar`` names an image, not a tar); an
+    HTTP(S) URL without its query and fragment (a presigned ``shard.tar?X-Amz-Signature=..``, a
+    hub file's ``?download=true``); anything else as it is."""
+    if is_chain(uri):
+        uri = chain_parts(uri)[0]
     if not is_http_url(uri):
         return uri
     return urlsplit(uri)._replace(query="", fragment="").geturl()

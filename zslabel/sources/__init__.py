@@ -52,7 +52,7 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan | None:
     for kind in KINDS:
         if kind.plan_files is None:
             continue
-        mine = [f for f in files if f.lower().endswith(kind.file_suffixes)]
+        mine = [f for f in files if storage.kind_name(f).lower().endswith(kind.file_suffixes)]
         if mine:
             plan = kind.plan_files(mine, options)
             plan.container_files = mine

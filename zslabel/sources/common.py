@@ -120,6 +120,8 @@ SKIP_REASONS: dict[str, str] = {
     "dataset_metadata": "a file below a folder of tar/Parquet shards with a path component starting with '_' "
                         "(_SUCCESS, _temporary/, _delta_log/: Hadoop, Spark and Delta Lake bookkeeping, which "
                         "pyarrow.dataset ignores too)",
+    "archive_name_repeated": "a zip or tar entry (read through a '::' chain) whose name a later entry of the "
+                             "same archive repeats: readers by name (zipfile, tarfile, fsspec) open only the last",
     "output_folder": "a zslabel output folder (the job's own --output, or an earlier run's: it holds a run "
                      "manifest or the store's state) inside a folder input: one entry, not read",
 }

@@ -23,6 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import tarfile
+import zipfile
 from collections import Counter
 
 import fsspec
@@ -251,6 +253,23 @@ def _list(uri: str, pattern: bool, options: InputOptions
             outputs)
 
 
+def repeated_archive_names(fs: fsspec.AbstractFileSystem, files: list[str]) -> list[str]:
+    """Each of ``files`` (paths of ``fs``) once for every earlier entry of the same name in the
+    zip or tar archive ``fs`` reads (a ``::`` chain's ``ZipFileSystem``/``TarFileSystem``); []
+    for any other filesystem. Python's zipfile and tarfile, and fsspec over them, index an
+    archive by name, the last entry winning: a listing sees one file where the archive holds
+    two, and the other would be neither a row nor a skip (img2dataset-style zips appended to,
+    ``zip -g``, ``tar -r``)."""
+    archive = getattr(fs, "zip", None) or getattr(fs, "tar", None)
+    if isinstance(archive, zipfile.ZipFile):
+        names = Counter(info.filename.rstrip("/") for info in archive.infolist())
+    elif isinstance(archive, tarfile.TarFile):
+        names = Counter(member.name.rstrip("/") for member in archive.getmembers())
+    else:
+        return []
+    return [p for p in files for _ in range(names.get(p.lstrip("/"), 1) - 1)]
+
+
 def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan:
     """Plan a folder (``pattern=False``) or a glob pattern; see the module docstring.
 
@@ -272,8 +291,10 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
             images.append(p)
         else:
             skipped.append((p, "not_an_image"))
-    # A sub-folder that cannot be listed, or a folder link not followed, is counted, never dropped.
+    # A sub-folder that cannot be listed, or a folder link not followed, is counted, never dropped;
+    # so is an archive entry that a later one of the same name hides from every reader by name.
     skipped += [(p, "unreadable_folder") for p in unreadable] + [(p, "folder_link") for p in links]
+    skipped += [(p, "archive_name_repeated") for p in repeated_archive_names(fs, files)]
     # The job's own output: one entry however many files it holds, so that the counts of a
     # rerun (its part files, manifest and state there now) equal the first run's; an earlier
     # run's likewise.
@@ -338,7 +359,7 @@ def _warn_unread_containers(uri: str, skipped: list[str], options: InputOptions,
     """Warn when a folder read one way skips files another kind reads (tars beside loose images,
     Parquet beside tars): counted as skips, but easy to miss in a summary line."""
     for kind, suffixes in options.container_suffixes.items():
-        unread = [p for p in skipped if p.lower().endswith(suffixes)]
+        unread = [p for p in skipped if storage.kind_name(p).lower().endswith(suffixes)]  # not "x.jpg::a.tar"
         if unread:
             logger.warning("%s holds %d %s file(s) that this run does not read, as %s (the first: %s); "
                            "label them in a run of their own", uri, len(unread), kind, how, unread[0])
