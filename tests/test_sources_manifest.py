@@ -73,6 +73,18 @@ def test_a_chain_entry_reads_the_archive_beside_the_manifest(tmp_path, monkeypat
     assert fetch_bytes(rows[0]["path"]) == (jpeg(5), None)
 
 
+def test_a_name_holding_double_colons_in_a_manifest_stays_whole(tmp_path):
+    """An absolute local name or an S3 key holding ``::`` is no chain (``storage.is_chain``):
+    the chain rule made ``/d/run::1/a.jpg`` into ``/d/run::/d/1/a.jpg`` (what followed the last
+    ``::`` was taken for a relative archive), a row naming another file."""
+    (tmp_path / "run::1").mkdir()
+    image = write(tmp_path / "run::1" / "a.jpg", jpeg(3))
+    manifest = write(tmp_path / "list.txt", f"{image}\ns3://b/k/a::b.png\nrun::1/a.jpg\n".encode())
+    rows = plan_inputs(str(manifest), use_ray=False).read_locally()
+    assert [r["path"] for r in rows] == [str(image), "s3://b/k/a::b.png", str(image)]
+    assert fetch_bytes(rows[0]["path"]) == (jpeg(3), None)
+
+
 def test_jsonl_id_column_must_name_a_key(tmp_path):
     """``--id-column id`` on a JSONL manifest whose lines have no ``id`` key ran to the end
     without the column and without a word (a CSV is refused); now the same one-line refusal."""

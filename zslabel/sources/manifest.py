@@ -290,8 +290,14 @@ def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, .
 
 
 def _is_relative(paths: pa.Array) -> pa.Array:
+    """Per entry: neither an absolute path, nor a URI, nor a ``file:`` URI (:func:`_is_relative_name`)."""
     return pc.invert(pc.or_(pc.or_(pc.starts_with(paths, "/"), pc.match_substring(paths, "://")),
                             pc.starts_with(paths, "file:", ignore_case=True)))
+
+
+def _is_relative_name(name: str) -> bool:
+    """:func:`_is_relative` of one name."""
+    return not (name.startswith("/") or "://" in name or name.lower().startswith("file:"))
 
 
 def resolve_relative(paths: pa.Array, uri: str, fs, fs_path: str) -> pa.Array:
@@ -304,8 +310,9 @@ def resolve_relative(paths: pa.Array, uri: str, fs, fs_path: str) -> pa.Array:
     if pc.any(chained).as_py():  # rare: in Python
         values = paths.to_pylist()
         for i in pc.indices_nonzero(chained).to_pylist():
+            # Only a chain: a name holding "::" (a local /data/run::1/a.jpg, an S3 key) is whole.
             head, _, target = values[i].rpartition("::")
-            if target and _is_relative(pa.array([target], pa.string()))[0].as_py():
+            if target and storage.is_chain(values[i]) and _is_relative_name(target):
                 values[i] = f"{head}::{base}{posixpath.normpath(target)}"
         paths = pa.array(values, pa.string())
     if not pc.any(relative).as_py():
