@@ -85,6 +85,28 @@ def test_a_name_holding_double_colons_in_a_manifest_stays_whole(tmp_path):
     assert fetch_bytes(rows[0]["path"]) == (jpeg(3), None)
 
 
+def test_a_column_flag_the_input_kind_has_no_use_for_is_refused(tmp_path):
+    """``--id-column``/``--path-column`` on a folder, a tar or a Parquet file of images, and
+    ``--image-column`` on a manifest, were ignored without a word: the run lacked the id column
+    the user asked for. Each is refused in one line naming the flag and the kind."""
+    import tarfile
+
+    write(tmp_path / "imgs" / "a.jpg", jpeg(1))
+    with tarfile.open(tmp_path / "s.tar", "w") as t:
+        t.add(tmp_path / "imgs" / "a.jpg", "a.jpg")
+    pq.write_table(pa.table({"jpg": [jpeg(2)], "key": ["k"]}), tmp_path / "images.parquet")
+    manifest = write(tmp_path / "list.csv", b"path,id\nimgs/a.jpg,7\n")
+    for uri, flags, kind in [(tmp_path / "imgs", {"id_column": "id"}, "folder"),
+                             (tmp_path / "imgs" / "*.jpg", {"path_column": "path"}, "glob"),
+                             (tmp_path / "s.tar", {"id_column": "key"}, "webdataset"),
+                             (tmp_path / "images.parquet", {"id_column": "key"}, "parquet"),
+                             (manifest, {"image_column": "jpg"}, "manifest")]:
+        flag = "--" + next(iter(flags)).replace("_", "-")
+        with pytest.raises(InputError, match=f"{flag} .* is read as {kind} input, which has none"):
+            plan_inputs(str(uri), use_ray=False, **flags)
+    assert plan_inputs(str(manifest), use_ray=False, id_column="id").read_locally()[0]["id"] == "7"
+
+
 def test_jsonl_id_column_must_name_a_key(tmp_path):
     """``--id-column id`` on a JSONL manifest whose lines have no ``id`` key ran to the end
     without the column and without a word (a CSV is refused); now the same one-line refusal."""
