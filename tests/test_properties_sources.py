@@ -596,7 +596,8 @@ def test_parquet_damaged_anywhere_has_one_row_per_footer_row(spec):
 @given(st.lists(st.tuples(st.lists(st.sampled_from(["_temporary", "_delta_log", "0", "_", ".spark", "year=2026",
                                                    "attempt_1", "__x"]), max_size=3),
                           st.sampled_from(["part-0.parquet", "_part.parquet", ".part.parquet", "x.snappy.parquet",
-                                           "_SUCCESS", "a.checkpoint.parquet", "_metadata", "p.PARQUET"]),
+                                           "_SUCCESS", "a.checkpoint.parquet", "_metadata", "p.PARQUET",
+                                           "_preview.jpg"]),
                           st.integers(0, 3)), min_size=1, max_size=6))
 def test_a_parquet_folder_gives_the_rows_pyarrow_dataset_reads(files):
     """A folder of Parquet files as Spark, Hadoop, Delta Lake and Hive partitioning leave them
@@ -604,7 +605,8 @@ def test_a_parquet_folder_gives_the_rows_pyarrow_dataset_reads(files):
     folders): the images planned are those ``pyarrow.dataset`` reads from the folder (its default
     ``ignore_prefixes``: ``.`` and ``_``), each once; every other file is a counted skip. zslabel
     read every ``*.parquet`` below the folder, so a Spark job's leftover attempt labeled each of
-    its images twice (SPARK-3011)."""
+    its images twice (SPARK-3011); and a ``_preview.jpg`` among the parts made the folder one of
+    loose images, every Parquet row a skip."""
     import pyarrow.dataset as pads
     from source_files import jpeg
 
@@ -616,8 +618,8 @@ def test_a_parquet_folder_gives_the_rows_pyarrow_dataset_reads(files):
             if f.exists() or any(p.is_file() for p in f.parents if p != root and root in p.parents):
                 continue
             f.parent.mkdir(parents=True, exist_ok=True)
-            if name in ("_SUCCESS", "_metadata"):
-                f.write_bytes(b"")
+            if name in ("_SUCCESS", "_metadata", "_preview.jpg"):
+                f.write_bytes(jpeg(n) if name.endswith(".jpg") else b"")
                 continue
             captions = [f"{n}-{i}" for i in range(rows)]
             pq.write_table(pa.table({"jpg": pa.array([jpeg(i) for i in range(rows)], pa.binary()),

@@ -301,21 +301,23 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
     for p in outputs:
         logger.info("skipping the zslabel output folder %s inside the input %s", to_uri(p), uri)
         skipped.append((p, "output_folder"))
-    if not images and options.auto and options.plan_files is not None:
+    # No images, or only a shard folder's own metadata (a ``_preview.jpg`` beside Spark parts):
+    # not a folder of images; its shards are the input, as pyarrow.dataset reads it.
+    if all(shard_skip_reason(relative(p)) for p in images) and options.auto and options.plan_files is not None:
         # img2dataset / WebDataset / Spark output folders hold shards, not loose images; read as
         # a dataset (``shard_skip_reason``: no ``_temporary/`` or ``_delta_log/`` parts).
-        shards = [to_uri(p) for p, reason in skipped
-                  if reason == "not_an_image" and shard_skip_reason(relative(p)) is None]
-        handed = options.plan_files(shards, options)
+        # Each listed file as the shard folder counts it: the dataset's own metadata, or a
+        # candidate shard (None), or its listing reason.
+        as_shards = [(to_uri(p), shard_skip_reason(relative(p)) if reason == "not_an_image" else reason)
+                     for p, reason in skipped] + [(to_uri(p), shard_skip_reason(relative(p))) for p in images]
+        handed = options.plan_files([u for u, reason in as_shards if reason is None], options)
         if handed is not None:
             taken = set(handed.container_files or handed.planned_files or ())
-            for p, reason in skipped:
-                if to_uri(p) not in taken:
-                    handed.add_planned_skip(reason if reason != "not_an_image" else
-                                            shard_skip_reason(relative(p)) or "not_a_shard", to_uri(p))
+            for u, reason in as_shards:
+                if u not in taken:
+                    handed.add_planned_skip(reason or "not_a_shard", u)
             # Not the dataset's own metadata (``_temporary/``, ``_delta_log/``): skipped on purpose.
-            _warn_unread_containers(uri, [to_uri(p) for p, reason in skipped if reason == "not_an_image"
-                                          and to_uri(p) not in taken and shard_skip_reason(relative(p)) is None],
+            _warn_unread_containers(uri, [u for u, reason in as_shards if reason is None and u not in taken],
                                     options, f"it is read as {handed.kind} files")
             return handed
     if not images:
