@@ -152,7 +152,6 @@ def plan_inputs(uri: str, *, input_format: str = "auto", storage_options: dict |
         if io_policy.timeout_cause(exc) is None:
             raise
         raise InputError(f"cannot plan input {uri}: {io_policy.describe_error(exc, io)}") from exc
-    _check_columns_used(plan.kind, uri, path_column=path_column, id_column=id_column, image_column=image_column)
     plan.planning_seconds = time.perf_counter() - start
     logger.info("planned %s input %s: listed=%s skipped=%d duplicates_removed=%d in %.2fs",
                 plan.kind, uri, plan.listed, plan.skipped, plan.duplicates_removed, plan.planning_seconds)
@@ -194,23 +193,3 @@ def fetch_bytes(path: str, storage_options: dict | None = None,
             return fetch.cat_capped(fs, other, max_bytes), None
     except Exception as exc:  # noqa: BLE001 - every storage failure becomes a row error
         return None, error_string(READ_ERROR, io_policy.describe_error(exc, io))
-
-
-def _check_columns_used(kind: str, uri: str, **columns: str | None) -> None:
-    """Refuse a column flag the kind that read ``uri`` has no use for: ``--path-column`` and
-    ``--id-column`` name columns of a manifest (CSV, TSV, JSONL, Parquet of paths),
-    ``--image-column`` one of Parquet or Arrow image bytes. Each was ignored without a word (a
-    run without the id column the user asked for).
-
-    Raises:
-        InputError: naming the flag, the kind and what the kind carries instead.
-    """
-    takes = {"path_column": ("manifest", "jsonl"), "id_column": ("manifest", "jsonl"), "image_column": ("parquet",)}
-    for name, value in columns.items():
-        if value is not None and kind not in takes[name]:
-            flag = "--" + name.replace("_", "-")
-            carried = {"parquet": "; a Parquet file of images carries its url, key and caption columns",
-                       "webdataset": "; a tar's sidecars (.json, .txt, .cls) are carried as columns"}.get(kind, "")
-            raise InputError(f"{flag} {value!r} names a column, but {uri} is read as {kind} input, which has "
-                             f"none: {flag} applies to {' and '.join(takes[name])} inputs{carried}")
-

@@ -99,6 +99,29 @@ class InputOptions:
     # under it (``output_folder``), so the run's own files are never its inputs.
     output: str | None = None
 
+    def check_columns_used(self, kind: str, what: str) -> None:
+        """Refuse a column flag that ``kind`` (the kind reading ``what``, as it decides so) has
+        no use for: ``--path-column`` and ``--id-column`` name columns of a manifest (CSV, TSV,
+        JSONL, Parquet of paths), ``--image-column`` one of Parquet or Arrow image bytes. Each
+        was ignored without a word (a run without the id column the user asked for).
+
+        Raises:
+            InputError: naming the flag, the kind and what the kind carries instead.
+        """
+        for name, kinds in COLUMN_FLAG_KINDS.items():
+            value = getattr(self, name)
+            if value is not None and kind not in kinds:
+                flag = "--" + name.replace("_", "-")
+                carried = {"parquet": "; a Parquet file of images carries its url, key and caption columns",
+                           "webdataset": "; a tar's sidecars (.json, .txt, .cls) are carried as columns"}.get(kind, "")
+                raise InputError(f"{flag} {value!r} names a column, but {what} is read as {kind} input, which has "
+                                 f"none: {flag} applies to {' and '.join(kinds)} inputs{carried}")
+
+
+# The kinds each column flag applies to (``InputOptions.check_columns_used``).
+COLUMN_FLAG_KINDS = {"path_column": ("manifest", "jsonl"), "id_column": ("manifest", "jsonl"),
+                     "image_column": ("parquet",)}
+
 
 # Why an entry was skipped (``InputPlan.skipped_by_reason`` keys; README "Counts").
 SKIP_REASONS: dict[str, str] = {

@@ -332,6 +332,7 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
                          + _unread_kind_hint([p for p, reason in skipped if reason == "not_an_image"]))
     _warn_unread_containers(uri, [to_uri(p) for p, reason in skipped if reason == "not_an_image"], options,
                             "it is read as loose images")
+    options.check_columns_used("glob" if pattern else "folder", uri)
     table = core_table(pa.array([to_uri(p) for p in images], pa.string()))
     read = planned_dataset(table, options)
     reasons: dict[str, int] = {}

@@ -218,6 +218,7 @@ def plan_path_table(uri: str, fs, fs_path: str, table: pa.Table, path_col: str |
     ``table``, by skip reason: ``malformed_row``, ``repeated_header``) are listed and skipped;
     with ``options.dedupe`` later rows of a repeated URI are removed and counted.
     """
+    options.check_columns_used(kind, uri)
     dropped = {reason: rows for reason, rows in (dropped or {}).items() if rows}
     n_dropped = sum(map(len, dropped.values()))
     listed = table.num_rows + n_dropped

@@ -176,6 +176,7 @@ def plan_files(files: list[str], options: InputOptions) -> InputPlan:
     # Every file's: a column some parts lack (img2dataset shards written with and without
     # captions) is null in their rows, not dropped from all of them.
     carried = [c for c in CARRIED if any(c in s.names for _, s in schemas)]
+    options.check_columns_used("parquet", first)
     plan = streaming_plan("parquet", files, read_parquet, options.storage_options, carried, use_ray=options.use_ray,
                           image_column=image_col, carried_columns=carried, find_own_column=wanted is None)
     plan.rows_at_most = rows

@@ -597,6 +597,7 @@ def _link_rows(uri: str, storage_options: dict, rows: _Rows, links: list[tuple[s
 
 def plan_files(files: list[str], options: InputOptions) -> InputPlan:
     """Plan the given tar shard URIs (no listing)."""
+    options.check_columns_used("webdataset", files[0] if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more)")
     plan = streaming_plan("webdataset", files, read_tar, options.storage_options, CARRIED, use_ray=options.use_ray)
     plan.rows_at_most = _rows_at_most(files, options)
     return plan
