@@ -581,9 +581,12 @@ def test_error_codes_for_broken_inputs():
     gif = encode(photo(200, 150).convert("P"), "GIF")
     webp = encode(photo(200, 150), "WEBP")
     avif = encode(photo(64, 48), "AVIF")
-    for data in (jpeg, png, gif, webp, avif):
+    # JPEG 2000 (.jp2 and a bare codestream) and QOI: their cut files were unidentified_image.
+    jp2, j2k = encode(photo(64, 48), "JPEG2000"), encode(photo(64, 48), "JPEG2000", no_jp2=True)
+    qoi = encode(photo(64, 48), "QOI")
+    for data in (jpeg, png, gif, webp, avif, jp2, j2k, qoi):
         assert code(data) is None
-    for data in (jpeg, png, gif, webp, avif):
+    for data in (jpeg, png, gif, webp, avif, jp2, j2k, qoi):
         for frac in (0.05, 0.5, 0.9):
             assert code(data[: int(len(data) * frac)]) == "truncated", (data[:4], frac)
     assert code(b"") == "unidentified_image"

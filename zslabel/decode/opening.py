@@ -120,8 +120,10 @@ def _has_decoder(fmt: str | None) -> bool:
 def _looks_truncated(data: bytes, fmt: str | None) -> bool:
     """Whether a recognised container visibly ends early (missing end marker or short box)."""
     tail = bytes(data[-64:]).rstrip(b"\x00\r\n ")
-    if fmt == "jpeg":
+    if fmt in ("jpeg", "jp2"):  # JPEG's EOI; a JPEG 2000 codestream's EOC (also inside a .jp2's jp2c box)
         return not tail.endswith(b"\xff\xd9")
+    if fmt == "qoi":  # the QOI end marker, seven zero bytes and 0x01
+        return not bytes(data[-8:]) == b"\x00" * 7 + b"\x01"
     if fmt == "png":
         return b"IEND" not in tail
     if fmt == "gif":
