@@ -318,3 +318,37 @@ def test_a_glob_or_folder_inside_a_zip_chain_gives_rows_that_read_their_image(tm
         plan_inputs(f"zip://*.jpg::{tmp_path}/*.zip")
     with pytest.raises(InputError, match="cannot open .*FileNotFoundError"):
         plan_inputs(f"zip://*.jpg::{tmp_path}/missing.zip")
+
+
+def test_an_http_folder_is_listed_at_the_name_its_server_answers(tmp_path):
+    """An HTTP index page served only at ``/imgs/`` (no redirect from ``/imgs``: httpdirfs#94,
+    webdav4#103): the listing asked for ``/imgs``, got a 404, and said "no images found ...
+    (0 files skipped)"."""
+    from http.server import BaseHTTPRequestHandler
+
+    from source_files import serving
+
+    pages = {"/imgs/": (b'<a href="a.jpg">a.jpg</a> <a href="b.jpg">b.jpg</a>', "text/html"),
+             "/imgs/a.jpg": (jpeg(1), "image/jpeg"), "/imgs/b.jpg": (jpeg(2), "image/jpeg")}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body, kind = pages.get(self.path, (b"not found", "text/plain"))
+            self.send_response(200 if self.path in pages else 404)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command == "GET":
+                self.wfile.write(body)
+
+        do_HEAD = do_GET
+
+    with serving(Handler) as base:
+        plan = plan_inputs(f"{base}/imgs/", use_ray=False)
+        rows = plan.read_locally()
+        assert [r["path"] for r in rows] == [f"{base}/imgs/a.jpg", f"{base}/imgs/b.jpg"]
+        assert [fetch_bytes(r["path"]) for r in rows] == [(jpeg(1), None), (jpeg(2), None)]
+

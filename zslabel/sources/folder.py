@@ -234,7 +234,9 @@ def _list(uri: str, pattern: bool, options: InputOptions
             files = [p for p, info in found.items() if info.get("type") != "directory"]
     else:
         root = fs_path.rstrip("/") or fs_path
-        files, unreadable, links, outputs = _find(fs, root, options)
+        # An HTTP folder is its index page, which many servers serve only under the name with
+        # its "/" (a 404 without it: an empty listing).
+        files, unreadable, links, outputs = _find(fs, fs_path if storage.is_http_url(fs_path) else root, options)
     if not outputs:
         inside = output_inside(fs, root, options.output, options.storage_options)
         if inside is not None:
