@@ -17,7 +17,7 @@ import ray
 from source_files import jpeg, list_requests, rows_of, write
 
 from zslabel import cli, config
-from zslabel.errors import ConfigError, InputError
+from zslabel.errors import ConfigError, InputError, error_code
 from zslabel.labels import merge_labels_file
 from zslabel.sources import INPUT_FORMATS, KINDS, blocks, detect_kind, fetch_bytes, plan_inputs
 from zslabel.textfiles import TextDecodeError
@@ -71,6 +71,23 @@ def test_a_chain_entry_reads_the_archive_beside_the_manifest(tmp_path, monkeypat
     want = f"zip://photos/a.jpg::{base / 'imgs.zip'}"
     assert [r["path"] for r in rows] == [want] * 3
     assert fetch_bytes(rows[0]["path"]) == (jpeg(5), None)
+
+
+def test_an_output_rows_tar_member_name_in_a_manifest_says_what_it_is(tmp_path):
+    """Error rows retried by copying the output's ``path`` values into a manifest: a tar
+    member's row name (``shard.tar#a.png``) is no file, and the row said only
+    ``FileNotFoundError``; it now says what the name is and what to do instead."""
+    import tarfile
+
+    write(tmp_path / "a.png", jpeg(1))
+    with tarfile.open(tmp_path / "shard.tar", "w") as t:
+        t.add(tmp_path / "a.png", "a.png")
+    manifest = write(tmp_path / "retry.txt", f"{tmp_path / 'shard.tar'}#a.png\n{tmp_path}/missing.jpg\n".encode())
+    rows = plan_inputs(str(manifest), use_ray=False).read_locally()
+    (_, tar_error), (_, plain_error) = (fetch_bytes(r["path"]) for r in rows)
+    assert error_code(tar_error) == "read_error" and "FileNotFoundError" in tar_error
+    assert "NAME#MEMBER names a member of a tar" in tar_error and tar_error.endswith("the file itself: shard.tar")
+    assert "--resume --retry-errors" in tar_error and "NAME#MEMBER" not in plain_error
 
 
 def test_a_name_holding_double_colons_in_a_manifest_stays_whole(tmp_path):

@@ -177,12 +177,8 @@ def fetch_bytes(path: str, storage_options: dict | None = None,
         path = storage.file_uri_path(path) or path  # file:///a%20b.jpg is /a b.jpg (RFC 8089)
         if "://" not in path:
             # A plain local path (what folder, glob and manifest plans hold for local inputs):
-            # read it directly; fsspec's resolution costs ~90 us per call, 15 % of decoding a
-            # small JPEG. A miss goes on to the %XX-escape and NFC/NFD handling below.
-            try:
-                return fetch.read_local_capped(path, max_bytes), None
-            except FileNotFoundError:
-                pass
+            # read as the decode tasks read it (%XX escapes, NFC/NFD on a miss).
+            return fetch.read_local(path, storage_options, max_bytes)
         fs, fs_path = storage.url_to_fs(path, storage_options, io=io)
         try:
             return fetch.cat_capped(fs, fs_path, max_bytes), None

@@ -240,7 +240,22 @@ def read_local(path: str, storage_options: dict | None = None,
                 raise
             return read_local_capped(other, max_bytes), None
     except Exception as exc:  # noqa: BLE001 - every storage failure becomes a row error
-        return None, error_string(READ_ERROR, f"{type(exc).__name__}: {exc}")
+        return None, error_string(READ_ERROR, _row_name_error(path, exc) or f"{type(exc).__name__}: {exc}")
+
+
+def _row_name_error(path: str, exc: BaseException) -> str | None:
+    """What a missing local ``path`` is when it is an output row's name of a tar member or a
+    Parquet row (``SHARD#MEMBER``, ``FILE#ROW``, copied into a manifest to retry error rows):
+    no file has that name, and a bare ``FileNotFoundError`` did not say why. None otherwise."""
+    if not isinstance(exc, FileNotFoundError) or "#" not in path:
+        return None
+    cuts = [i for i, c in enumerate(path) if c == "#"]
+    container = next((path[:i] for i in cuts if os.path.isfile(path[:i])), None)
+    if container is None:
+        return None
+    return ("FileNotFoundError: NAME#MEMBER names a member of a tar or a row of a Parquet file, as output rows do; "
+            "no manifest can: rerun the job with --resume --retry-errors, or list the file itself: "
+            f"{os.path.basename(container)}")
 
 
 _THREADS: concurrent.futures.ThreadPoolExecutor | None = None
