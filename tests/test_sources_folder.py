@@ -352,3 +352,18 @@ def test_an_http_folder_is_listed_at_the_name_its_server_answers(tmp_path):
         assert [r["path"] for r in rows] == [f"{base}/imgs/a.jpg", f"{base}/imgs/b.jpg"]
         assert [fetch_bytes(r["path"]) for r in rows] == [(jpeg(1), None), (jpeg(2), None)]
 
+
+def test_a_folder_of_only_a_datasets_bookkeeping_says_so(tmp_path):
+    """A folder whose only Parquet parts lie under Spark's ``_temporary/`` (a job that never
+    committed) exits 2 with "no images found"; the message said only ``not_an_image``, not that
+    such parts are never read as shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    part = tmp_path / "table" / "_temporary" / "0" / "part-0.parquet"
+    part.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"jpg": [jpeg(1)]}), part)
+    (tmp_path / "table" / "_SUCCESS").write_bytes(b"")
+    with pytest.raises(InputError, match=r"no images found .*a dataset's bookkeeping and are never read as its shards"):
+        plan_inputs(str(tmp_path / "table"), use_ray=False)
+

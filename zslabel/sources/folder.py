@@ -326,12 +326,17 @@ def plan_listing(uri: str, options: InputOptions, *, pattern: bool) -> InputPlan
         if not files and not fs.exists((root or fs_path) if pattern else fs_path):
             raise InputError(f"no images found: {uri} does not exist")
         why = Counter(reason for _, reason in skipped)
+        bookkeeping = any(reason == "not_an_image" and shard_skip_reason(relative(p)) == "dataset_metadata"
+                          for p, reason in skipped)
         raise InputError(f"no images found under {uri} ({len(skipped)} files skipped"
                          + (f" ({', '.join(f'{r}: {n}' for r, n in why.most_common())}): "
                             + ", ".join(to_uri(p) for p, _ in skipped[:5]) if skipped else "")
                          + (")" if "not_an_image" not in why else
                             "; an image is a file named with one of the extensions listed in README 'Formats')")
-                         + _unread_kind_hint([p for p, reason in skipped if reason == "not_an_image"]))
+                         + _unread_kind_hint([p for p, reason in skipped if reason == "not_an_image"])
+                         + ("; files below a name starting with '_' (Spark's _temporary/, Delta's _delta_log/, "
+                            "_SUCCESS) are a dataset's bookkeeping and are never read as its shards, as "
+                            "pyarrow.dataset reads a folder" if bookkeeping else ""))
     _warn_unread_containers(uri, [to_uri(p) for p, reason in skipped if reason == "not_an_image"], options,
                             "it is read as loose images")
     options.check_columns_used("glob" if pattern else "folder", uri)
