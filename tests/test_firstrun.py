@@ -355,7 +355,8 @@ def test_more_ctrl_c_during_the_clean_up_are_no_traceback_and_leave_no_process(t
                               timeout=240)
         assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert [line for line in proc.stderr.splitlines() if line.startswith("zslabel:")] == [
-            "zslabel: interrupted; committed files are kept: rerun with --resume to continue"], proc.stderr[-3000:]
+            "zslabel: interrupted; committed files are kept: rerun with --resume (in place of --overwrite, "
+            "if given) to continue"], proc.stderr[-3000:]
 
 
 def _processes_under(folder) -> list[int]:

@@ -148,7 +148,8 @@ def test_sigterm_mid_run_exits_143_like_ctrl_c_and_resumes_exactly_once(tiny_cli
     kill_when(proc, out, "part-*.parquet", 1, log, sig=signal.SIGTERM)
     text = log.read_text()
     assert proc.returncode == 143, text[-3000:]
-    assert "zslabel: interrupted by SIGTERM; committed files are kept: rerun with --resume to continue" in text
+    assert ("zslabel: interrupted by SIGTERM; committed files are kept: rerun with --resume (in place of "
+            "--overwrite, if given) to continue") in text
     for dump in ("SIGTERM received", "Aborted", "Traceback", "*** "):
         assert dump not in text, text[-3000:]
     assert not (out / MANIFEST_NAME).exists(), "stopped too late: the run had committed"
@@ -562,8 +563,15 @@ def test_the_interrupt_message_says_whether_anything_was_committed(tmp_path):
 
     from zslabel.cli import _after_interrupt
 
-    assert _after_interrupt(str(tmp_path / "never"), {}) == f"nothing was committed to {tmp_path / 'never'}: " \
-                                                            "rerun the same command"
+    assert _after_interrupt(str(tmp_path / "never"), {}) == f"nothing was committed to {tmp_path / 'never'}, " \
+                                                            "which is as it was: rerun the same command"
+    # An --overwrite of a finished run interrupted before it staged a file removed its run
+    # record: the old output is as it was, and "--resume to continue" was wrong advice (trial).
     (tmp_path / "out").mkdir()
     pq.write_table(pa.table({"path": ["a.jpg"]}), tmp_path / "out" / "part-00000.parquet")
-    assert _after_interrupt(str(tmp_path / "out"), {}) == "committed files are kept: rerun with --resume to continue"
+    (tmp_path / "out" / "_run_manifest.json").write_text("{}")
+    assert _after_interrupt(str(tmp_path / "out"), {}).startswith(f"nothing was committed to {tmp_path / 'out'}")
+    (tmp_path / "out" / "_zslabel").mkdir()
+    (tmp_path / "out" / "_zslabel" / "run.json").write_text("{}")  # a run that committed files keeps it
+    assert _after_interrupt(str(tmp_path / "out"), {}) == \
+        "committed files are kept: rerun with --resume (in place of --overwrite, if given) to continue"

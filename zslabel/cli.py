@@ -614,20 +614,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _after_interrupt(output: str | None, storage_options: dict) -> str:
-    """What an interrupted label/relabel run left in ``output``, and what to do next. One
-    ``exists`` call, no listing (an output may hold millions of files): a run that created the
-    output and committed nothing removes it when it gives up its claim."""
+    """What an interrupted label/relabel run left in ``output`` and what to do next (two ``exists``
+    calls): a run that committed nothing removes what it made (``WriteSession.abandon``)."""
+    from .output import RUN_RECORD
     from .store import output_filesystem
 
     if output is None:  # interrupted before the job's settings were read
         return "nothing was written: rerun the same command"
     try:
         fs, root = output_filesystem(output, storage_options)
-        if not fs.exists(root):
-            return f"nothing was committed to {output}: rerun the same command"
+        if not fs.exists(root) or not fs.exists(f"{root.rstrip('/')}/{RUN_RECORD}"):
+            return f"nothing was committed to {output}, which is as it was: rerun the same command"
     except Exception:  # noqa: BLE001 - cannot tell (storage unreachable): the general advice
         pass
-    return "committed files are kept: rerun with --resume to continue"
+    return "committed files are kept: rerun with --resume (in place of --overwrite, if given) to continue"
 
 
 def _command(argv: list[str] | None) -> int:
