@@ -92,6 +92,22 @@ def test_contract_errors_schema_and_manifest(tiny_clip, ray_local, tmp_path, ima
     assert manifest["templates"] == ["This is a photo of {}."] and "transformers" in manifest["versions"]
 
 
+def test_dedupe_through_the_job_counts_and_says_the_repeats(tiny_clip, ray_local, tmp_path, image_folder):
+    """A manifest naming images twice (and once by another spelling) with ``--dedupe``: one row
+    per image, the repeats counted in the manifest and said in the summary line, which said
+    "skipped 0 listed entries" and nothing of the 3 removed (trial)."""
+    images = sorted(str(p) for p in image_folder.glob("*.jpg"))[:3]
+    lines = images + [images[0], images[1], images[2].replace("/images/", "/images//")]
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    summary = run_label_job(JobConfig(input=str(tmp_path / "list.txt"), output=str(out), labels=["a", "b"],
+                                      model=str(tiny_clip), dedupe=True))
+    assert sorted(read_rows(out)) == images and summary.rows == 3 and summary.duplicates_removed == 3
+    assert "3 duplicates removed (--dedupe)" in summary.line()
+    counts = json.loads((out / MANIFEST_NAME).read_text())["counts"]
+    assert counts["listed"] == 6 and counts["duplicates_removed"] == 3 and counts["rows"] == 3
+
+
 def test_refuses_occupied_output_and_validates_before_reading(tiny_clip, ray_local, tmp_path, image_folder):
     out = tmp_path / "out"
     out.mkdir()

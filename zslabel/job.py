@@ -355,6 +355,7 @@ def finish(job: PreparedJob, session: WriteSession, kind: str, *, config: dict[s
                          listed=facts.input_counts.get("listed"), wall_seconds=wall,
                          images_per_second=counts.rows / wall if wall else 0.0, manifest_path=path,
                          timings=job.timings, model_images=counts.model_images, carried_over=counts.carried_over,
-                         skipped_by_reason=dict(facts.input_counts.get("skipped_by_reason") or {}))
+                         skipped_by_reason=dict(facts.input_counts.get("skipped_by_reason") or {}),
+                         duplicates_removed=facts.input_counts.get("duplicates_removed") or 0)
     check_error_budget(summary, job.options.max_error_fraction)
     return summary

@@ -49,6 +49,7 @@ class RunSummary:
     model_images: int = 0      # rows this run sent to the model (resume: fewer than ``rows``)
     carried_over: int = 0      # rows kept from earlier runs of this output (``--resume``)
     skipped_by_reason: dict[str, int] = field(default_factory=dict)  # ``sources.SKIP_REASONS`` keys
+    duplicates_removed: int = 0  # listed entries dropped as repeats (``--dedupe``)
 
     def line(self) -> str:
         """One human line for the end of a run."""
@@ -62,7 +63,9 @@ class RunSummary:
         return (("nothing to label: every input already has its row; " if idle else "")
                 + f"labeled {self.labeled} of {self.rows} images; errors: {errs}; skipped {self.skipped} "
                 f"listed {'entry' if self.skipped == 1 else 'entries'}"
-                f"{f' ({why})' if why else ''}; {timing}; output: {self.output}"
+                f"{f' ({why})' if why else ''}"
+                + (f"; {self.duplicates_removed} duplicates removed (--dedupe)" if self.duplicates_removed else "")
+                + f"; {timing}; output: {self.output}"
                 + (f" ({self.carried_over} rows kept from earlier runs; the model ran on {self.model_images})"
                    if self.carried_over and not idle else ""))
 
@@ -134,7 +137,8 @@ def summary_of_finished(uri: str, manifest: dict, manifest_path: str, started: f
     return RunSummary(output=uri, rows=rows, labeled=c.get("labeled", 0), errors_by_code=c.get("errors_by_code", {}),
                       skipped=c.get("skipped", 0), listed=c.get("listed"), wall_seconds=wall,
                       images_per_second=0.0, manifest_path=manifest_path, timings={"wall_s": wall},
-                      model_images=0, carried_over=rows, skipped_by_reason=dict(c.get("skipped_by_reason") or {}))
+                      model_images=0, carried_over=rows, skipped_by_reason=dict(c.get("skipped_by_reason") or {}),
+                      duplicates_removed=c.get("duplicates_removed", 0))
 
 
 def check_error_budget(summary: RunSummary, max_error_fraction: float | None) -> None:
