@@ -112,3 +112,13 @@ def test_cli_exits_2_with_one_line_before_ray_starts(strict_s3, tiny_clip, tmp_p
     assert "ray" not in proc.stderr.lower() or "ray" in lines[0].lower()
     assert not (tmp_path / "out").exists()
     print(f"CLI failed fast in {took:.1f} s")
+
+
+def test_a_pattern_without_a_match_says_so(tmp_path):
+    """A glob that matches nothing said "<pattern> does not exist" (trial): it says that no
+    file matches; a plain name that is not there still "does not exist"."""
+    (tmp_path / "a.png").write_bytes(b"x")
+    with pytest.raises(InputError, match=r"no images found: no file matches the pattern .*/\*\.jpg$"):
+        check_input_exists(str(tmp_path / "*.jpg"), {})
+    with pytest.raises(InputError, match=r"no images found: .*/missing does not exist$"):
+        check_input_exists(str(tmp_path / "missing"), {})

@@ -333,7 +333,8 @@ def check_input_exists(uri: str, storage_options: dict | None = None, io: IOPoli
         except Exception as exc:  # noqa: BLE001 - storage errors differ per backend
             raise InputError(remote_access_message(uri, exc)) from None
     if not found:
-        raise InputError(f"no images found: {uri} does not exist")
+        raise InputError(f"no images found: no file matches the pattern {uri}" if pattern else
+                         f"no images found: {uri} does not exist")
     if not pattern and storage.is_local(fs) and os.path.isdir(path) and not _has_visible_file(path):
         if any(files for _, _, files in os.walk(path)):
             raise InputError(f"no images found: {uri} holds only hidden files (names starting with '.', which are "
