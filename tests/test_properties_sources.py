@@ -585,6 +585,9 @@ def _damaged_parquet_property(spec) -> None:
 @example((1, 1, "zstd", "chunk", (0, 1, 0.3984375, 0.0), b"\x01", pa.binary()))
 # CI drew it (code before this session fails it too): the damage decodes as a null image cell.
 @example((1, 1, "none", "chunk", (0, 0, 0.5, 1.0), b"\x00\x00\x02\x00", pa.binary()))
+# CI drew it: a caption page's byte overwritten with 0x80; pyarrow gave the string unchecked
+# and the row could not be read back (UnicodeDecodeError): the group is a damaged one now.
+@example((1, 1, "snappy", "chunk", (0, 1, 0.34375, 0.0), b"\x80", pa.binary()))
 def test_parquet_damaged_anywhere_has_one_row_per_footer_row(spec):
     """Rows in footer order, one per row: a damaged row group costs only its own rows (as
     read_error rows, or as altered bytes the decoder then refuses), the other groups' rows come

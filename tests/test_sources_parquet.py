@@ -489,3 +489,28 @@ def test_a_parquet_file_served_gzip_encoded_says_why_it_cannot_be_read(tmp_path)
                                              r"streaming HTTP file \(the server sends this file compressed "
                                              r"\(Content-Encoding\) or without its size"):
             plan_inputs(f"{base}/enc.parquet", use_ray=False)
+
+
+def test_strings_that_are_not_utf8_make_a_damaged_group_not_an_unreadable_output(tmp_path):
+    """pyarrow reads Parquet string pages and Arrow IPC string buffers without checking their
+    UTF-8: a damaged caption gave a carried string that no reader of the output could decode
+    (``UnicodeDecodeError`` on reading the rows back; found by the damaged-Parquet property).
+    Such a batch is a damaged one: its rows are ``read_error`` rows, the others intact."""
+    bad = pa.Array.from_buffers(pa.string(), 1, [None, pa.py_buffer(b"\0\0\0\0\1\0\0\0"), pa.py_buffer(b"\x80")])
+    good = pa.array(["fine"])
+    tables = [pa.table({"jpg": [jpeg(i)], "caption": c}) for i, c in enumerate([good, bad])]
+    for name in ("x.parquet", "x.arrow"):
+        f = tmp_path / name
+        if name.endswith(".parquet"):
+            with pq.ParquetWriter(f, tables[0].schema) as w:
+                for t in tables:
+                    w.write_table(t)  # one row group each
+        else:
+            with pa.OSFile(str(f), "wb") as sink, pa.ipc.new_file(sink, tables[0].schema) as w:
+                for t in tables:
+                    w.write_table(t)  # one record batch each
+        plan = plan_inputs(str(f), use_ray=False)
+        rows = plan.read_locally()  # raised UnicodeDecodeError
+        check_plan(plan, rows)
+        assert rows[0]["caption"] == "fine" and rows[0]["data"] == jpeg(0), name
+        assert error_code(rows[1]["read_error"]) == "read_error" and "UTF8" in rows[1]["read_error"], name

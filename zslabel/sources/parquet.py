@@ -572,6 +572,9 @@ def read_parquet(uri: str, file_index: int, storage_options: dict, counts: dict,
                 group_end = row + group_rows
                 try:
                     for rb in pf.iter_batches(batch_size=EMIT_ROWS, row_groups=[group], columns=columns):
+                        # pyarrow does not check the UTF-8 of string pages: a damaged caption page
+                        # gave strings no reader of the output could decode. Raises ArrowInvalid.
+                        rb.validate(full=True)
                         if row + rb.num_rows > group_end:
                             # More rows than the footer gives: the extra ones have no URI#ROW
                             # of their own (the next group's rows would be named twice).
@@ -634,6 +637,7 @@ def _read_ipc(f, uri: str, base: int, counts: dict, image_column: str, carried: 
     row = 0
     for batch in _ipc_batches(reader):
         batch = batch.select(columns)
+        batch.validate(full=True)  # as a Parquet row group's (UTF-8 of strings); the rest of the file then fails
         for start in range(0, batch.num_rows, EMIT_ROWS):
             rb = batch.slice(start, EMIT_ROWS)
             n = rb.num_rows
